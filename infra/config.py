@@ -1,0 +1,317 @@
+"""The one typed configuration of boltstream: every parameter, its default and its meaning.
+
+Sources, later ones winning:
+
+1. the defaults below;
+2. a TOML file: ``$BOLTSTREAM_CONFIG`` if set, else ``./boltstream.toml`` if it exists, with one
+   table per section (``[kafka]``, ``[producer]``, ``[stream]`` ...);
+3. environment variables ``BOLTSTREAM_<SECTION>__<FIELD>``, e.g.
+   ``BOLTSTREAM_STREAM__REWARD_TIMEOUT=45s`` or ``BOLTSTREAM_KAFKA__BOOTSTRAP_SERVERS=host:9092``;
+4. when ``kafka.bootstrap_servers`` / ``clickhouse.read_url`` are left empty, the running local
+   stack's state file (``<home>/stack.json``, written by ``boltstream up``) fills them in.
+
+Durations accept seconds as a number or a string with a unit: ``"250ms"``, ``"30s"``, ``"5m"``.
+Lists accept TOML arrays or comma-separated strings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "BOLTSTREAM_"
+TRACER_ENV = "AGENT_LIGHTNING_TRACER"
+_DURATION = re.compile(r"^\s*(?P<number>\d+(\.\d+)?)\s*(?P<unit>ms|s|m|h)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used, with the parameter named."""
+
+
+def parse_duration(value: str | float | int) -> float:
+    """Seconds from ``30``, ``"30s"``, ``"250ms"``, ``"5m"`` or ``"1h"``."""
+    if isinstance(value, int | float):
+        return float(value)
+    match = _DURATION.match(value)
+    if not match:
+        raise ConfigError(f"not a duration: {value!r} (use e.g. 30s, 250ms, 5m)")
+    return float(match["number"]) * _UNIT_SECONDS[match["unit"]]
+
+
+def default_home() -> Path:
+    """Where the local stack keeps its state and data: ``$BOLTSTREAM_HOME`` or ``~/.boltstream``."""
+    return Path(os.environ.get("BOLTSTREAM_HOME") or Path.home() / ".boltstream")
+
+
+@dataclass(frozen=True)
+class TopicConfig:
+    """Topic names and partition counts (DESIGN.md: Topics and records)."""
+
+    spans: str = "boltstream.spans.v1"
+    rewards: str = "boltstream.rewards.v1"
+    trajectories: str = "boltstream.trajectories.v1"
+    samples: str = "boltstream.samples.v1"
+    dlq: str = "boltstream.dlq.v1"
+    model_updates: str = "boltstream.model-updates.v1"
+    prompt_updates: str = "boltstream.prompt-updates.v1"
+    served_versions: str = "boltstream.served-versions.v1"
+    #: Partitions of the keyed event topics (spans, rewards, trajectories, samples, dlq). They bound
+    #: how many workers of one consumer group share the load; spans and rewards must be equal
+    #: (co-partitioned for the join).
+    partitions: int = 4
+    #: Partitions of the compacted control topics (model-updates, prompt-updates, served-versions).
+    control_partitions: int = 1
+    replication_factor: int = 1
+
+    def compacted(self) -> tuple[str, ...]:
+        """Topics keyed by entity whose latest value is all that matters (cleanup.policy=compact)."""
+        return (self.model_updates, self.prompt_updates, self.served_versions)
+
+    def all(self) -> dict[str, int]:
+        """Every topic with its partition count."""
+        event = (self.spans, self.rewards, self.trajectories, self.samples, self.dlq)
+        return {**{t: self.partitions for t in event}, **{t: self.control_partitions for t in self.compacted()}}
+
+
+@dataclass(frozen=True)
+class KafkaConfig:
+    """Where the broker is and how clients talk to it."""
+
+    #: Broker list; empty means "the running local stack" (from its state file).
+    bootstrap_servers: str = ""
+    #: Confluent schema registry URL; empty means Avro single-object encoding with the shipped
+    #: schemas (no registry). ``mock://name`` uses confluent-kafka's in-process test double.
+    schema_registry_url: str = ""
+    #: Consumer session timeout. Tansu completes a group join after about half of it, so the
+    #: local stack keeps it short; raise it on real clusters with slow consumers.
+    session_timeout_ms: int = 6000
+    #: Extra librdkafka settings applied to every client, e.g. {"security.protocol": "SASL_SSL"}.
+    client_overrides: dict[str, str] = field(default_factory=dict)
+
+    def client_config(self, **extra: Any) -> dict[str, Any]:
+        """librdkafka settings for a confluent-kafka client: the broker, the overrides, then ``extra``."""
+        if not self.bootstrap_servers:
+            raise ConfigError(
+                "kafka.bootstrap_servers is empty and no local stack is running: start one with "
+                "`boltstream up` or set BOLTSTREAM_KAFKA__BOOTSTRAP_SERVERS"
+            )
+        return {"bootstrap.servers": self.bootstrap_servers, **self.client_overrides, **extra}
+
+
+@dataclass(frozen=True)
+class ProducerConfig:
+    """The agent-side SDK (producers)."""
+
+    #: Spans the SDK batches in memory before handing them to the Kafka client; never blocks the agent.
+    span_buffer_size: int = 512
+    #: Share of rollouts kept, decided once per rollout by a hash of rollout_id (all-in or all-out).
+    span_sampling_rate: float = 1.0
+    #: Upper bound on time a span waits in memory before its batch is flushed, seconds.
+    linger: float = 0.05
+    #: On-disk spool for batches the broker could not take (broker down or slow); empty means
+    #: ``<home>/spool/<process>``.
+    spool_dir: str = ""
+    #: Bound of the spool in bytes; past it, the oldest sampled-out data goes first, then the oldest.
+    spool_max_bytes: int = 256 * 1024 * 1024
+    #: Longest attribute / text value kept; longer ones are cut and end with a truncation marker.
+    max_attribute_bytes: int = 16 * 1024
+    #: Extra regular expressions whose matches are redacted before spans leave the process.
+    redact_patterns: tuple[str, ...] = ()
+    #: Seconds ``flush()`` and interpreter exit wait for pending spans to be delivered.
+    flush_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """The stream processors (join, sampling, selection, credit assignment, archive)."""
+
+    #: How long a trajectory waits for its reward after it ended; then ``timed_out``, never trained on.
+    reward_timeout: float = 30.0
+    #: Which agents' calls become training samples: ``all``, or names / glob patterns.
+    agent_selector: tuple[str, ...] = ("all",)
+    #: Credit assignment: ``final`` (final reward to every call), ``discounted`` or ``per_step``.
+    credit_assignment: str = "final"
+    #: Discount per step away from the end, for ``discounted``.
+    discount: float = 0.9
+    #: Messages a worker takes per batch, and the longest it waits to fill one, seconds.
+    batch_size: int = 5000
+    batch_within: float = 0.2
+
+
+@dataclass(frozen=True)
+class ClickHouseConfig:
+    """The span archive."""
+
+    #: Where the archive worker writes: ``chdb:///path`` (embedded; empty = ``<home>/clickhouse``)
+    #: or ``http(s)://user:pass@host:8123/db`` for a server.
+    url: str = ""
+    #: Where every reader (sql, report, replay) reads: a ClickHouse HTTP URL. Empty means the
+    #: running local stack's read endpoint (from its state file).
+    read_url: str = ""
+    database: str = "boltstream"
+    #: Loopback port of the embedded store's read-only HTTP endpoint (0 = pick a free one).
+    read_port: int = 0
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """The continuous trainer."""
+
+    #: Training algorithm: ``grpo``, ``sft`` or ``apo``.
+    algorithm: str = "grpo"
+    #: Samples from a version more than this many versions older than the trainer's are dropped.
+    max_staleness: int = 4
+    #: A candidate version is published only if its policy_stability_score reaches this.
+    weight_sync_threshold: float = 0.85
+    #: How often APO re-ranks prompt templates, in spans.
+    template_update_interval: int = 1000
+    #: Where artifacts go (local directory or any fsspec URL); empty = ``<home>/artifacts``.
+    artifact_store: str = ""
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Serving: weight sync and progressive rollout."""
+
+    #: A candidate version counts as stable for promotion when its policy_stability_score exceeds this.
+    promotion_stability: float = 0.8
+    #: Share of traffic sent to the newest version during a progressive rollout.
+    canary_share: float = 0.05
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every boltstream parameter. Build with :func:`load_settings`."""
+
+    home: Path = field(default_factory=default_home)
+    kafka: KafkaConfig = field(default_factory=KafkaConfig)
+    topics: TopicConfig = field(default_factory=TopicConfig)
+    producer: ProducerConfig = field(default_factory=ProducerConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    clickhouse: ClickHouseConfig = field(default_factory=ClickHouseConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    #: ``AGENT_LIGHTNING_TRACER=1`` turns on auto-tracing of OpenAI-compatible calls, no code change.
+    auto_trace: bool = False
+
+    @property
+    def state_file(self) -> Path:
+        return self.home / "stack.json"
+
+    @property
+    def archive_url(self) -> str:
+        return self.clickhouse.url or f"chdb://{self.home / 'clickhouse'}"
+
+
+# -- loading ---------------------------------------------------------------------------------
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Turn a TOML/env value into the annotated type, or raise ConfigError naming ``where``."""
+    origin = typing.get_origin(annotation)
+    try:
+        if annotation is bool:
+            if isinstance(value, str):
+                if value.strip().lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.strip().lower() in ("0", "false", "no", "off", ""):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if annotation is int:
+            return int(value)
+        if annotation is float:
+            # Durations are floats of seconds: accept "30s" as well as 30.
+            return parse_duration(value) if isinstance(value, str) else float(value)
+        if annotation is str:
+            return str(value)
+        if annotation is Path:
+            return Path(value).expanduser()
+        if origin is tuple:
+            items = [s.strip() for s in value.split(",") if s.strip()] if isinstance(value, str) else value
+            return tuple(str(item) for item in items)
+        if origin is dict:
+            return dict(json.loads(value) if isinstance(value, str) else value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: cannot use {value!r} ({exc})") from None
+    raise ConfigError(f"{where}: unsupported type {annotation}")
+
+
+def _apply(obj: Any, values: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(type(obj))
+    known = {f.name for f in fields(obj)}
+    unknown = set(values) - known
+    if unknown:
+        raise ConfigError(f"{where}: unknown parameter(s) {sorted(unknown)}; known: {sorted(known)}")
+    changes = {}
+    for name, value in values.items():
+        current = getattr(obj, name)
+        if is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}.{name}: expected a table")
+            changes[name] = _apply(current, value, f"{where}.{name}")
+        else:
+            annotation = hints[name]
+            if isinstance(annotation, types.UnionType):  # e.g. str | None
+                annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+            changes[name] = _coerce(value, annotation, f"{where}.{name}")
+    return replace(obj, **changes)
+
+
+def _env_values(environ: typing.Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for key, value in environ.items():
+        if not key.startswith(ENV_PREFIX) or key in ("BOLTSTREAM_CONFIG", "BOLTSTREAM_HOME"):
+            continue
+        path = key[len(ENV_PREFIX) :].lower().split("__")
+        target = values
+        for part in path[:-1]:
+            target = target.setdefault(part, {})
+        target[path[-1]] = value
+    return values
+
+
+def _fill_from_stack(settings: Settings) -> Settings:
+    """Point empty broker / read URLs at the running local stack, if its state file exists."""
+    if settings.kafka.bootstrap_servers and settings.clickhouse.read_url:
+        return settings
+    try:
+        state = json.loads(settings.state_file.read_text())
+    except (OSError, ValueError):
+        return settings
+    kafka, clickhouse = settings.kafka, settings.clickhouse
+    if not kafka.bootstrap_servers and state.get("bootstrap_servers"):
+        kafka = replace(kafka, bootstrap_servers=state["bootstrap_servers"])
+    if not clickhouse.read_url and state.get("clickhouse_read_url"):
+        clickhouse = replace(clickhouse, read_url=state["clickhouse_read_url"])
+    return replace(settings, kafka=kafka, clickhouse=clickhouse)
+
+
+def load_settings(
+    path: str | Path | None = None,
+    environ: typing.Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Defaults, then the TOML file, then ``BOLTSTREAM_*`` env vars, then ``overrides`` (same shape)."""
+    environ = os.environ if environ is None else environ
+    settings = Settings(home=Path(environ.get("BOLTSTREAM_HOME") or default_home()))
+    config_path = Path(path or environ.get("BOLTSTREAM_CONFIG") or "boltstream.toml")
+    if config_path.exists():
+        with config_path.open("rb") as handle:
+            settings = _apply(settings, tomllib.load(handle), str(config_path))
+    elif path or environ.get("BOLTSTREAM_CONFIG"):
+        raise ConfigError(f"config file {config_path} does not exist")
+    settings = _apply(settings, _env_values(environ), "environment")
+    if environ.get(TRACER_ENV):
+        settings = _apply(settings, {"auto_trace": environ[TRACER_ENV]}, TRACER_ENV)
+    if overrides:
+        settings = _apply(settings, overrides, "overrides")
+    return _fill_from_stack(settings)

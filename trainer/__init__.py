@@ -1,0 +1,1 @@
+"""The continuous DeepSpeed trainer, its algorithms, checkpoints, weight publishing and the vLLM weight_sync sidecar."""
