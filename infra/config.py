@@ -127,6 +127,14 @@ class ProducerConfig:
     redact_patterns: tuple[str, ...] = ()
     #: Seconds ``flush()`` and interpreter exit wait for pending spans to be delivered.
     flush_timeout: float = 10.0
+    #: Kafka compression of span and reward messages: ``lz4``, ``zstd``, ``snappy``, ``gzip`` or ``none``.
+    compression: str = "lz4"
+    #: Seconds a message may wait for the broker's acknowledgement before it spills to the spool.
+    delivery_timeout: float = 5.0
+    #: Spans held in memory at most while the sender catches up; past it new spans are dropped and counted.
+    max_pending_spans: int = 1_000_000
+    #: An implicit rollout (spans emitted outside ``producers.rollout``) ends after this many idle seconds.
+    implicit_rollout_idle: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -144,6 +152,15 @@ class StreamConfig:
     #: Messages a worker takes per batch, and the longest it waits to fill one, seconds.
     batch_size: int = 5000
     batch_within: float = 0.2
+    #: Consumer group (and Faust app id) of the join workers; its state changelog topic is named after it.
+    join_group: str = "boltstream-join"
+    #: Extra stream time the join waits past a deadline before its timer closes a trajectory, so a
+    #: reward read from the rewards topic slightly after spans of the same moment still counts.
+    join_grace: float = 1.0
+    #: How long (stream time) a closed trajectory's marker is kept to recognise duplicates and late inputs.
+    closed_retention: float = 3600.0
+    #: Port of the join worker's HTTP endpoint (Prometheus ``/metrics``); 0 picks a free one.
+    join_metrics_port: int = 6066
 
 
 @dataclass(frozen=True)
@@ -159,6 +176,10 @@ class ClickHouseConfig:
     database: str = "boltstream"
     #: Loopback port of the embedded store's read-only HTTP endpoint (0 = pick a free one).
     read_port: int = 0
+    #: Token of user ``reader`` on that endpoint; empty = a random one, printed when the archive starts.
+    read_token: str = ""
+    #: Consumer group of the archive worker; its committed offsets are what is durably archived.
+    archive_group: str = "boltstream-archive"
 
 
 @dataclass(frozen=True)
@@ -175,6 +196,43 @@ class TrainerConfig:
     template_update_interval: int = 1000
     #: Where artifacts go (local directory or any fsspec URL); empty = ``<home>/artifacts``.
     artifact_store: str = ""
+    #: Hugging Face model directory to train; empty = the tiny local model, built in ``<home>/models/tiny``.
+    model_path: str = ""
+    #: Model name: the key of its records on ``model-updates``.
+    model_name: str = "tiny"
+    #: DeepSpeed JSON config replacing the built-in CPU one (ZeRO stage, bf16, optimizer, clipping,
+    #: gradient accumulation). The trainer fills in the batch sizes from ``group_size``/``groups_per_step``.
+    deepspeed_config: str = ""
+    #: Samples per GRPO group (attempts of one task); a group trains once it has this many.
+    group_size: int = 8
+    #: Groups per optimizer step: the global batch is ``group_size * groups_per_step`` samples.
+    groups_per_step: int = 4
+    #: PPO clip range of the ratio between the updated and the step-start (proximal) policy.
+    clip_epsilon: float = 0.2
+    #: Cap of the truncated importance weight proximal/behaviour policy that corrects stale samples.
+    importance_weight_cap: float = 2.0
+    #: Optimizer updates per batch (>1 makes the PPO clip bite); the batch is trained in full each time.
+    updates_per_batch: int = 1
+    #: Weight of the KL penalty to the reference (initial) policy; 0 = no reference model.
+    kl_coef: float = 0.0
+    #: SFT (rejection sampling): only samples whose return reaches this are trained on.
+    sft_min_return: float = 1.0
+    #: LoRA rank; 0 trains and publishes full weights, >0 a peft LoRA adapter.
+    lora_rank: int = 0
+    #: Steps between DeepSpeed checkpoints (offsets are committed only after a checkpoint).
+    checkpoint_interval: int = 10
+    #: Steps between candidate exports (each one is scored and published or held).
+    publish_interval: int = 10
+    #: Where checkpoints go; empty = ``<home>/checkpoints/<model_name>``.
+    checkpoint_dir: str = ""
+    #: Prompts in the probe set of policy_stability_score (the first distinct prompts seen).
+    probe_size: int = 16
+    #: Tokens generated greedily per probe prompt by the serving policy; the KL is taken over them.
+    probe_tokens: int = 8
+    #: APO: JSON file ``{"agent": ["template", ...]}`` of candidate prompt templates.
+    apo_templates: str = ""
+    #: APO: UCB exploration weight when ranking templates (0 = pure exploitation).
+    apo_exploration: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -1,1 +1,59 @@
-"""The agent-side SDK: rollout context, emit helpers, SpanProducer, auto-tracer, OTel bridge, capture proxy."""
+"""The agent-side SDK: rollout context, emit helpers, SpanProducer, auto-tracer, OTel bridge, capture proxy.
+
+``import producers as agl`` gives the Agent Lightning 0.3 names (``emit_reward``, ``emit_message``,
+``emit_object``, ``emit_exception``, ``emit_annotation``, ``operation``) plus boltstream's own::
+
+    import producers as agl
+
+    with agl.rollout(task_id="t-17", agent_name="math-agent"):
+        agl.emit_decision("use calculator")
+        agl.emit("tool_call", tool_name="calculator", args={"expr": "17*23"})
+        agl.emit_reward(1.0)
+    agl.send_reward(rollout_id, 0.5, source="verifier")   # later, from anywhere
+    agl.flush()
+
+The broker comes from ``infra.config.load_settings()`` (``BOLTSTREAM_KAFKA__BOOTSTRAP_SERVERS`` or
+the running local stack). ``AGENT_LIGHTNING_TRACER=1`` in the environment turns on auto-tracing of
+the ``openai`` client at import, like ``producers.instrument()``.
+"""
+
+from producers.context import current_rollout, new_id, rollout
+from producers.emit import (
+    emit,
+    emit_annotation,
+    emit_decision,
+    emit_exception,
+    emit_message,
+    emit_object,
+    emit_reward,
+    emit_span,
+    emit_tool_call,
+    operation,
+    send_reward,
+    traced,
+)
+from producers.runtime import configure, flush, shutdown, stats
+from producers.sampling import keep_rollout
+
+__all__ = [
+    "configure",
+    "current_rollout",
+    "emit",
+    "emit_annotation",
+    "emit_decision",
+    "emit_exception",
+    "emit_message",
+    "emit_object",
+    "emit_reward",
+    "emit_span",
+    "emit_tool_call",
+    "flush",
+    "keep_rollout",
+    "new_id",
+    "operation",
+    "rollout",
+    "send_reward",
+    "shutdown",
+    "stats",
+    "traced",
+]

@@ -1,0 +1,430 @@
+"""The emit helpers agents call: ``emit_reward``, ``emit_decision``, ``emit_tool_call``, ``emit(kind, ...)``,
+``traced`` / ``operation`` blocks and ``send_reward`` for rewards that come later from elsewhere.
+
+Names and signatures follow Agent Lightning 0.3 (``emit_reward``, ``emit_message``, ``emit_object``,
+``emit_exception``, ``emit_annotation``, ``operation``) so ``import producers as agl`` runs code
+written for it. Every helper returns the new span's event_id and costs the agent a few microseconds:
+values that are not plain scalars are snapshotted to JSON here (the agent may mutate them later),
+everything else (redaction, truncation, encoding, I/O) happens on the producer's thread.
+Helpers never raise into the agent: a failure is logged and counted instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import math
+import traceback
+from collections.abc import Callable, Mapping
+from types import TracebackType
+from typing import Any, TypeVar, overload
+
+from producers import runtime
+from producers.context import (
+    active_rollout,
+    current_parent,
+    end_implicit_rollout,
+    new_id,
+    now_us,
+    reset_parent,
+    set_parent,
+)
+from producers.redaction import to_text
+
+log = logging.getLogger("boltstream.emit")
+
+KINDS = frozenset(
+    ("rollout", "llm_call", "tool_call", "decision", "reward", "message", "exception", "object", "annotation", "custom")
+)
+_SCALARS = (str, int, float, bool, type(None))
+_Fn = TypeVar("_Fn", bound=Callable[..., Any])
+_failures = 0
+
+
+def emit_failures() -> int:
+    """How many emit calls failed (each logged); they never raise into the agent."""
+    return _failures
+
+
+def _snapshot(attributes: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if not attributes:
+        return None
+    return {k: v if type(v) in _SCALARS else to_text(v) for k, v in attributes.items()}
+
+
+def emit_span(
+    kind: str = "custom",
+    name: str = "",
+    *,
+    attributes: Mapping[str, Any] | None = None,
+    reward: float | None = None,
+    status: str = "ok",
+    error: str | None = None,
+    llm: dict[str, Any] | None = None,
+    start_time_us: int | None = None,
+    end_time_us: int | None = None,
+    parent_id: str | None = None,
+    event_id: str | None = None,
+    server_id: str = "",
+) -> str:
+    """Record one span in the current rollout and return its event_id (the building block of every helper)."""
+    global _failures
+    try:
+        current = active_rollout()
+        event_id = event_id or new_id()
+        if not current.sampled:
+            return event_id
+        now = now_us()
+        current.last_span_us = now
+        if kind not in KINDS:
+            attributes = {**(attributes or {}), "kind": kind}
+            kind = "custom"
+        runtime.record(
+            (
+                current,
+                event_id,
+                parent_id or current_parent() or current.root_id,
+                current.next_sequence(),
+                kind,
+                name,
+                start_time_us or now,
+                end_time_us or now,
+                status,
+                error,
+                reward,
+                _snapshot(attributes),
+                llm,
+                server_id,
+            )
+        )
+        return event_id
+    except Exception:
+        _failures += 1
+        log.exception("emit_span(%r, %r) failed; the span is lost", kind, name)
+        return ""
+
+
+def _fail(what: str) -> str:
+    global _failures
+    _failures += 1
+    log.exception("%s failed; the span is lost", what)
+    return ""
+
+
+def emit(kind: str, /, **fields: Any) -> str:
+    """Generic emit: ``emit('tool_call', tool_name='search', args={...})``.
+
+    ``name`` (or ``tool_name`` / ``tool``), ``reward`` (or ``value`` for rewards), ``status`` and
+    ``error`` fill the span's fields; every other keyword becomes an attribute. A kind outside
+    the Span schema is kept as a ``custom`` span with attribute ``kind``.
+    """
+    try:
+        name = str(fields.pop("name", None) or fields.pop("tool_name", None) or fields.pop("tool", None) or kind)
+        reward = fields.pop("reward", None)
+        if kind == "reward" and reward is None:
+            reward = fields.pop("value", None)
+        if kind == "reward":
+            return emit_reward(reward, name=name if name != "reward" else "final", attributes=fields)
+        error = fields.pop("error", None)
+        status = fields.pop("status", "error" if error is not None else "ok")
+        return emit_span(kind, name, attributes=fields, status=status, error=None if error is None else to_text(error))
+    except Exception:
+        return _fail(f"emit({kind!r})")
+
+
+def emit_reward(
+    reward: float | dict[str, float],
+    *,
+    primary_key: str | None = None,
+    name: str = "final",
+    attributes: Mapping[str, Any] | None = None,
+    propagate: bool = True,
+) -> str:
+    """Record a reward for the current rollout (a ``reward`` span); it ends an implicit rollout.
+
+    A dict is a multi-dimensional reward (Agent Lightning 0.3): ``primary_key`` names the value
+    used as the reward, the other dimensions become ``reward.<name>`` attributes.
+    ``propagate=False`` records nothing (Agent Lightning's local-only spans).
+    """
+    if not propagate:
+        return ""
+    try:
+        extra = dict(attributes or {})
+        if isinstance(reward, Mapping):
+            if primary_key is None or primary_key not in reward:
+                raise ValueError(f"a dict reward needs primary_key naming one of {sorted(reward)}")
+            extra.update({f"reward.{k}": float(v) for k, v in reward.items()})
+            value = float(reward[primary_key])
+        else:
+            value = float(reward)
+        if not math.isfinite(value):
+            extra["reward.raw"] = repr(value)
+        event_id = emit_span("reward", name, attributes=extra, reward=value)
+        end_implicit_rollout()
+        return event_id
+    except Exception:
+        return _fail(f"emit_reward({reward!r})")
+
+
+def emit_decision(
+    decision: Any = None, *, name: str = "decision", attributes: Mapping[str, Any] | None = None, **fields: Any
+) -> str:
+    """Record a decision the agent took (``decision`` span); ``decision`` and keywords become attributes."""
+    merged = {**(attributes or {}), **fields}
+    if decision is not None:
+        merged["decision"] = decision
+    return emit_span("decision", name, attributes=merged)
+
+
+def emit_tool_call(
+    name: str,
+    args: Any = None,
+    result: Any = None,
+    error: BaseException | str | None = None,
+    *,
+    start_time_us: int | None = None,
+    end_time_us: int | None = None,
+    attributes: Mapping[str, Any] | None = None,
+) -> str:
+    """Record a tool call with its arguments and result, or its error (status ``error``)."""
+    merged = dict(attributes or {})
+    if args is not None:
+        merged["args"] = args
+    if result is not None:
+        merged["result"] = result
+    if isinstance(error, BaseException):
+        error = f"{type(error).__name__}: {error}"
+    return emit_span(
+        "tool_call",
+        name,
+        attributes=merged,
+        status="ok" if error is None else "error",
+        error=error,
+        start_time_us=start_time_us,
+        end_time_us=end_time_us,
+    )
+
+
+def emit_message(message: str, *, attributes: Mapping[str, Any] | None = None, propagate: bool = True) -> str:
+    """Record a log line / message (``message`` span, text in attribute ``message``)."""
+    if not propagate:
+        return ""
+    return emit_span("message", "message", attributes={**(attributes or {}), "message": message})
+
+
+def emit_object(obj: Any, *, attributes: Mapping[str, Any] | None = None, propagate: bool = True) -> str:
+    """Record any JSON-serialisable object (``object`` span, JSON in attribute ``object``)."""
+    if not propagate:
+        return ""
+    return emit_span("object", type(obj).__name__, attributes={**(attributes or {}), "object": to_text(obj)})
+
+
+def emit_exception(
+    exception: BaseException, *, attributes: Mapping[str, Any] | None = None, propagate: bool = True
+) -> str:
+    """Record an exception (``exception`` span, status ``error``, traceback in attribute ``traceback``)."""
+    if not propagate:
+        return ""
+    stack = "".join(traceback.format_exception(type(exception), exception, exception.__traceback__))
+    return emit_span(
+        "exception",
+        type(exception).__name__,
+        attributes={**(attributes or {}), "traceback": stack},
+        status="error",
+        error=f"{type(exception).__name__}: {exception}",
+    )
+
+
+def emit_annotation(annotation: Mapping[str, Any], propagate: bool = True) -> str:
+    """Record free-form key/values about the rollout (``annotation`` span)."""
+    if not propagate:
+        return ""
+    return emit_span("annotation", "annotation", attributes=annotation)
+
+
+def send_reward(
+    rollout_id: str,
+    value: float,
+    *,
+    name: str = "final",
+    is_final: bool = True,
+    source: str = "",
+    task_id: str = "",
+    agent_name: str = "",
+    attributes: Mapping[str, Any] | None = None,
+) -> str:
+    """Send a reward for a rollout from anywhere (a verifier, a human, another process) to the rewards topic.
+
+    Returns the reward's event_id. The value is sent as given: NaN or infinite values are
+    dead-lettered by the stream processors, not here.
+    """
+    try:
+        event_id = new_id()
+        runtime.send_reward_record(
+            {
+                "event_id": event_id,
+                "rollout_id": rollout_id,
+                "value": float(value),
+                "name": name,
+                "is_final": is_final,
+                "source": source,
+                "task_id": task_id,
+                "agent_name": agent_name,
+                "timestamp_us": now_us(),
+                "attributes": _snapshot(attributes) or {},
+            }
+        )
+        return event_id
+    except Exception:
+        return _fail(f"send_reward({rollout_id!r}, {value!r})")
+
+
+class traced:
+    """A span around a block or a function call (sync or async), the parent of spans emitted inside.
+
+    ``@traced``, ``@traced("name", kind="tool_call")`` or ``with traced("step") as span:``;
+    ``span.set_attribute(k, v)``, ``span.set_input(...)`` and ``span.set_output(v)`` add attributes.
+    As a decorator the function's arguments and result are recorded (``input.<arg>``, ``output``)
+    unless ``record_io=False``. An exception marks the span ``error`` and propagates unchanged.
+    """
+
+    def __init__(
+        self,
+        name: str | Callable[..., Any] | None = None,
+        *,
+        kind: str = "custom",
+        record_io: bool = True,
+        **attributes: Any,
+    ) -> None:
+        self._function = name if callable(name) else None
+        self.name = name if isinstance(name, str) else ""
+        self.kind = kind
+        self.record_io = record_io
+        self.attributes: dict[str, Any] = dict(attributes)
+        self.event_id = ""
+        self._start_us = 0
+        self._token = None
+        if self._function is not None:
+            self._wrapped = self._wrap(self._function)
+            functools.update_wrapper(self, self._function)
+
+    # -- as a context manager --------------------------------------------------------------
+    def set_attribute(self, key: str, value: Any) -> None:
+        self.attributes[key] = value
+
+    def set_input(self, *args: Any, **kwargs: Any) -> None:
+        for index, value in enumerate(args):
+            self.attributes[f"input.args.{index}"] = value
+        for key, value in kwargs.items():
+            self.attributes[f"input.{key}"] = value
+
+    def set_output(self, output: Any) -> None:
+        self.attributes["output"] = output
+
+    def __enter__(self) -> traced:
+        self.event_id = new_id()
+        self._start_us = now_us()
+        self._token = set_parent(self.event_id)
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        reset_parent(self._token)
+        emit_span(
+            self.kind,
+            self.name,
+            attributes=self.attributes,
+            status="ok" if exc is None else "error",
+            error=None if exc is None else f"{type(exc).__name__}: {exc}",
+            start_time_us=self._start_us,
+            end_time_us=now_us(),
+            event_id=self.event_id,
+        )
+
+    async def __aenter__(self) -> traced:
+        return self.__enter__()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.__exit__(exc_type, exc, tb)
+
+    # -- as a decorator --------------------------------------------------------------------
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self._function is not None:  # @traced without arguments: this object is the wrapper
+            return self._wrapped(*args, **kwargs)
+        (function,) = args  # @traced(...): called once with the function
+        return self._wrap(function)
+
+    def _wrap(self, function: Callable[..., Any]) -> Callable[..., Any]:
+        name, kind, record_io, base = self.name or function.__qualname__, self.kind, self.record_io, self.attributes
+        signature = inspect.signature(function)
+
+        def start(args: tuple, kwargs: dict) -> traced:
+            span = traced(name, kind=kind, record_io=record_io, **base)
+            if record_io:
+                try:
+                    bound = signature.bind(*args, **kwargs)
+                    span.attributes.update({f"input.{k}": v for k, v in bound.arguments.items()})
+                except TypeError:  # the call itself will raise the same error
+                    pass
+            return span
+
+        if inspect.iscoroutinefunction(function):
+
+            @functools.wraps(function)
+            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                with start(args, kwargs) as span:
+                    result = await function(*args, **kwargs)
+                    if record_io:
+                        span.set_output(result)
+                    return result
+
+            return async_wrapper
+
+        @functools.wraps(function)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with start(args, kwargs) as span:
+                result = function(*args, **kwargs)
+                if record_io:
+                    span.set_output(result)
+                return result
+
+        return wrapper
+
+
+@overload
+def operation(fn: _Fn, *, propagate: bool = True, name: str | None = None, **attributes: Any) -> _Fn: ...
+@overload
+def operation(*, propagate: bool = True, name: str | None = None, **attributes: Any) -> traced: ...
+def operation(fn: Any = None, *, propagate: bool = True, name: str | None = None, **attributes: Any) -> Any:
+    """Agent Lightning 0.3's ``operation``: ``@operation``, ``@operation(k=v)`` or ``with operation(k=v) as op``.
+
+    A ``traced`` span named after the function (or ``name``, else ``operation``); ``propagate=False``
+    runs the function or block without recording anything.
+    """
+    if not propagate:
+        if callable(fn):
+            return fn
+        return _NoSpan()
+    if callable(fn):
+        return traced(name or fn.__qualname__, **attributes)(fn)
+    return traced(name or "operation", **attributes)
+
+
+class _NoSpan:
+    """What ``operation(propagate=False)`` returns: the same methods, recording nothing."""
+
+    def set_attribute(self, key: str, value: Any) -> None: ...
+    def set_input(self, *args: Any, **kwargs: Any) -> None: ...
+    def set_output(self, output: Any) -> None: ...
+    def __enter__(self) -> _NoSpan:
+        return self
+
+    def __exit__(self, *exc: Any) -> None: ...
+    async def __aenter__(self) -> _NoSpan:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None: ...

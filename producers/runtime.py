@@ -1,0 +1,140 @@
+"""The process-wide SpanProducer: created on first use from ``load_settings()``, flushed at interpreter exit.
+
+``configure()`` replaces it explicitly (tests, an agent with its own settings). When no broker is
+configured and no local stack runs, spans cannot go anywhere: the first emit logs why, later ones
+are counted in ``stats()["discarded_spans"]``; nothing ever raises into the agent.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+from infra.config import Settings, load_settings
+from producers.span_producer import PendingSpan, SpanProducer
+
+log = logging.getLogger("boltstream.producer")
+
+_lock = threading.RLock()
+_producer: SpanProducer | None = None
+_settings: Settings | None = None
+_discarded = 0
+_unavailable_reason: str | None = None
+#: Called with ``idle_only``: True on every background cycle, False on flush and exit.
+_end_of_batch_hooks: list[Callable[[bool], None]] = []
+
+
+def on_flush(hook: Callable[[bool], None]) -> None:
+    """Register ``hook(idle_only)``: run before every flush (False) and every background cycle (True)."""
+    _end_of_batch_hooks.append(hook)
+
+
+def settings() -> Settings:
+    """The settings in force: the configured ones, else ``load_settings()`` (loaded once)."""
+    global _settings
+    if _settings is None:
+        with _lock:
+            if _settings is None:
+                _settings = load_settings()
+    return _settings
+
+
+def configure(settings_: Settings | None = None, **overrides: Any) -> SpanProducer:
+    """Start (or restart) the process's SpanProducer with ``settings_`` or ``load_settings(**overrides)``.
+
+    A producer already running is flushed and closed first.
+    """
+    global _producer, _settings, _unavailable_reason
+    with _lock:
+        shutdown()
+        _settings = settings_ if settings_ is not None else load_settings(**overrides)
+        _producer = SpanProducer(_settings)
+        _producer.on_tick(lambda: _run_hooks(idle_only=True))
+        _unavailable_reason = None
+        return _producer
+
+
+def producer() -> SpanProducer | None:
+    """The running SpanProducer, starting it on first use; None if no broker can be configured."""
+    global _unavailable_reason
+    if _producer is not None:
+        return _producer
+    with _lock:
+        if _producer is None and _unavailable_reason is None:
+            try:
+                configure(settings())
+            except Exception as exc:  # never into the agent: say why once, count the rest
+                _unavailable_reason = f"{type(exc).__name__}: {exc}"
+                log.error("boltstream spans are discarded: no producer could start (%s)", _unavailable_reason)
+        return _producer
+
+
+def record(span: PendingSpan) -> None:
+    """Hand one span to the producer (the agent's hot path)."""
+    global _discarded
+    running = _producer or producer()
+    if running is None:
+        _discarded += 1
+        return
+    running.append(span)
+
+
+def send_reward_record(reward: dict[str, Any]) -> bool:
+    """Queue a Reward record; False if no producer could start."""
+    global _discarded
+    running = _producer or producer()
+    if running is None:
+        _discarded += 1
+        return False
+    running.send_reward(reward)
+    return True
+
+
+def flush(timeout: float | None = None) -> bool:
+    """End implicit rollouts, then wait until every span and reward so far is delivered (False on timeout)."""
+    _run_hooks(idle_only=False)
+    running = _producer
+    return True if running is None else running.flush(timeout)
+
+
+def shutdown(timeout: float | None = None) -> bool:
+    """Flush within ``timeout`` and stop the producer; undelivered data stays in the spool for next time."""
+    global _producer
+    with _lock:
+        running, delivered = _producer, True
+        if running is not None:
+            _run_hooks(idle_only=False)
+            delivered = running.close(timeout)
+            _producer = None
+        return delivered
+
+
+def stats() -> dict[str, Any]:
+    """Counters of the running producer and its spool, plus spans discarded for lack of a producer."""
+    running = _producer
+    result: dict[str, Any] = {"discarded_spans": _discarded, "unavailable_reason": _unavailable_reason}
+    if running is not None:
+        result.update(asdict(running.stats))
+        result.update({f"spool_{k}": v for k, v in asdict(running.spool.stats).items()})
+    return result
+
+
+def _run_hooks(idle_only: bool) -> None:
+    for hook in _end_of_batch_hooks:
+        try:
+            hook(idle_only)
+        except Exception:
+            log.exception("producer hook failed; ignored")
+
+
+def _at_exit() -> None:
+    running = _producer
+    if running is not None and not shutdown(running.settings.producer.flush_timeout):
+        log.warning("boltstream: not every span was delivered before exit; the rest is in %s", running.spool.directory)
+
+
+atexit.register(_at_exit)

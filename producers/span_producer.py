@@ -1,0 +1,397 @@
+"""SpanProducer: moves spans from the agent's threads to Kafka without ever blocking or raising into them.
+
+The agent's thread only appends a tuple to an in-memory deque. A background thread wakes every
+``producer.linger`` seconds (or as soon as ``span_buffer_size`` spans wait), groups the pending spans
+by rollout, cleans their attributes (:mod:`producers.redaction`), encodes one ``SpanBatch`` per
+rollout with :mod:`schemas.codec` and produces it keyed by rollout_id (``acks=all``, idempotence on,
+compression on). Rewards sent with :meth:`SpanProducer.send_reward` travel the same way to the
+rewards topic.
+
+When the broker is unreachable or slow, messages whose delivery fails (after
+``producer.delivery_timeout``) or that the client cannot queue spill to the on-disk
+:class:`~producers.spool.Spool`; while the broker is unhealthy new messages go straight to the spool,
+one spooled segment at a time is retried as a probe, and once a delivery succeeds the spool drains
+oldest first. A message retried from the spool may reach Kafka twice if its first acknowledgement
+was lost: consumers deduplicate on the span's ``event_id``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException, Producer
+
+from infra.config import Settings
+from producers.redaction import Redactor
+from producers.sampling import keep_rollout
+from producers.spool import Segment, Spool, SpooledMessage, SpoolLocked
+from schemas.codec import CodecError, codec
+
+log = logging.getLogger("boltstream.producer")
+
+#: A span waiting in memory, built on the agent's thread (cheap: no conversion, no encoding):
+#: (rollout, event_id, parent_id, sequence, kind, name, start_us, end_us, status, error, reward,
+#:  attributes, llm, server_id), where ``rollout`` has rollout_id, attempt_id, task_id, agent_name.
+PendingSpan = tuple
+
+DeliveryListener = Callable[[str, bytes, "KafkaError | None"], None]
+
+
+@dataclass
+class ProducerStats:
+    """Counters of one SpanProducer; ``dropped_*`` say what was lost and why, never silently."""
+
+    spans_appended: int = 0
+    spans_delivered: int = 0
+    batches_delivered: int = 0
+    rewards_delivered: int = 0
+    messages_spooled: int = 0
+    spans_spooled: int = 0
+    #: Spans dropped because more than ``max_pending_spans`` waited in memory.
+    dropped_pending_spans: int = 0
+    #: Spans that could not be encoded (a bug or a value Avro rejects), logged with the reason.
+    dropped_unencodable_spans: int = 0
+    delivery_failures: int = 0
+
+
+@dataclass
+class _Outgoing:
+    topic: str
+    key: bytes
+    value: bytes
+    spans: int  # spans in the message, 0 for a reward
+    kept: bool
+    segment: Segment | None = None  # the spool segment it was read from, if any
+
+
+class SpanProducer:
+    """Batches spans per rollout and produces them to the spans topic from a background thread."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        producer_id: str | None = None,
+        on_delivery: DeliveryListener | None = None,
+    ) -> None:
+        self.settings = settings
+        config = settings.producer
+        self.producer_id = producer_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.stats = ProducerStats()
+        self._on_delivery = on_delivery
+        self._redactor = Redactor(config.redact_patterns, config.max_attribute_bytes)
+        self._batch_codec = codec("SpanBatch")
+        self._reward_codec = codec("Reward")
+        self._client_config = settings.kafka.client_config(
+            **{
+                "acks": "all",
+                "enable.idempotence": True,
+                "compression.type": config.compression,
+                "linger.ms": 5,
+                "message.timeout.ms": max(1000, int(config.delivery_timeout * 1000)),
+                "queue.buffering.max.kbytes": 256 * 1024,
+                "reconnect.backoff.max.ms": 1000,
+                "topic.metadata.refresh.fast.interval.ms": 100,
+                "client.id": "boltstream-sdk",
+                "error_cb": self._on_client_error,
+                "logger": logging.getLogger("boltstream.producer.librdkafka"),
+            }
+        )
+        self._kafka = Producer(self._client_config)
+        self._spool = _open_spool(settings)
+        self._pending: deque[PendingSpan] = deque()
+        self._rewards: deque[tuple[dict[str, Any], bool]] = deque()
+        self._batch_size = max(1, config.span_buffer_size)
+        self._max_pending = config.max_pending_spans
+        self._wakeup = threading.Event()
+        self._settled = threading.Condition()
+        self._flush_waiters = 0
+        self._in_flight = 0
+        self._replaying: Segment | None = None
+        self._replay_left = 0
+        self._healthy = True
+        self._client_fatal = False
+        self._stopping = False
+        self._tick_callbacks: list[Callable[[], None]] = []
+        self._thread = threading.Thread(target=self._run, name="boltstream-span-producer", daemon=True)
+        self._thread.start()
+
+    # -- the agent's side: cheap and never raising -------------------------------------------
+    def append(self, span: PendingSpan) -> None:
+        """Queue one span; O(1), no I/O, no encoding."""
+        pending = self._pending
+        if len(pending) >= self._max_pending:
+            self.stats.dropped_pending_spans += 1
+            return
+        pending.append(span)
+        if len(pending) >= self._batch_size and not self._wakeup.is_set():
+            self._wakeup.set()
+
+    def send_reward(self, reward: dict[str, Any]) -> None:
+        """Queue a ``Reward`` record (a dict shaped by the Reward schema) for the rewards topic."""
+        kept = keep_rollout(reward["rollout_id"], self.settings.producer.span_sampling_rate)
+        self._rewards.append((reward, kept))
+        self._wakeup.set()
+
+    def on_tick(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` on the background thread at every cycle (e.g. to end idle implicit rollouts)."""
+        self._tick_callbacks.append(callback)
+
+    @property
+    def spool(self) -> Spool:
+        return self._spool
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything queued so far is acknowledged by Kafka; False if ``timeout`` ran out first.
+
+        Whatever is not delivered by then stays queued, or spooled on disk when the broker is down.
+        """
+        timeout = self.settings.producer.flush_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        with self._settled:
+            self._flush_waiters += 1
+        self._wakeup.set()
+        try:
+            with self._settled:
+                while not self._is_settled():
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or not self._thread.is_alive():
+                        return False
+                    self._settled.wait(min(remaining, 0.05))
+            return True
+        finally:
+            with self._settled:
+                self._flush_waiters -= 1
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Flush within ``timeout``, stop the background thread, keep the rest in the spool for next time."""
+        delivered = self.flush(timeout)
+        self._stopping = True
+        self._wakeup.set()
+        self._thread.join(timeout=max(1.0, self.settings.producer.delivery_timeout))
+        # What the client still holds is undeliverable now: purge it so its failure reports spool it.
+        self._kafka.purge()
+        self._kafka.poll(0)
+        self._spool.close()
+        return delivered
+
+    def _is_settled(self) -> bool:
+        return (
+            not self._pending
+            and not self._rewards
+            and self._in_flight == 0
+            and self._replaying is None
+            and len(self._spool) == 0
+        )
+
+    # -- the background thread ---------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stopping:
+            try:
+                if self._in_flight:
+                    self._kafka.poll(0.005 if self._flush_waiters else min(self.settings.producer.linger, 0.01))
+                else:
+                    self._wakeup.wait(0.005 if self._flush_waiters else self.settings.producer.linger)
+                self._wakeup.clear()
+                self._cycle()
+            except Exception:  # the thread must survive anything; what failed is logged
+                log.exception("span producer cycle failed; continuing")
+                time.sleep(0.1)
+        self._cycle()
+
+    def _cycle(self) -> None:
+        if self._client_fatal:
+            self._replace_client()
+        for callback in self._tick_callbacks:
+            callback()
+        self._send_pending_spans()
+        self._send_pending_rewards()
+        self._kafka.poll(0)
+        self._replay_spool()
+        if self._flush_waiters:
+            with self._settled:
+                self._settled.notify_all()
+
+    def _send_pending_spans(self) -> None:
+        pending = self._pending
+        count = len(pending)
+        if not count:
+            return
+        by_rollout: dict[str, list[PendingSpan]] = {}
+        for _ in range(count):
+            span = pending.popleft()
+            by_rollout.setdefault(span[0].rollout_id, []).append(span)
+        self.stats.spans_appended += count
+        sent_at = time.time_ns() // 1000
+        topic = self.settings.topics.spans
+        for rollout_id, spans in by_rollout.items():
+            batch = {
+                "rollout_id": rollout_id,
+                "producer_id": self.producer_id,
+                "sent_at_us": sent_at,
+                "spans": [self._span_record(span) for span in spans],
+            }
+            try:
+                value = self._batch_codec.encode(batch)
+            except CodecError as exc:
+                self.stats.dropped_unencodable_spans += len(spans)
+                log.error("dropped %d spans of rollout %s that cannot be encoded: %s", len(spans), rollout_id, exc)
+                continue
+            self._send(_Outgoing(topic, rollout_id.encode("utf-8"), value, len(spans), kept=True))
+
+    def _span_record(self, span: PendingSpan) -> dict[str, Any]:
+        (rollout, event_id, parent_id, sequence, kind, name, start, end, status, error, reward, attrs, llm, server) = (
+            span
+        )
+        clean = self._redactor.clean
+        if llm is not None:
+            llm = dict(llm)
+            llm["prompt_text"] = clean(llm.get("prompt_text", ""))
+            llm["completion_text"] = clean(llm.get("completion_text", ""))
+        return {
+            "event_id": event_id,
+            "rollout_id": rollout.rollout_id,
+            "attempt_id": rollout.attempt_id,
+            "task_id": rollout.task_id,
+            "agent_name": rollout.agent_name,
+            "kind": kind,
+            "name": name,
+            "parent_id": parent_id,
+            "sequence": sequence,
+            "start_time_us": start,
+            "end_time_us": end,
+            "status": status,
+            "error": None if error is None else clean(error),
+            "reward": reward,
+            "attributes": self._redactor.attributes(attrs),
+            "llm": llm,
+            "server_id": server,
+        }
+
+    def _send_pending_rewards(self) -> None:
+        topic = self.settings.topics.rewards
+        while self._rewards:
+            reward, kept = self._rewards.popleft()
+            reward = {**reward, "attributes": self._redactor.attributes(reward.get("attributes"))}
+            try:
+                value = self._reward_codec.encode(reward)
+            except CodecError as exc:
+                log.error("dropped a reward for rollout %s that cannot be encoded: %s", reward.get("rollout_id"), exc)
+                continue
+            self._send(_Outgoing(topic, reward["rollout_id"].encode("utf-8"), value, 0, kept))
+
+    def _send(self, message: _Outgoing) -> None:
+        """Produce ``message``, or spool it when the broker is unhealthy or the client is full."""
+        if not self._healthy and message.segment is None:
+            self._spill(message)
+            return
+        try:
+            self._kafka.produce(
+                message.topic,
+                message.value,
+                message.key,
+                on_delivery=lambda error, _msg, m=message: self._delivered(m, error),
+            )
+        except (BufferError, KafkaException) as exc:
+            if isinstance(exc, KafkaException):
+                log.warning("produce to %s failed (%s); spooling", message.topic, exc)
+            self._spill(message)
+            self._settle_replayed(message)
+            return
+        self._in_flight += 1
+
+    def _delivered(self, message: _Outgoing, error: KafkaError | None) -> None:
+        self._in_flight -= 1
+        if error is None:
+            self._healthy = True
+            if message.spans:
+                self.stats.spans_delivered += message.spans
+                self.stats.batches_delivered += 1
+            else:
+                self.stats.rewards_delivered += 1
+        else:
+            self.stats.delivery_failures += 1
+            if self._healthy:
+                log.warning("delivery to %s failed (%s); spooling until the broker is back", message.topic, error)
+            self._healthy = False
+            self._spill(message)
+        self._settle_replayed(message)
+        if self._on_delivery is not None:
+            try:
+                self._on_delivery(message.topic, message.value, error)
+            except Exception:
+                log.exception("on_delivery listener raised; ignored")
+
+    def _spill(self, message: _Outgoing) -> None:
+        self._spool.put(SpooledMessage(message.topic, message.key, message.value, message.spans, message.kept))
+        self.stats.messages_spooled += 1
+        self.stats.spans_spooled += message.spans
+
+    def _settle_replayed(self, message: _Outgoing) -> None:
+        """Delete a spool segment once every message read from it was delivered or spooled again."""
+        if message.segment is None:
+            return
+        self._replay_left -= 1
+        if self._replay_left == 0 and self._replaying is not None:
+            self._spool.release(self._replaying)
+            self._replaying = None
+
+    def _replay_spool(self) -> None:
+        """Retry the oldest spooled segment, one at a time (as a probe while the broker is unhealthy)."""
+        if self._replaying is not None or len(self._spool) == 0:
+            return
+        taken = self._spool.take_oldest()
+        if taken is None:
+            return
+        segment, messages = taken
+        if not messages:
+            self._spool.release(segment)
+            return
+        self._replaying, self._replay_left = segment, len(messages)
+        for spooled in messages:
+            self._send(
+                _Outgoing(spooled.topic, spooled.key, spooled.value, spooled.spans, spooled.kept, segment=segment)
+            )
+
+    # -- client errors -----------------------------------------------------------------------
+    def _on_client_error(self, error: KafkaError) -> None:
+        if error.fatal():
+            log.error("Kafka client failed fatally (%s); replacing it", error)
+            self._client_fatal = True
+        elif error.code() == KafkaError._ALL_BROKERS_DOWN:
+            self._healthy = False
+
+    def _replace_client(self) -> None:
+        """A fatal client error (e.g. the idempotent producer's state lost by a restarted broker)."""
+        old = self._kafka
+        self._kafka = Producer(self._client_config)
+        self._client_fatal = False
+        old.purge()  # everything it held fails with _PURGE_QUEUE and is spooled by _delivered
+        old.poll(0)
+
+
+def _open_spool(settings: Settings) -> Spool:
+    """The spool of this process.
+
+    By default ``<home>/spool/<program>``, so a restarted agent adopts what its predecessor left;
+    a second live process of the same program gets ``<program>-<pid>``.
+    """
+    config = settings.producer
+    if config.spool_dir:
+        return Spool(Path(config.spool_dir), config.spool_max_bytes)
+    program = (Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else "") or "python"
+    try:
+        return Spool(settings.home / "spool" / program, config.spool_max_bytes)
+    except SpoolLocked:
+        return Spool(settings.home / "spool" / f"{program}-{os.getpid()}", config.spool_max_bytes)
