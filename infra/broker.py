@@ -86,6 +86,8 @@ class EmbeddedBroker:
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
+        if log is not subprocess.DEVNULL:
+            log.close()  # the broker holds its own copy of the descriptor
         try:
             wait_for_port(self.port, self.host, timeout)
         except BrokerError:

@@ -1,0 +1,240 @@
+"""The local stack (`boltstream up` / `status` / `down`) with real broker and worker processes.
+
+Each test runs in its own BOLTSTREAM_HOME and stops whatever it started, even when it fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType
+
+from infra import stack
+from infra.broker import free_port
+from infra.cli import main
+from infra.config import Settings, load_settings
+from infra.stack import StackError, StackRunningError, Worker, ensure_topics, read_state, start_stack, stop_stack
+
+#: Real processes in place of the archive worker: one serving HTTP on the read port, one idle.
+STAND_INS = {
+    "reader": Worker(
+        argv=("{python}", "-m", "http.server", "--bind", "127.0.0.1", "{read_port}"),
+        ready_url="http://127.0.0.1:{read_port}/",
+    ),
+    "idle": Worker(argv=("{python}", "-c", "import time; time.sleep(3600)"), settle=0.3),
+}
+
+
+def home_settings(home: Path, **overrides) -> Settings:
+    return load_settings(environ={"BOLTSTREAM_HOME": str(home)}, **overrides)
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A fresh BOLTSTREAM_HOME for the CLI run in this process; the stack in it is stopped afterwards."""
+    home = tmp_path / "home"
+    for key in list(os.environ):
+        if key.startswith("BOLTSTREAM_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("BOLTSTREAM_HOME", str(home))
+    yield home
+    stop_stack(home_settings(home), timeout=5.0)
+
+
+@pytest.fixture
+def stand_ins(monkeypatch: pytest.MonkeyPatch) -> dict[str, Worker]:
+    monkeypatch.setattr(stack, "WORKERS", STAND_INS)
+    return STAND_INS
+
+
+def run_cli(home: Path, *args: str) -> subprocess.CompletedProcess:
+    """``boltstream ARGS`` in a child process, as a user would run it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BOLTSTREAM_")} | {"BOLTSTREAM_HOME": str(home)}
+    return subprocess.run(
+        [sys.executable, "-m", "infra.cli", *args],
+        cwd=stack.PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_up_twice_says_so_and_starts_one_broker(home, stand_ins, capsys):
+    assert main(["up"]) == 0
+    first = read_state(home_settings(home))
+    assert first is not None and first.running()
+    capsys.readouterr()
+
+    assert main(["up"]) == 0
+    out = capsys.readouterr().out
+    assert "already running" in out
+    assert first.bootstrap_servers in out and f"pid {first.broker.pid}" in out
+    assert read_state(home_settings(home)) == first
+    assert (home / "logs" / "broker.log").read_text().count("listening on") == 1
+
+
+def test_down_with_nothing_running(home, capsys):
+    assert main(["down"]) == 0
+    assert capsys.readouterr().out.strip() == "nothing running"
+    assert main(["status"]) == 1
+    assert "nothing running" in capsys.readouterr().out
+
+
+def test_down_stops_workers_and_broker(home, stand_ins, capsys):
+    state = start_stack(home_settings(home))
+    records = state.processes().values()
+    assert all(record.alive() for record in records)
+
+    assert main(["down"]) == 0
+    assert "stopped broker" in capsys.readouterr().out
+    assert not any(record.alive() for record in records)
+    assert not listening(state.broker_port)
+    assert not (home / "stack.json").exists() and not (home / "stack.toml").exists()
+
+
+@pytest.mark.parametrize("option", ["--port", "--read-port"])
+def test_busy_port_is_one_clear_line(home, option):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli(home, "up", option, str(port))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert str(port) in result.stderr and "already in use" in result.stderr
+    assert not (home / "stack.json").exists()
+    assert not (home / "logs" / "broker.log").exists()  # nothing was started
+
+
+def test_ensure_topics_creates_configured_partitions_and_compaction(settings):
+    settings = replace(settings, topics=replace(settings.topics, partitions=3, control_partitions=2))
+    expected = {**dict.fromkeys(settings.topics.all(), 3), **dict.fromkeys(settings.topics.compacted(), 2)}
+
+    assert ensure_topics(settings) == expected
+    assert ensure_topics(settings) == expected  # existing topics are fine
+
+    admin = AdminClient(settings.kafka.client_config())
+    resources = [ConfigResource(ResourceType.TOPIC, name) for name in expected]
+    for resource, future in admin.describe_configs(resources, request_timeout=10).items():
+        policy = future.result().get("cleanup.policy")
+        if resource.name in settings.topics.compacted():
+            assert policy is not None and policy.value == "compact"
+        else:
+            assert policy is None or policy.value != "compact"
+
+
+def test_ensure_topics_on_an_unreachable_broker_is_a_clear_error(tmp_path):
+    port = free_port()
+    settings = home_settings(tmp_path, kafka={"bootstrap_servers": f"127.0.0.1:{port}"})
+    with pytest.raises(StackError, match=f"127.0.0.1:{port}"):
+        ensure_topics(settings, timeout=2.0)
+
+
+def test_status_json_reports_topics_workers_and_lag(home, stand_ins, capsys):
+    state = start_stack(home_settings(home, topics={"partitions": 2}))
+    spans = home_settings(home).topics.spans
+    producer = Producer({"bootstrap.servers": state.bootstrap_servers})
+    for i in range(5):  # one batch per message: Tansu's end offsets are exact then
+        producer.produce(spans, value=b"x%d" % i, partition=0)
+        producer.flush(10)
+    consumer = Consumer({"bootstrap.servers": state.bootstrap_servers, "group.id": "lagging"})
+    consumer.commit(offsets=[TopicPartition(spans, 0, 2)], asynchronous=False)
+    consumer.close()
+
+    result = run_cli(home, "status", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["running"] is True
+    assert report["bootstrap_servers"] == state.bootstrap_servers
+    assert report["broker"] == {"pid": state.broker.pid, "alive": True, "reachable": True, "log": state.broker.log}
+    assert {name: w["alive"] for name, w in report["workers"].items()} == {"reader": True, "idle": True}
+    settings = home_settings(home)
+    assert {name: t["partitions"] for name, t in report["topics"].items()} == {
+        **dict.fromkeys(settings.topics.all(), 2),
+        **dict.fromkeys(settings.topics.compacted(), 1),
+    }
+    assert {name for name, t in report["topics"].items() if t["compacted"]} == set(settings.topics.compacted())
+    assert report["missing_topics"] == []
+    assert report["consumer_groups"] == {"lagging": {"lag": 3, "topics": {spans: 3}}}
+    assert stack.TANSU_LAG_NOTE in report["notes"]
+
+    assert main(["status"]) == 0  # the rich rendering of the same report
+    out = capsys.readouterr().out
+    assert "reachable" in out and spans in out and "lagging" in out
+
+
+def test_stale_state_file_is_noticed_and_replaced(home, stand_ins, capsys):
+    stale = start_stack(home_settings(home))
+    for record in stale.processes().values():
+        os.kill(record.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while stale.running() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+    assert main(["status"]) == 1
+    assert "stale state file" in capsys.readouterr().out
+
+    assert main(["up"]) == 0
+    fresh = read_state(home_settings(home))
+    assert fresh is not None and fresh.running()
+    assert fresh.broker.pid != stale.broker.pid
+    assert stat.S_IMODE((home / "stack.json").stat().st_mode) == 0o600
+
+
+def test_a_worker_failing_at_start_leaves_nothing_running(home):
+    broken = {"broken": Worker(argv=("{python}", "-c", "import sys; print('no chDB here'); sys.exit(3)"))}
+    with pytest.raises(StackError, match=r"(?s)worker broken exited while starting.*no chDB here"):
+        start_stack(home_settings(home), workers=broken)
+    port = int(re.search(r"tcp://127\.0\.0\.1:(\d+)", (home / "logs" / "broker.log").read_text())[1])
+    assert not listening(port)
+    assert read_state(home_settings(home)) is None
+
+
+def test_second_start_from_python_raises_with_the_running_state(home):
+    state = start_stack(home_settings(home), workers={})
+    with pytest.raises(StackRunningError) as raised:
+        start_stack(home_settings(home), workers={})
+    assert raised.value.state == state
+    assert state.clickhouse_read_url == ""  # no worker serves reads
+
+
+def test_unreadable_state_file_is_reported(home, capsys):
+    home.mkdir()
+    (home / "stack.json").write_text("{not json")
+    assert main(["up"]) == 1
+    err = capsys.readouterr().err
+    assert "stack.json is not a readable stack state file" in err and "Traceback" not in err
+    (home / "stack.json").unlink()  # nothing was started
+
+
+def test_worker_settings_snapshot_round_trips(tmp_path):
+    settings = home_settings(
+        tmp_path,
+        kafka={"bootstrap_servers": "127.0.0.1:1", "client_overrides": {"security.protocol": "SASL_SSL"}},
+        topics={"spans": "t.spans ✓", "partitions": 7},
+        producer={"redact_patterns": [r"\d{3,4}", 'say "hi"\\'], "span_sampling_rate": 0.25},
+        stream={"reward_timeout": "45s", "agent_selector": ["math-*", "sql"]},
+    )
+    path = tmp_path / "snapshot.toml"
+    path.write_text(stack.settings_toml(settings))
+    assert load_settings(path, environ={"BOLTSTREAM_HOME": str(tmp_path)}) == settings
