@@ -30,7 +30,7 @@ from dataclasses import dataclass, fields, is_dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from infra.broker import BrokerError, EmbeddedBroker, free_port, port_in_use
 from infra.config import ENV_PREFIX, TRACER_ENV, Settings
@@ -463,9 +463,10 @@ def start_stack(
     """Start the broker, create the topics, start the workers, record them; return what runs.
 
     ``port`` is the broker's loopback port (0 = a free one); ``workers`` replaces :data:`WORKERS`;
-    ``timeout`` bounds the wait for the workers to be ready. Raises :class:`StackRunningError` if a
-    stack already runs under ``settings.home``, :class:`BrokerError` if the port is taken, and
-    :class:`StackError` if a part does not come up; then nothing started here is left running.
+    ``timeout`` bounds the wait for the workers to be ready. The read endpoint's token is
+    ``clickhouse.read_token``, or a random one. Raises :class:`StackRunningError` if a stack already
+    runs under ``settings.home``, :class:`BrokerError` if the port is taken, and :class:`StackError`
+    if a part does not come up; then nothing started here is left running.
     A state file whose processes are all dead is stale: it is replaced.
     """
     workers = WORKERS if workers is None else workers
@@ -475,6 +476,12 @@ def start_stack(
             if previous.running():
                 raise StackRunningError(previous)
             _forget(settings)
+        serves_reads = any(worker.serves_reads for worker in workers.values())
+        if serves_reads and not settings.archive_url.startswith("chdb://"):
+            raise NotImplementedError(
+                "the local stack serves reads from the embedded chDB store only; clickhouse.url points at a "
+                "server: run `boltstream archive` against it directly and read from the server"
+            )
         read_port = settings.clickhouse.read_port
         if read_port and (read_port == port or port_in_use(read_port)):
             raise StackError(f"read port {read_port} on 127.0.0.1 is already in use; pick another or use 0")
@@ -485,13 +492,13 @@ def start_stack(
         try:
             # Chosen once the broker listens, so a free port cannot turn out to be the broker's.
             read_port = read_port or free_port()
-            fill = {"python": sys.executable, "read_port": str(read_port), "read_token": secrets.token_urlsafe(24)}
-            serves_reads = any(worker.serves_reads for worker in workers.values())
-            read_url = f"http://{READ_USER}:{fill['read_token']}@127.0.0.1:{read_port}" if serves_reads else ""
+            token = settings.clickhouse.read_token or secrets.token_urlsafe(24)
+            fill = {"python": sys.executable, "read_port": str(read_port), "read_token": token}
+            read_url = f"http://{READ_USER}:{quote(token, safe='')}@127.0.0.1:{read_port}" if serves_reads else ""
             stack_settings = replace(
                 settings,
                 kafka=replace(settings.kafka, bootstrap_servers=broker.bootstrap_servers),
-                clickhouse=replace(settings.clickhouse, read_url=read_url, read_port=read_port),
+                clickhouse=replace(settings.clickhouse, read_url=read_url, read_port=read_port, read_token=token),
             )
             topics = ensure_topics(stack_settings, timeout=min(timeout, 15.0))
             config_path = _write_private(_worker_config_path(settings), settings_toml(stack_settings))
@@ -704,7 +711,7 @@ def up_command(args: argparse.Namespace, settings: Settings) -> int:
         if not all(running.state.alive().values()):
             print("part of it has exited: `boltstream down` then `boltstream up` restarts it")
         return 0
-    except (BrokerError, StackError) as exc:
+    except (BrokerError, StackError, NotImplementedError) as exc:
         print(f"boltstream up: {exc}", file=sys.stderr)
         return 1
     print(f"boltstream is up under {state.home}")

@@ -238,3 +238,10 @@ def test_worker_settings_snapshot_round_trips(tmp_path):
     path = tmp_path / "snapshot.toml"
     path.write_text(stack.settings_toml(settings))
     assert load_settings(path, environ={"BOLTSTREAM_HOME": str(tmp_path)}) == settings
+
+
+def test_up_with_a_clickhouse_server_archive_says_it_is_not_supported(home):
+    settings = home_settings(home, clickhouse={"url": "http://writer:secret@127.0.0.1:8123/boltstream"})
+    with pytest.raises(NotImplementedError, match="embedded chDB store only"):
+        start_stack(settings)
+    assert not (home / "logs" / "broker.log").exists()  # refused before starting anything
