@@ -59,3 +59,95 @@ def settings(broker: EmbeddedBroker, tmp_path: Path) -> Settings:
         kafka={"bootstrap_servers": broker.bootstrap_servers},
         topics=names,
     )
+
+
+# -- the archive worker as a real process (stream_processors.archive) ---------------------------------
+
+
+class ArchiveProcess:
+    """``boltstream archive`` running in a subprocess on ``settings``, with its read endpoint on loopback."""
+
+    def __init__(self, settings: Settings, env: dict[str, str], log_path: Path) -> None:
+        import secrets
+
+        from infra.broker import free_port
+
+        self.settings, self.env, self.log_path = settings, env, log_path
+        self.port, self.token = free_port(), secrets.token_hex(12)
+        self.process = None
+
+    @property
+    def read_url(self) -> str:
+        return f"http://reader:{self.token}@127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> ArchiveProcess:
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+
+        argv = [sys.executable, "-m", "infra.cli", "archive", "--read-port", str(self.port)]
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [*argv, "--read-token", self.token], env=self.env, cwd=self.settings.home, stdout=log, stderr=log
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"archive exited with {self.process.returncode}: {self.log_path.read_text()[-3000:]}"
+                )
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/ping", timeout=1) as response:
+                    if response.read() == b"Ok.\n":
+                        return self
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"archive read endpoint not up after {timeout}s: {self.log_path.read_text()[-3000:]}")
+
+    def client(self, token: str | None = None):
+        import clickhouse_connect
+
+        url = self.read_url if token is None else f"http://reader:{token}@127.0.0.1:{self.port}"
+        return clickhouse_connect.get_client(dsn=url, database=self.settings.clickhouse.database)
+
+    def kill(self) -> None:
+        import signal
+
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        import subprocess
+
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.terminate()
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return -9
+
+
+@pytest.fixture
+def archive(settings: Settings, tmp_path: Path) -> Iterator[ArchiveProcess]:
+    """A factory-like ArchiveProcess on ``settings`` (topics created, not started); stopped at the end."""
+    from infra.stack import ensure_topics
+
+    ensure_topics(settings)
+    topics = settings.topics
+    env = {
+        **os.environ,
+        "BOLTSTREAM_HOME": str(settings.home),
+        "BOLTSTREAM_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
+        "BOLTSTREAM_KAFKA__SESSION_TIMEOUT_MS": "2000",
+        "BOLTSTREAM_CLICKHOUSE__ARCHIVE_GROUP": f"archive-{uuid.uuid4().hex[:8]}",
+        **{
+            f"BOLTSTREAM_TOPICS__{name.upper()}": getattr(topics, name)
+            for name in ("spans", "rewards", "trajectories", "samples", "dlq")
+        },
+    }
+    process = ArchiveProcess(settings, env, tmp_path / "archive.log")
+    yield process
+    process.stop()

@@ -1,0 +1,57 @@
+-- Training samples: one row per transition (an llm_call of a complete trajectory). sample_id is
+-- deterministic, the idempotency key. Ordered by rollout then step (a trajectory's transitions in
+-- order); partitioned by the day the sample was emitted.
+CREATE TABLE IF NOT EXISTS samples_store
+(
+    sample_id String,
+    trajectory_id String,
+    rollout_id String,
+    task_id String,
+    agent_name LowCardinality(String),
+    span_event_id String,
+    step_index Int32,
+    step_count Int32,
+    model LowCardinality(String),
+    model_version LowCardinality(String),
+    prompt_token_ids Array(UInt32),
+    completion_token_ids Array(UInt32),
+    completion_logprobs Array(Float32),
+    return_value Float64,
+    final_reward Float64,
+    credit_policy LowCardinality(String),
+    created_at_us Int64,
+    archived_at DateTime64(6) DEFAULT now64(6),
+    INDEX task_id_bloom task_id TYPE bloom_filter GRANULARITY 4,
+    CONSTRAINT sample_id_present CHECK sample_id != ''
+)
+ENGINE = ReplacingMergeTree(archived_at)
+PARTITION BY toDate(fromUnixTimestamp64Micro(created_at_us))
+ORDER BY (rollout_id, step_index, sample_id);
+
+CREATE TABLE IF NOT EXISTS samples_ingest
+(
+    sample_id String,
+    trajectory_id String,
+    rollout_id String,
+    task_id String,
+    agent_name String,
+    span_event_id String,
+    step_index Int32,
+    step_count Int32,
+    model String,
+    model_version String,
+    prompt_token_ids Array(Int32),
+    completion_token_ids Array(Int32),
+    completion_logprobs Array(Float32),
+    return_value Float64,
+    final_reward Float64,
+    credit_policy String,
+    created_at_us Int64
+)
+ENGINE = Null;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS samples_ingest_mv TO samples_store AS
+SELECT * FROM samples_ingest;
+
+-- Every sample exactly once.
+CREATE OR REPLACE VIEW samples AS SELECT * FROM samples_store FINAL;

@@ -1,0 +1,433 @@
+"""The ClickHouse archive: the worker that writes every span, reward, trajectory, sample and dead letter.
+
+It owns the DDL (``schemas/clickhouse/*.sql``, applied at start), the consumer group
+``clickhouse.archive_group`` on the spans, rewards, trajectories, samples and dlq topics, and — with the
+embedded store — the chDB data directory, whose reads it serves over loopback
+(:mod:`stream_processors.read_endpoint`).
+
+How a batch is written. ClickHouse decodes the Avro itself: a single-object encoded message is the
+10-byte header plus the Avro body of one record, so the worker strips the header and hands the bodies
+to ``INSERT INTO <table>_ingest FORMAT Avro`` as an Avro Object Container File (the newest writer
+schema in the header, one block per message so a malformed body cannot shift its neighbours). A
+materialized view flattens them into ``<table>_store``. Python never decodes a record on this path; it
+is what makes 200,000 spans/s on one core reachable (fastavro alone needs ~25 µs per llm_call span).
+Messages written with an older schema version or with Confluent framing take the slow path: decoded
+with :mod:`schemas.codec` (which resolves them to the newest schema) and re-encoded.
+
+Failures. Bad framing goes to the DLQ at once. A batch ClickHouse rejects (a corrupt body, a violated
+table CONSTRAINT — the archive's invariants) is split in halves until the offending messages are
+alone; those go to the DLQ as ``DeadLetter`` records with the reason, the rest is archived. Offsets
+are committed only after the insert returned and the dead letters were acknowledged: at-least-once
+delivery into ReplacingMergeTree tables read through FINAL views is exactly-once in the views.
+
+Why confluent-kafka and not Faust (DESIGN.md lists the archiver among the Faust apps): the archive
+needs ``Consumer.consume(num_messages, timeout)`` batches of raw bytes and a synchronous commit after
+each insert; Faust decodes and dispatches message by message through asyncio, which costs more per
+message than the whole insert budget of 5 µs per span.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import os
+import re
+import secrets
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import fastavro
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+
+from infra.config import ConfigError, Settings
+from schemas.codec import AvroCodec, CodecError, codec, latest
+
+log = logging.getLogger("boltstream.archive")
+
+WORKER_NAME = "archive"
+#: ClickHouse error codes that say "this data", not "this server": a batch failing with one of these
+#: is split to find the offending messages; any other failure stops the worker before it commits.
+DATA_ERROR_CODES = frozenset(
+    {
+        6,  # CANNOT_PARSE_TEXT
+        27,  # CANNOT_PARSE_INPUT_ASSERTION_FAILED
+        33,  # CANNOT_READ_ALL_DATA
+        53,  # TYPE_MISMATCH
+        69,  # ARGUMENT_OUT_OF_BOUND
+        70,  # CANNOT_CONVERT_TYPE
+        117,  # INCORRECT_DATA
+        190,  # SIZES_OF_ARRAYS_DONT_MATCH
+        469,  # VIOLATED_CONSTRAINT
+        748,  # AVRO_EXCEPTION
+    }
+)
+VIOLATED_CONSTRAINT = 469
+#: Avro decoding errors of some ClickHouse builds come wrapped as STD_EXCEPTION.
+STD_EXCEPTION = 1001
+#: Settings of every archive insert: the ReplacingMergeTree deduplicates at merge time and in FINAL,
+#: so sorting out duplicates while inserting is wasted work.
+INSERT_SETTINGS = {"optimize_on_insert": 0}
+
+
+def is_data_error(exc: Exception) -> bool:
+    """True when ClickHouse refused an insert because of its data (not because of the server)."""
+    code = getattr(exc, "code", None)
+    return code in DATA_ERROR_CODES or (code == STD_EXCEPTION and "avro::Exception" in str(exc))
+
+
+# -- DDL -----------------------------------------------------------------------------------------
+
+
+def ddl_statements() -> list[str]:
+    """The statements of ``schemas/clickhouse/*.sql`` in file order (each one ends with ``;``)."""
+    statements = []
+    files = sorted(resources.files("schemas").joinpath("clickhouse").iterdir(), key=lambda f: f.name)
+    for file in files:
+        if not file.name.endswith(".sql"):
+            continue
+        for chunk in re.split(r";[ \t]*$", file.read_text(), flags=re.MULTILINE):
+            code = "\n".join(line for line in chunk.splitlines() if not line.lstrip().startswith("--"))
+            if code.strip():
+                statements.append(chunk.strip())
+    return statements
+
+
+def connect(url: str, database: str) -> Any:
+    """A clickhouse-connect client on ``url`` (``chdb:///path`` or ``http(s)://...``) with the schema applied."""
+    import clickhouse_connect
+
+    bootstrap = clickhouse_connect.get_client(dsn=url)
+    try:
+        bootstrap.command(f"CREATE DATABASE IF NOT EXISTS `{database}`")
+    finally:
+        bootstrap.close()
+    client = clickhouse_connect.get_client(dsn=url, database=database)
+    for statement in ddl_statements():
+        client.command(statement)
+    return client
+
+
+def chdb_path(url: str) -> str | None:
+    """The data directory of a ``chdb://`` URL, or None for a server URL."""
+    if not url.startswith("chdb:"):
+        return None
+    path = url.removeprefix("chdb://").split("?", 1)[0]
+    return os.path.realpath(path)
+
+
+# -- Avro container building ------------------------------------------------------------------------
+
+
+def _long(value: int) -> bytes:
+    """Avro's zig-zag varint encoding of a long."""
+    value = (value << 1) ^ (value >> 63)
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _bytes(value: bytes) -> bytes:
+    return _long(len(value)) + value
+
+
+class AvroContainer:
+    """Avro Object Container File framing for one writer schema: a header, then one block per record."""
+
+    def __init__(self, schema_json: str) -> None:
+        self.sync = secrets.token_bytes(16)
+        metadata = {b"avro.schema": schema_json.encode(), b"avro.codec": b"null"}
+        entries = b"".join(_bytes(key) + _bytes(value) for key, value in metadata.items())
+        self.header = b"Obj\x01" + _long(len(metadata)) + entries + b"\x00" + self.sync
+
+    def file(self, bodies: Iterable[bytes]) -> bytes:
+        """A container holding each Avro body as a block of one record."""
+        parts = [self.header]
+        sync = self.sync
+        for body in bodies:
+            parts.append(b"\x02" + _long(len(body)))  # count 1, zig-zag encoded
+            parts.append(body)
+            parts.append(sync)
+        return b"".join(parts)
+
+
+# -- the archiver: Avro messages in, rows out ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Table:
+    """Where one topic's records go: the record type and the ClickHouse table family."""
+
+    record: str
+    name: str
+
+
+@dataclass
+class Rejected:
+    """A message that cannot be archived, and why."""
+
+    item: Any
+    reason: str
+    error_type: str
+
+
+class Archiver:
+    """Writes framed Avro records into the archive tables through a clickhouse-connect client.
+
+    Knows nothing of Kafka: :meth:`write` takes ``(item, value bytes)`` pairs, where ``item`` is
+    whatever the caller needs back for the rejected ones.
+    """
+
+    def __init__(self, client: Any, *, registry_url: str = "") -> None:
+        self.client = client
+        self._codecs: dict[str, AvroCodec] = {}
+        self._containers: dict[str, AvroContainer] = {}
+        self._registry_url = registry_url
+
+    def _codec(self, record: str) -> AvroCodec:
+        if record not in self._codecs:
+            self._codecs[record] = (
+                AvroCodec(record, registry_url=self._registry_url) if self._registry_url else codec(record)
+            )
+        return self._codecs[record]
+
+    def _container(self, record: str) -> AvroContainer:
+        if record not in self._containers:
+            self._containers[record] = AvroContainer(latest(record).json)
+        return self._containers[record]
+
+    def body(self, record: str, value: bytes) -> bytes:
+        """The Avro body of ``value`` under the newest ``record`` schema; CodecError if it has none."""
+        record_codec = self._codec(record)
+        writer, body_start = record_codec.writer_schema(value)
+        if writer is record_codec.reader.parsed:
+            return value[body_start:]  # the fast path: ClickHouse decodes it
+        # An older schema version or Confluent framing: decode (resolving to the newest), re-encode.
+        buffer = io.BytesIO()
+        fastavro.schemaless_writer(buffer, record_codec.reader.parsed, record_codec.decode(value))
+        return buffer.getvalue()
+
+    def write(self, table: Table, messages: list[tuple[Any, bytes]]) -> list[Rejected]:
+        """Insert the messages' records into ``table``; return those that could not be archived."""
+        rejected: list[Rejected] = []
+        bodies: list[tuple[Any, bytes, bytes]] = []
+        for item, value in messages:
+            try:
+                bodies.append((item, value, self.body(table.record, value)))
+            except CodecError as exc:
+                rejected.append(Rejected(item, str(exc), "decode_error"))
+        self._insert_or_isolate(table, bodies, rejected)
+        return rejected
+
+    def _insert(self, table: Table, bodies: list[bytes]) -> None:
+        data = self._container(table.record).file(bodies)
+        self.client.raw_insert(f"{table.name}_ingest", None, data, settings=INSERT_SETTINGS, fmt="Avro")
+
+    def _insert_or_isolate(
+        self, table: Table, bodies: list[tuple[Any, bytes, bytes]], rejected: list[Rejected]
+    ) -> None:
+        """Insert all; if ClickHouse rejects the data, bisect until each bad message is alone."""
+        if not bodies:
+            return
+        try:
+            self._insert(table, [body for _, _, body in bodies])
+            return
+        except Exception as exc:
+            if not is_data_error(exc):
+                raise
+            if len(bodies) == 1:
+                item, value, _ = bodies[0]
+                rejected.append(self._why(table, item, value, exc))
+                return
+        middle = len(bodies) // 2
+        self._insert_or_isolate(table, bodies[:middle], rejected)
+        self._insert_or_isolate(table, bodies[middle:], rejected)
+
+    def _why(self, table: Table, item: Any, value: bytes, exc: Exception) -> Rejected:
+        """The clearest reason for a message ClickHouse rejected: fastavro's if it cannot decode it either."""
+        try:
+            self._codec(table.record).decode(value)
+        except CodecError as decode_error:
+            return Rejected(item, str(decode_error), "decode_error")
+        message = str(exc).split("server response: ", 1)[-1].strip()
+        if getattr(exc, "code", None) == VIOLATED_CONSTRAINT:
+            return Rejected(item, f"invariant violated: {message}", "invariant_violation")
+        return Rejected(item, f"rejected by ClickHouse: {message}", "rejected")
+
+
+# -- the worker: Kafka in, archive and DLQ out --------------------------------------------------------
+
+
+def topic_tables(settings: Settings) -> dict[str, Table]:
+    """Archived topics and where they go."""
+    topics = settings.topics
+    return {
+        topics.spans: Table("SpanBatch", "spans"),
+        topics.rewards: Table("Reward", "rewards"),
+        topics.trajectories: Table("Trajectory", "trajectories"),
+        topics.samples: Table("TrainingSample", "samples"),
+        topics.dlq: Table("DeadLetter", "dead_letters"),
+    }
+
+
+def dead_letter(message: Message, reason: str, error_type: str) -> dict[str, Any]:
+    """The DeadLetter record of a Kafka message the archive could not store."""
+    return {
+        "event_id": str(uuid.uuid4()),
+        "source_topic": message.topic(),
+        "source_partition": message.partition(),
+        "source_offset": message.offset(),
+        "key": message.key(),
+        "value": message.value() or b"",
+        "reason": reason,
+        "error_type": error_type,
+        "worker": WORKER_NAME,
+        "timestamp_us": time.time_ns() // 1000,
+    }
+
+
+@dataclass
+class BatchStats:
+    messages: int = 0
+    dead_letters: int = 0
+
+
+class ArchiveWorker:
+    """Consumes the archived topics in batches, writes them with an :class:`Archiver`, dead-letters the rest."""
+
+    def __init__(self, settings: Settings, client: Any) -> None:
+        self.settings = settings
+        self.tables = topic_tables(settings)
+        self.archiver = Archiver(client, registry_url=settings.kafka.schema_registry_url)
+        kafka = settings.kafka
+        self.consumer = Consumer(
+            kafka.client_config(
+                **{
+                    "group.id": settings.clickhouse.archive_group,
+                    "enable.auto.commit": False,
+                    "auto.offset.reset": "earliest",
+                    "session.timeout.ms": kafka.session_timeout_ms,
+                    "heartbeat.interval.ms": min(1000, kafka.session_timeout_ms // 3),
+                }
+            )
+        )
+        self.producer = Producer(kafka.client_config(**{"enable.idempotence": True, "acks": "all"}))
+        self._dead_letter_codec = codec("DeadLetter")
+        self.stopping = threading.Event()
+
+    def run(self, on_batch: Callable[[BatchStats], None] | None = None) -> None:
+        """Archive until :attr:`stopping` is set; commit each batch after it is durable."""
+        self.consumer.subscribe(list(self.tables))
+        stream = self.settings.stream
+        try:
+            while not self.stopping.is_set():
+                messages = self.consumer.consume(num_messages=stream.batch_size, timeout=stream.batch_within)
+                if not messages:
+                    continue
+                stats = self.process(messages)
+                if on_batch:
+                    on_batch(stats)
+        finally:
+            self.consumer.close()
+            self.producer.flush(self.settings.producer.flush_timeout)
+
+    def process(self, messages: list[Message]) -> BatchStats:
+        """Archive one batch: insert, dead-letter the rejects, then commit its offsets."""
+        by_table: dict[str, tuple[Table, list[tuple[Message, bytes]]]] = {}
+        rejected: list[Rejected] = []
+        ends: dict[tuple[str, int], int] = {}
+        for message in messages:
+            error = message.error()
+            if error is not None:
+                if error.fatal():
+                    raise KafkaException(error)
+                if error.code() != KafkaError._PARTITION_EOF:
+                    log.warning("consumer error: %s", error)
+                continue
+            ends[(message.topic(), message.partition())] = message.offset() + 1
+            table = self.tables[message.topic()]
+            value = message.value()
+            if not value:
+                rejected.append(Rejected(message, "empty message value (tombstone?)", "decode_error"))
+                continue
+            by_table.setdefault(table.name, (table, []))[1].append((message, value))
+        for table, items in by_table.values():
+            rejected.extend(self.archiver.write(table, items))
+        for reject in rejected:
+            self._send_dead_letter(reject)
+        if rejected:
+            undelivered = self.producer.flush(self.settings.producer.flush_timeout)
+            if undelivered:
+                raise KafkaException(f"{undelivered} dead letters not acknowledged by the broker; not committing")
+        if ends:
+            offsets = [TopicPartition(topic, partition, offset) for (topic, partition), offset in ends.items()]
+            try:
+                self.consumer.commit(offsets=offsets, asynchronous=False)
+            except KafkaException as exc:
+                # A rebalance took the partitions: their new owner re-archives them, idempotently.
+                log.warning("commit failed (%s); the batch will be redelivered", exc)
+        return BatchStats(messages=len(messages), dead_letters=len(rejected))
+
+    def _send_dead_letter(self, reject: Rejected) -> None:
+        message: Message = reject.item
+        log.warning(
+            "dead-lettering %s[%d]@%d: %s", message.topic(), message.partition(), message.offset(), reject.reason
+        )
+        record = dead_letter(message, reject.reason, reject.error_type)
+        self.producer.produce(self.settings.topics.dlq, self._dead_letter_codec.encode(record), key=message.key())
+        self.producer.poll(0)
+
+
+# -- the CLI command ---------------------------------------------------------------------------------
+
+
+def archive_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--read-port", type=int, default=None, help="port of the read-only endpoint (default: config, 0 = free)"
+    )
+    parser.add_argument("--read-token", default=None, help="token of user 'reader' (default: config, else random)")
+
+
+def archive_command(args: argparse.Namespace, settings: Settings) -> int:
+    """Run the archive worker in the foreground; with the embedded store, serve reads on loopback."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    url = settings.archive_url
+    data_path = chdb_path(url)
+    if data_path is None and args.read_port is not None:
+        raise ConfigError("--read-port serves the embedded store only; readers of a server use its own HTTP port")
+    client = connect(url, settings.clickhouse.database)
+    worker = ArchiveWorker(settings, client)
+    endpoint = None
+    if data_path is not None:
+        from stream_processors.read_endpoint import READ_USER, ReadEndpoint
+
+        port = settings.clickhouse.read_port if args.read_port is None else args.read_port
+        token = args.read_token or settings.clickhouse.read_token or secrets.token_hex(16)
+        endpoint = ReadEndpoint(data_path, token=token, port=port, database=settings.clickhouse.database).start()
+        print(f"read endpoint: http://{READ_USER}:<token>@127.0.0.1:{endpoint.port}", flush=True)
+        if not (args.read_token or settings.clickhouse.read_token):
+            print(f"read token: {token}", flush=True)
+
+    def stop(signum: int, _frame: Any) -> None:
+        log.info("signal %d: finishing the current batch", signum)
+        worker.stopping.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    log.info("archiving %s into %s", ", ".join(worker.tables), url)
+    try:
+        worker.run()
+    finally:
+        if endpoint is not None:
+            endpoint.stop()
+        client.close()
+    return 0

@@ -1,0 +1,169 @@
+"""The archive worker against the real broker and real chDB: exactly once after SIGKILL, DLQ, older schemas."""
+
+from __future__ import annotations
+
+import io
+import time
+import uuid
+from collections.abc import Callable
+
+import fastavro
+from confluent_kafka import Consumer, Producer
+
+from schemas.codec import codec, shipped_schemas
+from tests.records import make_llm, make_span
+
+
+def produce_span_batches(settings, rollouts: int, spans_per_rollout: int, prompt_tokens: int = 24) -> set[str]:
+    """Produce one SpanBatch per rollout (half llm_call, half tool_call spans); return the event ids."""
+    producer = Producer(settings.kafka.client_config(**{"linger.ms": 20, "compression.type": "lz4"}))
+    batch_codec = codec("SpanBatch")
+    llm = make_llm(prompt_tokens=prompt_tokens, completion_tokens=prompt_tokens // 2)
+    event_ids: set[str] = set()
+    for _ in range(rollouts):
+        rollout_id = str(uuid.uuid4())
+        spans = [
+            make_span(rollout_id, kind="llm_call" if i % 2 == 0 else "tool_call", sequence=i)
+            for i in range(spans_per_rollout)
+        ]
+        for span in spans:
+            span["llm"] = llm if span["kind"] == "llm_call" else None
+            event_ids.add(span["event_id"])
+        batch = {"rollout_id": rollout_id, "producer_id": "test:1", "sent_at_us": 1, "spans": spans}
+        producer.produce(settings.topics.spans, batch_codec.encode(batch), key=rollout_id.encode())
+        producer.poll(0)
+    assert producer.flush(30) == 0
+    return event_ids
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def test_every_span_exactly_once_after_sigkill(settings, archive):
+    event_ids = produce_span_batches(settings, rollouts=5000, spans_per_rollout=20)
+    assert len(event_ids) == 100_000
+    # Small batches, so the kill lands between committed batches with more to come.
+    archive.env["BOLTSTREAM_STREAM__BATCH_SIZE"] = "200"
+    archive.start()
+    reader = archive.client()
+    wait_for(lambda: reader.command("SELECT count() FROM spans_store") >= 20_000, 60, "the first batches")
+    archived_before_kill = reader.command("SELECT count() FROM spans_store")
+    archive.kill()
+    assert archived_before_kill < 100_000, "the kill came after the end; nothing was tested"
+    archive.start()  # same group: resumes from the last committed offsets
+    reader = archive.client()
+    wait_for(lambda: reader.command("SELECT count() FROM spans") >= 100_000, 90, "all 100,000 spans")
+    time.sleep(1.0)  # anything still in flight would show up as an extra row now
+    reader_count, distinct = reader.query("SELECT count(), uniqExact(event_id) FROM spans").result_rows[0]
+    assert (reader_count, distinct) == (100_000, 100_000)
+    archived = {row[0] for row in reader.query("SELECT event_id FROM spans").result_rows}
+    assert archived == event_ids
+    llm_row = reader.query(
+        "SELECT length(llm_prompt_token_ids), length(llm_completion_logprobs), llm_model, attributes "
+        "FROM spans WHERE kind = 'llm_call' LIMIT 1"
+    ).result_rows[0]
+    assert llm_row == (24, 12, "tiny-policy", {"tool": "calculator"})
+
+
+def test_garbage_goes_to_the_dlq_and_good_messages_around_it_are_archived(settings, archive):
+    producer = Producer(settings.kafka.client_config())
+    batch_codec = codec("SpanBatch")
+    good = [make_span(kind="tool_call") for _ in range(3)]
+    backwards = make_span(kind="tool_call")
+    backwards["end_time_us"] = backwards["start_time_us"] - 1  # violates the ends_after_start invariant
+
+    def batch(span):
+        return batch_codec.encode(
+            {"rollout_id": span["rollout_id"], "spans": [span], "sent_at_us": 0, "producer_id": ""}
+        )
+
+    messages = [
+        (b"k0", batch(good[0])),
+        (b"garbage", b"definitely not avro"),
+        (b"k1", batch(good[1])),
+        (b"truncated", batch(good[1])[:-7]),
+        (b"wrong-record", codec("Reward").encode(_reward())),
+        (b"backwards", batch(backwards)),
+        (b"k2", batch(good[2])),
+    ]
+    for key, value in messages:
+        producer.produce(settings.topics.spans, value, key=key, partition=0)
+    assert producer.flush(10) == 0
+
+    archive.start()
+    reader = archive.client()
+    wait_for(lambda: reader.command("SELECT count() FROM dead_letters") >= 4, 60, "4 archived dead letters")
+    assert sorted(r[0] for r in reader.query("SELECT event_id FROM spans").result_rows) == sorted(
+        s["event_id"] for s in good
+    )
+    letters = {
+        row[0]: row[1:]
+        for row in reader.query(
+            "SELECT key, error_type, reason, source_topic, source_partition, value, worker FROM dead_letters"
+        ).result_rows
+    }
+    assert set(letters) == {"garbage", "truncated", "wrong-record", "backwards"}
+    assert letters["garbage"][0] == "decode_error" and "unknown magic bytes" in letters["garbage"][1]
+    assert letters["truncated"][0] == "decode_error" and "truncated" in letters["truncated"][1]
+    assert "expected a SpanBatch" in letters["wrong-record"][1]
+    assert letters["backwards"][0] == "invariant_violation" and "ends_after_start" in letters["backwards"][1]
+    assert all(row[2:4] == (settings.topics.spans, 0) and row[5] == "archive" for row in letters.values())
+    assert letters["garbage"][4] == b"definitely not avro".decode()
+
+    # The DLQ topic holds the same records, with the raw bytes and source offsets.
+    consumer = Consumer(
+        settings.kafka.client_config(
+            **{"group.id": uuid.uuid4().hex, "auto.offset.reset": "earliest", "session.timeout.ms": 2000}
+        )
+    )
+    consumer.subscribe([settings.topics.dlq])
+    received = []
+    deadline = time.monotonic() + 30
+    while len(received) < 4 and time.monotonic() < deadline:
+        message = consumer.poll(0.5)
+        if message is not None and not message.error():
+            received.append(codec("DeadLetter").decode(message.value()))
+    consumer.close()
+    by_key = {letter["key"]: letter for letter in received}
+    assert by_key[b"garbage"]["value"] == b"definitely not avro"
+    assert by_key[b"garbage"]["source_offset"] == 1 and by_key[b"backwards"]["source_offset"] == 5
+
+
+def test_older_schema_versions_and_other_topics_are_archived(settings, archive):
+    producer = Producer(settings.kafka.client_config())
+    old_batch_schema = shipped_schemas()["SpanBatch"][0]
+    assert old_batch_schema.version == 1
+    span = make_span(kind="llm_call")
+    span.pop("server_id")  # Span v1 has no server_id
+    body = io.BytesIO()
+    fastavro.schemaless_writer(body, old_batch_schema.parsed, {"rollout_id": span["rollout_id"], "spans": [span]})
+    v1_message = b"\xc3\x01" + old_batch_schema.fingerprint + body.getvalue()
+    producer.produce(settings.topics.spans, v1_message, key=span["rollout_id"].encode())
+    reward = _reward(rollout_id=span["rollout_id"])
+    producer.produce(settings.topics.rewards, codec("Reward").encode(reward), key=span["rollout_id"].encode())
+    assert producer.flush(10) == 0
+
+    archive.start()
+    reader = archive.client()
+    wait_for(lambda: reader.command("SELECT count() FROM rewards") == 1, 60, "the reward")
+    wait_for(lambda: reader.command("SELECT count() FROM spans") == 1, 30, "the v1 span")
+    row = reader.query("SELECT event_id, server_id, llm_model_version FROM spans").result_rows[0]
+    assert row == (span["event_id"], "", "v1")
+    assert reader.query("SELECT event_id, value, is_final FROM rewards").result_rows == [
+        (reward["event_id"], 0.75, True)
+    ]
+
+
+def _reward(rollout_id: str | None = None) -> dict:
+    return {
+        "event_id": str(uuid.uuid4()),
+        "rollout_id": rollout_id or str(uuid.uuid4()),
+        "value": 0.75,
+        "timestamp_us": int(time.time() * 1e6),
+    }
