@@ -628,8 +628,10 @@ def _table_status(settings: Settings, read_url: str, report: dict[str, Any], tim
     try:
         client = clickhouse_connect.get_client(dsn=read_url, connect_timeout=timeout, send_receive_timeout=timeout)
         try:
+            # Tables that store rows (not views, Null ingest tables): their counts are metadata, cheap at any size.
             result = client.query(
-                "SELECT name, engine, total_rows FROM system.tables WHERE database = %(db)s ORDER BY name",
+                "SELECT name, engine, total_rows FROM system.tables"
+                " WHERE database = %(db)s AND has_own_data ORDER BY name",
                 parameters={"db": settings.clickhouse.database},
             )
         finally:

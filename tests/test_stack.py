@@ -26,7 +26,18 @@ from infra import stack
 from infra.broker import free_port
 from infra.cli import main
 from infra.config import Settings, load_settings
-from infra.stack import StackError, StackRunningError, Worker, ensure_topics, read_state, start_stack, stop_stack
+from infra.stack import (
+    StackError,
+    StackRunningError,
+    Worker,
+    ensure_topics,
+    read_state,
+    stack_status,
+    start_stack,
+    stop_stack,
+)
+from schemas.codec import codec
+from tests.records import make_span_batch
 
 #: Real processes in place of the archive worker: one serving HTTP on the read port, one idle.
 STAND_INS = {
@@ -245,3 +256,44 @@ def test_up_with_a_clickhouse_server_archive_says_it_is_not_supported(home):
     with pytest.raises(NotImplementedError, match="embedded chDB store only"):
         start_stack(settings)
     assert not (home / "logs" / "broker.log").exists()  # refused before starting anything
+
+
+def test_up_runs_the_archive_and_status_counts_its_rows(home):
+    """The real stack: `up` starts broker and archive worker; archived spans show up in `status`."""
+    up = run_cli(home, "up")
+    assert up.returncode == 0, up.stdout + up.stderr
+    settings = home_settings(home)  # broker and read endpoint come from the state file
+    assert set(read_state(settings).workers) == {"archive"}
+
+    span_batch = codec("SpanBatch")
+    producer = Producer(settings.kafka.client_config())
+    for _ in range(50):
+        batch = make_span_batch(spans=4)
+        producer.produce(settings.topics.spans, key=batch["rollout_id"], value=span_batch.encode(batch))
+    assert producer.flush(10) == 0
+
+    archive_group = settings.clickhouse.archive_group
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        report = stack_status(settings)
+        rows = (report["tables"] or {}).get("spans_store", {}).get("rows")
+        lag = (report["consumer_groups"] or {}).get(archive_group, {}).get("lag")
+        if rows == 200 and lag == 0:
+            break
+        time.sleep(0.5)
+    assert (rows, lag) == (200, 0), report["notes"]
+
+    status = run_cli(home, "status", "--json")
+    assert status.returncode == 0, status.stderr
+    report = json.loads(status.stdout)
+    assert report["workers"]["archive"]["alive"] is True
+    assert report["tables"]["spans_store"] == {"engine": "ReplacingMergeTree", "rows": 200}
+    assert report["tables"]["rewards_store"]["rows"] == 0
+    assert report["clickhouse_read_url"].startswith("http://reader:***@127.0.0.1:")
+
+    again = run_cli(home, "up")
+    assert again.returncode == 0 and "already running" in again.stdout
+
+    down = run_cli(home, "down")
+    assert down.returncode == 0 and "stopped" in down.stdout, down.stderr
+    assert not read_state(settings)
