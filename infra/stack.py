@@ -361,8 +361,9 @@ def _worker_environment(settings: Settings, config_path: Path) -> dict[str, str]
 def _admin(settings: Settings):
     from confluent_kafka.admin import AdminClient
 
-    # Tansu closes idle connections; librdkafka would log each close to stderr.
-    return AdminClient(settings.kafka.client_config(**{"log.connection.close": False}))
+    # Short-lived admin clients: librdkafka's informational logs (idle connections Tansu closes,
+    # events purged at teardown) would only clutter the command's output; warnings still show.
+    return AdminClient(settings.kafka.client_config(**{"log.connection.close": False, "log_level": 4}))
 
 
 def ensure_topics(settings: Settings, timeout: float = 15.0) -> dict[str, int]:
@@ -571,8 +572,8 @@ def _reachable(bootstrap_servers: str, timeout: float) -> bool:
 
 
 def _kafka_status(settings: Settings, report: dict[str, Any], timeout: float) -> None:
-    from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException, TopicPartition
-    from confluent_kafka.admin import ConfigResource, OffsetSpec, ResourceType
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import ConfigResource, ResourceType
 
     admin = _admin(settings)
     try:
@@ -595,31 +596,43 @@ def _kafka_status(settings: Settings, report: dict[str, Any], timeout: float) ->
         report["notes"].append(f"topic configs unavailable: {exc.args[0].str()}")
 
     try:
-        groups = sorted(g.group_id for g in admin.list_consumer_groups(request_timeout=timeout).result().valid)
-        committed: dict[str, dict[tuple[str, int], int]] = {}
-        for group in groups:
-            request = [ConsumerGroupTopicPartitions(group)]
-            offsets = admin.list_consumer_group_offsets(request, request_timeout=timeout)[group].result()
-            committed[group] = {
-                (tp.topic, tp.partition): tp.offset for tp in offsets.topic_partitions if tp.offset >= 0
-            }
-        partitions = {key for offsets in committed.values() for key in offsets}
-        ends: dict[tuple[str, int], int] = {}
-        if partitions:
-            latest = {TopicPartition(topic, partition): OffsetSpec.latest() for topic, partition in partitions}
-            for tp, future in admin.list_offsets(latest, request_timeout=timeout).items():
-                ends[(tp.topic, tp.partition)] = future.result().offset
+        report["consumer_groups"] = _consumer_lag(admin, metadata, timeout)
     except KafkaException as exc:
         report["notes"].append(f"consumer group lag unavailable: {exc.args[0].str()}")
         return
-    lag: dict[str, dict[str, int]] = {}
-    for group, offsets in committed.items():
-        per_topic = lag.setdefault(group, {})
-        for (topic, partition), offset in sorted(offsets.items()):
-            per_topic[topic] = per_topic.get(topic, 0) + max(0, ends[(topic, partition)] - offset)
-    report["consumer_groups"] = {group: {"lag": sum(t.values()), "topics": t} for group, t in lag.items()}
-    if lag:
+    if any(group["lag"] is not None for group in report["consumer_groups"].values()):
         report["notes"].append(TANSU_LAG_NOTE)
+
+
+def _consumer_lag(admin: Any, metadata: Any, timeout: float) -> dict[str, dict[str, Any]]:
+    """Per group: messages not yet committed, per topic it committed on (every partition counts;
+    one never committed counts from its start). ``lag`` is None while a group has no commits."""
+    from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
+    from confluent_kafka.admin import OffsetSpec
+
+    groups = sorted(g.group_id for g in admin.list_consumer_groups(request_timeout=timeout).result().valid)
+    committed: dict[str, dict[tuple[str, int], int]] = {}
+    for group in groups:  # the admin API takes one group per request
+        request = [ConsumerGroupTopicPartitions(group)]
+        offsets = admin.list_consumer_group_offsets(request, request_timeout=timeout)[group].result()
+        committed[group] = {(tp.topic, tp.partition): tp.offset for tp in offsets.topic_partitions if tp.offset >= 0}
+    topics = {topic for offsets in committed.values() for topic, _ in offsets if topic in metadata.topics}
+    partitions = [TopicPartition(topic, p) for topic in sorted(topics) for p in metadata.topics[topic].partitions]
+    bounds: dict[str, dict[tuple[str, int], int]] = {"start": {}, "end": {}}
+    for bound, spec in (("start", OffsetSpec.earliest()), ("end", OffsetSpec.latest())):
+        if partitions:
+            for tp, future in admin.list_offsets({tp: spec for tp in partitions}, request_timeout=timeout).items():
+                bounds[bound][(tp.topic, tp.partition)] = future.result().offset
+    lag: dict[str, dict[str, Any]] = {}
+    for group, offsets in committed.items():
+        per_topic: dict[str, int] = {}
+        for topic in sorted({topic for topic, _ in offsets if topic in topics}):
+            per_topic[topic] = sum(
+                max(0, bounds["end"][(topic, p)] - offsets.get((topic, p), bounds["start"][(topic, p)]))
+                for p in metadata.topics[topic].partitions
+            )
+        lag[group] = {"lag": sum(per_topic.values()) if per_topic else None, "topics": per_topic}
+    return lag
 
 
 def _table_status(settings: Settings, read_url: str, report: dict[str, Any], timeout: float) -> None:
@@ -778,6 +791,8 @@ def _print_status(report: dict[str, Any]) -> None:
             for group, info in report["consumer_groups"].items():
                 for topic, lag in info["topics"].items():
                     groups.add_row(group, topic, f"{lag:,}")
+                if not info["topics"]:
+                    groups.add_row(group, "", "[dim]nothing committed yet[/dim]")
             console.print(groups)
     for note in report["notes"]:
         console.print(f"[dim]note: {note}[/dim]")

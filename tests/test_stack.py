@@ -165,9 +165,10 @@ def test_status_json_reports_topics_workers_and_lag(home, stand_ins, capsys):
     state = start_stack(home_settings(home, topics={"partitions": 2}))
     spans = home_settings(home).topics.spans
     producer = Producer({"bootstrap.servers": state.bootstrap_servers})
-    for i in range(5):  # one batch per message: Tansu's end offsets are exact then
-        producer.produce(spans, value=b"x%d" % i, partition=0)
-        producer.flush(10)
+    for partition, count in ((0, 5), (1, 2)):
+        for i in range(count):  # one batch per message: Tansu's end offsets are exact then
+            producer.produce(spans, value=b"x%d" % i, partition=partition)
+            producer.flush(10)
     consumer = Consumer({"bootstrap.servers": state.bootstrap_servers, "group.id": "lagging"})
     consumer.commit(offsets=[TopicPartition(spans, 0, 2)], asynchronous=False)
     consumer.close()
@@ -186,7 +187,8 @@ def test_status_json_reports_topics_workers_and_lag(home, stand_ins, capsys):
     }
     assert {name for name, t in report["topics"].items() if t["compacted"]} == set(settings.topics.compacted())
     assert report["missing_topics"] == []
-    assert report["consumer_groups"] == {"lagging": {"lag": 3, "topics": {spans: 3}}}
+    # partition 0: 5 - 2 committed; partition 1, never committed: 2 from its start
+    assert report["consumer_groups"] == {"lagging": {"lag": 5, "topics": {spans: 5}}}
     assert stack.TANSU_LAG_NOTE in report["notes"]
 
     assert main(["status"]) == 0  # the rich rendering of the same report
