@@ -1,0 +1,142 @@
+"""The ClickHouse DDL against the newest Avro schemas: a schema change without a DDL change fails here.
+
+Two shapes are checked, on the live tables of a real archive (chDB) read through its endpoint:
+
+* ``<table>_ingest`` receives the Avro bodies (``FORMAT Avro`` maps fields to columns by name), so its
+  columns must be the record's fields with exactly ClickHouse's Avro types;
+* ``<table>_store`` is what people query: nested records flattened to ``<field>_<subfield>`` (the
+  SpanBatch's spans exploded to one row each, next to the batch's own fields), every Avro field
+  present with a compatible type (LowCardinality strings, unsigned token ids, defaults instead of
+  NULL for the fields of an absent nested record).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+
+from schemas.codec import latest
+
+TABLES = {
+    "SpanBatch": "spans",
+    "Reward": "rewards",
+    "Trajectory": "trajectories",
+    "TrainingSample": "samples",
+    "DeadLetter": "dead_letters",
+}
+#: Store columns that are not Avro fields: the ReplacingMergeTree version.
+ARCHIVE_COLUMNS = {"archived_at"}
+PRIMITIVES = {
+    "string": "String",
+    "bytes": "String",
+    "int": "Int32",
+    "long": "Int64",
+    "float": "Float32",
+    "double": "Float64",
+    "boolean": "Bool",
+}
+
+
+def clickhouse_type(avro: Any) -> str:
+    """The ClickHouse type FORMAT Avro reads an Avro type into."""
+    if isinstance(avro, str):
+        return PRIMITIVES[avro]
+    if isinstance(avro, list):
+        others = [branch for branch in avro if branch != "null"]
+        assert len(others) == 1 and "null" in avro, f"only [null, X] unions are archivable: {avro}"
+        return f"Nullable({clickhouse_type(others[0])})"
+    kind = avro["type"]
+    if kind == "enum":
+        return "Enum8(" + ", ".join(f"'{symbol}' = {i}" for i, symbol in enumerate(avro["symbols"])) + ")"
+    if kind == "array":
+        return f"Array({clickhouse_type(avro['items'])})"
+    if kind == "map":
+        return f"Map(String, {clickhouse_type(avro['values'])})"
+    if kind == "record":
+        return "Tuple(" + ", ".join(f"{f['name']} {clickhouse_type(f['type'])}" for f in avro["fields"]) + ")"
+    return clickhouse_type(kind)
+
+
+def normalise(type_name: str) -> str:
+    return re.sub(r"\s*([(),])\s*", r"\1", re.sub(r"\s+", " ", type_name)).strip()
+
+
+def compatible(expected: str, actual: str) -> bool:
+    """``actual`` stores every value of ``expected``: the same type, or LowCardinality / unsigned ids."""
+    actual = re.sub(r"LowCardinality\((\w+)\)", r"\1", normalise(actual))
+    return normalise(expected) in (actual, actual.replace("UInt32", "Int32"))
+
+
+def record_of(avro: Any) -> dict | None:
+    """The record inside a record type or a [null, record] union, else None."""
+    branches = avro if isinstance(avro, list) else [avro]
+    return next((b for b in branches if isinstance(b, dict) and b.get("type") == "record"), None)
+
+
+def flattened(record: dict) -> dict[str, str]:
+    """Store columns of a record: nested records as ``<field>_<subfield>`` (not nullable), others as is."""
+    columns = {}
+    for field in record["fields"]:
+        nested = record_of(field["type"])
+        if nested is not None:
+            columns.update({f"{field['name']}_{sub['name']}": clickhouse_type(sub["type"]) for sub in nested["fields"]})
+        else:
+            columns[field["name"]] = clickhouse_type(field["type"])
+    return columns
+
+
+def store_columns(record_name: str) -> dict[str, str]:
+    schema = latest(record_name).schema
+    if record_name != "SpanBatch":
+        return flattened(schema)
+    batch_fields = [f for f in schema["fields"] if f["name"] != "spans"]
+    span = next(f for f in schema["fields"] if f["name"] == "spans")["type"]["items"]
+    # The batch's rollout_id equals every span's; the span's column holds it.
+    return {**flattened({"fields": batch_fields}), **flattened(span)}
+
+
+@pytest.fixture
+def columns(archive) -> dict[str, dict[str, str]]:
+    archive.start()
+    rows = (
+        archive.client()
+        .query(
+            "SELECT table, name, type FROM system.columns WHERE database = currentDatabase() ORDER BY table, position"
+        )
+        .result_rows
+    )
+    tables: dict[str, dict[str, str]] = {}
+    for table, name, type_name in rows:
+        tables.setdefault(table, {})[name] = type_name
+    return tables
+
+
+@pytest.mark.parametrize("record", sorted(TABLES))
+def test_ingest_table_has_the_avro_shape(columns, record):
+    schema = latest(record).schema
+    ingest = columns[f"{TABLES[record]}_ingest"]
+    assert list(ingest) == [field["name"] for field in schema["fields"]]
+    for field in schema["fields"]:
+        assert normalise(ingest[field["name"]]) == normalise(clickhouse_type(field["type"])), field["name"]
+
+
+@pytest.mark.parametrize("record", sorted(TABLES))
+def test_store_table_has_every_avro_field_flattened(columns, record):
+    expected = store_columns(record)
+    store = columns[f"{TABLES[record]}_store"]
+    assert set(store) - set(expected) == ARCHIVE_COLUMNS
+    for name, avro_type in expected.items():
+        assert name in store, f"{record}: no column for Avro field {name}"
+        assert compatible(avro_type, store[name]), f"{record}.{name}: {store[name]} cannot hold {avro_type}"
+    # The views people query show the same columns.
+    assert columns[TABLES[record]] == store
+
+
+def test_the_check_catches_a_missing_column():
+    changed = latest("Reward").schema | {
+        "fields": [*latest("Reward").schema["fields"], {"name": "new", "type": "long"}]
+    }
+    assert "new" in flattened(changed)
+    assert not compatible("Int64", "String") and compatible("Array(Int32)", "Array(UInt32)")
