@@ -26,7 +26,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, fields, is_dataclass, replace
+from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -90,14 +90,23 @@ WORKERS: dict[str, Worker] = {
 _CHILDREN: dict[int, subprocess.Popen] = {}
 
 
-def _start_ticks(pid: int) -> int | None:
-    """The kernel's start time of ``pid`` (clock ticks since boot), or None without procfs."""
+_PROCFS = Path("/proc/self/stat").exists()
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields 3 and on of ``/proc/<pid>/stat`` (state, ppid, ...), or None if there is no such process."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    # The command name (field 2) may hold spaces and parentheses; fields after the last ")" are plain.
-    return int(stat.rsplit(")", 1)[1].split()[19])
+    # The command name (field 2) may hold spaces and parentheses; the fields after the last ")" are plain.
+    return stat.rsplit(")", 1)[1].split()
+
+
+def _start_ticks(pid: int) -> int | None:
+    """The kernel's start time of ``pid`` (clock ticks since boot), or None without procfs."""
+    stat = _proc_stat(pid) if _PROCFS else None
+    return int(stat[19]) if stat else None
 
 
 def process_alive(pid: int, start_ticks: int | None = None) -> bool:
@@ -106,15 +115,11 @@ def process_alive(pid: int, start_ticks: int | None = None) -> bool:
     if child is not None and child.poll() is not None:
         del _CHILDREN[pid]
         return False
-    if Path("/proc/self/stat").exists():
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
+    if _PROCFS:
+        stat = _proc_stat(pid)
+        if stat is None or stat[0] in ("Z", "X"):  # gone, or exited and waiting for its parent to reap it
             return False
-        after_name = stat.rsplit(")", 1)[1].split()
-        if after_name[0] in ("Z", "X"):  # exited, waiting for its parent to reap it
-            return False
-        return start_ticks is None or int(after_name[19]) == start_ticks
+        return start_ticks is None or int(stat[19]) == start_ticks
     try:  # no procfs: signal 0 tells existence, not identity
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -228,42 +233,19 @@ class StackState:
         return ", ".join(parts)
 
     def to_json(self) -> dict[str, Any]:
-        def record(r: ProcessRecord) -> dict[str, Any]:
-            return {"pid": r.pid, "argv": list(r.argv), "log": r.log, "start_ticks": r.start_ticks}
-
-        return {
-            "version": STATE_VERSION,
-            "home": self.home,
-            "started_at": self.started_at,
-            "bootstrap_servers": self.bootstrap_servers,
-            "broker_port": self.broker_port,
-            "broker": record(self.broker),
-            "workers": {name: record(r) for name, r in self.workers.items()},
-            "topics": self.topics,
-            "clickhouse_read_url": self.clickhouse_read_url,
-            "read_port": self.read_port,
-            "data_dir": self.data_dir,
-        }
+        return {"version": STATE_VERSION, **asdict(self)}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> StackState:
-        def record(r: dict[str, Any]) -> ProcessRecord:
-            return ProcessRecord(int(r["pid"]), tuple(r["argv"]), r["log"], r.get("start_ticks"))
+        def record(values: dict[str, Any]) -> ProcessRecord:
+            return ProcessRecord(**{**values, "argv": tuple(values["argv"])})
 
-        if data.get("version") != STATE_VERSION:
+        values = dict(data)
+        if values.pop("version", None) != STATE_VERSION:
             raise ValueError(f"state version {data.get('version')!r}, expected {STATE_VERSION}")
-        return cls(
-            home=data["home"],
-            started_at=data["started_at"],
-            bootstrap_servers=data["bootstrap_servers"],
-            broker_port=int(data["broker_port"]),
-            broker=record(data["broker"]),
-            workers={name: record(r) for name, r in data["workers"].items()},
-            topics={name: int(n) for name, n in data["topics"].items()},
-            clickhouse_read_url=data["clickhouse_read_url"],
-            read_port=int(data["read_port"]),
-            data_dir=data["data_dir"],
-        )
+        values["broker"] = record(values["broker"])
+        values["workers"] = {name: record(r) for name, r in values["workers"].items()}
+        return cls(**values)
 
 
 def read_state(settings: Settings) -> StackState | None:
