@@ -299,3 +299,25 @@ def test_up_runs_the_archive_and_status_counts_its_rows(home):
     down = run_cli(home, "down")
     assert down.returncode == 0 and "stopped" in down.stdout, down.stderr
     assert not read_state(settings)
+
+
+def test_a_stack_with_a_dead_broker_is_reported_not_restarted(home, stand_ins, capsys):
+    state = start_stack(home_settings(home))
+    os.kill(state.broker.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while state.broker.alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+    report = stack_status(home_settings(home))
+    assert report["running"] is True
+    assert report["broker"]["alive"] is False and report["broker"]["reachable"] is False
+    assert f"broker at {state.bootstrap_servers} is not reachable" in report["notes"]
+    assert all(worker["alive"] for worker in report["workers"].values())
+
+    assert main(["up"]) == 0
+    out = capsys.readouterr().out
+    assert "already running" in out and f"pid {state.broker.pid}, dead" in out and "boltstream down" in out
+    assert read_state(home_settings(home)) == state
+
+    assert main(["down"]) == 0
+    assert not any(record.alive() for record in state.processes().values())
