@@ -15,7 +15,7 @@ from dataclasses import asdict
 from typing import Any
 
 from infra.config import Settings, load_settings
-from producers.span_producer import PendingSpan, SpanProducer
+from producers.span_producer import DeliveryListener, PendingSpan, SpanProducer
 
 log = logging.getLogger("boltstream.producer")
 
@@ -43,16 +43,19 @@ def settings() -> Settings:
     return _settings
 
 
-def configure(settings_: Settings | None = None, **overrides: Any) -> SpanProducer:
+def configure(
+    settings_: Settings | None = None, *, on_delivery: DeliveryListener | None = None, **overrides: Any
+) -> SpanProducer:
     """Start (or restart) the process's SpanProducer with ``settings_`` or ``load_settings(**overrides)``.
 
-    A producer already running is flushed and closed first.
+    A producer already running is flushed and closed first. ``on_delivery(topic, value, error)`` is
+    called on the producer's thread for every delivery report (metrics, tests).
     """
     global _producer, _settings, _unavailable_reason
     with _lock:
         shutdown()
         _settings = settings_ if settings_ is not None else load_settings(**overrides)
-        _producer = SpanProducer(_settings)
+        _producer = SpanProducer(_settings, on_delivery=on_delivery)
         _producer.on_tick(lambda: _run_hooks(idle_only=True))
         _unavailable_reason = None
         return _producer

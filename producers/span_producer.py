@@ -105,7 +105,7 @@ class SpanProducer:
                 "topic.metadata.refresh.fast.interval.ms": 100,
                 "client.id": "boltstream-sdk",
                 "error_cb": self._on_client_error,
-                "logger": logging.getLogger("boltstream.producer.librdkafka"),
+                "logger": _ClientLog(logging.getLogger("boltstream.producer.librdkafka"), {}),
             }
         )
         self._kafka = Producer(self._client_config)
@@ -200,7 +200,7 @@ class SpanProducer:
         while not self._stopping:
             try:
                 if self._in_flight:
-                    self._kafka.poll(0.005 if self._flush_waiters else min(self.settings.producer.linger, 0.01))
+                    self._poll(0.005 if self._flush_waiters else min(self.settings.producer.linger, 0.01))
                 else:
                     self._wakeup.wait(0.005 if self._flush_waiters else self.settings.producer.linger)
                 self._wakeup.clear()
@@ -217,7 +217,7 @@ class SpanProducer:
             callback()
         self._send_pending_spans()
         self._send_pending_rewards()
-        self._kafka.poll(0)
+        self._poll(0)
         self._replay_spool()
         if self._flush_waiters:
             with self._settled:
@@ -293,8 +293,9 @@ class SpanProducer:
 
     def _send(self, message: _Outgoing) -> None:
         """Produce ``message``, or spool it when the broker is unhealthy or the client is full."""
-        if not self._healthy and message.segment is None:
+        if self._client_fatal or (not self._healthy and message.segment is None):
             self._spill(message)
+            self._settle_replayed(message)
             return
         try:
             self._kafka.produce(
@@ -305,7 +306,10 @@ class SpanProducer:
             )
         except (BufferError, KafkaException) as exc:
             if isinstance(exc, KafkaException):
-                log.warning("produce to %s failed (%s); spooling", message.topic, exc)
+                error = exc.args[0]
+                if error.fatal():
+                    self._client_fatal = True
+                log.warning("produce to %s failed (%s); spooling", message.topic, error)
             self._spill(message)
             self._settle_replayed(message)
             return
@@ -365,6 +369,15 @@ class SpanProducer:
             )
 
     # -- client errors -----------------------------------------------------------------------
+    def _poll(self, timeout: float) -> None:
+        """Serve delivery reports; a fatal client error (raised here) gets the client replaced."""
+        try:
+            self._kafka.poll(timeout)
+        except KafkaException as exc:
+            if not exc.args[0].fatal():
+                raise
+            self._client_fatal = True
+
     def _on_client_error(self, error: KafkaError) -> None:
         if error.fatal():
             log.error("Kafka client failed fatally (%s); replacing it", error)
@@ -379,6 +392,16 @@ class SpanProducer:
         self._client_fatal = False
         old.purge()  # everything it held fails with _PURGE_QUEUE and is spooled by _delivered
         old.poll(0)
+
+
+class _ClientLog(logging.LoggerAdapter):
+    """librdkafka's log: connection failures are expected while a broker is down (the producer
+    reports the outage itself), so they are demoted to INFO instead of flooding the agent's log."""
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: object) -> None:
+        if level >= logging.ERROR and level < logging.CRITICAL and " FAIL " in f" {msg % args if args else msg} ":
+            level = logging.INFO
+        super().log(level, msg, *args, **kwargs)
 
 
 def _open_spool(settings: Settings) -> Spool:

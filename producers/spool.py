@@ -140,10 +140,14 @@ class Spool:
 
     def _enforce_bound(self) -> None:
         while self.stats.bytes > self.max_bytes:
-            if not self._closed:  # everything is in open segments: seal them so they can go
-                for kept in list(self._open):
-                    self._seal(kept)
-            victim = next((s for s in self._closed if not s.kept), self._closed[0])
+            victim = next((s for s in self._closed if not s.kept), None)
+            if victim is None and False in self._open:  # sampled-out data still being written goes first
+                self._seal(False)
+                continue
+            if victim is None:
+                if not self._closed:  # everything is in the open segment: seal it so it can go
+                    self._seal(True)
+                victim = self._closed[0]
             self._closed.remove(victim)
             victim.path.unlink(missing_ok=True)
             self.stats.bytes -= victim.size

@@ -1,0 +1,456 @@
+"""The agent-side SDK against the real broker: context, exactly-once delivery, sampling, redaction, spool, outages."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+import threading
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+import producers as agl
+from infra.broker import EmbeddedBroker
+from infra.config import Settings, load_settings
+from infra.stack import ensure_topics
+from producers.redaction import REDACTED, Redactor
+from producers.sampling import keep_rollout, rollout_fraction
+from producers.spool import Spool, SpooledMessage, SpoolLocked
+from schemas.codec import codec
+
+
+def with_producer(settings: Settings, **producer: object) -> Settings:
+    return replace(settings, producer=replace(settings.producer, **producer))
+
+
+@pytest.fixture
+def sdk(settings: Settings) -> Iterator[Settings]:
+    """The process-wide SDK producer pointed at this test's topics; shut down afterwards."""
+    ensure_topics(settings)
+    agl.configure(settings)
+    yield settings
+    agl.shutdown(5)
+
+
+def consume(
+    bootstrap: str, topic: str, until: Callable[[list[dict]], bool], timeout: float = 30.0, record: str = "SpanBatch"
+) -> list[dict]:
+    """Every record of ``topic`` from the beginning (spans unpacked from their batches) until ``until`` holds."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"test-{uuid.uuid4().hex}",
+            "enable.auto.commit": False,
+            "log.connection.close": False,
+            "log_level": 2,  # the outage test reads while the broker is down; spare the log
+        }
+    )
+    partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+    found: list[dict] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while not until(found) and time.monotonic() < deadline:
+            for message in consumer.consume(1000, timeout=0.2):
+                if message.error():
+                    continue
+                value = codec(record).decode(message.value())
+                if record == "SpanBatch":
+                    assert message.key().decode() == value["rollout_id"]
+                    found.extend(value["spans"])
+                else:
+                    found.append(value)
+    finally:
+        consumer.close()
+    return found
+
+
+def at_least(n: int) -> Callable[[list[dict]], bool]:
+    return lambda found: len(found) >= n
+
+
+# -- sampling ------------------------------------------------------------------------------------
+
+
+def test_keep_rollout_is_the_documented_hash_rule() -> None:
+    # SHA-256("abc") starts with ba7816bf8f01cfea (FIPS 180-2 test vector): 0xba7816bf8f01cfea / 2**64.
+    assert rollout_fraction("abc") == pytest.approx(0xBA7816BF8F01CFEA / 2**64)
+    assert keep_rollout("abc", 0.73) and not keep_rollout("abc", 0.72)
+    assert keep_rollout("anything", 1.0) and not keep_rollout("anything", 0.0)
+    digest = hashlib.sha256(b"rollout-42").digest()
+    assert keep_rollout("rollout-42", 0.5) == (int.from_bytes(digest[:8], "big") < 2**63)
+
+
+def test_sampling_keeps_whole_rollouts_at_the_configured_rate(settings: Settings) -> None:
+    rate, rollouts = 0.3, 10_000
+    settings = with_producer(settings, span_sampling_rate=rate)
+    ensure_topics(settings)
+    agl.configure(settings)
+    try:
+        ids = []
+        for i in range(rollouts):
+            with agl.rollout(task_id=f"task-{i % 50}", agent_name="sampler") as run:
+                agl.emit_decision(i)
+                agl.emit_reward(1.0)
+            ids.append(run.rollout_id)
+        assert agl.flush(30)
+    finally:
+        agl.shutdown(5)
+    expected = {r for r in ids if keep_rollout(r, rate)}
+    spans = consume(settings.kafka.bootstrap_servers, settings.topics.spans, at_least(3 * len(expected)))
+    by_rollout = Counter(span["rollout_id"] for span in spans)
+    assert set(by_rollout) == expected
+    assert all(count == 3 for count in by_rollout.values()), "a kept rollout arrived incomplete"
+    assert abs(len(expected) / rollouts - rate) <= 0.02
+
+
+# -- delivery and context --------------------------------------------------------------------------
+
+
+def test_every_span_arrives_exactly_once_with_its_rollout_context(sdk: Settings) -> None:
+    emitted: dict[str, dict] = {}  # event_id -> what the test knows about it
+    lock = threading.Lock()
+
+    def agent(worker: int, runs: int) -> None:
+        for run_index in range(runs):
+            with agl.rollout(task_id=f"task-{run_index}", agent_name=f"agent-{worker}", attempt=1) as run:
+                decision = agl.emit_decision("search", options=["search", "answer"])
+                with agl.traced("plan", kind="custom") as plan:
+                    tool = agl.emit_tool_call("search", {"q": "boltstream"}, result=["a", "b"])
+                reward = agl.emit_reward(0.5)
+            with lock:
+                for event_id, parent in (
+                    (decision, run.root_id),
+                    (tool, plan.event_id),
+                    (plan.event_id, run.root_id),
+                    (reward, run.root_id),
+                    (run.root_id, None),
+                ):
+                    emitted[event_id] = {"rollout": run.rollout_id, "parent": parent, "worker": worker}
+
+    async def async_agent(worker: int) -> None:
+        async with agl.rollout(task_id="async-task", agent_name=f"agent-{worker}", attempt=1) as run:
+
+            @agl.traced
+            async def tool(x: int) -> int:
+                await asyncio.sleep(0)
+                return x * 2
+
+            await asyncio.gather(tool(1), tool(2))
+        with lock:
+            emitted[run.root_id] = {"rollout": run.rollout_id, "parent": None, "worker": worker}
+
+    async def async_agents() -> None:
+        await asyncio.gather(*(async_agent(100 + i) for i in range(5)))
+
+    threads = [threading.Thread(target=agent, args=(worker, 25)) for worker in range(4)]
+    for thread in threads:
+        thread.start()
+    asyncio.run(async_agents())
+    for thread in threads:
+        thread.join()
+    assert agl.flush(20)
+    expected = len(emitted) + 5 * 2  # the async tool spans are not in ``emitted``
+    spans = consume(sdk.kafka.bootstrap_servers, sdk.topics.spans, at_least(expected))
+    time.sleep(0.5)  # anything extra would show up now
+    spans += consume(sdk.kafka.bootstrap_servers, sdk.topics.spans, lambda f: False, timeout=0.5)[len(spans) :]
+
+    counts = Counter(span["event_id"] for span in spans)
+    assert len(spans) == expected and max(counts.values()) == 1, "a span arrived twice or went missing"
+    by_id = {span["event_id"]: span for span in spans}
+    for event_id, known in emitted.items():
+        span = by_id[event_id]
+        assert span["rollout_id"] == known["rollout"]
+        assert span["parent_id"] == known["parent"]
+        assert span["attempt_id"] == "attempt-1"
+        assert span["agent_name"] == f"agent-{known['worker']}"
+    per_rollout: dict[str, list[dict]] = defaultdict(list)
+    for span in spans:
+        per_rollout[span["rollout_id"]].append(span)
+    for rollout_spans in per_rollout.values():
+        rollout_spans.sort(key=lambda s: s["sequence"])
+        assert [s["sequence"] for s in rollout_spans] == list(range(len(rollout_spans)))
+        assert rollout_spans[-1]["kind"] == "rollout", "the root span closes the rollout"
+        assert len({(s["task_id"], s["agent_name"]) for s in rollout_spans}) == 1
+    async_tools = [s for s in spans if s["name"].endswith("tool")]
+    assert {s["attributes"]["output"] for s in async_tools} == {"2", "4"}
+    assert all(by_id[s["parent_id"]]["kind"] == "rollout" for s in async_tools)
+
+
+def test_spans_outside_a_rollout_form_implicit_rollouts_ended_by_a_reward(sdk: Settings) -> None:
+    first = agl.emit("tool_call", tool_name="search", args={"q": "x"})
+    agl.emit_reward(1.0)  # ends the implicit rollout
+    second = agl.emit_decision("retry")
+    assert agl.flush(10)  # ends the second implicit rollout too
+    spans = consume(sdk.kafka.bootstrap_servers, sdk.topics.spans, at_least(5))
+    by_id = {s["event_id"]: s for s in spans}
+    assert by_id[first]["rollout_id"] != by_id[second]["rollout_id"]
+    roots = [s for s in spans if s["kind"] == "rollout"]
+    assert len(roots) == 2 and all(r["attributes"]["implicit"] == "true" for r in roots)
+    assert by_id[first]["name"] == "search" and by_id[first]["attributes"]["args"] == '{"q": "x"}'
+    reward = next(s for s in spans if s["kind"] == "reward")
+    assert reward["reward"] == 1.0 and reward["rollout_id"] == by_id[first]["rollout_id"]
+
+
+def test_idle_implicit_rollout_ends_by_itself(settings: Settings) -> None:
+    settings = with_producer(settings, implicit_rollout_idle=0.3)
+    ensure_topics(settings)
+    agl.configure(settings)
+    try:
+        done = threading.Event()
+
+        def agent() -> None:
+            agl.emit_message("working")
+            done.wait(10)  # the thread stays alive but quiet
+
+        thread = threading.Thread(target=agent)
+        thread.start()
+        spans = consume(
+            settings.kafka.bootstrap_servers,
+            settings.topics.spans,
+            lambda found: any(s["kind"] == "rollout" for s in found),
+            timeout=10,
+        )
+        done.set()
+        thread.join()
+    finally:
+        agl.shutdown(5)
+    assert [s["kind"] for s in sorted(spans, key=lambda s: s["sequence"])] == ["message", "rollout"]
+
+
+def test_send_reward_reaches_the_rewards_topic(sdk: Settings) -> None:
+    event_id = agl.send_reward("rollout-from-elsewhere", 0.75, source="verifier", attributes={"checks": [1, 2]})
+    assert agl.flush(10)
+    rewards = consume(sdk.kafka.bootstrap_servers, sdk.topics.rewards, at_least(1), record="Reward")
+    assert len(rewards) == 1
+    reward = rewards[0]
+    assert (reward["event_id"], reward["rollout_id"], reward["value"]) == (event_id, "rollout-from-elsewhere", 0.75)
+    assert reward["source"] == "verifier" and reward["attributes"] == {"checks": "[1, 2]"}
+
+
+def test_bad_input_never_raises_into_the_agent(sdk: Settings) -> None:
+    class Unserialisable:
+        def __repr__(self) -> str:
+            return "<unserialisable>"
+
+    loop: list = []
+    loop.append(loop)
+    before = agl.emit_failures()
+    assert agl.emit_reward("not a number") == ""  # type: ignore[arg-type]
+    assert agl.emit_reward({"a": 1.0}) == ""  # a dict reward needs primary_key
+    ok = agl.emit("my_custom_kind", payload=Unserialisable(), cycle=loop)
+    nan = agl.emit_reward(math.nan)
+    assert ok and nan
+    assert agl.flush(10)
+    spans = consume(sdk.kafka.bootstrap_servers, sdk.topics.spans, at_least(3))
+    by_id = {s["event_id"]: s for s in spans}
+    assert by_id[ok]["kind"] == "custom" and by_id[ok]["attributes"]["kind"] == "my_custom_kind"
+    assert by_id[ok]["attributes"]["payload"] == '"<unserialisable>"'
+    assert math.isnan(by_id[nan]["reward"]) and by_id[nan]["attributes"]["reward.raw"] == "nan"
+    assert agl.emit_failures() == before + 2  # the two bad rewards, logged and counted
+
+
+# -- redaction -----------------------------------------------------------------------------------
+
+
+def test_secrets_are_redacted_and_long_values_truncated_before_leaving(settings: Settings) -> None:
+    settings = with_producer(settings, redact_patterns=(r"acct-\d{6}",), max_attribute_bytes=256)
+    ensure_topics(settings)
+    agl.configure(settings)
+    try:
+        event_id = agl.emit_tool_call(
+            "http",
+            args={"headers": {"Authorization": "Bearer eyJhbGciOiJIUzI1NiJ9.payload.sig"}},
+            result="used key sk-proj-abcdefghijklmnopqrstuvwxyz0123 for acct-123456",
+            attributes={"api_key": "plain-secret", "body": "x" * 1000, "count": 3, "ratio": 0.5, "ok": True},
+            error="HTTP 401 with Authorization: Basic dXNlcjpwYXNzd29yZA==",
+        )
+        assert agl.flush(10)
+    finally:
+        agl.shutdown(5)
+    (span,) = consume(settings.kafka.bootstrap_servers, settings.topics.spans, at_least(2))[:1]
+    assert span["event_id"] == event_id
+    attributes = span["attributes"]
+    everything = repr(span)
+    for secret in ("eyJhbGciOiJIUzI1NiJ9", "sk-proj-abc", "acct-123456", "plain-secret", "dXNlcjpwYXNzd29yZA"):
+        assert secret not in everything
+    assert "Bearer [REDACTED]" in attributes["args"]
+    assert attributes["api_key"] == REDACTED
+    assert attributes["body"].startswith("x" * 256) and attributes["body"].endswith("…[truncated 744 bytes]")
+    assert (attributes["count"], attributes["ratio"], attributes["ok"]) == ("3", "0.5", "true")
+    assert span["error"] == "HTTP 401 with Authorization: Basic [REDACTED]"
+
+
+def test_redactor_rejects_invalid_patterns_clearly() -> None:
+    with pytest.raises(ValueError, match="redact_patterns"):
+        Redactor(["(unclosed"])
+    assert Redactor().clean("no secrets here, sk-short") == "no secrets here, sk-short"
+
+
+# -- spool ---------------------------------------------------------------------------------------
+
+
+def test_spool_drops_oldest_sampled_out_data_first_and_counts_it(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", max_bytes=64 * 1024, segment_bytes=8 * 1024)
+    value = b"v" * 1000
+    for i in range(20):
+        spool.put(SpooledMessage("spans", f"out-{i}".encode(), value, spans=2, kept=False))
+    for i in range(80):
+        spool.put(SpooledMessage("spans", f"kept-{i}".encode(), value, spans=3, kept=True))
+    assert spool.stats.bytes <= 64 * 1024
+    assert spool.stats.dropped_messages > 0
+    survivors = []
+    while (taken := spool.take_oldest()) is not None:
+        segment, messages = taken
+        survivors += messages
+        spool.release(segment)
+    kept = [m for m in survivors if m.kept]
+    dropped_kept = 80 - len(kept)
+    dropped_out = 20 - (len(survivors) - len(kept))
+    # Sampled-out data went first: a kept message was dropped only once no sampled-out one was left.
+    assert dropped_out == 20 or dropped_kept == 0
+    assert spool.stats.dropped_messages == dropped_kept + dropped_out
+    assert spool.stats.dropped_spans == 3 * dropped_kept + 2 * dropped_out
+    # What survives is the newest kept data, in order.
+    assert [m.key for m in kept] == [f"kept-{i}".encode() for i in range(80 - len(kept), 80)]
+
+
+def test_spool_survives_a_crash_and_is_locked_to_one_process(tmp_path: Path) -> None:
+    directory = tmp_path / "spool"
+    spool = Spool(directory, max_bytes=1 << 20)
+    for i in range(3):
+        spool.put(SpooledMessage("rewards", f"k{i}".encode(), b"value", spans=0))
+    with pytest.raises(SpoolLocked):
+        Spool(directory, max_bytes=1 << 20)
+    spool.close()
+    # A crash mid-write leaves a truncated entry at the end of a segment.
+    (directory / "000000000099.kept.seg.open").write_bytes(b"\x00\x00\x00\x50partial")
+    recovered = Spool(directory, max_bytes=1 << 20)
+    messages = []
+    while (taken := recovered.take_oldest()) is not None:
+        messages += taken[1]
+        recovered.release(taken[0])
+    assert [m.key for m in messages] == [b"k0", b"k1", b"k2"]
+    assert recovered.stats.dropped_messages >= 1  # the truncated entry, counted and logged
+
+
+def test_undeliverable_spans_wait_in_the_spool_for_the_next_process(settings: Settings, tmp_path: Path) -> None:
+    dead = load_settings(
+        environ={"BOLTSTREAM_HOME": str(tmp_path)},
+        kafka={"bootstrap_servers": "127.0.0.1:9"},  # nothing listens on the discard port
+        topics={"spans": settings.topics.spans, "rewards": settings.topics.rewards},
+        producer={"delivery_timeout": 1.0, "spool_dir": str(tmp_path / "spool")},
+    )
+    ensure_topics(settings)
+    agl.configure(dead)
+    with agl.rollout(task_id="offline", agent_name="agent") as run:
+        agl.emit_reward(1.0)
+    started = time.monotonic()
+    assert agl.flush(2.5) is False  # nothing can be delivered, and flush says so
+    assert time.monotonic() - started < 4
+    agl.shutdown(0.5)
+    assert any((tmp_path / "spool").glob("*.seg"))
+    # The next process with the same spool and a reachable broker delivers what was left.
+    agl.configure(with_producer(settings, spool_dir=str(tmp_path / "spool")))
+    try:
+        assert agl.flush(15)
+    finally:
+        agl.shutdown(5)
+    spans = consume(settings.kafka.bootstrap_servers, settings.topics.spans, at_least(2))
+    assert {s["rollout_id"] for s in spans} == {run.rollout_id}
+    assert sorted(s["kind"] for s in spans) == ["reward", "rollout"]
+
+
+def test_nothing_is_lost_across_a_10s_broker_outage(tmp_path: Path) -> None:
+    """Stop the broker process during continuous emission, start a new one on the same port after 10 s.
+
+    Tansu keeps data in memory: what the old broker acknowledged dies with it, and the topics must be
+    created again. "Nothing lost" for the SDK means: every span is either consumed from the old
+    broker, or was acknowledged by it (lost by the broker, not the SDK), or reaches the new broker.
+    Every span emitted while the broker was down travels through the spool and must arrive.
+    """
+    broker = EmbeddedBroker(log_path=tmp_path / "broker.log").start()
+    suffix = uuid.uuid4().hex[:8]
+    settings = load_settings(
+        environ={"BOLTSTREAM_HOME": str(tmp_path)},
+        kafka={"bootstrap_servers": broker.bootstrap_servers},
+        topics={"spans": f"o{suffix}.spans", "rewards": f"o{suffix}.rewards"},
+        producer={"delivery_timeout": 2.0, "linger": 0.02},
+    )
+    ensure_topics(settings)
+    generation = {"value": 1}
+    acked_by_old: set[str] = set()
+    batch_codec = codec("SpanBatch")
+
+    def on_delivery(topic: str, value: bytes, error: object) -> None:
+        if error is None and generation["value"] == 1 and topic == settings.topics.spans:
+            acked_by_old.update(s["event_id"] for s in batch_codec.decode(value)["spans"])
+
+    agl.configure(settings, on_delivery=on_delivery)
+    emitted: list[tuple[float, str]] = []
+    stop = threading.Event()
+
+    def emitter() -> None:
+        while not stop.is_set():
+            with agl.rollout(task_id="outage", agent_name="agent") as run:
+                emitted.append((time.monotonic(), agl.emit_decision("step")))
+                emitted.append((time.monotonic(), agl.emit_tool_call("tool", {"i": len(emitted)})))
+            emitted.append((time.monotonic(), run.root_id))
+            time.sleep(0.005)
+
+    consumed_old: list[dict] = []
+    old_consumer_stop = threading.Event()
+    old_consumer = threading.Thread(
+        target=lambda: consumed_old.extend(
+            consume(broker.bootstrap_servers, settings.topics.spans, lambda _: old_consumer_stop.is_set(), 60)
+        )
+    )
+    old_consumer.start()
+    thread = threading.Thread(target=emitter)
+    thread.start()
+    try:
+        time.sleep(2.0)
+        port = broker.port
+        broker.stop(timeout=0.5)  # Tansu may linger on SIGTERM; the outage starts now either way
+        down_at = time.monotonic()
+        old_consumer_stop.set()
+        old_consumer.join()
+        time.sleep(10.0)
+        generation["value"] = 2
+        broker = EmbeddedBroker(port=port, log_path=tmp_path / "broker2.log").start()
+        up_at = time.monotonic()
+        ensure_topics(settings)
+        time.sleep(3.0)
+    finally:
+        stop.set()
+        thread.join()
+    try:
+        assert agl.flush(30), f"not delivered after the outage: {agl.stats()}"
+        stats = agl.stats()
+    finally:
+        agl.shutdown(5)
+    emitted_ids = {event_id for _, event_id in emitted}
+    still_expected = emitted_ids - acked_by_old - {s["event_id"] for s in consumed_old}
+    consumed_new = consume(
+        broker.bootstrap_servers,
+        settings.topics.spans,
+        lambda found: still_expected <= {s["event_id"] for s in found},
+        30,
+    )
+    broker.stop(timeout=0.5)
+    seen = {s["event_id"] for s in consumed_old} | {s["event_id"] for s in consumed_new}
+    missing = emitted_ids - seen
+    lost_by_old_broker = missing & acked_by_old
+    assert missing == lost_by_old_broker, f"{len(missing - acked_by_old)} spans lost by the SDK; {stats}"
+    during_outage = {event_id for at, event_id in emitted if down_at <= at <= up_at}
+    assert len(during_outage) > 100
+    assert during_outage <= {s["event_id"] for s in consumed_new}
+    assert stats["messages_spooled"] > 0 and stats["spool_dropped_messages"] == 0
+    assert len(lost_by_old_broker) < len(emitted_ids) * 0.05
