@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "status": ("infra.stack", "show what the local stack runs: broker, topics, tables, workers"),
     "down": ("infra.stack", "stop the local stack"),
     "archive": ("stream_processors.archive", "run the ClickHouse archive worker in the foreground"),
+    "join": ("stream_processors.join", "run a reward/trajectory join worker (Faust) in the foreground"),
     "sql": ("stream_processors.analytics", "run a read-only SQL query against the archive"),
     "report": ("stream_processors.analytics", "run a named analytics report"),
 }

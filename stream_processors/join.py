@@ -1,0 +1,308 @@
+"""The join worker: a Faust app that turns spans and rewards into trajectories and training samples.
+
+One agent reads the co-partitioned ``spans`` and ``rewards`` topics (both keyed by rollout_id, equal
+partition counts) in batches of ``stream.batch_size`` messages, applies them to per-rollout state
+(:mod:`stream_processors.rollouts`), publishes what closed, and only then writes the changed states
+to the changelog-backed table ``rollouts``. A timer closes rollouts whose deadline passed in stream
+time. Faust commits input offsets only after the producer flushed, so after a crash (SIGKILL
+included) inputs are re-delivered at least once; each rollout's state remembers the last input offset
+applied, so re-delivered inputs change nothing, and outputs carry deterministic ids (trajectory_id,
+sample_id, dead-letter event_id): consumers dedupe by id. Output order per batch: trajectories,
+samples and dead letters are delivered (acknowledged by the broker) *before* a closed state is
+written, so a trajectory whose close is in the changelog has always been published.
+
+Late rewards (after their trajectory closed, or timed later than ``end + reward_timeout``) are never
+applied: they are counted (``boltstream_join_late_rewards_total``) and dead-lettered with
+``error_type=late_reward`` and their original bytes; the reward also stays in the rewards topic.
+
+Scaling: every worker is a member of the consumer group ``stream.join_group``; partitions of the
+input topics (``topics.partitions``) bound how many workers share the load. Metrics for Prometheus
+are served on ``http://127.0.0.1:<stream.join_metrics_port>/metrics``; :func:`join_status` reads them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import faust
+import httpx
+from faust.serializers import codecs
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.parser import text_string_to_metric_families
+
+from infra.broker import free_port
+from infra.config import Settings
+from schemas.codec import codec
+from stream_processors.rollouts import (
+    STATUSES,
+    JoinCore,
+    JoinRules,
+    PartitionClock,
+    RolloutState,
+    dumps_state,
+    loads_state,
+)
+
+log = logging.getLogger(__name__)
+STATE_CODEC = "boltstream-join-state"
+TICK_SECONDS = 0.2
+
+
+class _StateCodec(codecs.Codec):
+    def _dumps(self, state: Any) -> bytes | None:
+        return dumps_state(state)
+
+    def _loads(self, data: bytes) -> RolloutState | PartitionClock:
+        return loads_state(data)
+
+
+codecs.register(STATE_CODEC, _StateCodec())
+
+
+def _now_us() -> int:
+    return int(time.time() * 1e6)
+
+
+class JoinWorker:
+    """The Faust app of one join worker process, with its state, timer and metrics."""
+
+    def __init__(self, settings: Settings, *, metrics_port: int | None = None) -> None:
+        self.settings = settings
+        stream, topics = settings.stream, settings.topics
+        self.rules = JoinRules.from_settings(settings)
+        port = stream.join_metrics_port if metrics_port is None else metrics_port
+        self.metrics_port = port or free_port()
+        servers = [f"kafka://{server.strip()}" for server in settings.kafka.bootstrap_servers.split(",")]
+        session_timeout = settings.kafka.session_timeout_ms / 1000
+        datadir = Path(settings.home) / "faust" / stream.join_group
+        datadir.parent.mkdir(parents=True, exist_ok=True)
+        self.app = faust.App(
+            stream.join_group,
+            broker=servers,
+            store="memory://",
+            datadir=str(datadir),
+            topic_partitions=topics.partitions,
+            topic_replication_factor=topics.replication_factor,
+            broker_session_timeout=session_timeout,
+            broker_heartbeat_interval=min(1.0, session_timeout / 3),
+            broker_rebalance_timeout=max(10.0, session_timeout * 2),
+            broker_max_poll_records=stream.batch_size,
+            consumer_auto_offset_reset="earliest",
+            stream_buffer_maxsize=max(4096, stream.batch_size),
+            producer_acks=-1,
+            producer_linger=0.002,
+            producer_max_batch_size=1024 * 1024,
+            producer_compression_type="lz4",
+            web_enabled=True,
+            web_bind="127.0.0.1",
+            web_port=self.metrics_port,
+            web_in_thread=False,
+        )
+        self.table = self.app.Table("rollouts", partitions=topics.partitions, key_type=str, default=None)
+        # Faust derives serializers from model types; ours is a codec of its own (set before first use).
+        self.table.key_serializer, self.table.value_serializer = "raw", STATE_CODEC
+        self.inputs = self.app.topic(topics.spans, topics.rewards, key_serializer="raw", value_serializer="raw")
+        self.core = JoinCore(self.rules, self.table.data)
+        self._codecs = {name: codec(name) for name in ("Trajectory", "TrainingSample", "DeadLetter")}
+        self._last_offset: dict[tuple[str, int], int] = {}  # (topic, partition) -> last offset processed
+        self._last_input_wall: dict[int, float] = {}  # partition -> wall time of its last input
+        self._assigned: set[int] = set()
+        self._lag: dict[tuple[str, int], int] = {}
+        self._lock = asyncio.Lock()  # the agent and the timer both flush; one at a time
+        self.app.agent(self.inputs, name="join")(self._join)
+        self.app.timer(TICK_SECONDS, name="join-expire")(self._tick)
+        self.registry = CollectorRegistry()
+        self.registry.register(self)
+        registry = self.registry
+
+        async def metrics(web: Any, request: Any) -> Any:
+            return web.bytes(generate_latest(registry), content_type="text/plain; version=0.0.4")
+
+        self.app.page("/metrics")(metrics)
+
+    # -- processing -----------------------------------------------------------------------------
+    async def _join(self, stream: faust.StreamT) -> None:
+        spans_topic = self.settings.topics.spans
+        batch_size, within = self.settings.stream.batch_size, self.settings.stream.batch_within
+        on_spans, on_reward = self.core.on_span_batch, self.core.on_reward
+        last_offset, last_input = self._last_offset, self._last_input_wall
+        async for events in stream.take_events(batch_size, within=within):
+            async with self._lock:
+                now_us = _now_us()
+                for event in events:
+                    message = event.message
+                    handler = on_spans if message.topic == spans_topic else on_reward
+                    # A bad record becomes a dead letter inside the core; anything else escaping here is a
+                    # bug, logged with the input's coordinates rather than stopping the worker.
+                    try:
+                        handler(message.partition, message.offset, message.key, message.value, now_us)
+                    except Exception:
+                        log.exception("join failed on %s[%d]@%d", message.topic, message.partition, message.offset)
+                        self.core.counts["internal_errors"] += 1
+                    last_offset[message.topic, message.partition] = message.offset
+                    last_input[message.partition] = now_us / 1e6
+                await self._flush()
+
+    async def _tick(self) -> None:
+        if self.app.rebalancing:
+            return
+        async with self._lock:
+            stream_times = {}
+            for partition in self._assigned_partitions():
+                stream_times[partition] = self._stream_time(partition)
+            self.core.expire(stream_times)
+            await self._flush()
+
+    def _assigned_partitions(self) -> set[int]:
+        spans = self.settings.topics.spans
+        assigned = {tp.partition for tp in self.app.consumer.assignment() if tp.topic == spans}
+        for partition in assigned - self._assigned:
+            # Newly ours (start or rebalance): what another owner read is unknown here, and idle time
+            # counts from now, not from when this worker last owned the partition.
+            self._last_input_wall[partition] = time.time()
+            for topic in (spans, self.settings.topics.rewards):
+                self._last_offset.pop((topic, partition), None)
+        self._assigned = assigned
+        return assigned
+
+    def _stream_time(self, partition: int) -> int:
+        """Stream time of ``partition`` (see stream_processors.rollouts): event time, wall clock only when idle."""
+        watermarks = self.core.clock(partition)
+        lagging = []
+        for index, topic in enumerate((self.settings.topics.spans, self.settings.topics.rewards)):
+            tp = faust.types.TP(topic, partition)
+            highwater = self.app.consumer.highwater(tp)
+            if (topic, partition) in self._last_offset:
+                done = self._last_offset[topic, partition] + 1
+            else:
+                # Nothing read since the partition became ours: the committed offset is what is done. (Not
+                # the fetch position: it runs ahead of processing.) Faust keeps it without a public getter.
+                done = self.app.consumer._committed_offset.get(tp) or 0
+            if highwater is None or done < highwater:
+                lagging.append(watermarks[index])
+            self._lag[topic, partition] = max(0, (highwater or 0) - done)
+        if lagging:
+            return min(lagging)
+        idle = time.time() - self._last_input_wall.get(partition, time.time())
+        return max(watermarks) + int(max(0.0, idle) * 1e6)
+
+    async def _flush(self) -> None:
+        trajectories, samples, dead_letters, dirty = self.core.drain()
+        producer, topics = self.app.producer, self.settings.topics
+        pending = []
+        encode = self._codecs["Trajectory"].encode
+        for record in trajectories:
+            pending.append(
+                await producer.send(
+                    topics.trajectories, record["rollout_id"].encode(), encode(record), None, None, None
+                )
+            )
+        encode = self._codecs["TrainingSample"].encode
+        for record in samples:
+            pending.append(
+                await producer.send(topics.samples, record["task_id"].encode(), encode(record), None, None, None)
+            )
+        encode = self._codecs["DeadLetter"].encode
+        for key, record in dead_letters:
+            pending.append(await producer.send(topics.dlq, key, encode(record), None, None, None))
+        if pending:
+            await asyncio.gather(*pending)  # published before any close is written to the changelog
+        data = self.table.data
+        for key, state in dirty.items():
+            self.table.send_changelog(state.partition, key, state)
+        for key, partition in self.core.deleted.items():
+            data.pop(key, None)
+            self.table.send_changelog(partition, key, None)
+        self.core.deleted.clear()
+
+    # -- metrics --------------------------------------------------------------------------------
+    def collect(self):
+        """prometheus_client collector: the core's counters, open trajectories and input lag."""
+        counts = self.core.counts
+        simple = {
+            "spans": "Spans applied (valid, including duplicates)",
+            "rewards": "Rewards applied (valid, including duplicates and late ones)",
+            "samples": "Training samples emitted",
+            "duplicates": "Inputs ignored as duplicates (same event_id)",
+            "late_rewards": "Rewards that arrived after their trajectory closed; archived, never applied",
+            "late_spans": "Spans that arrived after their trajectory closed; dead-lettered",
+            "redelivered": "Inputs skipped because they were applied before a restart",
+            "internal_errors": "Inputs that raised inside the join (bugs); logged",
+        }
+        for name, help_text in simple.items():
+            yield CounterMetricFamily(f"boltstream_join_{name}", help_text, value=counts[name])
+        by_status = CounterMetricFamily(
+            "boltstream_join_trajectories", "Trajectories closed, by status", labels=["status"]
+        )
+        for status in STATUSES:
+            by_status.add_metric([status], counts[f"trajectories_{status}"])
+        yield by_status
+        dead = CounterMetricFamily("boltstream_join_dead_letters", "Dead letters, by error type", labels=["error_type"])
+        for name, value in sorted(counts.items()):
+            if name.startswith("dead_letters_"):
+                dead.add_metric([name.removeprefix("dead_letters_")], value)
+        yield dead
+        yield GaugeMetricFamily(
+            "boltstream_join_open_trajectories",
+            "Rollouts waiting for their end or reward",
+            value=self.core.open_count(),
+        )
+        lag = GaugeMetricFamily(
+            "boltstream_join_lag", "Input messages not yet processed", labels=["topic", "partition"]
+        )
+        for (topic, partition), value in sorted(self._lag.items()):
+            lag.add_metric([topic, str(partition)], value)
+        yield lag
+
+    def run(self, loglevel: str = "warning") -> None:
+        """Run the worker in the foreground until SIGINT/SIGTERM."""
+        faust.Worker(self.app, loglevel=loglevel, quiet=True).execute_from_commandline()
+
+
+def metrics_url(settings: Settings, port: int | None = None) -> str:
+    return f"http://127.0.0.1:{port or settings.stream.join_metrics_port}/metrics"
+
+
+def join_status(url: str, timeout: float = 2.0) -> dict[str, Any]:
+    """What a running join worker reports (for ``boltstream status``): counters, open trajectories, lag.
+
+    Returns ``{"trajectories": {status: n}, "open_trajectories": n, "late_rewards": n, "dead_letters":
+    {error_type: n}, "lag": {"topic[partition]": n}, "spans": n, "samples": n}``; raises
+    ``httpx.HTTPError`` when the worker is not reachable.
+    """
+    response = httpx.get(url, timeout=timeout)
+    response.raise_for_status()
+    status: dict[str, Any] = {"trajectories": {}, "dead_letters": {}, "lag": {}}
+    for family in text_string_to_metric_families(response.text):
+        name = family.name.removeprefix("boltstream_join_")
+        for sample in family.samples:
+            if sample.name.endswith("_created"):
+                continue
+            if name == "trajectories":
+                status["trajectories"][sample.labels["status"]] = int(sample.value)
+            elif name == "dead_letters":
+                status["dead_letters"][sample.labels["error_type"]] = int(sample.value)
+            elif name == "lag":
+                status["lag"][f"{sample.labels['topic']}[{sample.labels['partition']}]"] = int(sample.value)
+            elif family.name.startswith("boltstream_join_"):
+                status[name] = int(sample.value)
+    return status
+
+
+# -- CLI -----------------------------------------------------------------------------------------
+def join_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--metrics-port", type=int, default=None, help="HTTP port of /metrics (default from config)")
+    parser.add_argument("--loglevel", default="warning", help="Faust log level (default: warning)")
+
+
+def join_command(args: argparse.Namespace, settings: Settings) -> int:
+    worker = JoinWorker(settings, metrics_port=args.metrics_port)
+    print(f"boltstream join: group {settings.stream.join_group}, metrics {metrics_url(settings, worker.metrics_port)}")
+    worker.run(loglevel=args.loglevel)
+    return 0

@@ -1,0 +1,660 @@
+"""The reward ⋈ trajectory join as pure logic: per-rollout state, the closing rules, and what a close emits.
+
+Nothing here talks to Kafka. :class:`JoinCore` is fed raw input messages (``on_span_batch``,
+``on_reward``) and clock ticks (``expire``), keeps one :class:`RolloutState` per rollout in a mapping
+it is given (the Faust table's store in :mod:`stream_processors.join`), and collects what to do:
+trajectories and samples to publish, dead letters, and the states to write to the changelog.
+
+Time (all in microseconds of *event time*, carried by the records, so replays decide the same way):
+
+* a span's time is its ``end_time_us``; a reward's is its ``timestamp_us``;
+* a rollout *ends* at the ``end_time_us`` of its ``rollout`` span (the SDK emits it when the rollout
+  context exits). Rewards with a time up to ``end + reward_timeout`` are in time; later ones are late;
+* deadlines: an ended rollout waits until ``end + reward_timeout`` for a final reward (then
+  ``timed_out``); a rollout that never ended, or rewards with no spans, wait until
+  ``last activity + reward_timeout`` (then ``no_reward`` / ``orphaned``);
+* an input of a rollout whose event time is past that rollout's deadline proves the deadline has
+  passed: the rollout closes (as the timer would have) before the input is looked at, and the input
+  is late. A reward proves it only for an ended rollout or one with no spans; for a rollout still
+  running, spans may wait unread in the other topic, so such a reward is held and judged when the
+  rollout ends;
+* otherwise the per-partition *stream time* drives closing: :meth:`JoinCore.expire` closes what is
+  due once stream time passes ``deadline + grace``. The worker keeps, per partition, the largest
+  event time read from each input topic (a watermark, persisted). While either topic has a backlog
+  on the partition, stream time is the smallest watermark of the topics with a backlog (like a
+  watermark over two inputs: nothing is closed while its reward may still wait unread in the other
+  topic); once both are read to the end, it is the largest watermark advanced by the wall time
+  spent idle. A lagging, restarted or rebalanced worker therefore decides as an undisturbed one,
+  and replays at any speed decide as the original run.
+
+A closed rollout leaves a small marker (its status and the event ids it saw) for
+``closed_retention`` of stream time, so duplicates and late inputs after the close are recognised.
+Inputs re-delivered after a crash (offset not above the one already applied to the rollout's state)
+are skipped without a trace: effects are exactly once even though delivery is at least once.
+"""
+
+from __future__ import annotations
+
+import base64
+import fnmatch
+import json
+import math
+import sys
+import uuid
+from array import array
+from collections import Counter
+from collections.abc import MutableMapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from producers.sampling import keep_rollout
+from schemas.codec import CodecError, codec
+from stream_processors.credit import CallPosition, assign_credit, check_policy
+
+SPANS, REWARDS = 0, 1  # which input topic a message came from
+TRAJECTORY_NAMESPACE = uuid.UUID("4b0c5f5e-5d0a-4e43-9a8e-6f2b1c3d7a10")
+DEAD_LETTER_NAMESPACE = uuid.UUID("9e2d3c4b-1a0f-4e5d-8c7b-6a5f4e3d2c1b")
+CLOCK_PREFIX = "\x00clock:"
+STATUSES = ("complete", "timed_out", "no_reward", "orphaned")
+
+_span_batches = codec("SpanBatch")
+_rewards = codec("Reward")
+_LITTLE_ENDIAN = sys.byteorder == "little"
+
+
+def trajectory_id(rollout_id: str) -> str:
+    """Deterministic trajectory id: UUIDv5 of the rollout id."""
+    return str(uuid.uuid5(TRAJECTORY_NAMESPACE, rollout_id))
+
+
+def sample_id(trajectory: str, span_event_id: str) -> str:
+    """Deterministic sample id: UUIDv5 of the span's event id in the trajectory id's namespace."""
+    return str(uuid.uuid5(uuid.UUID(trajectory), span_event_id))
+
+
+def clock_key(partition: int) -> str:
+    return f"{CLOCK_PREFIX}{partition}"
+
+
+def _pack(values: Sequence[Any], typecode: str) -> str:
+    # Token ids and logprobs are kept as little-endian packed arrays (base64 in the JSON changelog):
+    # ten times smaller and faster to copy than lists of Python ints.
+    packed = array(typecode, values)
+    if not _LITTLE_ENDIAN:
+        packed.byteswap()
+    return base64.b64encode(packed.tobytes()).decode("ascii")
+
+
+def _unpack(text: str, typecode: str) -> list[Any]:
+    packed = array(typecode)
+    packed.frombytes(base64.b64decode(text))
+    if not _LITTLE_ENDIAN:
+        packed.byteswap()
+    return packed.tolist()
+
+
+class AgentSelector:
+    """``agent_selector``: names or glob patterns; ``all`` (or ``*``) matches every agent."""
+
+    def __init__(self, patterns: Sequence[str]) -> None:
+        self.patterns = tuple(patterns)
+        self.everything = any(p in ("all", "*") for p in self.patterns)
+
+    def __call__(self, agent_name: str) -> bool:
+        return self.everything or any(fnmatch.fnmatchcase(agent_name, p) for p in self.patterns)
+
+
+@dataclass(frozen=True)
+class JoinRules:
+    """The join's parameters, in microseconds where they are durations."""
+
+    reward_timeout_us: int
+    grace_us: int = 1_000_000
+    closed_retention_us: int = 3_600_000_000
+    max_future_skew_us: int = 60_000_000
+    credit_policy: str = "final"
+    discount: float = 0.9
+    sampling_rate: float = 1.0
+    agent_selector: tuple[str, ...] = ("all",)
+    spans_topic: str = "spans"
+    rewards_topic: str = "rewards"
+    worker: str = "boltstream-join"
+
+    def __post_init__(self) -> None:
+        check_policy(self.credit_policy)
+        if self.reward_timeout_us <= 0:
+            raise ValueError("reward_timeout must be positive")
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> JoinRules:
+        stream = settings.stream
+        return cls(
+            reward_timeout_us=int(stream.reward_timeout * 1e6),
+            grace_us=int(stream.join_grace * 1e6),
+            closed_retention_us=int(stream.closed_retention * 1e6),
+            credit_policy=stream.credit_assignment,
+            discount=stream.discount,
+            sampling_rate=settings.producer.span_sampling_rate,
+            agent_selector=stream.agent_selector,
+            spans_topic=settings.topics.spans,
+            rewards_topic=settings.topics.rewards,
+            worker=stream.join_group,
+        )
+
+
+@dataclass
+class PartitionClock:
+    """The largest event time seen per input topic (spans, rewards) on one partition; persisted with the states."""
+
+    partition: int
+    event_time_us: list[int] = field(default_factory=lambda: [0, 0])
+
+    def to_json(self) -> dict[str, Any]:
+        return {"clock": self.partition, "t": self.event_time_us}
+
+
+@dataclass
+class HeldReward:
+    event_id: str
+    value: float
+    is_final: bool
+    timestamp_us: int
+    offset: int  # of the Reward record; -1 for a reward span
+    raw: str  # base64 of the Reward record, dead-lettered as is if it turns out late; "" for a reward span
+
+
+@dataclass
+class LlmStep:
+    sequence: int
+    event_id: str
+    end_time_us: int
+    model: str
+    model_version: str
+    prompt_token_ids: str  # packed, see _pack
+    completion_token_ids: str
+    completion_logprobs: str
+
+
+@dataclass
+class RolloutState:
+    """Everything the join knows about one rollout; after the close only the marker fields remain."""
+
+    rollout_id: str
+    partition: int
+    status: str = ""  # "" while open, else the closing status
+    closed_at_us: int = 0
+    applied: list[int] = field(default_factory=lambda: [-1, -1])  # last applied offset per input topic
+    seen: set[str] = field(default_factory=set)
+    duplicates: int = 0
+    task_id: str = ""
+    agent_name: str = ""
+    attempt_id: str = ""
+    spans: list[tuple[int, str]] = field(default_factory=list)  # (sequence, event_id)
+    llm_call_count: int = 0
+    steps: list[LlmStep] = field(default_factory=list)
+    span_rewards: list[tuple[int, float]] = field(default_factory=list)  # (sequence, value) of reward spans
+    rewards: list[HeldReward] = field(default_factory=list)  # Reward records, arrival order
+    model_versions: list[str] = field(default_factory=list)
+    start_time_us: int = 0
+    end_time_us: int = 0  # of the rollout span once ended, else of the last span
+    ended: bool = False
+    last_activity_us: int = 0
+
+    def deadline_us(self, timeout_us: int) -> int:
+        return (self.end_time_us if self.ended else self.last_activity_us) + timeout_us
+
+    def due_status(self) -> str:
+        if self.ended:
+            return "timed_out"
+        return "no_reward" if self.spans else "orphaned"
+
+    def close(self, status: str, closed_at_us: int) -> None:
+        """Become the closed marker: the payload goes, what recognises later inputs stays."""
+        marker = RolloutState(self.rollout_id, self.partition, status, closed_at_us, self.applied, self.seen)
+        marker.duplicates = self.duplicates
+        self.__dict__.update(vars(marker))
+
+    def to_json(self) -> dict[str, Any]:
+        marker = {
+            "r": self.rollout_id,
+            "p": self.partition,
+            "s": self.status,
+            "c": self.closed_at_us,
+            "o": self.applied,
+            "e": sorted(self.seen),
+            "d": self.duplicates,
+        }
+        if self.status:
+            return marker
+        return {
+            **marker,
+            "task": self.task_id,
+            "agent": self.agent_name,
+            "attempt": self.attempt_id,
+            "spans": self.spans,
+            "llm": self.llm_call_count,
+            "steps": [list(vars(step).values()) for step in self.steps],
+            "span_rewards": self.span_rewards,
+            "rewards": [list(vars(reward).values()) for reward in self.rewards],
+            "versions": self.model_versions,
+            "start": self.start_time_us,
+            "end": self.end_time_us,
+            "ended": self.ended,
+            "active": self.last_activity_us,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RolloutState:
+        state = cls(
+            rollout_id=data["r"],
+            partition=data["p"],
+            status=data["s"],
+            closed_at_us=data["c"],
+            applied=list(data["o"]),
+            seen=set(data["e"]),
+            duplicates=data["d"],
+        )
+        if not state.status:
+            state.task_id, state.agent_name, state.attempt_id = data["task"], data["agent"], data["attempt"]
+            state.spans = [tuple(s) for s in data["spans"]]
+            state.llm_call_count = data["llm"]
+            state.steps = [LlmStep(*step) for step in data["steps"]]
+            state.span_rewards = [tuple(r) for r in data["span_rewards"]]
+            state.rewards = [HeldReward(*reward) for reward in data["rewards"]]
+            state.model_versions = data["versions"]
+            state.start_time_us, state.end_time_us = data["start"], data["end"]
+            state.ended, state.last_activity_us = data["ended"], data["active"]
+        return state
+
+
+def dumps_state(state: RolloutState | PartitionClock | None) -> bytes | None:
+    """Changelog bytes of a state (None stays None: a tombstone)."""
+    if state is None:
+        return None
+    return json.dumps(state.to_json(), separators=(",", ":")).encode()
+
+
+def loads_state(data: bytes) -> RolloutState | PartitionClock:
+    decoded = json.loads(data)
+    if "clock" in decoded:
+        return PartitionClock(decoded["clock"], list(decoded["t"]))
+    return RolloutState.from_json(decoded)
+
+
+def _span_problem(span: dict[str, Any], rollout_id: str) -> str:
+    """Why a span breaks an invariant, or '' when it is fine."""
+    if span["rollout_id"] != rollout_id:
+        return f"span rollout_id {span['rollout_id']!r} differs from its batch's {rollout_id!r}"
+    if span["end_time_us"] < span["start_time_us"]:
+        return f"negative duration: end_time_us {span['end_time_us']} < start_time_us {span['start_time_us']}"
+    if span["kind"] == "reward" and (span["reward"] is None or not math.isfinite(span["reward"])):
+        return f"reward span with a missing or non-finite reward: {span['reward']!r}"
+    llm = span["llm"]
+    if llm is not None and llm["completion_logprobs"]:
+        if len(llm["completion_logprobs"]) != len(llm["completion_token_ids"]):
+            return (
+                f"{len(llm['completion_logprobs'])} completion logprobs for "
+                f"{len(llm['completion_token_ids'])} completion tokens"
+            )
+        if not all(math.isfinite(lp) for lp in llm["completion_logprobs"]):
+            return "non-finite completion logprob"
+    return ""
+
+
+class JoinCore:
+    """Applies inputs to rollout states and collects the effects; drained by the worker after each batch."""
+
+    def __init__(self, rules: JoinRules, states: MutableMapping[str, Any]) -> None:
+        self.rules = rules
+        self.states = states
+        self.select = AgentSelector(rules.agent_selector)
+        self.trajectories: list[dict[str, Any]] = []
+        self.samples: list[dict[str, Any]] = []
+        self.dead_letters: list[tuple[bytes | None, dict[str, Any]]] = []
+        self.dirty: dict[str, Any] = {}  # key -> state (RolloutState or PartitionClock) to write
+        self.deleted: dict[str, int] = {}  # key -> partition of states dropped from ``states``
+        self.counts: Counter[str] = Counter()
+
+    # -- inputs ---------------------------------------------------------------------------------
+    def on_span_batch(self, partition: int, offset: int, key: bytes | None, value: bytes, now_us: int) -> None:
+        try:
+            batch = _span_batches.decode(value)
+        except CodecError as exc:
+            self._dead(SPANS, partition, offset, key, value, f"undecodable SpanBatch: {exc}", "decode_error", now_us)
+            return
+        rollout_id = batch["rollout_id"]
+        if key is not None and key != rollout_id.encode():
+            reason = f"message key {key!r} is not the batch's rollout_id {rollout_id!r} (breaks co-partitioning)"
+            self._dead(SPANS, partition, offset, key, value, reason, "invariant_violation", now_us)
+            return
+        state = self._state(rollout_id, partition, SPANS, offset)
+        if state is None:
+            return
+        clock = self._clock(partition)
+        timeout = self.rules.reward_timeout_us
+        for index, span in enumerate(batch["spans"]):
+            problem = _span_problem(span, rollout_id)
+            if problem:
+                bad = _span_batches.encode({**batch, "spans": [span]})
+                self._dead(SPANS, partition, offset, key, bad, problem, "invariant_violation", now_us, index)
+                continue
+            event_time = span["end_time_us"]
+            self._advance(clock, SPANS, event_time, now_us)
+            self.counts["spans"] += 1
+            event_id = span["event_id"]
+            if event_id in state.seen:
+                state.duplicates += 1
+                self.counts["duplicates"] += 1
+                continue
+            state.seen.add(event_id)
+            if not state.status and state.last_activity_us and event_time > state.deadline_us(timeout):
+                self._close(state, state.due_status(), state.deadline_us(timeout))
+            if state.status:
+                self.counts["late_spans"] += 1
+                reason = f"span {event_id} arrived after its trajectory closed as {state.status}"
+                bad = _span_batches.encode({**batch, "spans": [span]})
+                self._dead(SPANS, partition, offset, key, bad, reason, "late_span", now_us, index)
+                continue
+            self._add_span(state, span)
+        if not state.status and not state.seen:  # nothing valid arrived: leave no empty state behind
+            del self.states[rollout_id]
+            self.dirty.pop(rollout_id, None)
+            return
+        self._settle(state, now_us)
+
+    def on_reward(self, partition: int, offset: int, key: bytes | None, value: bytes, now_us: int) -> None:
+        try:
+            reward = _rewards.decode(value)
+        except CodecError as exc:
+            self._dead(REWARDS, partition, offset, key, value, f"undecodable Reward: {exc}", "decode_error", now_us)
+            return
+        rollout_id = reward["rollout_id"]
+        if key is not None and key != rollout_id.encode():
+            reason = f"message key {key!r} is not the reward's rollout_id {rollout_id!r} (breaks co-partitioning)"
+            self._dead(REWARDS, partition, offset, key, value, reason, "invariant_violation", now_us)
+            return
+        if not math.isfinite(reward["value"]):
+            self._dead(
+                REWARDS,
+                partition,
+                offset,
+                key,
+                value,
+                f"non-finite reward {reward['value']}",
+                "invariant_violation",
+                now_us,
+            )
+            return
+        state = self._state(rollout_id, partition, REWARDS, offset)
+        if state is None:
+            return
+        self.counts["rewards"] += 1
+        event_time = reward["timestamp_us"]
+        self._advance(self._clock(partition), REWARDS, event_time, now_us)
+        if reward["event_id"] in state.seen:
+            state.duplicates += 1
+            self.counts["duplicates"] += 1
+            return
+        state.seen.add(reward["event_id"])
+        timeout = self.rules.reward_timeout_us
+        # Only evidence from the reward's own topic closes the rollout here: its end (read before it) or,
+        # with no spans at all, earlier rewards. A rollout still running may have spans unread in the
+        # other topic, so a reward timed past its inactivity deadline is held; _settle judges it at the end.
+        if not state.status and (state.ended or not state.spans) and state.last_activity_us:
+            if event_time > state.deadline_us(timeout):
+                self._close(state, state.due_status(), state.deadline_us(timeout))
+        held = HeldReward(
+            reward["event_id"],
+            reward["value"],
+            reward["is_final"],
+            event_time,
+            offset,
+            base64.b64encode(value).decode(),
+        )
+        if state.status:
+            self._late_reward(state, held, key, now_us)
+            return
+        state.rewards.append(held)
+        state.last_activity_us = max(state.last_activity_us, event_time)
+        state.task_id = state.task_id or reward["task_id"]
+        state.agent_name = state.agent_name or reward["agent_name"]
+        self._settle(state, now_us)
+
+    # -- time -----------------------------------------------------------------------------------
+    def expire(self, partitions: dict[int, int]) -> None:
+        """Close what is due on the given partitions at their stream times; drop old closed markers."""
+        timeout, grace, retention = self.rules.reward_timeout_us, self.rules.grace_us, self.rules.closed_retention_us
+        for key, state in list(self.states.items()):
+            if not isinstance(state, RolloutState):
+                continue
+            now = partitions.get(state.partition)
+            if now is None:
+                continue
+            if not state.status:
+                deadline = state.deadline_us(timeout)
+                if now > deadline + grace:
+                    self._close(state, state.due_status(), deadline)
+            elif now > state.closed_at_us + retention:
+                del self.states[key]
+                self.dirty.pop(key, None)
+                self.deleted[key] = state.partition
+
+    def clock(self, partition: int) -> tuple[int, int]:
+        """Largest event time seen on ``partition`` of the spans and of the rewards topic (0 if none)."""
+        clock = self.states.get(clock_key(partition))
+        return tuple(clock.event_time_us) if clock is not None else (0, 0)
+
+    def open_count(self) -> int:
+        return sum(1 for s in self.states.values() if isinstance(s, RolloutState) and not s.status)
+
+    def drain(
+        self,
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[tuple[bytes | None, dict[str, Any]]], dict]:
+        """Take the collected trajectories, samples, dead letters and dirty states (and forget them)."""
+        drained = self.trajectories, self.samples, self.dead_letters, self.dirty
+        self.trajectories, self.samples, self.dead_letters, self.dirty = [], [], [], {}
+        return drained
+
+    # -- internals ------------------------------------------------------------------------------
+    def _state(self, rollout_id: str, partition: int, topic: int, offset: int) -> RolloutState | None:
+        state = self.states.get(rollout_id)
+        if state is None:
+            state = self.states[rollout_id] = RolloutState(rollout_id, partition)
+        elif offset <= state.applied[topic]:
+            self.counts["redelivered"] += 1  # already applied before a restart: skip, no trace
+            return None
+        state.applied[topic] = offset
+        self.dirty[rollout_id] = state
+        return state
+
+    def _clock(self, partition: int) -> PartitionClock:
+        key = clock_key(partition)
+        clock = self.states.get(key)
+        if clock is None:
+            clock = self.states[key] = PartitionClock(partition)
+        self.dirty[key] = clock
+        return clock
+
+    def _advance(self, clock: PartitionClock, topic: int, event_time: int, now_us: int) -> None:
+        # A producer with a clock far in the future must not time out everything on the partition.
+        if event_time > clock.event_time_us[topic]:
+            clock.event_time_us[topic] = min(event_time, now_us + self.rules.max_future_skew_us)
+
+    def _add_span(self, state: RolloutState, span: dict[str, Any]) -> None:
+        state.spans.append((span["sequence"], span["event_id"]))
+        state.task_id = state.task_id or span["task_id"]
+        state.agent_name = state.agent_name or span["agent_name"]
+        state.attempt_id = state.attempt_id or span["attempt_id"]
+        start, end = span["start_time_us"], span["end_time_us"]
+        if not state.start_time_us or start < state.start_time_us:
+            state.start_time_us = start
+        state.last_activity_us = max(state.last_activity_us, end)
+        kind = span["kind"]
+        if kind == "rollout":
+            state.ended = True
+            state.end_time_us = end
+        elif not state.ended:
+            state.end_time_us = max(state.end_time_us, end)
+        if kind == "reward":
+            # The SDK's emit_reward(value) sends a reward span named "final": the rollout's return.
+            # Reward spans with any other name are intermediate (per-step) rewards.
+            is_final = span["name"] == "final"
+            state.rewards.append(HeldReward(span["event_id"], span["reward"], is_final, end, -1, ""))
+            if not is_final:
+                state.span_rewards.append((span["sequence"], span["reward"]))
+        elif kind == "llm_call":
+            state.llm_call_count += 1
+            llm = span["llm"]
+            if llm is None:
+                return
+            if llm["model_version"] not in state.model_versions:
+                state.model_versions.append(llm["model_version"])
+            if llm["completion_token_ids"]:
+                state.steps.append(
+                    LlmStep(
+                        span["sequence"],
+                        span["event_id"],
+                        end,
+                        llm["model"],
+                        llm["model_version"],
+                        _pack(llm["prompt_token_ids"], "i"),
+                        _pack(llm["completion_token_ids"], "i"),
+                        _pack(llm["completion_logprobs"], "f"),
+                    )
+                )
+            else:
+                self.counts["untrainable_llm_calls"] += 1
+
+    def _settle(self, state: RolloutState, now_us: int) -> None:
+        """Close an ended rollout as soon as its outcome is known: a final reward in time, or a late one."""
+        if state.status or not state.ended:
+            return
+        deadline = state.deadline_us(self.rules.reward_timeout_us)
+        late = [r for r in state.rewards if r.timestamp_us > deadline]
+        if late:
+            state.rewards = [r for r in state.rewards if r.timestamp_us <= deadline]
+        finals = [r for r in state.rewards if r.is_final]
+        if finals:
+            self._close(state, "complete", max(state.end_time_us, max(r.timestamp_us for r in finals)))
+        elif late:
+            self._close(state, "timed_out", deadline)
+        for reward in late:
+            if reward.raw:  # a late reward *span* was already dead-lettered as a late span
+                self._late_reward(state, reward, state.rollout_id.encode(), now_us)
+
+    def _late_reward(self, state: RolloutState, reward: HeldReward, key: bytes | None, now_us: int) -> None:
+        self.counts["late_rewards"] += 1
+        reason = f"reward {reward.event_id} arrived after its trajectory closed as {state.status}; not applied"
+        raw = base64.b64decode(reward.raw)
+        self._dead(
+            REWARDS, state.partition, reward.offset, key, raw, reason, "late_reward", now_us, event_key=reward.event_id
+        )
+
+    def _close(self, state: RolloutState, status: str, closed_at_us: int) -> None:
+        rules = self.rules
+        traj_id = trajectory_id(state.rollout_id)
+        # Event-time order, not arrival order: spans and rewards come from two topics whose interleaving
+        # differs between runs; ordering by time makes replays and restarts agree.
+        in_time = sorted(state.rewards, key=lambda r: (r.timestamp_us, r.event_id))
+        finals = [r.value for r in in_time if r.is_final]
+        sampled = keep_rollout(state.rollout_id, rules.sampling_rate)
+        selected = self.select(state.agent_name)
+        ordered = sorted(state.spans)
+        self.trajectories.append(
+            {
+                "trajectory_id": traj_id,
+                "rollout_id": state.rollout_id,
+                "attempt_id": state.attempt_id,
+                "task_id": state.task_id,
+                "agent_name": state.agent_name,
+                "status": status,
+                "final_reward": finals[-1] if status == "complete" else None,
+                "rewards": [r.value for r in in_time],
+                "span_count": len(ordered),
+                "llm_call_count": state.llm_call_count,
+                "span_event_ids": [event_id for _, event_id in ordered],
+                "model_versions": sorted(state.model_versions),
+                "start_time_us": state.start_time_us,
+                "end_time_us": state.end_time_us,
+                "closed_at_us": closed_at_us,
+                "sampled": sampled,
+                "selected": selected,
+                "duplicate_count": state.duplicates,
+            }
+        )
+        self.counts[f"trajectories_{status}"] += 1
+        if status == "complete" and sampled and selected:
+            self._emit_samples(state, traj_id, finals[-1], closed_at_us)
+        # Keep only the marker: the payload is no longer needed and the changelog stays small.
+        state.close(status, closed_at_us)
+        self.dirty[state.rollout_id] = state
+
+    def _emit_samples(self, state: RolloutState, traj_id: str, final_reward: float, created_at_us: int) -> None:
+        rules = self.rules
+        steps = sorted(state.steps, key=lambda s: (s.sequence, s.event_id))
+        returns = assign_credit(
+            rules.credit_policy,
+            [CallPosition(s.sequence, s.end_time_us) for s in steps],
+            final_reward,
+            discount=rules.discount,
+            span_rewards=state.span_rewards,
+            record_rewards=[(r.timestamp_us, r.value) for r in state.rewards if not r.is_final and r.raw],
+        )
+        for index, (step, credit) in enumerate(zip(steps, returns, strict=True)):
+            self.samples.append(
+                {
+                    "sample_id": sample_id(traj_id, step.event_id),
+                    "trajectory_id": traj_id,
+                    "rollout_id": state.rollout_id,
+                    "task_id": state.task_id,
+                    "agent_name": state.agent_name,
+                    "span_event_id": step.event_id,
+                    "step_index": index,
+                    "step_count": len(steps),
+                    "model": step.model,
+                    "model_version": step.model_version,
+                    "prompt_token_ids": _unpack(step.prompt_token_ids, "i"),
+                    "completion_token_ids": _unpack(step.completion_token_ids, "i"),
+                    "completion_logprobs": _unpack(step.completion_logprobs, "f"),
+                    "return_value": credit,
+                    "final_reward": final_reward,
+                    "credit_policy": rules.credit_policy,
+                    "created_at_us": created_at_us,
+                }
+            )
+        self.counts["samples"] += len(steps)
+
+    def _dead(
+        self,
+        topic: int,
+        partition: int,
+        offset: int,
+        key: bytes | None,
+        value: bytes,
+        reason: str,
+        error_type: str,
+        now_us: int,
+        index: int = 0,
+        event_key: str = "",
+    ) -> None:
+        source = self.rules.spans_topic if topic == SPANS else self.rules.rewards_topic
+        # Deterministic id: a re-delivered input dead-letters under the same id, so consumers dedupe.
+        identity = f"{source}:{partition}:{offset}:{index}:{error_type}:{event_key}"
+        self.counts[f"dead_letters_{error_type}"] += 1
+        self.dead_letters.append(
+            (
+                key,
+                {
+                    "event_id": str(uuid.uuid5(DEAD_LETTER_NAMESPACE, identity)),
+                    "source_topic": source,
+                    "source_partition": partition,
+                    "source_offset": offset,
+                    "key": key,
+                    "value": value,
+                    "reason": reason,
+                    "error_type": error_type,
+                    "worker": self.rules.worker,
+                    "timestamp_us": now_us,
+                },
+            )
+        )

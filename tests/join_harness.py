@@ -1,0 +1,137 @@
+"""Running join workers as real subprocesses against the test broker, and reading what they emit."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Consumer, TopicPartition
+
+from infra.broker import free_port
+from infra.config import Settings
+from infra.stack import ensure_topics, settings_toml
+from schemas.codec import codec
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def join_settings(settings: Settings, reward_timeout: float = 2.0, **stream: Any) -> Settings:
+    """The test settings with a short timeout, a join group of their own, and fast group joins."""
+    return replace(
+        settings,
+        kafka=replace(settings.kafka, session_timeout_ms=2000),
+        stream=replace(
+            settings.stream,
+            reward_timeout=reward_timeout,
+            join_group=f"join-{uuid.uuid4().hex[:8]}",
+            join_grace=0.5,
+            **stream,
+        ),
+    )
+
+
+def copy_topics(settings: Settings) -> Settings:
+    """Same settings, fresh topic names and join group: a second, independent run over the same traffic."""
+    suffix = uuid.uuid4().hex[:6]
+    topics = {name: f"{value}.{suffix}" for name, value in vars(settings.topics).items() if isinstance(value, str)}
+    return replace(
+        settings,
+        topics=replace(settings.topics, **topics),
+        stream=replace(settings.stream, join_group=f"{settings.stream.join_group}-{suffix}"),
+    )
+
+
+class JoinProcess:
+    """One ``boltstream join`` worker process."""
+
+    def __init__(self, settings: Settings, name: str = "join") -> None:
+        self.settings = settings
+        self.port = free_port()
+        home = Path(settings.home)
+        home.mkdir(parents=True, exist_ok=True)
+        config = home / f"{settings.stream.join_group}.toml"
+        config.write_text(settings_toml(settings))
+        self.log_path = home / f"{name}-{self.port}.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BOLTSTREAM_")}
+        env.update(
+            BOLTSTREAM_CONFIG=str(config),
+            BOLTSTREAM_HOME=str(home),
+            PYTHONPATH=str(PROJECT_ROOT),
+            PYTHONUNBUFFERED="1",
+        )
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "infra.cli", "join", "--metrics-port", str(self.port), "--loglevel", "warning"],
+                env=env,
+                cwd=PROJECT_ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/metrics"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no final commit, no flush."""
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def prepare(settings: Settings) -> None:
+    ensure_topics(settings)
+
+
+class Collector:
+    """Reads a topic from the beginning and keeps each record by its id (outputs are at-least-once)."""
+
+    def __init__(self, settings: Settings, topic: str, record: str, id_field: str) -> None:
+        self.codec, self.id_field = codec(record), id_field
+        self.consumer = Consumer(
+            settings.kafka.client_config(
+                **{"group.id": f"collect-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False}
+            )
+        )
+        partitions = settings.topics.partitions
+        self.consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
+        self.records: dict[str, dict[str, Any]] = {}
+        self.deliveries = 0
+
+    def poll(self, seconds: float = 0.5) -> None:
+        for message in self.consumer.consume(10_000, seconds):
+            if message.error():
+                continue
+            record = self.codec.decode(message.value())
+            self.deliveries += 1
+            self.records[record[self.id_field]] = record
+
+    def until(self, count: int, timeout: float, also: Any = None) -> dict[str, dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while len(self.records) < count and time.monotonic() < deadline:
+            self.poll()
+            if also is not None:
+                also()
+        return self.records
+
+    def close(self) -> None:
+        self.consumer.close()

@@ -1,0 +1,164 @@
+"""The join rules without Kafka: JoinCore fed the traffic generator's messages directly."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+
+import pytest
+
+from schemas.codec import codec
+from stream_processors.rollouts import (
+    JoinCore,
+    JoinRules,
+    PartitionClock,
+    RolloutState,
+    dumps_state,
+    loads_state,
+    sample_id,
+    trajectory_id,
+)
+from tests.records import make_span
+from tests.traffic import expected_returns, generate
+
+TIMEOUT = 2.0
+FAR_FUTURE = 2**62
+
+
+def feed(core: JoinCore, messages, partition: int = 0) -> None:
+    offsets = {"spans": -1, "rewards": -1}
+    now = int(time.time() * 1e6)
+    for message in messages:
+        offsets[message.topic] += 1
+        handler = core.on_span_batch if message.topic == "spans" else core.on_reward
+        handler(partition, offsets[message.topic], message.key, message.value, now)
+
+
+def run(policy: str = "final", **rules) -> tuple:
+    traffic = generate(7, 200, TIMEOUT)
+    core = JoinCore(JoinRules(reward_timeout_us=int(TIMEOUT * 1e6), credit_policy=policy, **rules), {})
+    feed(core, traffic.messages)
+    core.expire({0: FAR_FUTURE})
+    return traffic, core, *core.drain()
+
+
+@pytest.mark.parametrize("policy", ["final", "discounted", "per_step"])
+def test_every_rollout_closes_once_with_the_right_contents_and_samples(policy: str) -> None:
+    traffic, core, trajectories, samples, dead_letters, _ = run(policy, discount=0.8)
+    assert sorted(t["rollout_id"] for t in trajectories) == sorted(traffic.expected)
+    by_trajectory: dict[str, list] = {}
+    for sample in samples:
+        by_trajectory.setdefault(sample["trajectory_id"], []).append(sample)
+    for record in trajectories:
+        expected = traffic.expected[record["rollout_id"]]
+        assert record["trajectory_id"] == trajectory_id(expected.rollout_id)
+        assert (record["status"], record["final_reward"]) == (expected.status, expected.final_reward), expected.scenario
+        assert record["rewards"] == expected.rewards
+        assert set(record["span_event_ids"]) == set(expected.span_event_ids)
+        assert record["llm_call_count"] == len(expected.calls)
+        assert (record["task_id"], record["agent_name"]) == (expected.task_id, expected.agent_name)
+        got = sorted(by_trajectory.get(record["trajectory_id"], []), key=lambda s: s["step_index"])
+        if expected.status != "complete":
+            assert got == []
+            continue
+        assert [s["span_event_id"] for s in got] == [c["event_id"] for c in expected.calls]
+        returns = expected_returns(policy, expected, 0.8)
+        assert [s["return_value"] for s in got] == pytest.approx(returns)
+        for sample, call in zip(got, expected.calls, strict=True):
+            assert sample["sample_id"] == sample_id(record["trajectory_id"], call["event_id"])
+            assert sample["task_id"] == expected.task_id and sample["final_reward"] == expected.final_reward
+            assert sample["model_version"] == call["llm"]["model_version"]
+            assert sample["prompt_token_ids"] == call["llm"]["prompt_token_ids"]
+            assert sample["completion_token_ids"] == call["llm"]["completion_token_ids"]
+            assert sample["completion_logprobs"] == pytest.approx(call["llm"]["completion_logprobs"], abs=1e-6)
+            assert sample["step_count"] == len(expected.calls) and sample["credit_policy"] == policy
+    assert Counter(d["error_type"] for _, d in dead_letters) == traffic.dead_letters
+    assert core.counts["late_rewards"] == traffic.dead_letters["late_reward"]
+    duplicated = [t for t in trajectories if traffic.expected[t["rollout_id"]].scenario == "duplicated"]
+    assert duplicated and all(t["duplicate_count"] >= 5 for t in duplicated)
+
+
+def test_agent_selector_and_sampling_keep_everything_archived_but_limit_samples() -> None:
+    traffic, _, trajectories, samples, _, _ = run(agent_selector=("math-*",), sampling_rate=0.5)
+    assert len(trajectories) == len(traffic.expected)  # everything is still a trajectory
+    kept = {t["trajectory_id"] for t in trajectories if t["sampled"] and t["selected"] and t["status"] == "complete"}
+    assert {s["trajectory_id"] for s in samples} == kept
+    assert {s["agent_name"] for s in samples} == {"math-agent"}
+    sampled = [t["sampled"] for t in trajectories]
+    assert 0 < sum(sampled) < len(sampled)
+
+
+def test_redelivered_inputs_change_nothing() -> None:
+    traffic = generate(3, 60, TIMEOUT, bad_inputs=False)
+    core = JoinCore(JoinRules(reward_timeout_us=int(TIMEOUT * 1e6)), {})
+    half = len(traffic.messages) // 2
+    feed(core, traffic.messages[:half])
+    first, *_ = core.drain()
+    # A restart re-delivers from the last commit: the same messages at the same offsets, again.
+    feed(core, traffic.messages)
+    core.expire({0: FAR_FUTURE})
+    second, *_ = core.drain()
+    assert core.counts["redelivered"] == half
+    assert len({t["trajectory_id"] for t in first + second}) == len(first) + len(second) == len(traffic.expected)
+
+
+def test_state_survives_the_changelog_round_trip() -> None:
+    traffic = generate(5, 40, TIMEOUT, bad_inputs=False)
+    states: dict = {}
+    core = JoinCore(JoinRules(reward_timeout_us=int(TIMEOUT * 1e6)), states)
+    feed(core, traffic.messages[: len(traffic.messages) // 2])
+    core.drain()
+    restored = {key: loads_state(dumps_state(state)) for key, state in states.items()}
+    assert restored == states
+    assert any(isinstance(s, PartitionClock) for s in restored.values())
+    assert any(isinstance(s, RolloutState) and s.steps for s in restored.values())
+
+
+def test_bad_input_is_dead_lettered_with_the_reason_and_the_rest_goes_on() -> None:
+    rules = JoinRules(reward_timeout_us=2_000_000, spans_topic="s", rewards_topic="r")
+    core = JoinCore(rules, {})
+    rollout = "r-1"
+    good = make_span(rollout, kind="tool_call")
+    backwards = make_span(rollout, kind="tool_call", start_time_us=good["start_time_us"] + 5, end_time_us=0)
+    nan_step = make_span(rollout, kind="reward", reward=math.nan)
+    batch = {"rollout_id": rollout, "producer_id": "p", "sent_at_us": 0, "spans": [good, backwards, nan_step]}
+    core.on_span_batch(0, 0, rollout.encode(), codec("SpanBatch").encode(batch), 1)
+    core.on_span_batch(0, 1, b"other-key", codec("SpanBatch").encode(batch), 1)
+    core.on_span_batch(0, 2, rollout.encode(), b"", 1)
+    _, _, dead_letters, _ = core.drain()
+    reasons = [(d["error_type"], d["source_offset"], d["reason"]) for _, d in dead_letters]
+    assert [r[:2] for r in reasons] == [
+        ("invariant_violation", 0),
+        ("invariant_violation", 0),
+        ("invariant_violation", 1),
+        ("decode_error", 2),
+    ]
+    assert "negative duration" in reasons[0][2] and "non-finite reward" in reasons[1][2]
+    assert "co-partitioning" in reasons[2][2] and "unknown magic" in reasons[3][2]
+    one_span = codec("SpanBatch").decode(dead_letters[0][1]["value"])
+    assert [s["event_id"] for s in one_span["spans"]] == [backwards["event_id"]]
+    assert core.states[rollout].spans == [(0, good["event_id"])]  # the valid span was applied
+    assert len({d["event_id"] for _, d in dead_letters}) == 4
+
+
+def test_reward_after_the_timeout_is_late_and_never_applied() -> None:
+    rules = JoinRules(reward_timeout_us=1_000_000, grace_us=0)
+    core = JoinCore(rules, {})
+    rollout, start = "r-late", 1_000_000_000
+    end = make_span(rollout, kind="rollout", start_time_us=start, end_time_us=start + 10, llm=None)
+    batch = {"rollout_id": rollout, "producer_id": "p", "sent_at_us": 0, "spans": [end]}
+    core.on_span_batch(0, 0, rollout.encode(), codec("SpanBatch").encode(batch), start)
+    reward = {
+        "event_id": "e-1",
+        "rollout_id": rollout,
+        "value": 1.0,
+        "timestamp_us": start + 10 + 1_000_001,
+    }
+    core.on_reward(0, 0, rollout.encode(), codec("Reward").encode(reward | {"attributes": {}}), start)
+    trajectories, samples, dead_letters, _ = core.drain()
+    assert [(t["status"], t["closed_at_us"], t["final_reward"]) for t in trajectories] == [
+        ("timed_out", start + 10 + 1_000_000, None)
+    ]
+    assert samples == [] and [d["error_type"] for _, d in dead_letters] == ["late_reward"]
+    assert core.counts["late_rewards"] == 1
