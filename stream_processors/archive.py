@@ -35,6 +35,7 @@ import os
 import re
 import secrets
 import signal
+import sys
 import threading
 import time
 import uuid
@@ -404,7 +405,14 @@ def archive_command(args: argparse.Namespace, settings: Settings) -> int:
     data_path = chdb_path(url)
     if data_path is None and args.read_port is not None:
         raise ConfigError("--read-port serves the embedded store only; readers of a server use its own HTTP port")
-    client = connect(url, settings.clickhouse.database)
+    from clickhouse_connect.driver.exceptions import ClickHouseError
+
+    try:
+        client = connect(url, settings.clickhouse.database)
+    except ClickHouseError as exc:
+        hint = " (chDB allows one process per data directory: is another archive running on it?)" if data_path else ""
+        print(f"boltstream archive: cannot open the archive at {url}{hint}: {exc}", file=sys.stderr)
+        return 1
     worker = ArchiveWorker(settings, client)
     endpoint = None
     if data_path is not None:

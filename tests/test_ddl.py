@@ -17,15 +17,12 @@ from typing import Any
 
 import pytest
 
+from infra.config import Settings
 from schemas.codec import latest
+from stream_processors.archive import topic_tables
 
-TABLES = {
-    "SpanBatch": "spans",
-    "Reward": "rewards",
-    "Trajectory": "trajectories",
-    "TrainingSample": "samples",
-    "DeadLetter": "dead_letters",
-}
+#: Every record the archive stores, and its table family.
+TABLES = {table.record: table.name for table in topic_tables(Settings()).values()}
 #: Store columns that are not Avro fields: the ReplacingMergeTree version.
 ARCHIVE_COLUMNS = {"archived_at"}
 PRIMITIVES = {

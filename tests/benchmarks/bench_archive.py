@@ -1,0 +1,150 @@
+"""Benchmark: archive throughput into chDB on one core, beside baselines measured in the same run.
+
+Span mix: SpanBatch messages of 20 spans each (one rollout), half llm_call spans with 100 prompt
+token ids, 50 completion token ids and 50 logprobs, half tool_call spans; ~5 KB per message.
+
+Everything measured runs in one child process pinned to a single CPU (librdkafka's and chDB's threads
+included), on the same 200,000 spans, inserted 50,000 at a time:
+
+* ``archive``: the archive worker's loop (consume, insert, commit) until every message is committed;
+* ``raw consume``: confluent-kafka consuming the same messages and dropping them;
+* ``chDB native insert``: chDB inserting the same rows from a pre-built Native file (no Avro);
+* ``fastavro decode``: decoding the messages in Python (what the archive avoids).
+
+Run: ``python -m pytest tests/benchmarks/bench_archive.py -m benchmark -s``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+import pytest
+from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+
+MESSAGES = 10_000
+#: Messages per consume() and insert: 50,000 spans.
+BATCH_MESSAGES = 2500
+SPANS_PER_MESSAGE = 20
+TARGET_SPANS_PER_SECOND = 200_000
+
+
+def _produce(settings) -> None:
+    from confluent_kafka import Producer
+
+    from schemas.codec import codec
+    from tests.records import make_llm, make_span
+
+    producer = Producer(settings.kafka.client_config(**{"linger.ms": 20, "compression.type": "lz4"}))
+    batch_codec = codec("SpanBatch")
+    llm = make_llm(prompt_tokens=100, completion_tokens=50)
+    for _ in range(MESSAGES):
+        rollout_id = str(uuid.uuid4())
+        spans = []
+        for i in range(SPANS_PER_MESSAGE):
+            kind = "llm_call" if i % 2 == 0 else "tool_call"
+            spans.append(make_span(rollout_id, kind=kind, sequence=i, llm=llm if kind == "llm_call" else None))
+        batch = {"rollout_id": rollout_id, "producer_id": "bench", "sent_at_us": 0, "spans": spans}
+        producer.produce(settings.topics.spans, batch_codec.encode(batch), key=rollout_id.encode())
+        producer.poll(0)
+    assert producer.flush(60) == 0
+
+
+def _consume_all(consumer, topic: str, partitions: int, batch_size: int, on_batch) -> float:
+    """Read ``topic`` from the start (assigned, so no group join is timed), calling ``on_batch`` on each
+    batch until MESSAGES messages were seen; the seconds it took."""
+    consumer.assign([TopicPartition(topic, partition, OFFSET_BEGINNING) for partition in range(partitions)])
+    seen, started = 0, time.perf_counter()
+    while seen < MESSAGES and time.perf_counter() - started < 300:
+        messages = consumer.consume(num_messages=batch_size, timeout=0.5)
+        if messages:
+            on_batch(messages)
+            seen += sum(1 for m in messages if m.error() is None)
+    assert seen == MESSAGES, f"consumed {seen} of {MESSAGES} messages"
+    return time.perf_counter() - started
+
+
+def _child() -> None:
+    """The measurements, in a process pinned to one CPU; prints one JSON line of spans/s."""
+    os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
+    from confluent_kafka import Consumer
+
+    from infra.config import load_settings
+    from schemas.codec import codec
+    from stream_processors.archive import ArchiveWorker, connect
+
+    settings = load_settings()
+    total = MESSAGES * SPANS_PER_MESSAGE
+    kafka = settings.kafka
+    topic, partitions, batch_size = settings.topics.spans, settings.topics.partitions, BATCH_MESSAGES
+    results: dict[str, float] = {}
+
+    raw = Consumer(
+        kafka.client_config(
+            **{"group.id": uuid.uuid4().hex, "auto.offset.reset": "earliest", "session.timeout.ms": 2000}
+        )
+    )
+    kept: list[bytes] = []
+    results["raw consume"] = total / _consume_all(
+        raw, topic, partitions, batch_size, lambda ms: len(kept) < 1000 and kept.extend(m.value() for m in ms)
+    )
+    raw.close()
+
+    client = connect(settings.archive_url, settings.clickhouse.database)
+    worker = ArchiveWorker(settings, client)
+    results["archive"] = total / _consume_all(worker.consumer, topic, partitions, batch_size, worker.process)
+    worker.consumer.close()
+    archived = client.command("SELECT count() FROM spans")
+    assert archived == total, f"{archived} of {total} spans archived"
+
+    with tempfile.TemporaryDirectory() as scratch:
+        native = os.path.join(scratch, "spans.native")
+        client.command(f"INSERT INTO FUNCTION file('{native}', 'Native') SELECT * EXCEPT archived_at FROM spans_store")
+        client.command("CREATE TABLE spans_copy AS spans_store")
+        started = time.perf_counter()
+        client.command(f"INSERT INTO spans_copy (* EXCEPT archived_at) FROM INFILE '{native}' FORMAT Native")
+        results["chDB native insert"] = total / (time.perf_counter() - started)
+
+    batch_codec = codec("SpanBatch")
+    started = time.perf_counter()
+    for value in kept:
+        batch_codec.decode(value)
+    results["fastavro decode"] = len(kept) * SPANS_PER_MESSAGE / (time.perf_counter() - started)
+    client.close()
+    print(json.dumps(results))
+
+
+@pytest.mark.benchmark
+def test_archive_throughput_on_one_core(settings, tmp_path):
+    from infra.stack import ensure_topics
+
+    ensure_topics(settings)
+    _produce(settings)
+    env = {
+        **os.environ,
+        "BOLTSTREAM_HOME": str(tmp_path),
+        "BOLTSTREAM_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
+        "BOLTSTREAM_KAFKA__SESSION_TIMEOUT_MS": "2000",
+        "BOLTSTREAM_TOPICS__SPANS": settings.topics.spans,
+        "BOLTSTREAM_TOPICS__DLQ": settings.topics.dlq,
+    }
+    child = subprocess.run(
+        [sys.executable, __file__], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
+    assert child.returncode == 0, child.stderr[-3000:]
+    results = json.loads(child.stdout.strip().splitlines()[-1])
+    archive = results["archive"]
+    print(f"\narchive into chDB, one core, {MESSAGES * SPANS_PER_MESSAGE:,} spans (half llm_call with 150 token ids):")
+    for name, rate in results.items():
+        print(f"  {name:<20} {rate:>12,.0f} spans/s   archive / this = {archive / rate:5.2f}")
+    print(f"  target {TARGET_SPANS_PER_SECOND:,} spans/s: {'met' if archive >= TARGET_SPANS_PER_SECOND else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    _child()
