@@ -135,28 +135,97 @@ def test_garbage_goes_to_the_dlq_and_good_messages_around_it_are_archived(settin
     assert by_key[b"garbage"]["source_offset"] == 1 and by_key[b"backwards"]["source_offset"] == 5
 
 
-def test_older_schema_versions_and_other_topics_are_archived(settings, archive):
+def avro_long(value: int) -> bytes:
+    """Avro's zig-zag varint."""
+    value = (value << 1) ^ (value >> 63)
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    return bytes([*out, value])
+
+
+def avro_string(value: str) -> bytes:
+    return avro_long(len(value.encode())) + value.encode()
+
+
+def test_older_schemas_multi_block_arrays_and_every_record_type_are_archived(settings, archive):
     producer = Producer(settings.kafka.client_config())
     old_batch_schema = shipped_schemas()["SpanBatch"][0]
     assert old_batch_schema.version == 1
-    span = make_span(kind="llm_call")
-    span.pop("server_id")  # Span v1 has no server_id
+    old_span = make_span(kind="llm_call")
+    old_span.pop("server_id")  # Span v1 has no server_id
     body = io.BytesIO()
-    fastavro.schemaless_writer(body, old_batch_schema.parsed, {"rollout_id": span["rollout_id"], "spans": [span]})
+    fastavro.schemaless_writer(
+        body, old_batch_schema.parsed, {"rollout_id": old_span["rollout_id"], "spans": [old_span]}
+    )
     v1_message = b"\xc3\x01" + old_batch_schema.fingerprint + body.getvalue()
-    producer.produce(settings.topics.spans, v1_message, key=span["rollout_id"].encode())
-    reward = _reward(rollout_id=span["rollout_id"])
-    producer.produce(settings.topics.rewards, codec("Reward").encode(reward), key=span["rollout_id"].encode())
+    producer.produce(settings.topics.spans, v1_message, key=old_span["rollout_id"].encode())
+
+    # A writer other than fastavro may split the spans array into blocks, one with a byte size (count < 0).
+    rollout_id = str(uuid.uuid4())
+    spans = [make_span(rollout_id, kind="tool_call", sequence=i) for i in range(3)]
+    span_schema = codec("Span").reader.parsed
+    encoded = []
+    for span in spans:
+        buffer = io.BytesIO()
+        fastavro.schemaless_writer(buffer, span_schema, span)
+        encoded.append(buffer.getvalue())
+    blocks = avro_long(2) + encoded[0] + encoded[1] + avro_long(-1) + avro_long(len(encoded[2])) + encoded[2]
+    multi_block = avro_string(rollout_id) + avro_string("java:1") + avro_long(7) + blocks + avro_long(0)
+    framed = codec("SpanBatch").encode({"rollout_id": rollout_id, "spans": []})[:10] + multi_block
+    assert [s["event_id"] for s in codec("SpanBatch").decode(framed)["spans"]] == [s["event_id"] for s in spans]
+    producer.produce(settings.topics.spans, framed, key=rollout_id.encode())
+
+    reward = _reward(rollout_id=rollout_id)
+    producer.produce(settings.topics.rewards, codec("Reward").encode(reward), key=rollout_id.encode())
+    trajectory = {
+        "trajectory_id": str(uuid.uuid5(uuid.NAMESPACE_URL, rollout_id)),
+        "rollout_id": rollout_id,
+        "status": "complete",
+        "final_reward": 0.75,
+        "rewards": [0.75],
+        "span_event_ids": [s["event_id"] for s in spans],
+    }
+    producer.produce(settings.topics.trajectories, codec("Trajectory").encode(trajectory), key=rollout_id.encode())
+    sample = {
+        "sample_id": str(uuid.uuid4()),
+        "trajectory_id": trajectory["trajectory_id"],
+        "rollout_id": rollout_id,
+        "task_id": "task-1",
+        "span_event_id": spans[0]["event_id"],
+        "step_index": 0,
+        "step_count": 1,
+        "prompt_token_ids": [1, 2, 3],
+        "completion_token_ids": [4, 5],
+        "completion_logprobs": [-0.25, -0.5],
+        "return_value": 0.75,
+        "final_reward": 0.75,
+    }
+    producer.produce(settings.topics.samples, codec("TrainingSample").encode(sample), key=b"task-1")
     assert producer.flush(10) == 0
 
     archive.start()
     reader = archive.client()
-    wait_for(lambda: reader.command("SELECT count() FROM rewards") == 1, 60, "the reward")
-    wait_for(lambda: reader.command("SELECT count() FROM spans") == 1, 30, "the v1 span")
-    row = reader.query("SELECT event_id, server_id, llm_model_version FROM spans").result_rows[0]
-    assert row == (span["event_id"], "", "v1")
+    wait_for(lambda: reader.command("SELECT count() FROM spans") == 4, 60, "the v1 span and the multi-block batch")
+    wait_for(lambda: reader.command("SELECT count() FROM samples") == 1, 30, "the sample")
+    assert reader.query(
+        "SELECT server_id, llm_model_version FROM spans WHERE event_id = {e:String}",
+        parameters={"e": old_span["event_id"]},
+    ).result_rows == [("", "v1")]
+    rows = reader.query(
+        "SELECT event_id, producer_id, sent_at_us FROM spans WHERE rollout_id = {r:String} ORDER BY sequence",
+        parameters={"r": rollout_id},
+    ).result_rows
+    assert rows == [(s["event_id"], "java:1", 7) for s in spans]
     assert reader.query("SELECT event_id, value, is_final FROM rewards").result_rows == [
         (reward["event_id"], 0.75, True)
+    ]
+    assert reader.query("SELECT status, final_reward, span_event_ids FROM trajectories").result_rows == [
+        ("complete", 0.75, trajectory["span_event_ids"])
+    ]
+    assert reader.query("SELECT prompt_token_ids, completion_logprobs, credit_policy FROM samples").result_rows == [
+        ([1, 2, 3], [-0.25, -0.5], "final")
     ]
 
 
