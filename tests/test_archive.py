@@ -236,3 +236,27 @@ def _reward(rollout_id: str | None = None) -> dict:
         "value": 0.75,
         "timestamp_us": int(time.time() * 1e6),
     }
+
+
+def test_container_files_are_standard_avro():
+    from stream_processors.archive import AvroContainer
+
+    rewards = [_reward() for _ in range(3)]
+    bodies = [codec("Reward").encode(reward)[10:] for reward in rewards]
+    container = AvroContainer(codec("Reward").reader.json).file(bodies)
+    assert list(fastavro.reader(io.BytesIO(container))) == [
+        {**reward, "name": "final", "is_final": True, "source": "", "task_id": "", "agent_name": "", "attributes": {}}
+        for reward in rewards
+    ]
+
+
+def test_confluent_framed_records_are_re_encoded_for_clickhouse():
+    from schemas.codec import AvroCodec
+    from stream_processors.archive import Archiver
+
+    registry = f"mock://{uuid.uuid4().hex}"
+    reward = _reward()
+    framed = AvroCodec("Reward", registry_url=registry).encode(reward)
+    assert framed[:1] == b"\x00"
+    body = Archiver(client=None, registry_url=registry).body("Reward", framed)
+    assert body == codec("Reward").encode(reward)[10:]
