@@ -73,6 +73,8 @@ class VllmServer:
         extra_args: Sequence[str] = (),
     ) -> None:
         self.model_path = Path(model_path)
+        #: Where the served base weights were last loaded from (`reload_weights` moves it).
+        self.weights_path = self.model_path
         self.host = host
         self.port = port
         self.served_model_name = served_model_name
@@ -172,7 +174,7 @@ class VllmServer:
                 env=self.environment(),
                 start_new_session=True,
             )
-        self._client = httpx.Client(base_url=self.base_url, timeout=httpx.Timeout(120.0, connect=5.0))
+        self._client = _http_client(self.base_url)
         try:
             self._wait_ready(started + timeout)
             if warmup:
@@ -242,10 +244,23 @@ class VllmServer:
         return self._client
 
     def _post(self, path: str, *, json: dict | None = None, params: dict | None = None) -> httpx.Response:
-        response = self.client.post(path, json=json, params=params)
+        try:
+            response = self.client.post(path, json=json, params=params)
+        except httpx.TransportError as exc:
+            self._renew_connections()
+            raise VllmServerError(f"POST {path} failed ({exc!r}); log {self.log_path}:\n{self.log_tail()}") from exc
+        if response.status_code >= 500:
+            self._renew_connections()
         if response.status_code >= 400:
             raise VllmServerError(f"POST {path} failed with HTTP {response.status_code}: {response.text[:2000]}")
         return response
+
+    def _renew_connections(self) -> None:
+        # When a vLLM admin endpoint raises, uvicorn answers 500 and then drops the keep-alive
+        # connection; the next request on it would fail with "connection reset". Start afresh.
+        if self._client is not None:
+            self._client.close()
+            self._client = _http_client(self.base_url)
 
     def models(self) -> list[str]:
         """Names servable right now: the base model's served name and every loaded LoRA adapter."""
@@ -277,22 +292,67 @@ class VllmServer:
     def reload_weights(self, weights_path: str | Path | None = None, *, timeout: float = 120.0) -> float:
         """Swap the base weights in place, without a restart; return the seconds generation was paused.
 
-        `weights_path` is a model directory with safetensors of the same architecture; None re-reads
-        the directory the server currently serves from (new files written over the old ones).
-        In-flight requests finish first (`mode=wait`); the prefix cache is dropped because it holds
-        keys and values computed by the old weights. Generation resumes whatever happens.
+        `weights_path` is a directory of safetensors for the same architecture; None re-reads the
+        directory the base weights last came from (`weights_path` attribute), e.g. after new files
+        were written over the old ones. In-flight requests finish first (`mode=wait`); the prefix
+        cache is dropped because it holds keys and values computed by the old weights.
+
+        Failures leave the previous weights serving and raise `VllmServerError`: files whose headers
+        are unreadable, or whose tensor names/shapes/dtypes differ from the served ones, are refused
+        before pausing; if vLLM still fails half-way (a reload that dies mid-file leaves layers that
+        crash the next forward pass), the previous weights are loaded back before generation resumes.
+        Corrupted tensor *data* with a valid header is not detectable here: verify checksums first.
         """
         if not self.dev_mode:
             raise VllmServerError("reload_weights needs a server started with dev_mode=True")
-        kwargs = {"weights_path": str(weights_path)} if weights_path is not None else {}
+        path = Path(weights_path) if weights_path is not None else self.weights_path
+        previous = self.weights_path
+        mismatch = _signature_mismatch(weights_signature(previous), weights_signature(path))
+        if mismatch:
+            raise VllmServerError(f"{path} does not match the served weights: {mismatch}")
         paused = time.monotonic()
         self._post("/pause", params={"mode": "wait"})
         try:
-            self._post("/collective_rpc", json={"method": "reload_weights", "kwargs": kwargs, "timeout": timeout})
-            self._post("/reset_prefix_cache")
+            try:
+                self._collective_reload(path, timeout)
+            except VllmServerError as failure:
+                try:
+                    self._collective_reload(previous, timeout)
+                except VllmServerError as restore_failure:
+                    raise VllmServerError(
+                        f"reloading {path} failed ({failure}) and restoring {previous} failed too: "
+                        "the server cannot serve until restarted"
+                    ) from restore_failure
+                raise
+            finally:
+                self._post("/reset_prefix_cache")
         finally:
-            self._post("/resume")
+            self._resume()
+        self.weights_path = path
         return time.monotonic() - paused
+
+    def _collective_reload(self, path: Path, timeout: float) -> None:
+        rpc = {"method": "reload_weights", "kwargs": {"weights_path": str(path)}, "timeout": timeout}
+        self._post("/collective_rpc", json=rpc)
+
+    def _resume(self, attempts: int = 5) -> None:
+        # After a failed reload vLLM drops the connection instead of answering, and a resume lost the
+        # same way would leave the engine paused for good: retry on fresh connections.
+        for attempt in range(attempts):
+            try:
+                response = httpx.post(f"{self.base_url}/resume", timeout=30.0)
+                if response.status_code < 400:
+                    return
+                failure = f"HTTP {response.status_code}: {response.text[:500]}"
+            except httpx.TransportError as exc:
+                failure = repr(exc)
+            time.sleep(0.2 * (attempt + 1))
+        raise VllmServerError(f"POST /resume failed {attempts} times ({failure}); the server stays paused")
+
+    def is_paused(self) -> bool:
+        response = self.client.get("/is_paused")
+        response.raise_for_status()
+        return bool(response.json()["is_paused"])
 
     def memory_bytes(self) -> int:
         """Resident memory of the server's whole process group (API server, engine core, workers)."""
@@ -307,6 +367,49 @@ class VllmServer:
             except (OSError, IndexError, ValueError):
                 continue
         return total
+
+
+def _http_client(base_url: str) -> httpx.Client:
+    # Generation on 2 shared cores can take a while; connecting to loopback cannot.
+    return httpx.Client(base_url=base_url, timeout=httpx.Timeout(120.0, connect=5.0))
+
+
+def weights_signature(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Tensor name → (dtype, shape) of every `*.safetensors` file in `path`, read from the headers only.
+
+    Raises `VllmServerError` when there is no such file or a header is unreadable (e.g. truncated).
+    """
+    from safetensors import safe_open
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise VllmServerError(f"{path} holds no *.safetensors weights")
+    signature: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as tensors:
+                for name in tensors.keys():  # noqa: SIM118 - safe_open objects are not iterable
+                    sliced = tensors.get_slice(name)
+                    signature[name] = (sliced.get_dtype(), tuple(sliced.get_shape()))
+        except Exception as exc:  # safetensors raises its own error types for every malformed header
+            raise VllmServerError(f"{file} is not a readable safetensors file: {exc}") from exc
+    return signature
+
+
+def _signature_mismatch(served: dict, candidate: dict) -> str:
+    missing = sorted(served.keys() - candidate.keys())
+    unexpected = sorted(candidate.keys() - served.keys())
+    changed = sorted(name for name in served.keys() & candidate.keys() if served[name] != candidate[name])
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {missing[:5]}")
+    if unexpected:
+        problems.append(f"unexpected tensors {unexpected[:5]}")
+    if changed:
+        first = changed[0]
+        example = f"{first}: {served[first]} → {candidate[first]}"
+        problems.append(f"{len(changed)} tensors changed dtype/shape, e.g. {example}")
+    return "; ".join(problems)
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
