@@ -63,6 +63,8 @@ class TopicConfig:
     model_updates: str = "boltstream.model-updates.v1"
     prompt_updates: str = "boltstream.prompt-updates.v1"
     served_versions: str = "boltstream.served-versions.v1"
+    #: Progressive-rollout decisions (start, promote, rollback), keyed by model; every one is kept.
+    rollout_decisions: str = "boltstream.rollout-decisions.v1"
     #: Partitions of the keyed event topics (spans, rewards, trajectories, samples, dlq). They bound
     #: how many workers of one consumer group share the load; spans and rewards must be equal
     #: (co-partitioned for the join).
@@ -77,7 +79,7 @@ class TopicConfig:
 
     def all(self) -> dict[str, int]:
         """Every topic with its partition count."""
-        event = (self.spans, self.rewards, self.trajectories, self.samples, self.dlq)
+        event = (self.spans, self.rewards, self.trajectories, self.samples, self.dlq, self.rollout_decisions)
         return {**{t: self.partitions for t in event}, **{t: self.control_partitions for t in self.compacted()}}
 
 
@@ -243,6 +245,25 @@ class ServeConfig:
     promotion_stability: float = 0.8
     #: Share of traffic sent to the newest version during a progressive rollout.
     canary_share: float = 0.05
+    #: The candidate's mean reward may be at most this much below the stable version's to be promoted.
+    reward_margin: float = 0.05
+    #: Rewarded trajectories of the candidate (and of the stable version) needed before a decision.
+    rollout_window: int = 50
+    #: Sampled tokens of the candidate scored against the stable version before a decision
+    #: (policy_stability_score = exp(-KL) over them).
+    stability_tokens: int = 200
+    #: Replica id of this server in ServedVersion records; empty = ``<hostname>-<vLLM port>``.
+    server_id: str = ""
+    #: Where the sidecar keeps fetched versions and the ``current`` link vLLM loads from;
+    #: empty = ``<home>/serving/<server_id>``.
+    serving_dir: str = ""
+    #: Port of the vLLM server ``boltstream serve`` starts (0 = a free one).
+    vllm_port: int = 8000
+    #: Port of the router (the OpenAI-compatible endpoint agents call) ``boltstream serve`` starts.
+    router_port: int = 8400
+    #: Where the rollout analyzer reaches the router to score the canary's tokens under the stable
+    #: version; empty = ``http://127.0.0.1:<router_port>``.
+    router_url: str = ""
 
 
 @dataclass(frozen=True)

