@@ -94,20 +94,21 @@ def store_columns(record_name: str) -> dict[str, str]:
     return {**flattened({"fields": batch_fields}), **flattened(span)}
 
 
+_live_columns: dict[str, dict[str, str]] = {}
+
+
 @pytest.fixture
-def columns(archive) -> dict[str, dict[str, str]]:
-    archive.start()
-    rows = (
-        archive.client()
-        .query(
+def columns(request) -> dict[str, dict[str, str]]:
+    """Every column of the live archive database, per table (one archive process for the whole module)."""
+    if not _live_columns:
+        archive = request.getfixturevalue("archive")
+        archive.start()
+        query = (
             "SELECT table, name, type FROM system.columns WHERE database = currentDatabase() ORDER BY table, position"
         )
-        .result_rows
-    )
-    tables: dict[str, dict[str, str]] = {}
-    for table, name, type_name in rows:
-        tables.setdefault(table, {})[name] = type_name
-    return tables
+        for table, name, type_name in archive.client().query(query).result_rows:
+            _live_columns.setdefault(table, {})[name] = type_name
+    return _live_columns
 
 
 @pytest.mark.parametrize("record", sorted(TABLES))
