@@ -414,17 +414,23 @@ def archive_command(args: argparse.Namespace, settings: Settings) -> int:
         hint = " (chDB allows one process per data directory: is another archive running on it?)" if data_path else ""
         print(f"boltstream archive: cannot open the archive at {url}{hint}: {exc}", file=sys.stderr)
         return 1
-    worker = ArchiveWorker(settings, client)
     endpoint = None
     if data_path is not None:
         from stream_processors.read_endpoint import READ_USER, ReadEndpoint
 
         port = settings.clickhouse.read_port if args.read_port is None else args.read_port
         token = args.read_token or settings.clickhouse.read_token or secrets.token_hex(16)
-        endpoint = ReadEndpoint(data_path, token=token, port=port, database=settings.clickhouse.database).start()
+        try:
+            endpoint = ReadEndpoint(data_path, token=token, port=port, database=settings.clickhouse.database).start()
+        except OSError as exc:
+            client.close()
+            print(f"boltstream archive: cannot serve reads on 127.0.0.1:{port}: {exc.strerror}", file=sys.stderr)
+            return 1
         print(f"read endpoint: http://{READ_USER}:<token>@127.0.0.1:{endpoint.port}", flush=True)
         if not (args.read_token or settings.clickhouse.read_token):
             print(f"read token: {token}", flush=True)
+
+    worker = ArchiveWorker(settings, client)
 
     def stop(signum: int, _frame: Any) -> None:
         log.info("signal %d: finishing the current batch", signum)

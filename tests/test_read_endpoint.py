@@ -139,3 +139,14 @@ def test_plain_http_formats_and_parameters(archive):
         client.query("SELECT * FROM no_such_table")
     assert missing.value.code == 60
     assert client.ping()
+
+
+def test_a_busy_read_port_is_reported(archive):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", archive.port))
+        taken.listen()
+        with pytest.raises(RuntimeError, match="archive exited with 1"):
+            archive.start()
+    assert "cannot serve reads on 127.0.0.1" in archive.log_path.read_text()
