@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "join": ("stream_processors.join", "run a reward/trajectory join worker (Faust) in the foreground"),
     "sql": ("stream_processors.analytics", "run a read-only SQL query against the archive"),
     "report": ("stream_processors.analytics", "run a named analytics report"),
+    "train": ("trainer.loop", "run the continuous trainer (trainer.algorithm: grpo, sft or apo)"),
 }
 
 

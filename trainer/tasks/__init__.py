@@ -1,0 +1,1 @@
+"""Built-in environments with verifiable rewards, sized for the tiny local model."""
