@@ -17,6 +17,7 @@ the running local stack). ``AGENT_LIGHTNING_TRACER=1`` in the environment turns 
 the ``openai`` client at import, like ``producers.instrument()``.
 """
 
+from producers.autotrace import instrument, instrument_from_environment, uninstrument
 from producers.context import current_rollout, new_id, rollout
 from producers.emit import (
     emit,
@@ -50,6 +51,7 @@ __all__ = [
     "emit_span",
     "emit_tool_call",
     "flush",
+    "instrument",
     "keep_rollout",
     "new_id",
     "operation",
@@ -58,4 +60,7 @@ __all__ = [
     "shutdown",
     "stats",
     "traced",
+    "uninstrument",
 ]
+
+instrument_from_environment()

@@ -9,12 +9,10 @@ import threading
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
-from dataclasses import replace
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 import producers as agl
 from infra.broker import EmbeddedBroker
@@ -24,10 +22,7 @@ from producers.redaction import REDACTED, Redactor
 from producers.sampling import keep_rollout, rollout_fraction
 from producers.spool import Spool, SpooledMessage, SpoolLocked
 from schemas.codec import codec
-
-
-def with_producer(settings: Settings, **producer: object) -> Settings:
-    return replace(settings, producer=replace(settings.producer, **producer))
+from tests.producer_helpers import at_least, consume, with_producer
 
 
 @pytest.fixture
@@ -37,43 +32,6 @@ def sdk(settings: Settings) -> Iterator[Settings]:
     agl.configure(settings)
     yield settings
     agl.shutdown(5)
-
-
-def consume(
-    bootstrap: str, topic: str, until: Callable[[list[dict]], bool], timeout: float = 30.0, record: str = "SpanBatch"
-) -> list[dict]:
-    """Every record of ``topic`` from the beginning (spans unpacked from their batches) until ``until`` holds."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"test-{uuid.uuid4().hex}",
-            "enable.auto.commit": False,
-            "log.connection.close": False,
-            "log_level": 2,  # the outage test reads while the broker is down; spare the log
-        }
-    )
-    partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
-    found: list[dict] = []
-    deadline = time.monotonic() + timeout
-    try:
-        while not until(found) and time.monotonic() < deadline:
-            for message in consumer.consume(1000, timeout=0.2):
-                if message.error():
-                    continue
-                value = codec(record).decode(message.value())
-                if record == "SpanBatch":
-                    assert message.key().decode() == value["rollout_id"]
-                    found.extend(value["spans"])
-                else:
-                    found.append(value)
-    finally:
-        consumer.close()
-    return found
-
-
-def at_least(n: int) -> Callable[[list[dict]], bool]:
-    return lambda found: len(found) >= n
 
 
 # -- sampling ------------------------------------------------------------------------------------

@@ -1,0 +1,54 @@
+"""Helpers for the SDK tests and benchmarks: read what reached the broker, tweak producer settings."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import replace
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+from infra.config import Settings
+from schemas.codec import codec
+
+
+def with_producer(settings: Settings, **producer: object) -> Settings:
+    return replace(settings, producer=replace(settings.producer, **producer))
+
+
+def consume(
+    bootstrap: str, topic: str, until: Callable[[list[dict]], bool], timeout: float = 30.0, record: str = "SpanBatch"
+) -> list[dict]:
+    """Every record of ``topic`` from the beginning (spans unpacked from their batches) until ``until`` holds."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"test-{uuid.uuid4().hex}",
+            "enable.auto.commit": False,
+            "log.connection.close": False,
+            "log_level": 2,  # the outage test reads while the broker is down; spare the log
+        }
+    )
+    partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+    found: list[dict] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while not until(found) and time.monotonic() < deadline:
+            for message in consumer.consume(1000, timeout=0.2):
+                if message.error():
+                    continue
+                value = codec(record).decode(message.value())
+                if record == "SpanBatch":
+                    assert message.key().decode() == value["rollout_id"]
+                    found.extend(value["spans"])
+                else:
+                    found.append(value)
+    finally:
+        consumer.close()
+    return found
+
+
+def at_least(n: int) -> Callable[[list[dict]], bool]:
+    return lambda found: len(found) >= n
