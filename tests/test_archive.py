@@ -11,6 +11,7 @@ import fastavro
 from confluent_kafka import Consumer, Producer
 
 from schemas.codec import codec, shipped_schemas
+from stream_processors.archive import DEAD_LETTER_NAMESPACE
 from tests.records import make_llm, make_span
 
 
@@ -105,7 +106,8 @@ def test_garbage_goes_to_the_dlq_and_good_messages_around_it_are_archived(settin
     letters = {
         row[0]: row[1:]
         for row in reader.query(
-            "SELECT key, error_type, reason, source_topic, source_partition, value, worker FROM dead_letters"
+            "SELECT key, error_type, reason, source_topic, source_partition, value, worker, event_id, source_offset"
+            " FROM dead_letters"
         ).result_rows
     }
     assert set(letters) == {"garbage", "truncated", "wrong-record", "backwards"}
@@ -114,6 +116,9 @@ def test_garbage_goes_to_the_dlq_and_good_messages_around_it_are_archived(settin
     assert "expected a SpanBatch" in letters["wrong-record"][1]
     assert letters["backwards"][0] == "invariant_violation" and "ends_after_start" in letters["backwards"][1]
     assert all(row[2:4] == (settings.topics.spans, 0) and row[5] == "archive" for row in letters.values())
+    # Dead-lettering is idempotent too: the id comes from the message's position, not from chance.
+    for _, _, topic, partition, _, worker, event_id, offset in letters.values():
+        assert event_id == str(uuid.uuid5(DEAD_LETTER_NAMESPACE, f"{worker}:{topic}:{partition}:{offset}"))
     assert letters["garbage"][4] == b"definitely not avro".decode()
 
     # The DLQ topic holds the same records, with the raw bytes and source offsets.
