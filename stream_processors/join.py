@@ -27,6 +27,7 @@ import asyncio
 import logging
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import faust
@@ -63,6 +64,17 @@ class _StateCodec(codecs.Codec):
 
 
 codecs.register(STATE_CODEC, _StateCodec())
+
+
+class _StateValue:
+    """The table's value type as Faust sees it: it only reads the serializer from ``_options`` and
+    hands decoded values to ``from_data``; the values are already RolloutState / PartitionClock."""
+
+    _options = SimpleNamespace(serializer=STATE_CODEC)
+
+    @staticmethod
+    def from_data(data: Any, preferred_type: Any = None) -> Any:
+        return data
 
 
 def _now_us() -> int:
@@ -104,9 +116,9 @@ class JoinWorker:
             web_port=self.metrics_port,
             web_in_thread=False,
         )
-        self.table = self.app.Table("rollouts", partitions=topics.partitions, key_type=str, default=None)
-        # Faust derives serializers from model types; ours is a codec of its own (set before first use).
-        self.table.key_serializer, self.table.value_serializer = "raw", STATE_CODEC
+        self.table = self.app.Table(
+            "rollouts", partitions=topics.partitions, key_type=str, value_type=_StateValue, default=None
+        )
         self.inputs = self.app.topic(topics.spans, topics.rewards, key_serializer="raw", value_serializer="raw")
         self.core = JoinCore(self.rules, self.table.data)
         self._codecs = {name: codec(name) for name in ("Trajectory", "TrainingSample", "DeadLetter")}

@@ -400,9 +400,9 @@ class JoinCore:
         # Only evidence from the reward's own topic closes the rollout here: its end (read before it) or,
         # with no spans at all, earlier rewards. A rollout still running may have spans unread in the
         # other topic, so a reward timed past its inactivity deadline is held; _settle judges it at the end.
-        if not state.status and (state.ended or not state.spans) and state.last_activity_us:
-            if event_time > state.deadline_us(timeout):
-                self._close(state, state.due_status(), state.deadline_us(timeout))
+        proven = not state.status and (state.ended or not state.spans) and state.last_activity_us
+        if proven and event_time > state.deadline_us(timeout):
+            self._close(state, state.due_status(), state.deadline_us(timeout))
         held = HeldReward(
             reward["event_id"],
             reward["value"],

@@ -16,11 +16,9 @@ from stream_processors.rollouts import (
     RolloutState,
     dumps_state,
     loads_state,
-    sample_id,
-    trajectory_id,
 )
 from tests.records import make_span
-from tests.traffic import expected_returns, generate
+from tests.traffic import generate, verify
 
 TIMEOUT = 2.0
 FAR_FUTURE = 2**62
@@ -46,33 +44,7 @@ def run(policy: str = "final", **rules) -> tuple:
 @pytest.mark.parametrize("policy", ["final", "discounted", "per_step"])
 def test_every_rollout_closes_once_with_the_right_contents_and_samples(policy: str) -> None:
     traffic, core, trajectories, samples, dead_letters, _ = run(policy, discount=0.8)
-    assert sorted(t["rollout_id"] for t in trajectories) == sorted(traffic.expected)
-    by_trajectory: dict[str, list] = {}
-    for sample in samples:
-        by_trajectory.setdefault(sample["trajectory_id"], []).append(sample)
-    for record in trajectories:
-        expected = traffic.expected[record["rollout_id"]]
-        assert record["trajectory_id"] == trajectory_id(expected.rollout_id)
-        assert (record["status"], record["final_reward"]) == (expected.status, expected.final_reward), expected.scenario
-        assert record["rewards"] == expected.rewards
-        assert set(record["span_event_ids"]) == set(expected.span_event_ids)
-        assert record["llm_call_count"] == len(expected.calls)
-        assert (record["task_id"], record["agent_name"]) == (expected.task_id, expected.agent_name)
-        got = sorted(by_trajectory.get(record["trajectory_id"], []), key=lambda s: s["step_index"])
-        if expected.status != "complete":
-            assert got == []
-            continue
-        assert [s["span_event_id"] for s in got] == [c["event_id"] for c in expected.calls]
-        returns = expected_returns(policy, expected, 0.8)
-        assert [s["return_value"] for s in got] == pytest.approx(returns)
-        for sample, call in zip(got, expected.calls, strict=True):
-            assert sample["sample_id"] == sample_id(record["trajectory_id"], call["event_id"])
-            assert sample["task_id"] == expected.task_id and sample["final_reward"] == expected.final_reward
-            assert sample["model_version"] == call["llm"]["model_version"]
-            assert sample["prompt_token_ids"] == call["llm"]["prompt_token_ids"]
-            assert sample["completion_token_ids"] == call["llm"]["completion_token_ids"]
-            assert sample["completion_logprobs"] == pytest.approx(call["llm"]["completion_logprobs"], abs=1e-6)
-            assert sample["step_count"] == len(expected.calls) and sample["credit_policy"] == policy
+    verify(traffic, trajectories, samples, policy, 0.8)
     assert Counter(d["error_type"] for _, d in dead_letters) == traffic.dead_letters
     assert core.counts["late_rewards"] == traffic.dead_letters["late_reward"]
     duplicated = [t for t in trajectories if traffic.expected[t["rollout_id"]].scenario == "duplicated"]

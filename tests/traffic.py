@@ -12,6 +12,7 @@ hold under a credit policy, computed here independently of the join's code.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 import uuid
@@ -251,7 +252,50 @@ def generate(
         )
         messages.append(Message("rewards", rollout_id.encode(), nan, start_us))
         dead_letters = {"decode_error": 2, "invariant_violation": 2}
-    dead_letters["late_reward"] = sum(e.late_rewards for e in expected.values())
+    late = sum(e.late_rewards for e in expected.values())
+    if late:
+        dead_letters["late_reward"] = late
     # Production order follows event time (stable: a rollout's messages keep their order).
     messages.sort(key=lambda m: m.event_time_us)
     return Traffic(messages, expected, dead_letters)
+
+
+def verify(
+    traffic: Traffic, trajectories: list[dict[str, Any]], samples: list[dict[str, Any]], policy: str, discount: float
+) -> None:
+    """Assert that the join's output is exactly what the traffic must produce (one trajectory per rollout)."""
+    from stream_processors.rollouts import sample_id, trajectory_id
+
+    assert sorted(t["rollout_id"] for t in trajectories) == sorted(traffic.expected)
+    by_trajectory: dict[str, list[dict[str, Any]]] = {}
+    for sample in samples:
+        by_trajectory.setdefault(sample["trajectory_id"], []).append(sample)
+    for record in trajectories:
+        expected = traffic.expected[record["rollout_id"]]
+        where = f"{expected.scenario} rollout {expected.rollout_id}"
+        assert record["trajectory_id"] == trajectory_id(expected.rollout_id)
+        assert (record["status"], record["final_reward"]) == (expected.status, expected.final_reward), where
+        assert record["rewards"] == expected.rewards, where
+        assert sorted(record["span_event_ids"]) == sorted(expected.span_event_ids), where
+        assert record["llm_call_count"] == len(expected.calls), where
+        assert (record["task_id"], record["agent_name"]) == (expected.task_id, expected.agent_name), where
+        got = sorted(by_trajectory.pop(record["trajectory_id"], []), key=lambda s: s["step_index"])
+        if expected.status != "complete":
+            assert got == [], where
+            continue
+        assert [s["span_event_id"] for s in got] == [c["event_id"] for c in expected.calls], where
+        returns = expected_returns(policy, expected, discount)
+        assert all(math.isclose(s["return_value"], r, abs_tol=1e-9) for s, r in zip(got, returns, strict=True)), where
+        for sample, call in zip(got, expected.calls, strict=True):
+            llm = call["llm"]
+            assert sample["sample_id"] == sample_id(record["trajectory_id"], call["event_id"])
+            assert sample["task_id"] == expected.task_id and sample["final_reward"] == expected.final_reward
+            assert sample["model_version"] == llm["model_version"] and sample["credit_policy"] == policy
+            assert sample["prompt_token_ids"] == llm["prompt_token_ids"], where
+            assert sample["completion_token_ids"] == llm["completion_token_ids"], where
+            assert all(
+                math.isclose(a, b, abs_tol=1e-6)
+                for a, b in zip(sample["completion_logprobs"], llm["completion_logprobs"], strict=True)
+            ), where
+            assert sample["step_count"] == len(expected.calls)
+    assert not by_trajectory, "samples of trajectories that were not emitted"
