@@ -186,7 +186,33 @@ class ReadEndpoint:
                 "read_bytes": str(result.bytes_read()),
                 "elapsed_ns": str(int(result.elapsed() * 1e9)),
             }
-            return result.bytes() or b"", summary
+            output = result.bytes() or b""
+            if not output and fmt == "Native":
+                output = self._native_header(sql, params)
+            return output, summary
+
+    def _native_header(self, sql: str, params: dict[str, str]) -> bytes:
+        """The 0-row Native block a server sends for an empty result (chDB sends nothing), so clients
+        still learn the column names and types."""
+        select = _TRAILING_FORMAT.sub("", sql).rstrip().rstrip(";")
+        if select.split(None, 1)[0].upper() not in ("SELECT", "WITH", "("):
+            return b""
+        described = self.connection.query(f"DESCRIBE ({select})", "JSONEachRow", params=params).bytes() or b""
+        columns = [json.loads(line) for line in described.splitlines()]
+        block = _varuint(len(columns)) + _varuint(0)
+        for column in columns:
+            name, type_name = column["name"].encode(), column["type"].encode()
+            block += _varuint(len(name)) + name + _varuint(len(type_name)) + type_name
+        return block
+
+
+def _varuint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -139,6 +139,8 @@ def test_plain_http_formats_and_parameters(archive):
         client.query("SELECT * FROM no_such_table")
     assert missing.value.code == 60
     assert client.ping()
+    empty = client.query("SELECT event_id, kind, llm_prompt_token_ids FROM spans WHERE 0")
+    assert empty.column_names == ("event_id", "kind", "llm_prompt_token_ids") and empty.result_rows == []
 
 
 def test_a_busy_read_port_is_reported(archive):
