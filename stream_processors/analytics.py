@@ -9,6 +9,7 @@ from ``report_NAME``, and ``report --list`` reads their names and comments from 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from typing import Any
 
@@ -17,6 +18,7 @@ from infra.config import ConfigError, Settings
 FORMATS = ("table", "csv", "json")
 REPORT_PREFIX = "report_"
 _RAW_FORMATS = {"csv": "CSVWithNames", "json": "JSONEachRow"}
+_OWN_FORMAT = re.compile(r"\bFORMAT\s+\w+\s*;?\s*$", re.IGNORECASE)
 
 
 def read_client(settings: Settings) -> Any:
@@ -35,9 +37,11 @@ def read_client(settings: Settings) -> Any:
 
 
 def print_result(client: Any, sql: str, output_format: str) -> None:
-    """Run ``sql`` and print its rows as a rich table, CSV (with a header) or JSON lines."""
-    if output_format in _RAW_FORMATS:
-        sys.stdout.write(client.raw_query(sql, fmt=_RAW_FORMATS[output_format]).decode())
+    """Run ``sql`` and print its rows as a rich table, CSV (with a header) or JSON lines; a query that
+    names its own ``FORMAT`` is printed as the server formats it."""
+    own_format = _OWN_FORMAT.search(sql) is not None
+    if own_format or output_format in _RAW_FORMATS:
+        sys.stdout.write(client.raw_query(sql, fmt=None if own_format else _RAW_FORMATS[output_format]).decode())
         sys.stdout.flush()
         return
     from rich.console import Console

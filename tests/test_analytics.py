@@ -88,6 +88,8 @@ def test_sql_prints_csv_json_and_a_table(archived, capsys):
     code, out, _ = run(capsys, "sql", query)
     assert code == 0
     assert "agent_name" in out and "math-agent" in out and "│ 6" in out and "2 row(s)" in out
+    code, out, _ = run(capsys, "sql", "SELECT count() AS n FROM spans FORMAT JSONEachRow")
+    assert (code, out) == (0, '{"n":9}\n')
 
 
 def test_sql_errors_and_writes_are_reported_not_raised(archived, capsys):
