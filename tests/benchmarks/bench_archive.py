@@ -1,7 +1,7 @@
 """Benchmark: archive throughput into chDB on one core, beside baselines measured in the same run.
 
 Span mix: SpanBatch messages of 20 spans each (one rollout), half llm_call spans with 100 prompt
-token ids, 50 completion token ids and 50 logprobs, half tool_call spans; ~9 KB per message (~450 bytes per span).
+token ids, 50 completion token ids and 50 logprobs, half tool_call spans; ~8 KB per message (~400 bytes per span).
 
 Everything measured runs in one child process pinned to a single CPU (librdkafka's and chDB's threads
 included), on the same 100,000 spans (best of 3 runs each), inserted 50,000 at a time:
