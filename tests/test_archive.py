@@ -50,10 +50,10 @@ def test_every_span_exactly_once_after_sigkill(settings, archive):
     event_ids = produce_span_batches(settings, rollouts=5000, spans_per_rollout=20)
     assert len(event_ids) == 100_000
     # Small batches, so the kill lands between committed batches with more to come.
-    archive.env["BOLTSTREAM_STREAM__BATCH_SIZE"] = "200"
+    archive.env["BOLTSTREAM_STREAM__BATCH_SIZE"] = "50"
     archive.start()
     reader = archive.client()
-    wait_for(lambda: reader.command("SELECT count() FROM spans_store") >= 20_000, 60, "the first batches")
+    wait_for(lambda: reader.command("SELECT count() FROM spans_store") >= 10_000, 60, "the first batches")
     archived_before_kill = reader.command("SELECT count() FROM spans_store")
     archive.kill()
     assert archived_before_kill < 100_000, "the kill came after the end; nothing was tested"
