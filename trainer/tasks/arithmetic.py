@@ -18,7 +18,13 @@ from typing import Any
 
 import torch
 
-PROBLEMS: list[tuple[int, int]] = [(a, b) for a in range(10) for b in range(10)]
+
+def problems(largest_digit: int = 9) -> list[tuple[int, int]]:
+    """Every ``a+b`` with both digits at most ``largest_digit``."""
+    return [(a, b) for a in range(largest_digit + 1) for b in range(largest_digit + 1)]
+
+
+PROBLEMS = problems()
 NAMESPACE = uuid.UUID("6c1f3f0e-2d7a-4b7e-9a55-0b5a1d2c3e4f")
 
 
