@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sql": ("stream_processors.analytics", "run a read-only SQL query against the archive"),
     "report": ("stream_processors.analytics", "run a named analytics report"),
     "train": ("trainer.loop", "run the continuous trainer (trainer.algorithm: grpo, sft or apo)"),
+    "proxy": ("producers.proxy", "run the OpenAI-compatible capture proxy in front of an LLM server"),
 }
 
 

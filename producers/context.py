@@ -23,6 +23,8 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar, Token
 from pathlib import Path
 from types import TracebackType
@@ -155,6 +157,17 @@ def current_rollout() -> rollout | None:
 def current_parent() -> str | None:
     """event_id of the enclosing span (a traced block or the rollout root), if any."""
     return _current_parent.get()
+
+
+@contextmanager
+def attached(run: rollout) -> Iterator[rollout]:
+    """Make ``run`` the current rollout for a block without ending it (e.g. one proxied request of many)."""
+    rollout_token, parent_token = _current_rollout.set(run), _current_parent.set(run.root_id)
+    try:
+        yield run
+    finally:
+        _current_parent.reset(parent_token)
+        _current_rollout.reset(rollout_token)
 
 
 def set_parent(event_id: str | None) -> Token:

@@ -1,0 +1,296 @@
+"""The capture proxy: an OpenAI-compatible HTTP proxy that records every LLM call passing through it.
+
+``boltstream proxy --upstream http://vllm:8000 --port 8100`` and point any agent, in any language,
+at ``http://127.0.0.1:8100/v1``. Requests are forwarded unchanged (streaming too) except that chat
+and completion calls ask the upstream for token ids and logprobs (vLLM's ``return_token_ids``,
+``logprobs``) when the client did not; what the proxy added is nulled in the answer again, so the
+client sees what it would see without the proxy (``--no-token-ids`` turns this off for upstreams
+that reject these parameters). Each call to ``/chat/completions``, ``/completions`` or
+``/responses`` becomes an ``llm_call`` span. Everything else (``/v1/models`` ...) is passed through.
+
+The rollout comes from request headers (removed before forwarding):
+
+=============================  ===========================================================
+``X-Boltstream-Rollout-Id``    rollout the call belongs to; without it the call is a rollout
+                               of its own, ended at once
+``X-Boltstream-Task-Id``       task id of the rollout (first request of the rollout wins)
+``X-Boltstream-Agent-Name``    agent name of the rollout
+``X-Boltstream-Attempt-Id``    attempt id of the rollout
+=============================  ===========================================================
+
+A rollout identified by header ends (its root span is emitted) on ``POST /boltstream/rollouts/<id>/end``,
+after ``--rollout-idle`` seconds without a call, or when the proxy stops. Rewards can be sent through
+it too: ``POST /boltstream/rewards`` with ``{"rollout_id": ..., "value": ...}`` (and optionally
+``name``, ``is_final``, ``source``, ``task_id``, ``agent_name``, ``attributes``). Needs the
+``[proxy]`` extra (aiohttp).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import time
+from collections import OrderedDict
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from infra.config import Settings
+from producers import runtime
+from producers.context import attached, rollout
+from producers.emit import send_reward
+from producers.llm_capture import LlmCapture, endpoint_of, token_parameters
+
+log = logging.getLogger("boltstream.proxy")
+
+HEADER_PREFIX = "x-boltstream-"
+ROLLOUT_HEADER = "X-Boltstream-Rollout-Id"
+TASK_HEADER = "X-Boltstream-Task-Id"
+AGENT_HEADER = "X-Boltstream-Agent-Name"
+ATTEMPT_HEADER = "X-Boltstream-Attempt-Id"
+_HOP_BY_HOP = frozenset(
+    (
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "content-encoding",
+    )
+)
+_MAX_OPEN_ROLLOUTS = 100_000
+
+
+def _forwardable(headers: Any) -> dict[str, str]:
+    return {
+        k: v for k, v in headers.items() if k.lower() not in _HOP_BY_HOP and not k.lower().startswith(HEADER_PREFIX)
+    }
+
+
+def _compact(event: Any) -> bytes:
+    return json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+class CaptureProxy:
+    """The proxy's state: the upstream session and the rollouts named by request headers."""
+
+    def __init__(self, upstream: str, *, request_token_ids: bool = True, rollout_idle: float = 300.0) -> None:
+        self.upstream = upstream.rstrip("/")
+        self.request_token_ids = request_token_ids
+        self.rollout_idle = rollout_idle
+        self._rollouts: OrderedDict[str, tuple[rollout, float]] = OrderedDict()
+        self._session: aiohttp.ClientSession | None = None
+        self._reaper: asyncio.Task | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/boltstream/rewards", self.reward)
+        app.router.add_post("/boltstream/rollouts/{rollout_id}/end", self.end_rollout)
+        app.router.add_route("*", "/{tail:.*}", self.forward)
+        app.on_startup.append(self._startup)
+        app.on_cleanup.append(self._cleanup)
+        return app
+
+    async def _startup(self, _app: web.Application) -> None:
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+        self._session = aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=None, sock_connect=10), auto_decompress=True
+        )
+        self._reaper = asyncio.create_task(self._end_idle_rollouts())
+
+    async def _cleanup(self, _app: web.Application) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        for run, _ in self._rollouts.values():
+            run.end()
+        self._rollouts.clear()
+        if self._session is not None:
+            await self._session.close()
+
+    # -- rollouts -----------------------------------------------------------------------------
+    def _rollout_for(self, headers: Any) -> tuple[rollout, bool]:
+        """The rollout a request belongs to, and whether it is a one-call rollout to end right away."""
+        rollout_id = headers.get(ROLLOUT_HEADER)
+        task_id, agent_name = headers.get(TASK_HEADER, ""), headers.get(AGENT_HEADER, "")
+        attempt = headers.get(ATTEMPT_HEADER, "attempt-0")
+        if not rollout_id:
+            return rollout(task_id=task_id, agent_name=agent_name, attempt=attempt), True
+        known = self._rollouts.pop(rollout_id, None)
+        run = known[0] if known else rollout(task_id, agent_name, attempt, rollout_id=rollout_id)
+        self._rollouts[rollout_id] = (run, time.monotonic())
+        if len(self._rollouts) > _MAX_OPEN_ROLLOUTS:
+            _, (oldest, _) = self._rollouts.popitem(last=False)
+            oldest.end()
+        return run, False
+
+    async def _end_idle_rollouts(self) -> None:
+        while True:
+            await asyncio.sleep(min(5.0, self.rollout_idle / 2))
+            cutoff = time.monotonic() - self.rollout_idle
+            while self._rollouts:
+                rollout_id, (run, last_used) = next(iter(self._rollouts.items()))
+                if last_used > cutoff:
+                    break
+                del self._rollouts[rollout_id]
+                run.end()
+
+    async def end_rollout(self, request: web.Request) -> web.Response:
+        known = self._rollouts.pop(request.match_info["rollout_id"], None)
+        if known is None:
+            return web.json_response({"ended": False, "reason": "unknown or already ended rollout"}, status=404)
+        known[0].end()
+        return web.json_response({"ended": True})
+
+    async def reward(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+            value = float(body["value"])
+            rollout_id = str(body["rollout_id"])
+        except (ValueError, KeyError, TypeError) as exc:
+            return web.json_response({"error": f"expected {{'rollout_id': str, 'value': number}}: {exc}"}, status=400)
+        options = {
+            k: body[k] for k in ("name", "is_final", "source", "task_id", "agent_name", "attributes") if k in body
+        }
+        event_id = send_reward(rollout_id, value, **options)
+        return web.json_response({"event_id": event_id})
+
+    # -- forwarding ---------------------------------------------------------------------------
+    async def forward(self, request: web.Request) -> web.StreamResponse:
+        assert self._session is not None
+        url = self.upstream + str(request.rel_url)
+        headers = _forwardable(request.headers)
+        body = await request.read()
+        endpoint = endpoint_of(request.path) if request.method == "POST" else None
+        payload = None
+        if endpoint is not None:
+            try:
+                payload = json.loads(body) if body else None
+            except ValueError:
+                payload = None  # not JSON: the upstream will say what is wrong
+        if not isinstance(payload, dict):
+            return await self._pass_through(request, url, headers, body)
+        added = token_parameters(endpoint, payload) if self.request_token_ids else {}
+        if added:
+            body = _compact({**payload, **added})
+        run, one_call = self._rollout_for(request.headers)
+        capture = LlmCapture(endpoint, payload, self.upstream, frozenset(added))
+        error: BaseException | str | None = None
+        try:
+            async with self._session.request(request.method, url, headers=headers, data=body) as upstream:
+                if upstream.status >= 400:
+                    data = await upstream.read()
+                    error = f"HTTP {upstream.status}: {data[:500].decode('utf-8', 'replace')}"
+                    return web.Response(status=upstream.status, body=data, headers=_forwardable(upstream.headers))
+                if upstream.content_type == "text/event-stream":
+                    return await self._relay_stream(request, upstream, capture)
+                data = await upstream.read()
+                if upstream.content_type == "application/json":
+                    answer = json.loads(data)
+                    capture.add_response(answer)
+                    if added:
+                        data = _compact(answer)
+                return web.Response(status=upstream.status, body=data, headers=_forwardable(upstream.headers))
+        except aiohttp.ClientError as exc:
+            error = exc
+            return web.json_response({"error": {"message": f"upstream {self.upstream} failed: {exc}"}}, status=502)
+        except (ConnectionResetError, asyncio.CancelledError) as exc:  # the client went away
+            error = exc
+            raise
+        finally:
+            with attached(run):
+                capture.finish(error)
+            if one_call:
+                run.end()
+
+    async def _relay_stream(
+        self, request: web.Request, upstream: aiohttp.ClientResponse, capture: LlmCapture
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(status=upstream.status, headers=_forwardable(upstream.headers))
+        await response.prepare(request)
+        async for line in upstream.content:
+            if line.startswith(b"data:"):
+                data = line[5:].strip()
+                if data and data != b"[DONE]":
+                    try:
+                        event = json.loads(data)
+                    except ValueError:
+                        event = None
+                    if isinstance(event, dict):
+                        capture.add_chunk(event)
+                        if capture.added:
+                            line = b"data: " + _compact(event) + b"\n"
+            await response.write(line)
+        await response.write_eof()
+        return response
+
+    async def _pass_through(self, request: web.Request, url: str, headers: dict[str, str], body: bytes) -> web.Response:
+        assert self._session is not None
+        try:
+            async with self._session.request(request.method, url, headers=headers, data=body or None) as upstream:
+                data = await upstream.read()
+                return web.Response(status=upstream.status, body=data, headers=_forwardable(upstream.headers))
+        except aiohttp.ClientError as exc:
+            return web.json_response({"error": {"message": f"upstream {self.upstream} failed: {exc}"}}, status=502)
+
+
+async def serve(proxy: CaptureProxy, host: str, port: int, ready: asyncio.Event | None = None) -> None:
+    """Run ``proxy`` on ``host:port`` until cancelled."""
+    runner = web.AppRunner(proxy.app(), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    log.info("capture proxy on http://%s:%d → %s", host, port, proxy.upstream)
+    if ready is not None:
+        ready.set()
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+
+
+# -- CLI: boltstream proxy ---------------------------------------------------------------------
+
+
+def proxy_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--upstream", required=True, help="OpenAI-compatible server to forward to, e.g. http://vllm:8000"
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8100, help="port to listen on (default 8100)")
+    parser.add_argument(
+        "--no-token-ids",
+        action="store_true",
+        help="do not ask the upstream for token ids and logprobs (for upstreams other than vLLM)",
+    )
+    parser.add_argument(
+        "--rollout-idle", type=float, default=300.0, help="seconds without a call after which a rollout ends (300)"
+    )
+
+
+def proxy_command(args: argparse.Namespace, settings: Settings) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    runtime.configure(settings)
+    proxy = CaptureProxy(args.upstream, request_token_ids=not args.no_token_ids, rollout_idle=args.rollout_idle)
+
+    async def main() -> None:
+        task = asyncio.create_task(serve(proxy, args.host, args.port))
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    print(f"boltstream proxy: http://{args.host}:{args.port}/v1 → {args.upstream}", flush=True)
+    asyncio.run(main())
+    return 0 if runtime.shutdown() else 1
