@@ -148,13 +148,13 @@ class ReadEndpoint:
             raise ValueError("the read endpoint needs a token")
         self.token = token
         self.database = database
+        self.server = ThreadingHTTPServer((host, port), _Handler)  # binds now: a busy port fails here
+        self.server.daemon_threads = True
+        self.server.endpoint = self  # type: ignore[attr-defined]
         # The reader's own handle on the engine the archive writes through; readonly for every query.
         self.connection = chdb.connect(f"{data_path}?readonly=1")
         self.lock = threading.Lock()
         self.timezone = self.connection.query("SELECT timezone()", "TabSeparated").bytes().decode().strip()
-        self.server = ThreadingHTTPServer((host, port), _Handler)
-        self.server.daemon_threads = True
-        self.server.endpoint = self  # type: ignore[attr-defined]
         self._thread: threading.Thread | None = None
 
     @property
