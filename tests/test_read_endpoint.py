@@ -54,6 +54,7 @@ def test_writes_ddl_and_multi_statements_fail_the_check(sql, code):
 
 
 def test_reads_while_the_archiver_writes(settings, archive):
+    archive.env["BOLTSTREAM_STREAM__BATCH_SIZE"] = "20"  # 400 spans per insert: many inserts to read between
     archive.start()
     total = 40_000
     producer = threading.Thread(target=produce_span_batches, args=(settings, 2000, 20), daemon=True)
