@@ -1,0 +1,71 @@
+"""examples/seed_snippets.py runs the seed documents' snippets as written, against the real broker."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from infra.config import Settings
+from infra.stack import ensure_topics
+from tests.producer_helpers import at_least, consume
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_example(settings: Settings, **env: str) -> str:
+    environment = {
+        **os.environ,
+        "BOLTSTREAM_HOME": str(settings.home),
+        "BOLTSTREAM_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
+        "BOLTSTREAM_TOPICS__SPANS": settings.topics.spans,
+        "BOLTSTREAM_TOPICS__REWARDS": settings.topics.rewards,
+        "PYTHONPATH": str(REPO),
+        **env,
+    }
+    if "OPENAI_BASE_URL" not in env:
+        environment.pop("OPENAI_BASE_URL", None)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "seed_snippets.py")],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return done.stdout
+
+
+def test_seed_snippets_run_as_written(settings: Settings) -> None:
+    ensure_topics(settings)
+    output = run_example(settings)
+    assert "17 * 23 = 391" in output and "delivered" in output.splitlines()[-1]
+    spans = consume(settings.kafka.bootstrap_servers, settings.topics.spans, at_least(12))
+    assert len(spans) == 12
+    per_rollout = Counter(s["rollout_id"] for s in spans)
+    assert len(per_rollout) == 3 and set(per_rollout.values()) == {4}  # one rollout per solve()
+    kinds = Counter(s["kind"] for s in spans)
+    assert kinds == {"decision": 3, "tool_call": 3, "reward": 3, "rollout": 3}
+    tool = next(s for s in spans if s["kind"] == "tool_call")
+    assert tool["name"] == "multiply" and tool["attributes"]["args"].startswith('{"a": ')
+    assert {s["reward"] for s in spans if s["kind"] == "reward"} == {1.0}
+
+
+@pytest.mark.slow
+def test_seed_snippets_with_the_agent_lightning_tracer(vllm_server, settings: Settings) -> None:
+    ensure_topics(settings)
+    run_example(
+        settings,
+        AGENT_LIGHTNING_TRACER="1",
+        OPENAI_BASE_URL=vllm_server.openai_base_url,
+        MODEL=vllm_server.served_model_name,
+    )
+    spans = consume(settings.kafka.bootstrap_servers, settings.topics.spans, at_least(15))
+    llm_calls = [s for s in spans if s["kind"] == "llm_call"]
+    assert len(llm_calls) == 3 and all(s["llm"]["completion_tokens"] == 8 for s in llm_calls)
+    by_rollout = Counter(s["rollout_id"] for s in spans)
+    assert len(by_rollout) == 3 and set(by_rollout.values()) == {5}  # the LLM call joined its solve()'s rollout
