@@ -34,11 +34,13 @@ from producers.emit import (
     send_reward,
     traced,
 )
+from producers.prompts import current_prompt, prompt_attributes
 from producers.runtime import configure, flush, shutdown, stats
 from producers.sampling import keep_rollout
 
 __all__ = [
     "configure",
+    "current_prompt",
     "current_rollout",
     "emit",
     "emit_annotation",
@@ -55,6 +57,7 @@ __all__ = [
     "keep_rollout",
     "new_id",
     "operation",
+    "prompt_attributes",
     "rollout",
     "send_reward",
     "shutdown",

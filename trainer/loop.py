@@ -293,6 +293,7 @@ def train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-steps", type=int, help="stop after this many steps (default: run forever)")
     parser.add_argument("--idle-timeout", type=float, help="stop when no batch completed for this many seconds")
     parser.add_argument("--deepspeed-config", help="DeepSpeed JSON config (default: trainer.deepspeed_config)")
+    parser.add_argument("--duration", type=float, help="APO only: stop after this many seconds")
 
 
 def train_command(args: argparse.Namespace, settings: Settings) -> int:
@@ -300,7 +301,7 @@ def train_command(args: argparse.Namespace, settings: Settings) -> int:
     if settings.trainer.algorithm == "apo":
         from trainer.apo import run_apo
 
-        return run_apo(settings, max_seconds=args.idle_timeout)
+        return run_apo(settings, max_seconds=args.duration)
     trainer = Trainer(settings, deepspeed_config=args.deepspeed_config)
     try:
         trainer.run(max_steps=args.max_steps, idle_timeout=args.idle_timeout)

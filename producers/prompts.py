@@ -1,0 +1,118 @@
+"""The agent's current prompt template, following the ``prompt-updates`` topic that APO publishes to.
+
+``current_prompt("math-agent", default=...)`` returns the newest template text APO chose for the agent
+(or ``default`` before there is one). A background thread reads the compacted topic from the
+beginning and keeps the newest PromptUpdate per agent; the first call waits, at most
+``catch_up_timeout`` seconds, until the thread has read what was on the topic, and never raises for a
+missing broker (the agent keeps its default). Tag the rollout with ``prompt_attributes(agent)`` so APO
+can credit the reward to the template::
+
+    import producers as agl
+
+    template = agl.current_prompt("math-agent", default="Solve: {question}")
+    with agl.rollout(task_id=task, agent_name="math-agent", attributes=agl.prompt_attributes("math-agent")):
+        ...
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from typing import Any
+
+TEMPLATE_ATTRIBUTE = "boltstream.template_id"
+log = logging.getLogger("boltstream.prompts")
+
+
+class PromptFollower:
+    """Reads every PromptUpdate on the topic in a daemon thread; the newest per agent wins."""
+
+    def __init__(self, settings=None, catch_up_timeout: float = 5.0) -> None:
+        self._latest: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+        self._caught_up = threading.Event()
+        self._stop = threading.Event()
+        self._settings = settings
+        self.catch_up_timeout = catch_up_timeout
+        self._thread = threading.Thread(target=self._follow, name="boltstream-prompts", daemon=True)
+        self._thread.start()
+
+    def get(self, agent: str) -> dict[str, Any] | None:
+        """The newest PromptUpdate of ``agent``, or None."""
+        self._caught_up.wait(self.catch_up_timeout)
+        with self._lock:
+            return self._latest.get(agent)
+
+    def _follow(self) -> None:
+        try:
+            from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+            from infra.config import load_settings
+            from schemas.codec import CodecError, codec
+
+            settings = self._settings or load_settings()
+            topic = settings.topics.prompt_updates
+            consumer = Consumer(settings.kafka.client_config(**{"group.id": f"boltstream-prompts-{uuid.uuid4().hex}"}))
+        except Exception as exc:  # no broker configured: the agent keeps its defaults
+            log.warning("not following prompt updates: %s", exc)
+            self._caught_up.set()
+            return
+        try:
+            metadata = consumer.list_topics(topic, timeout=self.catch_up_timeout).topics.get(topic)
+            partitions = sorted(metadata.partitions) if metadata is not None and metadata.error is None else []
+            ends = {}
+            for partition in partitions:
+                ends[partition] = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=5)[1]
+            consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+            positions = dict.fromkeys(partitions, 0)
+            while not self._stop.is_set():
+                if all(positions[p] >= ends[p] for p in partitions):
+                    self._caught_up.set()
+                message = consumer.poll(0.2)
+                if message is None or message.error() is not None:
+                    continue
+                positions[message.partition()] = message.offset() + 1
+                try:
+                    update = codec("PromptUpdate").decode(message.value())
+                except CodecError as exc:
+                    log.warning("skipping an undecodable prompt update: %s", exc)
+                    continue
+                with self._lock:
+                    known = self._latest.get(update["agent_name"])
+                    if known is None or update["version"] >= known["version"]:
+                        self._latest[update["agent_name"]] = update
+        except Exception as exc:
+            log.warning("stopped following prompt updates: %s", exc)
+        finally:
+            self._caught_up.set()
+            consumer.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+_follower: PromptFollower | None = None
+_follower_lock = threading.Lock()
+
+
+def follower(settings=None) -> PromptFollower:
+    """The process-wide follower, started on first use (``settings`` only matter the first time)."""
+    global _follower
+    with _follower_lock:
+        if _follower is None:
+            _follower = PromptFollower(settings)
+        return _follower
+
+
+def current_prompt(agent: str, default: str | None = None) -> str | None:
+    """The template APO currently picks for ``agent``, or ``default``."""
+    update = follower().get(agent)
+    return update["template"] if update is not None else default
+
+
+def prompt_attributes(agent: str) -> dict[str, str]:
+    """Rollout attributes that tell APO which template the agent used ({} before there is one)."""
+    update = follower().get(agent)
+    return {TEMPLATE_ATTRIBUTE: update["template_id"]} if update is not None else {}
