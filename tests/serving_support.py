@@ -18,15 +18,31 @@ from trainer.tiny_model import build_tiny_model
 PROMPT = [6, 40, 50, 60, 70, 80]  # token ids of the tiny character tokenizer
 
 
-def lora_artifact(store: ArtifactStore, base: Path, work: Path, name: str, seed: int, rank: int = 4) -> Artifact:
-    """A random (non-zero) peft LoRA adapter of ``base``, uploaded to ``store``."""
+def lora_artifact(
+    store: ArtifactStore,
+    base: Path,
+    work: Path,
+    name: str,
+    seed: int,
+    *,
+    rank: int = 4,
+    scale: float = 1.0,
+    targets: tuple[str, ...] = ("q_proj", "v_proj"),
+) -> Artifact:
+    """A random peft LoRA adapter of ``base`` (``lora_B`` scaled by ``scale``: small = close to the base),
+    uploaded to ``store``."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    get_peft_model(model, config).save_pretrained(work / name)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets), init_lora_weights=False)
+    adapter = get_peft_model(model, config)
+    with torch.no_grad():
+        for parameter_name, parameter in adapter.named_parameters():
+            if "lora_B" in parameter_name:
+                parameter.mul_(scale)
+    adapter.save_pretrained(work / name)
     return store.put(work / name, name, "lora")
 
 

@@ -13,8 +13,8 @@ follows it. For each version newer than the one served it
    → resume, then the ``<serving_dir>/current`` link is swapped (atomic rename) to the new directory, so
    a vLLM started from ``current`` after a crash loads the version that was served;
 3. publishes a ``ServedVersion`` keyed by its server id: ``serving``, or ``failed`` with the reason
-   while the previous version keeps serving (a full reload that fails half-way re-reads the previous
-   weights from ``current``).
+   while the previous version keeps serving (``VllmServer.reload_weights`` loads the previous weights
+   back when vLLM fails half-way).
 
 Records on ``model-updates`` that cannot be decoded go to the DLQ; the sidecar never stops on bad input.
 """
@@ -214,16 +214,8 @@ class WeightSync:
         return directory
 
     def _reload_full(self, directory: Path) -> None:
-        try:
-            self.server.reload_weights(directory)
-        except VllmServerError as exc:
-            # A reload that failed part-way may have replaced some layers: read the served ones back.
-            previous = self.server.weights_path  # moves only when a reload succeeds
-            try:
-                self.server.reload_weights(previous)
-            except VllmServerError as restore:
-                raise VllmServerError(f"{exc}; restoring {previous} failed too: {restore}") from exc
-            raise
+        # reload_weights puts the previous weights back itself when vLLM fails half-way.
+        self.server.reload_weights(directory)
         self._point_current(directory)
 
     def _current(self) -> Path:

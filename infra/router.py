@@ -1,0 +1,388 @@
+"""The rollout router: one OpenAI-compatible endpoint in front of the vLLM replicas and weight versions of a model.
+
+It owns the traffic split of a progressive rollout. Agents call the router with ``model=<model name>``;
+for each request it picks a weight version — the canary with probability ``serve.canary_share`` while a
+rollout runs, else the stable version — then a replica serving that version, rewrites ``model`` to the
+name that version is served under (``tiny`` for a replica's full weights, ``tiny-v3`` for a LoRA
+adapter) and streams the upstream answer back unchanged, with two headers added:
+
+* ``X-Boltstream-Model-Version``: the version that produced the answer (the auto-tracer and the capture
+  proxy put it into the ``llm_call`` span's ``model_version``, so samples carry it);
+* ``X-Boltstream-Server-Id``: the replica that answered (the span's ``server_id``).
+
+Requests with ``X-Boltstream-Rollout-Id`` are split by a hash of it, so all calls of one agent rollout
+see the same version and its reward is attributable to it; requests without it are split at random.
+``X-Boltstream-Pin-Version: N`` (or ``model=tiny-vN``) asks for version N explicitly, e.g. to score tokens
+against the stable policy.
+
+What is served where comes from Kafka and the replicas themselves: ``served-versions`` (what each
+replica's weight_sync sidecar loaded) and ``/v1/models`` of each replica (which LoRA adapters are
+loaded); which versions are stable and canary comes from ``rollout-decisions``. Without any decision for
+the model, every request goes to the newest version a replica serves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import random
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+from infra.config import Settings
+from schemas.codec import CodecError, codec
+from trainer.weight_sync import parse_served_name
+
+log = logging.getLogger("boltstream.router")
+
+MODEL_VERSION_HEADER = "X-Boltstream-Model-Version"
+SERVER_ID_HEADER = "X-Boltstream-Server-Id"
+ROLLOUT_ID_HEADER = "X-Boltstream-Rollout-Id"
+PIN_VERSION_HEADER = "X-Boltstream-Pin-Version"
+#: Hop-by-hop and length headers the router must not copy between the two connections.
+_HOP_HEADERS = frozenset(
+    {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "host", "upgrade"}
+)
+
+
+class NoRoute(LookupError):
+    """No replica serves the version a request needs."""
+
+
+@dataclass(frozen=True)
+class Route:
+    version: int
+    server_id: str
+    url: str
+    served_name: str
+
+
+def bucket(rollout_id: str) -> float:
+    """A stable number in [0, 1) for a rollout id: the same rollout always lands on the same side."""
+    digest = hashlib.blake2b(rollout_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+class RoutingTable:
+    """Which versions each replica serves, and which ones the rollout of ``model`` wants. Thread-safe."""
+
+    def __init__(self, model: str, replicas: Mapping[str, str], canary_share: float) -> None:
+        if not replicas:
+            raise ValueError("the router needs at least one replica (server_id=url)")
+        if not 0.0 <= canary_share <= 1.0:
+            raise ValueError(f"canary_share must be in [0, 1], not {canary_share}")
+        self.model = model
+        self.replicas = {server_id: url.rstrip("/") for server_id, url in replicas.items()}
+        self.canary_share = canary_share
+        self.stable: int | None = None  # None: no decision yet, follow the newest version served
+        self.canary: int | None = None
+        # Per replica: the version of its base weights (from served-versions; 0 until a full load)
+        # and the LoRA versions it has loaded (from its /v1/models).
+        self._base: dict[str, tuple[int, str]] = {s: (0, model) for s in self.replicas}
+        self._adapters: dict[str, dict[int, str]] = {s: {} for s in self.replicas}
+        self._lock = threading.Lock()
+
+    # -- what the replicas serve --------------------------------------------------------------------
+
+    def on_served_version(self, record: dict[str, Any]) -> None:
+        if record["model"] != self.model or record["server_id"] not in self.replicas:
+            return
+        if record["status"] == "serving":
+            with self._lock:
+                if record["format"] == "full":
+                    self._base[record["server_id"]] = (record["version"], record["served_name"] or self.model)
+                else:
+                    self._adapters[record["server_id"]][record["version"]] = record["served_name"]
+
+    def on_models(self, server_id: str, names: list[str]) -> None:
+        """The names a replica's ``/v1/models`` lists: its loaded adapters are exactly these."""
+        adapters = {}
+        for name in names:
+            version = parse_served_name(name, self.model)
+            if version:
+                adapters[version] = name
+        with self._lock:
+            self._adapters[server_id] = adapters
+
+    def on_decision(self, record: dict[str, Any]) -> None:
+        if record["model"] != self.model:
+            return
+        with self._lock:
+            if record["action"] == "start":
+                self.stable, self.canary = record["stable_version"], record["candidate_version"]
+            elif record["action"] == "promote":
+                self.stable, self.canary = record["candidate_version"], None
+            else:  # rollback
+                self.stable, self.canary = record["stable_version"], None
+
+    def served(self) -> dict[int, list[Route]]:
+        """Every version something serves, with the routes to it."""
+        routes: dict[int, list[Route]] = {}
+        with self._lock:
+            for server_id, url in self.replicas.items():
+                version, name = self._base[server_id]
+                routes.setdefault(version, []).append(Route(version, server_id, url, name))
+                for version, name in self._adapters[server_id].items():
+                    routes.setdefault(version, []).append(Route(version, server_id, url, name))
+        return routes
+
+    # -- choosing ------------------------------------------------------------------------------------
+
+    def choose(self, rollout_id: str | None = None, pinned: int | None = None) -> Route:
+        """The route of one request (see the module docstring for the rule)."""
+        served = self.served()
+        if pinned is not None:
+            if pinned not in served:
+                raise NoRoute(f"version {pinned} of {self.model} is not served; served: {sorted(served)}")
+            return random.choice(served[pinned])
+        with self._lock:
+            stable, canary = self.stable, self.canary
+        draw = bucket(rollout_id) if rollout_id else random.random()
+        if canary is not None and canary in served and draw < self.canary_share:
+            return random.choice(served[canary])
+        if stable is not None and stable in served:
+            return random.choice(served[stable])
+        # No decision yet, or the stable version is gone from every replica: the newest served one.
+        newest = max(v for v in served if v != canary) if set(served) - {canary} else max(served)
+        return random.choice(served[newest])
+
+    def state(self) -> dict[str, Any]:
+        """The rollout and what each replica serves, as JSON-able data (``GET /boltstream/rollout``)."""
+        with self._lock:
+            replicas = {
+                s: {"url": url, "base_version": self._base[s][0], "lora_versions": sorted(self._adapters[s])}
+                for s, url in self.replicas.items()
+            }
+            return {
+                "model": self.model,
+                "stable": self.stable,
+                "canary": self.canary,
+                "canary_share": self.canary_share,
+                "replicas": replicas,
+            }
+
+
+class Follower:
+    """Feeds a RoutingTable from ``served-versions`` and ``rollout-decisions`` (read from the beginning)."""
+
+    def __init__(self, settings: Settings, table: RoutingTable) -> None:
+        self.table = table
+        self.topics = {
+            settings.topics.served_versions: ("ServedVersion", table.on_served_version),
+            settings.topics.rollout_decisions: ("RolloutDecision", table.on_decision),
+        }
+        self.consumer = Consumer(
+            settings.kafka.client_config(**{"group.id": f"router-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False})
+        )
+        partitions = []
+        for topic in self.topics:
+            metadata = self.consumer.list_topics(topic, timeout=10).topics[topic]
+            partitions += [TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(metadata.partitions)]
+        self.consumer.assign(partitions)
+
+    def poll(self, timeout: float) -> int:
+        """Apply what arrived within ``timeout``; the number of records applied."""
+        applied = 0
+        for message in self.consumer.consume(num_messages=500, timeout=timeout):
+            if message.error() is not None:
+                continue
+            record_type, apply = self.topics[message.topic()]
+            try:
+                apply(codec(record_type).decode(message.value() or b""))
+            except CodecError as exc:  # the archive dead-letters these; the router only skips them
+                log.warning("%s offset %s skipped: %s", message.topic(), message.offset(), exc)
+                continue
+            applied += 1
+        return applied
+
+    def run(self, stop: threading.Event) -> None:
+        try:
+            while not stop.is_set():
+                self.poll(0.5)
+        finally:
+            self.consumer.close()
+
+
+class Router:
+    """The HTTP side: an aiohttp app forwarding ``/v1/*`` to the route the table chooses."""
+
+    def __init__(self, table: RoutingTable, *, models_interval: float = 2.0) -> None:
+        self.table = table
+        self.models_interval = models_interval
+        self.requests = 0
+        self._session: Any = None
+
+    def app(self):
+        from aiohttp import web
+
+        app = web.Application(client_max_size=64 * 1024**2)
+        app.router.add_get("/boltstream/rollout", self._rollout)
+        app.router.add_get("/health", self._health)
+        app.router.add_route("*", "/v1/{tail:.*}", self._forward)
+        app.on_startup.append(self._on_startup)
+        app.on_cleanup.append(self._on_cleanup)
+        return app
+
+    async def _on_startup(self, app) -> None:
+        import aiohttp
+
+        # One keep-alive pool for every upstream: no TCP handshake per request.
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
+        self._session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
+        app["models_task"] = asyncio.create_task(self._watch_models())
+
+    async def _on_cleanup(self, app) -> None:
+        app["models_task"].cancel()
+        await self._session.close()
+
+    async def _watch_models(self) -> None:
+        """Keep each replica's loaded adapters current from its ``/v1/models``."""
+        while True:
+            for server_id, url in self.table.replicas.items():
+                try:
+                    async with self._session.get(f"{url}/v1/models") as response:
+                        names = [m["id"] for m in (await response.json())["data"]]
+                    self.table.on_models(server_id, names)
+                except Exception as exc:  # a replica that is down or restarting: keep what we knew
+                    log.debug("models of %s unavailable: %s", server_id, exc)
+            await asyncio.sleep(self.models_interval)
+
+    async def _rollout(self, request):
+        from aiohttp import web
+
+        return web.json_response(self.table.state())
+
+    async def _health(self, request):
+        from aiohttp import web
+
+        return web.Response(text="ok")
+
+    async def _forward(self, request):
+        import json
+
+        from aiohttp import ClientError, web
+
+        body = await request.read()
+        payload = None
+        if body and request.content_type == "application/json":
+            try:
+                payload = json.loads(body)
+            except ValueError:
+                return _error(400, "request body is not valid JSON")
+        try:
+            route = self._route(request, payload)
+        except NoRoute as exc:
+            return _error(404, str(exc))
+        except ValueError as exc:
+            return _error(400, str(exc))
+        if isinstance(payload, dict) and "model" in payload:
+            payload["model"] = route.served_name
+            body = json.dumps(payload).encode()
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
+        self.requests += 1
+        try:
+            upstream = await self._session.request(
+                request.method, f"{route.url}{request.rel_url}", data=body or None, headers=headers
+            )
+        except ClientError as exc:
+            return _error(502, f"replica {route.server_id} ({route.url}) unreachable: {exc}")
+        async with upstream:
+            response = web.StreamResponse(status=upstream.status)
+            for key, value in upstream.headers.items():
+                if key.lower() not in _HOP_HEADERS:
+                    response.headers[key] = value
+            response.headers[MODEL_VERSION_HEADER] = str(route.version)
+            response.headers[SERVER_ID_HEADER] = route.server_id
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+            await response.write_eof()
+        return response
+
+    def _route(self, request, payload: Any) -> Route:
+        pinned = request.headers.get(PIN_VERSION_HEADER)
+        if pinned is not None:
+            if not pinned.strip().isdigit():
+                raise ValueError(f"{PIN_VERSION_HEADER} must be a version number, not {pinned!r}")
+            return self.table.choose(pinned=int(pinned))
+        requested = payload.get("model") if isinstance(payload, dict) else None
+        if requested and requested != self.table.model:
+            version = parse_served_name(requested, self.table.model)
+            if version is None:
+                raise NoRoute(f"model {requested!r} is not served here; use {self.table.model!r}")
+            return self.table.choose(pinned=version)
+        return self.table.choose(rollout_id=request.headers.get(ROLLOUT_ID_HEADER))
+
+
+def _error(status: int, message: str):
+    from aiohttp import web
+
+    kind = "not_found" if status == 404 else "bad_gateway" if status == 502 else "invalid_request_error"
+    return web.json_response({"error": {"message": message, "type": kind, "code": status}}, status=status)
+
+
+class RouterProcess:
+    """The router and its Kafka follower running in background threads of this process (``serve`` and tests)."""
+
+    def __init__(self, settings: Settings, replicas: Mapping[str, str], *, host: str = "127.0.0.1", port: int = 0):
+        self.settings = settings
+        self.table = RoutingTable(settings.trainer.model_name, replicas, settings.serve.canary_share)
+        self.router = Router(self.table)
+        self.follower = Follower(settings, self.table)
+        self.host, self.port = host, port
+        self._stop = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> RouterProcess:
+        from aiohttp import web
+
+        ready = threading.Event()
+        runner = web.AppRunner(self.router.app(), access_log=None)
+
+        def serve() -> None:
+            self._loop = asyncio.new_event_loop()
+            self._loop.run_until_complete(runner.setup())
+            site = web.TCPSite(runner, self.host, self.port, reuse_address=True)
+            self._loop.run_until_complete(site.start())
+            self.port = site._server.sockets[0].getsockname()[1]
+            ready.set()
+            self._loop.run_forever()
+            self._loop.run_until_complete(runner.cleanup())
+            self._loop.close()
+
+        self._threads = [
+            threading.Thread(target=serve, name="router-http", daemon=True),
+            threading.Thread(target=self.follower.run, args=(self._stop,), name="router-follower", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+        if not ready.wait(timeout):
+            raise RuntimeError(f"router did not start listening within {timeout}s")
+        return self
+
+    def wait_for(self, predicate, timeout: float = 10.0) -> None:
+        """Block until ``predicate(table)`` holds (the follower and /v1/models caught up), or raise."""
+        deadline = time.monotonic() + timeout
+        while not predicate(self.table):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"routing table did not reach the expected state: {self.table.state()}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        for thread in self._threads:
+            thread.join(10)

