@@ -45,6 +45,11 @@ log = logging.getLogger("boltstream.producer")
 #:  attributes, llm, server_id), where ``rollout`` has rollout_id, attempt_id, task_id, agent_name.
 PendingSpan = tuple
 
+#: Largest SpanBatch message; bigger flushes of one rollout are split (brokers default to 1 MB).
+MAX_MESSAGE_BYTES = 900 * 1024
+#: Delivery errors that retrying cannot fix: the message is dropped (counted, logged), not spooled.
+_PERMANENT_ERRORS = frozenset((KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_MSG, KafkaError.INVALID_RECORD))
+
 DeliveryListener = Callable[[str, bytes, "KafkaError | None"], None]
 
 
@@ -62,6 +67,8 @@ class ProducerStats:
     dropped_pending_spans: int = 0
     #: Spans that could not be encoded (a bug or a value Avro rejects), logged with the reason.
     dropped_unencodable_spans: int = 0
+    #: Spans in messages the broker refuses for good (e.g. larger than its message.max.bytes), logged.
+    dropped_undeliverable_spans: int = 0
     delivery_failures: int = 0
 
 
@@ -236,19 +243,29 @@ class SpanProducer:
         sent_at = time.time_ns() // 1000
         topic = self.settings.topics.spans
         for rollout_id, spans in by_rollout.items():
-            batch = {
-                "rollout_id": rollout_id,
-                "producer_id": self.producer_id,
-                "sent_at_us": sent_at,
-                "spans": [self._span_record(span) for span in spans],
-            }
-            try:
-                value = self._batch_codec.encode(batch)
-            except CodecError as exc:
-                self.stats.dropped_unencodable_spans += len(spans)
-                log.error("dropped %d spans of rollout %s that cannot be encoded: %s", len(spans), rollout_id, exc)
-                continue
-            self._send(_Outgoing(topic, rollout_id.encode("utf-8"), value, len(spans), kept=True))
+            key = rollout_id.encode("utf-8")
+            records = [self._span_record(span) for span in spans]
+            for value, size in self._encode_batches(rollout_id, records, sent_at):
+                self._send(_Outgoing(topic, key, value, size, kept=True))
+
+    def _encode_batches(self, rollout_id: str, records: list[dict[str, Any]], sent_at: int) -> list[tuple[bytes, int]]:
+        """SpanBatch messages of at most MAX_MESSAGE_BYTES (split in halves as needed); a span that
+        cannot be encoded is dropped alone, counted and logged, not its whole batch."""
+        batch = {"rollout_id": rollout_id, "producer_id": self.producer_id, "sent_at_us": sent_at, "spans": records}
+        try:
+            value = self._batch_codec.encode(batch)
+        except CodecError as exc:
+            if len(records) == 1:
+                self.stats.dropped_unencodable_spans += 1
+                log.error("dropped a span of rollout %s that cannot be encoded: %s", rollout_id, exc)
+                return []
+            value = b""  # find the culprit by halving
+        if value and (len(value) <= MAX_MESSAGE_BYTES or len(records) == 1):
+            return [(value, len(records))]
+        middle = len(records) // 2
+        return self._encode_batches(rollout_id, records[:middle], sent_at) + self._encode_batches(
+            rollout_id, records[middle:], sent_at
+        )
 
     def _span_record(self, span: PendingSpan) -> dict[str, Any]:
         (rollout, event_id, parent_id, sequence, kind, name, start, end, status, error, reward, attrs, llm, server) = (
@@ -304,13 +321,12 @@ class SpanProducer:
                 message.key,
                 on_delivery=lambda error, _msg, m=message: self._delivered(m, error),
             )
-        except (BufferError, KafkaException) as exc:
-            if isinstance(exc, KafkaException):
-                error = exc.args[0]
-                if error.fatal():
-                    self._client_fatal = True
-                log.warning("produce to %s failed (%s); spooling", message.topic, error)
+        except BufferError:
             self._spill(message)
+            self._settle_replayed(message)
+            return
+        except KafkaException as exc:
+            self._failed(message, exc.args[0])
             self._settle_replayed(message)
             return
         self._in_flight += 1
@@ -325,17 +341,29 @@ class SpanProducer:
             else:
                 self.stats.rewards_delivered += 1
         else:
-            self.stats.delivery_failures += 1
-            if self._healthy:
-                log.warning("delivery to %s failed (%s); spooling until the broker is back", message.topic, error)
-            self._healthy = False
-            self._spill(message)
+            self._failed(message, error)
         self._settle_replayed(message)
         if self._on_delivery is not None:
             try:
                 self._on_delivery(message.topic, message.value, error)
             except Exception:
                 log.exception("on_delivery listener raised; ignored")
+
+    def _failed(self, message: _Outgoing, error: KafkaError) -> None:
+        """A message Kafka did not take: spooled for later, unless retrying cannot help."""
+        self.stats.delivery_failures += 1
+        if error.fatal():
+            self._client_fatal = True
+        if error.code() in _PERMANENT_ERRORS:
+            self.stats.dropped_undeliverable_spans += message.spans
+            log.error(
+                "dropped a %d-byte message to %s that Kafka refuses: %s", len(message.value), message.topic, error
+            )
+            return
+        if self._healthy:
+            log.warning("delivery to %s failed (%s); spooling until the broker is back", message.topic, error)
+        self._healthy = False
+        self._spill(message)
 
     def _spill(self, message: _Outgoing) -> None:
         self._spool.put(SpooledMessage(message.topic, message.key, message.value, message.spans, message.kept))
