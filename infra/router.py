@@ -37,14 +37,13 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from infra.config import Settings
+from producers.llm_capture import MODEL_VERSION_HEADER, SERVER_ID_HEADER
+from producers.proxy import ROLLOUT_HEADER as ROLLOUT_ID_HEADER
 from schemas.codec import CodecError, codec
 from trainer.weight_sync import parse_served_name
 
 log = logging.getLogger("boltstream.router")
 
-MODEL_VERSION_HEADER = "X-Boltstream-Model-Version"
-SERVER_ID_HEADER = "X-Boltstream-Server-Id"
-ROLLOUT_ID_HEADER = "X-Boltstream-Rollout-Id"
 PIN_VERSION_HEADER = "X-Boltstream-Pin-Version"
 #: Hop-by-hop and length headers the router must not copy between the two connections.
 _HOP_HEADERS = frozenset(
@@ -218,6 +217,7 @@ class Router:
         self.models_interval = models_interval
         self.requests = 0
         self._session: Any = None
+        self._models_task: asyncio.Task | None = None
 
     def app(self):
         from aiohttp import web
@@ -236,10 +236,10 @@ class Router:
         # One keep-alive pool for every upstream: no TCP handshake per request.
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
         self._session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
-        app["models_task"] = asyncio.create_task(self._watch_models())
+        self._models_task = asyncio.create_task(self._watch_models())
 
     async def _on_cleanup(self, app) -> None:
-        app["models_task"].cancel()
+        self._models_task.cancel()
         await self._session.close()
 
     async def _watch_models(self) -> None:

@@ -617,6 +617,20 @@ def _consumer_lag(admin: Any, metadata: Any, timeout: float) -> dict[str, dict[s
     return lag
 
 
+def _serving_status(settings: Settings, report: dict[str, Any], timeout: float) -> None:
+    """What each vLLM replica serves and the rollout state (infra.serve), when serving topics exist."""
+    from confluent_kafka import KafkaException
+
+    from infra.serve import serving_status
+
+    if settings.topics.served_versions not in report["topics"]:
+        return
+    try:
+        report["serving"] = serving_status(settings, timeout)
+    except (KafkaException, RuntimeError) as exc:
+        report["notes"].append(f"serving status unavailable: {_one_line(exc)}")
+
+
 def _table_status(settings: Settings, read_url: str, report: dict[str, Any], timeout: float) -> None:
     import clickhouse_connect
 
@@ -665,6 +679,8 @@ def stack_status(settings: Settings, timeout: float = 3.0) -> dict[str, Any]:
     if alive["broker"] and _reachable(state.bootstrap_servers, timeout):
         stack_kafka = replace(settings.kafka, bootstrap_servers=state.bootstrap_servers)
         _kafka_status(replace(settings, kafka=stack_kafka), report, timeout)
+        if report["broker"]["reachable"]:
+            _serving_status(replace(settings, kafka=stack_kafka), report, timeout)
     else:
         report["notes"].append(f"broker at {state.bootstrap_servers} is not reachable")
     if state.clickhouse_read_url:
@@ -768,6 +784,8 @@ def _print_status(report: dict[str, Any]) -> None:
             for name, table in report["tables"].items():
                 tables.add_row(name, table["engine"], "" if table["rows"] is None else f"{table['rows']:,}")
             console.print(tables)
+        if report.get("serving"):
+            _print_serving(console, report["serving"])
         if report["consumer_groups"]:
             groups = Table("consumer group", "topic", "lag", title="consumer groups", title_justify="left")
             for group, info in report["consumer_groups"].items():
@@ -778,6 +796,28 @@ def _print_status(report: dict[str, Any]) -> None:
             console.print(groups)
     for note in report["notes"]:
         console.print(f"[dim]note: {note}[/dim]")
+
+
+def _print_serving(console: Any, serving: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    rollout = serving["rollout"]
+    canary = f", canary version {rollout['canary']}" if rollout["canary"] is not None else ""
+    title = f"serving {rollout['model']}: stable version {rollout['stable']}{canary}"
+    replicas = Table("replica", "version", "format", "served name", "last load", title=title, title_justify="left")
+    for server_id, replica in serving["replicas"].items():
+        last = (
+            replica["status"]
+            if replica["status"] == "serving"
+            else f"[red]failed v{replica['attempted_version']}[/red]"
+        )
+        replicas.add_row(server_id, str(replica["version"]), replica["format"], replica["served_name"], last)
+    console.print(replicas)
+    if rollout["last_decision"]:
+        decision = rollout["last_decision"]
+        console.print(
+            f"last decision: {decision['action']} version {decision['candidate_version']}: {decision['reason']}"
+        )
 
 
 def _alive(alive: bool) -> str:

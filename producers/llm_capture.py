@@ -9,6 +9,7 @@ back the way the server sends it to a caller who did not ask (vLLM: the same key
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import Any
 
@@ -17,6 +18,12 @@ from producers.emit import emit_span
 from producers.redaction import to_text
 
 log = logging.getLogger("boltstream.autotrace")
+
+#: Response headers of the serving router (infra.router): the weight version that answered and the replica.
+MODEL_VERSION_HEADER = "X-Boltstream-Model-Version"
+SERVER_ID_HEADER = "X-Boltstream-Server-Id"
+#: A LoRA version's served name ends with ``-v<version>`` (trainer.weight_sync.served_name).
+_SERVED_VERSION = re.compile(r"-v(\d+)$")
 
 #: URL path suffix → endpoint name (also the span name).
 ENDPOINTS = (("/chat/completions", "chat.completions"), ("/completions", "completions"), ("/responses", "responses"))
@@ -72,6 +79,8 @@ class LlmCapture:
         self.start_us = now_us()
         self.started = time.perf_counter()
         self.model = str(body.get("model") or "")
+        self.model_version = ""  # from the router's header, else from a versioned served name
+        self.server_id = ""
         self.text: list[str] = []
         self.tool_calls: dict[int, dict[str, str]] = {}
         self.prompt_token_ids: list[int] = []
@@ -144,6 +153,11 @@ class LlmCapture:
             slot["name"] += _get(function, "name", "") or ""
             slot["arguments"] += _get(function, "arguments", "") or ""
 
+    def add_headers(self, headers: Any) -> None:
+        """Read the version tags a boltstream router adds to its responses."""
+        self.model_version = headers.get(MODEL_VERSION_HEADER, self.model_version)
+        self.server_id = headers.get(SERVER_ID_HEADER, self.server_id)
+
     def strip(self, obj: Any, fields: tuple[str, ...]) -> None:
         """Null the ``fields`` of ``obj`` that are there only because the tracer asked for them."""
         for name in fields:
@@ -176,7 +190,7 @@ class LlmCapture:
                 end_time_us=now_us(),
                 llm={
                     "model": self.model,
-                    "model_version": "",
+                    "model_version": self.model_version or _served_version(self.model),
                     "prompt_token_ids": self.prompt_token_ids,
                     "completion_token_ids": self.completion_token_ids,
                     "completion_logprobs": self.logprobs,
@@ -187,7 +201,13 @@ class LlmCapture:
                     "latency_ms": latency_ms,
                     "finish_reason": "error" if error is not None else str(self.finish_reason or ""),
                 },
-                server_id=self.server,
+                server_id=self.server_id or self.server,
             )
         except Exception:
             log.exception("failed to record a %s call; the caller is unaffected", self.endpoint)
+
+
+def _served_version(model: str) -> str:
+    """``"3"`` for a served name like ``tiny-v3`` (a LoRA version), else ``""`` (unknown)."""
+    match = _SERVED_VERSION.search(model)
+    return match[1] if match else ""

