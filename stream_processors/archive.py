@@ -39,7 +39,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -76,6 +76,8 @@ STD_EXCEPTION = 1001
 #: Settings of every archive insert: the ReplacingMergeTree deduplicates at merge time and in FINAL,
 #: so sorting out duplicates while inserting is wasted work.
 INSERT_SETTINGS = {"optimize_on_insert": 0}
+#: Seconds between the worker's progress lines in the log.
+PROGRESS_INTERVAL = 10.0
 
 
 def is_data_error(exc: Exception) -> bool:
@@ -305,6 +307,8 @@ def dead_letter(message: Message, reason: str, error_type: str) -> dict[str, Any
 
 @dataclass
 class BatchStats:
+    """What a batch (or a stretch of batches) did: messages consumed, of which dead-lettered."""
+
     messages: int = 0
     dead_letters: int = 0
 
@@ -332,18 +336,26 @@ class ArchiveWorker:
         self._dead_letter_codec = codec("DeadLetter")
         self.stopping = threading.Event()
 
-    def run(self, on_batch: Callable[[BatchStats], None] | None = None) -> None:
+    def run(self) -> None:
         """Archive until :attr:`stopping` is set; commit each batch after it is durable."""
         self.consumer.subscribe(list(self.tables))
         stream = self.settings.stream
+        progress, since = BatchStats(), time.monotonic()
         try:
             while not self.stopping.is_set():
                 messages = self.consumer.consume(num_messages=stream.batch_size, timeout=stream.batch_within)
-                if not messages:
-                    continue
-                stats = self.process(messages)
-                if on_batch:
-                    on_batch(stats)
+                if messages:
+                    stats = self.process(messages)
+                    progress.messages += stats.messages
+                    progress.dead_letters += stats.dead_letters
+                if progress.messages and time.monotonic() - since >= PROGRESS_INTERVAL:
+                    log.info(
+                        "archived %d messages (%d dead-lettered) in %.0f s",
+                        progress.messages,
+                        progress.dead_letters,
+                        time.monotonic() - since,
+                    )
+                    progress, since = BatchStats(), time.monotonic()
         finally:
             self.consumer.close()
             self.producer.flush(self.settings.producer.flush_timeout)
