@@ -76,6 +76,9 @@ STD_EXCEPTION = 1001
 #: Settings of every archive insert: the ReplacingMergeTree deduplicates at merge time and in FINAL,
 #: so sorting out duplicates while inserting is wasted work.
 INSERT_SETTINGS = {"optimize_on_insert": 0}
+#: Waits before retrying an insert that failed for a transport reason (a server restarting); after
+#: the last one the worker stops without committing, so a restart resumes where it was.
+INSERT_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0)
 #: Seconds between the worker's progress lines in the log.
 PROGRESS_INTERVAL = 10.0
 
@@ -233,8 +236,18 @@ class Archiver:
         return rejected
 
     def _insert(self, table: Table, bodies: list[bytes]) -> None:
+        from clickhouse_connect.driver.exceptions import OperationalError
+
         data = self._container(table.record).file(bodies)
-        self.client.raw_insert(f"{table.name}_ingest", None, data, settings=INSERT_SETTINGS, fmt="Avro")
+        for delay in (*INSERT_RETRY_DELAYS, None):
+            try:
+                self.client.raw_insert(f"{table.name}_ingest", None, data, settings=INSERT_SETTINGS, fmt="Avro")
+                return
+            except OperationalError as exc:  # the server is unreachable or went away: not the data's fault
+                if delay is None or is_data_error(exc):
+                    raise
+                log.warning("insert into %s failed (%s); retrying in %.1f s", table.name, exc, delay)
+                time.sleep(delay)
 
     def _insert_or_isolate(
         self, table: Table, bodies: list[tuple[Any, bytes, bytes]], rejected: list[Rejected]

@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Callable
 
 import fastavro
+import pytest
 from confluent_kafka import Consumer, Producer
 
 from schemas.codec import codec, shipped_schemas
@@ -265,3 +266,36 @@ def test_confluent_framed_records_are_re_encoded_for_clickhouse():
     assert framed[:1] == b"\x00"
     body = Archiver(client=None, registry_url=registry).body("Reward", framed)
     assert body == codec("Reward").encode(reward)[10:]
+
+
+class DroppingServer:
+    """Stands in for a ClickHouse server (none can run here) whose connection drops ``drops`` times."""
+
+    def __init__(self, drops: int) -> None:
+        self.drops, self.calls, self.inserted = drops, 0, []
+
+    def raw_insert(self, table, column_names, data, settings, fmt):
+        from clickhouse_connect.driver.exceptions import OperationalError
+
+        self.calls += 1
+        if self.calls <= self.drops:
+            raise OperationalError("Error HTTPConnectionPool: connection reset by peer")
+        self.inserted.append((table, fmt, data))
+
+
+def test_inserts_are_retried_through_transport_failures_then_given_up(monkeypatch):
+    from clickhouse_connect.driver.exceptions import OperationalError
+
+    from stream_processors import archive as archive_module
+    from stream_processors.archive import Archiver, Table
+
+    monkeypatch.setattr(archive_module, "INSERT_RETRY_DELAYS", (0.01, 0.01))
+    rewards = Table("Reward", "rewards")
+    message = (None, codec("Reward").encode(_reward()))
+    server = DroppingServer(drops=2)
+    assert Archiver(server).write(rewards, [message]) == []
+    assert server.calls == 3 and [(t, f) for t, f, _ in server.inserted] == [("rewards_ingest", "Avro")]
+    server = DroppingServer(drops=3)
+    with pytest.raises(OperationalError):
+        Archiver(server).write(rewards, [message])
+    assert server.calls == 3 and server.inserted == []
