@@ -18,7 +18,9 @@ Failures. Bad framing goes to the DLQ at once. A batch ClickHouse rejects (a cor
 table CONSTRAINT — the archive's invariants) is split in halves until the offending messages are
 alone; those go to the DLQ as ``DeadLetter`` records with the reason, the rest is archived. Offsets
 are committed only after the insert returned and the dead letters were acknowledged: at-least-once
-delivery into ReplacingMergeTree tables read through FINAL views is exactly-once in the views.
+delivery into ReplacingMergeTree tables read through FINAL views is exactly-once in the views. An
+insert that fails for a transport reason (a server restarting) is retried with backoff; any other
+failure stops the worker before it commits, so a restart resumes where it stopped.
 
 Why confluent-kafka and not Faust (DESIGN.md lists the archiver among the Faust apps): the archive
 needs ``Consumer.consume(num_messages, timeout)`` batches of raw bytes and a synchronous commit after
