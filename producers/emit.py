@@ -289,6 +289,9 @@ class traced:
     unless ``record_io=False``. An exception marks the span ``error`` and propagates unchanged.
     """
 
+    #: Span name of an unnamed ``with`` block (a decorated function is named after the function).
+    block_name = "traced"
+
     def __init__(
         self,
         name: str | Callable[..., Any] | None = None,
@@ -334,7 +337,7 @@ class traced:
         reset_parent(self._token)
         emit_span(
             self.kind,
-            self.name,
+            self.name or self.block_name,
             attributes=self.attributes,
             status="ok" if exc is None else "error",
             error=None if exc is None else f"{type(exc).__name__}: {exc}",
@@ -352,6 +355,12 @@ class traced:
         self.__exit__(exc_type, exc, tb)
 
     # -- as a decorator --------------------------------------------------------------------
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        """``@traced`` on a method: bind like the function it wraps."""
+        if instance is None or self._function is None:
+            return self
+        return functools.partial(self._wrapped, instance)
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self._function is not None:  # @traced without arguments: this object is the wrapper
             return self._wrapped(*args, **kwargs)
@@ -367,7 +376,9 @@ class traced:
             if record_io:
                 try:
                     bound = signature.bind(*args, **kwargs)
-                    span.attributes.update({f"input.{k}": v for k, v in bound.arguments.items()})
+                    span.attributes.update(
+                        {f"input.{k}": v for k, v in bound.arguments.items() if k not in ("self", "cls")}
+                    )
                 except TypeError:  # the call itself will raise the same error
                     pass
             return span
@@ -411,7 +422,9 @@ def operation(fn: Any = None, *, propagate: bool = True, name: str | None = None
         return _NoSpan()
     if callable(fn):
         return traced(name or fn.__qualname__, **attributes)(fn)
-    return traced(name or "operation", **attributes)
+    block = traced(name, **attributes)  # a decorated function gives its own name
+    block.block_name = "operation"
+    return block
 
 
 class _NoSpan:

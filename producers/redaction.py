@@ -44,13 +44,17 @@ _SECRET_KEYS = re.compile(
 )
 
 
+# Built once: json.dumps with options builds an encoder per call.
+_json = json.JSONEncoder(ensure_ascii=False, default=str).encode
+
+
 def to_text(value: Any) -> str:
     """A string for any attribute value: strings as they are, everything else as JSON (``str`` as a last resort)."""
     if isinstance(value, str):
         return value
     try:
-        return json.dumps(value, ensure_ascii=False, default=str)
-    except (TypeError, ValueError):  # e.g. circular references
+        return _json(value)
+    except (TypeError, ValueError, RecursionError):  # e.g. circular references
         return str(value)
 
 

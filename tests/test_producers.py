@@ -183,6 +183,44 @@ def test_idle_implicit_rollout_ends_by_itself(settings: Settings) -> None:
     assert [s["kind"] for s in sorted(spans, key=lambda s: s["sequence"])] == ["message", "rollout"]
 
 
+def test_traced_and_operation_record_inputs_outputs_errors_and_nesting(sdk: Settings) -> None:
+    class Calculator:
+        @agl.traced
+        def multiply(self, a: int, b: int) -> int:
+            return a * b
+
+    @agl.operation(category="math")
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    @agl.traced("divide", kind="tool_call")
+    def divide(a: int, b: int) -> float:
+        return a / b
+
+    with agl.rollout(task_id="calc", agent_name="calculator") as run:
+        with agl.operation(step="plan") as op:
+            op.set_input(17, b=23)
+            assert Calculator().multiply(17, 23) == 391
+            op.set_output("391")
+        assert add(1, 2) == 3
+        with pytest.raises(ZeroDivisionError):
+            divide(1, 0)
+        with agl.operation(propagate=False) as silent:
+            silent.set_output("not recorded")
+    assert agl.flush(10)
+    spans = consume(sdk.kafka.bootstrap_servers, sdk.topics.spans, at_least(5))
+    assert len(spans) == 5
+    by_name = {s["name"].rpartition("<locals>.")[2]: s for s in spans}
+    plan, multiply = by_name["operation"], by_name["Calculator.multiply"]
+    assert plan["attributes"] == {"step": "plan", "input.args.0": "17", "input.b": "23", "output": "391"}
+    assert multiply["parent_id"] == plan["event_id"] and plan["parent_id"] == run.root_id
+    assert multiply["attributes"] == {"input.a": "17", "input.b": "23", "output": "391"}
+    assert by_name["add"]["attributes"]["category"] == "math" and by_name["add"]["attributes"]["output"] == "3"
+    failed = by_name["divide"]
+    assert (failed["kind"], failed["status"]) == ("tool_call", "error")
+    assert failed["error"].startswith("ZeroDivisionError") and "output" not in failed["attributes"]
+
+
 def test_send_reward_reaches_the_rewards_topic(sdk: Settings) -> None:
     event_id = agl.send_reward("rollout-from-elsewhere", 0.75, source="verifier", attributes={"checks": [1, 2]})
     assert agl.flush(10)
