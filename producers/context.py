@@ -220,4 +220,12 @@ def _end_implicit_rollouts(idle_only: bool) -> None:
                 del _implicit_by_thread[thread_id]
 
 
+def _forget_implicit_rollouts() -> None:
+    """A forked child starts its own implicit rollouts instead of continuing its parent's."""
+    global _implicit
+    _implicit = threading.local()
+    _implicit_by_thread.clear()
+
+
 runtime.on_flush(_end_implicit_rollouts)
+os.register_at_fork(after_in_child=_forget_implicit_rollouts)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import asdict
@@ -140,4 +141,11 @@ def _at_exit() -> None:
         log.warning("boltstream: not every span was delivered before exit; the rest is in %s", running.spool.directory)
 
 
+def _forget_after_fork() -> None:
+    """A forked child does not inherit the producer's thread: it starts its own on first use."""
+    global _producer
+    _producer = None
+
+
 atexit.register(_at_exit)
+os.register_at_fork(after_in_child=_forget_after_fork)

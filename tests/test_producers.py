@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
+import os
 import threading
 import time
 import uuid
@@ -219,6 +220,24 @@ def test_traced_and_operation_record_inputs_outputs_errors_and_nesting(sdk: Sett
     failed = by_name["divide"]
     assert (failed["kind"], failed["status"]) == ("tool_call", "error")
     assert failed["error"].startswith("ZeroDivisionError") and "output" not in failed["attributes"]
+
+
+def test_a_forked_child_gets_its_own_producer(sdk: Settings) -> None:
+    parent = agl.emit_message("before fork")
+    pid = os.fork()
+    if pid == 0:  # the child: emit, deliver, report through the exit code
+        try:
+            agl.emit_message("from the child")
+            os._exit(0 if agl.flush(10) else 1)
+        except BaseException:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert agl.flush(10)
+    spans = consume(sdk.kafka.bootstrap_servers, sdk.topics.spans, at_least(4))
+    messages = {s["attributes"].get("message"): s for s in spans if s["kind"] == "message"}
+    assert set(messages) == {"before fork", "from the child"} and messages["before fork"]["event_id"] == parent
+    assert messages["before fork"]["rollout_id"] != messages["from the child"]["rollout_id"]
 
 
 def test_send_reward_reaches_the_rewards_topic(sdk: Settings) -> None:
