@@ -21,6 +21,7 @@ keep one per test session.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import signal
@@ -176,6 +177,9 @@ class VllmServer:
                 start_new_session=True,
             )
         self._client = _http_client(self.base_url)
+        # The server runs in its own session, so nothing else ends it if this process exits without
+        # calling stop() (an uncaught exception in a script, say): make interpreter exit call it.
+        atexit.register(self.stop)
         try:
             self._wait_ready(started + timeout)
             if warmup:
@@ -206,6 +210,7 @@ class VllmServer:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Terminate the server's process group (SIGTERM, then SIGKILL after `timeout`). Idempotent."""
+        atexit.unregister(self.stop)
         if self._client is not None:
             self._client.close()
             self._client = None
