@@ -77,6 +77,9 @@ class VllmServer:
         self.model_path = Path(model_path)
         #: Where the served base weights were last loaded from (`reload_weights` moves it).
         self.weights_path = self.model_path
+        # Tensor names/shapes/dtypes of the served weights, kept in memory: the directory they came
+        # from may be gone by the next update.
+        self._served_signature: dict[str, tuple[str, tuple[int, ...]]] | None = None
         self.host = host
         self.port = port
         self.served_model_name = served_model_name
@@ -313,7 +316,10 @@ class VllmServer:
             raise VllmServerError("reload_weights needs a server started with dev_mode=True")
         path = Path(weights_path) if weights_path is not None else self.weights_path
         previous = self.weights_path
-        mismatch = _signature_mismatch(weights_signature(previous), weights_signature(path))
+        if self._served_signature is None:
+            self._served_signature = weights_signature(previous)
+        candidate = weights_signature(path)
+        mismatch = _signature_mismatch(self._served_signature, candidate)
         if mismatch:
             raise VllmServerError(f"{path} does not match the served weights: {mismatch}")
         paused = time.monotonic()
@@ -335,6 +341,7 @@ class VllmServer:
         finally:
             self._resume()
         self.weights_path = path
+        self._served_signature = candidate
         return time.monotonic() - paused
 
     def _collective_reload(self, path: Path, timeout: float) -> None:

@@ -117,6 +117,7 @@ def test_reload_from_another_directory_then_back(
     assert vllm_server.weights_path == update
     assert_matches(served_sample(vllm_server), load_reference(update))
 
+    shutil.rmtree(update)  # a sidecar may delete the served version's files once they are loaded
     vllm_server.reload_weights(tiny_model_dir)
     assert_matches(served_sample(vllm_server), base_model)
 
