@@ -3,9 +3,9 @@
 The agent's thread only appends a tuple to an in-memory deque. A background thread wakes every
 ``producer.linger`` seconds (or as soon as ``span_buffer_size`` spans wait), groups the pending spans
 by rollout, cleans their attributes (:mod:`producers.redaction`), encodes one ``SpanBatch`` per
-rollout with :mod:`schemas.codec` and produces it keyed by rollout_id (``acks=all``, idempotence on,
-compression on). Rewards sent with :meth:`SpanProducer.send_reward` travel the same way to the
-rewards topic.
+rollout (:mod:`producers.span_encoder`, byte-identical to :mod:`schemas.codec`) and produces it
+keyed by rollout_id (``acks=all``, idempotence on, compression on). Rewards sent with
+:meth:`SpanProducer.send_reward` travel the same way to the rewards topic.
 
 When the broker is unreachable or slow, messages whose delivery fails (after
 ``producer.delivery_timeout``) or that the client cannot queue spill to the on-disk
@@ -35,6 +35,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from infra.config import Settings
 from producers.redaction import Redactor
 from producers.sampling import keep_rollout
+from producers.span_encoder import SpanBatchEncoder
 from producers.spool import Segment, Spool, SpooledMessage, SpoolLocked
 from schemas.codec import CodecError, codec
 
@@ -98,7 +99,7 @@ class SpanProducer:
         self.stats = ProducerStats()
         self._on_delivery = on_delivery
         self._redactor = Redactor(config.redact_patterns, config.max_attribute_bytes)
-        self._batch_codec = codec("SpanBatch")
+        self._encoder = SpanBatchEncoder()
         self._reward_codec = codec("Reward")
         self._client_config = settings.kafka.client_config(
             **{
@@ -244,30 +245,30 @@ class SpanProducer:
         topic = self.settings.topics.spans
         for rollout_id, spans in by_rollout.items():
             key = rollout_id.encode("utf-8")
-            records = [self._span_record(span) for span in spans]
-            for value, size in self._encode_batches(rollout_id, records, sent_at):
+            cleaned = [self._clean(span) for span in spans]
+            for value, size in self._encode_batches(rollout_id, cleaned, sent_at):
                 self._send(_Outgoing(topic, key, value, size, kept=True))
 
-    def _encode_batches(self, rollout_id: str, records: list[dict[str, Any]], sent_at: int) -> list[tuple[bytes, int]]:
+    def _encode_batches(self, rollout_id: str, spans: list[PendingSpan], sent_at: int) -> list[tuple[bytes, int]]:
         """SpanBatch messages of at most MAX_MESSAGE_BYTES (split in halves as needed); a span that
         cannot be encoded is dropped alone, counted and logged, not its whole batch."""
-        batch = {"rollout_id": rollout_id, "producer_id": self.producer_id, "sent_at_us": sent_at, "spans": records}
         try:
-            value = self._batch_codec.encode(batch)
+            value = self._encoder.encode(rollout_id, self.producer_id, sent_at, spans)
         except CodecError as exc:
-            if len(records) == 1:
+            if len(spans) == 1:
                 self.stats.dropped_unencodable_spans += 1
                 log.error("dropped a span of rollout %s that cannot be encoded: %s", rollout_id, exc)
                 return []
             value = b""  # find the culprit by halving
-        if value and (len(value) <= MAX_MESSAGE_BYTES or len(records) == 1):
-            return [(value, len(records))]
-        middle = len(records) // 2
-        return self._encode_batches(rollout_id, records[:middle], sent_at) + self._encode_batches(
-            rollout_id, records[middle:], sent_at
+        if value and (len(value) <= MAX_MESSAGE_BYTES or len(spans) == 1):
+            return [(value, len(spans))]
+        middle = len(spans) // 2
+        return self._encode_batches(rollout_id, spans[:middle], sent_at) + self._encode_batches(
+            rollout_id, spans[middle:], sent_at
         )
 
-    def _span_record(self, span: PendingSpan) -> dict[str, Any]:
+    def _clean(self, span: PendingSpan) -> PendingSpan:
+        """The span as it may leave the process: attributes as strings, secrets redacted, values bounded."""
         (rollout, event_id, parent_id, sequence, kind, name, start, end, status, error, reward, attrs, llm, server) = (
             span
         )
@@ -276,25 +277,25 @@ class SpanProducer:
             llm = dict(llm)
             llm["prompt_text"] = clean(llm.get("prompt_text", ""))
             llm["completion_text"] = clean(llm.get("completion_text", ""))
-        return {
-            "event_id": event_id,
-            "rollout_id": rollout.rollout_id,
-            "attempt_id": rollout.attempt_id,
-            "task_id": rollout.task_id,
-            "agent_name": rollout.agent_name,
-            "kind": kind,
-            "name": name,
-            "parent_id": parent_id,
-            "sequence": sequence,
-            "start_time_us": start,
-            "end_time_us": end,
-            "status": status,
-            "error": None if error is None else clean(error),
-            "reward": reward,
-            "attributes": self._redactor.attributes(attrs),
-            "llm": llm,
-            "server_id": server,
-        }
+        if error is not None:
+            error = clean(error)
+        attrs = self._redactor.attributes(attrs)
+        return (
+            rollout,
+            event_id,
+            parent_id,
+            sequence,
+            kind,
+            name,
+            start,
+            end,
+            status,
+            error,
+            reward,
+            attrs,
+            llm,
+            server,
+        )
 
     def _send_pending_rewards(self) -> None:
         topic = self.settings.topics.rewards
