@@ -233,7 +233,8 @@ def test_lora_candidate_is_published_as_an_adapter(trainer_settings):
 
 # -- crash and resume ------------------------------------------------------------------------
 def trainer_env(settings) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BOLTSTREAM_")}
+    launcher = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BOLTSTREAM_") and k not in launcher}
     env.update(
         {
             "BOLTSTREAM_HOME": str(settings.home),
@@ -339,3 +340,25 @@ def test_two_rank_data_parallel_gives_the_same_update_as_one_rank(trainer_settin
         assert torch.allclose(one, results[2][name], atol=1e-6), name
         moved += int(not torch.equal(one, before[name]))
     assert moved > 0, "the step changed no weight: the comparison would prove nothing"
+
+
+def test_restart_after_a_checkpoint_continues_with_the_next_batch(trainer_settings):
+    first_half, second_half = groups(2, 4, prefix="first"), groups(2, 4, prefix="second")
+    extra = [make_sample("waiting", 0, ret=1.0)]  # held (its group is incomplete) across the restart
+    produce_samples(trainer_settings, first_half + extra + second_half)
+    trainer = Trainer(trainer_settings, deepspeed_config=SGD)
+    assert trainer.run(max_steps=1) == 1
+    trainer.checkpoint()
+    weights = {k: v.clone() for k, v in trainer.engine.module.state_dict().items()}
+    trainer.close()
+
+    resumed = Trainer(trainer_settings, deepspeed_config=SGD)
+    assert resumed.step == 1
+    for name, value in resumed.engine.module.state_dict().items():
+        assert (value == weights[name]).all(), name
+    assert resumed.run(max_steps=1) == 1
+    assert resumed.source.next_batch(policy_version=0, timeout=2) is None
+    assert [h.sample["task_id"] for h in resumed.source.batcher.held()] == ["waiting"]
+    resumed.close()
+    trained = resumed.ledger.trained_ids()
+    assert sorted(trained) == sorted(s["sample_id"] for s in first_half + second_half)

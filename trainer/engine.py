@@ -81,18 +81,24 @@ def init_distributed() -> tuple[int, int]:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        if "RANK" not in os.environ:  # a plain process: a world of one
-            from infra.broker import free_port
-
-            os.environ.update(
-                {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
-                | ({} if "MASTER_PORT" in os.environ else {"MASTER_PORT": str(free_port())})
-            )
         if os.environ.get(SHM_ENV) != "1":
             # Probed lazily and cached in a module dict, so this edit is what TorchBackend sees.
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         backend = "gloo" if not _has_accelerator() else None
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        if "RANK" in os.environ:  # torchrun (or another launcher) set the world up
+            deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        else:  # a plain process: a world of one, without touching the environment children inherit
+            from infra.broker import free_port
+
+            os.environ.setdefault("LOCAL_RANK", "0")  # the engine insists on reading it
+            deepspeed.init_distributed(
+                dist_backend=backend,
+                auto_mpi_discovery=False,
+                init_method=f"tcp://127.0.0.1:{free_port()}",
+                rank=0,
+                world_size=1,
+                verbose=False,
+            )
     return dist.get_rank(), dist.get_world_size()
 
 

@@ -157,8 +157,6 @@ class Trainer:
                 done += 1
                 if self.rank == 0:
                     log.info("step %d: %s", result.step, _fmt(result.metrics))
-        if self.step > self.last_checkpoint:
-            self.checkpoint()
         return done
 
     def train_step(self, batch: list[dict[str, Any]]) -> StepResult:
@@ -305,6 +303,8 @@ def train_command(args: argparse.Namespace, settings: Settings) -> int:
     trainer = Trainer(settings, deepspeed_config=args.deepspeed_config)
     try:
         trainer.run(max_steps=args.max_steps, idle_timeout=args.idle_timeout)
+        if trainer.step > trainer.last_checkpoint:  # a clean stop keeps every step it trained
+            trainer.checkpoint()
     finally:
         trainer.close()
     return 0

@@ -57,14 +57,20 @@ def load_for_scoring(directory: str | Path, fmt: str, base_model: str | Path):
 
 @torch.no_grad()
 def probe_sequences(serving, prompts: list[list[int]], tokens: int) -> list[tuple[list[int], int]]:
-    """(prompt + the serving policy's greedy continuation, prompt length) for each probe prompt."""
-    sequences = []
+    """(prompt + the serving policy's greedy continuation, prompt length) for each probe prompt.
+
+    Prompts of equal length decode together; no stop token, so every probe has ``tokens`` positions.
+    """
+    by_length: dict[int, list[list[int]]] = {}
     for prompt in prompts:
-        ids = torch.tensor([prompt])
-        out = serving.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, do_sample=False
-        )
-        sequences.append((out[0].tolist(), len(prompt)))
+        by_length.setdefault(len(prompt), []).append(list(prompt))
+    sequences = []
+    for length, group in by_length.items():
+        ids = torch.tensor(group)
+        for _ in range(tokens):
+            following = serving(input_ids=ids).logits[:, -1, :].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, following], dim=1)
+        sequences.extend((row, length) for row in ids.tolist())
     return sequences
 
 
@@ -135,6 +141,8 @@ class Publisher:
         self.holds = self.work_dir / "holds.jsonl"
         self.serving = latest_update(settings)
         self.serving_dir = self._serving_dir()
+        self._probe_cache: dict[str, Any] = {}
+        self._serving_model_cache: dict[str, Any] = {}
 
     @property
     def version(self) -> int:
@@ -149,10 +157,25 @@ class Publisher:
             fetch(self.serving["uri"], local)
         return local
 
+    def _probes(self, serving, prompts: list[list[int]]) -> list[tuple[list[int], int]]:
+        """The probe sequences, decoded once per serving version and probe set."""
+        key = (self.version, tuple(map(tuple, prompts)))
+        if self._probe_cache.get("key") != key:
+            self._probe_cache = {
+                "key": key,
+                "sequences": probe_sequences(serving, prompts, self.settings.trainer.probe_tokens),
+            }
+        return self._probe_cache["sequences"]
+
     def _serving_model(self):
-        if self.serving is None and self.fmt == "lora":  # the base model is the adapter-free policy
-            return load_for_scoring(self.base_model, "full", self.base_model)
-        return load_for_scoring(self.serving_dir, self.fmt, self.base_model)
+        """The serving policy, loaded once per version."""
+        if self._serving_model_cache.get("version") != self.version:
+            if self.serving is None and self.fmt == "lora":  # the base model is the adapter-free policy
+                model = load_for_scoring(self.base_model, "full", self.base_model)
+            else:
+                model = load_for_scoring(self.serving_dir, self.fmt, self.base_model)
+            self._serving_model_cache = {"version": self.version, "model": model}
+        return self._serving_model_cache["model"]
 
     def consider(
         self, candidate_dir: Path, *, step: int, metrics: dict[str, float], probe_prompts: list[list[int]]
@@ -162,7 +185,7 @@ class Publisher:
             return self._hold(step, 0.0, "no probe prompts yet: cannot score the candidate", {})
         started = time.perf_counter()
         serving, candidate = self._serving_model(), load_for_scoring(candidate_dir, self.fmt, self.base_model)
-        sequences = probe_sequences(serving, probe_prompts, self.settings.trainer.probe_tokens)
+        sequences = self._probes(serving, probe_prompts)
         score, kl = policy_stability_score(candidate, serving, sequences)
         timings = {"score_s": time.perf_counter() - started}
         if score < self.threshold:

@@ -192,7 +192,7 @@ class SampleSource:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
-            for message in self.consumer.consume(num_messages=500, timeout=min(remaining, 0.5)):
+            for message in self.consumer.consume(num_messages=500, timeout=min(remaining, 0.05)):
                 self._receive(message, policy_version)
 
     def _receive(self, message, policy_version: int) -> None:
