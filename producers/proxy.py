@@ -8,7 +8,8 @@ client sees what it would see without the proxy (``--no-token-ids`` turns this o
 that reject these parameters). Each call to ``/chat/completions``, ``/completions`` or
 ``/responses`` becomes an ``llm_call`` span. Everything else (``/v1/models`` ...) is passed through.
 
-The rollout comes from request headers (removed before forwarding):
+The rollout comes from request headers (removed before forwarding, except the rollout id, which a
+boltstream router upstream uses to keep a rollout on one weight version):
 
 =============================  ===========================================================
 ``X-Boltstream-Rollout-Id``    rollout the call belongs to; without it the call is a rollout
