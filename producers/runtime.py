@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
-from infra.config import Settings, load_settings
+from infra.config import ConfigError, Settings, load_settings
 from producers.span_producer import DeliveryListener, PendingSpan, SpanProducer
 
 log = logging.getLogger("boltstream.producer")
@@ -35,12 +35,21 @@ def on_flush(hook: Callable[[bool], None]) -> None:
 
 
 def settings() -> Settings:
-    """The settings in force: the configured ones, else ``load_settings()`` (loaded once)."""
-    global _settings
+    """The settings in force: the configured ones, else ``load_settings()`` (loaded once).
+
+    A configuration that cannot be loaded is logged and replaced by the defaults (with no broker,
+    so spans are discarded and counted): an agent never fails because of the SDK's configuration.
+    """
+    global _settings, _unavailable_reason
     if _settings is None:
         with _lock:
             if _settings is None:
-                _settings = load_settings()
+                try:
+                    _settings = load_settings()
+                except ConfigError as exc:
+                    _unavailable_reason = f"configuration error: {exc}"
+                    log.error("boltstream spans are discarded: %s", _unavailable_reason)
+                    _settings = Settings()
     return _settings
 
 

@@ -6,6 +6,8 @@ import asyncio
 import hashlib
 import math
 import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -182,6 +184,23 @@ def test_idle_implicit_rollout_ends_by_itself(settings: Settings) -> None:
     finally:
         agl.shutdown(5)
     assert [s["kind"] for s in sorted(spans, key=lambda s: s["sequence"])] == ["message", "rollout"]
+
+
+def test_a_broken_configuration_never_fails_the_agent(tmp_path: Path) -> None:
+    agent = (
+        "import producers as agl\n"
+        "with agl.rollout(task_id='t'):\n"
+        "    agl.emit_reward(1.0)\n"
+        "stats = agl.stats()\n"
+        "assert stats['discarded_spans'] == 2, stats\n"
+        "assert 'span_buffer_size' in stats['unavailable_reason'], stats\n"
+    )
+    env = {**os.environ, "BOLTSTREAM_HOME": str(tmp_path), "BOLTSTREAM_PRODUCER__SPAN_BUFFER_SIZE": "lots"}
+    done = subprocess.run(
+        [sys.executable, "-c", agent], env=env, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert "configuration error" in done.stderr  # said once, loudly
 
 
 def test_traced_and_operation_record_inputs_outputs_errors_and_nesting(sdk: Settings) -> None:
