@@ -2,15 +2,23 @@
 
 Readers always go through clickhouse-connect's HTTP client to ``clickhouse.read_url``: the embedded
 store's read endpoint (served by the archive worker) or a ClickHouse server, alike. The named reports
-are views created with the tables (``schemas/clickhouse/10_reports.sql``): ``report NAME`` selects
-from ``report_NAME``, and ``report --list`` reads their names and comments from ``system.tables``.
+are views created with the tables (``schemas/clickhouse/1*_reports*.sql``): ``report NAME`` selects
+from ``report_NAME`` (``--param k=v`` passes the parameters of a parameterized view), and ``report --list``
+reads their names and comments from ``system.tables``. ``report NAME --plot`` also draws the result
+(matplotlib, the ``[report]`` extra) into a PNG and an HTML page holding it and the rows.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import datetime
+import html
+import io
+import math
 import re
 import sys
+from pathlib import Path
 from typing import Any
 
 from infra.config import ConfigError, Settings
@@ -90,10 +98,108 @@ def report_names(client: Any) -> list[tuple[str, str]]:
     return [(name.removeprefix(REPORT_PREFIX), comment) for name, comment in rows]
 
 
+def report_parameters(client: Any, name: str) -> list[str]:
+    """The parameters a (parameterized) report view takes, in order of first use."""
+    query = client.command(
+        "SELECT create_table_query FROM system.tables WHERE database = currentDatabase() AND name = {n:String}",
+        parameters={"n": REPORT_PREFIX + name},
+    )
+    return list(dict.fromkeys(re.findall(r"\{(\w+):[^}]+\}", str(query))))
+
+
 def report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", nargs="?", help="report name (see --list)")
     parser.add_argument("--list", action="store_true", help="list the named reports")
     parser.add_argument("--format", choices=FORMATS, default="table", help="output format (default: table)")
+    parser.add_argument(
+        "--param", action="append", default=[], metavar="NAME=VALUE", help="parameter of a parameterized report"
+    )
+    parser.add_argument("--plot", action="store_true", help="also write the report as PNG and HTML")
+    parser.add_argument("--output", help="directory of --plot files (default: <home>/reports)")
+
+
+def report_sql(name: str, params: list[str]) -> str:
+    """``SELECT * FROM report_<name>``, with ``(k=v, ...)`` for a parameterized view; numbers stay numbers."""
+    if not params:
+        return f"SELECT * FROM {REPORT_PREFIX}{name}"
+    bound = []
+    for param in params:
+        key, sep, value = param.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_]\w*", key):
+            raise ConfigError(f"--param {param!r}: use NAME=VALUE")
+        try:
+            literal = repr(float(value)) if math.isfinite(float(value)) else None
+        except ValueError:
+            literal = None
+        if literal is None:
+            literal = "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+        bound.append(f"{key}={literal}")
+    return f"SELECT * FROM {REPORT_PREFIX}{name}({', '.join(bound)})"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def plot_report(name: str, comment: str, columns: list[str], rows: list[tuple], directory: Path) -> tuple[Path, Path]:
+    """Draw a report result: one panel per numeric column, against the other columns (a time axis when
+    the first column is a time, one line per combination of the others; else horizontal bars, one per
+    row). Writes ``report_<name>.png`` and ``report_<name>.html`` (the picture and the rows) into
+    ``directory``; returns their paths. Raises ValueError when there is nothing to draw."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    numeric = [i for i in range(len(columns)) if rows and all(_is_number(r[i]) or r[i] is None for r in rows)]
+    timed = bool(rows) and isinstance(rows[0][0], datetime.date)
+    numeric = [i for i in numeric if not (timed and i == 0)]
+    labels_at = [i for i in range(len(columns)) if i not in numeric and not (timed and i == 0)]
+    if not rows or not numeric:
+        raise ValueError(f"report {name} has {'no rows' if not rows else 'no numeric column'} to plot")
+    panels = numeric[:6]
+    figure, axes = plt.subplots(len(panels), 1, figsize=(10, 2.2 + 2.6 * len(panels)), squeeze=False)
+
+    def label(position: int, row: tuple) -> str:
+        return " / ".join(str(row[i]) for i in labels_at) or str(position)
+
+    for axis, index in zip(axes[:, 0], panels, strict=False):
+        if timed:
+            series: dict[str, list[tuple[Any, float]]] = {}
+            for row in rows:
+                series.setdefault(" / ".join(str(row[i]) for i in labels_at), []).append((row[0], row[index] or 0))
+            for key, points in series.items():
+                axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=key or columns[index])
+            axis.legend(fontsize=8)
+        else:
+            shown = rows[:40]
+            axis.barh([label(n, r) for n, r in enumerate(shown)][::-1], [r[index] or 0 for r in shown][::-1])
+            axis.tick_params(axis="y", labelsize=8)
+        axis.set_title(columns[index], fontsize=10)
+        axis.grid(alpha=0.3)
+    figure.suptitle(f"{name}: {comment}", fontsize=11)
+    figure.tight_layout(rect=(0, 0, 1, 0.97))
+    directory.mkdir(parents=True, exist_ok=True)
+    png, page = directory / f"{REPORT_PREFIX}{name}.png", directory / f"{REPORT_PREFIX}{name}.html"
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    png.write_bytes(buffer.getvalue())
+    header = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape('NULL' if v is None else str(v))}</td>" for v in row) + "</tr>"
+        for row in rows
+    )
+    image = base64.b64encode(buffer.getvalue()).decode()
+    page.write_text(
+        f"<!doctype html><meta charset='utf-8'><title>boltstream report {html.escape(name)}</title>"
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:2px 8px;font-size:13px}</style>"
+        f"<h1>{html.escape(name)}</h1><p>{html.escape(comment)}</p>"
+        f"<img alt='{html.escape(name)}' src='data:image/png;base64,{image}'>"
+        f"<table><tr>{header}</tr>{body}</table>\n"
+    )
+    return png, page
 
 
 def report_command(args: argparse.Namespace, settings: Settings) -> int:
@@ -115,7 +221,26 @@ def report_command(args: argparse.Namespace, settings: Settings) -> int:
                 known = ", ".join(reports) or "none (is the schema applied?)"
                 print(f"boltstream report: unknown report {args.name!r}; known: {known}", file=sys.stderr)
                 return 2
-            print_result(client, f"SELECT * FROM {REPORT_PREFIX}{args.name}", args.format)
+            given = {param.partition("=")[0] for param in args.param}
+            missing = [p for p in report_parameters(client, args.name) if p not in given]
+            if missing:
+                needed = " ".join(f"--param {p}=..." for p in missing)
+                print(f"boltstream report: {args.name} needs {needed}", file=sys.stderr)
+                return 2
+            sql = report_sql(args.name, args.param)
+            print_result(client, sql, args.format)
+            if args.plot:
+                result = client.query(sql)
+                directory = Path(args.output) if args.output else Path(settings.home) / "reports"
+                try:
+                    png, page = plot_report(
+                        args.name, reports[args.name], list(result.column_names), result.result_rows, directory
+                    )
+                except ValueError as exc:
+                    print(f"boltstream report: {exc}", file=sys.stderr)
+                    return 1
+                print(f"plot: {png}", file=sys.stderr)
+                print(f"page: {page}", file=sys.stderr)
         finally:
             client.close()
     except ClickHouseError as exc:
