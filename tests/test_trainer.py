@@ -362,3 +362,28 @@ def test_restart_after_a_checkpoint_continues_with_the_next_batch(trainer_settin
     resumed.close()
     trained = resumed.ledger.trained_ids()
     assert sorted(trained) == sorted(s["sample_id"] for s in first_half + second_half)
+
+
+@pytest.mark.parametrize(
+    ("zero", "bf16"),
+    [({"stage": 1}, False), ({"stage": 2}, True), ({"stage": 3, "stage3_param_persistence_threshold": 0}, False)],
+    ids=["zero1", "zero2-bf16", "zero3"],
+)
+def test_zero_stages_train_and_publish_loadable_full_weights(trainer_settings, zero, bf16):
+    settings = with_trainer(trainer_settings, publish_interval=1, weight_sync_threshold=0.0)
+    produce_samples(settings, groups(2, 4))
+    adam = {"type": "Adam", "params": {"lr": 1e-3, "torch_adam": True}}
+    config = {"optimizer": adam, "gradient_clipping": 1.0, "zero_optimization": zero, "bf16": {"enabled": bf16}}
+    trainer = Trainer(settings, deepspeed_config=config)
+    assert trainer.engine.zero_optimization_stage() == zero["stage"]
+    trainer.run(max_steps=1)
+    trainer.checkpoint()
+    trainer.close()
+    (update,) = read_all(settings, settings.topics.model_updates, "ModelUpdate", expect=1)
+    import fsspec
+    from transformers import AutoModelForCausalLM
+
+    _, root = fsspec.core.url_to_fs(update["uri"])
+    model = AutoModelForCausalLM.from_pretrained(root)
+    assert sum(p.numel() for p in model.parameters()) > 100_000  # gathered, not ZeRO-3 placeholders
+    assert 0.0 < update["stability_score"] < 1.0
