@@ -387,3 +387,30 @@ def test_zero_stages_train_and_publish_loadable_full_weights(trainer_settings, z
     model = AutoModelForCausalLM.from_pretrained(root)
     assert sum(p.numel() for p in model.parameters()) > 100_000  # gathered, not ZeRO-3 placeholders
     assert 0.0 < update["stability_score"] < 1.0
+
+
+def test_sft_trains_only_on_samples_whose_return_passes(trainer_settings):
+    settings = with_trainer(trainer_settings, algorithm="sft", sft_min_return=1.0)
+    samples = groups(4, 4)  # returns alternate 0.0 / 1.0: half pass
+    produce_samples(settings, samples)
+    trainer = Trainer(settings)
+    assert trainer.run(max_steps=1) == 1
+    assert trainer.source.next_batch(policy_version=0, timeout=1) is None
+    trainer.close()
+    assert sorted(trainer.ledger.trained_ids()) == sorted(s["sample_id"] for s in samples if s["return_value"] >= 1)
+    assert trainer.source.counters.rejected == 8
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4], ids=["full", "lora"])
+def test_kl_to_the_reference_and_several_updates_per_batch(trainer_settings, lora_rank):
+    settings = with_trainer(trainer_settings, kl_coef=0.1, updates_per_batch=4, lora_rank=lora_rank)
+    produce_samples(settings, groups(2, 4))
+    adam = {"optimizer": {"type": "Adam", "params": {"lr": 0.05, "torch_adam": True}}}
+    trainer = Trainer(settings, deepspeed_config=adam)
+    batch = trainer.source.next_batch(policy_version=0, timeout=10)
+    metrics = trainer.train_batch(batch)
+    trainer.close()
+    # The later updates move away from the step-start policy: the reference KL grows from 0 and the
+    # PPO clip engages on some tokens.
+    assert metrics["kl_ref"] > 0
+    assert metrics["clip_fraction"] > 0
