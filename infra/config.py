@@ -161,8 +161,11 @@ class StreamConfig:
     join_grace: float = 1.0
     #: How long (stream time) a closed trajectory's marker is kept to recognise duplicates and late inputs.
     closed_retention: float = 3600.0
-    #: Port of the join worker's HTTP endpoint (Prometheus ``/metrics``); 0 picks a free one.
-    join_metrics_port: int = 6066
+    #: Port of the join worker's HTTP endpoint (Prometheus ``/metrics``); 0 picks a free one (each worker
+    #: then announces its URL in ``<home>/join/<pid>.json``).
+    join_metrics_port: int = 0
+    #: Longest the join waits to fill a batch (up to ``batch_size``), seconds: bounds the latency it adds.
+    join_batch_within: float = 0.05
 
 
 @dataclass(frozen=True)

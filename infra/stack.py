@@ -81,6 +81,8 @@ WORKERS: dict[str, Worker] = {
         ready_url="http://127.0.0.1:{read_port}/ping",
         serves_reads=True,
     ),
+    # The reward/trajectory join; its metrics: stream_processors.join.join_metrics_urls(settings) + join_status(url).
+    "join": Worker(argv=("{python}", "-m", "infra.cli", "join"), settle=2.0),
 }
 
 

@@ -23,13 +23,12 @@ All functions here are pure: same inputs, same floats.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 POLICIES = ("final", "discounted", "per_step")
 
 
-@dataclass(frozen=True)
-class CallPosition:
+class CallPosition(NamedTuple):
     """Where an LLM call sits in its trajectory."""
 
     sequence: int

@@ -17,14 +17,17 @@ applied: they are counted (``boltstream_join_late_rewards_total``) and dead-lett
 
 Scaling: every worker is a member of the consumer group ``stream.join_group``; partitions of the
 input topics (``topics.partitions``) bound how many workers share the load. Metrics for Prometheus
-are served on ``http://127.0.0.1:<stream.join_metrics_port>/metrics``; :func:`join_status` reads them.
+are served on ``http://127.0.0.1:<port>/metrics`` (``stream.join_metrics_port``; 0, the default, picks a
+free port); :func:`join_metrics_urls` finds the running workers' URLs and :func:`join_status` reads one.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
+import os
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -53,6 +56,7 @@ from stream_processors.rollouts import (
 log = logging.getLogger(__name__)
 STATE_CODEC = "boltstream-join-state"
 TICK_SECONDS = 0.2
+FETCH_MAX_WAIT_MS = 50
 
 
 class _StateCodec(codecs.Codec):
@@ -75,6 +79,10 @@ class _StateValue:
     @staticmethod
     def from_data(data: Any, preferred_type: Any = None) -> Any:
         return data
+
+
+def _json_key(key: str) -> bytes:
+    return json.dumps(key).encode()
 
 
 def _now_us() -> int:
@@ -110,7 +118,6 @@ class JoinWorker:
             producer_acks=-1,
             producer_linger=0.002,
             producer_max_batch_size=1024 * 1024,
-            producer_compression_type="lz4",
             web_enabled=True,
             web_bind="127.0.0.1",
             web_port=self.metrics_port,
@@ -121,6 +128,7 @@ class JoinWorker:
         )
         self.inputs = self.app.topic(topics.spans, topics.rewards, key_serializer="raw", value_serializer="raw")
         self.core = JoinCore(self.rules, self.table.data)
+        self._changelog = self.table.changelog_topic.get_topic_name()
         self._codecs = {name: codec(name) for name in ("Trajectory", "TrainingSample", "DeadLetter")}
         self._last_offset: dict[tuple[str, int], int] = {}  # (topic, partition) -> last offset processed
         self._last_input_wall: dict[int, float] = {}  # partition -> wall time of its last input
@@ -141,7 +149,7 @@ class JoinWorker:
     # -- processing -----------------------------------------------------------------------------
     async def _join(self, stream: faust.StreamT) -> None:
         spans_topic = self.settings.topics.spans
-        batch_size, within = self.settings.stream.batch_size, self.settings.stream.batch_within
+        batch_size, within = self.settings.stream.batch_size, self.settings.stream.join_batch_within
         on_spans, on_reward = self.core.on_span_batch, self.core.on_reward
         last_offset, last_input = self._last_offset, self._last_input_wall
         async for events in stream.take_events(batch_size, within=within):
@@ -164,6 +172,7 @@ class JoinWorker:
     async def _tick(self) -> None:
         if self.app.rebalancing:
             return
+        self._shorten_fetch_wait()
         async with self._lock:
             stream_times = {}
             for partition in self._assigned_partitions():
@@ -171,9 +180,20 @@ class JoinWorker:
             self.core.expire(stream_times)
             await self._flush()
 
+    def _shorten_fetch_wait(self) -> None:
+        """Faust builds its aiokafka consumer with a fixed fetch_max_wait_ms of 1500, and Tansu answers an
+        empty fetch only when that wait is over, even if records arrive meanwhile: reward-to-sample latency
+        would average ~0.75 s. Neither exposes a setting, so set the fetcher's wait once it exists."""
+        consumer = getattr(getattr(self.app.consumer, "_thread", None), "_consumer", None)
+        fetcher = getattr(consumer, "_fetcher", None)
+        if fetcher is not None and getattr(fetcher, "_fetch_max_wait_ms", None) != FETCH_MAX_WAIT_MS:
+            fetcher._fetch_max_wait_ms = FETCH_MAX_WAIT_MS
+
     def _assigned_partitions(self) -> set[int]:
         spans = self.settings.topics.spans
         assigned = {tp.partition for tp in self.app.consumer.assignment() if tp.topic == spans}
+        if assigned - self._assigned:
+            self.core.reindex(_now_us())  # states of the new partitions were restored from the changelog
         for partition in assigned - self._assigned:
             # Newly ours (start or rebalance): what another owner read is unknown here, and idle time
             # counts from now, not from when this worker last owned the partition.
@@ -225,12 +245,15 @@ class JoinWorker:
             pending.append(await producer.send(topics.dlq, key, encode(record), None, None, None))
         if pending:
             await asyncio.gather(*pending)  # published before any close is written to the changelog
-        data = self.table.data
+        # Changelog writes go straight to the producer: Faust's send_soon buffer publishes them one await
+        # at a time and was the bottleneck. Keys are JSON like Faust's own (recovery decodes them so);
+        # values use the table's codec. Faust flushes the producer before it commits input offsets.
+        changelog = self._changelog
         for key, state in dirty.items():
-            self.table.send_changelog(state.partition, key, state)
+            await producer.send(changelog, _json_key(key), dumps_state(state), state.partition, None, None)
         for key, partition in self.core.deleted.items():
-            data.pop(key, None)
-            self.table.send_changelog(partition, key, None)
+            self.table.data.pop(key, None)
+            await producer.send(changelog, _json_key(key), None, partition, None, None)
         self.core.deleted.clear()
 
     # -- metrics --------------------------------------------------------------------------------
@@ -273,12 +296,41 @@ class JoinWorker:
         yield lag
 
     def run(self, loglevel: str = "warning") -> None:
-        """Run the worker in the foreground until SIGINT/SIGTERM."""
+        """Run the worker in the foreground until SIGINT/SIGTERM; announce its metrics URL meanwhile."""
+        announcement = _announcements(self.settings) / f"{os.getpid()}.json"
+        announcement.parent.mkdir(parents=True, exist_ok=True)
+        url = metrics_url(self.metrics_port)
+        announcement.write_text(json.dumps({"pid": os.getpid(), "group": self.app.conf.id, "metrics_url": url}))
+        try:
+            self._run(loglevel)
+        finally:
+            announcement.unlink(missing_ok=True)
+
+    def _run(self, loglevel: str) -> None:
+        for name in ("aiokafka", "faust", "mode"):  # their per-message debug calls cost even when not shown
+            logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLevelName(loglevel.upper())))
         faust.Worker(self.app, loglevel=loglevel, quiet=True).execute_from_commandline()
 
 
-def metrics_url(settings: Settings, port: int | None = None) -> str:
-    return f"http://127.0.0.1:{port or settings.stream.join_metrics_port}/metrics"
+def metrics_url(port: int) -> str:
+    return f"http://127.0.0.1:{port}/metrics"
+
+
+def _announcements(settings: Settings) -> Path:
+    return Path(settings.home) / "join"
+
+
+def join_metrics_urls(settings: Settings) -> list[str]:
+    """Metrics URLs of the join workers running on this machine for ``settings.home`` (live pids only)."""
+    urls = []
+    for path in sorted(_announcements(settings).glob("*.json")):
+        try:
+            announced = json.loads(path.read_text())
+            os.kill(announced["pid"], 0)
+        except (OSError, ValueError, KeyError):
+            continue  # gone, or not ours to ask
+        urls.append(announced["metrics_url"])
+    return urls
 
 
 def join_status(url: str, timeout: float = 2.0) -> dict[str, Any]:
@@ -315,6 +367,6 @@ def join_arguments(parser: argparse.ArgumentParser) -> None:
 
 def join_command(args: argparse.Namespace, settings: Settings) -> int:
     worker = JoinWorker(settings, metrics_port=args.metrics_port)
-    print(f"boltstream join: group {settings.stream.join_group}, metrics {metrics_url(settings, worker.metrics_port)}")
+    print(f"boltstream join: group {settings.stream.join_group}, metrics {metrics_url(worker.metrics_port)}")
     worker.run(loglevel=args.loglevel)
     return 0

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import base64
 import fnmatch
+import heapq
 import json
 import math
 import sys
@@ -221,11 +222,11 @@ class RolloutState:
             "s": self.status,
             "c": self.closed_at_us,
             "o": self.applied,
-            "e": sorted(self.seen),
             "d": self.duplicates,
         }
         if self.status:
-            return marker
+            return {**marker, "e": list(self.seen)}
+        # An open rollout's seen ids are exactly its spans' and rewards' ids: not written twice.
         return {
             **marker,
             "task": self.task_id,
@@ -251,7 +252,7 @@ class RolloutState:
             status=data["s"],
             closed_at_us=data["c"],
             applied=list(data["o"]),
-            seen=set(data["e"]),
+            seen=set(data.get("e", ())),
             duplicates=data["d"],
         )
         if not state.status:
@@ -264,6 +265,7 @@ class RolloutState:
             state.model_versions = data["versions"]
             state.start_time_us, state.end_time_us = data["start"], data["end"]
             state.ended, state.last_activity_us = data["ended"], data["active"]
+            state.seen = {event_id for _, event_id in state.spans} | {r.event_id for r in state.rewards}
         return state
 
 
@@ -296,7 +298,7 @@ def _span_problem(span: dict[str, Any], rollout_id: str) -> str:
                 f"{len(llm['completion_logprobs'])} completion logprobs for "
                 f"{len(llm['completion_token_ids'])} completion tokens"
             )
-        if not all(math.isfinite(lp) for lp in llm["completion_logprobs"]):
+        if not math.isfinite(sum(llm["completion_logprobs"])):  # a NaN or infinity anywhere shows in the sum
             return "non-finite completion logprob"
     return ""
 
@@ -314,6 +316,11 @@ class JoinCore:
         self.dirty: dict[str, Any] = {}  # key -> state (RolloutState or PartitionClock) to write
         self.deleted: dict[str, int] = {}  # key -> partition of states dropped from ``states``
         self.counts: Counter[str] = Counter()
+        # Indexes over ``states`` so the timer never scans them all: open rollouts, and per partition a
+        # heap of (closed_at_us, key) of closed markers. Rebuilt by reindex() when partitions move.
+        self.open: dict[str, RolloutState] = {}
+        self.closed: dict[int, list[tuple[int, str]]] = {}
+        self.reindex()
 
     # -- inputs ---------------------------------------------------------------------------------
     def on_span_batch(self, partition: int, offset: int, key: bytes | None, value: bytes, now_us: int) -> None:
@@ -358,6 +365,7 @@ class JoinCore:
             self._add_span(state, span)
         if not state.status and not state.seen:  # nothing valid arrived: leave no empty state behind
             del self.states[rollout_id]
+            self.open.pop(rollout_id, None)
             self.dirty.pop(rollout_id, None)
             return
         self._settle(state, now_us)
@@ -424,20 +432,41 @@ class JoinCore:
     def expire(self, partitions: dict[int, int]) -> None:
         """Close what is due on the given partitions at their stream times; drop old closed markers."""
         timeout, grace, retention = self.rules.reward_timeout_us, self.rules.grace_us, self.rules.closed_retention_us
-        for key, state in list(self.states.items()):
-            if not isinstance(state, RolloutState):
-                continue
+        for state in list(self.open.values()):
             now = partitions.get(state.partition)
             if now is None:
                 continue
-            if not state.status:
-                deadline = state.deadline_us(timeout)
-                if now > deadline + grace:
-                    self._close(state, state.due_status(), deadline)
-            elif now > state.closed_at_us + retention:
-                del self.states[key]
-                self.dirty.pop(key, None)
-                self.deleted[key] = state.partition
+            deadline = state.deadline_us(timeout)
+            if not state.status and now > deadline + grace:
+                self._close(state, state.due_status(), deadline)
+        for partition, now in partitions.items():
+            markers = self.closed.get(partition, [])
+            while markers and now > markers[0][0] + retention:
+                _, key = heapq.heappop(markers)
+                state = self.states.get(key)
+                if isinstance(state, RolloutState) and state.status:
+                    del self.states[key]
+                    self.dirty.pop(key, None)
+                    self.deleted[key] = partition
+
+    def reindex(self, now_us: int = 0) -> None:
+        """Rebuild the open / closed indexes from the states (after recovery or a rebalance), and close
+        restored rollouts whose outcome is known (a crash may have come between their last input and the
+        changelog write of their close)."""
+        self.open.clear()
+        self.closed.clear()
+        for key, state in self.states.items():
+            if isinstance(state, RolloutState):
+                self._index(key, state)
+        for state in list(self.open.values()):
+            self._settle(state, now_us)
+
+    def _index(self, key: str, state: RolloutState) -> None:
+        if state.status:
+            self.open.pop(key, None)
+            heapq.heappush(self.closed.setdefault(state.partition, []), (state.closed_at_us, key))
+        else:
+            self.open[key] = state
 
     def clock(self, partition: int) -> tuple[int, int]:
         """Largest event time seen on ``partition`` of the spans and of the rewards topic (0 if none)."""
@@ -445,7 +474,7 @@ class JoinCore:
         return tuple(clock.event_time_us) if clock is not None else (0, 0)
 
     def open_count(self) -> int:
-        return sum(1 for s in self.states.values() if isinstance(s, RolloutState) and not s.status)
+        return len(self.open)
 
     def drain(
         self,
@@ -459,7 +488,7 @@ class JoinCore:
     def _state(self, rollout_id: str, partition: int, topic: int, offset: int) -> RolloutState | None:
         state = self.states.get(rollout_id)
         if state is None:
-            state = self.states[rollout_id] = RolloutState(rollout_id, partition)
+            state = self.states[rollout_id] = self.open[rollout_id] = RolloutState(rollout_id, partition)
         elif offset <= state.applied[topic]:
             self.counts["redelivered"] += 1  # already applied before a restart: skip, no trace
             return None
@@ -587,6 +616,7 @@ class JoinCore:
             self._emit_samples(state, traj_id, finals[-1], closed_at_us)
         # Keep only the marker: the payload is no longer needed and the changelog stays small.
         state.close(status, closed_at_us)
+        self._index(state.rollout_id, state)
         self.dirty[state.rollout_id] = state
 
     def _emit_samples(self, state: RolloutState, traj_id: str, final_reward: float, created_at_us: int) -> None:

@@ -108,7 +108,9 @@ class Collector:
     def __init__(self, settings: Settings, topic: str, record: str, id_field: str) -> None:
         self.codec, self.id_field = codec(record), id_field
         self.consumer = Consumer(
-            settings.kafka.client_config(**{"group.id": f"collect-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False})
+            settings.kafka.client_config(
+                **{"group.id": f"collect-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False, "fetch.wait.max.ms": 10}
+            )
         )
         partitions = settings.topics.partitions
         self.consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])

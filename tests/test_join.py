@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from infra.config import load_settings
-from stream_processors.join import join_status
+from stream_processors.join import join_metrics_urls, join_status
 from tests.join_harness import Collector, JoinProcess, copy_topics, join_settings, prepare
 from tests.traffic import Traffic, generate, verify
 
@@ -46,6 +46,7 @@ def run_join(settings, traffic: Traffic, workers: int = 1, kill_after: int = 0) 
         assert len(trajectories.records) == len(traffic.expected), processes[0].log()
         samples.until(sum(len(e.calls) for e in traffic.expected.values() if e.status == "complete"), 30)
         dead.until(sum(traffic.dead_letters.values()), 30)
+        assert sorted(join_metrics_urls(settings)) == sorted(p.metrics_url for p in processes)
         statuses = [join_status(p.metrics_url) for p in processes]
     finally:
         for process in processes:
