@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
+from infra.cli import main
 from infra.config import ConfigError, load_settings
 from infra.stack import ensure_topics
 from schemas.codec import codec
@@ -279,3 +280,42 @@ def test_replay_settings_rename_every_topic_and_the_shared_groups(settings) -> N
     assert target.stream.reward_timeout == settings.stream.reward_timeout
     with pytest.raises(ConfigError):
         replay_settings(settings, "../prod")
+
+
+def test_replay_command_paces_selects_and_writes_the_experiment_config(recorded, monkeypatch, tmp_path, capsys) -> None:
+    settings, traffic = recorded["settings"], recorded["traffic"]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BOLTSTREAM_HOME", str(tmp_path))
+    monkeypatch.setenv("BOLTSTREAM_KAFKA__BOOTSTRAP_SERVERS", settings.kafka.bootstrap_servers)
+    monkeypatch.setenv("BOLTSTREAM_CLICKHOUSE__READ_URL", recorded["archive"].read_url)
+    for name in ("spans", "rewards", "trajectories", "samples", "dlq"):
+        monkeypatch.setenv(f"BOLTSTREAM_TOPICS__{name.upper()}", getattr(settings.topics, name))
+    agent, speed = "code-agent", 20.0
+    selected = list(ArchiveSource(recorded["reader"], Selection(agents=(agent,))).messages())
+    started = time.monotonic()
+    assert main(["replay", "--name", "cli", "--agent", agent, "--speed", str(speed), "--quiet"]) == 0
+    elapsed = time.monotonic() - started
+    out = capsys.readouterr().out
+    spans = sum(m.events for m in selected if m.topic == "spans")
+    assert f"replayed {spans} spans and {sum(m.topic == 'rewards' for m in selected)} rewards" in out
+    original_seconds = (selected[-1].time_us - selected[0].time_us) / 1e6
+    assert original_seconds > 2 and elapsed >= original_seconds / speed * 0.95
+
+    config = tmp_path / "replays" / "cli.toml"
+    assert f"BOLTSTREAM_CONFIG={config}" in out
+    experiment = load_settings(config, environ={})  # (the test's BOLTSTREAM_TOPICS__* would override it)
+    assert experiment.topics.spans == f"replay.cli.{settings.topics.spans}"
+    counted = Collector(experiment, experiment.topics.spans, "SpanBatch", "rollout_id")
+    counted.until(len({m.key for m in selected if m.topic == "spans"}), 10)
+    counted.close()
+    assert set(counted.records) == {
+        r for r, e in traffic.expected.items() if e.agent_name == agent and e.span_event_ids
+    }
+
+    # Bad requests are refused with a message, never a traceback.
+    assert main(["replay", "--name", "bad", "--speed", "0"]) == 2
+    assert main(["replay", "--name", "bad", "--source", "kafka", "--agent", agent]) == 2
+    assert main(["replay", "--name", "bad/name"]) == 2
+    assert main(["replay", "--name", "badsql", "--where", "no_such_column = 1", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "--speed must be positive" in err and "no_such_column" in err
