@@ -366,6 +366,9 @@ def join_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def join_command(args: argparse.Namespace, settings: Settings) -> int:
+    from infra.stack import ensure_topics
+
+    ensure_topics(settings)  # the inputs must exist before Faust subscribes; outputs before the first close
     worker = JoinWorker(settings, metrics_port=args.metrics_port)
     print(f"boltstream join: group {settings.stream.join_group}, metrics {metrics_url(worker.metrics_port)}")
     worker.run(loglevel=args.loglevel)
