@@ -56,7 +56,7 @@ def token_logprobs(model, batch: TokenBatch) -> torch.Tensor:
     return logprobs * batch.attention_mask[:, 1:]
 
 
-def load_policy(path: str | Path, *, lora_rank: int = 0, trainable: bool = True):
+def load_policy(path: str | Path, *, lora_rank: int = 0):
     """(model, tokenizer) from a Hugging Face directory; with ``lora_rank`` > 0 a peft LoRA model on top."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -67,7 +67,7 @@ def load_policy(path: str | Path, *, lora_rank: int = 0, trainable: bool = True)
 
         config = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0, target_modules="all-linear")
         model = get_peft_model(model, config)
-    model.train(trainable)
+    model.train()
     return model, tokenizer
 
 
