@@ -23,12 +23,14 @@ import copy
 import logging
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from confluent_kafka import KafkaException
 
 from infra.config import ConfigError, Settings
 from trainer.artifacts import export_policy
@@ -38,7 +40,7 @@ from trainer.grpo import GRPO
 from trainer.policy import TokenBatch, load_policy, pack, token_logprobs
 from trainer.publish import Decision, Publisher
 from trainer.sft import SFT
-from trainer.source import SampleSource
+from trainer.source import SampleSource, SourceError
 
 log = logging.getLogger("boltstream.trainer")
 
@@ -300,7 +302,11 @@ def train_command(args: argparse.Namespace, settings: Settings) -> int:
         from trainer.apo import run_apo
 
         return run_apo(settings, max_seconds=args.duration)
-    trainer = Trainer(settings, deepspeed_config=args.deepspeed_config)
+    try:
+        trainer = Trainer(settings, deepspeed_config=args.deepspeed_config)
+    except (SourceError, KafkaException) as exc:
+        print(f"boltstream train: cannot read the samples or model-updates topic: {exc}", file=sys.stderr)
+        return 1
     try:
         trainer.run(max_steps=args.max_steps, idle_timeout=args.idle_timeout)
         if trainer.step > trainer.last_checkpoint:  # a clean stop keeps every step it trained
