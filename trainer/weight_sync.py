@@ -2,7 +2,9 @@
 
 It owns the replica's side of ``model-updates``: it reads that compacted topic from the beginning (so on
 start it catches up to the newest version of its model, whatever happened while it was down), then
-follows it. For each version newer than the one served it
+follows it. A replica that serves the *stable* version of a full-weights progressive rollout follows
+promotions instead (``follow="promotions"``): it also reads ``rollout-decisions`` and loads a version
+only once it is promoted, while a canary replica loads every new one. For each version to load it
 
 1. fetches the artifact into ``<serving_dir>/versions/v<version>`` and verifies it there with the
    trainer's own check (:func:`trainer.artifacts.verify`: files present, safetensors complete, sha256
@@ -42,6 +44,9 @@ from trainer.artifacts import Artifact, ArtifactError, fetch, verify
 log = logging.getLogger("boltstream.weight_sync")
 
 WORKER_NAME = "weight_sync"
+#: What a sidecar loads: ``updates``, every new version (a canary replica, or any LoRA replica: it keeps
+#: the older adapters); ``promotions``, only versions the rollout promoted (a stable full-weights replica).
+FOLLOW = ("updates", "promotions")
 CURRENT_LINK = "current"
 
 
@@ -88,8 +93,14 @@ class WeightSync:
         server_id: str = "",
         serving_dir: str | Path = "",
         served: Served | None = None,
+        follow: str = "updates",
     ) -> None:
+        if follow not in FOLLOW:
+            raise ValueError(f"follow must be one of {FOLLOW}, not {follow!r}")
         self.settings = settings
+        self.follow = follow
+        self._known: dict[int, dict[str, Any]] = {}  # following promotions: updates read, by version
+        self._promoted = 0
         self.server = server
         self.model = settings.trainer.model_name
         self.server_id = server_id or settings.serve.server_id or default_server_id(server.port)
@@ -112,24 +123,39 @@ class WeightSync:
         self.producer = Producer(kafka.client_config(**{"acks": "all", "enable.idempotence": True}))
         self._assigned = False
 
-    # -- reading model-updates -------------------------------------------------------------------
+    # -- reading model-updates (and, following promotions, rollout-decisions) ---------------------
 
     def _assign(self, timeout: float) -> list[TopicPartition]:
-        topic = self.settings.topics.model_updates
-        metadata = self.consumer.list_topics(topic, timeout=timeout).topics[topic]
-        if metadata.error is not None:
-            raise RuntimeError(f"topic {topic}: {metadata.error}")
-        partitions = [TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(metadata.partitions)]
+        topics = [self.settings.topics.model_updates]
+        if self.follow == "promotions":
+            topics.append(self.settings.topics.rollout_decisions)
+        partitions = []
+        for topic in topics:
+            metadata = self.consumer.list_topics(topic, timeout=timeout).topics[topic]
+            if metadata.error is not None:
+                raise RuntimeError(f"topic {topic}: {metadata.error}")
+            partitions += [TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(metadata.partitions)]
         self.consumer.assign(partitions)
         self._assigned = True
         return partitions
 
-    def _updates(self, messages: list[Message]) -> list[dict[str, Any]]:
-        """Decoded ModelUpdates of this sidecar's model; undecodable messages are dead-lettered."""
+    def _loadable(self, messages: list[Message]) -> list[dict[str, Any]]:
+        """The ModelUpdates of this sidecar's model these messages make loadable: every one when following
+        updates; the newest promoted one (once both its update and its promotion were read) when following
+        promotions. Undecodable updates are dead-lettered."""
         updates = []
         for message in messages:
             if message.error() is not None:
-                log.warning("model-updates: %s", message.error())
+                log.warning("%s: %s", message.topic(), message.error())
+                continue
+            if message.topic() == self.settings.topics.rollout_decisions:
+                try:
+                    decision = codec("RolloutDecision").decode(message.value() or b"")
+                except CodecError as exc:  # an archived topic: the archive dead-letters it
+                    log.warning("rollout decision at offset %s skipped: %s", message.offset(), exc)
+                    continue
+                if decision["model"] == self.model and decision["action"] == "promote":
+                    self._promoted = max(self._promoted, decision["candidate_version"])
                 continue
             try:
                 update = codec("ModelUpdate").decode(message.value() or b"")
@@ -138,10 +164,14 @@ class WeightSync:
                 continue
             if update["model"] == self.model:
                 updates.append(update)
-        return updates
+        if self.follow == "updates":
+            return updates
+        self._known.update((u["version"], u) for u in updates)
+        promoted = self._known.get(self._promoted)
+        return [promoted] if promoted else []
 
     def catch_up(self, timeout: float = 30.0) -> dict[str, Any] | None:
-        """Read model-updates to its end and load the newest version of the model, if newer than served.
+        """Read the followed topics to their end and load the newest loadable version, if newer than served.
 
         Returns the ServedVersion record of that load, or None when there was nothing newer.
         """
@@ -149,39 +179,39 @@ class WeightSync:
         ends = {}
         for tp in partitions:
             _low, high = self.consumer.get_watermark_offsets(tp, timeout=timeout)
-            ends[tp.partition] = high
+            ends[tp.topic, tp.partition] = high
         newest, deadline = None, time.monotonic() + timeout
         positions = dict.fromkeys(ends, -1)
         while time.monotonic() < deadline:
             messages = self.consumer.consume(num_messages=500, timeout=0.2)
             for message in messages:
                 if message.error() is None:
-                    positions[message.partition()] = message.offset()
-            for update in self._updates(messages):
+                    positions[message.topic(), message.partition()] = message.offset()
+            for update in self._loadable(messages):
                 if newest is None or update["version"] > newest["version"]:
                     newest = update
-            if not messages and all(positions[p] + 1 >= end for p, end in ends.items()):
+            if not messages and all(positions[key] + 1 >= end for key, end in ends.items()):
                 break
         if newest is None or newest["version"] <= self.served.version:
             return None
         return self.apply(newest)
 
     def poll(self, timeout: float = 1.0) -> list[dict[str, Any]]:
-        """Load the newest of the updates that arrived within ``timeout``; the ServedVersion records."""
+        """Load the newest version that became loadable within ``timeout``; the ServedVersion records."""
         if not self._assigned:
             self._assign(timeout=max(timeout, 10.0))
         # consume() would wait for the whole batch or the timeout: wait for one message, then drain.
         first = self.consumer.poll(timeout)
         if first is None:
             return []
-        updates = self._updates([first, *self.consumer.consume(num_messages=100, timeout=0)])
-        newer = [u for u in updates if u["version"] > self.served.version]
+        loadable = self._loadable([first, *self.consumer.consume(num_messages=100, timeout=0)])
+        newer = [u for u in loadable if u["version"] > self.served.version]
         if not newer:
             return []
         return [self.apply(max(newer, key=lambda u: u["version"]))]
 
     def run(self, stop: threading.Event) -> None:
-        """Catch up, then follow model-updates until ``stop`` is set."""
+        """Catch up, then follow until ``stop`` is set."""
         self.catch_up()
         while not stop.is_set():
             self.poll(0.5)
