@@ -12,14 +12,14 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Mapping
+from json.encoder import c_make_encoder, encode_basestring
 from typing import Any
 
 REDACTED = "[REDACTED]"
 TRUNCATION_MARKER = "…[truncated {} bytes]"
 
 # Each secret shape is (trigger, pattern): the pattern runs only on text whose lower-cased form contains
-# the trigger, so text without secrets costs a few substring searches, not a regex scan per shape.
-# A pattern keeps its first group (what the secret is, e.g. "Bearer ") and hides the rest.
+# the trigger. A pattern keeps its first group (what the secret is, e.g. "Bearer ") and hides the rest.
 _ASSIGNMENT = r"[\"']?\s*[:=]\s*[\"']?"
 _SHAPES = (
     ("sk-", r"()\bsk-[A-Za-z0-9_\-]{16,}", 0),
@@ -38,14 +38,47 @@ _SHAPES = (
     ("gh", r"()\bgh[pousr]_[A-Za-z0-9]{30,}", 0),
     ("xox", r"()\bxox[abprs]-[A-Za-z0-9\-]{10,}", 0),
 )
+# Before any shape runs, one cheap test says whether any of them can match (``Redactor.may_hold_secret``).
+# Most shapes need a rare character right after a keyword: an assignment ``[:=]`` after "key",
+# "authorization", "secret", "passw(or)d" or "token"; ``-`` after "sk" or "xox?"; ``_`` after "gh?".
+# In the lower-cased text *reversed* that rare character comes first, and a regex starting with one
+# literal character skips to its occurrences at C speed instead of trying a match at every position.
+# The test works on UTF-8 bytes: lower-casing and ``=`` → ``:`` are one ``bytes.translate`` pass.
+# Then only "bearer" and the AWS key ids (AKIA/ASIA, case-sensitive) remain: one substring search each.
+_ASCII_FOLD = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ=", b"abcdefghijklmnopqrstuvwxyz:")
+# The shapes start at a word boundary (``\bsk-``): reversed, not followed by an ASCII word character.
+_NOT_AFTER_WORD = rb"(?![a-z0-9_])"
+_SPACE = rb"[\s\x1c-\x1f]"  # what the shapes' ``\s`` matches in ASCII (``str.isspace``)
+_ASSIGNED = re.compile(rb":" + _SPACE + rb"*[\"']?(?:yek|noitazirohtua|terces|d(?:ro)?wssap|nekot)")
+_DASHED = re.compile(rb"-(?:ks|[abprs]xox)" + _NOT_AFTER_WORD)
+_UNDERSCORED = re.compile(rb"_[pousr]hg" + _NOT_AFTER_WORD)
+_AWS_KEY_ID = re.compile("A[KS]IA")
+# For non-ASCII text, first in the str domain: the non-ASCII whitespace ``\s`` matches becomes a space,
+# and the letters an IGNORECASE regex equates with ASCII ones but ``str.lower()`` leaves alone
+# (``re._casefix``: dotless ı, long ſ) become those ASCII letters; so the test stays a superset.
+_NON_ASCII_SPACES = (
+    "\x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
+)
+_CASE_FIXES = str.maketrans({"\u0131": "i", "\u017f": "s"})
+_NON_ASCII_FOLD = str.maketrans({"\u0131": "i", "\u017f": "s", **{space: " " for space in _NON_ASCII_SPACES}})
 _SECRET_KEYS = re.compile(
     r"(?i)^(?:.*[._-])?(?:authorization|proxy-authorization|api[_-]?key|apikey|x-api-key|password|passwd|secret|"
     r"client[_-]?secret|access[_-]?token|refresh[_-]?token|cookie|set-cookie)$"
 )
 
 
-# Built once: json.dumps with options builds an encoder per call.
-_json = json.JSONEncoder(ensure_ascii=False, default=str).encode
+# json's C encoder, built once: JSONEncoder.encode builds one per call, half the cost of a small value.
+# Built without a markers dict (no circular check) it keeps no state between calls, so threads can
+# share it; a circular value then ends in RecursionError instead of ValueError, and to_text falls
+# back to str() for both.
+if c_make_encoder is not None:
+    _c_encode = c_make_encoder(None, str, encode_basestring, None, ": ", ", ", False, False, True)
+
+    def _json(value: Any) -> str:
+        return "".join(_c_encode(value, 0))
+
+else:  # an interpreter without json's C accelerator
+    _json = json.JSONEncoder(ensure_ascii=False, default=str, check_circular=False).encode
 
 
 def to_text(value: Any) -> str:
@@ -68,14 +101,32 @@ class Redactor:
             self._extra = [re.compile(p) for p in extra_patterns]
         except re.error as exc:
             raise ValueError(f"producer.redact_patterns: invalid regular expression: {exc}") from exc
-        self._secret_key: dict[str, bool] = {}  # attribute keys repeat: remember the verdict
+        self._secret_key: dict[str, bool] = {}
+
+    @staticmethod
+    def may_hold_secret(text: str) -> bool:
+        """False when no built-in secret shape matches anywhere in ``text``; True means "look closer".
+
+        A superset test, several times cheaper than searching each shape's trigger: text without
+        secrets (the usual case) costs a few passes at C speed over its bytes.
+        """
+        folded = text if text.isascii() else text.lower().translate(_NON_ASCII_FOLD)
+        data = folded.encode("utf-8", "surrogatepass").translate(_ASCII_FOLD)[::-1]
+        return (
+            b"reraeb" in data
+            or _ASSIGNED.search(data) is not None
+            or (b"-" in data and _DASHED.search(data) is not None)
+            or (b"_" in data and _UNDERSCORED.search(data) is not None)
+            or _AWS_KEY_ID.search(text) is not None
+        )
 
     def redact(self, text: str) -> str:
         """``text`` with every secret replaced by ``[REDACTED]``."""
-        lowered = text.lower()
-        for trigger, pattern in self._shapes:
-            if trigger in lowered:
-                text = pattern.sub(_keep_label, text)
+        if self.may_hold_secret(text):
+            lowered = _fold(text)
+            for trigger, pattern in self._shapes:
+                if trigger in lowered:
+                    text = pattern.sub(_keep_label, text)
         for pattern in self._extra:
             text = pattern.sub(REDACTED, text)
         return text
@@ -94,6 +145,32 @@ class Redactor:
         """Any value as a redacted, bounded string."""
         return self.truncate(self.redact(to_text(value)))
 
+    def is_secret_key(self, key: str) -> bool:
+        """True when an attribute named ``key`` holds a secret as a whole (its value is hidden)."""
+        secret = self._secret_key.get(key)
+        if secret is None:
+            secret = bool(_SECRET_KEYS.match(key))
+            if len(self._secret_key) < 10_000:  # attribute keys repeat: remember the verdict
+                self._secret_key[key] = secret
+        return secret
+
+    def passes_unchanged(self, attributes: Mapping[str, Any]) -> bool:
+        """True when :meth:`attributes` could only change these attributes by redacting inside their values:
+        string keys naming no secret, string values short enough that no truncation is possible."""
+        bound = self.max_bytes // 4  # UTF-8 needs at most 4 bytes a character
+        for key, value in attributes.items():
+            if type(key) is not str or type(value) is not str or len(value) > bound or self.is_secret_key(key):
+                return False
+        return True
+
+    def finds_nothing_in(self, text: str) -> bool:
+        """True when redaction leaves ``text`` as it is (the one search of a batch's joined texts).
+
+        Configured patterns may be anchored (``^...$``), so they are never run on joined texts: with
+        any configured, the answer is False and each value is cleaned on its own.
+        """
+        return not self._extra and not (self.may_hold_secret(text) and self.redact(text) != text)
+
     def attributes(self, attributes: Mapping[str, Any] | None) -> dict[str, str]:
         """A string map fit to leave the process; values of secret-named keys are hidden whole.
 
@@ -105,18 +182,19 @@ class Redactor:
         cleaned = {}
         for key, value in attributes.items():
             key = key if type(key) is str else str(key)
-            secret = self._secret_key.get(key)
-            if secret is None:
-                secret = bool(_SECRET_KEYS.match(key))
-                if len(self._secret_key) < 10_000:
-                    self._secret_key[key] = secret
-            cleaned[key] = REDACTED if secret else value if type(value) is str else to_text(value)
+            cleaned[key] = REDACTED if self.is_secret_key(key) else value if type(value) is str else to_text(value)
         joined = "\x00".join(cleaned.values())
-        if self._extra or self.redact(joined) != joined:
+        if not self.finds_nothing_in(joined):
             return {key: self.clean(value) for key, value in cleaned.items()}
         if len(joined) * 4 > self.max_bytes:
             return {key: self.truncate(value) for key, value in cleaned.items()}
         return cleaned
+
+
+def _fold(text: str) -> str:
+    """``text`` lower-cased so that a trigger found in it is found whatever case the shape's regex ignores."""
+    lowered = text.lower()
+    return lowered if text.isascii() else lowered.translate(_CASE_FIXES)
 
 
 def _keep_label(match: re.Match[str]) -> str:

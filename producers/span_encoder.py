@@ -24,21 +24,39 @@ _NULL, _SOME = b"\x00", b"\x02"  # union branch 0 (null) and 1 (the value)
 _double = struct.Struct("<d").pack
 
 
-def _varint(n: int) -> bytes:
-    zigzag = (n << 1) ^ (n >> 63)
+def _unsigned_varint(z: int) -> bytes:
     out = bytearray()
-    while zigzag > 0x7F:
-        out.append((zigzag & 0x7F) | 0x80)
-        zigzag >>= 7
-    out.append(zigzag)
+    while z > 0x7F:
+        out.append((z & 0x7F) | 0x80)
+        z >>= 7
+    out.append(z)
     return bytes(out)
 
 
+def _varint(n: int) -> bytes:
+    return _unsigned_varint((n << 1) ^ (n >> 63))
+
+
 _SMALL = [_varint(n) for n in range(1 << 14)]  # lengths, counts, sequence numbers: one lookup
+# Timestamps (~2**51 µs) take 8 varint bytes, 8 turns of _varint's loop. Their zigzag value's low 28 bits
+# are 4 bytes, each of 7 bits with the continuation bit set, taken 14 bits at a time from _LOW14; the
+# bits above change every ~2 minutes, so their bytes come from a small cache.
+_LOW14 = [bytes(((c & 0x7F) | 0x80, (c >> 7) | 0x80)) for c in range(1 << 14)]
+_high_bytes: dict[int, bytes] = {}
 
 
 def _long(n: int) -> bytes:
-    return _SMALL[n] if 0 <= n < 16384 else _varint(n)
+    if 0 <= n < 16384:
+        return _SMALL[n]
+    if n < (1 << 28) or n >= (1 << 62):  # the rare negative, mid-sized or huge value
+        return _varint(n)
+    zigzag = n << 1
+    high = _high_bytes.get(zigzag >> 28)
+    if high is None:
+        if len(_high_bytes) > 4096:
+            _high_bytes.clear()
+        high = _high_bytes[zigzag >> 28] = _unsigned_varint(zigzag >> 28)
+    return _LOW14[zigzag & 0x3FFF] + _LOW14[(zigzag >> 14) & 0x3FFF] + high
 
 
 def _string(text: str) -> bytes:
@@ -59,6 +77,7 @@ class SpanBatchEncoder:
         span_fields = version.schema["fields"][3]["type"]["items"]["fields"]
         llm_record = next(f for f in span_fields if f["name"] == "llm")["type"][1]
         self._llm_schema = parse_schema(llm_record, named_schemas={})
+        self._labels: dict[str, bytes] = {}
 
     def encode(self, rollout_id: str, producer_id: str, sent_at_us: int, spans: Sequence[tuple]) -> bytes:
         """``spans`` are pending-span tuples whose error, attributes and llm are already cleaned."""
@@ -67,13 +86,25 @@ class SpanBatchEncoder:
             if spans:  # an array is blocks of count + items, ended by a count of 0
                 parts.append(_long(len(spans)))
                 heads: dict[int, bytes] = {}
-                parts.extend(self._span(span, heads) for span in spans)
+                for span in spans:
+                    self._span(span, heads, parts)
             parts.append(_NULL)
             return b"".join(parts)
         except (TypeError, ValueError, KeyError, AttributeError, UnicodeError, struct.error) as exc:
             raise CodecError(f"cannot encode SpanBatch: {type(exc).__name__}: {exc}") from exc
 
-    def _span(self, span: tuple, heads: dict[int, bytes]) -> bytes:
+    def _label(self, text: str) -> bytes:
+        """``_string(text)`` for the strings spans repeat (names, statuses, attribute keys, server ids)."""
+        encoded = self._labels.get(text)
+        if encoded is None:
+            encoded = _string(text)
+            if len(self._labels) >= 4096:  # bounded: a span name made of ids must not grow it forever
+                self._labels.clear()
+            self._labels[text] = encoded
+        return encoded
+
+    def _span(self, span: tuple, heads: dict[int, bytes], parts: list[bytes]) -> None:
+        """Append one span's fields to ``parts``, in the schema's order."""
         (rollout, event_id, parent_id, sequence, kind, name, start, end, status, error, reward, attrs, llm, server) = (
             span
         )
@@ -87,23 +118,24 @@ class SpanBatchEncoder:
                     _string(rollout.agent_name),
                 )
             )
-        parts = [
+        label = self._label
+        parts += (
             _string(event_id),
             head,
             _KIND_INDEX[kind],
-            _string(name),
+            label(name),
             _NULL if parent_id is None else _SOME + _string(parent_id),
             _long(sequence),
             _long(start),
             _long(end),
-            _string(status),
+            label(status),
             _NULL if error is None else _SOME + _string(error),
             _NULL if reward is None else _SOME + _double(reward),
-        ]
+        )
         if attrs:
             parts.append(_long(len(attrs)))
             for key, value in attrs.items():
-                parts.append(_string(key))
+                parts.append(label(key))
                 parts.append(_string(value))
         parts.append(_NULL)
         if llm is None:
@@ -113,5 +145,4 @@ class SpanBatchEncoder:
             buffer.write(_SOME)
             fastavro.schemaless_writer(buffer, self._llm_schema, llm)
             parts.append(buffer.getvalue())
-        parts.append(_string(server))
-        return b"".join(parts)
+        parts.append(label(server))

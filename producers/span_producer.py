@@ -245,8 +245,7 @@ class SpanProducer:
         topic = self.settings.topics.spans
         for rollout_id, spans in by_rollout.items():
             key = rollout_id.encode("utf-8")
-            cleaned = [self._clean(span) for span in spans]
-            for value, size in self._encode_batches(rollout_id, cleaned, sent_at):
+            for value, size in self._encode_batches(rollout_id, self._clean_batch(spans), sent_at):
                 self._send(_Outgoing(topic, key, value, size, kept=True))
 
     def _encode_batches(self, rollout_id: str, spans: list[PendingSpan], sent_at: int) -> list[tuple[bytes, int]]:
@@ -266,6 +265,34 @@ class SpanProducer:
         return self._encode_batches(rollout_id, spans[:middle], sent_at) + self._encode_batches(
             rollout_id, spans[middle:], sent_at
         )
+
+    def _clean_batch(self, spans: list[PendingSpan]) -> list[PendingSpan]:
+        """The spans as they may leave the process (see :meth:`_clean`), checked together.
+
+        The usual batch (string attributes under ordinary keys, nothing long enough to truncate) needs
+        nothing but the secret search, run once over all its texts joined: when it finds nothing the
+        spans leave as they came. Anything else, and any batch with a secret, is cleaned span by span.
+        """
+        redactor = self._redactor
+        texts: list[str] = []
+        for span in spans:
+            error, attributes, llm = span[9], span[11], span[12]
+            if attributes:
+                if not redactor.passes_unchanged(attributes):
+                    return [self._clean(span) for span in spans]
+                texts.extend(attributes.values())
+            if error is not None:
+                texts.append(error)
+            if llm is not None:
+                texts.append(llm.get("prompt_text"))
+                texts.append(llm.get("completion_text"))
+        if texts:
+            bound = redactor.max_bytes // 4  # UTF-8 needs at most 4 bytes a character
+            if not all(type(text) is str and len(text) <= bound for text in texts):
+                return [self._clean(span) for span in spans]
+            if not redactor.finds_nothing_in("\x00".join(texts)):
+                return [self._clean(span) for span in spans]
+        return spans
 
     def _clean(self, span: PendingSpan) -> PendingSpan:
         """The span as it may leave the process: attributes as strings, secrets redacted, values bounded."""

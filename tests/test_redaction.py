@@ -1,0 +1,119 @@
+"""Redaction's fast paths change nothing: the cheap secret test never misses a shape, and a batch cleaned
+at once leaves the process byte for byte as if each span had been cleaned alone."""
+
+from __future__ import annotations
+
+import random
+import re
+
+import pytest
+
+from infra.config import Settings
+from producers import redaction
+from producers.redaction import REDACTED, Redactor, to_text
+from producers.span_producer import SpanProducer
+from tests.producer_helpers import with_producer
+from tests.records import make_llm
+from tests.test_span_encoder import Rollout
+
+SHAPES = [re.compile(pattern, flags) for _trigger, pattern, flags in redaction._SHAPES]
+KEYWORDS = ["authorization", "Proxy-Authorization", "api_key", "API-KEY", "apikey", "x-api-key", "secret",
+            "client_secret", "password", "PASSWD", "access_token", "Refresh-Token", "Bearer", "bearer", "sk-", "AKIA",
+            "ASIA", "ghp_", "gho_", "xoxb-", "xoxp-", "paſsword", "authorızation", "tasK"]  # fmt: skip
+GLUE = ["", " ", "=", ":", '": "', "'='", " = ", "\u00a0=\u2003", "\x1c:", "\t:\n", "-", "_", "\x00", "…", "ü"]
+BODIES = ["abcdefghijklmnopqrstuvwxyz0123", "ABCDEFGHIJKLMNOP", "Basic dXNlcjpwYXNzd29yZA==", "x", "tok.en-value/8+"]
+
+
+def random_text(rng: random.Random) -> str:
+    words = ["plain", "text", "key", "token", "ask", "desk", "the", "gh", "xox", "sk", "api", "{", "}", '"']
+    parts = []
+    for _ in range(rng.randint(1, 8)):
+        parts.append(rng.choice(KEYWORDS) if rng.random() < 0.5 else rng.choice(words))
+        parts.append(rng.choice(GLUE))
+        if rng.random() < 0.5:
+            parts.append(rng.choice(BODIES))
+    return "".join(parts)
+
+
+def test_the_cheap_test_finds_every_text_a_secret_shape_matches() -> None:
+    rng = random.Random(11)
+    matched = 0
+    for _ in range(20_000):
+        text = random_text(rng)
+        if any(shape.search(text) for shape in SHAPES):
+            matched += 1
+            assert Redactor.may_hold_secret(text), text
+    assert matched > 5_000  # the generator does produce secrets
+
+
+def test_the_cheap_test_passes_ordinary_text() -> None:
+    for text in [
+        "The quick brown fox: jumps over the lazy dog; task-17 asked for a desk_lamp, top_k=5",
+        '{"query": "what is the weather in Asia?", "top_k": 3, "filters": ["recent", "verified"]}',
+        "ünïcødé ✓ 数学 — keys, tokens and passwords are words, not secrets",
+    ]:
+        assert not Redactor.may_hold_secret(text)
+        assert Redactor().redact(text) == text
+
+
+def test_non_ascii_whitespace_list_is_what_the_regex_engine_calls_whitespace() -> None:
+    whitespace = {chr(c) for c in range(128, 0x110000) if chr(c).isspace()}
+    assert whitespace == set(redaction._NON_ASCII_SPACES)
+    assert {c for c in map(chr, range(128)) if c.isspace()} - set(" \t\n\r\f\v") == set("\x1c\x1d\x1e\x1f")
+
+
+def test_secrets_behind_case_folds_and_unicode_spaces_are_redacted() -> None:
+    redactor = Redactor()
+    assert redactor.redact("paſsword=hunter2") == f"paſsword={REDACTED}"
+    assert redactor.redact("api_key\u00a0=\u2003abc123") == f"api_key\u00a0=\u2003{REDACTED}"
+    assert redactor.redact("AUTHORIZATION: Token abc") == f"AUTHORIZATION: Token {REDACTED}"
+
+
+def pending_span(rng: random.Random, rollout: Rollout, sequence: int) -> tuple:
+    """A span as emitted, with the attribute values agents produce: strings (some with secrets, some
+    long), numbers, nested objects, occasionally a secret-named key or an llm record."""
+    values = [random_text(rng), "plain words " * rng.randint(1, 40), 3, 0.5, True, None, {"nested": ["a", 1]}]
+    keys = ["args", "result", "query", "password" if rng.random() < 0.1 else "note", 7]
+    attributes = {rng.choice(keys): rng.choice(values) for _ in range(rng.randint(0, 4))}
+    llm = make_llm(5, 3) if rng.random() < 0.1 else None
+    if llm is not None and rng.random() < 0.5:
+        llm["prompt_text"] = random_text(rng)
+    error = rng.choice([None, None, "ValueError: bad", random_text(rng)])
+    return (
+        rollout,
+        f"e-{sequence}",
+        None,
+        sequence,
+        "tool_call",
+        "search",
+        1,
+        2,
+        "ok",
+        error,
+        None,
+        attributes,
+        llm,
+        "",
+    )
+
+
+@pytest.mark.parametrize("patterns", [(), (r"^plain.*$", r"acct-\d{6}")])
+def test_a_batch_cleaned_at_once_equals_each_span_cleaned_alone(settings: Settings, patterns: tuple) -> None:
+    producer = SpanProducer(with_producer(settings, redact_patterns=patterns, max_attribute_bytes=200))
+    try:
+        rng = random.Random(5)
+        rollout = Rollout("r", "attempt-0", "t", "agent")
+        clean_batches = 0
+        for _ in range(2_000):
+            spans = [pending_span(rng, rollout, i) for i in range(rng.randint(1, 6))]
+            if rng.random() < 0.5:  # batches of ordinary spans, which take the fast path
+                spans = [
+                    (*s[:9], None, None, {"args": to_text({"q": "plain"}), "result": "ok"}, None, "") for s in spans
+                ]
+            batch = producer._clean_batch(spans)
+            clean_batches += batch is spans
+            assert batch == [producer._clean(span) for span in spans]
+        if not patterns:  # configured patterns always clean value by value
+            assert clean_batches > 500  # the fast path is taken when it may be
+    finally:
+        producer.close(1)
