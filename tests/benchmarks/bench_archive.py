@@ -12,6 +12,10 @@ included), on the same 100,000 spans (best of 3 runs each), inserted 50,000 at a
 * ``chDB native insert``: chDB inserting the same rows from a pre-built Native file (no Avro);
 * ``fastavro decode``: decoding the messages in Python (what the archive avoids).
 
+Each is reported per second of wall-clock time (the process pinned to one CPU) and per second of the
+process's CPU time (all threads): on a machine other work shares, the latter is what one free core
+does. Ratios are archive / baseline on CPU time.
+
 Run: ``python -m pytest tests/benchmarks/bench_archive.py -m benchmark -s``.
 """
 
@@ -58,23 +62,31 @@ def _produce(settings) -> None:
     assert producer.flush(60) == 0
 
 
-def _consume_all(consumer, topic: str, partitions: int, batch_size: int, on_batch) -> float:
+def _consume_all(consumer, topic: str, partitions: int, batch_size: int, on_batch) -> int:
     """Read ``topic`` from the start (assigned, so no group join is timed), calling ``on_batch`` on each
-    batch until MESSAGES messages were seen; the seconds it took."""
+    batch until MESSAGES messages were seen; the spans they hold."""
     consumer.assign([TopicPartition(topic, partition, OFFSET_BEGINNING) for partition in range(partitions)])
-    seen, started = 0, time.perf_counter()
-    while seen < MESSAGES and time.perf_counter() - started < 300:
+    seen, deadline = 0, time.monotonic() + 300
+    while seen < MESSAGES and time.monotonic() < deadline:
         messages = consumer.consume(num_messages=batch_size, timeout=0.5)
         if messages:
             on_batch(messages)
             seen += sum(1 for m in messages if m.error() is None)
     assert seen == MESSAGES, f"consumed {seen} of {MESSAGES} messages"
-    return time.perf_counter() - started
+    return MESSAGES * SPANS_PER_MESSAGE
 
 
-def _best(measure) -> float:
-    """The best spans/s of ROUNDS runs of ``measure`` (which returns seconds for all the spans)."""
-    return max(MESSAGES * SPANS_PER_MESSAGE / measure() for _ in range(ROUNDS))
+def _best(work) -> dict[str, float]:
+    """The best of ROUNDS runs of ``work`` (which returns the spans it handled), as spans per second of
+    wall-clock time and spans per second of this process's CPU time (all its threads). On a shared
+    machine the second says what one core of its own would do."""
+    wall, cpu = [], []
+    for _ in range(ROUNDS):
+        wall_start, cpu_start = time.perf_counter(), time.process_time()
+        spans = work()
+        wall.append(spans / (time.perf_counter() - wall_start))
+        cpu.append(spans / (time.process_time() - cpu_start))
+    return {"wall": max(wall), "cpu": max(cpu)}
 
 
 def _child() -> None:
@@ -89,7 +101,7 @@ def _child() -> None:
     settings = load_settings()
     topic, partitions = settings.topics.spans, settings.topics.partitions
     group = {"group.id": uuid.uuid4().hex, "auto.offset.reset": "earliest", "session.timeout.ms": 2000}
-    results: dict[str, float] = {}
+    results: dict[str, dict[str, float]] = {}
 
     raw = Consumer(settings.kafka.client_config(**group))
     kept: list[bytes] = []
@@ -108,11 +120,10 @@ def _child() -> None:
     archiver = Archiver(client)
     spans_table = topic_tables(settings)[topic]
 
-    def write_only() -> float:
-        started = time.perf_counter()
+    def write_only() -> int:
         for first in range(0, MESSAGES, BATCH_MESSAGES):
             assert not archiver.write(spans_table, [(None, value) for value in kept[first : first + BATCH_MESSAGES]])
-        return time.perf_counter() - started
+        return MESSAGES * SPANS_PER_MESSAGE
 
     results["archive, insert only"] = _best(write_only)
     # Every round archived every span again; the view shows each once.
@@ -124,20 +135,18 @@ def _child() -> None:
         client.command(f"INSERT INTO FUNCTION file('{native}', 'Native') SELECT * EXCEPT archived_at FROM spans")
         client.command("CREATE TABLE spans_copy AS spans_store")
 
-        def native_insert() -> float:
-            started = time.perf_counter()
+        def native_insert() -> int:
             client.command(f"INSERT INTO spans_copy (* EXCEPT archived_at) FROM INFILE '{native}' FORMAT Native")
-            return time.perf_counter() - started
+            return MESSAGES * SPANS_PER_MESSAGE
 
         results["chDB native insert"] = _best(native_insert)
 
     batch_codec = codec("SpanBatch")
 
-    def decode() -> float:
-        started = time.perf_counter()
+    def decode() -> int:
         for value in kept[:1000]:
             batch_codec.decode(value)
-        return (time.perf_counter() - started) * MESSAGES / 1000
+        return 1000 * SPANS_PER_MESSAGE
 
     results["fastavro decode"] = _best(decode)
     client.close()
@@ -165,9 +174,12 @@ def test_archive_throughput_on_one_core(settings, tmp_path):
     results = json.loads(child.stdout.strip().splitlines()[-1])
     archive = results["archive"]
     print(f"\narchive into chDB, one core, {MESSAGES * SPANS_PER_MESSAGE:,} spans (half llm_call with 150 token ids):")
+    print(f"  {'':<22} {'spans/s wall':>14} {'spans/CPU-s':>14} {'archive / this':>16}")
     for name, rate in results.items():
-        print(f"  {name:<20} {rate:>12,.0f} spans/s   archive / this = {archive / rate:5.2f}")
-    print(f"  target {TARGET_SPANS_PER_SECOND:,} spans/s: {'met' if archive >= TARGET_SPANS_PER_SECOND else 'NOT met'}")
+        print(f"  {name:<22} {rate['wall']:>14,.0f} {rate['cpu']:>14,.0f} {archive['cpu'] / rate['cpu']:>16.2f}")
+    for basis in ("wall", "cpu"):
+        met = "met" if archive[basis] >= TARGET_SPANS_PER_SECOND else "NOT met"
+        print(f"  target {TARGET_SPANS_PER_SECOND:,} spans/s ({basis}): {met}")
 
 
 if __name__ == "__main__":
