@@ -7,9 +7,9 @@ to the changelog-backed table ``rollouts``. A timer closes rollouts whose deadli
 time. Faust commits input offsets only after the producer flushed, so after a crash (SIGKILL
 included) inputs are re-delivered at least once; each rollout's state remembers the last input offset
 applied, so re-delivered inputs change nothing, and outputs carry deterministic ids (trajectory_id,
-sample_id, dead-letter event_id): consumers dedupe by id. A closed state reaches the changelog only
-after its trajectory and samples are acknowledged by the broker (see ``JoinWorker._flush``), so a
-trajectory whose close is in the changelog has always been published.
+sample_id, dead-letter event_id): consumers dedupe by id. Output order per batch: trajectories,
+samples and dead letters are delivered (acknowledged by the broker) *before* a closed state is
+written, so a trajectory whose close is in the changelog has always been published.
 
 Late rewards (after their trajectory closed, or timed later than ``end + reward_timeout``) are never
 applied: they are counted (``boltstream_join_late_rewards_total``) and dead-lettered with
@@ -135,8 +135,6 @@ class JoinWorker:
         self._assigned: set[int] = set()
         self._lag: dict[tuple[str, int], int] = {}
         self._lock = asyncio.Lock()  # the agent and the timer both flush; one at a time
-        self._unconfirmed: dict[str, int] = {}  # key -> closes of it whose outputs are not acknowledged yet
-        self._confirming: set[asyncio.Future] = set()
         self.app.agent(self.inputs, name="join")(self._join)
         self.app.timer(TICK_SECONDS, name="join-expire")(self._tick)
         self.registry = CollectorRegistry()
@@ -227,67 +225,36 @@ class JoinWorker:
         return max(watermarks) + int(max(0.0, idle) * 1e6)
 
     async def _flush(self) -> None:
-        """Publish what the core collected and write the changed states to the changelog.
-
-        A closed state is written only once its trajectory, samples and dead letters are acknowledged
-        (so a close in the changelog always means the outputs exist), by a task that does not hold up the
-        next batch. Until then the changelog gets the state as it was just before the close, with every
-        input applied: Faust may commit the inputs' offsets meanwhile, and a worker restarted from that
-        state closes the rollout again, with the same ids and contents.
-        """
         trajectories, samples, dead_letters, dirty = self.core.drain()
-        closing, self.core.closing = self.core.closing, {}
-        producer, topics, changelog = self.app.producer, self.settings.topics, self._changelog
+        producer, topics = self.app.producer, self.settings.topics
         pending = []
         encode = self._codecs["Trajectory"].encode
         for record in trajectories:
-            key = record["rollout_id"].encode()
-            pending.append(await producer.send(topics.trajectories, key, encode(record), None, None, None))
+            pending.append(
+                await producer.send(
+                    topics.trajectories, record["rollout_id"].encode(), encode(record), None, None, None
+                )
+            )
         encode = self._codecs["TrainingSample"].encode
         for record in samples:
-            key = record["task_id"].encode()
-            pending.append(await producer.send(topics.samples, key, encode(record), None, None, None))
+            pending.append(
+                await producer.send(topics.samples, record["task_id"].encode(), encode(record), None, None, None)
+            )
         encode = self._codecs["DeadLetter"].encode
         for key, record in dead_letters:
             pending.append(await producer.send(topics.dlq, key, encode(record), None, None, None))
+        if pending:
+            await asyncio.gather(*pending)  # published before any close is written to the changelog
         # Changelog writes go straight to the producer: Faust's send_soon buffer publishes them one await
         # at a time and was the bottleneck. Keys are JSON like Faust's own (recovery decodes them so);
         # values use the table's codec. Faust flushes the producer before it commits input offsets.
-        unconfirmed = self._unconfirmed
-        for key, (partition, snapshot) in closing.items():
-            await producer.send(changelog, _json_key(key), snapshot, partition, None, None)
-            unconfirmed[key] = unconfirmed.get(key, 0) + 1
+        changelog = self._changelog
         for key, state in dirty.items():
-            if key not in unconfirmed:  # else the confirming task writes its latest state
-                await producer.send(changelog, _json_key(key), dumps_state(state), state.partition, None, None)
+            await producer.send(changelog, _json_key(key), dumps_state(state), state.partition, None, None)
         for key, partition in self.core.deleted.items():
             self.table.data.pop(key, None)
             await producer.send(changelog, _json_key(key), None, partition, None, None)
         self.core.deleted.clear()
-        if closing:
-            task = asyncio.ensure_future(self._confirm_closes(pending, list(closing)))
-            self._confirming.add(task)
-            task.add_done_callback(self._confirming.discard)
-
-    async def _confirm_closes(self, outputs: list[asyncio.Future], keys: list[str]) -> None:
-        """Once ``outputs`` are acknowledged, write the closed states of ``keys`` to the changelog."""
-        try:
-            await asyncio.gather(*outputs)
-            for key in keys:
-                state = self.table.data.get(key)
-                if state is not None:
-                    await self.app.producer.send(
-                        self._changelog, _json_key(key), dumps_state(state), state.partition, None, None
-                    )
-        except Exception:
-            # Not written: the changelog keeps the state from just before the close, which a restarted
-            # worker closes again (same ids); outputs are at-least-once anyway.
-            log.exception("publishing closed trajectories failed; their states stay open in the changelog")
-        finally:
-            for key in keys:
-                left = self._unconfirmed.pop(key) - 1
-                if left:
-                    self._unconfirmed[key] = left
 
     # -- metrics --------------------------------------------------------------------------------
     def collect(self):

@@ -315,8 +315,6 @@ class JoinCore:
         self.dead_letters: list[tuple[bytes | None, dict[str, Any]]] = []
         self.dirty: dict[str, Any] = {}  # key -> state (RolloutState or PartitionClock) to write
         self.deleted: dict[str, int] = {}  # key -> partition of states dropped from ``states``
-        # key -> (partition, changelog bytes of the state just before it closed, every input applied)
-        self.closing: dict[str, tuple[int, bytes]] = {}
         self.counts: Counter[str] = Counter()
         # Indexes over ``states`` so the timer never scans them all: open rollouts, and per partition a
         # heap of (closed_at_us, key) of closed markers. Rebuilt by reindex() when partitions move.
@@ -617,7 +615,6 @@ class JoinCore:
         if status == "complete" and sampled and selected:
             self._emit_samples(state, traj_id, finals[-1], closed_at_us)
         # Keep only the marker: the payload is no longer needed and the changelog stays small.
-        self.closing[state.rollout_id] = (state.partition, dumps_state(state))
         state.close(status, closed_at_us)
         self._index(state.rollout_id, state)
         self.dirty[state.rollout_id] = state

@@ -12,7 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, TopicPartition
 
 from infra.broker import free_port
 from infra.config import Settings
@@ -103,9 +103,10 @@ def prepare(settings: Settings) -> None:
 
 
 class Collector:
-    """Reads a topic from the beginning and keeps each record by its id (outputs are at-least-once)."""
+    """Reads a topic (from the beginning, or only what comes after it started) and keeps each record by
+    its id (outputs are at-least-once)."""
 
-    def __init__(self, settings: Settings, topic: str, record: str, id_field: str) -> None:
+    def __init__(self, settings: Settings, topic: str, record: str, id_field: str, *, from_end: bool = False) -> None:
         self.codec, self.id_field = codec(record), id_field
         self.consumer = Consumer(
             settings.kafka.client_config(
@@ -113,7 +114,8 @@ class Collector:
             )
         )
         partitions = settings.topics.partitions
-        self.consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
+        start = OFFSET_END if from_end else OFFSET_BEGINNING
+        self.consumer.assign([TopicPartition(topic, p, start) for p in range(partitions)])
         self.records: dict[str, dict[str, Any]] = {}
         self.deliveries = 0
 

@@ -134,21 +134,3 @@ def test_reward_after_the_timeout_is_late_and_never_applied() -> None:
     ]
     assert samples == [] and [d["error_type"] for _, d in dead_letters] == ["late_reward"]
     assert core.counts["late_rewards"] == 1
-
-
-def test_a_state_restored_from_just_before_its_close_closes_again_identically() -> None:
-    # A crash after the pre-close state reached the changelog but before the closed one did.
-    traffic = generate(9, 80, TIMEOUT, bad_inputs=False)
-    core = JoinCore(JoinRules(reward_timeout_us=int(TIMEOUT * 1e6)), {})
-    feed(core, traffic.messages)
-    core.expire({0: FAR_FUTURE})
-    first, first_samples, _, _ = core.drain()
-    restored = {key: loads_state(snapshot) for key, (_, snapshot) in core.closing.items()}
-    assert all(not state.status for state in restored.values()) and len(restored) == len(traffic.expected)
-    again = JoinCore(JoinRules(reward_timeout_us=int(TIMEOUT * 1e6)), restored)
-    again.reindex()  # complete ones close here; the others when their deadline passes
-    again.expire({0: FAR_FUTURE})
-    second, second_samples, _, _ = again.drain()
-    by_id = {t["trajectory_id"]: t for t in first}
-    assert {t["trajectory_id"]: t for t in second} == by_id
-    assert sorted(s["sample_id"] for s in second_samples) == sorted(s["sample_id"] for s in first_samples)

@@ -144,8 +144,8 @@ def _live_latency(settings, rollouts: int) -> list[float]:
     # Rollouts whose Reward record comes after their spans: the join closes them when the reward arrives.
     complete = {r for r, e in traffic.expected.items() if e.scenario in ("complete", "duplicated") and e.calls}
     producer = Producer(settings.kafka.client_config(**{"linger.ms": 1, "compression.type": "lz4"}))
-    samples = Collector(settings, settings.topics.samples, "TrainingSample", "sample_id")
-    samples.until(10**9, 2)  # skip what the throughput run left on the topic
+    samples = Collector(settings, settings.topics.samples, "TrainingSample", "sample_id", from_end=True)
+    samples.poll(1.0)  # joins the partitions at their end, past what the throughput run left
     rewards = codec("Reward")
     sent_at: dict[str, float] = {}
     first_sample: dict[str, float] = {}
