@@ -86,8 +86,9 @@ class SpanBatchEncoder:
             if spans:  # an array is blocks of count + items, ended by a count of 0
                 parts.append(_long(len(spans)))
                 heads: dict[int, bytes] = {}
+                parents: dict[str | None, bytes] = {None: _NULL}  # most spans of a batch share a parent
                 for span in spans:
-                    self._span(span, heads, parts)
+                    self._span(span, heads, parents, parts)
             parts.append(_NULL)
             return b"".join(parts)
         except (TypeError, ValueError, KeyError, AttributeError, UnicodeError, struct.error) as exc:
@@ -103,7 +104,7 @@ class SpanBatchEncoder:
             self._labels[text] = encoded
         return encoded
 
-    def _span(self, span: tuple, heads: dict[int, bytes], parts: list[bytes]) -> None:
+    def _span(self, span: tuple, heads: dict[int, bytes], parents: dict[str | None, bytes], parts: list[bytes]) -> None:
         """Append one span's fields to ``parts``, in the schema's order."""
         (rollout, event_id, parent_id, sequence, kind, name, start, end, status, error, reward, attrs, llm, server) = (
             span
@@ -118,16 +119,20 @@ class SpanBatchEncoder:
                     _string(rollout.agent_name),
                 )
             )
+        parent = parents.get(parent_id)
+        if parent is None:
+            parent = parents[parent_id] = _SOME + _string(parent_id)
+        start_bytes = _long(start)
         label = self._label
         parts += (
             _string(event_id),
             head,
             _KIND_INDEX[kind],
             label(name),
-            _NULL if parent_id is None else _SOME + _string(parent_id),
+            parent,
             _long(sequence),
-            _long(start),
-            _long(end),
+            start_bytes,
+            start_bytes if end == start else _long(end),
             label(status),
             _NULL if error is None else _SOME + _string(error),
             _NULL if reward is None else _SOME + _double(reward),

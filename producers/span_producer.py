@@ -275,6 +275,7 @@ class SpanProducer:
         """
         redactor = self._redactor
         texts: list[str] = []
+        others: list[Any] = []  # errors and llm texts: strings within the bound unless cleaning is needed
         for span in spans:
             error, attributes, llm = span[9], span[11], span[12]
             if attributes:
@@ -282,16 +283,17 @@ class SpanProducer:
                     return [self._clean(span) for span in spans]
                 texts.extend(attributes.values())
             if error is not None:
-                texts.append(error)
+                others.append(error)
             if llm is not None:
-                texts.append(llm.get("prompt_text"))
-                texts.append(llm.get("completion_text"))
-        if texts:
+                others.append(llm.get("prompt_text"))
+                others.append(llm.get("completion_text"))
+        if others:
             bound = redactor.max_bytes // 4  # UTF-8 needs at most 4 bytes a character
-            if not all(type(text) is str and len(text) <= bound for text in texts):
+            if not all(type(text) is str and len(text) <= bound for text in others):
                 return [self._clean(span) for span in spans]
-            if not redactor.finds_nothing_in("\x00".join(texts)):
-                return [self._clean(span) for span in spans]
+            texts += others
+        if texts and not redactor.finds_nothing_in("\x00".join(texts)):
+            return [self._clean(span) for span in spans]
         return spans
 
     def _clean(self, span: PendingSpan) -> PendingSpan:
