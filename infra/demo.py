@@ -439,7 +439,10 @@ def demo_command(args: argparse.Namespace, settings: Settings) -> int:
         return 1
     console.print(f"report: {summary['html']} and {summary['png']}")
     console.print(summary["headline"])
-    return 0 if summary["rise"] > 0 else 1
+    if summary["rise"] <= 0:
+        console.print("[bold red]boltstream demo: the loop ran, but the mean reward did not rise[/bold red]")
+        return 1
+    return 0
 
 
 def run_demo(

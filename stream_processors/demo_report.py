@@ -217,8 +217,6 @@ def _draw(png: Path, data, events, first: Window, last: Window, duration: float,
         reward_axes.text(
             (index + 0.5) * width, mean + 0.015, f"{len(members)}", ha="center", fontsize=7, color="#555555"
         )
-    for version in versions:
-        reward_axes.bar(0, 0, color=colour(version), label=f"v{version}")
     for window, name in ((first, "first"), (last, "last")):
         if window.mean is not None:
             reward_axes.hlines(window.mean, window.start, window.end, colors="black", linewidths=2.5)
@@ -232,38 +230,40 @@ def _draw(png: Path, data, events, first: Window, last: Window, duration: float,
     for event in events:
         if event["event"] == "served":
             reward_axes.axvline(event["time"], color="#444444", alpha=0.5, linestyle=":")
-            reward_axes.text(event["time"], 1.13, f"v{event['version']}", fontsize=8, ha="center")
+            reward_axes.text(
+                event["time"], 1.13, f"v{event['version']}", fontsize=8, ha="center", color=colour(event["version"])
+            )
     reward_axes.set(xlim=(0, duration), ylim=(0, 1.2), xlabel="seconds into the run", ylabel="mean final reward")
     reward_axes.set_title(
         "reward: mean per time bin (number = trajectories), coloured by the version that answered; dotted = served",
         pad=16,
     )
-    reward_axes.legend(loc="lower right", frameon=True, ncol=min(10, len(versions)), fontsize=8)
 
-    # version timeline
+    # version timeline: the version served over time (a step line), when each was published, its fate
+    served = sorted((e["time"], e["version"]) for e in events if e["event"] == "served")
+    if served:
+        xs = [0.0] + [t for t, _ in served] + [duration]
+        ys = [0] + [v for _, v in served] + [served[-1][1]]
+        timeline_axes.step(xs, ys, where="post", color="#2ca02c", linewidth=2, label="served")
     markers = {
-        "published": ("o", "#1f77b4"),
-        "served": ("^", "#2ca02c"),
-        "promoted": ("*", "#ff7f0e"),
-        "rolled back": ("X", "#d62728"),
-        "failed": ("x", "#7f7f7f"),
-        "canary": ("s", "#9467bd"),
+        "published": ("o", "#1f77b4", 0.0, 30),
+        "promoted": ("*", "#ff7f0e", 0.45, 80),
+        "rolled back": ("X", "#d62728", 0.45, 60),
+        "failed": ("x", "#7f7f7f", -0.45, 40),
     }
-    for name, (marker, tint) in markers.items():
+    for name, (marker, tint, lift, size) in markers.items():
         chosen = [e for e in events if e["event"] == name]
         if chosen:
             timeline_axes.scatter(
                 [e["time"] for e in chosen],
-                [e["version"] for e in chosen],
+                [e["version"] + lift for e in chosen],
                 marker=marker,
-                color=tint,
-                s=70 if marker == "*" else 36,
+                facecolors="none" if marker == "o" else tint,
+                edgecolors=tint,
+                s=size,
                 label=name,
                 zorder=3,
             )
-    for version in {e["version"] for e in events}:
-        moments = sorted(e["time"] for e in events if e["version"] == version)
-        timeline_axes.plot([moments[0], moments[-1]], [version, version], color="#999999", linewidth=1, zorder=1)
     timeline_axes.set(xlim=(0, duration), xlabel="seconds into the run", ylabel="weight version")
     timeline_axes.yaxis.get_major_locator().set_params(integer=True)
     delays = _publish_to_serve(events)
