@@ -77,7 +77,7 @@ class Worker:
 #: The workers ``boltstream up`` starts, by name; each is a ``boltstream`` command in the foreground.
 WORKERS: dict[str, Worker] = {
     "archive": Worker(
-        argv=("{python}", "-m", "infra.cli", "archive", "--read-port", "{read_port}", "--read-token", "{read_token}"),
+        argv=("{python}", "-m", "infra.cli", "archive", "--read-port", "{read_port}", "--read-token={read_token}"),
         ready_url="http://127.0.0.1:{read_port}/ping",
         serves_reads=True,
     ),
@@ -477,7 +477,7 @@ def start_stack(
         try:
             # Chosen once the broker listens, so a free port cannot turn out to be the broker's.
             read_port = read_port or free_port()
-            token = settings.clickhouse.read_token or secrets.token_urlsafe(24)
+            token = settings.clickhouse.read_token or secrets.token_hex(24)
             fill = {"python": sys.executable, "read_port": str(read_port), "read_token": token}
             read_url = f"http://{READ_USER}:{quote(token, safe='')}@127.0.0.1:{read_port}" if serves_reads else ""
             stack_settings = replace(

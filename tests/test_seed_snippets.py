@@ -66,6 +66,7 @@ def test_seed_snippets_with_the_agent_lightning_tracer(vllm_server, settings: Se
     )
     spans = consume(settings.kafka.bootstrap_servers, settings.topics.spans, at_least(15))
     llm_calls = [s for s in spans if s["kind"] == "llm_call"]
-    assert len(llm_calls) == 3 and all(s["llm"]["completion_tokens"] == 8 for s in llm_calls)
+    # The example samples (no temperature=0): the tiny random model may end before max_tokens=8.
+    assert len(llm_calls) == 3 and all(1 <= s["llm"]["completion_tokens"] <= 8 for s in llm_calls)
     by_rollout = Counter(s["rollout_id"] for s in spans)
     assert len(by_rollout) == 3 and set(by_rollout.values()) == {5}  # the LLM call joined its solve()'s rollout

@@ -27,6 +27,7 @@ from infra.broker import free_port
 from infra.cli import main
 from infra.config import Settings, load_settings
 from infra.stack import (
+    WORKERS,
     StackError,
     StackRunningError,
     Worker,
@@ -265,7 +266,7 @@ def test_up_runs_the_archive_and_status_counts_its_rows(home):
     up = run_cli(home, "up")
     assert up.returncode == 0, up.stdout + up.stderr
     settings = home_settings(home)  # broker and read endpoint come from the state file
-    assert set(read_state(settings).workers) == {"archive"}
+    assert set(read_state(settings).workers) == set(WORKERS)
 
     span_batch = codec("SpanBatch")
     producer = Producer(settings.kafka.client_config())
