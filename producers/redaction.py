@@ -158,9 +158,15 @@ class Redactor:
         string keys naming no secret, string values short enough that no truncation is possible."""
         bound = self.max_bytes // 4  # UTF-8 needs at most 4 bytes a character
         for key, value in attributes.items():
-            if type(key) is not str or type(value) is not str or len(value) > bound or self.is_secret_key(key):
+            if type(key) is not str or type(value) is not str or self.is_secret_key(key):
+                return False
+            if len(value) > bound and not self.fits(value):
                 return False
         return True
+
+    def fits(self, text: str) -> bool:
+        """True when :meth:`truncate` leaves ``text`` as it is; long non-ASCII text is left to it."""
+        return len(text) * 4 <= self.max_bytes or (len(text) <= self.max_bytes and text.isascii())
 
     def finds_nothing_in(self, text: str) -> bool:
         """True when redaction leaves ``text`` as it is (the one search of a batch's joined texts).

@@ -1,10 +1,11 @@
 """A specialised Avro encoder for the SpanProducer: SpanBatch v2 straight from pending spans, ~3x fastavro.
 
 fastavro walks the schema for every field of every span; this encoder knows the SpanBatch v2 layout,
-writes the rollout's ids once per batch, takes small varints from a table and leaves only the
-``llm`` sub-record (int and float arrays) to fastavro. It writes exactly the bytes
-``schemas.codec.codec("SpanBatch")`` writes for SpanBatch v2 (a test compares them), framed with
-the v2 fingerprint: if a newer SpanBatch version ships, readers still resolve these bytes as v2.
+writes the rollout's ids once per batch, takes varints from tables and packs logprobs in one call;
+only unusual ``llm`` sub-records (a missing field, a value of another type) are left to fastavro.
+It writes exactly the bytes ``schemas.codec.codec("SpanBatch")`` writes for SpanBatch v2 (a test
+compares them), framed with the v2 fingerprint: if a newer SpanBatch version ships, readers still
+resolve these bytes as v2.
 """
 
 from __future__ import annotations
@@ -45,9 +46,15 @@ _LOW14 = [bytes(((c & 0x7F) | 0x80, (c >> 7) | 0x80)) for c in range(1 << 14)]
 _high_bytes: dict[int, bytes] = {}
 
 
+_LAST = [bytes((c,)) for c in range(128)]
+
+
 def _long(n: int) -> bytes:
     if 0 <= n < 16384:
         return _SMALL[n]
+    if 0 < n < (1 << 20):  # token ids of large vocabularies: 3 bytes
+        zigzag = n << 1
+        return _LOW14[zigzag & 0x3FFF] + _LAST[zigzag >> 14]
     if n < (1 << 28) or n >= (1 << 62):  # the rare negative, mid-sized or huge value
         return _varint(n)
     zigzag = n << 1
@@ -63,6 +70,14 @@ def _string(text: str) -> bytes:
     raw = text.encode("utf-8")
     size = len(raw)
     return (_SMALL[size] if size < 16384 else _varint(size)) + raw
+
+
+def _int_array(values: Sequence[int]) -> bytes:
+    """An Avro array of int/long: one block (count, items) and the closing 0, as fastavro writes it."""
+    if not values:
+        return _NULL
+    small = _SMALL  # the common case inline: a call per token id would cost more than the lookup
+    return _long(len(values)) + b"".join([small[v] if 0 <= v < 16384 else _long(v) for v in values]) + _NULL
 
 
 _KIND_INDEX = {kind: _SMALL[index] for index, kind in enumerate((*_KINDS, "custom"))}
@@ -146,8 +161,33 @@ class SpanBatchEncoder:
         if llm is None:
             parts.append(_NULL)
         else:
-            buffer = io.BytesIO()
-            buffer.write(_SOME)
-            fastavro.schemaless_writer(buffer, self._llm_schema, llm)
-            parts.append(buffer.getvalue())
+            parts.append(_SOME)
+            parts.append(self._llm(llm))
         parts.append(label(server))
+
+    def _llm(self, llm: dict) -> bytes:
+        """The ``llm`` sub-record. Token ids and logprobs dominate an llm_call span: the ids come from the
+        varint tables, the logprobs from one struct.pack. Anything unusual (a missing field left to
+        its default, a value of another type, a float beyond float32) goes through fastavro instead."""
+        try:
+            prompt_ids, completion_ids = llm["prompt_token_ids"], llm["completion_token_ids"]
+            logprobs = llm["completion_logprobs"]
+            return b"".join(
+                (
+                    _string(llm["model"]),
+                    _string(llm["model_version"]),
+                    _int_array(prompt_ids),
+                    _int_array(completion_ids),
+                    _long(len(logprobs)) + struct.pack(f"<{len(logprobs)}f", *logprobs) + _NULL if logprobs else _NULL,
+                    _string(llm["prompt_text"]),
+                    _string(llm["completion_text"]),
+                    _long(llm["prompt_tokens"]),
+                    _long(llm["completion_tokens"]),
+                    _double(llm["latency_ms"]),
+                    _string(llm["finish_reason"]),
+                )
+            )
+        except (KeyError, TypeError, AttributeError, IndexError, OverflowError, struct.error):
+            buffer = io.BytesIO()
+            fastavro.schemaless_writer(buffer, self._llm_schema, llm)
+            return buffer.getvalue()

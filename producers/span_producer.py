@@ -288,8 +288,7 @@ class SpanProducer:
                 others.append(llm.get("prompt_text"))
                 others.append(llm.get("completion_text"))
         if others:
-            bound = redactor.max_bytes // 4  # UTF-8 needs at most 4 bytes a character
-            if not all(type(text) is str and len(text) <= bound for text in others):
+            if not all(type(text) is str and redactor.fits(text) for text in others):
                 return [self._clean(span) for span in spans]
             texts += others
         if texts and not redactor.finds_nothing_in("\x00".join(texts)):

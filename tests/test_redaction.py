@@ -72,7 +72,8 @@ def test_secrets_behind_case_folds_and_unicode_spaces_are_redacted() -> None:
 def pending_span(rng: random.Random, rollout: Rollout, sequence: int) -> tuple:
     """A span as emitted, with the attribute values agents produce: strings (some with secrets, some
     long), numbers, nested objects, occasionally a secret-named key or an llm record."""
-    values = [random_text(rng), "plain words " * rng.randint(1, 40), 3, 0.5, True, None, {"nested": ["a", 1]}]
+    values = [random_text(rng), "plain words " * rng.randint(1, 40), "ü" * rng.randint(40, 60), 3, 0.5, True, None]
+    values.append({"nested": ["a", 1]})
     keys = ["args", "result", "query", "password" if rng.random() < 0.1 else "note", 7]
     attributes = {rng.choice(keys): rng.choice(values) for _ in range(rng.randint(0, 4))}
     llm = make_llm(5, 3) if rng.random() < 0.1 else None

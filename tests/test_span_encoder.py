@@ -104,3 +104,21 @@ def test_bad_values_raise_codec_error() -> None:
         SpanBatchEncoder().encode("r", "p", 0, [(*span[:5], 42, *span[6:])])  # a name that is not a string
     with pytest.raises(CodecError):
         SpanBatchEncoder().encode("r", "p", 0, [(*span[:4], "no-such-kind", *span[5:])])
+
+
+def test_llm_records_with_edge_values_match_the_generic_codec() -> None:
+    rollout = Rollout("r", "attempt-0", "t", "agent")
+    encoder, generic = SpanBatchEncoder(), codec("SpanBatch")
+    ids = [0, 1, 16383, 16384, 2**20 - 1, 2**20, 2**31 - 1, -1, -(2**31)]
+    logprobs = [-math.inf, math.nan, 1e-46, -1e10, -0.0, 3.4e38, 0]
+    full = make_llm(3, 3)
+    missing_defaults = {k: v for k, v in full.items() if k in ("model", "prompt_token_ids", "latency_ms")}
+    for llm in (
+        {**full, "prompt_token_ids": ids, "completion_token_ids": ids[::-1], "completion_logprobs": logprobs},
+        {**full, "prompt_token_ids": [], "completion_token_ids": [], "completion_logprobs": []},
+        {**full, "completion_logprobs": [1e39]},  # beyond float32: left to fastavro, as before
+        missing_defaults,  # defaults filled in by fastavro
+    ):
+        span = (rollout, "e", None, 0, "llm_call", "chat", 1, 2, "ok", None, None, {}, llm, "")
+        expected = generic.encode({"rollout_id": "r", "producer_id": "p", "sent_at_us": 0, "spans": [as_record(span)]})
+        assert encoder.encode("r", "p", 0, [span]) == expected
