@@ -9,7 +9,8 @@ sampled completions), same loss code, Adam (torch) with clipping at 1.0, one pro
 * ``trainer loop``: ``Trainer.run`` reading the same batches from the samples topic on the real broker
   (decode, validate, group, train, ledger) — the trainer as deployed.
 
-Each is timed over all batches, best of 3 rounds (the machine is shared). Tokens = prompt + completion
+Each is timed over all batches, 5 rounds; plain and DeepSpeed steps interleave (the machine is shared), and
+the overhead is the median time ratio of back-to-back step pairs. Tokens = prompt + completion
 tokens through forward and backward. Target: DeepSpeed's overhead at stage 0 is at most 10%.
 
 Then ``publish latency``: wall time from the end of a step to its ModelUpdate arriving at a consumer of
@@ -31,7 +32,7 @@ import pytest
 pytest.importorskip("deepspeed")
 
 BATCHES = 8
-ROUNDS = 3
+ROUNDS = 5
 TARGET_OVERHEAD = 0.10
 ADAM = {"optimizer": {"type": "Adam", "params": {"lr": 1e-4, "torch_adam": True}}, "gradient_clipping": 1.0}
 
@@ -50,21 +51,18 @@ def _tokens(batches) -> int:
     return sum(len(s["prompt_token_ids"]) + len(s["completion_token_ids"]) for b in batches for s in b)
 
 
-def _plain_torch(model, optimizer, tokenizer, batches, grpo) -> float:
+def _plain_step(model, optimizer, tokenizer, samples, grpo) -> None:
     import torch
 
     from trainer.policy import pack, token_logprobs
 
-    started = time.perf_counter()
-    for samples in batches:
-        batch = pack(samples, grpo.advantages(samples), tokenizer.pad_token_id)
-        logprobs = token_logprobs(model, batch)
-        loss, _ = grpo.loss(logprobs, logprobs.detach(), batch)
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-    return time.perf_counter() - started
+    batch = pack(samples, grpo.advantages(samples), tokenizer.pad_token_id)
+    logprobs = token_logprobs(model, batch)
+    loss, _ = grpo.loss(logprobs, logprobs.detach(), batch)
+    optimizer.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
 
 
 @pytest.mark.benchmark
@@ -97,13 +95,24 @@ def test_trainer_throughput_and_publish_latency(settings, tmp_path):
 
     plain_model, _ = load_policy(model_path)
     plain_optimizer = torch.optim.Adam(plain_model.parameters(), lr=1e-4, betas=(0.9, 0.99), eps=1e-8)
-    plain, deepspeed, loop = [], [], []
+    plain, deepspeed, loop, pair_ratios = [], [], [], []
     for _ in range(ROUNDS):
-        plain.append(_plain_torch(plain_model, plain_optimizer, tokenizer, batches, trainer.algorithm))
-        started = time.perf_counter()
-        for samples in batches:
-            trainer.train_batch(samples)
-        deepspeed.append(time.perf_counter() - started)
+        # Steps interleave (alternating which goes first) so the shared machine's load hits both alike.
+        times = {"plain": 0.0, "deepspeed": 0.0}
+        for index, samples in enumerate(batches):
+            steps = {
+                "plain": lambda s=samples: _plain_step(plain_model, plain_optimizer, tokenizer, s, trainer.algorithm),
+                "deepspeed": lambda s=samples: trainer.train_batch(s),
+            }
+            pair = {}
+            for name in sorted(steps, reverse=index % 2 == 1):
+                started = time.perf_counter()
+                steps[name]()
+                pair[name] = time.perf_counter() - started
+                times[name] += pair[name]
+            pair_ratios.append(pair["deepspeed"] / pair["plain"])
+        plain.append(times["plain"])
+        deepspeed.append(times["deepspeed"])
         produce_samples(settings, [s for b in batches for s in b])
         started = time.perf_counter()
         assert trainer.run(max_steps=BATCHES) == BATCHES
@@ -143,12 +152,15 @@ def test_trainer_throughput_and_publish_latency(settings, tmp_path):
     trainer.close()
 
     best = {"plain torch": min(plain), "deepspeed step": min(deepspeed), "trainer loop": min(loop)}
-    print(f"\ntrainer throughput, {BATCHES} GRPO steps of 64 samples, {tokens} tokens, best of {ROUNDS}:")
+    print(f"\ntrainer throughput, {BATCHES} GRPO steps of 64 samples, {tokens} tokens, best of {ROUNDS} rounds:")
     for name, seconds in best.items():
         ratio = seconds / best["plain torch"]
         print(f"  {name:15s} {tokens / seconds:10,.0f} tokens/s   time x{ratio:.3f} of plain torch")
-    overhead = best["deepspeed step"] / best["plain torch"] - 1
-    print(f"  DeepSpeed stage-0 overhead: {overhead:+.1%} (target <= {TARGET_OVERHEAD:.0%})")
+    # The median ratio of back-to-back step pairs: robust to load spikes that spoil a step or a round.
+    overhead = statistics.median(pair_ratios) - 1
+    print(
+        f"  DeepSpeed stage-0 overhead (median of step-pair ratios): {overhead:+.1%} (target <= {TARGET_OVERHEAD:.0%})"
+    )
     median = statistics.median(latencies)
     score = statistics.median(t.get("score_s", 0) for t in breakdown)
     upload = statistics.median(t.get("upload_s", 0) for t in breakdown)
