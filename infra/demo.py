@@ -408,9 +408,21 @@ def reward_per_version(client: Any) -> dict[str, tuple[int, float]]:
 # -- the command --------------------------------------------------------------------------------
 
 
+def _positive(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, not {text}")
+        return value
+
+    return parse
+
+
 def demo_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--duration", type=float, default=180.0, help="seconds the agents run (default: 180)")
-    parser.add_argument("--agents", type=int, default=6, help="concurrent agents (default: 6)")
+    parser.add_argument(
+        "--duration", type=_positive(float), default=180.0, help="seconds the agents run (default: 180)"
+    )
+    parser.add_argument("--agents", type=_positive(int), default=6, help="concurrent agents (default: 6)")
     parser.add_argument("--out", help="directory for the stack, logs and report (default: ./boltstream-demo-<time>)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the model, the warm start and the tasks")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the stack to come up")
@@ -434,7 +446,7 @@ def demo_command(args: argparse.Namespace, settings: Settings) -> int:
             console=console,
         )
     except (DemoError, StackError) as exc:
-        console.print(f"[bold red]boltstream demo: the loop broke:[/bold red] {exc}")
+        console.print(f"[bold red]boltstream demo:[/bold red] {exc}")
         console.print(f"logs: {out / 'home' / 'logs'}")
         return 1
     console.print(f"report: {summary['html']} and {summary['png']}")
@@ -468,6 +480,9 @@ def run_demo(
     from stream_processors.demo_report import write_report
 
     console = console or Console()
+    if (out / "home").exists():
+        # Its checkpoints would resume the trainer and its archive would mix two runs in one report.
+        raise DemoError(f"{out} already holds a demo run; give --out a new directory")
     console.print(f"[bold]boltstream demo[/bold] in {out}: warm-starting the tiny model ...")
     model = prepare_model(out / "models", seed)
     settings = demo_settings(settings, out, model)
@@ -511,9 +526,13 @@ def run_demo(
         _settle(client, fleet.fleet.rollouts, console)
         watch.close()
         if watch.trainer_step() == 0:
-            raise DemoError("no training sample reached the trainer (see logs/join.log and logs/train.log)")
+            raise DemoError(
+                "the loop broke: no training sample reached the trainer (see logs/join.log, logs/train.log)"
+            )
         if watch.latest("served") in (None, 0):
-            raise DemoError("the trainer trained, but no new version was served (see logs/train.log, logs/serve.log)")
+            raise DemoError(
+                "the loop broke: the trainer trained, but no new version was served (logs/train.log, serve.log)"
+            )
         summary = write_report(client, out, timeline=watch.timeline, began=began, ended=ended)
         (out / "timeline.json").write_text(json.dumps(watch.timeline, indent=2) + "\n")
         return summary
@@ -528,7 +547,7 @@ def run_demo(
 def _check_alive(state) -> None:
     dead = [name for name, alive in state.alive().items() if not alive]
     if dead:
-        raise DemoError(f"{', '.join(dead)} exited (see its log under {Path(state.home) / 'logs'})")
+        raise DemoError(f"the loop broke: {', '.join(dead)} exited (see its log under {Path(state.home) / 'logs'})")
 
 
 def _settle(client: Any, rollouts: int, console: Any, timeout: float = 40.0) -> None:

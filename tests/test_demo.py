@@ -46,3 +46,19 @@ def test_a_short_demo_raises_the_mean_reward_and_writes_the_report(settings, tmp
     assert summary["rise"] >= MARGIN, summary["headline"]
     assert max(summary["versions"]) >= 2, f"versions answered: {summary['versions']}"
     assert summary["samples"] > 0
+
+
+def test_a_directory_that_holds_a_run_is_refused_before_anything_starts(settings, tmp_path):
+    from infra.demo import DemoError, run_demo
+
+    (tmp_path / "home").mkdir()
+    with pytest.raises(DemoError, match="already holds a demo run"):
+        run_demo(settings, tmp_path, duration=1, agents=1)
+
+
+def test_the_command_rejects_a_non_positive_duration():
+    from infra.cli import build_parser
+
+    parser = build_parser({"demo": ("infra.demo", "")})
+    with pytest.raises(SystemExit):
+        parser.parse_args(["demo", "--duration", "0"])
