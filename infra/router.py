@@ -97,7 +97,7 @@ class RoutingTable:
             with self._lock:
                 if record["format"] == "full":
                     self._base[record["server_id"]] = (record["version"], record["served_name"] or self.model)
-                else:
+                elif record["version"]:  # version 0 of a LoRA replica is its base, already known
                     self._adapters[record["server_id"]][record["version"]] = record["served_name"]
 
     def on_models(self, server_id: str, names: list[str]) -> None:

@@ -161,7 +161,7 @@ class RolloutAnalyzer:
         if record["format"] == "full":
             self.replicas[record["server_id"]] = ("full", version)
         else:
-            self.replicas.setdefault(record["server_id"], ("lora", 0))
+            self.replicas[record["server_id"]] = ("lora", 0)  # its base stays, beside the adapters
         decisions = []
         newer = version > self.stable and version not in self.concluded
         if newer and (self.rollout is None or version > self.rollout.candidate):

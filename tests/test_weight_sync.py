@@ -86,11 +86,13 @@ def test_lora_version_switches_and_matches_transformers(
     elapsed = wait_until_served(vllm_server, "tiny-v1", expected)
     assert elapsed < SWITCH_SECONDS
 
-    served = read_records(settings, settings.topics.served_versions, "ServedVersion", expect=1)
-    assert [(s["server_id"], s["version"], s["status"], s["served_name"]) for s in served] == [
-        ("replica-a", 1, "serving", "tiny-v1")
+    served = read_records(settings, settings.topics.served_versions, "ServedVersion", expect=2)
+    # First what the replica served when the sidecar started, then the load.
+    assert [(s["server_id"], s["version"], s["attempted_version"], s["status"], s["served_name"]) for s in served] == [
+        ("replica-a", 0, 0, "serving", "tiny"),
+        ("replica-a", 1, 1, "serving", "tiny-v1"),
     ]
-    assert served[0]["load_latency_ms"] < SWITCH_SECONDS * 1000
+    assert served[1]["load_latency_ms"] < SWITCH_SECONDS * 1000
     # The base model is untouched: the adapter is a separate served name.
     assert matches(served_output(vllm_server, "tiny", PROMPT, TOKENS), base_before, tol=1e-5)
 
@@ -104,8 +106,11 @@ def test_full_weights_switch_and_match_transformers(
 
     publish_update(settings, artifact, version=1)
     assert wait_until_served(vllm_server, "tiny", expected) < SWITCH_SECONDS
-    served = read_records(settings, settings.topics.served_versions, "ServedVersion", expect=1)
-    assert [(s["version"], s["status"], s["format"]) for s in served] == [(1, "serving", "full")]
+    served = read_records(settings, settings.topics.served_versions, "ServedVersion", expect=2)
+    assert [(s["version"], s["status"], s["format"]) for s in served] == [
+        (0, "serving", "full"),
+        (1, "serving", "full"),
+    ]
     # vLLM restarted from <serving_dir>/current would load exactly this version.
     current = sidecar.serving_dir / "current"
     assert (
@@ -240,7 +245,9 @@ def test_stable_replica_loads_a_version_only_once_it_is_promoted(
         # Version numbers no other test loads: adapter names are per server.
         artifact = lora_artifact(store, tiny_model_dir, tmp_path, "lora-p1", seed=61)
         publish_update(settings, artifact, version=301)
-        assert stable.catch_up() is None  # published, not promoted
+        assert stable.catch_up() is None  # published, not promoted: it only says what it serves
+        [start] = read_records(settings, settings.topics.served_versions, "ServedVersion", expect=1)
+        assert (start["server_id"], start["version"], start["status"]) == ("stable-a", 0, "serving")
         produce(settings, settings.topics.rollout_decisions, "RolloutDecision", [decision("start", 301, 0)], "model")
         assert [stable.poll(0.5) for _ in range(4)] == [[]] * 4 and stable.served.version == 0
         produce(settings, settings.topics.rollout_decisions, "RolloutDecision", [decision("promote", 301, 0)], "model")

@@ -14,7 +14,8 @@ only once it is promoted, while a canary replica loads every new one. For each v
    on one replica); full weights through pause → ``collective_rpc reload_weights`` → reset prefix cache
    → resume, then the ``<serving_dir>/current`` link is swapped (atomic rename) to the new directory, so
    a vLLM started from ``current`` after a crash loads the version that was served;
-3. publishes a ``ServedVersion`` keyed by its server id: ``serving``, or ``failed`` with the reason
+3. publishes a ``ServedVersion`` keyed by its server id (also once at start when there is nothing to
+   load, so the router and the rollout see every replica): ``serving``, or ``failed`` with the reason
    while the previous version keeps serving (``VllmServer.reload_weights`` loads the previous weights
    back when vLLM fails half-way).
 
@@ -193,6 +194,8 @@ class WeightSync:
             if not messages and all(positions[key] + 1 >= end for key, end in ends.items()):
                 break
         if newest is None or newest["version"] <= self.served.version:
+            # Say what this replica serves, so the router and the rollout know it before any load.
+            self._publish(self.served.version, status="serving", fmt=self.served.format, latency_ms=0.0)
             return None
         return self.apply(newest)
 
@@ -232,10 +235,12 @@ class WeightSync:
                 self._reload_full(directory)
         except (ArtifactError, OSError, VllmServerError, ValueError) as exc:
             log.error("version %s of %s not loaded, %s stays: %s", version, self.model, self.served.version, exc)
-            return self._publish(update, status="failed", error=f"{type(exc).__name__}: {exc}")
+            error = f"{type(exc).__name__}: {exc}"
+            return self._publish(version, status="failed", fmt=self.served.format, latency_ms=0.0, error=error)
         self.served = Served(version, fmt, name)
         log.info("serving %s version %s (%s) as %r", self.model, version, fmt, name)
-        return self._publish(update, status="serving")
+        latency_ms = (now_us() - update["created_at_us"]) / 1000.0
+        return self._publish(version, status="serving", fmt=fmt, latency_ms=latency_ms)
 
     def _fetch_verified(self, update: dict[str, Any]) -> Path:
         directory = self.serving_dir / "versions" / f"v{update['version']:06d}"
@@ -271,17 +276,20 @@ class WeightSync:
 
     # -- publishing ----------------------------------------------------------------------------------
 
-    def _publish(self, update: dict[str, Any], *, status: str, error: str | None = None) -> dict[str, Any]:
+    def _publish(
+        self, attempted: int, *, status: str, fmt: str, latency_ms: float, error: str | None = None
+    ) -> dict[str, Any]:
+        """The ServedVersion of a load of version ``attempted`` (or of the start-up: attempted = served)."""
         record = {
             "server_id": self.server_id,
             "model": self.model,
             "version": self.served.version,
-            "attempted_version": update["version"],
+            "attempted_version": attempted,
             "status": status,
-            "format": self.served.format if status == "failed" else update["format"],
+            "format": fmt,
             "served_name": self.served.served_name,
             "error": error,
-            "load_latency_ms": (now_us() - update["created_at_us"]) / 1000.0,
+            "load_latency_ms": latency_ms,
             "timestamp_us": now_us(),
         }
         self._produce(
