@@ -164,8 +164,12 @@ def _key_of(span_batch: bytes) -> bytes:
     return span_batch[at : at + (size >> 1)]
 
 
+ROUNDS = 2
+
+
 def test_spans_per_second_end_to_end(settings: Settings) -> None:
-    """1 KB tool_call spans of varied prose, rollouts of 10 spans; two SDK runs and their baseline:
+    """1 KB tool_call spans of varied prose, rollouts of 10 spans; two SDK runs and their baseline
+    (best of ``ROUNDS`` interleaved rounds each):
 
     * end to end: emit → delivery acknowledged, the producer working while the agent emits (issue 3);
     * the producer's work alone (clean, encode, produce, acknowledged) on spans already emitted, i.e.
@@ -204,17 +208,24 @@ def test_spans_per_second_end_to_end(settings: Settings) -> None:
         assert stats["spans_delivered"] == total and stats["messages_spooled"] == 0
         return elapsed, cpu, emitted, messages
 
-    end_to_end = run(with_producer(settings, span_buffer_size=2048), producer_alone=False)
-    # A producer that waits (linger 1 h, buffer larger than the run) until flush() hands it everything.
-    alone = run(with_producer(settings, span_buffer_size=2 * total, linger=3600.0), producer_alone=True)
-    messages = [(_key_of(value), value) for value in end_to_end[3]]
+    # Interleaved rounds, the best of each kept: the machine is shared, and load swings hit all alike.
+    end_to_end = alone = raw = None
+    for _ in range(ROUNDS):
+        result = run(with_producer(settings, span_buffer_size=2048), producer_alone=False)
+        end_to_end = result if end_to_end is None or result[0] < end_to_end[0] else end_to_end
+        # A producer that waits (linger 1 h, buffer larger than the run) until flush() hands it everything.
+        result = run(with_producer(settings, span_buffer_size=2 * total, linger=3600.0), producer_alone=True)
+        alone = result if alone is None or result[0] < alone[0] else alone
+        messages = [(_key_of(value), value) for value in end_to_end[3]]
+        result = _raw_produce(settings, messages)
+        raw = result if raw is None or result[0] < raw[0] else raw
     assert sum(len(span_batch.decode(v)["spans"]) for _, v in messages[:50]) > 50  # batched per rollout
-    raw_seconds, raw_cpu = _raw_produce(settings, messages)
+    raw_seconds, raw_cpu = raw
     raw_rate = total / raw_seconds
     sdk_rate, sdk_alone_rate = total / end_to_end[0], total / alone[0]
     size = sum(len(v) for _, v in messages) / len(messages)
     print(
-        f"\n1 KB tool_call spans of varied text ({total:,} spans, rollouts of {spans_per_rollout}, "
+        f"\n1 KB tool_call spans of varied text ({total:,} spans, rollouts of {spans_per_rollout}, best of {ROUNDS}, "
         f"{len(messages):,} SpanBatch messages of {size / 1024:.1f} KB on average)\n"
         f"  SDK end to end (emit → acknowledged): {sdk_rate:,.0f} spans/s (target 100,000); "
         f"CPU {end_to_end[1] / total * 1e6:.1f} µs/span, all threads; emit loop alone {total / end_to_end[2]:,.0f}/s\n"
