@@ -149,4 +149,6 @@ if wants serve; then
     pip_locked install -e ".[serve]"
     pip_locked uninstall -y "${CUDA_LEFTOVERS[@]}"
 fi
+# Under pyenv, a new console script (boltstream) is on PATH only once the shims are rebuilt.
+if command -v pyenv >/dev/null; then pyenv rehash || true; fi
 smoke_import
