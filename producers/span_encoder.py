@@ -74,10 +74,17 @@ def _string(text: str) -> bytes:
 
 def _int_array(values: Sequence[int]) -> bytes:
     """An Avro array of int/long: one block (count, items) and the closing 0, as fastavro writes it."""
-    if not values:
+    if len(values) == 0:  # len(), not truthiness: None must fail (fastavro then reports it), not pass as []
         return _NULL
     small = _SMALL  # the common case inline: a call per token id would cost more than the lookup
     return _long(len(values)) + b"".join([small[v] if 0 <= v < 16384 else _long(v) for v in values]) + _NULL
+
+
+def _float_array(values: Sequence[float]) -> bytes:
+    """An Avro array of float (4 bytes each), in one struct.pack."""
+    if len(values) == 0:
+        return _NULL
+    return _long(len(values)) + struct.pack(f"<{len(values)}f", *values) + _NULL
 
 
 _KIND_INDEX = {kind: _SMALL[index] for index, kind in enumerate((*_KINDS, "custom"))}
@@ -178,7 +185,7 @@ class SpanBatchEncoder:
                     _string(llm["model_version"]),
                     _int_array(prompt_ids),
                     _int_array(completion_ids),
-                    _long(len(logprobs)) + struct.pack(f"<{len(logprobs)}f", *logprobs) + _NULL if logprobs else _NULL,
+                    _float_array(logprobs),
                     _string(llm["prompt_text"]),
                     _string(llm["completion_text"]),
                     _long(llm["prompt_tokens"]),

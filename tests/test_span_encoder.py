@@ -122,3 +122,7 @@ def test_llm_records_with_edge_values_match_the_generic_codec() -> None:
         span = (rollout, "e", None, 0, "llm_call", "chat", 1, 2, "ok", None, None, {}, llm, "")
         expected = generic.encode({"rollout_id": "r", "producer_id": "p", "sent_at_us": 0, "spans": [as_record(span)]})
         assert encoder.encode("r", "p", 0, [span]) == expected
+    for field in ("prompt_token_ids", "completion_logprobs"):  # None is not an empty array
+        span = (rollout, "e", None, 0, "llm_call", "chat", 1, 2, "ok", None, None, {}, {**full, field: None}, "")
+        with pytest.raises(CodecError):
+            encoder.encode("r", "p", 0, [span])
