@@ -40,7 +40,6 @@ import signal
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
@@ -51,11 +50,11 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 
 from infra.config import ConfigError, Settings
 from schemas.codec import AvroCodec, CodecError, codec, latest
+from schemas.dead_letters import dead_letter_of
 
 log = logging.getLogger("boltstream.archive")
 
 WORKER_NAME = "archive"
-DEAD_LETTER_NAMESPACE = uuid.UUID("6f1c2b1e-4d0a-5b7e-9c1d-a2f3e4b5c6d7")
 #: ClickHouse error codes that say "this data", not "this server": a batch failing with one of these
 #: is split to find the offending messages; any other failure stops the worker before it commits.
 DATA_ERROR_CODES = frozenset(
@@ -300,24 +299,8 @@ def topic_tables(settings: Settings) -> dict[str, Table]:
 
 
 def dead_letter(message: Message, reason: str, error_type: str) -> dict[str, Any]:
-    """The DeadLetter record of a Kafka message the archive could not store.
-
-    Its event_id is derived from the message's position, so a batch redelivered after a crash
-    dead-letters the same message under the same id, and the dead_letters view counts it once.
-    """
-    position = f"{WORKER_NAME}:{message.topic()}:{message.partition()}:{message.offset()}"
-    return {
-        "event_id": str(uuid.uuid5(DEAD_LETTER_NAMESPACE, position)),
-        "source_topic": message.topic(),
-        "source_partition": message.partition(),
-        "source_offset": message.offset(),
-        "key": message.key(),
-        "value": message.value() or b"",
-        "reason": reason,
-        "error_type": error_type,
-        "worker": WORKER_NAME,
-        "timestamp_us": time.time_ns() // 1000,
-    }
+    """The DeadLetter record of a Kafka message the archive could not store (position-derived id)."""
+    return dead_letter_of(message, worker=WORKER_NAME, reason=reason, error_type=error_type)
 
 
 @dataclass

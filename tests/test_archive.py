@@ -12,7 +12,7 @@ import pytest
 from confluent_kafka import Consumer, Producer
 
 from schemas.codec import codec, shipped_schemas
-from stream_processors.archive import DEAD_LETTER_NAMESPACE
+from schemas.dead_letters import NAMESPACE as DEAD_LETTER_NAMESPACE
 from tests.records import make_llm, make_span
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import re
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, To
 
 from infra.config import Settings
 from schemas.codec import CodecError, codec
+from schemas.dead_letters import dead_letter_of
 from trainer.policy import validate_sample
 
 _VERSION = re.compile(r"(\d+)$")
@@ -222,18 +222,7 @@ class SampleSource:
 
     def _dead_letter(self, message, reason: str, error_type: str) -> None:
         self.counters.dead_lettered += 1
-        record = {
-            "event_id": str(uuid.uuid4()),
-            "source_topic": message.topic(),
-            "source_partition": message.partition(),
-            "source_offset": message.offset(),
-            "key": message.key(),
-            "value": message.value() or b"",
-            "reason": reason,
-            "error_type": error_type,
-            "worker": self.worker,
-            "timestamp_us": time.time_ns() // 1000,
-        }
+        record = dead_letter_of(message, worker=self.worker, reason=reason, error_type=error_type)
         self.dlq.produce(self.settings.topics.dlq, key=message.key(), value=codec("DeadLetter").encode(record))
         self.dlq.poll(0)
 

@@ -40,6 +40,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, Topic
 from infra.config import Settings
 from infra.vllm_server import VllmServer, VllmServerError
 from schemas.codec import CodecError, codec
+from schemas.dead_letters import dead_letter_of
 from trainer.artifacts import Artifact, ArtifactError, fetch, verify
 
 log = logging.getLogger("boltstream.weight_sync")
@@ -299,18 +300,7 @@ class WeightSync:
 
     def _dead_letter(self, message: Message, reason: str) -> None:
         log.warning("model-updates offset %s: dead-lettered: %s", message.offset(), reason)
-        record = {
-            "event_id": str(uuid.uuid4()),
-            "source_topic": message.topic(),
-            "source_partition": message.partition(),
-            "source_offset": message.offset(),
-            "key": message.key(),
-            "value": message.value() or b"",
-            "reason": reason,
-            "error_type": "CodecError",
-            "worker": WORKER_NAME,
-            "timestamp_us": now_us(),
-        }
+        record = dead_letter_of(message, worker=WORKER_NAME, reason=reason, error_type="CodecError")
         self._produce(self.settings.topics.dlq, message.key(), codec("DeadLetter").encode(record))
 
     def _produce(self, topic: str, key: bytes | None, value: bytes) -> None:
