@@ -37,7 +37,7 @@ def test_a_short_demo_raises_the_mean_reward_and_writes_the_report(settings, tmp
     pytest.importorskip("matplotlib")
     from infra.demo import run_demo
 
-    summary = run_demo(settings, tmp_path, duration=120, agents=6, seed=0)
+    summary = run_demo(settings, tmp_path, duration=150, agents=6, seed=0)
 
     print(summary["headline"])
     assert (tmp_path / "report.png").stat().st_size > 10_000
