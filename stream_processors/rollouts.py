@@ -50,11 +50,11 @@ from typing import Any
 
 from producers.sampling import keep_rollout
 from schemas.codec import CodecError, codec
+from schemas.dead_letters import dead_letter
 from stream_processors.credit import CallPosition, assign_credit, check_policy
 
 SPANS, REWARDS = 0, 1  # which input topic a message came from
 TRAJECTORY_NAMESPACE = uuid.UUID("4b0c5f5e-5d0a-4e43-9a8e-6f2b1c3d7a10")
-DEAD_LETTER_NAMESPACE = uuid.UUID("9e2d3c4b-1a0f-4e5d-8c7b-6a5f4e3d2c1b")
 CLOCK_PREFIX = "\x00clock:"
 STATUSES = ("complete", "timed_out", "no_reward", "orphaned")
 
@@ -668,23 +668,18 @@ class JoinCore:
         event_key: str = "",
     ) -> None:
         source = self.rules.spans_topic if topic == SPANS else self.rules.rewards_topic
-        # Deterministic id: a re-delivered input dead-letters under the same id, so consumers dedupe.
-        identity = f"{source}:{partition}:{offset}:{index}:{error_type}:{event_key}"
         self.counts[f"dead_letters_{error_type}"] += 1
-        self.dead_letters.append(
-            (
-                key,
-                {
-                    "event_id": str(uuid.uuid5(DEAD_LETTER_NAMESPACE, identity)),
-                    "source_topic": source,
-                    "source_partition": partition,
-                    "source_offset": offset,
-                    "key": key,
-                    "value": value,
-                    "reason": reason,
-                    "error_type": error_type,
-                    "worker": self.rules.worker,
-                    "timestamp_us": now_us,
-                },
-            )
+        # The identity tells apart several dead letters of one message (the spans of a batch).
+        record = dead_letter(
+            worker=self.rules.worker,
+            source_topic=source,
+            source_partition=partition,
+            source_offset=offset,
+            key=key,
+            value=value,
+            reason=reason,
+            error_type=error_type,
+            identity=f"{index}:{error_type}:{event_key}",
+            timestamp_us=now_us,
         )
+        self.dead_letters.append((key, record))
