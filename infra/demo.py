@@ -40,7 +40,8 @@ from typing import Any
 
 from infra.config import Settings
 from infra.stack import WORKERS, StackError, Worker, start_stack, stop_stack
-from producers.proxy import AGENT_HEADER, ROLLOUT_HEADER, TASK_HEADER
+from producers.llm_capture import ROLLOUT_ID_HEADER
+from producers.proxy import AGENT_HEADER, TASK_HEADER
 
 #: The problems the demo's agents solve: a+b for digits 0..3 (16 problems, as in the trainer's learning test).
 LARGEST_DIGIT = 3
@@ -226,7 +227,7 @@ class Agents:
                 return
             task_id, a, b = task
             rollout_id = agl.new_id()
-            headers = {ROLLOUT_HEADER: rollout_id, TASK_HEADER: task_id, AGENT_HEADER: AGENT_NAME}
+            headers = {ROLLOUT_ID_HEADER: rollout_id, TASK_HEADER: task_id, AGENT_HEADER: AGENT_NAME}
             try:
                 answer = client.chat.completions.create(
                     model=self.settings.trainer.model_name,

@@ -37,8 +37,7 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from infra.config import Settings
-from producers.llm_capture import MODEL_VERSION_HEADER, SERVER_ID_HEADER
-from producers.proxy import ROLLOUT_HEADER as ROLLOUT_ID_HEADER
+from producers.llm_capture import MODEL_VERSION_HEADER, ROLLOUT_ID_HEADER, SERVER_ID_HEADER
 from schemas.codec import CodecError, codec
 from trainer.weight_sync import parse_served_name
 

@@ -19,6 +19,9 @@ from producers.redaction import to_text
 
 log = logging.getLogger("boltstream.autotrace")
 
+#: Request header naming the agent rollout a call belongs to (read by the capture proxy, sent on by the
+#: auto-tracer and the proxy, so the router sends every call of one rollout to the same version).
+ROLLOUT_ID_HEADER = "X-Boltstream-Rollout-Id"
 #: Response headers of the serving router (infra.router): the weight version that answered and the replica.
 MODEL_VERSION_HEADER = "X-Boltstream-Model-Version"
 SERVER_ID_HEADER = "X-Boltstream-Server-Id"

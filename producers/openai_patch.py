@@ -21,18 +21,22 @@ import functools
 import inspect
 import logging
 from collections.abc import AsyncIterator, Iterator
+from contextvars import ContextVar
 from typing import Any
 
 import openai
 from openai._base_client import AsyncAPIClient, SyncAPIClient
 
 from producers.context import active_rollout
-from producers.llm_capture import LlmCapture, endpoint_of, token_parameters
+from producers.llm_capture import ROLLOUT_ID_HEADER, LlmCapture, endpoint_of, token_parameters
 
 log = logging.getLogger("boltstream.autotrace")
 
-_originals: dict[type, Any] = {}
+_originals: dict[tuple[type, str], Any] = {}
 _request_token_ids = False
+# The traced call in flight in this thread / task: _process_response reads the response headers into it
+# (a boltstream router tags each answer with the model version and replica that produced it).
+_current_call: ContextVar[_Call | None] = ContextVar("boltstream_openai_call", default=None)
 
 
 def patch(request_token_ids: bool = False) -> None:
@@ -41,16 +45,19 @@ def patch(request_token_ids: bool = False) -> None:
     _request_token_ids = request_token_ids
     if _originals:
         return
-    _originals[SyncAPIClient] = SyncAPIClient.request
-    _originals[AsyncAPIClient] = AsyncAPIClient.request
-    SyncAPIClient.request = _traced_sync(SyncAPIClient.request)
-    AsyncAPIClient.request = _traced_async(AsyncAPIClient.request)
+    for cls, traced in ((SyncAPIClient, _traced_sync), (AsyncAPIClient, _traced_async)):
+        _originals[cls, "request"] = cls.request
+        cls.request = traced(cls.request)
+    _originals[SyncAPIClient, "_process_response"] = SyncAPIClient._process_response
+    _originals[AsyncAPIClient, "_process_response"] = AsyncAPIClient._process_response
+    SyncAPIClient._process_response = _reading_headers_sync(SyncAPIClient._process_response)
+    AsyncAPIClient._process_response = _reading_headers_async(AsyncAPIClient._process_response)
 
 
 def unpatch() -> None:
     """Restore the client's own methods."""
-    for cls, original in _originals.items():
-        cls.request = original
+    for (cls, name), original in _originals.items():
+        setattr(cls, name, original)
     _originals.clear()
 
 
@@ -64,11 +71,14 @@ def _traced_sync(original: Any) -> Any:
         call = _Call.start(options, self)
         if call is None:
             return original(self, cast_to, options, *args, **kwargs)
+        token = _current_call.set(call)
         try:
             result = original(self, cast_to, call.options, *args, **kwargs)
         except BaseException as exc:
             call.finish(exc)
             raise
+        finally:
+            _current_call.reset(token)
         return call.observe(result)
 
     return request
@@ -80,14 +90,44 @@ def _traced_async(original: Any) -> Any:
         call = _Call.start(options, self)
         if call is None:
             return await original(self, cast_to, options, *args, **kwargs)
+        token = _current_call.set(call)
         try:
             result = await original(self, cast_to, call.options, *args, **kwargs)
         except BaseException as exc:
             call.finish(exc)
             raise
+        finally:
+            _current_call.reset(token)
         return call.observe(result)
 
     return request
+
+
+def _read_headers(response: Any) -> None:
+    call = _current_call.get()
+    if call is not None:
+        try:
+            call.capture.add_headers(response.headers)
+        except Exception:
+            log.exception("auto-tracing could not read the response headers; the agent is unaffected")
+
+
+def _reading_headers_sync(original: Any) -> Any:
+    @functools.wraps(original)
+    def process_response(self: Any, *args: Any, **kwargs: Any) -> Any:
+        _read_headers(kwargs.get("response"))
+        return original(self, *args, **kwargs)
+
+    return process_response
+
+
+def _reading_headers_async(original: Any) -> Any:
+    @functools.wraps(original)
+    async def process_response(self: Any, *args: Any, **kwargs: Any) -> Any:
+        _read_headers(kwargs.get("response"))
+        return await original(self, *args, **kwargs)
+
+    return process_response
 
 
 class _Call:
@@ -104,14 +144,20 @@ class _Call:
             if getattr(options, "method", "").lower() != "post":
                 return None
             endpoint = endpoint_of(str(options.url))
-            if endpoint is None or not active_rollout().sampled:
+            current = active_rollout()
+            if endpoint is None or not current.sampled:
                 return None
             body = dict(options.json_data) if isinstance(options.json_data, dict) else {}
             if isinstance(options.extra_json, dict):
                 body.update(options.extra_json)
             added = token_parameters(endpoint, body) if _request_token_ids else {}
+            # The rollout id travels with the request: a boltstream router keeps a rollout on one version.
+            headers = {**(options.headers if isinstance(options.headers, dict) else {})}
+            headers.setdefault(ROLLOUT_ID_HEADER, current.rollout_id)
+            update: dict[str, Any] = {"headers": headers}
             if added:
-                options = options.model_copy(update={"json_data": {**(options.json_data or {}), **added}})
+                update["json_data"] = {**(options.json_data or {}), **added}
+            options = options.model_copy(update=update)
             return cls(LlmCapture(endpoint, body, str(getattr(client, "base_url", "")), frozenset(added)), options)
         except Exception:
             log.exception("auto-tracing could not start; the call runs untraced")

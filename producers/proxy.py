@@ -45,12 +45,11 @@ from infra.config import Settings
 from producers import runtime
 from producers.context import attached, rollout
 from producers.emit import send_reward
-from producers.llm_capture import LlmCapture, endpoint_of, token_parameters
+from producers.llm_capture import ROLLOUT_ID_HEADER, LlmCapture, endpoint_of, token_parameters
 
 log = logging.getLogger("boltstream.proxy")
 
 HEADER_PREFIX = "x-boltstream-"
-ROLLOUT_HEADER = "X-Boltstream-Rollout-Id"
 TASK_HEADER = "X-Boltstream-Task-Id"
 AGENT_HEADER = "X-Boltstream-Agent-Name"
 ATTEMPT_HEADER = "X-Boltstream-Attempt-Id"
@@ -123,7 +122,7 @@ class CaptureProxy:
     # -- rollouts -----------------------------------------------------------------------------
     def _rollout_for(self, headers: Any) -> tuple[rollout, bool]:
         """The rollout a request belongs to, and whether it is a one-call rollout to end right away."""
-        rollout_id = headers.get(ROLLOUT_HEADER)
+        rollout_id = headers.get(ROLLOUT_ID_HEADER)
         task_id, agent_name = headers.get(TASK_HEADER, ""), headers.get(AGENT_HEADER, "")
         attempt = headers.get(ATTEMPT_HEADER, "attempt-0")
         if not rollout_id:
@@ -190,7 +189,7 @@ class CaptureProxy:
         error: BaseException | str | None = None
         try:
             # A boltstream router upstream keeps every call of a rollout on one weight version.
-            headers[ROLLOUT_HEADER] = run.rollout_id
+            headers[ROLLOUT_ID_HEADER] = run.rollout_id
             async with self._session.request(request.method, url, headers=headers, data=body) as upstream:
                 capture.add_headers(upstream.headers)
                 if upstream.status >= 400:

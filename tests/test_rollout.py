@@ -14,9 +14,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 from confluent_kafka import Producer
 
+import producers as agl
 from infra.config import Settings
 from infra.router import (
     MODEL_VERSION_HEADER,
@@ -402,19 +404,38 @@ def test_spans_captured_through_proxy_and_router_carry_the_serving_version(
     proxy, proxy_url = start_proxy(settings, router.url)
     canary_id = next(f"canary-{i}" for i in range(1000) if bucket(f"canary-{i}") < 0.5)
     stable_id = next(f"stable-{i}" for i in range(1000) if bucket(f"stable-{i}") >= 0.5)
+    # The same two rollouts again, this time through the auto-tracer straight to the router.
+    traced_canary = next(f"traced-{i}" for i in range(1000) if bucket(f"traced-{i}") < 0.5)
+    traced_stable = next(f"traced-{i}" for i in range(1000) if bucket(f"traced-{i}") >= 0.5)
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "2+2="}], "max_tokens": 4}
     try:
         for rollout_id in (canary_id, stable_id):
-            body = {"model": "tiny", "messages": [{"role": "user", "content": "2+2="}], "max_tokens": 4}
             response = httpx.post(
                 f"{proxy_url}/v1/chat/completions", json=body, headers={ROLLOUT_ID_HEADER: rollout_id}
             )
             response.raise_for_status()
+        agl.configure(settings)
+        assert agl.instrument()
+        try:
+            client = openai.OpenAI(base_url=f"{router.url}/v1", api_key="unused")
+            for rollout_id in (traced_canary, traced_stable):
+                with agl.rollout(task_id="math", agent_name="traced", rollout_id=rollout_id):
+                    client.chat.completions.create(**body)
+            agl.flush()
+        finally:
+            agl.uninstrument()
     finally:
         stop_proxy(proxy)
         router.stop()
-    spans = consume(settings.kafka.bootstrap_servers, settings.topics.spans, lambda f: len(f) >= 4, timeout=20)
+    spans = consume(
+        settings.kafka.bootstrap_servers,
+        settings.topics.spans,
+        lambda f: sum(s["kind"] == "llm_call" for s in f) >= 4,
+        timeout=20,
+    )
     calls = {s["rollout_id"]: s for s in spans if s["kind"] == "llm_call"}
-    assert (calls[canary_id]["llm"]["model_version"], calls[canary_id]["llm"]["model"]) == ("1", "tiny-v1")
-    assert (calls[stable_id]["llm"]["model_version"], calls[stable_id]["llm"]["model"]) == ("0", "tiny")
+    for canary, stable in ((canary_id, stable_id), (traced_canary, traced_stable)):
+        assert (calls[canary]["llm"]["model_version"], calls[canary]["llm"]["model"]) == ("1", "tiny-v1")
+        assert (calls[stable]["llm"]["model_version"], calls[stable]["llm"]["model"]) == ("0", "tiny")
     assert {s["server_id"] for s in calls.values()} == {"replica-a"}
-    assert all(s["llm"]["completion_token_ids"] for s in calls.values())
+    assert all(calls[r]["llm"]["completion_token_ids"] for r in (canary_id, stable_id))
