@@ -447,8 +447,14 @@ class SpanProducer:
         old = self._kafka
         self._kafka = Producer(self._client_config)
         self._client_fatal = False
-        old.purge()  # everything it held fails with _PURGE_QUEUE and is spooled by _delivered
-        old.poll(0)
+        old.purge()  # everything it held fails with _PURGE_QUEUE / _PURGE_INFLIGHT and is spooled by _delivered
+        # Serve every purged message's delivery report before the old client goes, or _in_flight never
+        # drains and flush() waits for reports that will not come.
+        deadline = time.monotonic() + self.settings.producer.flush_timeout
+        while len(old) and time.monotonic() < deadline:
+            old.poll(0.05)
+        if len(old):
+            log.error("%d messages of the failed Kafka client got no delivery report", len(old))
 
 
 class _ClientLog(logging.LoggerAdapter):

@@ -45,6 +45,8 @@ def sidecar(settings: Settings, vllm_server, tiny_model_dir: Path, tmp_path: Pat
     stop = threading.Event()
     thread = threading.Thread(target=sync.run, args=(stop,), daemon=True)
     thread.start()
+    # The tests publish right away: the start-up announcement must come first.
+    assert sync.caught_up.wait(60), "the sidecar did not catch up"
     yield sync
     stop.set()
     thread.join(30)

@@ -124,6 +124,8 @@ class WeightSync:
         )
         self.producer = Producer(kafka.client_config(**{"acks": "all", "enable.idempotence": True}))
         self._assigned = False
+        #: Set once ``run`` has caught up with the topic (and announced or loaded what it serves).
+        self.caught_up = threading.Event()
 
     # -- reading model-updates (and, following promotions, rollout-decisions) ---------------------
 
@@ -217,6 +219,7 @@ class WeightSync:
     def run(self, stop: threading.Event) -> None:
         """Catch up, then follow until ``stop`` is set."""
         self.catch_up()
+        self.caught_up.set()
         while not stop.is_set():
             self.poll(0.5)
 
