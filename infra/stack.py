@@ -70,16 +70,28 @@ class Worker:
     argv: tuple[str, ...]
     ready_url: str = ""
     settle: float = 1.0
-    #: This worker serves the stack's read-only ClickHouse HTTP endpoint on ``{read_port}``.
-    serves_reads: bool = False
+    #: Arguments that make this worker serve the embedded store's read-only ClickHouse HTTP endpoint on
+    #: ``{read_port}`` (and ``ready_url`` then waits for it). With a ClickHouse server as the archive
+    #: both are left out: readers use the server's own HTTP port.
+    read_args: tuple[str, ...] = ()
+
+    @property
+    def serves_reads(self) -> bool:
+        return bool(self.read_args)
+
+    def writing_to_a_server(self) -> Worker:
+        """This worker as it runs when the archive is a ClickHouse server: no read endpoint to serve."""
+        if not self.read_args:
+            return self
+        return replace(self, read_args=(), ready_url="")
 
 
 #: The workers ``boltstream up`` starts, by name; each is a ``boltstream`` command in the foreground.
 WORKERS: dict[str, Worker] = {
     "archive": Worker(
-        argv=("{python}", "-m", "infra.cli", "archive", "--read-port", "{read_port}", "--read-token={read_token}"),
+        argv=("{python}", "-m", "infra.cli", "archive"),
+        read_args=("--read-port", "{read_port}", "--read-token={read_token}"),
         ready_url="http://127.0.0.1:{read_port}/ping",
-        serves_reads=True,
     ),
     # The reward/trajectory join; its metrics: stream_processors.join.join_metrics_urls(settings) + join_status(url).
     "join": Worker(argv=("{python}", "-m", "infra.cli", "join"), settle=2.0),
@@ -461,12 +473,10 @@ def start_stack(
             if previous.running():
                 raise StackRunningError(previous)
             _forget(settings)
+        embedded = settings.archive_url.startswith("chdb://")
+        if not embedded:
+            workers = {name: worker.writing_to_a_server() for name, worker in workers.items()}
         serves_reads = any(worker.serves_reads for worker in workers.values())
-        if serves_reads and not settings.archive_url.startswith("chdb://"):
-            raise NotImplementedError(
-                "the local stack serves reads from the embedded chDB store only; clickhouse.url points at a "
-                "server: run `boltstream archive` against it directly and read from the server"
-            )
         read_port = settings.clickhouse.read_port
         if read_port and (read_port == port or port_in_use(read_port)):
             raise StackError(f"read port {read_port} on 127.0.0.1 is already in use; pick another or use 0")
@@ -479,7 +489,10 @@ def start_stack(
             read_port = read_port or free_port()
             token = settings.clickhouse.read_token or secrets.token_hex(24)
             fill = {"python": sys.executable, "read_port": str(read_port), "read_token": token}
-            read_url = f"http://{READ_USER}:{quote(token, safe='')}@127.0.0.1:{read_port}" if serves_reads else ""
+            if serves_reads:
+                read_url = f"http://{READ_USER}:{quote(token, safe='')}@127.0.0.1:{read_port}"
+            else:  # readers of a ClickHouse server use it directly (or the reader URL configured for it)
+                read_url = "" if embedded else settings.clickhouse.read_url or settings.archive_url
             stack_settings = replace(
                 settings,
                 kafka=replace(settings.kafka, bootstrap_servers=broker.bootstrap_servers),
@@ -489,7 +502,7 @@ def start_stack(
             config_path = _write_private(_worker_config_path(settings), settings_toml(stack_settings))
             env = _worker_environment(stack_settings, config_path)
             for name, worker in workers.items():
-                argv = [part.format(**fill) for part in worker.argv]
+                argv = [part.format(**fill) for part in (*worker.argv, *worker.read_args)]
                 started[name] = _spawn(argv, logs / f"{name}.log", env, settings.home)
             _wait_ready(workers, started, fill, timeout)
             archive_url = settings.archive_url
@@ -726,7 +739,7 @@ def up_command(args: argparse.Namespace, settings: Settings) -> int:
         if not all(running.state.alive().values()):
             print("part of it has exited: `boltstream down` then `boltstream up` restarts it")
         return 0
-    except (BrokerError, StackError, NotImplementedError) as exc:
+    except (BrokerError, StackError) as exc:
         print(f"boltstream up: {exc}", file=sys.stderr)
         return 1
     print(f"boltstream is up under {state.home}")

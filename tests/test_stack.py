@@ -254,11 +254,28 @@ def test_worker_settings_snapshot_round_trips(tmp_path):
     assert load_settings(path, environ={"BOLTSTREAM_HOME": str(tmp_path)}) == settings
 
 
-def test_up_with_a_clickhouse_server_archive_says_it_is_not_supported(home):
-    settings = home_settings(home, clickhouse={"url": "http://writer:secret@127.0.0.1:8123/boltstream"})
-    with pytest.raises(NotImplementedError, match="embedded chDB store only"):
-        start_stack(settings)
-    assert not (home / "logs" / "broker.log").exists()  # refused before starting anything
+def test_with_a_clickhouse_server_archive_readers_use_the_server(home):
+    """No read endpoint is served when the archive writes to a server: readers use the server directly."""
+    server = "http://writer:secret@127.0.0.1:8123/boltstream"
+    archive = Worker(
+        argv=("{python}", "-c", "import time; time.sleep(3600)"),
+        read_args=("--read-port", "{read_port}"),
+        ready_url="http://127.0.0.1:{read_port}/ping",  # would never answer: it must not be waited for
+        settle=0.3,
+    )
+    state = start_stack(home_settings(home, clickhouse={"url": server}), workers={"archive": archive}, timeout=20)
+    try:
+        assert state.clickhouse_read_url == server
+        assert "--read-port" not in state.workers["archive"].argv
+        reader = "http://reader:r@127.0.0.1:8123/boltstream"
+        configured = home_settings(home / "other", clickhouse={"url": server, "read_url": reader})
+        other = start_stack(configured, workers={"archive": archive}, timeout=20)
+        try:
+            assert other.clickhouse_read_url == reader
+        finally:
+            stop_stack(configured)
+    finally:
+        stop_stack(home_settings(home, clickhouse={"url": server}))
 
 
 def test_up_runs_the_archive_and_status_counts_its_rows(home):
