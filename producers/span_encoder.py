@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import fastavro
 from fastavro.schema import parse_schema
 
-from schemas.codec import SINGLE_OBJECT_MAGIC, CodecError, shipped_schemas
+from schemas.codec import SINGLE_OBJECT_MAGIC, CodecError, shipped_schemas, unsigned_varint, zigzag_varint
 
 VERSION = 2
 _KINDS = ("rollout", "llm_call", "tool_call", "decision", "reward", "message", "exception", "object", "annotation")
@@ -25,21 +25,8 @@ _NULL, _SOME = b"\x00", b"\x02"  # union branch 0 (null) and 1 (the value)
 _double = struct.Struct("<d").pack
 
 
-def _unsigned_varint(z: int) -> bytes:
-    out = bytearray()
-    while z > 0x7F:
-        out.append((z & 0x7F) | 0x80)
-        z >>= 7
-    out.append(z)
-    return bytes(out)
-
-
-def _varint(n: int) -> bytes:
-    return _unsigned_varint((n << 1) ^ (n >> 63))
-
-
-_SMALL = [_varint(n) for n in range(1 << 14)]  # lengths, counts, sequence numbers: one lookup
-# Timestamps (~2**51 µs) take 8 varint bytes, 8 turns of _varint's loop. Their zigzag value's low 28 bits
+_SMALL = [zigzag_varint(n) for n in range(1 << 14)]  # lengths, counts, sequence numbers: one lookup
+# Timestamps (~2**51 µs) take 8 varint bytes, 8 turns of zigzag_varint's loop. Their zigzag value's low 28 bits
 # are 4 bytes, each of 7 bits with the continuation bit set, taken 14 bits at a time from _LOW14; the
 # bits above change every ~2 minutes, so their bytes come from a small cache.
 _LOW14 = [bytes(((c & 0x7F) | 0x80, (c >> 7) | 0x80)) for c in range(1 << 14)]
@@ -56,20 +43,20 @@ def _long(n: int) -> bytes:
         zigzag = n << 1
         return _LOW14[zigzag & 0x3FFF] + _LAST[zigzag >> 14]
     if n < (1 << 28) or n >= (1 << 62):  # the rare negative, mid-sized or huge value
-        return _varint(n)
+        return zigzag_varint(n)
     zigzag = n << 1
     high = _high_bytes.get(zigzag >> 28)
     if high is None:
         if len(_high_bytes) > 4096:
             _high_bytes.clear()
-        high = _high_bytes[zigzag >> 28] = _unsigned_varint(zigzag >> 28)
+        high = _high_bytes[zigzag >> 28] = unsigned_varint(zigzag >> 28)
     return _LOW14[zigzag & 0x3FFF] + _LOW14[(zigzag >> 14) & 0x3FFF] + high
 
 
 def _string(text: str) -> bytes:
     raw = text.encode("utf-8")
     size = len(raw)
-    return (_SMALL[size] if size < 16384 else _varint(size)) + raw
+    return (_SMALL[size] if size < 16384 else zigzag_varint(size)) + raw
 
 
 def _int_array(values: Sequence[int]) -> bytes:

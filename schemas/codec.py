@@ -50,6 +50,21 @@ RECORDS = (
 )
 
 
+def unsigned_varint(value: int) -> bytes:
+    """LEB128: 7 bits a byte, low group first (Avro's varint body; also ClickHouse Native's lengths)."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def zigzag_varint(value: int) -> bytes:
+    """Avro's encoding of an int or long: zig-zag, then varint."""
+    return unsigned_varint((value << 1) ^ (value >> 63))
+
+
 class CodecError(ValueError):
     """Bytes that cannot be decoded (or a record that cannot be encoded), with the reason."""
 

@@ -49,7 +49,7 @@ import fastavro
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from infra.config import ConfigError, Settings
-from schemas.codec import AvroCodec, CodecError, codec, latest
+from schemas.codec import AvroCodec, CodecError, codec, latest, zigzag_varint
 from schemas.dead_letters import dead_letter_of
 
 log = logging.getLogger("boltstream.archive")
@@ -133,19 +133,8 @@ def chdb_path(url: str) -> str | None:
 # -- Avro container building ------------------------------------------------------------------------
 
 
-def _long(value: int) -> bytes:
-    """Avro's zig-zag varint encoding of a long."""
-    value = (value << 1) ^ (value >> 63)
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 def _bytes(value: bytes) -> bytes:
-    return _long(len(value)) + value
+    return zigzag_varint(len(value)) + value
 
 
 class AvroContainer:
@@ -155,14 +144,14 @@ class AvroContainer:
         self.sync = secrets.token_bytes(16)
         metadata = {b"avro.schema": schema_json.encode(), b"avro.codec": b"null"}
         entries = b"".join(_bytes(key) + _bytes(value) for key, value in metadata.items())
-        self.header = b"Obj\x01" + _long(len(metadata)) + entries + b"\x00" + self.sync
+        self.header = b"Obj\x01" + zigzag_varint(len(metadata)) + entries + b"\x00" + self.sync
 
     def file(self, bodies: Iterable[bytes]) -> bytes:
         """A container holding each Avro body as a block of one record."""
         parts = [self.header]
         sync = self.sync
         for body in bodies:
-            parts.append(b"\x02" + _long(len(body)))  # count 1, zig-zag encoded
+            parts.append(b"\x02" + zigzag_varint(len(body)))  # count 1, zig-zag encoded
             parts.append(body)
             parts.append(sync)
         return b"".join(parts)

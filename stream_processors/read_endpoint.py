@@ -32,6 +32,8 @@ from urllib.parse import parse_qsl, urlsplit
 
 import chdb
 
+from schemas.codec import unsigned_varint
+
 READ_USER = "reader"
 ALLOWED_STATEMENTS = frozenset({"SELECT", "SHOW", "DESCRIBE", "DESC", "EXISTS", "WITH", "EXPLAIN"})
 #: Parameters of ClickHouse's HTTP interface that steer the transport, not the query; accepted and
@@ -199,20 +201,11 @@ class ReadEndpoint:
             return b""
         described = self.connection.query(f"DESCRIBE ({select})", "JSONEachRow", params=params).bytes() or b""
         columns = [json.loads(line) for line in described.splitlines()]
-        block = _varuint(len(columns)) + _varuint(0)
+        block = unsigned_varint(len(columns)) + unsigned_varint(0)
         for column in columns:
             name, type_name = column["name"].encode(), column["type"].encode()
-            block += _varuint(len(name)) + name + _varuint(len(type_name)) + type_name
+            block += unsigned_varint(len(name)) + name + unsigned_varint(len(type_name)) + type_name
         return block
-
-
-def _varuint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 class _Handler(BaseHTTPRequestHandler):
