@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Producer
 
 from infra.config import Settings
 from schemas.codec import codec
@@ -108,21 +108,3 @@ def served_output(server: Any, model: str, prompt: list[int], tokens: int) -> tu
 
 def matches(served: tuple[list[int], list[float]], expected: tuple[list[int], list[float]], tol: float = 2e-3) -> bool:
     return served[0] == expected[0] and all(abs(a - b) <= tol for a, b in zip(served[1], expected[1], strict=True))
-
-
-def read_records(settings: Settings, topic: str, record: str, expect: int, timeout: float = 15.0) -> list[dict]:
-    """Every record on ``topic`` from the beginning, waiting up to ``timeout`` until ``expect`` arrived."""
-    consumer = Consumer(settings.kafka.client_config(**{"group.id": f"reader-{time.monotonic_ns()}"}))
-    try:
-        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
-        records, deadline = [], time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            message = consumer.poll(0.2)
-            if message is not None and message.error() is None:
-                records.append(codec(record).decode(message.value()))
-            elif message is None and len(records) >= expect:
-                break
-        return records
-    finally:
-        consumer.close()

@@ -32,7 +32,8 @@ from infra.router import (
 from infra.stack import ensure_topics
 from schemas.codec import codec
 from stream_processors.canary import RolloutAnalyzer, RolloutWorker, rollout_state, version_number
-from tests.serving_support import PROMPT, lora_artifact, matches, publish_update, read_records, reference, served_output
+from tests.serving_support import PROMPT, lora_artifact, matches, publish_update, reference, served_output
+from tests.trainer_support import read_all
 from trainer.artifacts import ArtifactStore
 from trainer.weight_sync import WeightSync
 
@@ -368,7 +369,7 @@ def test_better_version_is_promoted_and_worse_one_rolled_back_end_to_end(
         router.stop()
         client.close()
 
-    decisions = read_records(settings, settings.topics.rollout_decisions, "RolloutDecision", expect=4)
+    decisions = read_all(settings, settings.topics.rollout_decisions, "RolloutDecision", expect=4)
     expected = [("start", V1, 0), ("promote", V1, 0), ("start", V2, V1), ("rollback", V2, V1)]
     assert [(d["action"], d["candidate_version"], d["stable_version"]) for d in decisions] == expected
     assert rollout_state(settings)["stable"] == V1

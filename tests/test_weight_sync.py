@@ -20,10 +20,10 @@ from tests.serving_support import (
     lora_artifact,
     matches,
     publish_update,
-    read_records,
     reference,
     served_output,
 )
+from tests.trainer_support import read_all
 from trainer.artifacts import ArtifactStore
 from trainer.weight_sync import WeightSync, parse_served_name, served_name
 
@@ -88,7 +88,7 @@ def test_lora_version_switches_and_matches_transformers(
     elapsed = wait_until_served(vllm_server, "tiny-v1", expected)
     assert elapsed < SWITCH_SECONDS
 
-    served = read_records(settings, settings.topics.served_versions, "ServedVersion", expect=2)
+    served = read_all(settings, settings.topics.served_versions, "ServedVersion", expect=2)
     # First what the replica served when the sidecar started, then the load.
     assert [(s["server_id"], s["version"], s["attempted_version"], s["status"], s["served_name"]) for s in served] == [
         ("replica-a", 0, 0, "serving", "tiny"),
@@ -108,7 +108,7 @@ def test_full_weights_switch_and_match_transformers(
 
     publish_update(settings, artifact, version=1)
     assert wait_until_served(vllm_server, "tiny", expected) < SWITCH_SECONDS
-    served = read_records(settings, settings.topics.served_versions, "ServedVersion", expect=2)
+    served = read_all(settings, settings.topics.served_versions, "ServedVersion", expect=2)
     assert [(s["version"], s["status"], s["format"]) for s in served] == [
         (0, "serving", "full"),
         (1, "serving", "full"),
@@ -182,7 +182,7 @@ def test_corrupt_missing_or_refused_artifact_keeps_the_old_version(
 
     assert manual_sidecar.served.version == 1
     assert matches(served_output(vllm_server, "tiny", PROMPT, TOKENS), expected)
-    reports = read_records(settings, settings.topics.served_versions, "ServedVersion", expect=4)
+    reports = read_all(settings, settings.topics.served_versions, "ServedVersion", expect=4)
     assert [(r["status"], r["attempted_version"]) for r in reports] == [
         ("serving", 1),
         ("failed", 2),
@@ -214,8 +214,7 @@ def test_restarted_sidecar_catches_up_to_the_newest_version(
     expected = reference(Path(newest.uri.removeprefix("file://")), PROMPT, TOKENS, base=tiny_model_dir)
     assert matches(served_output(vllm_server, "tiny-v3", PROMPT, TOKENS), expected)
     attempted = [
-        r["attempted_version"]
-        for r in read_records(settings, settings.topics.served_versions, "ServedVersion", expect=2)
+        r["attempted_version"] for r in read_all(settings, settings.topics.served_versions, "ServedVersion", expect=2)
     ]
     assert attempted == [1, 3]  # version 2 was superseded before anyone served it
 
@@ -230,7 +229,7 @@ def test_undecodable_update_is_dead_lettered_and_the_next_one_loads(
     assert producer.flush(10) == 0
     publish_update(settings, lora_artifact(store, tiny_model_dir, tmp_path, "lora-d1", seed=21), version=1)
     assert manual_sidecar.catch_up()["status"] == "serving"
-    dead = read_records(settings, settings.topics.dlq, "DeadLetter", expect=1)
+    dead = read_all(settings, settings.topics.dlq, "DeadLetter", expect=1)
     assert len(dead) == 1 and dead[0]["worker"] == "weight_sync" and dead[0]["value"] == b"\xc3\x01not avro at all"
 
 
@@ -248,7 +247,7 @@ def test_stable_replica_loads_a_version_only_once_it_is_promoted(
         artifact = lora_artifact(store, tiny_model_dir, tmp_path, "lora-p1", seed=61)
         publish_update(settings, artifact, version=301)
         assert stable.catch_up() is None  # published, not promoted: it only says what it serves
-        [start] = read_records(settings, settings.topics.served_versions, "ServedVersion", expect=1)
+        [start] = read_all(settings, settings.topics.served_versions, "ServedVersion", expect=1)
         assert (start["server_id"], start["version"], start["status"]) == ("stable-a", 0, "serving")
         produce(settings, settings.topics.rollout_decisions, "RolloutDecision", [decision("start", 301, 0)], "model")
         assert [stable.poll(0.5) for _ in range(4)] == [[]] * 4 and stable.served.version == 0

@@ -39,14 +39,16 @@ def read_all(
 ) -> list[dict]:
     """Every record on ``topic`` from the beginning (waiting until ``expect`` of them arrived)."""
     consumer = Consumer(settings.kafka.client_config(**{"group.id": f"reader-{time.monotonic_ns()}"}))
-    partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-    consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
-    records, deadline = [], time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        message = consumer.poll(0.2)
-        if message is not None and message.error() is None:
-            records.append(codec(record).decode(message.value()))
-        elif message is None and (expect is None or len(records) >= expect):
-            break
-    consumer.close()
-    return records
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
+        records, deadline = [], time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            message = consumer.poll(0.2)
+            if message is not None and message.error() is None:
+                records.append(codec(record).decode(message.value()))
+            elif message is None and (expect is None or len(records) >= expect):
+                break
+        return records
+    finally:
+        consumer.close()

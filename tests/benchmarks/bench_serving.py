@@ -27,7 +27,8 @@ import pytest
 from infra.config import Settings
 from infra.router import RouterProcess
 from infra.stack import ensure_topics
-from tests.serving_support import PROMPT, full_artifact, lora_artifact, publish_update, read_records
+from tests.serving_support import PROMPT, full_artifact, lora_artifact, publish_update
+from tests.trainer_support import read_all
 from trainer.artifacts import ArtifactStore
 from trainer.weight_sync import WeightSync
 
@@ -71,7 +72,7 @@ def test_publish_to_serving_and_router_overhead(
         thread.join(30)
         sync.close()
         vllm_server.reload_weights(tiny_model_dir)
-    records = read_records(settings, settings.topics.served_versions, "ServedVersion", expect=2 * VERSIONS + 1)
+    records = read_all(settings, settings.topics.served_versions, "ServedVersion", expect=2 * VERSIONS + 1)
     reports = [r for r in records if r["attempted_version"] > 0]  # not the start-up report
     assert [r["status"] for r in reports] == ["serving"] * 2 * VERSIONS
 
