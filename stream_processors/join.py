@@ -44,6 +44,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from infra.broker import free_port
 from infra.config import Settings
 from schemas.codec import codec
+from schemas.token_arrays import encode_training_sample
 from stream_processors.rollouts import (
     STATUSES,
     JoinCore,
@@ -131,7 +132,7 @@ class JoinWorker:
         self.inputs = self.app.topic(topics.spans, topics.rewards, key_serializer="raw", value_serializer="raw")
         self.core = JoinCore(self.rules, self.table.data)
         self._changelog = self.table.changelog_topic.get_topic_name()
-        self._codecs = {name: codec(name) for name in ("Trajectory", "TrainingSample", "DeadLetter")}
+        self._codecs = {name: codec(name) for name in ("Trajectory", "DeadLetter")}
         self._last_offset: dict[tuple[str, int], int] = {}  # (topic, partition) -> last offset processed
         self._last_input_wall: dict[int, float] = {}  # partition -> wall time of its last input
         self._assigned: set[int] = set()
@@ -237,7 +238,7 @@ class JoinWorker:
                     topics.trajectories, record["rollout_id"].encode(), encode(record), None, None, None
                 )
             )
-        encode = self._codecs["TrainingSample"].encode
+        encode = encode_training_sample  # the token arrays are copied as the SpanBatch carried them
         for record in samples:
             pending.append(
                 await producer.send(topics.samples, record["task_id"].encode(), encode(record), None, None, None)

@@ -51,6 +51,7 @@ from typing import Any
 from producers.sampling import keep_rollout
 from schemas.codec import CodecError, codec
 from schemas.dead_letters import dead_letter
+from schemas.token_arrays import AvroArray, read_span_batch
 from stream_processors.credit import CallPosition, assign_credit, check_policy
 
 SPANS, REWARDS = 0, 1  # which input topic a message came from
@@ -77,16 +78,13 @@ def clock_key(partition: int) -> str:
     return f"{CLOCK_PREFIX}{partition}"
 
 
-def _pack(values: Sequence[Any], typecode: str) -> str:
-    # Token ids and logprobs are kept as little-endian packed arrays (base64 in the JSON changelog):
-    # ten times smaller and faster to copy than lists of Python ints.
-    packed = array(typecode, values)
-    if not _LITTLE_ENDIAN:
-        packed.byteswap()
-    return base64.b64encode(packed.tobytes()).decode("ascii")
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
 
 
-def _unpack(text: str, typecode: str) -> list[Any]:
+def _unpack_legacy(text: str, typecode: str) -> list[Any]:
+    """Token ids ("i") or logprobs ("f") as changelogs before the "calls" key kept them: base64 of
+    little-endian packed arrays."""
     packed = array(typecode)
     packed.frombytes(base64.b64decode(text))
     if not _LITTLE_ENDIAN:
@@ -171,9 +169,32 @@ class LlmStep:
     end_time_us: int
     model: str
     model_version: str
-    prompt_token_ids: str  # packed, see _pack
-    completion_token_ids: str
-    completion_logprobs: str
+    # As read from the SpanBatch (Avro bytes, never lists) and written as they are into the TrainingSample.
+    prompt_token_ids: AvroArray
+    completion_token_ids: AvroArray
+    completion_logprobs: AvroArray
+
+    def to_json(self) -> list[Any]:
+        arrays = (self.prompt_token_ids, self.completion_token_ids, self.completion_logprobs)
+        return [self.sequence, self.event_id, self.end_time_us, self.model, self.model_version] + [
+            _b64(array.encoded) for array in arrays
+        ]
+
+    @classmethod
+    def from_json(cls, data: list[Any]) -> LlmStep:
+        *fields, prompt, completion, logprobs = data
+        arrays = (AvroArray.from_encoded(base64.b64decode(text)) for text in (prompt, completion, logprobs))
+        return cls(*fields, *arrays)
+
+    @classmethod
+    def from_legacy_json(cls, data: list[Any]) -> LlmStep:
+        *fields, prompt, completion, logprobs = data
+        return cls(
+            *fields,
+            AvroArray.of_ints(_unpack_legacy(prompt, "i")),
+            AvroArray.of_ints(_unpack_legacy(completion, "i")),
+            AvroArray.of_floats(_unpack_legacy(logprobs, "f")),
+        )
 
 
 @dataclass
@@ -234,7 +255,9 @@ class RolloutState:
             "attempt": self.attempt_id,
             "spans": self.spans,
             "llm": self.llm_call_count,
-            "steps": [list(vars(step).values()) for step in self.steps],
+            # "calls", not "steps" (their token arrays were packed differently): an older worker fails on it
+            # loudly rather than misreading it.
+            "calls": [step.to_json() for step in self.steps],
             "span_rewards": self.span_rewards,
             "rewards": [list(vars(reward).values()) for reward in self.rewards],
             "versions": self.model_versions,
@@ -259,7 +282,10 @@ class RolloutState:
             state.task_id, state.agent_name, state.attempt_id = data["task"], data["agent"], data["attempt"]
             state.spans = [tuple(s) for s in data["spans"]]
             state.llm_call_count = data["llm"]
-            state.steps = [LlmStep(*step) for step in data["steps"]]
+            if "calls" in data:
+                state.steps = [LlmStep.from_json(step) for step in data["calls"]]
+            else:  # written by a worker before the "calls" key: upgraded in place
+                state.steps = [LlmStep.from_legacy_json(step) for step in data["steps"]]
             state.span_rewards = [tuple(r) for r in data["span_rewards"]]
             state.rewards = [HeldReward(*reward) for reward in data["rewards"]]
             state.model_versions = data["versions"]
@@ -292,15 +318,19 @@ def _span_problem(span: dict[str, Any], rollout_id: str) -> str:
     if span["kind"] == "reward" and (span["reward"] is None or not math.isfinite(span["reward"])):
         return f"reward span with a missing or non-finite reward: {span['reward']!r}"
     llm = span["llm"]
-    if llm is not None and llm["completion_logprobs"]:
-        if len(llm["completion_logprobs"]) != len(llm["completion_token_ids"]):
-            return (
-                f"{len(llm['completion_logprobs'])} completion logprobs for "
-                f"{len(llm['completion_token_ids'])} completion tokens"
-            )
-        if not math.isfinite(sum(llm["completion_logprobs"])):  # a NaN or infinity anywhere shows in the sum
+    if llm is not None and llm["completion_logprobs"].count:
+        logprobs, tokens = llm["completion_logprobs"].count, llm["completion_token_ids"].count
+        if logprobs != tokens:
+            return f"{logprobs} completion logprobs for {tokens} completion tokens"
+        if not llm["completion_logprobs"].floats_finite():
             return "non-finite completion logprob"
     return ""
+
+
+def _one_span_batch(value: bytes, index: int) -> bytes:
+    """The SpanBatch of ``value`` with only its span at ``index``: what a dead letter of that span holds."""
+    batch = _span_batches.decode(value)
+    return _span_batches.encode({**batch, "spans": [batch["spans"][index]]})
 
 
 class JoinCore:
@@ -311,7 +341,7 @@ class JoinCore:
         self.states = states
         self.select = AgentSelector(rules.agent_selector)
         self.trajectories: list[dict[str, Any]] = []
-        self.samples: list[dict[str, Any]] = []
+        self.samples: list[dict[str, Any]] = []  # arrays as AvroArray: schemas.token_arrays.encode_training_sample
         self.dead_letters: list[tuple[bytes | None, dict[str, Any]]] = []
         self.dirty: dict[str, Any] = {}  # key -> state (RolloutState or PartitionClock) to write
         self.deleted: dict[str, int] = {}  # key -> partition of states dropped from ``states``
@@ -325,7 +355,7 @@ class JoinCore:
     # -- inputs ---------------------------------------------------------------------------------
     def on_span_batch(self, partition: int, offset: int, key: bytes | None, value: bytes, now_us: int) -> None:
         try:
-            batch = _span_batches.decode(value)
+            batch = read_span_batch(value)
         except CodecError as exc:
             self._dead(SPANS, partition, offset, key, value, f"undecodable SpanBatch: {exc}", "decode_error", now_us)
             return
@@ -342,7 +372,7 @@ class JoinCore:
         for index, span in enumerate(batch["spans"]):
             problem = _span_problem(span, rollout_id)
             if problem:
-                bad = _span_batches.encode({**batch, "spans": [span]})
+                bad = _one_span_batch(value, index)
                 self._dead(SPANS, partition, offset, key, bad, problem, "invariant_violation", now_us, index)
                 continue
             event_time = span["end_time_us"]
@@ -359,7 +389,7 @@ class JoinCore:
             if state.status:
                 self.counts["late_spans"] += 1
                 reason = f"span {event_id} arrived after its trajectory closed as {state.status}"
-                bad = _span_batches.encode({**batch, "spans": [span]})
+                bad = _one_span_batch(value, index)
                 self._dead(SPANS, partition, offset, key, bad, reason, "late_span", now_us, index)
                 continue
             self._add_span(state, span)
@@ -538,7 +568,7 @@ class JoinCore:
                 return
             if llm["model_version"] not in state.model_versions:
                 state.model_versions.append(llm["model_version"])
-            if llm["completion_token_ids"]:
+            if llm["completion_token_ids"].count:
                 state.steps.append(
                     LlmStep(
                         span["sequence"],
@@ -546,9 +576,9 @@ class JoinCore:
                         end,
                         llm["model"],
                         llm["model_version"],
-                        _pack(llm["prompt_token_ids"], "i"),
-                        _pack(llm["completion_token_ids"], "i"),
-                        _pack(llm["completion_logprobs"], "f"),
+                        llm["prompt_token_ids"],
+                        llm["completion_token_ids"],
+                        llm["completion_logprobs"],
                     )
                 )
             else:
@@ -643,9 +673,9 @@ class JoinCore:
                     "step_count": len(steps),
                     "model": step.model,
                     "model_version": step.model_version,
-                    "prompt_token_ids": _unpack(step.prompt_token_ids, "i"),
-                    "completion_token_ids": _unpack(step.completion_token_ids, "i"),
-                    "completion_logprobs": _unpack(step.completion_logprobs, "f"),
+                    "prompt_token_ids": step.prompt_token_ids,
+                    "completion_token_ids": step.completion_token_ids,
+                    "completion_logprobs": step.completion_logprobs,
                     "return_value": credit,
                     "final_reward": final_reward,
                     "credit_policy": rules.credit_policy,

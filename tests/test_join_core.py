@@ -9,6 +9,7 @@ from collections import Counter
 import pytest
 
 from schemas.codec import codec
+from schemas.token_arrays import encode_training_sample
 from stream_processors.rollouts import (
     JoinCore,
     JoinRules,
@@ -34,11 +35,14 @@ def feed(core: JoinCore, messages, partition: int = 0) -> None:
 
 
 def run(policy: str = "final", **rules) -> tuple:
+    """The traffic, the core and what it drained, with samples as a consumer of the samples topic reads them."""
     traffic = generate(7, 200, TIMEOUT)
     core = JoinCore(JoinRules(reward_timeout_us=int(TIMEOUT * 1e6), credit_policy=policy, **rules), {})
     feed(core, traffic.messages)
     core.expire({0: FAR_FUTURE})
-    return traffic, core, *core.drain()
+    trajectories, samples, dead_letters, dirty = core.drain()
+    samples = [codec("TrainingSample").decode(encode_training_sample(sample)) for sample in samples]
+    return traffic, core, trajectories, samples, dead_letters, dirty
 
 
 @pytest.mark.parametrize("policy", ["final", "discounted", "per_step"])
