@@ -85,6 +85,8 @@ class rollout:
         self.attempt_id = attempt if isinstance(attempt, str) else f"attempt-{attempt}"
         self.task_id = task_id
         self.agent_name = agent_name
+        #: The ids each span of the rollout carries (see producers.span_producer.PendingSpan).
+        self.ids = (self.rollout_id, self.attempt_id, task_id, agent_name)
         self.attributes = dict(attributes or {})
         self.root_id = new_id()
         self.sampled = keep_rollout(self.rollout_id, runtime.settings().producer.span_sampling_rate)
@@ -107,20 +109,20 @@ class rollout:
             return
         runtime.record(
             (
-                self,
                 self.root_id,
-                None,
-                self.next_sequence(),
+                *self.ids,
                 "rollout",
                 self.agent_name or "rollout",
+                None,
+                self.next_sequence(),
                 self.start_us,
                 now_us(),
                 "ok" if error is None else "error",
                 None if error is None else f"{type(error).__name__}: {error}",
                 None,
-                self.attributes,
                 None,
                 "",
+                *itertools.chain.from_iterable(self.attributes.items()),
             )
         )
 

@@ -47,10 +47,15 @@ def emit_failures() -> int:
     return _failures
 
 
-def _snapshot(attributes: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    if not attributes:
-        return None
-    return {k: v if type(v) in _SCALARS else to_text(v) for k, v in attributes.items()}
+def _snapshot(attributes: Mapping[str, Any] | None) -> list[Any]:
+    """The attributes as the key, value, ... tail of a pending span; values that are not plain scalars
+    are snapshotted as JSON now, since the agent may change them once the call returns."""
+    flat: list[Any] = []
+    if attributes:
+        for key, value in attributes.items():
+            flat.append(key)
+            flat.append(value if type(value) in _SCALARS else to_text(value))
+    return flat
 
 
 def emit_span(
@@ -82,20 +87,20 @@ def emit_span(
             kind = "custom"
         runtime.record(
             (
-                current,
                 event_id,
-                parent_id or current_parent() or current.root_id,
-                current.next_sequence(),
+                *current.ids,
                 kind,
                 name,
+                parent_id or current_parent() or current.root_id,
+                current.next_sequence(),
                 start_time_us or now,
                 end_time_us or now,
                 status,
                 error,
                 reward,
-                _snapshot(attributes),
                 llm,
                 server_id,
+                *_snapshot(attributes),
             )
         )
         return event_id
@@ -261,6 +266,7 @@ def send_reward(
     """
     try:
         event_id = new_id()
+        snapshot = _snapshot(attributes)
         runtime.send_reward_record(
             {
                 "event_id": event_id,
@@ -272,7 +278,7 @@ def send_reward(
                 "task_id": task_id,
                 "agent_name": agent_name,
                 "timestamp_us": now_us(),
-                "attributes": _snapshot(attributes) or {},
+                "attributes": dict(zip(snapshot[::2], snapshot[1::2], strict=True)),
             }
         )
         return event_id

@@ -74,6 +74,8 @@ def _float_array(values: Sequence[float]) -> bytes:
     return _long(len(values)) + struct.pack(f"<{len(values)}f", *values) + _NULL
 
 
+#: Index of the first attribute key in a pending span (:data:`producers.span_producer.PendingSpan`).
+ATTRIBUTES = 16
 _KIND_INDEX = {kind: _SMALL[index] for index, kind in enumerate((*_KINDS, "custom"))}
 
 
@@ -94,10 +96,7 @@ class SpanBatchEncoder:
             parts = [self.header, _string(rollout_id), _string(producer_id), _long(sent_at_us)]
             if spans:  # an array is blocks of count + items, ended by a count of 0
                 parts.append(_long(len(spans)))
-                heads: dict[int, bytes] = {}
-                parents: dict[str | None, bytes] = {None: _NULL}  # most spans of a batch share a parent
-                for span in spans:
-                    self._span(span, heads, parents, parts)
+                self._spans(spans, parts)
             parts.append(_NULL)
             return b"".join(parts)
         except (TypeError, ValueError, KeyError, AttributeError, UnicodeError, struct.error) as exc:
@@ -113,51 +112,72 @@ class SpanBatchEncoder:
             self._labels[text] = encoded
         return encoded
 
-    def _span(self, span: tuple, heads: dict[int, bytes], parents: dict[str | None, bytes], parts: list[bytes]) -> None:
-        """Append one span's fields to ``parts``, in the schema's order."""
-        (rollout, event_id, parent_id, sequence, kind, name, start, end, status, error, reward, attrs, llm, server) = (
-            span
-        )
-        head = heads.get(id(rollout))
-        if head is None:
-            head = heads[id(rollout)] = b"".join(
-                (
-                    _string(rollout.rollout_id),
-                    _string(rollout.attempt_id),
-                    _string(rollout.task_id),
-                    _string(rollout.agent_name),
-                )
+    def _spans(self, spans: Sequence[tuple], parts: list[bytes]) -> None:
+        """Append each span's fields to ``parts``, in the schema's order.
+
+        One loop, no call per span: the common fields come from lookups (varint tables, the label
+        cache, the rollout's ids and the parent encoded once per batch); a string value is appended
+        as its length and its UTF-8 bytes, not concatenated.
+        """
+        labels, label, small = self._labels, self._label, _SMALL
+        heads: dict[tuple, bytes] = {}
+        parents: dict[str | None, bytes] = {None: _NULL}  # most spans of a batch share a parent
+        for span in spans:
+            (
+                event_id,
+                rollout_id,
+                attempt_id,
+                task_id,
+                agent_name,
+                kind,
+                name,
+                parent,
+                sequence,
+                start,
+                end,
+                status,
+                error,
+                reward,
+                llm,
+                server,
+            ) = span[:ATTRIBUTES]
+            ids = (rollout_id, attempt_id, task_id, agent_name)
+            head = heads.get(ids)
+            if head is None:
+                head = heads[ids] = b"".join([_string(text) for text in ids])
+            parent_bytes = parents.get(parent)
+            if parent_bytes is None:
+                parent_bytes = parents[parent] = _SOME + _string(parent)
+            start_bytes = _long(start)
+            parts += (
+                _string(event_id),
+                head,
+                _KIND_INDEX[kind],
+                labels.get(name) or label(name),  # get() is None until the label is cached
+                parent_bytes,
+                small[sequence] if 0 <= sequence < 16384 else _long(sequence),
+                start_bytes,
+                start_bytes if end == start else _long(end),
+                labels.get(status) or label(status),
+                _NULL if error is None else _SOME + _string(error),
+                _NULL if reward is None else _SOME + _double(reward),
             )
-        parent = parents.get(parent_id)
-        if parent is None:
-            parent = parents[parent_id] = _SOME + _string(parent_id)
-        start_bytes = _long(start)
-        label = self._label
-        parts += (
-            _string(event_id),
-            head,
-            _KIND_INDEX[kind],
-            label(name),
-            parent,
-            _long(sequence),
-            start_bytes,
-            start_bytes if end == start else _long(end),
-            label(status),
-            _NULL if error is None else _SOME + _string(error),
-            _NULL if reward is None else _SOME + _double(reward),
-        )
-        if attrs:
-            parts.append(_long(len(attrs)))
-            for key, value in attrs.items():
-                parts.append(label(key))
-                parts.append(_string(value))
-        parts.append(_NULL)
-        if llm is None:
+            if len(span) > ATTRIBUTES:  # the attributes: key, value, key, value, ...
+                if (len(span) - ATTRIBUTES) % 2:
+                    raise ValueError("an attribute key without its value")
+                parts.append(_long((len(span) - ATTRIBUTES) // 2))
+                attributes = iter(span[ATTRIBUTES:])
+                for key in attributes:
+                    raw = next(attributes).encode("utf-8")
+                    size = len(raw)
+                    parts += (labels.get(key) or label(key), small[size] if size < 16384 else zigzag_varint(size), raw)
             parts.append(_NULL)
-        else:
-            parts.append(_SOME)
-            parts.append(self._llm(llm))
-        parts.append(label(server))
+            if llm is None:
+                parts.append(_NULL)
+            else:
+                parts.append(_SOME)
+                parts.append(self._llm(llm))
+            parts.append(labels.get(server) or label(server))
 
     def _llm(self, llm: dict) -> bytes:
         """The ``llm`` sub-record. Token ids and logprobs dominate an llm_call span: the ids come from the

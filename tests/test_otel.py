@@ -87,4 +87,4 @@ def test_genai_spans_become_boltstream_spans_in_the_active_rollout(sdk: Settings
     assert by_name["invoke_agent calculator"]["kind"] == "custom"
     legacy_llm = by_name["openllmetry style"]
     assert json.loads(legacy_llm["llm"]["prompt_text"]) == [{"role": "user", "content": "hi [REDACTED]"}]
-    assert legacy_llm["llm"]["completion_text"] == '[{"content": "hello"}]' and legacy_llm["llm"]["prompt_tokens"] == 3
+    assert legacy_llm["llm"]["completion_text"] == '[{"content":"hello"}]' and legacy_llm["llm"]["prompt_tokens"] == 3

@@ -155,7 +155,7 @@ def test_spans_outside_a_rollout_form_implicit_rollouts_ended_by_a_reward(sdk: S
     assert by_id[first]["rollout_id"] != by_id[second]["rollout_id"]
     roots = [s for s in spans if s["kind"] == "rollout"]
     assert len(roots) == 2 and all(r["attributes"]["implicit"] == "true" for r in roots)
-    assert by_id[first]["name"] == "search" and by_id[first]["attributes"]["args"] == '{"q": "x"}'
+    assert by_id[first]["name"] == "search" and by_id[first]["attributes"]["args"] == '{"q":"x"}'
     reward = next(s for s in spans if s["kind"] == "reward")
     assert reward["reward"] == 1.0 and reward["rollout_id"] == by_id[first]["rollout_id"]
 
@@ -266,7 +266,7 @@ def test_send_reward_reaches_the_rewards_topic(sdk: Settings) -> None:
     assert len(rewards) == 1
     reward = rewards[0]
     assert (reward["event_id"], reward["rollout_id"], reward["value"]) == (event_id, "rollout-from-elsewhere", 0.75)
-    assert reward["source"] == "verifier" and reward["attributes"] == {"checks": "[1, 2]"}
+    assert reward["source"] == "verifier" and reward["attributes"] == {"checks": "[1,2]"}
 
 
 def test_bad_input_never_raises_into_the_agent(sdk: Settings) -> None:

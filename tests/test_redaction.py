@@ -14,7 +14,7 @@ from producers.redaction import REDACTED, Redactor, to_text
 from producers.span_producer import SpanProducer
 from tests.producer_helpers import with_producer
 from tests.records import make_llm
-from tests.test_span_encoder import Rollout
+from tests.test_span_encoder import Rollout, flat
 
 SHAPES = [re.compile(pattern, flags) for _trigger, pattern, flags in redaction._SHAPES]
 KEYWORDS = ["authorization", "Proxy-Authorization", "api_key", "API-KEY", "apikey", "x-api-key", "secret",
@@ -81,20 +81,20 @@ def pending_span(rng: random.Random, rollout: Rollout, sequence: int) -> tuple:
         llm["prompt_text"] = random_text(rng)
     error = rng.choice([None, None, "ValueError: bad", random_text(rng)])
     return (
-        rollout,
         f"e-{sequence}",
-        None,
-        sequence,
+        *rollout,
         "tool_call",
         "search",
+        None,
+        sequence,
         1,
         2,
         "ok",
         error,
         None,
-        attributes,
         llm,
         "",
+        *flat(attributes),
     )
 
 
@@ -103,13 +103,13 @@ def test_a_batch_cleaned_at_once_equals_each_span_cleaned_alone(settings: Settin
     producer = SpanProducer(with_producer(settings, redact_patterns=patterns, max_attribute_bytes=200))
     try:
         rng = random.Random(5)
-        rollout = Rollout("r", "attempt-0", "t", "agent")
+        rollout: Rollout = ("r", "attempt-0", "t", "agent")
         clean_batches = 0
         for _ in range(2_000):
             spans = [pending_span(rng, rollout, i) for i in range(rng.randint(1, 6))]
             if rng.random() < 0.5:  # batches of ordinary spans, which take the fast path
                 spans = [
-                    (*s[:9], None, None, {"args": to_text({"q": "plain"}), "result": "ok"}, None, "") for s in spans
+                    (*s[:12], None, None, None, "", "args", to_text({"q": "plain"}), "result", "ok") for s in spans
                 ]
             batch = producer._clean_batch(spans)
             clean_batches += batch is spans
