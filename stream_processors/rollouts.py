@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import base64
 import fnmatch
+import hashlib
 import heapq
 import json
 import math
@@ -64,14 +65,23 @@ _rewards = codec("Reward")
 _LITTLE_ENDIAN = sys.byteorder == "little"
 
 
+def _uuid5(namespace: bytes, name: str) -> str:
+    """``str(uuid.uuid5(UUID(bytes=namespace), name))`` without the two UUID objects (a third of its cost)."""
+    digest = bytearray(hashlib.sha1(namespace + name.encode()).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
+    text = digest.hex()
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+
+
 def trajectory_id(rollout_id: str) -> str:
     """Deterministic trajectory id: UUIDv5 of the rollout id."""
-    return str(uuid.uuid5(TRAJECTORY_NAMESPACE, rollout_id))
+    return _uuid5(TRAJECTORY_NAMESPACE.bytes, rollout_id)
 
 
 def sample_id(trajectory: str, span_event_id: str) -> str:
     """Deterministic sample id: UUIDv5 of the span's event id in the trajectory id's namespace."""
-    return str(uuid.uuid5(uuid.UUID(trajectory), span_event_id))
+    return _uuid5(uuid.UUID(trajectory).bytes, span_event_id)
 
 
 def clock_key(partition: int) -> str:
@@ -660,10 +670,11 @@ class JoinCore:
             span_rewards=state.span_rewards,
             record_rewards=[(r.timestamp_us, r.value) for r in state.rewards if not r.is_final and r.raw],
         )
+        namespace = uuid.UUID(traj_id).bytes
         for index, (step, credit) in enumerate(zip(steps, returns, strict=True)):
             self.samples.append(
                 {
-                    "sample_id": sample_id(traj_id, step.event_id),
+                    "sample_id": _uuid5(namespace, step.event_id),  # sample_id(), its namespace parsed once
                     "trajectory_id": traj_id,
                     "rollout_id": state.rollout_id,
                     "task_id": state.task_id,

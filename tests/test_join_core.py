@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import random
 import time
+import uuid
 from collections import Counter
 
 import pytest
@@ -17,6 +19,8 @@ from stream_processors.rollouts import (
     RolloutState,
     dumps_state,
     loads_state,
+    sample_id,
+    trajectory_id,
 )
 from tests.records import make_span
 from tests.traffic import generate, verify
@@ -138,3 +142,12 @@ def test_reward_after_the_timeout_is_late_and_never_applied() -> None:
     ]
     assert samples == [] and [d["error_type"] for _, d in dead_letters] == ["late_reward"]
     assert core.counts["late_rewards"] == 1
+
+
+def test_trajectory_and_sample_ids_are_the_uuid5_of_the_standard_library() -> None:
+    rng = random.Random(6)
+    for _ in range(2000):
+        name = "".join(rng.choice("ab-é東🚀0") for _ in range(rng.randint(0, 40)))
+        trajectory = str(uuid.uuid5(uuid.UUID("4b0c5f5e-5d0a-4e43-9a8e-6f2b1c3d7a10"), name))
+        assert trajectory_id(name) == trajectory
+        assert sample_id(trajectory, name[::-1]) == str(uuid.uuid5(uuid.UUID(trajectory), name[::-1]))

@@ -300,3 +300,15 @@ def test_a_state_written_before_the_token_bytes_loads_and_emits_the_same_arrays(
     assert step.prompt_token_ids == AvroArray.of_ints(prompt)
     assert (step.completion_token_ids.ints(), step.completion_logprobs.floats()) == (completion, logprobs)
     assert "steps" not in state.to_json() and loads_state(json.dumps(state.to_json()).encode()) == state
+
+
+def test_longs_of_every_length_read_back() -> None:
+    """Timestamps take eight varint bytes, which have a path of their own: every length, both signs."""
+    values = {0, -1, 2**63 - 1, -(2**63)} | {
+        sign * (2**k + d) for k in range(63) for d in (-1, 0, 1) for sign in (1, -1)
+    }
+    batches = codec("SpanBatch")
+    for value in sorted(values):
+        if -(2**63) <= value < 2**63:
+            batch = {"rollout_id": "r", "producer_id": "p", "sent_at_us": value, "spans": []}
+            assert read_span_batch(batches.encode(batch))["sent_at_us"] == value

@@ -215,7 +215,7 @@ def test_join_throughput_and_latency(broker, tmp_path) -> None:
         f"\njoin benchmark: {spans_in_messages} spans in {span_messages} SpanBatch messages "
         f"({spans_per_message:.1f} spans/message), {ROLLOUTS} rollouts"
         f"\n  join worker            {joined:>10,.0f} spans/s  ({joined / spans_per_message:>8,.0f} msgs/s)"
-        f"   {per_cpu_second:,.0f} spans per CPU-second of the worker"
+        f"   {per_cpu_second:,.0f} spans per CPU-second of the worker ({1e6 / per_cpu_second:.1f} CPU us/span)"
         f"\n  bare Faust take(5000)  {bare:>10,.0f} spans/s  ({bare / spans_per_message:>8,.0f} msgs/s)"
         f"   join/bare = {joined / bare:.2f}"
         f"\n  raw aiokafka getmany   {raw:>10,.0f} spans/s  ({raw / spans_per_message:>8,.0f} msgs/s)"
