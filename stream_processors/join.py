@@ -228,7 +228,7 @@ class JoinWorker:
         return max(watermarks) + int(max(0.0, idle) * 1e6)
 
     async def _flush(self) -> None:
-        trajectories, samples, dead_letters, dirty = self.core.drain()
+        trajectories, samples, dead_letters, writes = self.core.drain()
         producer, topics = self.app.producer, self.settings.topics
         pending = []
         encode = self._codecs["Trajectory"].encode
@@ -248,16 +248,14 @@ class JoinWorker:
             pending.append(await producer.send(topics.dlq, key, encode(record), None, None, None))
         if pending:
             await asyncio.gather(*pending)  # published before any close is written to the changelog
-        # Changelog writes go straight to the producer: Faust's send_soon buffer publishes them one await
-        # at a time and was the bottleneck. Keys are JSON like Faust's own (recovery decodes them so);
-        # values use the table's codec. Faust flushes the producer before it commits input offsets.
+        # Changelog writes go straight to the producer, in the core's order (see JoinCore.drain): Faust's
+        # send_soon buffer publishes them one await at a time and was the bottleneck. Keys are JSON like
+        # Faust's own (recovery decodes them so); values use the table's codec. The producer keeps one
+        # request in flight per broker, so they become durable in this order; Faust flushes the producer
+        # before it commits input offsets.
         changelog = self._changelog
-        for key, state in dirty.items():
-            await producer.send(changelog, _json_key(key), dumps_state(state), state.partition, None, None)
-        for key, partition in self.core.deleted.items():
-            self.table.data.pop(key, None)
-            await producer.send(changelog, _json_key(key), None, partition, None, None)
-        self.core.deleted.clear()
+        for key, partition, state in writes:
+            await producer.send(changelog, _json_key(key), dumps_state(state), partition, None, None)
 
     # -- metrics --------------------------------------------------------------------------------
     def collect(self):

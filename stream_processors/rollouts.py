@@ -56,6 +56,8 @@ from schemas.token_arrays import AvroArray, read_span_batch
 from stream_processors.credit import CallPosition, assign_credit, check_policy
 
 SPANS, REWARDS = 0, 1  # which input topic a message came from
+#: One write to the changelog: (table key, partition, state), the state None for a tombstone.
+ChangelogWrite = tuple[str, int, "RolloutState | PartitionClock | None"]
 TRAJECTORY_NAMESPACE = uuid.UUID("4b0c5f5e-5d0a-4e43-9a8e-6f2b1c3d7a10")
 CLOCK_PREFIX = "\x00clock:"
 STATUSES = ("complete", "timed_out", "no_reward", "orphaned")
@@ -518,10 +520,23 @@ class JoinCore:
 
     def drain(
         self,
-    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[tuple[bytes | None, dict[str, Any]]], dict]:
-        """Take the collected trajectories, samples, dead letters and dirty states (and forget them)."""
-        drained = self.trajectories, self.samples, self.dead_letters, self.dirty
-        self.trajectories, self.samples, self.dead_letters, self.dirty = [], [], [], {}
+    ) -> tuple[
+        list[dict[str, Any]], list[dict[str, Any]], list[tuple[bytes | None, dict[str, Any]]], list[ChangelogWrite]
+    ]:
+        """Take the collected trajectories, samples, dead letters and changelog writes (and forget them).
+
+        The writes come in the order they must be written: rollout states and tombstones first, the
+        partition clocks last. A crash leaves a prefix of them durable (one changelog partition per input
+        partition, written in order), so a restored clock never runs ahead of the restored states: a
+        restarted worker must not take a stream time from inputs whose effects on the states were lost,
+        or it would close rollouts before it has re-read their inputs.
+        """
+        dirty = self.dirty.items()
+        writes = [(key, state.partition, state) for key, state in dirty if isinstance(state, RolloutState)]
+        writes += [(key, partition, None) for key, partition in self.deleted.items()]
+        writes += [(key, clock.partition, clock) for key, clock in dirty if isinstance(clock, PartitionClock)]
+        drained = self.trajectories, self.samples, self.dead_letters, writes
+        self.trajectories, self.samples, self.dead_letters, self.dirty, self.deleted = [], [], [], {}, {}
         return drained
 
     # -- internals ------------------------------------------------------------------------------
