@@ -23,7 +23,7 @@ from __future__ import annotations
 import io
 import math
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import cache
 from typing import Any, NamedTuple
 
@@ -34,8 +34,16 @@ from schemas.codec import SINGLE_OBJECT_MAGIC, CodecError, codec, latest, shippe
 
 SPAN_BATCH_VERSION = 2  # the writer version read here without the general codec
 TRAINING_SAMPLE_VERSION = 1  # the version encode_training_sample writes
-_KINDS = ("rollout", "llm_call", "tool_call", "decision", "reward", "message", "exception", "object", "annotation")
-_KINDS += ("custom",)
+
+
+def _span_kinds() -> tuple[str, ...]:
+    """The SpanKind symbols of the SpanBatch version read here, in index order."""
+    version = next(v for v in shipped_schemas()["SpanBatch"] if v.version == SPAN_BATCH_VERSION)
+    span_fields = version.schema["fields"][3]["type"]["items"]["fields"]
+    return tuple(next(f for f in span_fields if f["name"] == "kind")["type"]["symbols"])
+
+
+_KINDS = _span_kinds()
 _KIND_BY_BYTE = {index << 1: kind for index, kind in enumerate(_KINDS)}  # canonical one-byte enum indexes
 _INT_MIN, _INT_MAX = -(1 << 31), (1 << 31) - 1
 _double = struct.Struct("<d")
@@ -218,7 +226,9 @@ def _read_floats(data: bytes, pos: int, count: int) -> tuple[list[float], int]:
     return list(struct.unpack_from(f"<{count}f", data, pos)), end
 
 
-def _read_array_blocks(data: bytes, pos: int, read_items: Any) -> tuple[AvroArray, int]:
+def _read_array_blocks(
+    data: bytes, pos: int, read_items: Callable[[bytes, int, int], tuple[list, int]]
+) -> tuple[AvroArray, int]:
     """The general array format (several blocks, negative counts followed by a byte size, padded varints):
     decoded item by item and encoded again canonically. Written so by other Avro libraries, rarely."""
     values: list = []
