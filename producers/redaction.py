@@ -16,6 +16,8 @@ from typing import Any
 
 import orjson
 
+from producers import _secret_scan
+
 REDACTED = "[REDACTED]"
 TRUNCATION_MARKER = "…[truncated {} bytes]"
 
@@ -39,20 +41,9 @@ _SHAPES = (
     ("gh", r"()\bgh[pousr]_[A-Za-z0-9]{30,}", 0),
     ("xox", r"()\bxox[abprs]-[A-Za-z0-9\-]{10,}", 0),
 )
-# Before any shape runs, one cheap test says whether any of them can match (``Redactor.may_hold_secret``).
-# Most shapes need a rare character right after a keyword: an assignment ``[:=]`` after "key",
-# "authorization", "secret", "passw(or)d" or "token"; ``-`` after "sk" or "xox?"; ``_`` after "gh?"
-# (``=`` is searched as ``:`` and ``_`` as ``-``, so two regexes cover them all).
-# In the lower-cased text *reversed* that rare character comes first, and a regex starting with one
-# literal character skips to its occurrences at C speed instead of trying a match at every position.
-# The test works on UTF-8 bytes: lower-casing, ``=`` → ``:`` and ``_`` → ``-`` are one ``bytes.translate`` pass.
-# Then only "bearer" and the AWS key ids (AKIA/ASIA, case-sensitive) remain: one substring search each.
-_ASCII_FOLD = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ=_", b"abcdefghijklmnopqrstuvwxyz:-")
-# Those shapes start at a word boundary (``\bsk-``): reversed, not followed by an ASCII letter or digit.
-_NOT_AFTER_WORD = rb"(?![a-z0-9])"
-_SPACE = rb"[\s\x1c-\x1f]"  # what the shapes' ``\s`` matches in ASCII (``str.isspace``)
-_ASSIGNED = re.compile(rb":" + _SPACE + rb"*[\"']?(?:yek|noitazirohtua|terces|d(?:ro)?wssap|nekot)")
-_DASHED = re.compile(rb"-(?:ks|[abprs]xox|[pousr]hg)" + _NOT_AFTER_WORD)
+# Before any shape runs, one cheap test says whether any of them can match (``Redactor.may_hold_secret``):
+# a single pass in C over the UTF-8 bytes (producers/_secret_scan.c says what it looks for). Text with
+# non-ASCII characters is folded first, in the str domain, and its AWS key ids are searched here.
 _AWS_KEY_ID = re.compile("A[KS]IA")
 # For non-ASCII text, first in the str domain: the non-ASCII whitespace ``\s`` matches becomes a space,
 # and the letters an IGNORECASE regex equates with ASCII ones but ``str.lower()`` leaves alone
@@ -111,14 +102,10 @@ class Redactor:
         A superset test, several times cheaper than searching each shape's trigger: text without
         secrets (the usual case) costs a few passes at C speed over its bytes.
         """
-        folded = text if text.isascii() else text.lower().translate(_NON_ASCII_FOLD)
-        data = folded.encode("utf-8", "surrogatepass").translate(_ASCII_FOLD)[::-1]
-        return (
-            b"reraeb" in data
-            or _ASSIGNED.search(data) is not None
-            or (b"-" in data and _DASHED.search(data) is not None)
-            or _AWS_KEY_ID.search(text) is not None
-        )
+        if text.isascii():
+            return _secret_scan.may_hold_secret(text.encode("ascii"))
+        folded = text.lower().translate(_NON_ASCII_FOLD).encode("utf-8", "surrogatepass")
+        return _secret_scan.may_hold_secret(folded) or _AWS_KEY_ID.search(text) is not None
 
     def redact(self, text: str) -> str:
         """``text`` with every secret replaced by ``[REDACTED]``."""
@@ -154,14 +141,10 @@ class Redactor:
                 self._secret_key[key] = secret
         return secret
 
-    def passes_unchanged(self, keys: Iterable[Any], values: Iterable[Any]) -> bool:
-        """True when :meth:`attributes` could only change these attributes by redacting inside their values:
-        string keys naming no secret, string values short enough that no truncation is possible."""
-        for key in keys:
-            if type(key) is not str or self.is_secret_key(key):
-                return False
-        bound = self.max_bytes // 4  # UTF-8 needs at most 4 bytes a character
-        return all(type(value) is str and (len(value) <= bound or self.fits(value)) for value in values)
+    def plain_keys(self, keys: Iterable[Any]) -> bool:
+        """True when :meth:`attributes` keeps these keys and the values under them (but for redaction inside
+        them): strings naming no secret."""
+        return all(type(key) is str and not self.is_secret_key(key) for key in keys)
 
     def fits(self, text: str) -> bool:
         """True when :meth:`truncate` leaves ``text`` as it is; long non-ASCII text is left to it."""

@@ -81,14 +81,21 @@ class ProducerStats:
     delivery_failures: int = 0
 
 
-@dataclass
+@dataclass(slots=True)
 class _Outgoing:
+    """A message for Kafka; it is its own delivery callback, so a message in flight is one object for the
+    garbage collector to scan, not four (a lambda, its closure cell and defaults, the message)."""
+
     topic: str
     key: bytes
     value: bytes
     spans: int  # spans in the message, 0 for a reward
     kept: bool
     segment: Segment | None = None  # the spool segment it was read from, if any
+    report: Callable[[_Outgoing, KafkaError | None], None] | None = None  # set when produced
+
+    def __call__(self, error: KafkaError | None, _message: object) -> None:
+        self.report(self, error)
 
 
 class SpanProducer:
@@ -140,6 +147,7 @@ class SpanProducer:
         self._client_fatal = False
         self._stopping = False
         self._tick_callbacks: list[Callable[[], None]] = []
+        self._report_delivery = self._delivered  # one bound method for every message
         #: Longest idle sleep: implicit rollouts idle for ``implicit_rollout_idle`` are ended at a tick.
         self._idle_tick = min(IDLE_TICK, config.implicit_rollout_idle / 2)
         self._thread = threading.Thread(target=self._run, name="boltstream-span-producer", daemon=True)
@@ -303,27 +311,33 @@ class SpanProducer:
         The usual batch (string attributes under ordinary keys, nothing long enough to truncate) needs
         nothing but the secret search, run once over all its texts joined: when it finds nothing the
         spans leave as they came. Anything else, and any batch with a secret, is cleaned span by span.
+        The checks run on the batch as a whole, at C speed where they can: the distinct key tuples, one
+        join (which fails on a value that is not a string), the longest text.
         """
         redactor = self._redactor
-        texts: list[str] = []
-        others: list[Any] = []  # errors and llm texts: strings within the bound unless cleaning is needed
+        texts: list[Any] = []  # attribute values, errors and llm texts
+        key_sets: set[tuple] = set()
         for span in spans:
-            error, llm = span[12], span[14]
             if len(span) > ATTRIBUTES:
-                values = span[ATTRIBUTES + 1 :: 2]
-                if not redactor.passes_unchanged(span[ATTRIBUTES::2], values):
-                    return [self._clean(span) for span in spans]
-                texts += values
-            if error is not None:
-                others.append(error)
+                key_sets.add(span[ATTRIBUTES::2])
+                texts += span[ATTRIBUTES + 1 :: 2]
+            if span[12] is not None:  # error
+                texts.append(span[12])
+            llm = span[14]
             if llm is not None:
-                others.append(llm.get("prompt_text"))
-                others.append(llm.get("completion_text"))
-        if others:
-            if not all(type(text) is str and redactor.fits(text) for text in others):
-                return [self._clean(span) for span in spans]
-            texts += others
-        if texts and not redactor.finds_nothing_in("\x00".join(texts)):
+                texts.append(llm.get("prompt_text"))
+                texts.append(llm.get("completion_text"))
+        if not texts:
+            return spans
+        try:
+            joined = "\x00".join(texts)
+        except TypeError:  # a value that is not a string: to be converted
+            return [self._clean(span) for span in spans]
+        if (
+            not all(redactor.plain_keys(keys) for keys in key_sets)
+            or not (max(map(len, texts)) * 4 <= redactor.max_bytes or all(map(redactor.fits, texts)))
+            or not redactor.finds_nothing_in(joined)
+        ):
             return [self._clean(span) for span in spans]
         return spans
 
@@ -358,12 +372,13 @@ class SpanProducer:
             self._spill(message)
             self._settle_replayed(message)
             return
+        message.report = self._report_delivery
         try:
             self._kafka.produce(
                 message.topic,
                 message.value,
                 message.key,
-                on_delivery=lambda error, _msg, m=message: self._delivered(m, error),
+                on_delivery=message,
             )
         except BufferError:
             self._spill(message)

@@ -46,6 +46,19 @@ def test_the_cheap_test_finds_every_text_a_secret_shape_matches() -> None:
     assert matched > 5_000  # the generator does produce secrets
 
 
+def test_the_cheap_test_finds_a_secret_at_any_offset() -> None:
+    """The pre-scan (producers/_secret_scan.c) looks at 16 bytes at a time and reads ahead: a secret is
+    found wherever it starts or ends in a block, and in the bytes after the last whole block."""
+    secrets = ["api_key=abc123", "Authorization: Basic xyz", "BeArEr abcdefgh12345", "sk-" + "a" * 20,
+               "AKIA" + "B" * 16, "ghp_" + "a" * 30, "xoxb-" + "a" * 12, 'password" : hunter2']  # fmt: skip
+    for secret in secrets:
+        for before in range(40):
+            for after in (0, 1, 5, 17):
+                text = "." * before + " " + secret + " " + "." * after
+                assert any(shape.search(text) for shape in SHAPES), text
+                assert Redactor.may_hold_secret(text), text
+
+
 def test_the_cheap_test_passes_ordinary_text() -> None:
     for text in [
         "The quick brown fox: jumps over the lazy dog; task-17 asked for a desk_lamp, top_k=5",
