@@ -149,7 +149,7 @@ class SpanProducer:
         self._tick_callbacks: list[Callable[[], None]] = []
         self._report_delivery = self._delivered  # one bound method for every message
         #: Longest idle sleep: implicit rollouts idle for ``implicit_rollout_idle`` are ended at a tick.
-        self._idle_tick = min(IDLE_TICK, config.implicit_rollout_idle / 2)
+        self._idle_tick = min(IDLE_TICK, max(0.01, config.implicit_rollout_idle / 2))
         self._thread = threading.Thread(target=self._run, name="boltstream-span-producer", daemon=True)
         self._thread.start()
 

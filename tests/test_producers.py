@@ -160,6 +160,29 @@ def test_spans_outside_a_rollout_form_implicit_rollouts_ended_by_a_reward(sdk: S
     assert reward["reward"] == 1.0 and reward["rollout_id"] == by_id[first]["rollout_id"]
 
 
+def test_an_idle_producer_thread_sleeps(settings: Settings) -> None:
+    """With nothing to send, the background thread wakes at the idle tick (1 s), not every ``linger``: on a
+    machine shared with a model server, every wake-up of another thread can preempt one of its threads."""
+    ensure_topics(settings)
+    producer = agl.configure(with_producer(settings, linger=0.01))
+    status = Path(f"/proc/self/task/{producer._thread.native_id}/status")
+
+    def context_switches() -> int:
+        fields = dict(line.split(":", 1) for line in status.read_text().splitlines())
+        return int(fields["voluntary_ctxt_switches"]) + int(fields["nonvoluntary_ctxt_switches"])
+
+    try:
+        with agl.rollout(task_id="t", agent_name="a"):
+            agl.emit_message("one span")
+        assert agl.flush(10)
+        before = context_switches()
+        time.sleep(2.0)
+        woke = context_switches() - before
+    finally:
+        agl.shutdown(5)
+    assert woke <= 6, woke  # two ticks and some slack; waking every linger would be 200
+
+
 def test_idle_implicit_rollout_ends_by_itself(settings: Settings) -> None:
     settings = with_producer(settings, implicit_rollout_idle=0.3)
     ensure_topics(settings)
