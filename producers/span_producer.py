@@ -143,6 +143,7 @@ class SpanProducer:
         self._settled = threading.Condition()
         self._flush_waiters = 0
         self._in_flight = 0
+        self._sending = False
         self._replaying: Segment | None = None
         self._replay_left = 0
         self._healthy = True
@@ -220,6 +221,7 @@ class SpanProducer:
         return (
             not self._pending
             and not self._rewards
+            and not self._sending
             and self._in_flight == 0
             and self._replaying is None
             and len(self._spool) == 0
@@ -264,8 +266,14 @@ class SpanProducer:
             self._replace_client()
         for callback in self._tick_callbacks:
             callback()
-        self._send_pending_spans()
-        self._send_pending_rewards()
+        # Spans taken from the queue are neither pending nor in flight until produced: flush() must not
+        # see that moment as settled (it runs on another thread and may look at any bytecode boundary).
+        self._sending = True
+        try:
+            self._send_pending_spans()
+            self._send_pending_rewards()
+        finally:
+            self._sending = False
         self._poll(0)
         self._replay_spool()
         if self._flush_waiters:

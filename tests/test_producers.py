@@ -23,6 +23,7 @@ from infra.config import Settings, load_settings
 from infra.stack import ensure_topics
 from producers.redaction import REDACTED, Redactor
 from producers.sampling import keep_rollout, rollout_fraction
+from producers.span_producer import SpanProducer
 from producers.spool import Spool, SpooledMessage, SpoolLocked
 from schemas.codec import codec
 from tests.producer_helpers import at_least, consume, with_producer
@@ -158,6 +159,29 @@ def test_spans_outside_a_rollout_form_implicit_rollouts_ended_by_a_reward(sdk: S
     assert by_id[first]["name"] == "search" and by_id[first]["attributes"]["args"] == '{"q":"x"}'
     reward = next(s for s in spans if s["kind"] == "reward")
     assert reward["reward"] == 1.0 and reward["rollout_id"] == by_id[first]["rollout_id"]
+
+
+def test_spans_being_encoded_are_not_settled(settings: Settings) -> None:
+    """Spans taken from the queue are neither pending nor in flight until produced: flush(), which looks
+    from another thread, must not take that moment for "everything delivered"."""
+    ensure_topics(settings)
+    producer = SpanProducer(settings)
+    settled_while_encoding = []
+    encode = producer._encoder.encode
+
+    def watched_encode(*args: object) -> bytes:
+        settled_while_encoding.append(producer._is_settled())
+        return encode(*args)
+
+    producer._encoder.encode = watched_encode
+    try:
+        span = ("e-1", "r-1", "attempt-0", "t", "agent", "message", "m", None, 0, 1, 2, "ok", None, None, None, "")
+        producer.append((*span, "message", "hello"))
+        assert producer.flush(10)
+    finally:
+        producer.close(5)
+    assert settled_while_encoding == [False]
+    assert producer.stats.spans_delivered == 1
 
 
 def test_an_idle_producer_thread_sleeps(settings: Settings) -> None:
