@@ -60,6 +60,7 @@ STATE_CODEC = "boltstream-join-state"
 TICK_SECONDS = 0.2
 FETCH_MAX_WAIT_MS = 50
 GC_YOUNG_THRESHOLD = 50_000
+LOST_INPUT_SECONDS = 3.0  # a partition with unread records that delivered nothing this long is read again
 
 
 class _StateCodec(codecs.Codec):
@@ -135,6 +136,9 @@ class JoinWorker:
         self._codecs = {name: codec(name) for name in ("Trajectory", "DeadLetter")}
         self._last_offset: dict[tuple[str, int], int] = {}  # (topic, partition) -> last offset processed
         self._last_input_wall: dict[int, float] = {}  # partition -> wall time of its last input
+        self._last_delivery: dict[tuple[str, int], float] = {}  # (topic, partition) -> wall time of its last input
+        self._gaps: dict[tuple[str, int], int] = {}  # (topic, partition) -> first offset Faust skipped
+        self._reread_from: dict[tuple[str, int], int] = {}  # (topic, partition) -> where it was last read again
         self._assigned: set[int] = set()
         self._lag: dict[tuple[str, int], int] = {}
         self._lock = asyncio.Lock()  # the agent and the timer both flush; one at a time
@@ -154,7 +158,7 @@ class JoinWorker:
         spans_topic = self.settings.topics.spans
         batch_size, within = self.settings.stream.batch_size, self.settings.stream.join_batch_within
         on_spans, on_reward = self.core.on_span_batch, self.core.on_reward
-        last_offset, last_input = self._last_offset, self._last_input_wall
+        last_offset, last_input, last_delivery = self._last_offset, self._last_input_wall, self._last_delivery
         async for events in stream.take_events(batch_size, within=within):
             async with self._lock:
                 now_us = _now_us()
@@ -168,8 +172,12 @@ class JoinWorker:
                     except Exception:
                         log.exception("join failed on %s[%d]@%d", message.topic, message.partition, message.offset)
                         self.core.counts["internal_errors"] += 1
-                    last_offset[message.topic, message.partition] = message.offset
-                    last_input[message.partition] = now_us / 1e6
+                    key = message.topic, message.partition
+                    previous = last_offset.get(key)
+                    if previous is not None and message.offset > previous + 1:
+                        self._gaps.setdefault(key, previous + 1)
+                    last_offset[key] = message.offset
+                    last_input[message.partition] = last_delivery[key] = now_us / 1e6
                 await self._flush()
 
     async def _tick(self) -> None:
@@ -177,6 +185,7 @@ class JoinWorker:
             return
         self._shorten_fetch_wait()
         async with self._lock:
+            await self._reread_lost_inputs()
             stream_times = {}
             for partition in self._assigned_partitions():
                 stream_times[partition] = self._stream_time(partition)
@@ -198,6 +207,44 @@ class JoinWorker:
         if fetcher is not None and getattr(fetcher, "_fetch_max_wait_ms", None) != FETCH_MAX_WAIT_MS:
             fetcher._fetch_max_wait_ms = FETCH_MAX_WAIT_MS
 
+    async def _reread_lost_inputs(self) -> None:
+        """Read again from the first input offset Faust fetched but never delivered to the agent.
+
+        Faust sometimes loses fetched input records around a (re)assignment: a fetch still in flight when
+        recovery completes is dropped, and records it skips while flow control is off are acknowledged
+        unprocessed (relatives: faust-streaming#216, #221). Either shows here as a gap in a partition's
+        offsets, or as a partition with unread records that delivers nothing for ``LOST_INPUT_SECONDS``.
+        Inputs are applied at most once per rollout (by offset), so reading again is safe. Each position
+        is read again once: a gap that stays is a real hole in the log (compaction, transaction markers).
+        """
+        now, consumer = time.time(), self.app.consumer
+        for topic in (self.settings.topics.spans, self.settings.topics.rewards):
+            for partition in self._assigned:
+                key = topic, partition
+                start = self._gaps.pop(key, None)
+                if start is None:
+                    highwater = consumer.highwater(faust.types.TP(topic, partition))
+                    idle = now - self._last_delivery.get(key, now)
+                    start = self._done(topic, partition)
+                    if highwater is None or start >= highwater or idle < LOST_INPUT_SECONDS:
+                        continue
+                if self._reread_from.get(key) == start:
+                    continue
+                log.warning("join: reading %s[%d] again from offset %d (fetched, never delivered)", *key, start)
+                self._reread_from[key] = start
+                self._last_delivery[key] = now
+                self._last_offset[key] = start - 1
+                self.core.counts["inputs_read_again"] += 1
+                await consumer.seek(faust.types.TP(topic, partition), start)
+
+    def _done(self, topic: str, partition: int) -> int:
+        """The first offset of ``topic[partition]`` not processed yet: after the last one delivered, or the
+        committed offset when nothing was delivered since the partition became ours. (Not the fetch
+        position: it runs ahead of processing.) Faust keeps the committed offset without a public getter."""
+        if (topic, partition) in self._last_offset:
+            return self._last_offset[topic, partition] + 1
+        return self.app.consumer._committed_offset.get(faust.types.TP(topic, partition)) or 0
+
     def _assigned_partitions(self) -> set[int]:
         spans = self.settings.topics.spans
         assigned = {tp.partition for tp in self.app.consumer.assignment() if tp.topic == spans}
@@ -209,6 +256,9 @@ class JoinWorker:
             self._last_input_wall[partition] = time.time()
             for topic in (spans, self.settings.topics.rewards):
                 self._last_offset.pop((topic, partition), None)
+                self._gaps.pop((topic, partition), None)
+                self._reread_from.pop((topic, partition), None)
+                self._last_delivery[topic, partition] = time.time()
         self._assigned = assigned
         return assigned
 
@@ -219,12 +269,7 @@ class JoinWorker:
         for index, topic in enumerate((self.settings.topics.spans, self.settings.topics.rewards)):
             tp = faust.types.TP(topic, partition)
             highwater = self.app.consumer.highwater(tp)
-            if (topic, partition) in self._last_offset:
-                done = self._last_offset[topic, partition] + 1
-            else:
-                # Nothing read since the partition became ours: the committed offset is what is done. (Not
-                # the fetch position: it runs ahead of processing.) Faust keeps it without a public getter.
-                done = self.app.consumer._committed_offset.get(tp) or 0
+            done = self._done(topic, partition)
             if highwater is None or done < highwater:
                 lagging.append(watermarks[index])
             self._lag[topic, partition] = max(0, (highwater or 0) - done)
@@ -289,6 +334,7 @@ class JoinWorker:
             "late_spans": "Spans that arrived after their trajectory closed; dead-lettered",
             "redelivered": "Inputs skipped because they were applied before a restart",
             "internal_errors": "Inputs that raised inside the join (bugs); logged",
+            "inputs_read_again": "Input positions read again: Faust fetched them but never delivered them",
         }
         for name, help_text in simple.items():
             yield CounterMetricFamily(f"boltstream_join_{name}", help_text, value=counts[name])
