@@ -98,11 +98,6 @@ def test_one_worker_joins_realistic_traffic_exactly(baseline) -> None:
     assert set(status["lag"].values()) == {0}
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known bug (issue 4 stays open): in about 1 run of 4 a rollout's state restored after SIGKILL "
-    "misses spans applied before the kill (span_count 12 -> 2); the cause is not found yet",
-)
 def test_sigkill_and_restart_leave_the_output_identical(baseline) -> None:
     settings, traffic, undisturbed = baseline
     disturbed = run_join(copy_topics(settings), traffic, kill_after=ROLLOUTS // 5)
