@@ -135,6 +135,7 @@ class JoinWorker:
         self._changelog = self.table.changelog_topic.get_topic_name()
         self._codecs = {name: codec(name) for name in ("Trajectory", "DeadLetter")}
         self._last_offset: dict[tuple[str, int], int] = {}  # (topic, partition) -> last offset processed
+        self._last_generation: dict[tuple[str, int], int | None] = {}  # consumer generation it was delivered in
         self._last_input_wall: dict[int, float] = {}  # partition -> wall time of its last input
         self._last_delivery: dict[tuple[str, int], float] = {}  # (topic, partition) -> wall time of its last input
         self._gaps: dict[tuple[str, int], int] = {}  # (topic, partition) -> first offset Faust skipped
@@ -158,7 +159,8 @@ class JoinWorker:
         spans_topic = self.settings.topics.spans
         batch_size, within = self.settings.stream.batch_size, self.settings.stream.join_batch_within
         on_spans, on_reward = self.core.on_span_batch, self.core.on_reward
-        last_offset, last_input, last_delivery = self._last_offset, self._last_input_wall, self._last_delivery
+        last_offset, last_generation = self._last_offset, self._last_generation
+        last_input, last_delivery = self._last_input_wall, self._last_delivery
         async for events in stream.take_events(batch_size, within=within):
             async with self._lock:
                 now_us = _now_us()
@@ -173,10 +175,10 @@ class JoinWorker:
                         log.exception("join failed on %s[%d]@%d", message.topic, message.partition, message.offset)
                         self.core.counts["internal_errors"] += 1
                     key = message.topic, message.partition
-                    previous = last_offset.get(key)
+                    previous = last_offset.get(key) if last_generation.get(key) == message.generation_id else None
                     if previous is not None and message.offset > previous + 1:
                         self._gaps.setdefault(key, previous + 1)
-                    last_offset[key] = message.offset
+                    last_offset[key], last_generation[key] = message.offset, message.generation_id
                     last_input[message.partition] = last_delivery[key] = now_us / 1e6
                 await self._flush()
 
@@ -233,16 +235,18 @@ class JoinWorker:
                 log.warning("join: reading %s[%d] again from offset %d (fetched, never delivered)", *key, start)
                 self._reread_from[key] = start
                 self._last_delivery[key] = now
-                self._last_offset[key] = start - 1
+                self._last_offset[key], self._last_generation[key] = start - 1, self.app.consumer_generation_id
                 self.core.counts["inputs_read_again"] += 1
                 await consumer.seek(faust.types.TP(topic, partition), start)
 
     def _done(self, topic: str, partition: int) -> int:
-        """The first offset of ``topic[partition]`` not processed yet: after the last one delivered, or the
-        committed offset when nothing was delivered since the partition became ours. (Not the fetch
-        position: it runs ahead of processing.) Faust keeps the committed offset without a public getter."""
-        if (topic, partition) in self._last_offset:
-            return self._last_offset[topic, partition] + 1
+        """The first offset of ``topic[partition]`` not processed yet: after the last one delivered in the
+        consumer's current generation, or the committed offset when nothing was delivered since the
+        partition became ours. (Not the fetch position: it runs ahead of processing.) Faust keeps the
+        committed offset without a public getter."""
+        key = topic, partition
+        if key in self._last_offset and self._last_generation.get(key) == self.app.consumer_generation_id:
+            return self._last_offset[key] + 1
         return self.app.consumer._committed_offset.get(faust.types.TP(topic, partition)) or 0
 
     def _assigned_partitions(self) -> set[int]:
@@ -251,11 +255,11 @@ class JoinWorker:
         if assigned - self._assigned:
             self.core.reindex(_now_us())  # states of the new partitions were restored from the changelog
         for partition in assigned - self._assigned:
-            # Newly ours (start or rebalance): what another owner read is unknown here, and idle time
-            # counts from now, not from when this worker last owned the partition.
+            # Newly ours (start or rebalance): idle time counts from now, not from when this worker last
+            # owned the partition. (What it read then is told apart by the consumer generation, see _done:
+            # the agent may have read this generation's first batch before this tick noticed the change.)
             self._last_input_wall[partition] = time.time()
             for topic in (spans, self.settings.topics.rewards):
-                self._last_offset.pop((topic, partition), None)
                 self._gaps.pop((topic, partition), None)
                 self._reread_from.pop((topic, partition), None)
                 self._last_delivery[topic, partition] = time.time()
