@@ -15,7 +15,13 @@ from typing import Any
 import pytest
 
 from schemas.codec import CodecError, codec, latest, shipped_schemas, zigzag_varint
-from schemas.token_arrays import SPAN_BATCH_VERSION, AvroArray, encode_training_sample, read_span_batch
+from schemas.token_arrays import (
+    SPAN_BATCH_VERSION,
+    AvroArray,
+    encode_training_sample,
+    read_span_batch,
+    with_raw_arrays,
+)
 from stream_processors.rollouts import RolloutState, loads_state
 from tests.records import make_llm, make_span
 from tests.traffic import generate
@@ -25,17 +31,6 @@ KINDS = ("rollout", "llm_call", "tool_call", "decision", "reward", "message", "e
 # Invalid Avro that fastavro reads by wrapping around, and the reader rejects.
 STRICTER = re.compile(r"beyond 64 bits|kind index -\d+ is not|union branch -\d+ of")
 TEXTS = ("", "ok", "näive café", "東京で会いましょう", "emoji 🚀🧪", "a\u0301 combining", "x" * 300)
-
-
-def with_raw_arrays(batch: dict[str, Any]) -> dict[str, Any]:
-    """What read_span_batch must return for bytes the codec decodes into ``batch``."""
-    for span in batch["spans"]:
-        llm = span["llm"]
-        if llm is not None:
-            llm["prompt_token_ids"] = AvroArray.of_ints(llm["prompt_token_ids"])
-            llm["completion_token_ids"] = AvroArray.of_ints(llm["completion_token_ids"])
-            llm["completion_logprobs"] = AvroArray.of_floats(llm["completion_logprobs"])
-    return batch
 
 
 def float32s(rng: random.Random, n: int) -> list[float]:
