@@ -83,7 +83,8 @@ def trajectory_id(rollout_id: str) -> str:
 
 def sample_id(trajectory: str, span_event_id: str) -> str:
     """Deterministic sample id: UUIDv5 of the span's event id in the trajectory id's namespace."""
-    return _uuid5(uuid.UUID(trajectory).bytes, span_event_id)
+    # The namespace's bytes straight from the canonical text (uuid.UUID() costs 5x as much).
+    return _uuid5(bytes.fromhex(trajectory.replace("-", "")), span_event_id)
 
 
 def clock_key(partition: int) -> str:
@@ -685,11 +686,10 @@ class JoinCore:
             span_rewards=state.span_rewards,
             record_rewards=[(r.timestamp_us, r.value) for r in state.rewards if not r.is_final and r.raw],
         )
-        namespace = uuid.UUID(traj_id).bytes
         for index, (step, credit) in enumerate(zip(steps, returns, strict=True)):
             self.samples.append(
                 {
-                    "sample_id": _uuid5(namespace, step.event_id),  # sample_id(), its namespace parsed once
+                    "sample_id": sample_id(traj_id, step.event_id),
                     "trajectory_id": traj_id,
                     "rollout_id": state.rollout_id,
                     "task_id": state.task_id,
