@@ -130,13 +130,13 @@ class JoinWorker:
         self.table = self.app.Table(
             "rollouts", partitions=topics.partitions, key_type=str, value_type=_StateValue, default=None
         )
-        self.inputs = self.app.topic(topics.spans, topics.rewards, key_serializer="raw", value_serializer="raw")
+        self._input_topics = topics.spans, topics.rewards  # in the order of the watermarks (rollouts.SPANS, REWARDS)
+        self.inputs = self.app.topic(*self._input_topics, key_serializer="raw", value_serializer="raw")
         self.core = JoinCore(self.rules, self.table.data)
         self._changelog = self.table.changelog_topic.get_topic_name()
         self._codecs = {name: codec(name) for name in ("Trajectory", "DeadLetter")}
         self._last_offset: dict[tuple[str, int], int] = {}  # (topic, partition) -> last offset processed
         self._last_generation: dict[tuple[str, int], int | None] = {}  # consumer generation it was delivered in
-        self._last_input_wall: dict[int, float] = {}  # partition -> wall time of its last input
         self._last_delivery: dict[tuple[str, int], float] = {}  # (topic, partition) -> wall time of its last input
         self._gaps: dict[tuple[str, int], int] = {}  # (topic, partition) -> first offset Faust skipped
         self._reread_from: dict[tuple[str, int], int] = {}  # (topic, partition) -> where it was last read again
@@ -159,8 +159,7 @@ class JoinWorker:
         spans_topic = self.settings.topics.spans
         batch_size, within = self.settings.stream.batch_size, self.settings.stream.join_batch_within
         on_spans, on_reward = self.core.on_span_batch, self.core.on_reward
-        last_offset, last_generation = self._last_offset, self._last_generation
-        last_input, last_delivery = self._last_input_wall, self._last_delivery
+        last_offset, last_generation, last_delivery = self._last_offset, self._last_generation, self._last_delivery
         async for events in stream.take_events(batch_size, within=within):
             async with self._lock:
                 now_us = _now_us()
@@ -179,7 +178,7 @@ class JoinWorker:
                     if previous is not None and message.offset > previous + 1:
                         self._gaps.setdefault(key, previous + 1)
                     last_offset[key], last_generation[key] = message.offset, message.generation_id
-                    last_input[message.partition] = last_delivery[key] = now_us / 1e6
+                    last_delivery[key] = now_us / 1e6
                 await self._flush()
 
     async def _tick(self) -> None:
@@ -220,7 +219,7 @@ class JoinWorker:
         is read again once: a gap that stays is a real hole in the log (compaction, transaction markers).
         """
         now, consumer = time.time(), self.app.consumer
-        for topic in (self.settings.topics.spans, self.settings.topics.rewards):
+        for topic in self._input_topics:
             for partition in self._assigned:
                 key = topic, partition
                 start = self._gaps.pop(key, None)
@@ -258,8 +257,7 @@ class JoinWorker:
             # Newly ours (start or rebalance): idle time counts from now, not from when this worker last
             # owned the partition. (What it read then is told apart by the consumer generation, see _done:
             # the agent may have read this generation's first batch before this tick noticed the change.)
-            self._last_input_wall[partition] = time.time()
-            for topic in (spans, self.settings.topics.rewards):
+            for topic in self._input_topics:
                 self._gaps.pop((topic, partition), None)
                 self._reread_from.pop((topic, partition), None)
                 self._last_delivery[topic, partition] = time.time()
@@ -270,7 +268,7 @@ class JoinWorker:
         """Stream time of ``partition`` (see stream_processors.rollouts): event time, wall clock only when idle."""
         watermarks = self.core.clock(partition)
         lagging = []
-        for index, topic in enumerate((self.settings.topics.spans, self.settings.topics.rewards)):
+        for index, topic in enumerate(self._input_topics):
             tp = faust.types.TP(topic, partition)
             highwater = self.app.consumer.highwater(tp)
             done = self._done(topic, partition)
@@ -279,7 +277,9 @@ class JoinWorker:
             self._lag[topic, partition] = max(0, (highwater or 0) - done)
         if lagging:
             return min(lagging)
-        idle = time.time() - self._last_input_wall.get(partition, time.time())
+        now = time.time()
+        last_input = max(self._last_delivery.get((topic, partition), now) for topic in self._input_topics)
+        idle = now - last_input
         return max(watermarks) + int(max(0.0, idle) * 1e6)
 
     async def _flush(self) -> None:
@@ -310,11 +310,11 @@ class JoinWorker:
         # before it commits input offsets.
         changelog = self._changelog
         states = [write for write in writes if not isinstance(write[2], PartitionClock)]
+        clocks = [write for write in writes if isinstance(write[2], PartitionClock)]
         sent = [
             await producer.send(changelog, _json_key(key), dumps_state(state), partition, None, None)
             for key, partition, state in states
         ]
-        clocks = writes[len(states) :]
         if clocks:
             # The embedded broker (Tansu) reports a partition's high watermark as the first offset of its last
             # record batch + 1, so Faust's recovery, which reads up to the high watermark, misses the rest of
