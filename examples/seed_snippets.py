@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-import producers as agl
+from boltstream import agl
 
 TASKS = [(17, 23), (12, 12), (7, 6)]
 

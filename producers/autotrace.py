@@ -1,8 +1,8 @@
 """Zero-code auto-tracing: ``producers.instrument()``, or ``AGENT_LIGHTNING_TRACER=1`` at import.
 
-Today this traces the ``openai`` client (:mod:`producers.openai_patch`), which is what LangChain's
+Today this traces the ``openai`` client (:mod:`boltstream.producers.openai_patch`), which is what LangChain's
 ``ChatOpenAI``, the OpenAI Agents SDK and most agent frameworks call underneath. Agents traced with
-OpenTelemetry use :mod:`producers.otel` instead; agents in other languages use the capture proxy.
+OpenTelemetry use :mod:`boltstream.producers.otel` instead; agents in other languages use the capture proxy.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def instrument(request_token_ids: bool = False) -> bool:
     not, and hides them from the agent again; leave it off for servers that reject unknown parameters.
     """
     try:
-        from producers import openai_patch
+        from boltstream.producers import openai_patch
     except ImportError:
         log.warning("auto-tracing requested but the openai package is not installed; nothing to trace")
         return False
@@ -33,7 +33,7 @@ def instrument(request_token_ids: bool = False) -> bool:
 def uninstrument() -> None:
     """Undo :func:`instrument`."""
     try:
-        from producers import openai_patch
+        from boltstream.producers import openai_patch
     except ImportError:
         return
     openai_patch.unpatch()

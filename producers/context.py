@@ -12,7 +12,7 @@ runs or the interpreter exits, or after ``producer.implicit_rollout_idle`` secon
 the next span starts a new one. So a plain loop ``run agent → emit_reward(score)`` yields one rollout
 per iteration with no code change.
 
-Head sampling is decided once per rollout from its id (:func:`producers.sampling.keep_rollout`):
+Head sampling is decided once per rollout from its id (:func:`boltstream.infra.common.contract.keep_rollout`):
 spans of a sampled-out rollout are dropped on the spot, at no cost.
 """
 
@@ -30,8 +30,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from producers import runtime
-from producers.sampling import keep_rollout
+from boltstream.infra.common.contract import keep_rollout
+from boltstream.producers import runtime
 
 _current_rollout: ContextVar[rollout | None] = ContextVar("boltstream_rollout", default=None)
 _current_parent: ContextVar[str | None] = ContextVar("boltstream_parent", default=None)
@@ -85,7 +85,7 @@ class rollout:
         self.attempt_id = attempt if isinstance(attempt, str) else f"attempt-{attempt}"
         self.task_id = task_id
         self.agent_name = agent_name
-        #: The ids each span of the rollout carries (see producers.span_producer.PendingSpan).
+        #: The ids each span of the rollout carries (see boltstream.producers.span_producer.PendingSpan).
         self.ids = (self.rollout_id, self.attempt_id, task_id, agent_name)
         self.attributes = dict(attributes or {})
         self.root_id = new_id()

@@ -2,7 +2,7 @@
 ``traced`` / ``operation`` blocks and ``send_reward`` for rewards that come later from elsewhere.
 
 Names and signatures follow Agent Lightning 0.3 (``emit_reward``, ``emit_message``, ``emit_object``,
-``emit_exception``, ``emit_annotation``, ``operation``) so ``import producers as agl`` runs code
+``emit_exception``, ``emit_annotation``, ``operation``) so ``from boltstream import agl`` runs code
 written for it. Every helper returns the new span's event_id and costs the agent a few microseconds:
 values that are not plain scalars are snapshotted to JSON here (the agent may mutate them later),
 everything else (redaction, truncation, encoding, I/O) happens on the producer's thread.
@@ -20,8 +20,8 @@ from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any, TypeVar, overload
 
-from producers import runtime
-from producers.context import (
+from boltstream.producers import runtime
+from boltstream.producers.context import (
     active_rollout,
     current_parent,
     end_implicit_rollout,
@@ -30,7 +30,7 @@ from producers.context import (
     reset_parent,
     set_parent,
 )
-from producers.redaction import to_text
+from boltstream.producers.redaction import to_text
 
 log = logging.getLogger("boltstream.emit")
 

@@ -13,19 +13,14 @@ import re
 import time
 from typing import Any
 
-from producers.context import now_us
-from producers.emit import emit_span
-from producers.redaction import to_text
+from boltstream.infra.common.contract import MODEL_VERSION_HEADER, SERVER_ID_HEADER
+from boltstream.producers.context import now_us
+from boltstream.producers.emit import emit_span
+from boltstream.producers.redaction import to_text
 
 log = logging.getLogger("boltstream.autotrace")
 
-#: Request header naming the agent rollout a call belongs to (read by the capture proxy, sent on by the
-#: auto-tracer and the proxy, so the router sends every call of one rollout to the same version).
-ROLLOUT_ID_HEADER = "X-Boltstream-Rollout-Id"
-#: Response headers of the serving router (infra.router): the weight version that answered and the replica.
-MODEL_VERSION_HEADER = "X-Boltstream-Model-Version"
-SERVER_ID_HEADER = "X-Boltstream-Server-Id"
-#: A LoRA version's served name ends with ``-v<version>`` (trainer.weight_sync.served_name).
+#: A LoRA version's served name ends with ``-v<version>`` (boltstream.infra.serving.weight_sync.served_name).
 _SERVED_VERSION = re.compile(r"-v(\d+)$")
 
 #: URL path suffix → endpoint name (also the span name).

@@ -27,8 +27,9 @@ from typing import Any
 import openai
 from openai._base_client import AsyncAPIClient, SyncAPIClient
 
-from producers.context import active_rollout
-from producers.llm_capture import ROLLOUT_ID_HEADER, LlmCapture, endpoint_of, token_parameters
+from boltstream.infra.common.contract import ROLLOUT_ID_HEADER
+from boltstream.producers.context import active_rollout
+from boltstream.producers.llm_capture import LlmCapture, endpoint_of, token_parameters
 
 log = logging.getLogger("boltstream.autotrace")
 

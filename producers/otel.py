@@ -3,7 +3,7 @@
 Agents already traced with OpenTelemetry (AutoGen, CrewAI, LlamaIndex, OpenLLMetry or
 ``opentelemetry-instrumentation-openai`` ...) need one line::
 
-    producers.otel.install()          # adds a SpanProcessor to the global TracerProvider
+    boltstream.producers.otel.install()          # adds a SpanProcessor to the global TracerProvider
 
 Each ended OTel span carrying ``gen_ai.*`` attributes is mapped by ``gen_ai.operation.name``:
 ``chat`` / ``text_completion`` / ``generate_content`` (or any span with a request model) →
@@ -24,9 +24,9 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.trace import StatusCode
 
-from producers import runtime
-from producers.emit import emit_span
-from producers.redaction import to_text
+from boltstream.producers import runtime
+from boltstream.producers.emit import emit_span
+from boltstream.producers.redaction import to_text
 
 LLM_OPERATIONS = frozenset(("chat", "text_completion", "generate_content", "completion"))
 TOOL_OPERATIONS = frozenset(("execute_tool",))

@@ -7,7 +7,7 @@ beginning and keeps the newest PromptUpdate per agent; the first call waits, at 
 missing broker (the agent keeps its default). Tag the rollout with ``prompt_attributes(agent)`` so APO
 can credit the reward to the template::
 
-    import producers as agl
+    from boltstream import agl
 
     template = agl.current_prompt("math-agent", default="Solve: {question}")
     with agl.rollout(task_id=task, agent_name="math-agent", attributes=agl.prompt_attributes("math-agent")):
@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import logging
 import threading
-import uuid
 from typing import Any
 
-TEMPLATE_ATTRIBUTE = "boltstream.template_id"
+from boltstream.infra.common.contract import TEMPLATE_ATTRIBUTE
+
 log = logging.getLogger("boltstream.prompts")
 
 
@@ -46,47 +46,45 @@ class PromptFollower:
 
     def _follow(self) -> None:
         try:
-            from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+            from confluent_kafka import Consumer
 
-            from infra.config import load_settings
-            from schemas.codec import CodecError, codec
+            from boltstream.infra.common.config import load_settings
+            from boltstream.infra.common.topics import partitions_of, read_to_end, reader_config
 
             settings = self._settings or load_settings()
             topic = settings.topics.prompt_updates
-            consumer = Consumer(settings.kafka.client_config(**{"group.id": f"boltstream-prompts-{uuid.uuid4().hex}"}))
+            consumer = Consumer(reader_config(settings, "prompts"))
         except Exception as exc:  # no broker configured: the agent keeps its defaults
             log.warning("not following prompt updates: %s", exc)
             self._caught_up.set()
             return
         try:
-            metadata = consumer.list_topics(topic, timeout=self.catch_up_timeout).topics.get(topic)
-            partitions = sorted(metadata.partitions) if metadata is not None and metadata.error is None else []
-            ends = {}
-            for partition in partitions:
-                ends[partition] = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=5)[1]
-            consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
-            positions = dict.fromkeys(partitions, 0)
+            partitions = partitions_of(consumer, topic, timeout=self.catch_up_timeout)
+            for message in read_to_end(consumer, partitions, idle_timeout=self.catch_up_timeout):
+                self._apply(message.value())
+            self._caught_up.set()
             while not self._stop.is_set():
-                if all(positions[p] >= ends[p] for p in partitions):
-                    self._caught_up.set()
                 message = consumer.poll(0.2)
-                if message is None or message.error() is not None:
-                    continue
-                positions[message.partition()] = message.offset() + 1
-                try:
-                    update = codec("PromptUpdate").decode(message.value())
-                except CodecError as exc:
-                    log.warning("skipping an undecodable prompt update: %s", exc)
-                    continue
-                with self._lock:
-                    known = self._latest.get(update["agent_name"])
-                    if known is None or update["version"] >= known["version"]:
-                        self._latest[update["agent_name"]] = update
+                if message is not None and message.error() is None:
+                    self._apply(message.value())
         except Exception as exc:
             log.warning("stopped following prompt updates: %s", exc)
         finally:
             self._caught_up.set()
             consumer.close()
+
+    def _apply(self, value: bytes | None) -> None:
+        from boltstream.schemas.codec import CodecError, codec
+
+        try:
+            update = codec("PromptUpdate").decode(value or b"")
+        except CodecError as exc:
+            log.warning("skipping an undecodable prompt update: %s", exc)
+            return
+        with self._lock:
+            known = self._latest.get(update["agent_name"])
+            if known is None or update["version"] >= known["version"]:
+                self._latest[update["agent_name"]] = update
 
     def close(self) -> None:
         self._stop.set()

@@ -41,18 +41,16 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from infra.config import Settings
-from producers import runtime
-from producers.context import attached, rollout
-from producers.emit import send_reward
-from producers.llm_capture import ROLLOUT_ID_HEADER, LlmCapture, endpoint_of, token_parameters
+from boltstream.infra.common.config import Settings
+from boltstream.infra.common.contract import AGENT_HEADER, ATTEMPT_HEADER, ROLLOUT_ID_HEADER, TASK_HEADER
+from boltstream.producers import runtime
+from boltstream.producers.context import attached, rollout
+from boltstream.producers.emit import send_reward
+from boltstream.producers.llm_capture import LlmCapture, endpoint_of, token_parameters
 
 log = logging.getLogger("boltstream.proxy")
 
 HEADER_PREFIX = "x-boltstream-"
-TASK_HEADER = "X-Boltstream-Task-Id"
-AGENT_HEADER = "X-Boltstream-Agent-Name"
-ATTEMPT_HEADER = "X-Boltstream-Attempt-Id"
 _HOP_BY_HOP = frozenset(
     (
         "connection",

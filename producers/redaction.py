@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from producers import _secret_scan
+from boltstream.producers import _secret_scan
 
 REDACTED = "[REDACTED]"
 TRUNCATION_MARKER = "…[truncated {} bytes]"

@@ -15,8 +15,8 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
-from infra.config import ConfigError, Settings, load_settings
-from producers.span_producer import DeliveryListener, PendingSpan, SpanProducer
+from boltstream.infra.common.config import ConfigError, Settings, load_settings
+from boltstream.producers.span_producer import DeliveryListener, PendingSpan, SpanProducer
 
 log = logging.getLogger("boltstream.producer")
 

@@ -3,7 +3,7 @@
 fastavro walks the schema for every field of every span; this encoder knows the SpanBatch v2 layout,
 writes the rollout's ids once per batch, takes varints from tables and packs logprobs in one call;
 only unusual ``llm`` sub-records (a missing field, a value of another type) are left to fastavro.
-It writes exactly the bytes ``schemas.codec.codec("SpanBatch")`` writes for SpanBatch v2 (a test
+It writes exactly the bytes ``boltstream.schemas.codec.codec("SpanBatch")`` writes for SpanBatch v2 (a test
 compares them), framed with the v2 fingerprint: if a newer SpanBatch version ships, readers still
 resolve these bytes as v2.
 """
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import fastavro
 from fastavro.schema import parse_schema
 
-from schemas.codec import SINGLE_OBJECT_MAGIC, CodecError, shipped_schemas, unsigned_varint, zigzag_varint
+from boltstream.schemas.codec import SINGLE_OBJECT_MAGIC, CodecError, shipped_schemas, unsigned_varint, zigzag_varint
 
 VERSION = 2
 _KINDS = ("rollout", "llm_call", "tool_call", "decision", "reward", "message", "exception", "object", "annotation")
@@ -74,7 +74,7 @@ def _float_array(values: Sequence[float]) -> bytes:
     return _long(len(values)) + struct.pack(f"<{len(values)}f", *values) + _NULL
 
 
-#: Index of the first attribute key in a pending span (:data:`producers.span_producer.PendingSpan`).
+#: Index of the first attribute key in a pending span (:data:`boltstream.producers.span_producer.PendingSpan`).
 ATTRIBUTES = 16
 _KIND_INDEX = {kind: _SMALL[index] for index, kind in enumerate((*_KINDS, "custom"))}
 

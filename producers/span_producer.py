@@ -2,14 +2,14 @@
 
 The agent's thread only appends a tuple to an in-memory deque. A background thread wakes every
 ``producer.linger`` seconds (or as soon as ``span_buffer_size`` spans wait), groups the pending spans
-by rollout, cleans their attributes (:mod:`producers.redaction`), encodes one ``SpanBatch`` per
-rollout (:mod:`producers.span_encoder`, byte-identical to :mod:`schemas.codec`) and produces it
+by rollout, cleans their attributes (:mod:`boltstream.producers.redaction`), encodes one ``SpanBatch`` per
+rollout (:mod:`boltstream.producers.span_encoder`, byte-identical to :mod:`boltstream.schemas.codec`) and produces it
 keyed by rollout_id (``acks=all``, idempotence on, compression on). Rewards sent with
 :meth:`SpanProducer.send_reward` travel the same way to the rewards topic.
 
 When the broker is unreachable or slow, messages whose delivery fails (after
 ``producer.delivery_timeout``) or that the client cannot queue spill to the on-disk
-:class:`~producers.spool.Spool`; while the broker is unhealthy new messages go straight to the spool,
+:class:`~boltstream.producers.spool.Spool`; while the broker is unhealthy new messages go straight to the spool,
 one spooled segment at a time is retried as a probe, and once a delivery succeeds the spool drains
 oldest first. A message retried from the spool may reach Kafka twice if its first acknowledgement
 was lost: consumers deduplicate on the span's ``event_id``.
@@ -34,12 +34,12 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
-from infra.config import Settings
-from producers.redaction import Redactor
-from producers.sampling import keep_rollout
-from producers.span_encoder import ATTRIBUTES, SpanBatchEncoder
-from producers.spool import Segment, Spool, SpooledMessage, SpoolLocked
-from schemas.codec import CodecError, codec
+from boltstream.infra.common.config import Settings
+from boltstream.infra.common.contract import keep_rollout
+from boltstream.producers.redaction import Redactor
+from boltstream.producers.span_encoder import ATTRIBUTES, SpanBatchEncoder
+from boltstream.producers.spool import Segment, Spool, SpooledMessage, SpoolLocked
+from boltstream.schemas.codec import CodecError, codec
 
 log = logging.getLogger("boltstream.producer")
 

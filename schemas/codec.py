@@ -93,7 +93,7 @@ def _parse(schema: dict[str, Any]) -> Any:
 def shipped_schemas() -> dict[str, list[SchemaVersion]]:
     """Every shipped schema version, per record, oldest first."""
     found: dict[str, list[SchemaVersion]] = {}
-    for entry in resources.files("schemas").joinpath("avro").iterdir():
+    for entry in resources.files("boltstream.schemas").joinpath("avro").iterdir():
         match = _FILE_NAME.match(entry.name)
         if not match:
             continue

@@ -15,7 +15,7 @@ half of the join's CPU, yet the join only moves them: their Avro encoding is the
 
 Stricter than fastavro on bytes the Avro spec calls invalid, which fastavro reads by wrapping around:
 a varint beyond 64 bits, a negative enum or union index, and an ``int`` array item beyond 32 bits (no
-tokenizer or trainer could use it) are each a :class:`~schemas.codec.CodecError`.
+tokenizer or trainer could use it) are each a :class:`~boltstream.schemas.codec.CodecError`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 import fastavro
 from fastavro.schema import parse_schema
 
-from schemas.codec import SINGLE_OBJECT_MAGIC, CodecError, codec, latest, shipped_schemas, zigzag_varint
+from boltstream.schemas.codec import SINGLE_OBJECT_MAGIC, CodecError, codec, latest, shipped_schemas, zigzag_varint
 
 SPAN_BATCH_VERSION = 2  # the writer version read here without the general codec
 TRAINING_SAMPLE_VERSION = 1  # the version encode_training_sample writes

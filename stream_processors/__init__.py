@@ -1,1 +1,2 @@
-"""Faust stream processors: reward/trajectory join, sampling, credit assignment, the ClickHouse archive, replay."""
+"""Stream processors: the reward/trajectory join (Faust) and its core, credit assignment, the ClickHouse
+archive and its read endpoint, analytics, replay."""

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from infra.config import ConfigError, Settings
+from boltstream.infra.common.config import ConfigError, Settings
 
 FORMATS = ("table", "csv", "json")
 REPORT_PREFIX = "report_"

@@ -3,7 +3,7 @@
 It owns the DDL (``schemas/clickhouse/*.sql``, applied at start), the consumer group
 ``clickhouse.archive_group`` on the spans, rewards, trajectories, samples and dlq topics, and — with the
 embedded store — the chDB data directory, whose reads it serves over loopback
-(:mod:`stream_processors.read_endpoint`).
+(:mod:`boltstream.stream_processors.read_endpoint`).
 
 How a batch is written. ClickHouse decodes the Avro itself: a single-object encoded message is the
 10-byte header plus the Avro body of one record, so the worker strips the header and hands the bodies
@@ -12,7 +12,7 @@ schema in the header, one block per message so a malformed body cannot shift its
 materialized view flattens them into ``<table>_store``. Python never decodes a record on this path; it
 is what makes 200,000 spans/s on one core reachable (fastavro alone needs ~25 µs per llm_call span).
 Messages written with an older schema version or with Confluent framing take the slow path: decoded
-with :mod:`schemas.codec` (which resolves them to the newest schema) and re-encoded.
+with :mod:`boltstream.schemas.codec` (which resolves them to the newest schema) and re-encoded.
 
 Failures. Bad framing goes to the DLQ at once. A batch ClickHouse rejects (a corrupt body, a violated
 table CONSTRAINT — the archive's invariants) is split in halves until the offending messages are
@@ -48,9 +48,9 @@ from typing import Any
 import fastavro
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from infra.config import ConfigError, Settings
-from schemas.codec import AvroCodec, CodecError, codec, latest, zigzag_varint
-from schemas.dead_letters import dead_letter_of
+from boltstream.infra.common.config import ConfigError, Settings
+from boltstream.schemas.codec import AvroCodec, CodecError, codec, latest, zigzag_varint
+from boltstream.schemas.dead_letters import dead_letter_of
 
 log = logging.getLogger("boltstream.archive")
 
@@ -96,7 +96,7 @@ def is_data_error(exc: Exception) -> bool:
 def ddl_statements() -> list[str]:
     """The statements of ``schemas/clickhouse/*.sql`` in file order (each one ends with ``;``)."""
     statements = []
-    files = sorted(resources.files("schemas").joinpath("clickhouse").iterdir(), key=lambda f: f.name)
+    files = sorted(resources.files("boltstream.schemas").joinpath("clickhouse").iterdir(), key=lambda f: f.name)
     for file in files:
         if not file.name.endswith(".sql"):
             continue
@@ -421,7 +421,7 @@ def archive_command(args: argparse.Namespace, settings: Settings) -> int:
         return 1
     endpoint = None
     if data_path is not None:
-        from stream_processors.read_endpoint import READ_USER, ReadEndpoint
+        from boltstream.stream_processors.read_endpoint import READ_USER, ReadEndpoint
 
         port = settings.clickhouse.read_port if args.read_port is None else args.read_port
         token = args.read_token or settings.clickhouse.read_token or secrets.token_hex(16)

@@ -2,7 +2,7 @@
 
 One agent reads the co-partitioned ``spans`` and ``rewards`` topics (both keyed by rollout_id, equal
 partition counts) in batches of ``stream.batch_size`` messages, applies them to per-rollout state
-(:mod:`stream_processors.rollouts`), publishes what closed, and only then writes the changed states
+(:mod:`boltstream.stream_processors.join_core`), publishes what closed, and only then writes the changed states
 to the changelog-backed table ``rollouts``. A timer closes rollouts whose deadline passed in stream
 time. Faust commits input offsets only after the producer flushed, so after a crash (SIGKILL
 included) inputs are re-delivered at least once; each rollout's state remembers the last input offset
@@ -41,11 +41,11 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
-from infra.broker import free_port
-from infra.config import Settings
-from schemas.codec import codec
-from schemas.token_arrays import encode_training_sample
-from stream_processors.rollouts import (
+from boltstream.infra.common.config import Settings
+from boltstream.infra.common.ports import free_port
+from boltstream.schemas.codec import codec
+from boltstream.schemas.token_arrays import encode_training_sample
+from boltstream.stream_processors.join_core import (
     STATUSES,
     JoinCore,
     JoinRules,
@@ -265,7 +265,7 @@ class JoinWorker:
         return assigned
 
     def _stream_time(self, partition: int) -> int:
-        """Stream time of ``partition`` (see stream_processors.rollouts): event time, wall clock only when idle."""
+        """Stream time of ``partition`` (see join_core): event time, wall clock only when idle."""
         watermarks = self.core.clock(partition)
         lagging = []
         for index, topic in enumerate(self._input_topics):
@@ -440,7 +440,7 @@ def join_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def join_command(args: argparse.Namespace, settings: Settings) -> int:
-    from infra.stack import ensure_topics
+    from boltstream.infra.common.topics import ensure_topics
 
     ensure_topics(settings)  # the inputs must exist before Faust subscribes; outputs before the first close
     worker = JoinWorker(settings, metrics_port=args.metrics_port)

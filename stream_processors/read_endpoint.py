@@ -32,7 +32,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import chdb
 
-from schemas.codec import unsigned_varint
+from boltstream.schemas.codec import unsigned_varint
 
 READ_USER = "reader"
 ALLOWED_STATEMENTS = frozenset({"SELECT", "SHOW", "DESCRIBE", "DESC", "EXISTS", "WITH", "EXPLAIN"})

@@ -10,7 +10,7 @@ replayed message carries the header ``boltstream-replay: <name>`` and its origin
 ``boltstream-replay-source-time-us``.
 
 Determinism: the same selection yields the same messages in the same order, hence (the join decides
-by event time, see :mod:`stream_processors.rollouts`) the same trajectories and samples.
+by event time, see :mod:`boltstream.stream_processors.join_core`) the same trajectories and samples.
 
 * From the archive, a rollout is replayed whole: every archived span and reward of each selected
   rollout. Spans are re-batched the way they were sent: one SpanBatch per (rollout, producer_id,
@@ -43,11 +43,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from infra.config import ConfigError, Settings
-from schemas.codec import CodecError, codec
+from boltstream.infra.common.config import ConfigError, Settings
+from boltstream.infra.common.contract import REPLAY_HEADER, SOURCE_TIME_HEADER
+from boltstream.infra.common.topics import read_to_end, reader_config
+from boltstream.schemas.codec import CodecError, codec
 
-REPLAY_HEADER = "boltstream-replay"
-SOURCE_TIME_HEADER = "boltstream-replay-source-time-us"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _SPANS, _REWARDS = 0, 1  # order of the two inputs at equal times: spans first
 
@@ -85,7 +85,7 @@ def replay_settings(settings: Settings, name: str) -> Settings:
 
 def write_replay_config(settings: Settings, name: str) -> Path:
     """Write the replay's settings to ``<home>/replays/<name>.toml`` (for ``BOLTSTREAM_CONFIG``)."""
-    from infra.stack import settings_toml
+    from boltstream.infra.common.config import settings_toml
 
     path = Path(settings.home) / "replays" / f"{name}.toml"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -290,19 +290,15 @@ class KafkaSource:
     def _read(self) -> list[ReplayMessage]:
         if self._messages is not None:
             return self._messages
-        from confluent_kafka import Consumer, KafkaError, TopicPartition
+        from confluent_kafka import Consumer, TopicPartition
 
         settings = self.settings
         topics = {settings.topics.spans: ("spans", _SPANS), settings.topics.rewards: ("rewards", _REWARDS)}
         unknown = {topic for topic, _ in self.offsets} - set(topics)
         if unknown:
             raise ReplayError(f"--kafka-offset names {sorted(unknown)}; the source topics are {sorted(topics)}")
-        # The end of each partition is where the consumer reaches its end (a partition-EOF event, from the
-        # fetch responses), not ListOffsets: the embedded broker answers that one per record batch.
-        consumer = Consumer(
-            settings.kafka.client_config(**{"group.id": f"boltstream-replay-{uuid.uuid4().hex[:8]}"})
-            | {"enable.auto.commit": False, "enable.partition.eof": True, "auto.offset.reset": "latest"}
-        )
+        # The end of each partition is where the consumer reaches it (read_to_end).
+        consumer = Consumer(reader_config(settings, "replay", **{"auto.offset.reset": "latest"}))
         try:
             starts = []
             for topic in topics:
@@ -322,45 +318,33 @@ class KafkaSource:
                         start = low
                     # An offset past the end resets to the end ("latest"), so the partition is done at once.
                     starts.append(TopicPartition(topic, partition, max(start, low)))
-            consumer.assign(starts)
             messages = []
-            reading = {(tp.topic, tp.partition) for tp in starts}
-            answered = time.monotonic()
-            while reading:
-                batch = consumer.consume(10_000, 1.0)
-                if batch:
-                    answered = time.monotonic()
-                elif time.monotonic() - answered > self.idle_timeout:
-                    unfinished = ", ".join(f"{topic}[{partition}]" for topic, partition in sorted(reading))
-                    raise ReplayError(
-                        f"no end of {unfinished} after {self.idle_timeout:.0f} s (an offset past the end?)"
-                    )
-                for message in batch:
-                    error = message.error()
-                    if error is not None:
-                        if error.code() == KafkaError._PARTITION_EOF:
-                            reading.discard((message.topic(), message.partition()))
-                            continue
-                        raise ReplayError(f"reading {message.topic()}: {error}")
-                    time_us = message.timestamp()[1] * 1000
-                    # Also checked here: offsets_for_times only finds where to start (and not on every broker).
-                    if self.since_us is not None and time_us < self.since_us:
-                        continue
-                    if self.until_us is not None and time_us >= self.until_us:
-                        continue
-                    if self.rollouts and message.key() not in self.rollouts:
-                        continue
-                    name, order = topics[message.topic()]
-                    events = _span_count(message.value()) if order == _SPANS else 1
-                    kept = tuple((k, v) for k, v in (message.headers() or []) if v is not None)
-                    sort_key = (time_us, order, message.partition(), message.offset())
-                    replayed = ReplayMessage(time_us, name, message.key(), message.value(), events, kept)
-                    messages.append((sort_key, replayed))
+            for message in self._read_to_end(consumer, starts):
+                time_us = message.timestamp()[1] * 1000
+                # Also checked here: offsets_for_times only finds where to start (and not on every broker).
+                if self.since_us is not None and time_us < self.since_us:
+                    continue
+                if self.until_us is not None and time_us >= self.until_us:
+                    continue
+                if self.rollouts and message.key() not in self.rollouts:
+                    continue
+                name, order = topics[message.topic()]
+                events = _span_count(message.value()) if order == _SPANS else 1
+                kept = tuple((k, v) for k, v in (message.headers() or []) if v is not None)
+                sort_key = (time_us, order, message.partition(), message.offset())
+                replayed = ReplayMessage(time_us, name, message.key(), message.value(), events, kept)
+                messages.append((sort_key, replayed))
         finally:
             consumer.close()
         messages.sort(key=lambda item: item[0])
         self._messages = [message for _, message in messages]
         return self._messages
+
+    def _read_to_end(self, consumer: Any, starts: list[Any]) -> Iterator[Any]:
+        try:
+            yield from read_to_end(consumer, starts, idle_timeout=self.idle_timeout)
+        except TimeoutError as exc:
+            raise ReplayError(f"{exc} (an offset past the end?)") from None
 
 
 # -- publishing ------------------------------------------------------------------------------------
@@ -433,7 +417,7 @@ def replay(
     from confluent_kafka import Producer
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from infra.stack import ensure_topics
+    from boltstream.infra.common.topics import ensure_topics
 
     target = replay_settings(settings, name)
     ensure_topics(target)
@@ -564,7 +548,7 @@ def replay_command(args: argparse.Namespace, settings: Settings) -> int:
     if args.source == "clickhouse":
         if args.kafka_offset:
             raise ConfigError("--kafka-offset needs --source kafka")
-        from stream_processors.analytics import read_client
+        from boltstream.stream_processors.analytics import read_client
 
         client = read_client(settings)
         selection = Selection(since, until, tuple(args.agent), tuple(args.model_version), tuple(rollouts), args.where)

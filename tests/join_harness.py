@@ -14,10 +14,10 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, TopicPartition
 
-from infra.broker import free_port
-from infra.config import Settings
-from infra.stack import ensure_topics, settings_toml
-from schemas.codec import codec
+from boltstream.infra.common.config import Settings, settings_toml
+from boltstream.infra.common.ports import free_port
+from boltstream.infra.common.topics import ensure_topics
+from boltstream.schemas.codec import codec
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,12 +63,20 @@ class JoinProcess:
         env.update(
             BOLTSTREAM_CONFIG=str(config),
             BOLTSTREAM_HOME=str(home),
-            PYTHONPATH=str(PROJECT_ROOT),
             PYTHONUNBUFFERED="1",
         )
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "infra.cli", "join", "--metrics-port", str(self.port), "--loglevel", "warning"],
+                [
+                    sys.executable,
+                    "-m",
+                    "boltstream.infra.cli",
+                    "join",
+                    "--metrics-port",
+                    str(self.port),
+                    "--loglevel",
+                    "warning",
+                ],
                 env=env,
                 cwd=PROJECT_ROOT,
                 stdout=log,

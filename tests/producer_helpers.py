@@ -9,8 +9,8 @@ from dataclasses import replace
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from infra.config import Settings
-from schemas.codec import codec
+from boltstream.infra.common.config import Settings
+from boltstream.schemas.codec import codec
 
 
 def with_producer(settings: Settings, **producer: object) -> Settings:

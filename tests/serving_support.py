@@ -10,10 +10,10 @@ from typing import Any
 import torch
 from confluent_kafka import Producer
 
-from infra.config import Settings
-from schemas.codec import codec
-from trainer.artifacts import Artifact, ArtifactStore
-from trainer.tiny_model import build_tiny_model
+from boltstream.infra.common.config import Settings
+from boltstream.infra.demo.model import build_tiny_model
+from boltstream.schemas.codec import codec
+from boltstream.trainer.artifacts import Artifact, ArtifactStore
 
 PROMPT = [6, 40, 50, 60, 70, 80]  # token ids of the tiny character tokenizer
 

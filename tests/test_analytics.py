@@ -10,8 +10,8 @@ import uuid
 import pytest
 from confluent_kafka import Producer
 
-from infra.cli import main
-from schemas.codec import codec
+from boltstream.infra.cli import main
+from boltstream.schemas.codec import codec
 from tests.records import make_llm, make_span
 from tests.test_archive import wait_for
 

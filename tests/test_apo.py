@@ -10,11 +10,12 @@ import uuid
 
 from confluent_kafka import Producer
 
-from producers.prompts import TEMPLATE_ATTRIBUTE, PromptFollower
-from schemas.codec import codec
+from boltstream.infra.common.contract import TEMPLATE_ATTRIBUTE
+from boltstream.producers.prompts import PromptFollower
+from boltstream.schemas.codec import codec
+from boltstream.trainer.apo import ApoWorker, TemplateRanker, load_candidates, template_id
 from tests.records import make_span
 from tests.trainer_support import create_topics, read_all
-from trainer.apo import ApoWorker, TemplateRanker, load_candidates, template_id
 
 SHORT, STEPWISE = "Answer: {question}", "Think step by step, then answer: {question}"
 

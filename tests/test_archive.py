@@ -11,8 +11,8 @@ import fastavro
 import pytest
 from confluent_kafka import Consumer, Producer
 
-from schemas.codec import codec, shipped_schemas
-from schemas.dead_letters import NAMESPACE as DEAD_LETTER_NAMESPACE
+from boltstream.schemas.codec import codec, shipped_schemas
+from boltstream.schemas.dead_letters import NAMESPACE as DEAD_LETTER_NAMESPACE
 from tests.records import make_llm, make_span
 
 
@@ -245,7 +245,7 @@ def _reward(rollout_id: str | None = None) -> dict:
 
 
 def test_container_files_are_standard_avro():
-    from stream_processors.archive import AvroContainer
+    from boltstream.stream_processors.archive import AvroContainer
 
     rewards = [_reward() for _ in range(3)]
     bodies = [codec("Reward").encode(reward)[10:] for reward in rewards]
@@ -257,8 +257,8 @@ def test_container_files_are_standard_avro():
 
 
 def test_confluent_framed_records_are_re_encoded_for_clickhouse():
-    from schemas.codec import AvroCodec
-    from stream_processors.archive import Archiver
+    from boltstream.schemas.codec import AvroCodec
+    from boltstream.stream_processors.archive import Archiver
 
     registry = f"mock://{uuid.uuid4().hex}"
     reward = _reward()
@@ -286,8 +286,8 @@ class DroppingServer:
 def test_inserts_are_retried_through_transport_failures_then_given_up(monkeypatch):
     from clickhouse_connect.driver.exceptions import OperationalError
 
-    from stream_processors import archive as archive_module
-    from stream_processors.archive import Archiver, Table
+    from boltstream.stream_processors import archive as archive_module
+    from boltstream.stream_processors.archive import Archiver, Table
 
     monkeypatch.setattr(archive_module, "INSERT_RETRY_DELAYS", (0.01, 0.01))
     rewards = Table("Reward", "rewards")

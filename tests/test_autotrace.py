@@ -14,9 +14,9 @@ from typing import Any
 import openai
 import pytest
 
-import producers as agl
-from infra.config import Settings
-from infra.stack import ensure_topics
+from boltstream import agl
+from boltstream.infra.common.config import Settings
+from boltstream.infra.common.topics import ensure_topics
 from tests.producer_helpers import at_least, consume
 
 pytestmark = pytest.mark.slow

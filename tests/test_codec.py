@@ -8,7 +8,7 @@ import uuid
 import fastavro
 import pytest
 
-from schemas.codec import RECORDS, AvroCodec, CodecError, codec, latest, shipped_schemas
+from boltstream.schemas.codec import RECORDS, AvroCodec, CodecError, codec, latest, shipped_schemas
 from tests.records import make_span, make_span_batch
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from infra.config import ConfigError, load_settings, parse_duration
+from boltstream.infra.common.config import ConfigError, load_settings, parse_duration
 
 
 def test_defaults_are_the_design_parameters(tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from stream_processors.credit import CallPosition, assign_credit
+from boltstream.stream_processors.credit import CallPosition, assign_credit
 
 CALLS = [CallPosition(sequence=1, end_time_us=100), CallPosition(sequence=4, end_time_us=400)]
 CALLS.append(CallPosition(sequence=7, end_time_us=700))

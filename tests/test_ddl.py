@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from infra.config import Settings
-from schemas.codec import latest
-from stream_processors.archive import topic_tables
+from boltstream.infra.common.config import Settings
+from boltstream.schemas.codec import latest
+from boltstream.stream_processors.archive import topic_tables
 
 #: Every record the archive stores, and its table family.
 TABLES = {table.record: table.name for table in topic_tables(Settings()).values()}

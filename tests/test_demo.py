@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from stream_processors.demo_report import Window, reward_windows
+from boltstream.infra.demo.report import Window, reward_windows
 
 #: The rise the 150 s demo must show; measured on 2 busy cores: +0.235 and +0.239 (one sampled answer per rollout,
 #: 500-1000 trajectories per window, so the windows' standard error is about 0.02).
@@ -36,7 +36,7 @@ def test_a_short_demo_raises_the_mean_reward_and_writes_the_report(settings, tmp
     pytest.importorskip("deepspeed")
     pytest.importorskip("vllm")
     pytest.importorskip("matplotlib")
-    from infra.demo import run_demo
+    from boltstream.infra.demo.run import run_demo
 
     summary = run_demo(settings, tmp_path, duration=150, agents=6, seed=0)
 
@@ -50,7 +50,7 @@ def test_a_short_demo_raises_the_mean_reward_and_writes_the_report(settings, tmp
 
 
 def test_a_directory_that_holds_a_run_is_refused_before_anything_starts(settings, tmp_path):
-    from infra.demo import DemoError, run_demo
+    from boltstream.infra.demo.run import DemoError, run_demo
 
     (tmp_path / "home").mkdir()
     with pytest.raises(DemoError, match="already holds a demo run"):
@@ -58,8 +58,8 @@ def test_a_directory_that_holds_a_run_is_refused_before_anything_starts(settings
 
 
 def test_the_command_rejects_a_non_positive_duration():
-    from infra.cli import build_parser
+    from boltstream.infra.cli import build_parser
 
-    parser = build_parser({"demo": ("infra.demo", "")})
+    parser = build_parser("demo")
     with pytest.raises(SystemExit):
         parser.parse_args(["demo", "--duration", "0"])

@@ -1,6 +1,6 @@
 """The deployment files (infra/deploy) stay true to the code: they cannot run here (no Docker engine, no
 cluster), so they are parsed and every boltstream command and ``BOLTSTREAM_*`` variable is checked
-against ``infra.cli.COMMANDS`` and ``infra.config.Settings``."""
+against ``boltstream.infra.cli.COMMANDS`` and ``boltstream.infra.common.config.Settings``."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import yaml
 
-from infra.cli import COMMANDS, build_parser
-from infra.config import ConfigError, TopicConfig, load_settings
+from boltstream.infra.cli import COMMANDS, build_parser
+from boltstream.infra.common.config import ConfigError, TopicConfig, load_settings
 
 DEPLOY = Path(__file__).resolve().parent.parent / "infra" / "deploy"
 COMPOSE = DEPLOY / "docker-compose.yml"
@@ -28,7 +28,7 @@ def check_command(command: list[str]) -> None:
     assert command[0] == "boltstream", f"not a boltstream command: {command}"
     assert command[1] in COMMANDS, f"boltstream has no command {command[1]!r}"
     try:
-        build_parser({command[1]: COMMANDS[command[1]]}).parse_args(command[1:])
+        build_parser(command[1]).parse_args(command[1:])
     except SystemExit as exc:
         raise AssertionError(f"boltstream rejects the arguments of {command}") from exc
 

@@ -10,11 +10,11 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("deepspeed")
 
-from trainer.engine import build_engine, init_distributed, with_batch_sizes  # noqa: E402
-from trainer.grpo import GRPO, group_advantages  # noqa: E402
-from trainer.policy import TokenBatch, load_policy, pack, token_logprobs  # noqa: E402
-from trainer.sft import SFT  # noqa: E402
-from trainer.tiny_model import build_tiny_model  # noqa: E402
+from boltstream.infra.demo.model import build_tiny_model  # noqa: E402
+from boltstream.trainer.engine import build_engine, init_distributed, with_batch_sizes  # noqa: E402
+from boltstream.trainer.grpo import GRPO, group_advantages  # noqa: E402
+from boltstream.trainer.policy import TokenBatch, load_policy, pack, token_logprobs  # noqa: E402
+from boltstream.trainer.sft import SFT  # noqa: E402
 
 log = math.log
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from infra.config import load_settings
-from stream_processors.join import join_metrics_urls, join_status
+from boltstream.infra.common.config import load_settings
+from boltstream.stream_processors.join import join_metrics_urls, join_status
 from tests.join_harness import Collector, JoinProcess, copy_topics, join_settings, prepare
 from tests.traffic import Traffic, generate, verify
 

@@ -10,9 +10,9 @@ from collections import Counter
 
 import pytest
 
-from schemas.codec import codec
-from schemas.token_arrays import encode_training_sample
-from stream_processors.rollouts import (
+from boltstream.schemas.codec import codec
+from boltstream.schemas.token_arrays import encode_training_sample
+from boltstream.stream_processors.join_core import (
     JoinCore,
     JoinRules,
     PartitionClock,

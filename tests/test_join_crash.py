@@ -2,7 +2,7 @@
 writes a crash leaves durable, a worker restored from it that re-reads the inputs from the committed
 position emits exactly what an undisturbed worker emits.
 
-The model of the worker (stream_processors.join): inputs in batches; a tick before the first and after
+The model of the worker (boltstream.stream_processors.join): inputs in batches; a tick before the first and after
 each batch at the stream time a worker with a backlog on both topics uses (the smaller watermark); the
 outputs are published and its changelog writes sent in ``JoinCore.drain`` order. Input offsets are
 committed only once a batch's writes are all durable; the latest such batch is the worst case (the
@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from stream_processors.rollouts import JoinCore, JoinRules, dumps_state, loads_state
+from boltstream.stream_processors.join_core import JoinCore, JoinRules, dumps_state, loads_state
 from tests.traffic import generate
 
 TIMEOUT = 2.0

@@ -9,10 +9,10 @@ import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import Status, StatusCode
 
-import producers as agl
-from infra.config import Settings
-from infra.stack import ensure_topics
-from producers import otel
+from boltstream import agl
+from boltstream.infra.common.config import Settings
+from boltstream.infra.common.topics import ensure_topics
+from boltstream.producers import otel
 from tests.producer_helpers import at_least, consume
 
 

@@ -17,15 +17,15 @@ from pathlib import Path
 
 import pytest
 
-import producers as agl
-from infra.broker import EmbeddedBroker
-from infra.config import Settings, load_settings
-from infra.stack import ensure_topics
-from producers.redaction import REDACTED, Redactor
-from producers.sampling import keep_rollout, rollout_fraction
-from producers.span_producer import SpanProducer
-from producers.spool import Spool, SpooledMessage, SpoolLocked
-from schemas.codec import codec
+from boltstream import agl
+from boltstream.infra.common.config import Settings, load_settings
+from boltstream.infra.common.contract import keep_rollout, rollout_fraction
+from boltstream.infra.common.topics import ensure_topics
+from boltstream.infra.stack.broker import EmbeddedBroker
+from boltstream.producers.redaction import REDACTED, Redactor
+from boltstream.producers.span_producer import SpanProducer
+from boltstream.producers.spool import Spool, SpooledMessage, SpoolLocked
+from boltstream.schemas.codec import codec
 from tests.producer_helpers import at_least, consume, with_producer
 
 
@@ -235,7 +235,7 @@ def test_idle_implicit_rollout_ends_by_itself(settings: Settings) -> None:
 
 def test_a_broken_configuration_never_fails_the_agent(tmp_path: Path) -> None:
     agent = (
-        "import producers as agl\n"
+        "from boltstream import agl\n"
         "with agl.rollout(task_id='t'):\n"
         "    agl.emit_reward(1.0)\n"
         "stats = agl.stats()\n"

@@ -14,9 +14,9 @@ import httpx
 import openai
 import pytest
 
-from infra.broker import free_port, wait_for_port
-from infra.config import Settings
-from infra.stack import ensure_topics
+from boltstream.infra.common.config import Settings
+from boltstream.infra.common.ports import free_port, wait_for_port
+from boltstream.infra.common.topics import ensure_topics
 from tests.producer_helpers import consume
 
 pytestmark = pytest.mark.slow
@@ -38,7 +38,17 @@ def start_proxy(settings: Settings, upstream: str, *extra: str) -> tuple[subproc
         "BOLTSTREAM_TOPICS__SPANS": settings.topics.spans,
         "BOLTSTREAM_TOPICS__REWARDS": settings.topics.rewards,
     }
-    command = [sys.executable, "-m", "infra.cli", "proxy", "--upstream", upstream, "--port", str(port), *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "boltstream.infra.cli",
+        "proxy",
+        "--upstream",
+        upstream,
+        "--port",
+        str(port),
+        *extra,
+    ]
     process = subprocess.Popen(command, env=env, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL)
     wait_for_port(port, timeout=30)
     return process, f"http://127.0.0.1:{port}"

@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 from clickhouse_connect.driver.exceptions import DatabaseError
 
-from stream_processors.read_endpoint import QueryRefused, check_read_only
+from boltstream.stream_processors.read_endpoint import QueryRefused, check_read_only
 from tests.test_archive import produce_span_batches
 
 

@@ -8,10 +8,10 @@ import re
 
 import pytest
 
-from infra.config import Settings
-from producers import redaction
-from producers.redaction import REDACTED, Redactor, to_text
-from producers.span_producer import SpanProducer
+from boltstream.infra.common.config import Settings
+from boltstream.producers import redaction
+from boltstream.producers.redaction import REDACTED, Redactor, to_text
+from boltstream.producers.span_producer import SpanProducer
 from tests.producer_helpers import with_producer
 from tests.records import make_llm
 from tests.test_span_encoder import Rollout, flat

@@ -20,11 +20,11 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
-from infra.cli import main
-from infra.config import ConfigError, load_settings
-from infra.stack import ensure_topics
-from schemas.codec import codec
-from stream_processors.replay import (
+from boltstream.infra.cli import main
+from boltstream.infra.common.config import ConfigError, load_settings
+from boltstream.infra.common.topics import ensure_topics
+from boltstream.schemas.codec import codec
+from boltstream.stream_processors.replay import (
     REPLAY_HEADER,
     SOURCE_TIME_HEADER,
     ArchiveSource,

@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 from confluent_kafka import Producer
 
-from infra.cli import main
-from infra.config import load_settings
-from infra.stack import ensure_topics
-from schemas.codec import codec
-from stream_processors.analytics import report_sql
+from boltstream.infra.cli import main
+from boltstream.infra.common.config import load_settings
+from boltstream.infra.common.topics import ensure_topics
+from boltstream.schemas.codec import codec
+from boltstream.stream_processors.analytics import report_sql
 from tests.conftest import ArchiveProcess
 from tests.records import make_llm, make_span
 from tests.test_archive import wait_for

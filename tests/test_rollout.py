@@ -18,9 +18,11 @@ import openai
 import pytest
 from confluent_kafka import Producer
 
-import producers as agl
-from infra.config import Settings
-from infra.router import (
+from boltstream import agl
+from boltstream.infra.common.config import Settings
+from boltstream.infra.common.topics import ensure_topics
+from boltstream.infra.serving.canary import RolloutAnalyzer, RolloutWorker, rollout_state, version_number
+from boltstream.infra.serving.router import (
     MODEL_VERSION_HEADER,
     ROLLOUT_ID_HEADER,
     SERVER_ID_HEADER,
@@ -29,13 +31,11 @@ from infra.router import (
     RoutingTable,
     bucket,
 )
-from infra.stack import ensure_topics
-from schemas.codec import codec
-from stream_processors.canary import RolloutAnalyzer, RolloutWorker, rollout_state, version_number
+from boltstream.infra.serving.weight_sync import WeightSync
+from boltstream.schemas.codec import codec
+from boltstream.trainer.artifacts import ArtifactStore
 from tests.serving_support import PROMPT, lora_artifact, matches, publish_update, reference, served_output
 from tests.trainer_support import read_all
-from trainer.artifacts import ArtifactStore
-from trainer.weight_sync import WeightSync
 
 
 def decision(action: str, candidate: int, stable: int, model: str = "tiny") -> dict:

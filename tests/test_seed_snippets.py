@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from infra.config import Settings
-from infra.stack import ensure_topics
+from boltstream.infra.common.config import Settings
+from boltstream.infra.common.topics import ensure_topics
 from tests.producer_helpers import at_least, consume
 
 REPO = Path(__file__).resolve().parents[1]

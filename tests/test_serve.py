@@ -11,10 +11,11 @@ from pathlib import Path
 from confluent_kafka import Producer
 from rich.console import Console
 
-from infra import stack
-from infra.config import Settings
-from infra.serve import serving_status, starting_point
-from schemas.codec import codec
+from boltstream.infra.common.config import Settings
+from boltstream.infra.common.topics import ensure_topics
+from boltstream.infra.serving.serve import serving_status, starting_point
+from boltstream.infra.stack import local as stack
+from boltstream.schemas.codec import codec
 from tests.test_rollout import decision, served
 
 
@@ -42,7 +43,7 @@ def _link(path: Path, target: Path) -> Path:
 
 
 def test_status_shows_each_replica_and_the_rollout(settings: Settings) -> None:
-    stack.ensure_topics(settings)
+    ensure_topics(settings)
     producer = Producer(settings.kafka.client_config(**{"acks": "all"}))
     records = [
         ("ServedVersion", settings.topics.served_versions, "server_id", served("a", 1)),

@@ -8,8 +8,8 @@ import random
 
 import pytest
 
-from producers.span_encoder import SpanBatchEncoder
-from schemas.codec import CodecError, codec, shipped_schemas
+from boltstream.producers.span_encoder import SpanBatchEncoder
+from boltstream.schemas.codec import CodecError, codec, shipped_schemas
 from tests.records import make_llm
 
 KINDS = (

@@ -22,22 +22,22 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType
 
-from infra import stack
-from infra.broker import free_port
-from infra.cli import main
-from infra.config import Settings, load_settings
-from infra.stack import (
+from boltstream.infra.cli import main
+from boltstream.infra.common.config import Settings, load_settings, settings_toml
+from boltstream.infra.common.ports import free_port
+from boltstream.infra.common.topics import TopicError, ensure_topics
+from boltstream.infra.stack import local as stack
+from boltstream.infra.stack.local import (
     WORKERS,
     StackError,
     StackRunningError,
     Worker,
-    ensure_topics,
     read_state,
     stack_status,
     start_stack,
     stop_stack,
 )
-from schemas.codec import codec
+from boltstream.schemas.codec import codec
 from tests.records import make_span_batch
 
 #: Real processes in place of the archive worker: one serving HTTP on the read port, one idle.
@@ -76,8 +76,8 @@ def run_cli(home: Path, *args: str) -> subprocess.CompletedProcess:
     """``boltstream ARGS`` in a child process, as a user would run it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("BOLTSTREAM_")} | {"BOLTSTREAM_HOME": str(home)}
     return subprocess.run(
-        [sys.executable, "-m", "infra.cli", *args],
-        cwd=stack.PROJECT_ROOT,
+        [sys.executable, "-m", "boltstream.infra.cli", *args],
+        cwd=home,
         env=env,
         capture_output=True,
         text=True,
@@ -158,7 +158,7 @@ def test_ensure_topics_creates_configured_partitions_and_compaction(settings):
 def test_ensure_topics_on_an_unreachable_broker_is_a_clear_error(tmp_path):
     port = free_port()
     settings = home_settings(tmp_path, kafka={"bootstrap_servers": f"127.0.0.1:{port}"})
-    with pytest.raises(StackError, match=f"127.0.0.1:{port}"):
+    with pytest.raises(TopicError, match=f"127.0.0.1:{port}"):
         ensure_topics(settings, timeout=2.0)
 
 
@@ -250,7 +250,7 @@ def test_worker_settings_snapshot_round_trips(tmp_path):
         stream={"reward_timeout": "45s", "agent_selector": ["math-*", "sql"]},
     )
     path = tmp_path / "snapshot.toml"
-    path.write_text(stack.settings_toml(settings))
+    path.write_text(settings_toml(settings))
     assert load_settings(path, environ={"BOLTSTREAM_HOME": str(tmp_path)}) == settings
 
 

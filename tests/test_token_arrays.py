@@ -1,4 +1,4 @@
-"""schemas.token_arrays: the SpanBatch reader and TrainingSample writer that keep token arrays as Avro bytes,
+"""boltstream.schemas.token_arrays: the SpanBatch reader and TrainingSample writer that keep token arrays as Avro bytes,
 checked against the general codec (fastavro) on realistic, random, unusual and corrupt bytes."""
 
 from __future__ import annotations
@@ -14,15 +14,15 @@ from typing import Any
 
 import pytest
 
-from schemas.codec import CodecError, codec, latest, shipped_schemas, zigzag_varint
-from schemas.token_arrays import (
+from boltstream.schemas.codec import CodecError, codec, latest, shipped_schemas, zigzag_varint
+from boltstream.schemas.token_arrays import (
     SPAN_BATCH_VERSION,
     AvroArray,
     encode_training_sample,
     read_span_batch,
     with_raw_arrays,
 )
-from stream_processors.rollouts import RolloutState, loads_state
+from boltstream.stream_processors.join_core import RolloutState, loads_state
 from tests.records import make_llm, make_span
 from tests.traffic import generate
 
@@ -94,7 +94,9 @@ def random_batch(rng: random.Random) -> dict[str, Any]:
 
 def test_the_newest_span_batch_is_the_one_read_without_the_codec() -> None:
     # Bytes of any other version are read by the general codec: right, but without the speed.
-    assert latest("SpanBatch").version == SPAN_BATCH_VERSION, "teach schemas.token_arrays the new SpanBatch layout"
+    assert latest("SpanBatch").version == SPAN_BATCH_VERSION, (
+        "teach boltstream.schemas.token_arrays the new SpanBatch layout"
+    )
 
 
 def test_reader_matches_the_codec_on_realistic_traffic() -> None:

@@ -17,12 +17,12 @@ import pytest
 
 pytest.importorskip("deepspeed")
 
+from boltstream.infra.demo.model import build_tiny_model
+from boltstream.trainer.artifacts import ArtifactError, artifact_sha256, check_safetensors, verify
+from boltstream.trainer.loop import Trainer
+from boltstream.trainer.publish import Publisher
+from boltstream.trainer.source import Batcher, SampleSource, sample_version
 from tests.trainer_support import create_topics, produce_samples, read_all
-from trainer.artifacts import ArtifactError, artifact_sha256, check_safetensors, verify
-from trainer.loop import Trainer
-from trainer.publish import Publisher
-from trainer.source import Batcher, SampleSource, sample_version
-from trainer.tiny_model import build_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 SGD = {
@@ -256,7 +256,16 @@ def test_sigkill_then_resume_trains_every_sample_exactly_once(trainer_settings, 
     produce_samples(settings, samples)
     config = tmp_path / "ds.json"
     config.write_text(json.dumps(SGD))
-    command = [sys.executable, "-m", "infra.cli", "train", "--deepspeed-config", str(config), "--idle-timeout", "8"]
+    command = [
+        sys.executable,
+        "-m",
+        "boltstream.infra.cli",
+        "train",
+        "--deepspeed-config",
+        str(config),
+        "--idle-timeout",
+        "8",
+    ]
     ledger = Path(settings.trainer.checkpoint_dir) / "ledger.jsonl"
     log = (tmp_path / "first.log").open("w")
     first = subprocess.Popen(command, env=trainer_env(settings), cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
@@ -285,8 +294,8 @@ def test_sigkill_then_resume_trains_every_sample_exactly_once(trainer_settings, 
 # -- data parallel -----------------------------------------------------------------------------
 DP_WORKER = """
 import json, sys, torch
-from infra.config import load_settings
-from trainer.loop import Trainer
+from boltstream.infra.common.config import load_settings
+from boltstream.trainer.loop import Trainer
 samples = json.load(open(sys.argv[1]))
 trainer = Trainer(load_settings(), deepspeed_config=json.loads(sys.argv[3]))
 trainer.train_batch(samples)

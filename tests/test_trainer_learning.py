@@ -16,11 +16,11 @@ import pytest
 
 pytest.importorskip("deepspeed")
 
+from boltstream.infra.demo import arithmetic
+from boltstream.infra.demo.model import build_tiny_model
+from boltstream.trainer.loop import Trainer
+from boltstream.trainer.policy import load_policy
 from tests.trainer_support import create_topics, produce_samples
-from trainer.loop import Trainer
-from trainer.policy import load_policy
-from trainer.tasks import arithmetic
-from trainer.tiny_model import build_tiny_model
 
 MARGIN = 0.15
 STEPS = 30

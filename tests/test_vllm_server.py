@@ -15,9 +15,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import infra.vllm_server
-from infra.vllm_server import VllmServer, VllmServerError, weights_signature
-from trainer.tiny_model import build_tiny_model
+import boltstream.infra.serving.vllm_server
+from boltstream.infra.demo.model import build_tiny_model
+from boltstream.infra.serving.vllm_server import VllmServer, VllmServerError, weights_signature
 
 pytestmark = pytest.mark.slow
 
@@ -149,7 +149,7 @@ def test_a_reload_failing_inside_vllm_restores_the_previous_weights(
     # The header check catches every truncated file before vLLM sees it; skip it here so vLLM itself
     # fails half-way through a load, which is what a file replaced after the check would do.
     served = weights_signature(tiny_model_dir)
-    monkeypatch.setattr(infra.vllm_server, "weights_signature", lambda path: served)
+    monkeypatch.setattr(boltstream.infra.serving.vllm_server, "weights_signature", lambda path: served)
     corrupt = tmp_path / "corrupt"
     shutil.copytree(tiny_model_dir, corrupt)
     data = (corrupt / "model.safetensors").read_bytes()

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from infra.config import Settings
-from infra.stack import ensure_topics
+from boltstream.infra.common.config import Settings
+from boltstream.infra.common.topics import ensure_topics
+from boltstream.infra.serving.weight_sync import WeightSync, parse_served_name, served_name
+from boltstream.trainer.artifacts import ArtifactStore
 from tests.serving_support import (
     PROMPT,
     full_artifact,
@@ -24,8 +26,6 @@ from tests.serving_support import (
     served_output,
 )
 from tests.trainer_support import read_all
-from trainer.artifacts import ArtifactStore
-from trainer.weight_sync import WeightSync, parse_served_name, served_name
 
 pytestmark = pytest.mark.slow
 TOKENS = 8

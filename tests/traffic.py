@@ -19,7 +19,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from schemas.codec import codec
+from boltstream.schemas.codec import codec
 from tests.records import make_llm, make_span
 
 SCENARIOS = {
@@ -264,7 +264,7 @@ def verify(
     traffic: Traffic, trajectories: list[dict[str, Any]], samples: list[dict[str, Any]], policy: str, discount: float
 ) -> None:
     """Assert that the join's output is exactly what the traffic must produce (one trajectory per rollout)."""
-    from stream_processors.rollouts import sample_id, trajectory_id
+    from boltstream.stream_processors.join_core import sample_id, trajectory_id
 
     assert sorted(t["rollout_id"] for t in trajectories) == sorted(traffic.expected)
     by_trajectory: dict[str, list[dict[str, Any]]] = {}

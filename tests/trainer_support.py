@@ -8,8 +8,8 @@ from typing import Any
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from infra.config import Settings
-from schemas.codec import codec
+from boltstream.infra.common.config import Settings
+from boltstream.schemas.codec import codec
 
 
 def create_topics(settings: Settings) -> None:

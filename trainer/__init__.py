@@ -1,1 +1,1 @@
-"""The continuous DeepSpeed trainer, its algorithms, checkpoints, weight publishing and the vLLM weight_sync sidecar."""
+"""The continuous DeepSpeed trainer, its algorithms (GRPO, SFT, APO), checkpoints, artifacts and weight publishing."""

@@ -32,9 +32,9 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
-from infra.config import ConfigError, Settings
-from producers.prompts import TEMPLATE_ATTRIBUTE
-from schemas.codec import CodecError, codec
+from boltstream.infra.common.config import ConfigError, Settings
+from boltstream.infra.common.contract import TEMPLATE_ATTRIBUTE
+from boltstream.schemas.codec import CodecError, codec
 
 MEMORY = 100_000  # rollouts remembered while waiting for their reward (or rewards waiting for spans)
 log = logging.getLogger("boltstream.apo")

@@ -27,7 +27,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from infra.config import ConfigError
+from boltstream.infra.common.config import ConfigError
 
 #: The built-in config: ZeRO stage 0 on CPU, torch Adam, clipping at 1.0, fp32.
 DEFAULT_DEEPSPEED_CONFIG: dict[str, Any] = {
@@ -88,7 +88,7 @@ def init_distributed() -> tuple[int, int]:
         if "RANK" in os.environ:  # torchrun (or another launcher) set the world up
             deepspeed.init_distributed(dist_backend=backend, verbose=False)
         else:  # a plain process: a world of one, without touching the environment children inherit
-            from infra.broker import free_port
+            from boltstream.infra.common.ports import free_port
 
             os.environ.setdefault("LOCAL_RANK", "0")  # the engine insists on reading it
             deepspeed.init_distributed(

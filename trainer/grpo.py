@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from trainer.policy import TokenBatch
+from boltstream.trainer.policy import TokenBatch
 
 
 def group_advantages(returns: list[float], group_ids: list[str]) -> list[float]:

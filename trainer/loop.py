@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import copy
 import logging
-import os
 import shutil
 import sys
 import time
@@ -32,15 +31,15 @@ from typing import Any
 import torch
 from confluent_kafka import KafkaException
 
-from infra.config import ConfigError, Settings
-from trainer.artifacts import export_policy
-from trainer.checkpoint import Checkpointer, Ledger, restore_rng, rng_state
-from trainer.engine import build_engine, init_distributed, load_deepspeed_config, with_batch_sizes
-from trainer.grpo import GRPO
-from trainer.policy import TokenBatch, load_policy, pack, token_logprobs
-from trainer.publish import Decision, Publisher
-from trainer.sft import SFT
-from trainer.source import SampleSource, SourceError
+from boltstream.infra.common.config import ConfigError, Settings
+from boltstream.trainer.artifacts import export_policy
+from boltstream.trainer.checkpoint import Checkpointer, Ledger, restore_rng, rng_state
+from boltstream.trainer.engine import build_engine, init_distributed, load_deepspeed_config, with_batch_sizes
+from boltstream.trainer.grpo import GRPO
+from boltstream.trainer.policy import TokenBatch, load_policy, pack, token_logprobs
+from boltstream.trainer.publish import Decision, Publisher
+from boltstream.trainer.sft import SFT
+from boltstream.trainer.source import SampleSource, SourceError
 
 log = logging.getLogger("boltstream.trainer")
 
@@ -53,22 +52,10 @@ def make_algorithm(settings: Settings) -> GRPO | SFT:
     if config.algorithm == "sft":
         return SFT(config.sft_min_return)
     if config.algorithm == "apo":
-        raise ConfigError("trainer.algorithm=apo optimises prompts, not weights: it runs trainer.apo, not Trainer")
+        raise ConfigError(
+            "trainer.algorithm=apo optimises prompts, not weights: it runs boltstream.trainer.apo, not Trainer"
+        )
     raise ConfigError(f"trainer.algorithm: unknown {config.algorithm!r}; choose grpo, sft or apo")
-
-
-def ensure_tiny_model(home: Path) -> Path:
-    """The tiny local model under ``<home>/models/tiny``, built on first use."""
-    from trainer.tiny_model import build_tiny_model
-
-    path = home / "models" / "tiny"
-    if not (path / "config.json").exists():
-        staging = path.with_name(f".tiny-{os.getpid()}")
-        build_tiny_model(staging)
-        with contextlib.suppress(OSError):  # another process finished first: theirs is identical
-            staging.rename(path)
-        shutil.rmtree(staging, ignore_errors=True)
-    return path
 
 
 @dataclass
@@ -95,7 +82,9 @@ class Trainer:
         self.settings = settings
         self.rank, self.world = init_distributed()
         self.algorithm = make_algorithm(settings)
-        self.model_path = Path(config.model_path) if config.model_path else ensure_tiny_model(settings.home)
+        if not config.model_path:
+            raise ConfigError("trainer.model_path: set it to the Hugging Face model directory to train")
+        self.model_path = Path(config.model_path)
         self.format = "lora" if config.lora_rank > 0 else "full"
         model, self.tokenizer = load_policy(self.model_path, lora_rank=config.lora_rank)
         self.vocab_size = model.config.vocab_size
@@ -299,7 +288,7 @@ def train_arguments(parser: argparse.ArgumentParser) -> None:
 def train_command(args: argparse.Namespace, settings: Settings) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if settings.trainer.algorithm == "apo":
-        from trainer.apo import run_apo
+        from boltstream.trainer.apo import run_apo
 
         return run_apo(settings, max_seconds=args.duration)
     try:

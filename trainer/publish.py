@@ -26,11 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Producer
 
-from infra.config import Settings
-from schemas.codec import CodecError, codec
-from trainer.artifacts import Artifact, ArtifactError, ArtifactStore, fetch, verify
+from boltstream.infra.common.config import Settings
+from boltstream.infra.common.topics import TopicError, read_records
+from boltstream.schemas.codec import codec
+from boltstream.trainer.artifacts import Artifact, ArtifactError, ArtifactStore, fetch, verify
 
 
 @dataclass
@@ -97,33 +98,12 @@ def policy_stability_score(candidate, serving, sequences: list[tuple[list[int], 
 
 def latest_update(settings: Settings, timeout: float = 10.0) -> dict[str, Any] | None:
     """The newest ModelUpdate of ``trainer.model_name`` on the compacted model-updates topic."""
-    topic, model = settings.topics.model_updates, settings.trainer.model_name
-    consumer = Consumer(settings.kafka.client_config(**{"group.id": f"boltstream-reader-{uuid.uuid4().hex}"}))
+    model = settings.trainer.model_name
     try:
-        metadata = consumer.list_topics(topic, timeout=timeout).topics.get(topic)
-        if metadata is None or metadata.error is not None:
-            return None
-        newest = None
-        for partition in metadata.partitions:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout)
-            if high <= low:
-                continue
-            consumer.assign([TopicPartition(topic, partition, low)])
-            position, deadline = low, time.monotonic() + timeout
-            while position < high and time.monotonic() < deadline:
-                message = consumer.poll(0.5)
-                if message is None or message.error() is not None:
-                    continue
-                position = message.offset() + 1
-                try:
-                    update = codec("ModelUpdate").decode(message.value())
-                except CodecError:
-                    continue  # not ours to judge here; the serving sidecar dead-letters it
-                if update["model"] == model and (newest is None or update["version"] > newest["version"]):
-                    newest = update
-        return newest
-    finally:
-        consumer.close()
+        updates = read_records(settings, settings.topics.model_updates, "ModelUpdate", idle_timeout=timeout)
+    except TopicError:  # no such topic yet: nothing was published
+        return None
+    return max((u for u in updates if u["model"] == model), key=lambda u: u["version"], default=None)
 
 
 class Publisher:

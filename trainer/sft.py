@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from trainer.grpo import masked_sample_mean
-from trainer.policy import TokenBatch
+from boltstream.trainer.grpo import masked_sample_mean
+from boltstream.trainer.policy import TokenBatch
 
 
 @dataclass(frozen=True)

@@ -24,10 +24,10 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
-from infra.config import Settings
-from schemas.codec import CodecError, codec
-from schemas.dead_letters import dead_letter_of
-from trainer.policy import validate_sample
+from boltstream.infra.common.config import Settings
+from boltstream.schemas.codec import CodecError, codec
+from boltstream.schemas.dead_letters import dead_letter_of
+from boltstream.trainer.policy import validate_sample
 
 _VERSION = re.compile(r"(\d+)$")
 

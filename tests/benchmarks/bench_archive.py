@@ -44,7 +44,7 @@ TARGET_SPANS_PER_SECOND = 200_000
 def _produce(settings) -> None:
     from confluent_kafka import Producer
 
-    from schemas.codec import codec
+    from boltstream.schemas.codec import codec
     from tests.records import make_llm, make_span
 
     producer = Producer(settings.kafka.client_config(**{"linger.ms": 20, "compression.type": "lz4"}))
@@ -94,9 +94,9 @@ def _child() -> None:
     os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
     from confluent_kafka import Consumer
 
-    from infra.config import load_settings
-    from schemas.codec import codec
-    from stream_processors.archive import Archiver, ArchiveWorker, connect, topic_tables
+    from boltstream.infra.common.config import load_settings
+    from boltstream.schemas.codec import codec
+    from boltstream.stream_processors.archive import Archiver, ArchiveWorker, connect, topic_tables
 
     settings = load_settings()
     topic, partitions = settings.topics.spans, settings.topics.partitions
@@ -155,7 +155,7 @@ def _child() -> None:
 
 @pytest.mark.benchmark
 def test_archive_throughput_on_one_core(settings, tmp_path):
-    from infra.stack import ensure_topics
+    from boltstream.infra.common.topics import ensure_topics
 
     ensure_topics(settings)
     _produce(settings)

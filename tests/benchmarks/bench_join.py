@@ -30,9 +30,9 @@ from pathlib import Path
 
 import pytest
 
-from infra.config import load_settings
-from schemas.codec import codec
-from stream_processors.join import join_status
+from boltstream.infra.common.config import load_settings
+from boltstream.schemas.codec import codec
+from boltstream.stream_processors.join import join_status
 from tests.join_harness import PROJECT_ROOT, Collector, JoinProcess, join_settings, prepare
 from tests.traffic import generate
 

@@ -33,12 +33,12 @@ import httpx
 import pytest
 from confluent_kafka import Producer
 
-import producers as agl
-from infra.broker import free_port, wait_for_port
-from infra.config import Settings
-from infra.stack import ensure_topics
-from producers.redaction import to_text
-from schemas.codec import codec
+from boltstream import agl
+from boltstream.infra.common.config import Settings
+from boltstream.infra.common.ports import free_port, wait_for_port
+from boltstream.infra.common.topics import ensure_topics
+from boltstream.producers.redaction import to_text
+from boltstream.schemas.codec import codec
 from tests.producer_helpers import with_producer
 
 pytestmark = pytest.mark.benchmark
@@ -343,7 +343,7 @@ def test_autotrace_overhead_on_a_real_llm_call(vllm_server, settings: Settings) 
     assert spans >= 2 * rounds  # every traced call became a span
     # The tracer's own work without the server's noise: start + read + record on the agent's thread, with
     # the producer thread encoding the spans at the same time (both share the GIL), per call.
-    from producers import openai_patch
+    from boltstream.producers import openai_patch
 
     agl.configure(settings)
     try:
@@ -403,7 +403,7 @@ def _start_proxy(settings: Settings, upstream: str) -> tuple[subprocess.Popen, s
         "BOLTSTREAM_TOPICS__SPANS": settings.topics.spans,
     }
     process = subprocess.Popen(
-        [sys.executable, "-m", "infra.cli", "proxy", "--upstream", upstream, "--port", str(port)],
+        [sys.executable, "-m", "boltstream.infra.cli", "proxy", "--upstream", upstream, "--port", str(port)],
         env=env,
         cwd=REPO,
         stdout=subprocess.DEVNULL,

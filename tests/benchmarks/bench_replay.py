@@ -5,7 +5,7 @@ ids and 50 logprobs, half tool_call spans) in SpanBatch messages of 20, plus one
 spans and 5,000 rewards, archived by the real archive worker (chDB) and read through its read endpoint.
 Best of 2 runs each:
 
-* ``replay``: :func:`stream_processors.replay.replay` from the archive into a fresh replay topic set
+* ``replay``: :func:`boltstream.stream_processors.replay.replay` from the archive into a fresh replay topic set
   (query, re-batch, encode, produce, acknowledged);
 * ``archive read + encode``: the same selection read and re-encoded, not produced;
 * ``raw produce``: confluent-kafka producing the same encoded messages, from memory, with the replay's
@@ -25,7 +25,7 @@ import uuid
 
 import pytest
 
-from schemas.codec import codec
+from boltstream.schemas.codec import codec
 from tests.records import make_llm, make_span
 from tests.test_archive import wait_for
 
@@ -84,7 +84,7 @@ def _best(measure) -> float:
 def test_replay_throughput(settings, archive) -> None:
     from confluent_kafka import Producer
 
-    from stream_processors.replay import ArchiveSource, Selection, replay
+    from boltstream.stream_processors.replay import ArchiveSource, Selection, replay
 
     _produce(settings)
     archive.start()
@@ -110,8 +110,8 @@ def test_replay_throughput(settings, archive) -> None:
     messages = list(ArchiveSource(reader, Selection()).messages())
 
     def raw_produce(round_: int) -> float:
-        from infra.stack import ensure_topics
-        from stream_processors.replay import replay_settings
+        from boltstream.infra.common.topics import ensure_topics
+        from boltstream.stream_processors.replay import replay_settings
 
         target = replay_settings(settings, f"raw{round_}-{uuid.uuid4().hex[:6]}")
         ensure_topics(target)

@@ -24,13 +24,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from infra.config import Settings
-from infra.router import RouterProcess
-from infra.stack import ensure_topics
+from boltstream.infra.common.config import Settings
+from boltstream.infra.common.topics import ensure_topics
+from boltstream.infra.serving.router import RouterProcess
+from boltstream.infra.serving.weight_sync import WeightSync
+from boltstream.trainer.artifacts import ArtifactStore
 from tests.serving_support import PROMPT, full_artifact, lora_artifact, publish_update
 from tests.trainer_support import read_all
-from trainer.artifacts import ArtifactStore
-from trainer.weight_sync import WeightSync
 
 VERSIONS = 5
 REQUESTS = 400

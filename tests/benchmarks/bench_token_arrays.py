@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterable
 
 import pytest
 
-from schemas.codec import codec
-from schemas.token_arrays import encode_training_sample, read_span_batch
+from boltstream.schemas.codec import codec
+from boltstream.schemas.token_arrays import encode_training_sample, read_span_batch
 from tests.traffic import generate
 
 

@@ -38,7 +38,7 @@ ADAM = {"optimizer": {"type": "Adam", "params": {"lr": 1e-4, "torch_adam": True}
 
 
 def _batches(model, tokenizer) -> list[list[dict]]:
-    from trainer.tasks import arithmetic
+    from boltstream.infra.demo import arithmetic
 
     rng = random.Random(0)
     return [
@@ -54,7 +54,7 @@ def _tokens(batches) -> int:
 def _plain_step(model, optimizer, tokenizer, samples, grpo) -> None:
     import torch
 
-    from trainer.policy import pack, token_logprobs
+    from boltstream.trainer.policy import pack, token_logprobs
 
     batch = pack(samples, grpo.advantages(samples), tokenizer.pad_token_id)
     logprobs = token_logprobs(model, batch)
@@ -67,11 +67,11 @@ def _plain_step(model, optimizer, tokenizer, samples, grpo) -> None:
 
 @pytest.mark.benchmark
 def test_trainer_throughput_and_publish_latency(settings, tmp_path):
-    from schemas.codec import codec
+    from boltstream.infra.demo.model import build_tiny_model
+    from boltstream.schemas.codec import codec
+    from boltstream.trainer.loop import Trainer
+    from boltstream.trainer.policy import load_policy
     from tests.trainer_support import create_topics, produce_samples
-    from trainer.loop import Trainer
-    from trainer.policy import load_policy
-    from trainer.tiny_model import build_tiny_model
 
     create_topics(settings)
     model_path = build_tiny_model(tmp_path / "tiny", seed=0)

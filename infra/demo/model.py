@@ -14,6 +14,9 @@ and vLLM alike because it is nothing but a standard Llama checkpoint.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
 from pathlib import Path
 
 # Special tokens first so their ids are stable whatever the character set: pad=0, bos=1, eos=2, ...
@@ -120,4 +123,16 @@ def build_tiny_model(
     model.save_pretrained(path)
     # The chat template goes inside tokenizer_config.json, where every reader of HF checkpoints looks.
     tokenizer.save_pretrained(path, save_jinja_files=False)
+    return path
+
+
+def ensure_tiny_model(home: Path) -> Path:
+    """The tiny local model under ``<home>/models/tiny``, built on first use."""
+    path = home / "models" / "tiny"
+    if not (path / "config.json").exists():
+        staging = path.with_name(f".tiny-{os.getpid()}")
+        build_tiny_model(staging)
+        with contextlib.suppress(OSError):  # another process finished first: theirs is identical
+            staging.rename(path)
+        shutil.rmtree(staging, ignore_errors=True)
     return path

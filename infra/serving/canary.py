@@ -12,7 +12,7 @@ the candidate and the stable version, over the same period:
   logprobs), the stable version's logprobs of the same tokens are read back through the router
   (each token forced on its prefix, with the stable version pinned). ``mean(logp_candidate - logp_stable)`` over the
   tokens is a Monte-Carlo estimate of KL(candidate || stable) per token, and the score is ``exp(-KL)``:
-  the trainer's definition (:mod:`trainer.publish`), measured where the candidate really serves.
+  the trainer's definition (:mod:`boltstream.trainer.publish`), measured where the candidate really serves.
 
 Once the candidate has ``serve.rollout_window`` rewarded trajectories, the stable version as many, and
 ``serve.stability_tokens`` scored tokens, the candidate is **promoted** if its score exceeds
@@ -42,13 +42,14 @@ from typing import Any
 import httpx
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-from infra.config import Settings
-from schemas.codec import CodecError, codec
+from boltstream.infra.common.config import Settings
+from boltstream.infra.common.contract import PIN_VERSION_HEADER
+from boltstream.infra.common.topics import partitions_of, read_records, read_to_end, reader_config
+from boltstream.schemas.codec import CodecError, codec
 
 log = logging.getLogger("boltstream.canary")
 
 DECISION_NAMESPACE = uuid.UUID("0b7f6c1e-2a4d-4f8e-9c3b-5d6e7f8a9b0c")
-PIN_VERSION_HEADER = "X-Boltstream-Pin-Version"  # the router's (infra.router), not imported: no aiohttp here
 _TRAILING_NUMBER = re.compile(r"(\d+)$")
 
 
@@ -284,8 +285,7 @@ class RolloutWorker:
             topics.trajectories: ("Trajectory", self.analyzer.on_trajectory),
             topics.samples: ("TrainingSample", self.analyzer.on_sample),
         }
-        config = {"group.id": f"rollout-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False}
-        self.consumer = Consumer(settings.kafka.client_config(**config))
+        self.consumer = Consumer(reader_config(settings, "canary"))
         self.producer = Producer(settings.kafka.client_config(**{"acks": "all", "enable.idempotence": True}))
         self.published: list[dict[str, Any]] = []
         self._replay_decisions()
@@ -308,7 +308,13 @@ class RolloutWorker:
         return partitions
 
     def _replay_decisions(self) -> None:
-        for decision in read_to_end(self.consumer, self.settings.topics.rollout_decisions, "RolloutDecision"):
+        topic = self.settings.topics.rollout_decisions
+        for message in read_to_end(self.consumer, partitions_of(self.consumer, topic)):
+            try:
+                decision = codec("RolloutDecision").decode(message.value() or b"")
+            except CodecError as exc:  # the archive dead-letters these; here they are only skipped
+                log.warning("%s offset %s skipped: %s", topic, message.offset(), exc)
+                continue
             self.analyzer.on_decision(decision)
 
     def poll(self, timeout: float = 0.5) -> list[dict[str, Any]]:
@@ -354,36 +360,9 @@ class RolloutWorker:
         self.scorer.close()
 
 
-def read_to_end(consumer: Consumer, topic: str, record: str, timeout: float = 30.0) -> list[dict[str, Any]]:
-    """Every decodable record of ``topic`` from its beginning to its current end (the consumer is unassigned after)."""
-    metadata = consumer.list_topics(topic, timeout=10).topics[topic]
-    if metadata.error is not None:
-        raise RuntimeError(f"topic {topic}: {metadata.error}")
-    partitions = [TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(metadata.partitions)]
-    ends = {tp.partition: consumer.get_watermark_offsets(tp, timeout=10)[1] for tp in partitions}
-    consumer.assign(partitions)
-    done = {p: end == 0 for p, end in ends.items()}
-    records, deadline = [], time.monotonic() + timeout
-    while not all(done.values()) and time.monotonic() < deadline:
-        for message in consumer.consume(num_messages=500, timeout=0.2):
-            if message.error() is not None:
-                continue
-            done[message.partition()] = message.offset() + 1 >= ends[message.partition()]
-            try:
-                records.append(codec(record).decode(message.value() or b""))
-            except CodecError as exc:  # the archive dead-letters these; here they are only skipped
-                log.warning("%s offset %s skipped: %s", topic, message.offset(), exc)
-    consumer.unassign()
-    return records
-
-
 def rollout_state(settings: Settings) -> dict[str, Any]:
     """The stable version and running canary of ``trainer.model_name``, from the decisions topic (for status)."""
-    consumer = Consumer(settings.kafka.client_config(**{"group.id": f"status-{uuid.uuid4().hex[:8]}"}))
-    try:
-        decisions = read_to_end(consumer, settings.topics.rollout_decisions, "RolloutDecision", timeout=5.0)
-    finally:
-        consumer.close()
+    decisions = read_records(settings, settings.topics.rollout_decisions, "RolloutDecision", idle_timeout=5.0)
     analyzer = RolloutAnalyzer(settings, scorer=None)
     for decision in decisions:
         analyzer.on_decision(decision)

@@ -7,7 +7,7 @@ promotions instead (``follow="promotions"``): it also reads ``rollout-decisions`
 only once it is promoted, while a canary replica loads every new one. For each version to load it
 
 1. fetches the artifact into ``<serving_dir>/versions/v<version>`` and verifies it there with the
-   trainer's own check (:func:`trainer.artifacts.verify`: files present, safetensors complete, sha256
+   trainer's own check (:func:`boltstream.trainer.artifacts.verify`: files present, safetensors complete, sha256
    over the bytes about to be loaded);
 2. loads it without a restart: a LoRA adapter through ``/v1/load_lora_adapter`` under the name
    ``<model>-v<version>`` (older adapters stay loaded, so the router can split traffic between versions
@@ -35,13 +35,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Producer, TopicPartition
 
-from infra.config import Settings
-from infra.vllm_server import VllmServer, VllmServerError
-from schemas.codec import CodecError, codec
-from schemas.dead_letters import dead_letter_of
-from trainer.artifacts import Artifact, ArtifactError, fetch, verify
+from boltstream.infra.common.config import Settings
+from boltstream.infra.common.topics import read_to_end, reader_config
+from boltstream.infra.serving.vllm_server import VllmServer, VllmServerError
+from boltstream.schemas.codec import CodecError, codec
+from boltstream.schemas.dead_letters import dead_letter_of
+from boltstream.trainer.artifacts import Artifact, ArtifactError, fetch, verify
 
 log = logging.getLogger("boltstream.weight_sync")
 
@@ -110,17 +111,10 @@ class WeightSync:
         base_format = "lora" if settings.trainer.lora_rank > 0 else "full"
         self.served = served or Served(0, base_format, server.served_model_name)
         kafka = settings.kafka
+        # Partitions are assigned, not subscribed: every sidecar reads the whole topic. A control topic
+        # with a message now and then: ask often rather than wait on the broker.
         self.consumer = Consumer(
-            kafka.client_config(
-                **{
-                    # Partitions are assigned, not subscribed: every sidecar reads the whole topic.
-                    "group.id": f"{WORKER_NAME}-{self.server_id}-{uuid.uuid4().hex[:8]}",
-                    "enable.auto.commit": False,
-                    "auto.offset.reset": "earliest",
-                    # A control topic with a message now and then: ask often rather than wait on the broker.
-                    "fetch.wait.max.ms": 50,
-                }
-            )
+            reader_config(settings, f"{WORKER_NAME}-{self.server_id}", **{"fetch.wait.max.ms": 50})
         )
         self.producer = Producer(kafka.client_config(**{"acks": "all", "enable.idempotence": True}))
         self._assigned = False
@@ -150,7 +144,8 @@ class WeightSync:
         updates = []
         for message in messages:
             if message.error() is not None:
-                log.warning("%s: %s", message.topic(), message.error())
+                if message.error().code() != KafkaError._PARTITION_EOF:  # the end of a partition is no news
+                    log.warning("%s: %s", message.topic(), message.error())
                 continue
             if message.topic() == self.settings.topics.rollout_decisions:
                 try:
@@ -179,23 +174,9 @@ class WeightSync:
 
         Returns the ServedVersion record of that load, or None when there was nothing newer.
         """
-        partitions = self._assign(timeout)
-        ends = {}
-        for tp in partitions:
-            _low, high = self.consumer.get_watermark_offsets(tp, timeout=timeout)
-            ends[tp.topic, tp.partition] = high
-        newest, deadline = None, time.monotonic() + timeout
-        positions = dict.fromkeys(ends, -1)
-        while time.monotonic() < deadline:
-            messages = self.consumer.consume(num_messages=500, timeout=0.2)
-            for message in messages:
-                if message.error() is None:
-                    positions[message.topic(), message.partition()] = message.offset()
-            for update in self._loadable(messages):
-                if newest is None or update["version"] > newest["version"]:
-                    newest = update
-            if not messages and all(positions[key] + 1 >= end for key, end in ends.items()):
-                break
+        self._assign(timeout)
+        messages = list(read_to_end(self.consumer, idle_timeout=timeout))
+        newest = max(self._loadable(messages), key=lambda update: update["version"], default=None)
         if newest is None or newest["version"] <= self.served.version:
             # Say what this replica serves, so the router and the rollout know it before any load.
             self._publish(self.served.version, status="serving", fmt=self.served.format, latency_ms=0.0)

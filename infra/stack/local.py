@@ -2,13 +2,13 @@
 
 It owns the embedded broker process (Tansu), the topics of DESIGN.md on it, the worker processes of
 :data:`WORKERS` (the archive worker owns the chDB store and serves reads over loopback HTTP), and two
-files under ``<home>``: ``stack.json``, what runs where (read back by ``infra.config`` to point clients
+files under ``<home>``: ``stack.json``, what runs where (read back by the configuration loader to point clients
 at the stack), and ``stack.toml``, the settings the workers run with. Every process is detached (its
 own session, its log in ``<home>/logs``), so the stack outlives the command that started it and is
 stopped by pid.
 
 Python API: :func:`start_stack`, :func:`stop_stack`, :func:`read_state`, :func:`stack_status` and
-:func:`ensure_topics` (which other code and tests also use against any broker).
+:func:`boltstream.infra.common.topics.ensure_topics` creates the topics.
 """
 
 from __future__ import annotations
@@ -26,19 +26,19 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass, fields, is_dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from infra.broker import BrokerError, EmbeddedBroker, free_port, port_in_use
-from infra.config import ENV_PREFIX, TRACER_ENV, Settings
+from boltstream.infra.common.config import ENV_PREFIX, TRACER_ENV, Settings, settings_toml
+from boltstream.infra.common.ports import free_port, port_in_use
+from boltstream.infra.common.topics import TopicError, admin_client, ensure_topics
+from boltstream.infra.stack.broker import BrokerError, EmbeddedBroker
 
 STATE_VERSION = 1
 READ_USER = "reader"
-#: The checkout this module belongs to: workers get it on PYTHONPATH so ``-m infra.cli`` runs this code.
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 #: Tansu 0.6 answers ListOffsets(latest) with the first offset of a partition's last record batch + 1.
 TANSU_LAG_NOTE = (
     "Tansu reports a partition's end as the first offset of its last record batch + 1, "
@@ -89,12 +89,12 @@ class Worker:
 #: The workers ``boltstream up`` starts, by name; each is a ``boltstream`` command in the foreground.
 WORKERS: dict[str, Worker] = {
     "archive": Worker(
-        argv=("{python}", "-m", "infra.cli", "archive"),
+        argv=("{python}", "-m", "boltstream.infra.cli", "archive"),
         read_args=("--read-port", "{read_port}", "--read-token={read_token}"),
         ready_url="http://127.0.0.1:{read_port}/ping",
     ),
-    # The reward/trajectory join; its metrics: stream_processors.join.join_metrics_urls(settings) + join_status(url).
-    "join": Worker(argv=("{python}", "-m", "infra.cli", "join"), settle=2.0),
+    # The reward/trajectory join; its metrics: stream_processors.join.join_metrics_urls(settings), join_status(url).
+    "join": Worker(argv=("{python}", "-m", "boltstream.infra.cli", "join"), settle=2.0),
 }
 
 
@@ -214,7 +214,7 @@ def _stop_processes(records: Iterable[ProcessRecord], timeout: float) -> None:
 
 @dataclass(frozen=True)
 class StackState:
-    """What a local stack runs; persisted as ``<home>/stack.json`` (keys read by infra.config)."""
+    """What a local stack runs; persisted as ``<home>/stack.json`` (keys read by boltstream.infra.common.config)."""
 
     home: str
     started_at: str
@@ -309,101 +309,16 @@ def _worker_config_path(settings: Settings) -> Path:
     return settings.home / "stack.toml"
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str | Path):
-        # A JSON string is a TOML basic string, except that TOML also wants DEL escaped.
-        return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
-    if isinstance(value, tuple | list):
-        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{_toml_value(str(k))} = {_toml_value(v)}" for k, v in value.items()) + "}"
-    raise TypeError(f"no TOML form for {type(value).__name__}")
-
-
-def settings_toml(settings: Settings) -> str:
-    """``settings`` as a TOML file that ``load_settings`` reads back to an equal Settings."""
-    top, tables = [], []
-    for item in fields(settings):
-        value = getattr(settings, item.name)
-        if is_dataclass(value):
-            tables.append(f"\n[{item.name}]")
-            tables += [f"{f.name} = {_toml_value(getattr(value, f.name))}" for f in fields(value)]
-        else:
-            top.append(f"{item.name} = {_toml_value(value)}")
-    return "\n".join(["# Written by `boltstream up`: the settings the stack's workers run with.", *top, *tables]) + "\n"
-
-
 def _worker_environment(settings: Settings, config_path: Path) -> dict[str, str]:
     # The workers read exactly the stack's settings from the snapshot file; inherited BOLTSTREAM_*
     # variables would override it (e.g. a partition count that `up --partitions` changed).
     env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX) and k != TRACER_ENV}
-    python_path = [str(PROJECT_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
     env.update(
         BOLTSTREAM_HOME=str(settings.home),
         BOLTSTREAM_CONFIG=str(config_path),
-        PYTHONPATH=os.pathsep.join(python_path),
         PYTHONUNBUFFERED="1",  # logs show up as they are written
     )
     return env
-
-
-# -- topics ----------------------------------------------------------------------------------
-
-
-def _admin(settings: Settings):
-    from confluent_kafka.admin import AdminClient
-
-    # Short-lived admin clients: librdkafka's informational logs (idle connections Tansu closes,
-    # events purged at teardown) would only clutter the command's output; warnings still show.
-    return AdminClient(settings.kafka.client_config(**{"log.connection.close": False, "log_level": 4}))
-
-
-def ensure_topics(settings: Settings, timeout: float = 15.0) -> dict[str, int]:
-    """Create every topic of ``settings.topics`` that does not exist yet; compacted ones get
-    ``cleanup.policy=compact``. Existing topics are left as they are. Returns each topic's partition
-    count as the broker reports it."""
-    from confluent_kafka import KafkaError, KafkaException
-    from confluent_kafka.admin import NewTopic
-
-    wanted = settings.topics.all()
-    compacted = set(settings.topics.compacted())
-    admin = _admin(settings)
-    new_topics = [
-        NewTopic(
-            name,
-            num_partitions=partitions,
-            replication_factor=settings.topics.replication_factor,
-            config={"cleanup.policy": "compact"} if name in compacted else {},
-        )
-        for name, partitions in wanted.items()
-    ]
-    for name, future in admin.create_topics(new_topics, request_timeout=timeout).items():
-        try:
-            future.result()
-        except KafkaException as exc:
-            error = exc.args[0]
-            if error.code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                raise StackError(
-                    f"cannot create topic {name} on {settings.kafka.bootstrap_servers}: {error.str()}"
-                ) from None
-    deadline = time.monotonic() + timeout
-    while True:  # metadata may trail the creation by a moment
-        try:
-            metadata = admin.list_topics(timeout=max(0.1, deadline - time.monotonic()))
-        except KafkaException as exc:
-            raise StackError(f"cannot list topics on {settings.kafka.bootstrap_servers}: {exc.args[0].str()}") from None
-        present = {name: len(metadata.topics[name].partitions) for name in wanted if name in metadata.topics}
-        if len(present) == len(wanted) or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    missing = sorted(set(wanted) - set(present))
-    if missing:
-        raise StackError(f"topics {missing} do not show up on {settings.kafka.bootstrap_servers} after {timeout:.0f}s")
-    return present
 
 
 # -- start / stop ----------------------------------------------------------------------------
@@ -498,7 +413,10 @@ def start_stack(
                 kafka=replace(settings.kafka, bootstrap_servers=broker.bootstrap_servers),
                 clickhouse=replace(settings.clickhouse, read_url=read_url, read_port=read_port, read_token=token),
             )
-            topics = ensure_topics(stack_settings, timeout=min(timeout, 15.0))
+            try:
+                topics = ensure_topics(stack_settings, timeout=min(timeout, 15.0))
+            except TopicError as exc:
+                raise StackError(str(exc)) from None
             config_path = _write_private(_worker_config_path(settings), settings_toml(stack_settings))
             env = _worker_environment(stack_settings, config_path)
             for name, worker in workers.items():
@@ -572,7 +490,7 @@ def _kafka_status(settings: Settings, report: dict[str, Any], timeout: float) ->
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import ConfigResource, ResourceType
 
-    admin = _admin(settings)
+    admin = admin_client(settings)
     try:
         metadata = admin.list_topics(timeout=timeout)
     except KafkaException as exc:
@@ -633,10 +551,10 @@ def _consumer_lag(admin: Any, metadata: Any, timeout: float) -> dict[str, dict[s
 
 
 def _serving_status(settings: Settings, report: dict[str, Any], timeout: float) -> None:
-    """What each vLLM replica serves and the rollout state (infra.serve), when serving topics exist."""
+    """What each vLLM replica serves and the rollout state (serving.serve), when serving topics exist."""
     from confluent_kafka import KafkaException
 
-    from infra.serve import serving_status
+    from boltstream.infra.serving.serve import serving_status
 
     if settings.topics.served_versions not in report["topics"]:
         return

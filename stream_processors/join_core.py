@@ -2,7 +2,7 @@
 
 Nothing here talks to Kafka. :class:`JoinCore` is fed raw input messages (``on_span_batch``,
 ``on_reward``) and clock ticks (``expire``), keeps one :class:`RolloutState` per rollout in a mapping
-it is given (the Faust table's store in :mod:`stream_processors.join`), and collects what to do:
+it is given (the Faust table's store in :mod:`boltstream.stream_processors.join`), and collects what to do:
 trajectories and samples to publish, dead letters, and the states to write to the changelog.
 
 Time (all in microseconds of *event time*, carried by the records, so replays decide the same way):
@@ -49,11 +49,11 @@ from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from producers.sampling import keep_rollout
-from schemas.codec import CodecError, codec
-from schemas.dead_letters import dead_letter
-from schemas.token_arrays import AvroArray, read_span_batch
-from stream_processors.credit import CallPosition, assign_credit, check_policy
+from boltstream.infra.common.contract import keep_rollout
+from boltstream.schemas.codec import CodecError, codec
+from boltstream.schemas.dead_letters import dead_letter
+from boltstream.schemas.token_arrays import AvroArray, read_span_batch
+from boltstream.stream_processors.credit import CallPosition, assign_credit, check_policy
 
 SPANS, REWARDS = 0, 1  # which input topic a message came from
 #: One write to the changelog: (table key, partition, state), the state None for a tombstone.
@@ -354,7 +354,9 @@ class JoinCore:
         self.states = states
         self.select = AgentSelector(rules.agent_selector)
         self.trajectories: list[dict[str, Any]] = []
-        self.samples: list[dict[str, Any]] = []  # arrays as AvroArray: schemas.token_arrays.encode_training_sample
+        self.samples: list[
+            dict[str, Any]
+        ] = []  # arrays as AvroArray: boltstream.schemas.token_arrays.encode_training_sample
         self.dead_letters: list[tuple[bytes | None, dict[str, Any]]] = []
         self.dirty: dict[str, Any] = {}  # key -> state (RolloutState or PartitionClock) to write
         self.deleted: dict[str, int] = {}  # key -> partition of states dropped from ``states``

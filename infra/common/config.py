@@ -397,3 +397,34 @@ def load_settings(
     if overrides:
         settings = _apply(settings, overrides, "overrides")
     return _fill_from_stack(settings)
+
+
+# -- writing ---------------------------------------------------------------------------------
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str | Path):
+        # A JSON string is a TOML basic string, except that TOML also wants DEL escaped.
+        return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_toml_value(str(k))} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"no TOML form for {type(value).__name__}")
+
+
+def settings_toml(settings: Settings) -> str:
+    """``settings`` as a TOML file that ``load_settings`` reads back to an equal Settings."""
+    top, tables = [], []
+    for item in fields(settings):
+        value = getattr(settings, item.name)
+        if is_dataclass(value):
+            tables.append(f"\n[{item.name}]")
+            tables += [f"{f.name} = {_toml_value(getattr(value, f.name))}" for f in fields(value)]
+        else:
+            top.append(f"{item.name} = {_toml_value(value)}")
+    return "\n".join(["# Written by boltstream: the settings its worker processes run with.", *top, *tables]) + "\n"

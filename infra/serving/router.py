@@ -36,14 +36,18 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from infra.config import Settings
-from producers.llm_capture import MODEL_VERSION_HEADER, ROLLOUT_ID_HEADER, SERVER_ID_HEADER
-from schemas.codec import CodecError, codec
-from trainer.weight_sync import parse_served_name
+from boltstream.infra.common.config import Settings
+from boltstream.infra.common.contract import (
+    MODEL_VERSION_HEADER,
+    PIN_VERSION_HEADER,
+    ROLLOUT_ID_HEADER,
+    SERVER_ID_HEADER,
+)
+from boltstream.infra.serving.weight_sync import parse_served_name
+from boltstream.schemas.codec import CodecError, codec
 
 log = logging.getLogger("boltstream.router")
 
-PIN_VERSION_HEADER = "X-Boltstream-Pin-Version"
 #: Hop-by-hop and length headers the router must not copy between the two connections.
 _HOP_HEADERS = frozenset(
     {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "host", "upgrade"}

@@ -1,0 +1,2 @@
+"""The bottom layer: typed configuration, topic administration and reading, free ports, and the contract
+constants every component shares. Imports only :mod:`boltstream.schemas` and third-party libraries."""

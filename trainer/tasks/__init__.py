@@ -1,1 +1,0 @@
-"""Built-in environments with verifiable rewards, sized for the tiny local model."""
