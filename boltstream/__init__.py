@@ -17,3 +17,13 @@ the distribution exposes each of them under this name (see ``[tool.setuptools.pa
 
 Each package imports only the ones above it in this table (``tests/test_layers.py`` checks it).
 """
+
+import os as _os
+
+#: The source checkout this package runs from, or None for an installed wheel. From a checkout (an editable
+#: install, or a worktree on PYTHONPATH) the subpackages are the checkout's top-level folders.
+CHECKOUT: str | None = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if _os.path.isfile(_os.path.join(CHECKOUT, "pyproject.toml")) and _os.path.isdir(_os.path.join(CHECKOUT, "producers")):
+    __path__.append(CHECKOUT)
+else:
+    CHECKOUT = None

@@ -13,8 +13,14 @@ from pathlib import Path
 
 import pytest
 
+import boltstream
 from boltstream.infra.common.config import Settings, load_settings
 from boltstream.infra.stack.broker import EmbeddedBroker
+
+# Processes the tests start (`python -m boltstream.infra.cli ...`, the stack's workers) run the code of
+# this checkout, also when it is a worktree beside the one the editable install points at.
+if boltstream.CHECKOUT:
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [boltstream.CHECKOUT, os.environ.get("PYTHONPATH")]))
 
 
 @pytest.fixture(scope="session")

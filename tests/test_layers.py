@@ -122,7 +122,11 @@ def test_the_checker_sees_an_upward_import(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("heavy", ["torch", "vllm", "faust", "deepspeed"])
 def test_help_imports_no_heavy_library(heavy: str) -> None:
-    code = f"import sys\nfrom boltstream.infra.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\nassert {heavy!r} not in sys.modules"
+    code = (
+        "import sys\nfrom boltstream.infra.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        f"assert {heavy!r} not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, cwd=ROOT)
 
 
