@@ -19,6 +19,8 @@ Scaling: every worker is a member of the consumer group ``stream.join_group``; p
 input topics (``topics.partitions``) bound how many workers share the load. Metrics for Prometheus
 are served on ``http://127.0.0.1:<port>/metrics`` (``stream.join_metrics_port``; 0, the default, picks a
 free port); :func:`join_metrics_urls` finds the running workers' URLs and :func:`join_status` reads one.
+
+Where the worker reaches past Faust's public API, and why: :mod:`.faust_workarounds`.
 """
 
 from __future__ import annotations
@@ -31,12 +33,10 @@ import logging
 import os
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import faust
 import httpx
-from faust.serializers import codecs
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
@@ -45,12 +45,17 @@ from boltstream.infra.common.config import Settings
 from boltstream.infra.common.ports import free_port
 from boltstream.schemas.codec import codec
 from boltstream.schemas.token_arrays import encode_training_sample
+from boltstream.stream_processors.faust_workarounds import (
+    committed_offset,
+    register_value_codec,
+    shorten_fetch_wait,
+    table_value,
+)
 from boltstream.stream_processors.join_core import (
     STATUSES,
     JoinCore,
     JoinRules,
     PartitionClock,
-    RolloutState,
     dumps_state,
     loads_state,
 )
@@ -63,26 +68,7 @@ GC_YOUNG_THRESHOLD = 50_000
 LOST_INPUT_SECONDS = 3.0  # a partition with unread records that delivered nothing this long is read again
 
 
-class _StateCodec(codecs.Codec):
-    def _dumps(self, state: Any) -> bytes | None:
-        return dumps_state(state)
-
-    def _loads(self, data: bytes) -> RolloutState | PartitionClock:
-        return loads_state(data)
-
-
-codecs.register(STATE_CODEC, _StateCodec())
-
-
-class _StateValue:
-    """The table's value type as Faust sees it: it only reads the serializer from ``_options`` and
-    hands decoded values to ``from_data``; the values are already RolloutState / PartitionClock."""
-
-    _options = SimpleNamespace(serializer=STATE_CODEC)
-
-    @staticmethod
-    def from_data(data: Any, preferred_type: Any = None) -> Any:
-        return data
+register_value_codec(STATE_CODEC, dumps_state, loads_state)
 
 
 def _json_key(key: str) -> bytes:
@@ -128,7 +114,7 @@ class JoinWorker:
             web_in_thread=False,
         )
         self.table = self.app.Table(
-            "rollouts", partitions=topics.partitions, key_type=str, value_type=_StateValue, default=None
+            "rollouts", partitions=topics.partitions, key_type=str, value_type=table_value(STATE_CODEC), default=None
         )
         self._input_topics = topics.spans, topics.rewards  # in the order of the watermarks (rollouts.SPANS, REWARDS)
         self.inputs = self.app.topic(*self._input_topics, key_serializer="raw", value_serializer="raw")
@@ -184,7 +170,7 @@ class JoinWorker:
     async def _tick(self) -> None:
         if self.app.rebalancing:
             return
-        self._shorten_fetch_wait()
+        shorten_fetch_wait(self.app, FETCH_MAX_WAIT_MS)
         async with self._lock:
             await self._reread_lost_inputs()
             stream_times = {}
@@ -198,15 +184,6 @@ class JoinWorker:
                 log.exception("join failed closing due rollouts at %s", stream_times)
                 self.core.counts["internal_errors"] += 1
             await self._flush()
-
-    def _shorten_fetch_wait(self) -> None:
-        """Faust builds its aiokafka consumer with a fixed fetch_max_wait_ms of 1500, and Tansu answers an
-        empty fetch only when that wait is over, even if records arrive meanwhile: reward-to-sample latency
-        would average ~0.75 s. Neither exposes a setting, so set the fetcher's wait once it exists."""
-        consumer = getattr(getattr(self.app.consumer, "_thread", None), "_consumer", None)
-        fetcher = getattr(consumer, "_fetcher", None)
-        if fetcher is not None and getattr(fetcher, "_fetch_max_wait_ms", None) != FETCH_MAX_WAIT_MS:
-            fetcher._fetch_max_wait_ms = FETCH_MAX_WAIT_MS
 
     async def _reread_lost_inputs(self) -> None:
         """Read again from the first input offset Faust fetched but never delivered to the agent.
@@ -229,24 +206,24 @@ class JoinWorker:
                     start = self._done(topic, partition)
                     if highwater is None or start >= highwater or idle < LOST_INPUT_SECONDS:
                         continue
-                if self._reread_from.get(key) == start:
-                    continue
+                tp = faust.types.TP(topic, partition)
+                if self._reread_from.get(key) == start or tp not in consumer.assignment():
+                    continue  # read again already, or no longer ours (a rebalance began after this tick did)
                 log.warning("join: reading %s[%d] again from offset %d (fetched, never delivered)", *key, start)
                 self._reread_from[key] = start
                 self._last_delivery[key] = now
                 self._last_offset[key], self._last_generation[key] = start - 1, self.app.consumer_generation_id
                 self.core.counts["inputs_read_again"] += 1
-                await consumer.seek(faust.types.TP(topic, partition), start)
+                await consumer.seek(tp, start)
 
     def _done(self, topic: str, partition: int) -> int:
         """The first offset of ``topic[partition]`` not processed yet: after the last one delivered in the
         consumer's current generation, or the committed offset when nothing was delivered since the
-        partition became ours. (Not the fetch position: it runs ahead of processing.) Faust keeps the
-        committed offset without a public getter."""
+        partition became ours. (Not the fetch position: it runs ahead of processing.)"""
         key = topic, partition
         if key in self._last_offset and self._last_generation.get(key) == self.app.consumer_generation_id:
             return self._last_offset[key] + 1
-        return self.app.consumer._committed_offset.get(faust.types.TP(topic, partition)) or 0
+        return committed_offset(self.app, topic, partition)
 
     def _assigned_partitions(self) -> set[int]:
         spans = self.settings.topics.spans

@@ -77,7 +77,7 @@ def run_cli(home: Path, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BOLTSTREAM_")} | {"BOLTSTREAM_HOME": str(home)}
     return subprocess.run(
         [sys.executable, "-m", "boltstream.infra.cli", *args],
-        cwd=home,
+        cwd=home.parent,
         env=env,
         capture_output=True,
         text=True,

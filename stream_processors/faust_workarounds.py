@@ -1,0 +1,73 @@
+"""Every place the join worker reaches past Faust's public API (faust-streaming 0.15), what in Faust each
+one works around, and the test that shows it. Nothing else in boltstream touches Faust's internals.
+
+1. :class:`TableValue` — a table's ``value_type`` is expected to be a Faust ``Record``; Faust only reads
+   its serializer from ``_options`` and passes decoded values to ``from_data``. The join keeps its own
+   state objects (compact JSON, see ``join_core.dumps_state``), so this stand-in hands them through.
+   Shown by ``tests/test_join.py::test_sigkill_and_restart_leave_the_output_identical`` (states restored
+   from the changelog) and ``tests/test_join_core.py::test_state_survives_the_changelog_round_trip``.
+2. :func:`shorten_fetch_wait` — Faust builds its aiokafka consumer with a fixed ``fetch_max_wait_ms`` of
+   1500 and exposes no setting; the embedded broker answers an empty fetch only when that wait is over,
+   even if records arrive meanwhile, so reward → sample latency would average ~0.75 s. Shown by
+   ``tests/benchmarks/bench_join.py`` (reward → sample p99 well under 1 s).
+3. :func:`committed_offset` — Faust keeps the committed offset of a partition without a public getter;
+   the join needs it to know what it has processed when nothing was delivered since the partition became
+   its own. Shown by ``tests/test_join.py::test_sigkill_and_restart_leave_the_output_identical``.
+4. Reading inputs again (``JoinWorker._reread_lost_inputs``, public ``consumer.seek``) — Faust can
+   acknowledge fetched records it never delivers (around a reassignment, or while flow control is off;
+   relatives: faust-streaming#216, #221). Counted in ``boltstream_join_inputs_read_again``; shown by the
+   SIGKILL test above, which fails when an input is lost.
+5. Changelog writes sent straight to the producer, the partition clocks alone and last
+   (``JoinWorker._flush``) — Faust's ``send_soon`` buffer publishes one record per await (the worker's
+   bottleneck), and its recovery stops at the high watermark, which the embedded broker reports as the
+   first offset of the last record batch + 1. Shown by the SIGKILL test and
+   ``tests/test_join_crash.py`` (write order), and by ``tests/benchmarks/bench_join.py`` (throughput).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
+
+import faust
+from faust.serializers import codecs
+
+
+def register_value_codec(name: str, dumps: Callable[[Any], bytes | None], loads: Callable[[bytes], Any]) -> None:
+    """Register a Faust serializer ``name`` that stores table values with ``dumps`` / ``loads``."""
+
+    class _Codec(codecs.Codec):
+        def _dumps(self, value: Any) -> bytes | None:
+            return dumps(value)
+
+        def _loads(self, data: bytes) -> Any:
+            return loads(data)
+
+    codecs.register(name, _Codec())
+
+
+def table_value(serializer: str) -> type:
+    """A ``value_type`` for ``app.Table`` whose values are whatever the ``serializer`` codec decodes to (1.)."""
+
+    class TableValue:
+        _options = SimpleNamespace(serializer=serializer)
+
+        @staticmethod
+        def from_data(data: Any, preferred_type: Any = None) -> Any:
+            return data
+
+    return TableValue
+
+
+def shorten_fetch_wait(app: faust.App, milliseconds: int) -> None:
+    """Set the wait of the app's aiokafka fetcher once it exists (2.); a no-op before and after."""
+    consumer = getattr(getattr(app.consumer, "_thread", None), "_consumer", None)
+    fetcher = getattr(consumer, "_fetcher", None)
+    if fetcher is not None and getattr(fetcher, "_fetch_max_wait_ms", None) != milliseconds:
+        fetcher._fetch_max_wait_ms = milliseconds
+
+
+def committed_offset(app: faust.App, topic: str, partition: int) -> int:
+    """The offset Faust last committed for ``topic[partition]``, 0 if none (3.)."""
+    return app.consumer._committed_offset.get(faust.types.TP(topic, partition)) or 0
