@@ -3,7 +3,7 @@
 It owns one demo run under ``--out``: a private local stack (its own home, broker, topics and ports, so
 it never touches a stack ``boltstream up`` started), the fleet of agents, the live progress view and the
 end-of-run report (:mod:`boltstream.infra.demo.report`). The stack's processes are the ordinary
-``boltstream`` commands, started by :func:`boltstream.infra.stack.local.start_stack`:
+``boltstream`` commands, started by :func:`boltstream.infra.stack.lifecycle.start_stack`:
 
 * ``archive`` (chDB + the read endpoint), ``join`` (spans + rewards -> trajectories + samples),
 * ``train`` (GRPO on DeepSpeed, publishing weight versions to ``model-updates``),
@@ -40,7 +40,9 @@ from typing import Any
 
 from boltstream.infra.common.config import Settings
 from boltstream.infra.common.contract import AGENT_HEADER, ROLLOUT_ID_HEADER, TASK_HEADER
-from boltstream.infra.stack.local import WORKERS, StackError, Worker, start_stack, stop_stack
+from boltstream.infra.stack.errors import StackError
+from boltstream.infra.stack.lifecycle import start_stack, stop_stack
+from boltstream.infra.stack.workers import WORKERS, Worker
 
 #: The problems the demo's agents solve: a+b for digits 0..3 (16 problems, as in the trainer's learning test).
 LARGEST_DIGIT = 3
