@@ -17,9 +17,9 @@ from boltstream.infra.common.config import ConfigError, Settings, load_settings
 
 #: command -> (implementing module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "up": ("boltstream.infra.stack.local", "start the local stack: broker, topics, archive (chDB) and workers"),
-    "status": ("boltstream.infra.stack.local", "show what the local stack runs: broker, topics, tables, workers"),
-    "down": ("boltstream.infra.stack.local", "stop the local stack"),
+    "up": ("boltstream.infra.stack.commands", "start the local stack: broker, topics, archive (chDB) and workers"),
+    "status": ("boltstream.infra.stack.commands", "show what the local stack runs: broker, topics, tables, workers"),
+    "down": ("boltstream.infra.stack.commands", "stop the local stack"),
     "archive": ("boltstream.stream_processors.archive", "run the ClickHouse archive worker in the foreground"),
     "join": ("boltstream.stream_processors.join", "run a reward/trajectory join worker (Faust) in the foreground"),
     "sql": ("boltstream.stream_processors.analytics", "run a read-only SQL query against the archive"),

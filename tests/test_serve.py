@@ -14,7 +14,7 @@ from rich.console import Console
 from boltstream.infra.common.config import Settings
 from boltstream.infra.common.topics import ensure_topics
 from boltstream.infra.serving.serve import serving_status, starting_point
-from boltstream.infra.stack import local as stack
+from boltstream.infra.stack.status import print_serving
 from boltstream.schemas.codec import codec
 from tests.test_rollout import decision, served
 
@@ -71,6 +71,6 @@ def test_status_shows_each_replica_and_the_rollout(settings: Settings) -> None:
     assert (rollout["stable"], rollout["canary"], rollout["last_decision"]["action"]) == (1, 2, "start")
 
     output = io.StringIO()
-    stack._print_serving(Console(file=output, width=200), status)
+    print_serving(Console(file=output, width=200), status)
     text = output.getvalue()
     assert "stable version 1, canary version 2" in text and "failed v2" in text

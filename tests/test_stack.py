@@ -26,17 +26,12 @@ from boltstream.infra.cli import main
 from boltstream.infra.common.config import Settings, load_settings, settings_toml
 from boltstream.infra.common.ports import free_port
 from boltstream.infra.common.topics import TopicError, ensure_topics
-from boltstream.infra.stack import local as stack
-from boltstream.infra.stack.local import (
-    WORKERS,
-    StackError,
-    StackRunningError,
-    Worker,
-    read_state,
-    stack_status,
-    start_stack,
-    stop_stack,
-)
+from boltstream.infra.stack import lifecycle
+from boltstream.infra.stack.errors import StackError, StackRunningError
+from boltstream.infra.stack.lifecycle import start_stack, stop_stack
+from boltstream.infra.stack.state import read_state
+from boltstream.infra.stack.status import TANSU_LAG_NOTE, stack_status
+from boltstream.infra.stack.workers import WORKERS, Worker
 from boltstream.schemas.codec import codec
 from tests.records import make_span_batch
 
@@ -68,7 +63,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 
 @pytest.fixture
 def stand_ins(monkeypatch: pytest.MonkeyPatch) -> dict[str, Worker]:
-    monkeypatch.setattr(stack, "WORKERS", STAND_INS)
+    monkeypatch.setattr(lifecycle, "WORKERS", STAND_INS)  # where start_stack looks them up
     return STAND_INS
 
 
@@ -190,7 +185,7 @@ def test_status_json_reports_topics_workers_and_lag(home, stand_ins, capsys):
     assert report["missing_topics"] == []
     # partition 0: 5 - 2 committed; partition 1, never committed: 2 from its start
     assert report["consumer_groups"] == {"lagging": {"lag": 5, "topics": {spans: 5}}}
-    assert stack.TANSU_LAG_NOTE in report["notes"]
+    assert TANSU_LAG_NOTE in report["notes"]
 
     assert main(["status"]) == 0  # the rich rendering of the same report
     out = capsys.readouterr().out

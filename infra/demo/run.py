@@ -21,7 +21,8 @@ from boltstream.infra.common.config import Settings
 from boltstream.infra.demo.fleet import Agents
 from boltstream.infra.demo.live import Watch, progress_table, reward_per_version
 from boltstream.infra.demo.stack import demo_settings, demo_workers, prepare_model
-from boltstream.infra.stack.local import StackError, start_stack, stop_stack
+from boltstream.infra.stack.errors import StackError
+from boltstream.infra.stack.lifecycle import start_stack, stop_stack
 
 
 class DemoError(RuntimeError):

@@ -2,7 +2,7 @@
 
 The stack runs under ``--out/home`` with its own broker, topics and ports, so it never touches a stack
 ``boltstream up`` started. Its processes are the ordinary ``boltstream`` commands, started by
-:func:`boltstream.infra.stack.local.start_stack`:
+:func:`boltstream.infra.stack.lifecycle.start_stack`:
 
 * ``archive`` (chDB + the read endpoint), ``join`` (spans + rewards -> trajectories + samples),
 * ``train`` (GRPO on DeepSpeed, publishing weight versions to ``model-updates``),
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from boltstream.infra.common.config import Settings
 from boltstream.infra.demo.fleet import LARGEST_DIGIT
-from boltstream.infra.stack.local import WORKERS, Worker
+from boltstream.infra.stack.workers import WORKERS, Worker
 
 #: Supervised warm-start steps that teach the tiny model the answer format before RL takes over.
 WARM_START_STEPS = 20

@@ -1,0 +1,20 @@
+"""What goes wrong with the local stack: :class:`StackError`, and :class:`StackRunningError` when one already runs."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from boltstream.infra.stack.state import StackState
+
+
+class StackError(RuntimeError):
+    """The local stack could not be started, reached or stopped; the message says why."""
+
+
+class StackRunningError(StackError):
+    """A stack already runs under this home; ``state`` is what it runs."""
+
+    def __init__(self, state: StackState):
+        super().__init__(f"the local stack is already running: {state.describe()}")
+        self.state = state

@@ -1,0 +1,127 @@
+"""What a local stack is recorded as under ``<home>``, and the lock that lets one ``up`` or ``down`` run at a time.
+
+Three files: ``stack.json``, the :class:`StackState` (what runs where; the configuration loader reads it
+to point clients at the stack), ``stack.toml``, the settings the workers run with, and ``stack.lock``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from boltstream.infra.common.config import Settings, settings_toml
+from boltstream.infra.stack.errors import StackError
+from boltstream.infra.stack.processes import ProcessRecord
+
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class StackState:
+    """What a local stack runs; persisted as ``<home>/stack.json`` (keys read by boltstream.infra.common.config)."""
+
+    home: str
+    started_at: str
+    bootstrap_servers: str
+    broker_port: int
+    broker: ProcessRecord
+    workers: dict[str, ProcessRecord]
+    topics: dict[str, int]
+    #: ``http://reader:TOKEN@127.0.0.1:PORT`` when a worker serves reads, else "".
+    clickhouse_read_url: str
+    read_port: int
+    #: The embedded chDB data directory; "" when the archive writes to a ClickHouse server.
+    data_dir: str
+
+    def processes(self) -> dict[str, ProcessRecord]:
+        return {"broker": self.broker, **self.workers}
+
+    def alive(self) -> dict[str, bool]:
+        return {name: record.alive() for name, record in self.processes().items()}
+
+    def running(self) -> bool:
+        """Whether any of its processes still runs (a stack with only dead processes is stale)."""
+        return any(self.alive().values())
+
+    def describe(self, show_dead: bool = True) -> str:
+        """``broker 127.0.0.1:PORT (pid N), archive (pid M)``, marking exited processes."""
+        alive = self.alive() if show_dead else dict.fromkeys(self.processes(), True)
+        parts = [f"broker {self.bootstrap_servers} (pid {self.broker.pid}{'' if alive['broker'] else ', dead'})"]
+        parts += [f"{n} (pid {r.pid}{'' if alive[n] else ', dead'})" for n, r in self.workers.items()]
+        return ", ".join(parts)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> StackState:
+        def record(values: dict[str, Any]) -> ProcessRecord:
+            return ProcessRecord(**{**values, "argv": tuple(values["argv"])})
+
+        values = dict(data)
+        if values.pop("version", None) != STATE_VERSION:
+            raise ValueError(f"state version {data.get('version')!r}, expected {STATE_VERSION}")
+        values["broker"] = record(values["broker"])
+        values["workers"] = {name: record(r) for name, r in values["workers"].items()}
+        return cls(**values)
+
+
+def read_state(settings: Settings) -> StackState | None:
+    """The stack recorded under ``settings.home``, or None if none was started (running or not)."""
+    path = settings.state_file
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    try:
+        return StackState.from_json(json.loads(text))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise StackError(
+            f"{path} is not a readable stack state file ({exc}); stop any leftover processes and remove it"
+        ) from None
+
+
+def write_state(settings: Settings, state: StackState) -> None:
+    """Record ``state`` as ``<home>/stack.json``."""
+    _write_private(settings.state_file, json.dumps(state.to_json(), indent=2) + "\n")
+
+
+def write_worker_settings(settings: Settings, worker_settings: Settings) -> Path:
+    """Write ``worker_settings`` as ``<home>/stack.toml`` for the workers to load; return its path."""
+    return _write_private(_worker_settings_file(settings), settings_toml(worker_settings))
+
+
+def forget(settings: Settings) -> None:
+    """Remove the stack's state file and worker settings: no stack is recorded under this home any more."""
+    for path in (settings.state_file, _worker_settings_file(settings)):
+        path.unlink(missing_ok=True)
+
+
+def _worker_settings_file(settings: Settings) -> Path:
+    return settings.home / "stack.toml"
+
+
+def _write_private(path: Path, text: str) -> Path:
+    """Write ``text`` atomically, readable by the owner only (the file may hold tokens)."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        os.fchmod(handle.fileno(), 0o600)
+        handle.write(text)
+    os.replace(temporary, path)
+    return path
+
+
+@contextlib.contextmanager
+def locked(settings: Settings) -> Iterator[None]:
+    """One ``up`` or ``down`` at a time per home."""
+    settings.home.mkdir(parents=True, exist_ok=True)
+    with (settings.home / "stack.lock").open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield

@@ -1,0 +1,250 @@
+"""What the local stack runs, gathered as plain data (:func:`stack_status`, ``status --json``) and printed
+as tables (:func:`print_status`): its processes, the broker's topics and consumer lag, the archive's tables
+and what the serving replicas serve."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from boltstream.infra.common.config import Settings
+from boltstream.infra.common.topics import admin_client
+from boltstream.infra.stack.state import read_state
+
+#: Tansu 0.6 answers ListOffsets(latest) with the first offset of a partition's last record batch + 1.
+TANSU_LAG_NOTE = (
+    "Tansu reports a partition's end as the first offset of its last record batch + 1, "
+    "so lag can read up to one producer batch low"
+)
+
+
+def redacted(url: str) -> str:
+    """``url`` with its password shown as ``***`` (the read URL holds the endpoint's token)."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{parts.hostname}:{parts.port}"))
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _reachable(bootstrap_servers: str, timeout: float) -> bool:
+    host, _, port = bootstrap_servers.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def _kafka_status(settings: Settings, report: dict[str, Any], timeout: float) -> None:
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import ConfigResource, ResourceType
+
+    admin = admin_client(settings)
+    try:
+        metadata = admin.list_topics(timeout=timeout)
+    except KafkaException as exc:
+        report["notes"].append(f"broker does not answer metadata requests: {exc.args[0].str()}")
+        return
+    report["broker"]["reachable"] = True
+    names = sorted(name for name in metadata.topics if not name.startswith("__"))
+    topics = {name: {"partitions": len(metadata.topics[name].partitions), "compacted": False} for name in names}
+    report["topics"] = topics
+    report["missing_topics"] = sorted(set(settings.topics.all()) - set(topics))
+    try:
+        resources = [ConfigResource(ResourceType.TOPIC, name) for name in names]
+        configs = admin.describe_configs(resources, request_timeout=timeout) if resources else {}
+        for resource, future in configs.items():
+            policy = future.result().get("cleanup.policy")
+            topics[resource.name]["compacted"] = policy is not None and "compact" in (policy.value or "")
+    except KafkaException as exc:
+        report["notes"].append(f"topic configs unavailable: {exc.args[0].str()}")
+
+    try:
+        report["consumer_groups"] = _consumer_lag(admin, metadata, timeout)
+    except KafkaException as exc:
+        report["notes"].append(f"consumer group lag unavailable: {exc.args[0].str()}")
+        return
+    if any(group["lag"] is not None for group in report["consumer_groups"].values()):
+        report["notes"].append(TANSU_LAG_NOTE)
+
+
+def _consumer_lag(admin: Any, metadata: Any, timeout: float) -> dict[str, dict[str, Any]]:
+    """Per group: messages not yet committed, per topic it committed on (every partition counts;
+    one never committed counts from its start). ``lag`` is None while a group has no commits."""
+    from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
+    from confluent_kafka.admin import OffsetSpec
+
+    groups = sorted(g.group_id for g in admin.list_consumer_groups(request_timeout=timeout).result().valid)
+    committed: dict[str, dict[tuple[str, int], int]] = {}
+    for group in groups:  # the admin API takes one group per request
+        request = [ConsumerGroupTopicPartitions(group)]
+        offsets = admin.list_consumer_group_offsets(request, request_timeout=timeout)[group].result()
+        committed[group] = {(tp.topic, tp.partition): tp.offset for tp in offsets.topic_partitions if tp.offset >= 0}
+    topics = {topic for offsets in committed.values() for topic, _ in offsets if topic in metadata.topics}
+    partitions = [TopicPartition(topic, p) for topic in sorted(topics) for p in metadata.topics[topic].partitions]
+    bounds: dict[str, dict[tuple[str, int], int]] = {"start": {}, "end": {}}
+    for bound, spec in (("start", OffsetSpec.earliest()), ("end", OffsetSpec.latest())):
+        if partitions:
+            for tp, future in admin.list_offsets({tp: spec for tp in partitions}, request_timeout=timeout).items():
+                bounds[bound][(tp.topic, tp.partition)] = future.result().offset
+    lag: dict[str, dict[str, Any]] = {}
+    for group, offsets in committed.items():
+        per_topic: dict[str, int] = {}
+        for topic in sorted({topic for topic, _ in offsets if topic in topics}):
+            per_topic[topic] = sum(
+                max(0, bounds["end"][(topic, p)] - offsets.get((topic, p), bounds["start"][(topic, p)]))
+                for p in metadata.topics[topic].partitions
+            )
+        lag[group] = {"lag": sum(per_topic.values()) if per_topic else None, "topics": per_topic}
+    return lag
+
+
+def _serving_status(settings: Settings, report: dict[str, Any], timeout: float) -> None:
+    """What each vLLM replica serves and the rollout state (serving.serve), when serving topics exist."""
+    from confluent_kafka import KafkaException
+
+    from boltstream.infra.serving.serve import serving_status
+
+    if settings.topics.served_versions not in report["topics"]:
+        return
+    try:
+        report["serving"] = serving_status(settings, timeout)
+    except (KafkaException, RuntimeError) as exc:
+        report["notes"].append(f"serving status unavailable: {_one_line(exc)}")
+
+
+def _table_status(settings: Settings, read_url: str, report: dict[str, Any], timeout: float) -> None:
+    import clickhouse_connect
+
+    try:
+        client = clickhouse_connect.get_client(dsn=read_url, connect_timeout=timeout, send_receive_timeout=timeout)
+        try:
+            # Tables that store rows (not views, Null ingest tables): their counts are metadata, cheap at any size.
+            result = client.query(
+                "SELECT name, engine, total_rows FROM system.tables"
+                " WHERE database = %(db)s AND has_own_data ORDER BY name",
+                parameters={"db": settings.clickhouse.database},
+            )
+        finally:
+            client.close()
+    except Exception as exc:  # any failure of the read endpoint is reported, not raised
+        report["notes"].append(f"ClickHouse tables unavailable at {redacted(read_url)}: {_one_line(exc)}")
+        return
+    report["tables"] = {name: {"engine": engine, "rows": rows} for name, engine, rows in result.result_rows}
+
+
+def stack_status(settings: Settings, timeout: float = 3.0) -> dict[str, Any]:
+    """What the local stack under ``settings.home`` runs, as plain JSON-able data (``status --json``)."""
+    state = read_state(settings)
+    report: dict[str, Any] = {"running": False, "state_file": str(settings.state_file), "notes": []}
+    if state is None:
+        report["notes"].append("no stack was started under this home (`boltstream up` starts one)")
+        return report
+    alive = state.alive()
+    report.update(
+        running=any(alive.values()),
+        home=state.home,
+        started_at=state.started_at,
+        data_dir=state.data_dir,
+        bootstrap_servers=state.bootstrap_servers,
+        clickhouse_read_url=redacted(state.clickhouse_read_url),
+        broker={"pid": state.broker.pid, "alive": alive["broker"], "reachable": False, "log": state.broker.log},
+        workers={n: {"pid": r.pid, "alive": alive[n], "log": r.log} for n, r in state.workers.items()},
+        topics={},
+        missing_topics=[],
+        tables=None,
+        consumer_groups=None,
+    )
+    if not report["running"]:
+        report["notes"].append("stale state file: every process of the stack has exited")
+        return report
+    if alive["broker"] and _reachable(state.bootstrap_servers, timeout):
+        stack_kafka = replace(settings.kafka, bootstrap_servers=state.bootstrap_servers)
+        _kafka_status(replace(settings, kafka=stack_kafka), report, timeout)
+        if report["broker"]["reachable"]:
+            _serving_status(replace(settings, kafka=stack_kafka), report, timeout)
+    else:
+        report["notes"].append(f"broker at {state.bootstrap_servers} is not reachable")
+    if state.clickhouse_read_url:
+        _table_status(settings, state.clickhouse_read_url, report, timeout)
+    return report
+
+
+def print_status(report: dict[str, Any]) -> None:
+    """Print a :func:`stack_status` report as tables, then its notes."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if "broker" not in report:
+        console.print("[bold]nothing running[/bold]")
+    else:
+        state = "[green]running[/green]" if report["running"] else "[red]not running[/red]"
+        console.print(f"[bold]boltstream stack[/bold] {state} since {report['started_at']}")
+        console.print(f"home {report['home']} (logs in {Path(report['broker']['log']).parent})")
+        processes = Table("process", "pid", "state", title="processes", title_justify="left")
+        broker = report["broker"]
+        reach = ", reachable" if broker["reachable"] else ", unreachable" if broker["alive"] else ""
+        processes.add_row(f"broker {report['bootstrap_servers']}", str(broker["pid"]), _alive(broker["alive"]) + reach)
+        for name, worker in report["workers"].items():
+            processes.add_row(name, str(worker["pid"]), _alive(worker["alive"]))
+        console.print(processes)
+        if report["topics"]:
+            topics = Table("topic", "partitions", "compacted", title="topics", title_justify="left")
+            for name, topic in report["topics"].items():
+                topics.add_row(name, str(topic["partitions"]), "yes" if topic["compacted"] else "")
+            for name in report["missing_topics"]:
+                topics.add_row(name, "[red]missing[/red]", "")
+            console.print(topics)
+        if report["tables"] is not None:
+            tables = Table("table", "engine", "rows", title=f"ClickHouse {report['data_dir']}", title_justify="left")
+            for name, table in report["tables"].items():
+                tables.add_row(name, table["engine"], "" if table["rows"] is None else f"{table['rows']:,}")
+            console.print(tables)
+        if report.get("serving"):
+            print_serving(console, report["serving"])
+        if report["consumer_groups"]:
+            groups = Table("consumer group", "topic", "lag", title="consumer groups", title_justify="left")
+            for group, info in report["consumer_groups"].items():
+                for topic, lag in info["topics"].items():
+                    groups.add_row(group, topic, f"{lag:,}")
+                if not info["topics"]:
+                    groups.add_row(group, "", "[dim]nothing committed yet[/dim]")
+            console.print(groups)
+    for note in report["notes"]:
+        console.print(f"[dim]note: {note}[/dim]")
+
+
+def print_serving(console: Any, serving: dict[str, Any]) -> None:
+    """Print what each replica serves and the rollout state (:func:`boltstream.infra.serving.serve.serving_status`)."""
+    from rich.table import Table
+
+    rollout = serving["rollout"]
+    canary = f", canary version {rollout['canary']}" if rollout["canary"] is not None else ""
+    title = f"serving {rollout['model']}: stable version {rollout['stable']}{canary}"
+    replicas = Table("replica", "version", "format", "served name", "last load", title=title, title_justify="left")
+    for server_id, replica in serving["replicas"].items():
+        last = (
+            replica["status"]
+            if replica["status"] == "serving"
+            else f"[red]failed v{replica['attempted_version']}[/red]"
+        )
+        replicas.add_row(server_id, str(replica["version"]), replica["format"], replica["served_name"], last)
+    console.print(replicas)
+    if rollout["last_decision"]:
+        decision = rollout["last_decision"]
+        console.print(
+            f"last decision: {decision['action']} version {decision['candidate_version']}: {decision['reason']}"
+        )
+
+
+def _alive(alive: bool) -> str:
+    return "[green]alive[/green]" if alive else "[red]dead[/red]"
