@@ -63,8 +63,8 @@ class TopicConfig:
     model_updates: str = "boltstream.model-updates.v1"
     prompt_updates: str = "boltstream.prompt-updates.v1"
     served_versions: str = "boltstream.served-versions.v1"
-    #: Progressive-rollout decisions (start, promote, rollback), keyed by model; every one is kept.
-    rollout_decisions: str = "boltstream.rollout-decisions.v1"
+    #: Canary decisions (start, promote, rollback of a candidate version), keyed by model; every one is kept.
+    canary_decisions: str = "boltstream.canary-decisions.v1"
     #: Partitions of the keyed event topics (spans, rewards, trajectories, samples, dlq). They bound
     #: how many workers of one consumer group share the load; spans and rewards must be equal
     #: (co-partitioned for the join).
@@ -79,7 +79,7 @@ class TopicConfig:
 
     def all(self) -> dict[str, int]:
         """Every topic with its partition count."""
-        event = (self.spans, self.rewards, self.trajectories, self.samples, self.dlq, self.rollout_decisions)
+        event = (self.spans, self.rewards, self.trajectories, self.samples, self.dlq, self.canary_decisions)
         return {**{t: self.partitions for t in event}, **{t: self.control_partitions for t in self.compacted()}}
 
 
@@ -251,7 +251,7 @@ class ServeConfig:
     #: The candidate's mean reward may be at most this much below the stable version's to be promoted.
     reward_margin: float = 0.05
     #: Rewarded trajectories of the candidate (and of the stable version) needed before a decision.
-    rollout_window: int = 50
+    canary_window: int = 50
     #: Sampled tokens of the candidate scored against the stable version before a decision
     #: (policy_stability_score = exp(-KL) over them).
     stability_tokens: int = 200

