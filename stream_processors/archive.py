@@ -283,7 +283,7 @@ def topic_tables(settings: Settings) -> dict[str, Table]:
         topics.trajectories: Table("Trajectory", "trajectories"),
         topics.samples: Table("TrainingSample", "samples"),
         topics.dlq: Table("DeadLetter", "dead_letters"),
-        topics.rollout_decisions: Table("RolloutDecision", "rollout_decisions"),
+        topics.canary_decisions: Table("CanaryDecision", "canary_decisions"),
     }
 
 

@@ -58,7 +58,7 @@ def settings(broker: EmbeddedBroker, tmp_path: Path) -> Settings:
             "model_updates",
             "prompt_updates",
             "served_versions",
-            "rollout_decisions",
+            "canary_decisions",
         )
     }
     return load_settings(
@@ -152,7 +152,7 @@ def archive(settings: Settings, tmp_path: Path) -> Iterator[ArchiveProcess]:
         "BOLTSTREAM_CLICKHOUSE__ARCHIVE_GROUP": f"archive-{uuid.uuid4().hex[:8]}",
         **{
             f"BOLTSTREAM_TOPICS__{name.upper()}": getattr(topics, name)
-            for name in ("spans", "rewards", "trajectories", "samples", "dlq", "rollout_decisions")
+            for name in ("spans", "rewards", "trajectories", "samples", "dlq", "canary_decisions")
         },
     }
     process = ArchiveProcess(settings, env, tmp_path / "archive.log")

@@ -130,10 +130,10 @@ def test_kubernetes_objects_fit_together() -> None:
     for name, service in kinds("Service").items():
         selector = service["spec"]["selector"].items()
         assert any(selector <= d["spec"]["template"]["metadata"]["labels"].items() for d in deployments.values()), name
-    # One rollout analyzer per model: every serving Deployment but one runs with --no-rollout.
+    # One canary analyzer per model: every serving Deployment but one runs with --no-canary.
     commands = {name: d["spec"]["template"]["spec"]["containers"][0]["command"] for name, d in deployments.items()}
     serving = [name for name, command in commands.items() if command[1] == "serve"]
-    analyzers = [name for name in serving if "--no-rollout" not in commands[name]]
+    analyzers = [name for name in serving if "--no-canary" not in commands[name]]
     assert len(analyzers) == 1 and deployments[analyzers[0]]["spec"]["replicas"] == 1
 
 

@@ -137,7 +137,7 @@ def recorded(broker, tmp_path_factory) -> Iterator[dict[str, Any]]:
         "BOLTSTREAM_KAFKA__SESSION_TIMEOUT_MS": "2000",
         "BOLTSTREAM_CLICKHOUSE__ARCHIVE_GROUP": f"archive-{suffix}",
         **{f"BOLTSTREAM_TOPICS__{n.upper()}": getattr(topics, n) for n in ("spans", "rewards", "trajectories")},
-        **{f"BOLTSTREAM_TOPICS__{n.upper()}": getattr(topics, n) for n in ("samples", "dlq", "rollout_decisions")},
+        **{f"BOLTSTREAM_TOPICS__{n.upper()}": getattr(topics, n) for n in ("samples", "dlq", "canary_decisions")},
     }
     archive = ArchiveProcess(settings, env, home / "archive.log").start()
     try:

@@ -41,7 +41,7 @@ TOOL_CALLS = [
     ("web-agent", "search", "error"),
 ]
 SAMPLE_VERSIONS = ["v1", "v1", "v1", "v2"]
-NEWEST_ROLLED_OUT = 4  # a RolloutDecision for candidate version 4 of model "tiny-policy"
+NEWEST_CANDIDATE = 4  # a CanaryDecision for candidate version 4 of model "tiny-policy"
 
 
 def trajectory(rollout: str, agent: str, status: str, reward: float | None, versions: list[str], seconds: int):
@@ -95,7 +95,7 @@ def decision() -> dict[str, Any]:
         "decision_id": "d-1",
         "model": "tiny-policy",
         "action": "start",
-        "candidate_version": NEWEST_ROLLED_OUT,
+        "candidate_version": NEWEST_CANDIDATE,
         "stable_version": 2,
         "reason": "published",
         "candidate_reward": None,
@@ -116,7 +116,7 @@ def reader(broker, tmp_path_factory) -> Iterator[tuple[Any, str]]:
     """A running archive holding the known data above; yields a read client and the read URL."""
     home = tmp_path_factory.mktemp("reports")
     suffix = uuid.uuid4().hex[:8]
-    names = ("spans", "rewards", "trajectories", "samples", "dlq", "rollout_decisions")
+    names = ("spans", "rewards", "trajectories", "samples", "dlq", "canary_decisions")
     settings = load_settings(
         environ={"BOLTSTREAM_HOME": str(home)},
         kafka={"bootstrap_servers": broker.bootstrap_servers},
@@ -142,7 +142,7 @@ def reader(broker, tmp_path_factory) -> Iterator[tuple[Any, str]]:
         send(topics.spans, "SpanBatch", batch, span["rollout_id"])
     for index, version in enumerate(SAMPLE_VERSIONS):
         send(topics.samples, "TrainingSample", sample(index, version), "task-1")
-    send(topics.rollout_decisions, "RolloutDecision", decision(), "tiny-policy")
+    send(topics.canary_decisions, "CanaryDecision", decision(), "tiny-policy")
     assert producer.flush(10) == 0
 
     env = {
@@ -159,7 +159,7 @@ def reader(broker, tmp_path_factory) -> Iterator[tuple[Any, str]]:
         wait_for(lambda: client.command("SELECT count() FROM spans") == len(spans), 60, "the spans")
         wait_for(lambda: client.command("SELECT count() FROM trajectories") == len(TRAJECTORIES), 30, "trajectories")
         wait_for(lambda: client.command("SELECT count() FROM samples") == len(SAMPLE_VERSIONS), 30, "samples")
-        wait_for(lambda: client.command("SELECT count() FROM rollout_decisions") == 1, 30, "the decision")
+        wait_for(lambda: client.command("SELECT count() FROM canary_decisions") == 1, 30, "the decision")
         yield client, archive.read_url
     finally:
         archive.stop()
@@ -224,8 +224,8 @@ def test_slowest_rollouts(reader) -> None:
 def test_sample_staleness(reader) -> None:
     client, _ = reader
     assert rows(client, "sample_staleness") == [
-        ("tiny-policy", "v1", 1, NEWEST_ROLLED_OUT, NEWEST_ROLLED_OUT - 1, 3),
-        ("tiny-policy", "v2", 2, NEWEST_ROLLED_OUT, NEWEST_ROLLED_OUT - 2, 1),
+        ("tiny-policy", "v1", 1, NEWEST_CANDIDATE, NEWEST_CANDIDATE - 1, 3),
+        ("tiny-policy", "v2", 2, NEWEST_CANDIDATE, NEWEST_CANDIDATE - 2, 1),
     ]
 
 

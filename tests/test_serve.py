@@ -1,5 +1,5 @@
 """``boltstream serve`` pieces that need no vLLM engine: where a replica starts from, and what ``status`` shows
-(served version per replica and the rollout state, read back from the real broker)."""
+(served version per replica and the canary state, read back from the real broker)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from boltstream.infra.common.topics import ensure_topics
 from boltstream.infra.serving.serve import serving_status, starting_point
 from boltstream.infra.stack.status import print_serving
 from boltstream.schemas.codec import codec
-from tests.test_rollout import decision, served
+from tests.test_canary import decision, served
 
 
 def test_replica_starts_from_the_base_then_from_the_last_full_version(tmp_path: Path) -> None:
@@ -42,7 +42,7 @@ def _link(path: Path, target: Path) -> Path:
     return path
 
 
-def test_status_shows_each_replica_and_the_rollout(settings: Settings) -> None:
+def test_status_shows_each_replica_and_the_canary(settings: Settings) -> None:
     ensure_topics(settings)
     producer = Producer(settings.kafka.client_config(**{"acks": "all"}))
     records = [
@@ -54,9 +54,9 @@ def test_status_shows_each_replica_and_the_rollout(settings: Settings) -> None:
             "server_id",
             {**served("b", 1), "attempted_version": 2, "status": "failed", "error": "sha256"},
         ),
-        ("RolloutDecision", settings.topics.rollout_decisions, "model", decision("start", 1, 0)),
-        ("RolloutDecision", settings.topics.rollout_decisions, "model", decision("promote", 1, 0)),
-        ("RolloutDecision", settings.topics.rollout_decisions, "model", decision("start", 2, 1)),
+        ("CanaryDecision", settings.topics.canary_decisions, "model", decision("start", 1, 0)),
+        ("CanaryDecision", settings.topics.canary_decisions, "model", decision("promote", 1, 0)),
+        ("CanaryDecision", settings.topics.canary_decisions, "model", decision("start", 2, 1)),
     ]
     for record_type, topic, key, record in records:
         producer.produce(topic, key=record[key].encode(), value=codec(record_type).encode(record))
@@ -67,8 +67,8 @@ def test_status_shows_each_replica_and_the_rollout(settings: Settings) -> None:
     replicas = status["replicas"]
     assert {s: (r["version"], r["status"]) for s, r in replicas.items()} == {"a": (1, "serving"), "b": (1, "failed")}
     assert replicas["b"]["attempted_version"] == 2 and replicas["b"]["error"] == "sha256"
-    rollout = status["rollout"]
-    assert (rollout["stable"], rollout["canary"], rollout["last_decision"]["action"]) == (1, 2, "start")
+    canary = status["canary"]
+    assert (canary["stable"], canary["canary"], canary["last_decision"]["action"]) == (1, 2, "start")
 
     output = io.StringIO()
     print_serving(Console(file=output, width=200), status)

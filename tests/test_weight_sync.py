@@ -236,7 +236,7 @@ def test_undecodable_update_is_dead_lettered_and_the_next_one_loads(
 def test_stable_replica_loads_a_version_only_once_it_is_promoted(
     settings: Settings, vllm_server, store: ArtifactStore, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    from tests.test_rollout import decision, produce
+    from tests.test_canary import decision, produce
 
     ensure_topics(settings)
     stable = WeightSync(
@@ -249,9 +249,9 @@ def test_stable_replica_loads_a_version_only_once_it_is_promoted(
         assert stable.catch_up() is None  # published, not promoted: it only says what it serves
         [start] = read_all(settings, settings.topics.served_versions, "ServedVersion", expect=1)
         assert (start["server_id"], start["version"], start["status"]) == ("stable-a", 0, "serving")
-        produce(settings, settings.topics.rollout_decisions, "RolloutDecision", [decision("start", 301, 0)], "model")
+        produce(settings, settings.topics.canary_decisions, "CanaryDecision", [decision("start", 301, 0)], "model")
         assert [stable.poll(0.5) for _ in range(4)] == [[]] * 4 and stable.served.version == 0
-        produce(settings, settings.topics.rollout_decisions, "RolloutDecision", [decision("promote", 301, 0)], "model")
+        produce(settings, settings.topics.canary_decisions, "CanaryDecision", [decision("promote", 301, 0)], "model")
         report = poll_until_result(stable)
         assert (report["status"], report["version"], report["served_name"]) == ("serving", 301, "tiny-v301")
     finally:

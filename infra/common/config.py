@@ -63,8 +63,8 @@ class TopicConfig:
     model_updates: str = "boltstream.model-updates.v1"
     prompt_updates: str = "boltstream.prompt-updates.v1"
     served_versions: str = "boltstream.served-versions.v1"
-    #: Progressive-rollout decisions (start, promote, rollback), keyed by model; every one is kept.
-    rollout_decisions: str = "boltstream.rollout-decisions.v1"
+    #: Canary decisions (start, promote, rollback of a candidate version), keyed by model; every one is kept.
+    canary_decisions: str = "boltstream.canary-decisions.v1"
     #: Partitions of the keyed event topics (spans, rewards, trajectories, samples, dlq). They bound
     #: how many workers of one consumer group share the load; spans and rewards must be equal
     #: (co-partitioned for the join).
@@ -79,7 +79,7 @@ class TopicConfig:
 
     def all(self) -> dict[str, int]:
         """Every topic with its partition count."""
-        event = (self.spans, self.rewards, self.trajectories, self.samples, self.dlq, self.rollout_decisions)
+        event = (self.spans, self.rewards, self.trajectories, self.samples, self.dlq, self.canary_decisions)
         return {**{t: self.partitions for t in event}, **{t: self.control_partitions for t in self.compacted()}}
 
 
@@ -135,7 +135,7 @@ class ProducerConfig:
     delivery_timeout: float = 5.0
     #: Spans held in memory at most while the sender catches up; past it new spans are dropped and counted.
     max_pending_spans: int = 1_000_000
-    #: An implicit rollout (spans emitted outside ``producers.rollout``) ends after this many idle seconds.
+    #: An implicit rollout (spans emitted outside ``agl.rollout``) ends after this many idle seconds.
     implicit_rollout_idle: float = 10.0
 
 
@@ -242,16 +242,16 @@ class TrainerConfig:
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """Serving: weight sync and progressive rollout."""
+    """Serving: weight sync and canary deployments."""
 
     #: A candidate version counts as stable for promotion when its policy_stability_score exceeds this.
     promotion_stability: float = 0.8
-    #: Share of traffic sent to the newest version during a progressive rollout.
+    #: Share of traffic sent to the newest version while it runs as a canary.
     canary_share: float = 0.05
     #: The candidate's mean reward may be at most this much below the stable version's to be promoted.
     reward_margin: float = 0.05
     #: Rewarded trajectories of the candidate (and of the stable version) needed before a decision.
-    rollout_window: int = 50
+    canary_window: int = 50
     #: Sampled tokens of the candidate scored against the stable version before a decision
     #: (policy_stability_score = exp(-KL) over them).
     stability_tokens: int = 200
@@ -264,7 +264,7 @@ class ServeConfig:
     vllm_port: int = 8000
     #: Port of the router (the OpenAI-compatible endpoint agents call) ``boltstream serve`` starts.
     router_port: int = 8400
-    #: Where the rollout analyzer reaches the router to score the canary's tokens under the stable
+    #: Where the canary analyzer reaches the router to score the canary's tokens under the stable
     #: version; empty = ``http://127.0.0.1:<router_port>``.
     router_url: str = ""
 

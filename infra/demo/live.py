@@ -1,7 +1,7 @@
 """The demo's live view: what it follows while the loop runs, and the rich table that shows it.
 
 :class:`Watch` follows the versions published, served and decided on (model-updates, served-versions,
-rollout-decisions), the trainer's ledger and the join's counters; its timeline of versions goes into the report.
+canary-decisions), the trainer's ledger and the join's counters; its timeline of versions goes into the report.
 :func:`progress_table` draws them with the fleet's counters and the archive's mean reward per version.
 """
 
@@ -17,7 +17,7 @@ from boltstream.infra.demo.fleet import Agents
 
 
 class Watch:
-    """Follows model-updates, served-versions and rollout-decisions, the trainer's ledger and the join."""
+    """Follows model-updates, served-versions and canary-decisions, the trainer's ledger and the join."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -71,7 +71,7 @@ class Watch:
         records = {
             topics.model_updates: codec("ModelUpdate"),
             topics.served_versions: codec("ServedVersion"),
-            topics.rollout_decisions: codec("RolloutDecision"),
+            topics.canary_decisions: codec("CanaryDecision"),
         }
         consumer = Consumer(
             self.settings.kafka.client_config(**{"group.id": "demo-watch", "enable.auto.commit": False})

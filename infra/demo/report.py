@@ -1,7 +1,7 @@
 """The demo's end-of-run report: one PNG and one HTML page, drawn from ClickHouse through the read endpoint.
 
 It owns ``report.png`` and ``report.html`` in a demo's output directory. Every number comes from the
-archive (spans, trajectories, samples, rollout_decisions), read with the same clickhouse-connect client any
+archive (spans, trajectories, samples, canary_decisions), read with the same clickhouse-connect client any
 ClickHouse user has; only the weight-version events that are not archived (a version published on
 ``model-updates``, loaded by a replica on ``served-versions``) come from the run's ``timeline``, gathered
 from Kafka while it ran. The panels:
@@ -80,7 +80,7 @@ def load(client: Any, began: float) -> dict[str, Any]:
         ),
         "decisions": rows(
             "SELECT (timestamp_us - %(origin)s) / 1e6, toString(action), candidate_version, reason"
-            " FROM rollout_decisions ORDER BY timestamp_us"
+            " FROM canary_decisions ORDER BY timestamp_us"
         ),
     }
 

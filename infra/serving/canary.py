@@ -1,6 +1,6 @@
-"""Progressive rollout analysis: per-version reward and policy_stability_score from the stream, and the decisions.
+"""Canary analysis of new model versions: per-version reward and policy_stability_score, and the decisions.
 
-It owns the ``rollout-decisions`` topic. A version that a replica starts serving (``served-versions``)
+It owns the ``canary-decisions`` topic. A version that a replica starts serving (``served-versions``)
 and that is newer than the stable one becomes the *candidate*: a ``start`` decision, which the router
 follows by sending ``serve.canary_share`` of the traffic to it. From then on the analyzer gathers, for
 the candidate and the stable version, over the same period:
@@ -14,17 +14,17 @@ the candidate and the stable version, over the same period:
   tokens is a Monte-Carlo estimate of KL(candidate || stable) per token, and the score is ``exp(-KL)``:
   the trainer's definition (:mod:`boltstream.trainer.publish`), measured where the candidate really serves.
 
-Once the candidate has ``serve.rollout_window`` rewarded trajectories, the stable version as many, and
+Once the candidate has ``serve.canary_window`` rewarded trajectories, the stable version as many, and
 ``serve.stability_tokens`` scored tokens, the candidate is **promoted** if its score exceeds
 ``serve.promotion_stability`` and its reward is not below the stable one by more than
 ``serve.reward_margin``; otherwise it is **rolled back**. A newer version served before the window is
 complete supersedes the candidate (rolled back, reason given). When every replica replaced the stable
 version with full weights there is nothing to compare against: the candidate is promoted at once, and
-the reason says so. Each decision is a ``RolloutDecision`` on Kafka (the archive stores it in
+the reason says so. Each decision is a ``CanaryDecision`` on Kafka (the archive stores it in
 ClickHouse).
 
-Restarts: the analyzer re-reads ``rollout-decisions`` and ``served-versions`` from the beginning, so the
-stable version and a running rollout survive; the evidence of a running rollout is gathered afresh
+Restarts: the analyzer re-reads ``canary-decisions`` and ``served-versions`` from the beginning, so the
+stable version and a running canary survive; the evidence of a running canary is gathered afresh
 (trajectories and samples are read from their end).
 """
 
@@ -66,7 +66,7 @@ def now_us() -> int:
 
 
 @dataclass
-class Rollout:
+class Canary:
     """Evidence gathered for one candidate since its start."""
 
     candidate: int
@@ -125,7 +125,7 @@ class StableScorer:
         self.client.close()
 
 
-class RolloutAnalyzer:
+class CanaryAnalyzer:
     """The decision logic, fed decoded records; returns the decisions to publish. No Kafka here."""
 
     def __init__(self, settings: Settings, scorer: StableScorer | None) -> None:
@@ -133,7 +133,7 @@ class RolloutAnalyzer:
         self.serve = settings.serve
         self.scorer = scorer
         self.stable = 0
-        self.rollout: Rollout | None = None
+        self.canary: Canary | None = None
         self.concluded: set[int] = set()
         #: What each replica serves: (format, version of its base weights).
         self.replicas: dict[str, tuple[str, int]] = {}
@@ -147,13 +147,13 @@ class RolloutAnalyzer:
         candidate = record["candidate_version"]
         if record["action"] == "start":
             self.stable = record["stable_version"]
-            self.rollout = Rollout(candidate, record["stable_version"], record["timestamp_us"])
+            self.canary = Canary(candidate, record["stable_version"], record["timestamp_us"])
         else:
             if record["action"] == "promote":
                 self.stable = candidate
             self.concluded.add(candidate)
-            if self.rollout is not None and self.rollout.candidate == candidate:
-                self.rollout = None
+            if self.canary is not None and self.canary.candidate == candidate:
+                self.canary = None
 
     def on_served_version(self, record: dict[str, Any]) -> list[dict[str, Any]]:
         if record["model"] != self.model or record["status"] != "serving":
@@ -165,62 +165,62 @@ class RolloutAnalyzer:
             self.replicas[record["server_id"]] = ("lora", 0)  # its base stays, beside the adapters
         decisions = []
         newer = version > self.stable and version not in self.concluded
-        if newer and (self.rollout is None or version > self.rollout.candidate):
-            if self.rollout is not None:
+        if newer and (self.canary is None or version > self.canary.candidate):
+            if self.canary is not None:
                 decisions.append(self._decide("rollback", f"superseded by version {version} before its window closed"))
             decisions.append(self._start(version))
         return decisions + self._moot()
 
     def on_trajectory(self, record: dict[str, Any]) -> list[dict[str, Any]]:
-        rollout = self.rollout
-        if rollout is None or record["status"] != "complete" or record["final_reward"] is None:
+        canary = self.canary
+        if canary is None or record["status"] != "complete" or record["final_reward"] is None:
             return []
-        if record["closed_at_us"] < rollout.started_us or record["trajectory_id"] in rollout.trajectories:
+        if record["closed_at_us"] < canary.started_us or record["trajectory_id"] in canary.trajectories:
             return []
         versions = {version_number(tag) for tag in record["model_versions"]}
-        if len(versions) != 1 or not versions & {rollout.candidate, rollout.stable}:
+        if len(versions) != 1 or not versions & {canary.candidate, canary.stable}:
             return []
-        rollout.trajectories.add(record["trajectory_id"])
-        rollout.rewards.setdefault(versions.pop(), []).append(record["final_reward"])
+        canary.trajectories.add(record["trajectory_id"])
+        canary.rewards.setdefault(versions.pop(), []).append(record["final_reward"])
         return self._ready()
 
     def on_sample(self, record: dict[str, Any]) -> list[dict[str, Any]]:
-        rollout = self.rollout
-        if rollout is None or version_number(record["model_version"]) != rollout.candidate:
+        canary = self.canary
+        if canary is None or version_number(record["model_version"]) != canary.candidate:
             return []
-        if record["created_at_us"] < rollout.started_us or record["sample_id"] in rollout.samples:
+        if record["created_at_us"] < canary.started_us or record["sample_id"] in canary.samples:
             return []
         completion = record["completion_token_ids"]
         if not completion or len(completion) != len(record["completion_logprobs"]):
             return []  # no behaviour logprobs: nothing to compare
-        rollout.samples.add(record["sample_id"])
+        canary.samples.add(record["sample_id"])
         if self.scorer is None:
             return []
         try:
-            terms = self.scorer.kl_terms(record, rollout.stable)
+            terms = self.scorer.kl_terms(record, canary.stable)
         except (httpx.HTTPError, KeyError, IndexError, ValueError, TypeError) as exc:
-            log.warning("sample %s not scored against version %s: %s", record["sample_id"], rollout.stable, exc)
+            log.warning("sample %s not scored against version %s: %s", record["sample_id"], canary.stable, exc)
             return []
-        rollout.kl_sum += sum(terms)
-        rollout.tokens += len(terms)
+        canary.kl_sum += sum(terms)
+        canary.tokens += len(terms)
         return self._ready()
 
     # -- decisions -------------------------------------------------------------------------------------
 
     def _ready(self) -> list[dict[str, Any]]:
         """Promote or roll back once the window holds enough evidence."""
-        rollout, window = self.rollout, max(self.serve.rollout_window, 1)
-        assert rollout is not None
-        counts = (len(rollout.rewards.get(rollout.candidate, [])), len(rollout.rewards.get(rollout.stable, [])))
-        if min(counts) < window or rollout.tokens < self.serve.stability_tokens:
+        canary, window = self.canary, max(self.serve.canary_window, 1)
+        assert canary is not None
+        counts = (len(canary.rewards.get(canary.candidate, [])), len(canary.rewards.get(canary.stable, [])))
+        if min(counts) < window or canary.tokens < self.serve.stability_tokens:
             return []
-        score = rollout.stability()
-        candidate, stable = rollout.mean_reward(rollout.candidate), rollout.mean_reward(rollout.stable)
+        score = canary.stability()
+        candidate, stable = canary.mean_reward(canary.candidate), canary.mean_reward(canary.stable)
         stable_enough = score is not None and score > self.serve.promotion_stability
         reward_ok = candidate >= stable - self.serve.reward_margin
         comparison = (
             f"policy_stability_score {score:.4f} {'>' if stable_enough else '<='} {self.serve.promotion_stability} "
-            f"over {rollout.tokens} tokens; mean reward {candidate:.4f} vs stable {stable:.4f} "
+            f"over {canary.tokens} tokens; mean reward {candidate:.4f} vs stable {stable:.4f} "
             f"({'within' if reward_ok else 'worse than'} margin {self.serve.reward_margin}) "
             f"over {counts[0]} / {counts[1]} trajectories"
         )
@@ -228,11 +228,11 @@ class RolloutAnalyzer:
 
     def _moot(self) -> list[dict[str, Any]]:
         """Promote at once when no replica serves the stable version any more (full weights everywhere)."""
-        rollout = self.rollout
-        if rollout is None or not self.replicas:
+        canary = self.canary
+        if canary is None or not self.replicas:
             return []
-        if all(fmt == "full" and version != rollout.stable for fmt, version in self.replicas.values()):
-            return [self._decide("promote", f"every replica replaced version {rollout.stable}: nothing to compare")]
+        if all(fmt == "full" and version != canary.stable for fmt, version in self.replicas.values()):
+            return [self._decide("promote", f"every replica replaced version {canary.stable}: nothing to compare")]
         return []
 
     def _start(self, version: int) -> dict[str, Any]:
@@ -241,16 +241,16 @@ class RolloutAnalyzer:
         return decision
 
     def _decide(self, action: str, reason: str) -> dict[str, Any]:
-        rollout = self.rollout
-        assert rollout is not None
-        decision = self._record(action, rollout.candidate, rollout.stable, reason, rollout)
+        canary = self.canary
+        assert canary is not None
+        decision = self._record(action, canary.candidate, canary.stable, reason, canary)
         self.on_decision(decision)
         return decision
 
     def _record(
-        self, action: str, candidate: int, stable: int, reason: str, rollout: Rollout | None = None
+        self, action: str, candidate: int, stable: int, reason: str, canary: Canary | None = None
     ) -> dict[str, Any]:
-        evidence = rollout or Rollout(candidate, stable, 0)
+        evidence = canary or Canary(candidate, stable, 0)
         return {
             "decision_id": str(uuid.uuid5(DECISION_NAMESPACE, f"{self.model}:{candidate}:{action}")),
             "model": self.model,
@@ -271,15 +271,15 @@ class RolloutAnalyzer:
         }
 
 
-class RolloutWorker:
-    """Runs a RolloutAnalyzer on Kafka: replays decisions, follows served versions, trajectories and samples."""
+class CanaryWorker:
+    """Runs a CanaryAnalyzer on Kafka: replays decisions, follows served versions, trajectories and samples."""
 
     def __init__(self, settings: Settings, router_url: str = "") -> None:
         self.settings = settings
         topics = settings.topics
         url = router_url or settings.serve.router_url or f"http://127.0.0.1:{settings.serve.router_port}"
         self.scorer = StableScorer(url, settings.trainer.model_name)
-        self.analyzer = RolloutAnalyzer(settings, self.scorer)
+        self.analyzer = CanaryAnalyzer(settings, self.scorer)
         self.handlers = {
             topics.served_versions: ("ServedVersion", self.analyzer.on_served_version),
             topics.trajectories: ("Trajectory", self.analyzer.on_trajectory),
@@ -308,10 +308,10 @@ class RolloutWorker:
         return partitions
 
     def _replay_decisions(self) -> None:
-        topic = self.settings.topics.rollout_decisions
+        topic = self.settings.topics.canary_decisions
         for message in read_to_end(self.consumer, partitions_of(self.consumer, topic)):
             try:
-                decision = codec("RolloutDecision").decode(message.value() or b"")
+                decision = codec("CanaryDecision").decode(message.value() or b"")
             except CodecError as exc:  # the archive dead-letters these; here they are only skipped
                 log.warning("%s offset %s skipped: %s", topic, message.offset(), exc)
                 continue
@@ -339,13 +339,13 @@ class RolloutWorker:
         log.info("%s version %s: %s", decision["action"], decision["candidate_version"], decision["reason"])
         errors: list[str] = []
         self.producer.produce(
-            self.settings.topics.rollout_decisions,
+            self.settings.topics.canary_decisions,
             key=decision["model"].encode(),
-            value=codec("RolloutDecision").encode(decision),
+            value=codec("CanaryDecision").encode(decision),
             on_delivery=lambda err, _msg: errors.append(str(err)) if err else None,
         )
         if self.producer.flush(self.settings.producer.flush_timeout) or errors:
-            raise RuntimeError(f"rollout decision not delivered: {errors or 'flush timed out'}")
+            raise RuntimeError(f"canary decision not delivered: {errors or 'flush timed out'}")
         self.published.append(decision)
 
     def run(self, stop: threading.Event) -> None:
@@ -360,16 +360,16 @@ class RolloutWorker:
         self.scorer.close()
 
 
-def rollout_state(settings: Settings) -> dict[str, Any]:
+def canary_state(settings: Settings) -> dict[str, Any]:
     """The stable version and running canary of ``trainer.model_name``, from the decisions topic (for status)."""
-    decisions = read_records(settings, settings.topics.rollout_decisions, "RolloutDecision", idle_timeout=5.0)
-    analyzer = RolloutAnalyzer(settings, scorer=None)
+    decisions = read_records(settings, settings.topics.canary_decisions, "CanaryDecision", idle_timeout=5.0)
+    analyzer = CanaryAnalyzer(settings, scorer=None)
     for decision in decisions:
         analyzer.on_decision(decision)
     mine = [d for d in decisions if d["model"] == analyzer.model]
     return {
         "model": analyzer.model,
         "stable": analyzer.stable,
-        "canary": analyzer.rollout.candidate if analyzer.rollout else None,
+        "canary": analyzer.canary.candidate if analyzer.canary else None,
         "last_decision": mine[-1] if mine else None,
     }

@@ -1,8 +1,8 @@
-"""The rollout router: one OpenAI-compatible endpoint in front of the vLLM replicas and weight versions of a model.
+"""The serving router: one OpenAI-compatible endpoint in front of the vLLM replicas and weight versions of a model.
 
-It owns the traffic split of a progressive rollout. Agents call the router with ``model=<model name>``;
+It owns the traffic split of a canary. Agents call the router with ``model=<model name>``;
 for each request it picks a weight version — the canary with probability ``serve.canary_share`` while a
-rollout runs, else the stable version — then a replica serving that version, rewrites ``model`` to the
+canary runs, else the stable version — then a replica serving that version, rewrites ``model`` to the
 name that version is served under (``tiny`` for a replica's full weights, ``tiny-v3`` for a LoRA
 adapter) and streams the upstream answer back unchanged, with two headers added:
 
@@ -17,7 +17,7 @@ against the stable policy.
 
 What is served where comes from Kafka and the replicas themselves: ``served-versions`` (what each
 replica's weight_sync sidecar loaded) and ``/v1/models`` of each replica (which LoRA adapters are
-loaded); which versions are stable and canary comes from ``rollout-decisions``. Without any decision for
+loaded); which versions are stable and canary comes from ``canary-decisions``. Without any decision for
 the model, every request goes to the newest version a replica serves.
 """
 
@@ -73,7 +73,7 @@ def bucket(rollout_id: str) -> float:
 
 
 class RoutingTable:
-    """Which versions each replica serves, and which ones the rollout of ``model`` wants. Thread-safe."""
+    """Which versions each replica serves, and which ones the canary of ``model`` wants. Thread-safe."""
 
     def __init__(self, model: str, replicas: Mapping[str, str], canary_share: float) -> None:
         if not replicas:
@@ -156,7 +156,7 @@ class RoutingTable:
         return random.choice(served[newest])
 
     def state(self) -> dict[str, Any]:
-        """The rollout and what each replica serves, as JSON-able data (``GET /boltstream/rollout``)."""
+        """The canary and what each replica serves, as JSON-able data (``GET /boltstream/canary``)."""
         with self._lock:
             replicas = {
                 s: {"url": url, "base_version": self._base[s][0], "lora_versions": sorted(self._adapters[s])}
@@ -172,13 +172,13 @@ class RoutingTable:
 
 
 class Follower:
-    """Feeds a RoutingTable from ``served-versions`` and ``rollout-decisions`` (read from the beginning)."""
+    """Feeds a RoutingTable from ``served-versions`` and ``canary-decisions`` (read from the beginning)."""
 
     def __init__(self, settings: Settings, table: RoutingTable) -> None:
         self.table = table
         self.topics = {
             settings.topics.served_versions: ("ServedVersion", table.on_served_version),
-            settings.topics.rollout_decisions: ("RolloutDecision", table.on_decision),
+            settings.topics.canary_decisions: ("CanaryDecision", table.on_decision),
         }
         self.consumer = Consumer(
             settings.kafka.client_config(
@@ -230,7 +230,7 @@ class Router:
         from aiohttp import web
 
         app = web.Application(client_max_size=64 * 1024**2)
-        app.router.add_get("/boltstream/rollout", self._rollout)
+        app.router.add_get("/boltstream/canary", self._canary)
         app.router.add_get("/health", self._health)
         app.router.add_route("*", "/v1/{tail:.*}", self._forward)
         app.on_startup.append(self._on_startup)
@@ -261,7 +261,7 @@ class Router:
                     log.debug("models of %s unavailable: %s", server_id, exc)
             await asyncio.sleep(self.models_interval)
 
-    async def _rollout(self, request):
+    async def _canary(self, request):
         from aiohttp import web
 
         return web.json_response(self.table.state())

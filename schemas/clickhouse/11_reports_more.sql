@@ -106,7 +106,7 @@ WITH newest AS
         SELECT llm_model AS model, toInt64OrZero(extract(llm_model_version, '(\\d+)$')) AS version
         FROM spans WHERE kind = 'llm_call'
         UNION ALL
-        SELECT model, candidate_version AS version FROM rollout_decisions
+        SELECT model, candidate_version AS version FROM canary_decisions
     )
     GROUP BY model
 )
@@ -121,4 +121,4 @@ FROM samples
 LEFT JOIN newest ON samples.model = newest.model
 GROUP BY model, model_version, version
 ORDER BY model, version
-COMMENT 'training samples per model version and how many versions they lag the newest one served or rolled out';
+COMMENT 'training samples per model version and how many versions they lag the newest one served or started as a canary';

