@@ -209,7 +209,7 @@ class RolloutAnalyzer:
 
     def _ready(self) -> list[dict[str, Any]]:
         """Promote or roll back once the window holds enough evidence."""
-        rollout, window = self.rollout, max(self.serve.rollout_window, 1)
+        rollout, window = self.rollout, self.serve.rollout_window
         assert rollout is not None
         counts = (len(rollout.rewards.get(rollout.candidate, [])), len(rollout.rewards.get(rollout.stable, [])))
         if min(counts) < window or rollout.tokens < self.serve.stability_tokens:
