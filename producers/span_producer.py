@@ -137,7 +137,7 @@ class SpanProducer:
         self._spool = _open_spool(settings)
         self._pending: deque[PendingSpan] = deque()
         self._rewards: deque[tuple[dict[str, Any], bool]] = deque()
-        self._batch_size = max(1, config.span_buffer_size)
+        self._batch_size = config.span_buffer_size
         self._max_pending = config.max_pending_spans
         self._wakeup = threading.Event()
         self._settled = threading.Condition()

@@ -22,10 +22,13 @@ All functions here are pure: same inputs, same floats.
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Sequence
 from typing import NamedTuple
 
-POLICIES = ("final", "discounted", "per_step")
+from boltstream.infra.common.config import CreditPolicy
+
+POLICIES: tuple[CreditPolicy, ...] = typing.get_args(CreditPolicy)
 
 
 class CallPosition(NamedTuple):

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
-from boltstream.infra.common.config import ConfigError, load_settings, parse_duration
+from boltstream.infra.common.config import (
+    ConfigError,
+    ProducerConfig,
+    TrainerConfig,
+    load_settings,
+    parse_duration,
+)
 
 
 def test_defaults_are_the_design_parameters(tmp_path):
@@ -64,14 +71,67 @@ def test_stack_state_fills_in_empty_addresses(tmp_path):
 @pytest.mark.parametrize(
     ("environ", "message"),
     [
-        ({"BOLTSTREAM_STREAM__REWARD_TIMOUT": "3s"}, "unknown parameter"),
-        ({"BOLTSTREAM_STREAM__REWARD_TIMEOUT": "soon"}, "reward_timeout: cannot use 'soon'"),
+        ({"BOLTSTREAM_STREAM__REWARD_TIMOUT": "3s"}, "unknown parameter(s) ['stream.reward_timout']"),
+        ({"BOLTSTREAM_STREAM__REWARD_TIMEOUT": "soon"}, "stream.reward_timeout: 'soon' is not a duration"),
         ({"BOLTSTREAM_CONFIG": "/nonexistent/boltstream.toml"}, "does not exist"),
     ],
 )
 def test_bad_configuration_names_the_parameter(tmp_path, environ, message):
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError) as raised:
         load_settings(environ={"BOLTSTREAM_HOME": str(tmp_path), **environ})
+    assert message in str(raised.value)
+
+
+#: Values each source refuses, as (section, field, value, the message's end: the value and what is allowed).
+REFUSED = [
+    ("trainer", "algorithm", "ppo", "'ppo' is not one of grpo, sft, apo"),
+    ("stream", "credit_assignment", "last", "'last' is not one of final, discounted, per_step"),
+    ("producer", "compression", "brotli", "'brotli' is not one of lz4, zstd, snappy, gzip, none"),
+    ("producer", "span_sampling_rate", 2, "2.0 is not in [0, 1]"),
+    ("serve", "canary_share", -0.5, "-0.5 is not in [0, 1]"),
+    ("producer", "span_sampling_rate", "5m", "'5m' is not a number"),  # a unit only on durations
+    ("producer", "span_buffer_size", -1, "-1 is not at least 1"),
+    ("trainer", "group_size", 0, "0 is not at least 1"),
+    ("serve", "router_port", 65536, "65536 is not in [0, 65535]"),
+    ("stream", "reward_timeout", "0s", "0.0 is not above 0"),
+    ("stream", "join_grace", -1, "-1.0 is not at least 0"),
+]
+
+
+@pytest.mark.parametrize(("section", "name", "value", "refusal"), REFUSED)
+def test_a_refusal_names_the_source_the_field_the_value_and_what_is_allowed(tmp_path, section, name, value, refusal):
+    home = {"BOLTSTREAM_HOME": str(tmp_path)}
+    config = tmp_path / "boltstream.toml"
+    config.write_text(f"[{section}]\n{name} = {json.dumps(value)}\n")
+    env = {f"BOLTSTREAM_{section.upper()}__{name.upper()}": str(value)}
+    sources = [
+        (str(config), lambda: load_settings(config, environ=home)),
+        ("environment", lambda: load_settings(environ={**home, **env})),
+        ("overrides", lambda: load_settings(environ=home, **{section: {name: value}})),
+    ]
+    for source, load in sources:
+        with pytest.raises(ConfigError) as raised:
+            load()
+        assert str(raised.value) == f"{source}: {section}.{name}: {refusal}"
+
+
+def test_a_field_of_seconds_takes_a_unit(tmp_path):
+    settings = load_settings(environ={"BOLTSTREAM_HOME": str(tmp_path)}, stream={"reward_timeout": "5m"})
+    assert settings.stream.reward_timeout == 300.0
+
+
+def test_a_count_with_a_fraction_is_refused_not_cut(tmp_path):
+    with pytest.raises(ConfigError, match=r"trainer\.group_size: 8\.5 is not an integer$"):
+        load_settings(environ={"BOLTSTREAM_HOME": str(tmp_path)}, trainer={"group_size": 8.5})
+
+
+def test_constructing_a_section_checks_it_too():
+    trainer = TrainerConfig()
+    with pytest.raises(ConfigError) as raised:
+        replace(trainer, algorithm="ppo")
+    assert str(raised.value) == "trainer.algorithm: 'ppo' is not one of grpo, sft, apo"
+    with pytest.raises(ConfigError, match=r"^producer\.span_sampling_rate: 1\.5 is not in \[0, 1\]$"):
+        ProducerConfig(span_sampling_rate=1.5)
 
 
 def test_client_config_without_a_broker_says_how_to_get_one(tmp_path):

@@ -51,11 +51,10 @@ def make_algorithm(settings: Settings) -> GRPO | SFT:
         return GRPO(config.clip_epsilon, config.importance_weight_cap, config.kl_coef)
     if config.algorithm == "sft":
         return SFT(config.sft_min_return)
-    if config.algorithm == "apo":
-        raise ConfigError(
-            "trainer.algorithm=apo optimises prompts, not weights: it runs boltstream.trainer.apo, not Trainer"
-        )
-    raise ConfigError(f"trainer.algorithm: unknown {config.algorithm!r}; choose grpo, sft or apo")
+    # apo, the one choice left: TrainerConfig refuses any other.
+    raise ConfigError(
+        "trainer.algorithm=apo optimises prompts, not weights: it runs boltstream.trainer.apo, not Trainer"
+    )
 
 
 @dataclass

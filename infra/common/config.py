@@ -10,25 +10,31 @@ Sources, later ones winning:
 4. when ``kafka.bootstrap_servers`` / ``clickhouse.read_url`` are left empty, the running local
    stack's state file (``<home>/stack.json``, written by ``boltstream up``) fills them in.
 
-Durations accept seconds as a number or a string with a unit: ``"250ms"``, ``"30s"``, ``"5m"``.
-Lists accept TOML arrays or comma-separated strings.
+Loading converts each value to its field's type; constructing a section (loading, ``replace`` or a
+direct call) checks it against the field's choices (``Literal``) and range (:class:`Range`). Either
+refusal names the field, the value and what is allowed. Fields of seconds (:data:`Seconds`) also
+accept a string with a unit: ``"250ms"``, ``"30s"``, ``"5m"``; no other number does. Lists accept TOML
+arrays or comma-separated strings.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import tomllib
-import types
 import typing
-from dataclasses import dataclass, field, fields, is_dataclass, replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+import tomli_w
 
 ENV_PREFIX = "BOLTSTREAM_"
 TRACER_ENV = "AGENT_LIGHTNING_TRACER"
-_DURATION = re.compile(r"^\s*(?P<number>\d+(\.\d+)?)\s*(?P<unit>ms|s|m|h)?\s*$")
+_DURATION = re.compile(r"^\s*(?P<number>-?\d+(\.\d+)?)\s*(?P<unit>ms|s|m|h)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
@@ -46,13 +52,66 @@ def parse_duration(value: str | float | int) -> float:
     return float(match["number"]) * _UNIT_SECONDS[match["unit"]]
 
 
+class Duration:
+    """Marks a float field of seconds: ``Annotated[float, Duration]`` also accepts ``"30s"``, ``"5m"``."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """The numbers a field allows, as ``Annotated[int, Range(at_least=1)]``; None leaves a bound out."""
+
+    at_least: float | None = None
+    above: float | None = None
+    at_most: float | None = None
+
+    def admits(self, value: object) -> bool:
+        return (
+            isinstance(value, int | float)
+            and (self.at_least is None or value >= self.at_least)
+            and (self.above is None or value > self.above)
+            and (self.at_most is None or value <= self.at_most)
+        )
+
+    def __str__(self) -> str:
+        if self.at_least is not None and self.at_most is not None and self.above is None:
+            return f"in [{self.at_least}, {self.at_most}]"
+        bounds = (("at least", self.at_least), ("above", self.above), ("at most", self.at_most))
+        return " and ".join(f"{words} {bound}" for words, bound in bounds if bound is not None)
+
+
+#: A rate, share, threshold or score.
+ZeroToOne = Annotated[float, Range(at_least=0, at_most=1)]
+#: A size, count or interval: at least one.
+Count = Annotated[int, Range(at_least=1)]
+#: A TCP port; 0 lets the system pick a free one.
+Port = Annotated[int, Range(at_least=0, at_most=65535)]
+#: A length of time in seconds: a number, or a string with a unit (``"250ms"``, ``"30s"``, ``"5m"``, ``"1h"``).
+Seconds = Annotated[float, Duration, Range(at_least=0)]
+
+Algorithm = Literal["grpo", "sft", "apo"]
+CreditPolicy = Literal["final", "discounted", "per_step"]
+Compression = Literal["lz4", "zstd", "snappy", "gzip", "none"]
+
+
+class _Checked:
+    """Base of the sections: constructing one (load_settings, ``replace``, directly) checks every
+    field against its annotation's choices and range, so no code downstream sees an impossible value."""
+
+    def __post_init__(self) -> None:
+        section = _section_names()[type(self)]
+        for name, annotation in _hints(type(self)).items():
+            complaint = _complaint(getattr(self, name), annotation)
+            if complaint:
+                raise ConfigError(f"{section}.{name}: {complaint}")
+
+
 def default_home() -> Path:
     """Where the local stack keeps its state and data: ``$BOLTSTREAM_HOME`` or ``~/.boltstream``."""
     return Path(os.environ.get("BOLTSTREAM_HOME") or Path.home() / ".boltstream")
 
 
 @dataclass(frozen=True)
-class TopicConfig:
+class TopicConfig(_Checked):
     """Topic names and partition counts (DESIGN.md: Topics and records)."""
 
     spans: str = "boltstream.spans.v1"
@@ -68,10 +127,10 @@ class TopicConfig:
     #: Partitions of the keyed event topics (spans, rewards, trajectories, samples, dlq). They bound
     #: how many workers of one consumer group share the load; spans and rewards must be equal
     #: (co-partitioned for the join).
-    partitions: int = 4
+    partitions: Count = 4
     #: Partitions of the compacted control topics (model-updates, prompt-updates, served-versions).
-    control_partitions: int = 1
-    replication_factor: int = 1
+    control_partitions: Count = 1
+    replication_factor: Count = 1
 
     def compacted(self) -> tuple[str, ...]:
         """Topics keyed by entity whose latest value is all that matters (cleanup.policy=compact)."""
@@ -84,7 +143,7 @@ class TopicConfig:
 
 
 @dataclass(frozen=True)
-class KafkaConfig:
+class KafkaConfig(_Checked):
     """Where the broker is and how clients talk to it."""
 
     #: Broker list; empty means "the running local stack" (from its state file).
@@ -94,7 +153,7 @@ class KafkaConfig:
     schema_registry_url: str = ""
     #: Consumer session timeout. Tansu completes a group join after about half of it, so the
     #: local stack keeps it short; raise it on real clusters with slow consumers.
-    session_timeout_ms: int = 6000
+    session_timeout_ms: Count = 6000
     #: Extra librdkafka settings applied to every client, e.g. {"security.protocol": "SASL_SSL"}.
     client_overrides: dict[str, str] = field(default_factory=dict)
 
@@ -109,67 +168,67 @@ class KafkaConfig:
 
 
 @dataclass(frozen=True)
-class ProducerConfig:
+class ProducerConfig(_Checked):
     """The agent-side SDK (producers)."""
 
     #: Spans the SDK batches in memory before handing them to the Kafka client; never blocks the agent.
-    span_buffer_size: int = 512
+    span_buffer_size: Count = 512
     #: Share of rollouts kept, decided once per rollout by a hash of rollout_id (all-in or all-out).
-    span_sampling_rate: float = 1.0
+    span_sampling_rate: ZeroToOne = 1.0
     #: Upper bound on time a span waits in memory before its batch is flushed, seconds.
-    linger: float = 0.05
+    linger: Seconds = 0.05
     #: On-disk spool for batches the broker could not take (broker down or slow); empty means
     #: ``<home>/spool/<process>``.
     spool_dir: str = ""
     #: Bound of the spool in bytes; past it, the oldest sampled-out data goes first, then the oldest.
-    spool_max_bytes: int = 256 * 1024 * 1024
+    spool_max_bytes: Count = 256 * 1024 * 1024
     #: Longest attribute / text value kept; longer ones are cut and end with a truncation marker.
-    max_attribute_bytes: int = 16 * 1024
+    max_attribute_bytes: Count = 16 * 1024
     #: Extra regular expressions whose matches are redacted before spans leave the process.
     redact_patterns: tuple[str, ...] = ()
     #: Seconds ``flush()`` and interpreter exit wait for pending spans to be delivered.
-    flush_timeout: float = 10.0
-    #: Kafka compression of span and reward messages: ``lz4``, ``zstd``, ``snappy``, ``gzip`` or ``none``.
-    compression: str = "lz4"
+    flush_timeout: Seconds = 10.0
+    #: Kafka compression of span and reward messages.
+    compression: Compression = "lz4"
     #: Seconds a message may wait for the broker's acknowledgement before it spills to the spool.
-    delivery_timeout: float = 5.0
+    delivery_timeout: Seconds = 5.0
     #: Spans held in memory at most while the sender catches up; past it new spans are dropped and counted.
-    max_pending_spans: int = 1_000_000
+    max_pending_spans: Count = 1_000_000
     #: An implicit rollout (spans emitted outside ``agl.rollout``) ends after this many idle seconds.
-    implicit_rollout_idle: float = 10.0
+    implicit_rollout_idle: Seconds = 10.0
 
 
 @dataclass(frozen=True)
-class StreamConfig:
+class StreamConfig(_Checked):
     """The stream processors (join, sampling, selection, credit assignment, archive)."""
 
     #: How long a trajectory waits for its reward after it ended; then ``timed_out``, never trained on.
-    reward_timeout: float = 30.0
+    reward_timeout: Annotated[Seconds, Range(above=0)] = 30.0
     #: Which agents' calls become training samples: ``all``, or names / glob patterns.
     agent_selector: tuple[str, ...] = ("all",)
     #: Credit assignment: ``final`` (final reward to every call), ``discounted`` or ``per_step``.
-    credit_assignment: str = "final"
+    credit_assignment: CreditPolicy = "final"
     #: Discount per step away from the end, for ``discounted``.
-    discount: float = 0.9
+    discount: ZeroToOne = 0.9
     #: Messages a worker takes per batch, and the longest it waits to fill one, seconds.
-    batch_size: int = 5000
-    batch_within: float = 0.2
+    batch_size: Count = 5000
+    batch_within: Seconds = 0.2
     #: Consumer group (and Faust app id) of the join workers; its state changelog topic is named after it.
     join_group: str = "boltstream-join"
     #: Extra stream time the join waits past a deadline before its timer closes a trajectory, so a
     #: reward read from the rewards topic slightly after spans of the same moment still counts.
-    join_grace: float = 1.0
+    join_grace: Seconds = 1.0
     #: How long (stream time) a closed trajectory's marker is kept to recognise duplicates and late inputs.
-    closed_retention: float = 3600.0
+    closed_retention: Seconds = 3600.0
     #: Port of the join worker's HTTP endpoint (Prometheus ``/metrics``); 0 picks a free one (each worker
     #: then announces its URL in ``<home>/join/<pid>.json``).
-    join_metrics_port: int = 0
+    join_metrics_port: Port = 0
     #: Longest the join waits to fill a batch (up to ``batch_size``), seconds: bounds the latency it adds.
-    join_batch_within: float = 0.05
+    join_batch_within: Seconds = 0.05
 
 
 @dataclass(frozen=True)
-class ClickHouseConfig:
+class ClickHouseConfig(_Checked):
     """The span archive."""
 
     #: Where the archive worker writes: ``chdb:///path`` (embedded; empty = ``<home>/clickhouse``)
@@ -180,7 +239,7 @@ class ClickHouseConfig:
     read_url: str = ""
     database: str = "boltstream"
     #: Loopback port of the embedded store's read-only HTTP endpoint (0 = pick a free one).
-    read_port: int = 0
+    read_port: Port = 0
     #: Token of user ``reader`` on that endpoint; empty = a random one, printed when the archive starts.
     read_token: str = ""
     #: Consumer group of the archive worker; its committed offsets are what is durably archived.
@@ -188,17 +247,17 @@ class ClickHouseConfig:
 
 
 @dataclass(frozen=True)
-class TrainerConfig:
+class TrainerConfig(_Checked):
     """The continuous trainer."""
 
-    #: Training algorithm: ``grpo``, ``sft`` or ``apo``.
-    algorithm: str = "grpo"
+    #: Training algorithm; ``apo`` optimises prompt templates instead of weights.
+    algorithm: Algorithm = "grpo"
     #: Samples from a version more than this many versions older than the trainer's are dropped.
-    max_staleness: int = 4
+    max_staleness: Annotated[int, Range(at_least=0)] = 4
     #: A candidate version is published only if its policy_stability_score reaches this.
-    weight_sync_threshold: float = 0.85
+    weight_sync_threshold: ZeroToOne = 0.85
     #: How often APO re-ranks prompt templates, in spans.
-    template_update_interval: int = 1000
+    template_update_interval: Count = 1000
     #: Where artifacts go (local directory or any fsspec URL); empty = ``<home>/artifacts``.
     artifact_store: str = ""
     #: Hugging Face model directory to train; empty = the tiny local model, built in ``<home>/models/tiny``.
@@ -209,61 +268,61 @@ class TrainerConfig:
     #: gradient accumulation). The trainer fills in the batch sizes from ``group_size``/``groups_per_step``.
     deepspeed_config: str = ""
     #: Samples per GRPO group (attempts of one task); a group trains once it has this many.
-    group_size: int = 8
+    group_size: Count = 8
     #: Groups per optimizer step: the global batch is ``group_size * groups_per_step`` samples.
-    groups_per_step: int = 4
+    groups_per_step: Count = 4
     #: PPO clip range of the ratio between the updated and the step-start (proximal) policy.
-    clip_epsilon: float = 0.2
+    clip_epsilon: ZeroToOne = 0.2
     #: Cap of the truncated importance weight proximal/behaviour policy that corrects stale samples.
-    importance_weight_cap: float = 2.0
+    importance_weight_cap: Annotated[float, Range(above=0)] = 2.0
     #: Optimizer updates per batch (>1 makes the PPO clip bite); the batch is trained in full each time.
-    updates_per_batch: int = 1
+    updates_per_batch: Count = 1
     #: Weight of the KL penalty to the reference (initial) policy; 0 = no reference model.
-    kl_coef: float = 0.0
+    kl_coef: Annotated[float, Range(at_least=0)] = 0.0
     #: SFT (rejection sampling): only samples whose return reaches this are trained on.
     sft_min_return: float = 1.0
     #: LoRA rank; 0 trains and publishes full weights, >0 a peft LoRA adapter.
-    lora_rank: int = 0
+    lora_rank: Annotated[int, Range(at_least=0)] = 0
     #: Steps between DeepSpeed checkpoints (offsets are committed only after a checkpoint).
-    checkpoint_interval: int = 10
+    checkpoint_interval: Count = 10
     #: Steps between candidate exports (each one is scored and published or held).
-    publish_interval: int = 10
+    publish_interval: Count = 10
     #: Where checkpoints go; empty = ``<home>/checkpoints/<model_name>``.
     checkpoint_dir: str = ""
     #: Prompts in the probe set of policy_stability_score (the first distinct prompts seen).
-    probe_size: int = 16
+    probe_size: Count = 16
     #: Tokens generated greedily per probe prompt by the serving policy; the KL is taken over them.
-    probe_tokens: int = 8
+    probe_tokens: Count = 8
     #: APO: JSON file ``{"agent": ["template", ...]}`` of candidate prompt templates.
     apo_templates: str = ""
     #: APO: UCB exploration weight when ranking templates (0 = pure exploitation).
-    apo_exploration: float = 1.0
+    apo_exploration: Annotated[float, Range(at_least=0)] = 1.0
 
 
 @dataclass(frozen=True)
-class ServeConfig:
+class ServeConfig(_Checked):
     """Serving: weight sync and canary deployments."""
 
     #: A candidate version counts as stable for promotion when its policy_stability_score exceeds this.
-    promotion_stability: float = 0.8
+    promotion_stability: ZeroToOne = 0.8
     #: Share of traffic sent to the newest version while it runs as a canary.
-    canary_share: float = 0.05
+    canary_share: ZeroToOne = 0.05
     #: The candidate's mean reward may be at most this much below the stable version's to be promoted.
-    reward_margin: float = 0.05
+    reward_margin: Annotated[float, Range(at_least=0)] = 0.05
     #: Rewarded trajectories of the candidate (and of the stable version) needed before a decision.
-    canary_window: int = 50
+    canary_window: Count = 50
     #: Sampled tokens of the candidate scored against the stable version before a decision
     #: (policy_stability_score = exp(-KL) over them).
-    stability_tokens: int = 200
+    stability_tokens: Count = 200
     #: Replica id of this server in ServedVersion records; empty = ``<hostname>-<vLLM port>``.
     server_id: str = ""
     #: Where the sidecar keeps fetched versions and the ``current`` link vLLM loads from;
     #: empty = ``<home>/serving/<server_id>``.
     serving_dir: str = ""
     #: Port of the vLLM server ``boltstream serve`` starts (0 = a free one).
-    vllm_port: int = 8000
+    vllm_port: Port = 8000
     #: Port of the router (the OpenAI-compatible endpoint agents call) ``boltstream serve`` starts.
-    router_port: int = 8400
+    router_port: Port = 8400
     #: Where the canary analyzer reaches the router to score the canary's tokens under the stable
     #: version; empty = ``http://127.0.0.1:<router_port>``.
     router_url: str = ""
@@ -293,59 +352,116 @@ class Settings:
         return self.clickhouse.url or f"chdb://{self.home / 'clickhouse'}"
 
 
-# -- loading ---------------------------------------------------------------------------------
+# -- checking and loading ----------------------------------------------------------------------
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls, include_extras=True)
+
+
+@functools.cache
+def _section_names() -> dict[type, str]:
+    """Each section class with its name in Settings (``ProducerConfig`` -> ``producer``)."""
+    return {hint: name for name, hint in _hints(Settings).items() if is_dataclass(hint)}
+
+
+def _split(annotation: Any) -> tuple[Any, tuple[Any, ...]]:
+    """The type under an ``Annotated[...]`` and its metadata; a bare type has none."""
+    if typing.get_origin(annotation) is Annotated:
+        return annotation.__origin__, annotation.__metadata__
+    return annotation, ()
+
+
+def _complaint(value: Any, annotation: Any) -> str | None:
+    """Why ``value`` is outside the choices or the range of ``annotation``; None when it is not."""
+    base, metadata = _split(annotation)
+    if typing.get_origin(base) is Literal:
+        choices = typing.get_args(base)
+        return None if value in choices else f"{value!r} is not one of {', '.join(choices)}"
+    for rule in metadata:
+        if isinstance(rule, Range) and not rule.admits(value):
+            return f"{value!r} is not {rule}"
+    return None
+
+
+def _to_bool(value: Any) -> bool:
+    if not isinstance(value, str):
+        return bool(value)
+    word = value.strip().lower()
+    if word in ("1", "true", "yes", "on"):
+        return True
+    if word in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(value)
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError(value)  # int() would cut 8.5 to 8
+    return int(value)
+
+
+def _to_tuple(value: Any) -> tuple[str, ...]:
+    items = [s.strip() for s in value.split(",") if s.strip()] if isinstance(value, str) else value
+    return tuple(str(item) for item in items)
+
+
+def _to_dict(value: Any) -> dict[str, Any]:
+    return dict(json.loads(value) if isinstance(value, str) else value)
+
+
+#: How a TOML or env value becomes a field of each kind, and what that kind is called in an error.
+_CONVERSIONS: dict[Any, tuple[Callable[[Any], Any], str]] = {
+    bool: (_to_bool, "true or false"),
+    int: (_to_int, "an integer"),
+    float: (float, "a number"),
+    Duration: (parse_duration, "a duration (seconds, or e.g. 250ms, 30s, 5m, 1h)"),
+    str: (str, "a string"),
+    Literal: (str, "a string"),
+    Path: (lambda value: Path(value).expanduser(), "a path"),
+    tuple: (_to_tuple, "a list of strings"),
+    dict: (_to_dict, "a table"),
+}
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
     """Turn a TOML/env value into the annotated type, or raise ConfigError naming ``where``."""
-    origin = typing.get_origin(annotation)
+    base, metadata = _split(annotation)
+    kind = Duration if Duration in metadata else typing.get_origin(base) or base
+    convert, expected = _CONVERSIONS[kind]
     try:
-        if annotation is bool:
-            if isinstance(value, str):
-                if value.strip().lower() in ("1", "true", "yes", "on"):
-                    return True
-                if value.strip().lower() in ("0", "false", "no", "off", ""):
-                    return False
-                raise ValueError(value)
-            return bool(value)
-        if annotation is int:
-            return int(value)
-        if annotation is float:
-            # Durations are floats of seconds: accept "30s" as well as 30.
-            return parse_duration(value) if isinstance(value, str) else float(value)
-        if annotation is str:
-            return str(value)
-        if annotation is Path:
-            return Path(value).expanduser()
-        if origin is tuple:
-            items = [s.strip() for s in value.split(",") if s.strip()] if isinstance(value, str) else value
-            return tuple(str(item) for item in items)
-        if origin is dict:
-            return dict(json.loads(value) if isinstance(value, str) else value)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: cannot use {value!r} ({exc})") from None
-    raise ConfigError(f"{where}: unsupported type {annotation}")
+        return convert(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: {value!r} is not {expected}") from None
 
 
-def _apply(obj: Any, values: dict[str, Any], where: str) -> Any:
-    hints = typing.get_type_hints(type(obj))
+def _apply(obj: Any, values: dict[str, Any], where: str = "") -> Any:
+    """``obj`` with ``values`` (a table per section) coerced into its fields; ``where`` prefixes the names."""
+    hints = _hints(type(obj))
     known = {f.name for f in fields(obj)}
     unknown = set(values) - known
     if unknown:
-        raise ConfigError(f"{where}: unknown parameter(s) {sorted(unknown)}; known: {sorted(known)}")
+        names = sorted(where + name for name in unknown)
+        raise ConfigError(f"unknown parameter(s) {names}; known: {sorted(known)}")
     changes = {}
     for name, value in values.items():
         current = getattr(obj, name)
         if is_dataclass(current):
             if not isinstance(value, dict):
-                raise ConfigError(f"{where}.{name}: expected a table")
-            changes[name] = _apply(current, value, f"{where}.{name}")
+                raise ConfigError(f"{where}{name}: expected a table")
+            changes[name] = _apply(current, value, f"{where}{name}.")
         else:
-            annotation = hints[name]
-            if isinstance(annotation, types.UnionType):  # e.g. str | None
-                annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
-            changes[name] = _coerce(value, annotation, f"{where}.{name}")
+            changes[name] = _coerce(value, hints[name], f"{where}{name}")
     return replace(obj, **changes)
+
+
+def _apply_source(settings: Settings, values: dict[str, Any], source: str) -> Settings:
+    """``settings`` with the values of one source; an error names the source before the field."""
+    try:
+        return _apply(settings, values)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
 
 
 def _env_values(environ: typing.Mapping[str, str]) -> dict[str, Any]:
@@ -388,43 +504,26 @@ def load_settings(
     config_path = Path(path or environ.get("BOLTSTREAM_CONFIG") or "boltstream.toml")
     if config_path.exists():
         with config_path.open("rb") as handle:
-            settings = _apply(settings, tomllib.load(handle), str(config_path))
+            settings = _apply_source(settings, tomllib.load(handle), str(config_path))
     elif path or environ.get("BOLTSTREAM_CONFIG"):
         raise ConfigError(f"config file {config_path} does not exist")
-    settings = _apply(settings, _env_values(environ), "environment")
+    settings = _apply_source(settings, _env_values(environ), "environment")
     if environ.get(TRACER_ENV):
-        settings = _apply(settings, {"auto_trace": environ[TRACER_ENV]}, TRACER_ENV)
+        settings = _apply_source(settings, {"auto_trace": environ[TRACER_ENV]}, TRACER_ENV)
     if overrides:
-        settings = _apply(settings, overrides, "overrides")
+        settings = _apply_source(settings, overrides, "overrides")
     return _fill_from_stack(settings)
 
 
 # -- writing ---------------------------------------------------------------------------------
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str | Path):
-        # A JSON string is a TOML basic string, except that TOML also wants DEL escaped.
-        return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
-    if isinstance(value, tuple | list):
-        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{_toml_value(str(k))} = {_toml_value(v)}" for k, v in value.items()) + "}"
-    raise TypeError(f"no TOML form for {type(value).__name__}")
+def _toml_table(items: list[tuple[str, Any]]) -> dict[str, Any]:
+    # TOML has no path type (tuples are written as arrays, which read back as tuples).
+    return {key: str(value) if isinstance(value, Path) else value for key, value in items}
 
 
 def settings_toml(settings: Settings) -> str:
     """``settings`` as a TOML file that ``load_settings`` reads back to an equal Settings."""
-    top, tables = [], []
-    for item in fields(settings):
-        value = getattr(settings, item.name)
-        if is_dataclass(value):
-            tables.append(f"\n[{item.name}]")
-            tables += [f"{f.name} = {_toml_value(getattr(value, f.name))}" for f in fields(value)]
-        else:
-            top.append(f"{item.name} = {_toml_value(value)}")
-    return "\n".join(["# Written by boltstream: the settings its worker processes run with.", *top, *tables]) + "\n"
+    header = "# Written by boltstream: the settings its worker processes run with.\n"
+    return header + tomli_w.dumps(asdict(settings, dict_factory=_toml_table))

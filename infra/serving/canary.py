@@ -209,7 +209,7 @@ class CanaryAnalyzer:
 
     def _ready(self) -> list[dict[str, Any]]:
         """Promote or roll back once the window holds enough evidence."""
-        canary, window = self.canary, max(self.serve.canary_window, 1)
+        canary, window = self.canary, self.serve.canary_window
         assert canary is not None
         counts = (len(canary.rewards.get(canary.candidate, [])), len(canary.rewards.get(canary.stable, [])))
         if min(counts) < window or canary.tokens < self.serve.stability_tokens:
