@@ -167,7 +167,7 @@ print(f'boltstream: installed in {sys.prefix} (imports {\" \".join(sys.argv[1:])
 echo "boltstream: extras ${requested[*]}"
 # The smoke import also catches an editable install made for another package layout (pulled commits
 # that moved modules): its import mapping is stale although every requirement is met.
-if satisfied && smoke_import 2>/dev/null; then
+if satisfied && smoke_import >/dev/null 2>&1; then
     echo "boltstream: already installed in $ENVIRONMENT"
     exit 0
 fi
