@@ -225,14 +225,16 @@ pip_install_serve() {
     rm -f "$errors"
 }
 
+# Every step is checked before any is taken, so a refused install leaves the environment as it was.
+if wants train || wants serve; then no_downgrade "torch==${TORCH_VERSION}"; fi
+no_downgrade -e ".[$(join "${first[@]:-registry}")]"
+if wants serve; then no_downgrade -e ".[serve]"; fi
+
 if wants train || wants serve; then
-    no_downgrade "torch==${TORCH_VERSION}"
     pip_locked install "torch==${TORCH_VERSION}"
 fi
-no_downgrade -e ".[$(join "${first[@]:-registry}")]"
 pip_locked install -e ".[$(join "${first[@]:-registry}")]"
 if wants serve; then
-    no_downgrade -e ".[serve]"
     pip_install_serve
     pip_locked uninstall -y "${CUDA_LEFTOVERS[@]}"
 fi
