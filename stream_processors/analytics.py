@@ -5,7 +5,8 @@ store's read endpoint (served by the archive worker) or a ClickHouse server, ali
 are views created with the tables (``schemas/clickhouse/1*_reports*.sql``): ``report NAME`` selects
 from ``report_NAME`` (``--param k=v`` passes the parameters of a parameterized view), and ``report --list``
 reads their names and comments from ``system.tables``. ``report NAME --plot`` also draws the result
-(matplotlib, the ``[report]`` extra) into a PNG and an HTML page holding it and the rows.
+(matplotlib, the ``[report]`` extra) into a PNG and an HTML page holding it and the rows. A report with
+no rows yet says so in one line and succeeds; ``sql`` prints an empty result as its header alone.
 """
 
 from __future__ import annotations
@@ -52,10 +53,14 @@ def print_result(client: Any, sql: str, output_format: str) -> None:
         sys.stdout.write(client.raw_query(sql, fmt=None if own_format else _RAW_FORMATS[output_format]).decode())
         sys.stdout.flush()
         return
+    print_table(client.query(sql))
+
+
+def print_table(result: Any) -> None:
+    """Print a query result as a rich table (its header even when it has no rows) and its row count."""
     from rich.console import Console
     from rich.table import Table
 
-    result = client.query(sql)
     table = Table(*result.column_names, show_lines=False)
     for row in result.result_rows:
         table.add_row(*("NULL" if value is None else str(value) for value in row))
@@ -228,9 +233,18 @@ def report_command(args: argparse.Namespace, settings: Settings) -> int:
                 print(f"boltstream report: {args.name} needs {needed}", file=sys.stderr)
                 return 2
             sql = report_sql(args.name, args.param)
-            print_result(client, sql, args.format)
+            if args.format != "table":  # CSV and JSON as the server writes them, for scripts (a CSV header if no rows)
+                print_result(client, sql, args.format)
+                if not args.plot:
+                    return 0
+            result = client.query(sql)
+            if not result.result_rows:  # a fresh archive, or no data of the kind the report counts
+                about = f"nothing archived so far goes into it ({reports[args.name]})"
+                print(f"report {args.name}: no rows yet; {about}", file=sys.stderr)
+                return 0
+            if args.format == "table":
+                print_table(result)
             if args.plot:
-                result = client.query(sql)
                 directory = Path(args.output) if args.output else Path(settings.home) / "reports"
                 try:
                     png, page = plot_report(

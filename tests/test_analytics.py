@@ -144,3 +144,24 @@ def test_report_unknown_name_and_no_read_url(archived, capsys, monkeypatch, tmp_
     monkeypatch.setenv("BOLTSTREAM_HOME", str(tmp_path / "no-stack"))
     code, _, err = run(capsys, "sql", "SELECT 1")
     assert code == 2 and "read_url" in err
+
+
+def test_a_report_without_rows_says_so_and_succeeds(archive, capsys, monkeypatch, tmp_path):
+    """A fresh archive: no LLM call archived yet, so llm_latency has nothing to show or plot."""
+    archive.start()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BOLTSTREAM_CLICKHOUSE__READ_URL", archive.read_url)
+    plots = tmp_path / "plots"
+    for options in ([], ["--plot", "--output", str(plots)]):
+        code, out, err = run(capsys, "report", "llm_latency", *options)
+        assert (code, out) == (0, "")
+        assert len(err.splitlines()) == 1
+        assert err.startswith("report llm_latency: no rows yet;") and "LLM call latency" in err
+    assert not plots.exists()
+
+    code, out, err = run(capsys, "report", "llm_latency", "--format", "csv", "--plot", "--output", str(plots))
+    assert code == 0 and "no rows yet" in err
+    assert list(csv.reader(io.StringIO(out))) == [["model", "model_version", "calls", "p50_ms", "p95_ms", "p99_ms"]]
+
+    code, out, _ = run(capsys, "sql", "SELECT kind, count() AS spans FROM spans GROUP BY kind")
+    assert code == 0 and "kind" in out and "0 row(s)" in out  # sql shows its empty table

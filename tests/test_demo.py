@@ -8,8 +8,11 @@ first one, new versions were published and served, and the report files exist.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
+from boltstream.infra.common.config import load_settings
 from boltstream.infra.demo.report import Window, reward_windows
 
 #: The rise the 150 s demo must show; measured on 2 busy cores: +0.235 and +0.239 (one sampled answer per rollout,
@@ -63,3 +66,17 @@ def test_the_command_rejects_a_non_positive_duration():
     parser = build_parser("demo")
     with pytest.raises(SystemExit):
         parser.parse_args(["demo", "--duration", "0"])
+
+
+def test_the_demo_writes_under_the_home_unless_told_where(tmp_path, monkeypatch):
+    from boltstream.infra.cli import build_parser
+    from boltstream.infra.demo.run import output_directory
+
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings(environ={"BOLTSTREAM_HOME": "state"})  # a relative home is resolved once, here
+    parser = build_parser("demo")
+    default = output_directory(settings, parser.parse_args(["demo"]).out)
+    assert default.parent == tmp_path.resolve() / "state" / "demo"
+    assert re.fullmatch(r"\d{8}-\d{6}", default.name), default.name
+    chosen = output_directory(settings, parser.parse_args(["demo", "--out", "runs/first"]).out)
+    assert chosen == tmp_path.resolve() / "runs" / "first"

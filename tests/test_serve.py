@@ -1,22 +1,67 @@
-"""``boltstream serve`` pieces that need no vLLM engine: where a replica starts from, and what ``status`` shows
-(served version per replica and the canary state, read back from the real broker)."""
+"""``boltstream serve`` pieces that need no vLLM engine: the ports it binds, where a replica starts from, and
+what ``status`` shows (served version per replica and the canary state, read back from the real broker)."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from confluent_kafka import Producer
 from rich.console import Console
 
-from boltstream.infra.common.config import Settings
+from boltstream.infra.common.config import ServeConfig, Settings, load_settings
+from boltstream.infra.common.ports import port_in_use
 from boltstream.infra.common.topics import ensure_topics
-from boltstream.infra.serving.serve import serving_status, starting_point
+from boltstream.infra.serving.serve import PortInUse, serving_port, serving_status, starting_point
 from boltstream.infra.stack.status import print_serving
 from boltstream.schemas.codec import codec
 from tests.test_canary import decision, served
+
+
+@contextlib.contextmanager
+def listening_on(port: int = 0) -> Iterator[int]:
+    """Something listening on loopback ``port`` (0: a free one) while the block runs; yields the port."""
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+            sock.listen()
+            port = sock.getsockname()[1]
+        except OSError:  # a fixed port someone else listens on is just as taken
+            assert port != 0 and port_in_use(port)
+        yield port
+
+
+def test_taken_default_ports_give_way_to_free_ones(tmp_path: Path) -> None:
+    settings = load_settings(environ={"BOLTSTREAM_HOME": str(tmp_path)})
+    defaults = ServeConfig()
+    with listening_on(defaults.vllm_port), listening_on(defaults.router_port):
+        vllm = serving_port(settings, "vllm_port", None)
+        router = serving_port(settings, "router_port", None, avoid=vllm)
+    assert len({vllm, router, defaults.vllm_port, defaults.router_port}) == 4
+    assert not port_in_use(vllm) and not port_in_use(router)
+    # --port at the router's default: the router's default gives way even though nothing listens there yet.
+    assert serving_port(settings, "router_port", None, avoid=defaults.router_port) != defaults.router_port
+
+
+def test_ports_the_user_chose_are_kept_or_refused(tmp_path: Path) -> None:
+    with listening_on() as taken:
+        configured = load_settings(environ={"BOLTSTREAM_HOME": str(tmp_path)}, serve={"vllm_port": taken})
+        with pytest.raises(PortInUse, match=f"port {taken} \\(serve.vllm_port in the configuration\\)"):
+            serving_port(configured, "vllm_port", None)
+        with pytest.raises(PortInUse, match=f"port {taken} \\(--router-port\\) on 127.0.0.1 is already in use"):
+            serving_port(configured, "router_port", taken)
+        with pytest.raises(PortInUse, match="--router-port"):  # the port just picked for vLLM
+            serving_port(configured, "router_port", 9999, avoid=9999)
+    with listening_on() as free:
+        pass
+    assert serving_port(configured, "vllm_port", free) == free
+    assert serving_port(configured, "vllm_port", 0) not in (0, taken)
 
 
 def test_replica_starts_from_the_base_then_from_the_last_full_version(tmp_path: Path) -> None:

@@ -34,6 +34,7 @@ from boltstream.infra.stack.status import TANSU_LAG_NOTE, stack_status
 from boltstream.infra.stack.workers import WORKERS, Worker
 from boltstream.schemas.codec import codec
 from tests.records import make_span_batch
+from tests.test_canary import decision, served
 
 #: Real processes in place of the archive worker: one serving HTTP on the read port, one idle.
 STAND_INS = {
@@ -190,6 +191,35 @@ def test_status_json_reports_topics_workers_and_lag(home, stand_ins, capsys):
     assert main(["status"]) == 0  # the rich rendering of the same report
     out = capsys.readouterr().out
     assert "reachable" in out and spans in out and "lagging" in out
+
+
+def test_status_leaves_no_consumer_group_behind(home, stand_ins, capsys):
+    """status reads lag through the admin API and the serving topics by assignment: no group of its own."""
+    state = start_stack(home_settings(home))
+    settings = home_settings(home, kafka={"bootstrap_servers": state.bootstrap_servers})
+    producer = Producer(settings.kafka.client_config())
+    producer.produce(settings.topics.served_versions, codec("ServedVersion").encode(served("replica-a", 1)))
+    producer.produce(settings.topics.canary_decisions, codec("CanaryDecision").encode(decision("promote", 1, 0)))
+    assert producer.flush(10) == 0
+    consumer = Consumer(settings.kafka.client_config(**{"group.id": "lagging"}))
+    consumer.commit(offsets=[TopicPartition(settings.topics.spans, 0, 0)], asynchronous=False)
+    consumer.close()
+    admin = AdminClient(settings.kafka.client_config())
+
+    def groups() -> set[str]:
+        return {group.group_id for group in admin.list_consumer_groups(request_timeout=10).result().valid}
+
+    assert groups() == {"lagging"}
+    for _ in range(2):
+        result = run_cli(home, "status", "--json")
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout)
+        assert list(report["serving"]["replicas"]) == ["replica-a"]  # the served versions were read
+        assert report["serving"]["canary"]["stable"] == 1  # and the decisions
+        assert list(report["consumer_groups"]) == ["lagging"]
+    assert main(["status"]) == 0
+    assert "lagging" in capsys.readouterr().out
+    assert groups() == {"lagging"}
 
 
 def test_stale_state_file_is_noticed_and_replaced(home, stand_ins, capsys):

@@ -319,9 +319,11 @@ class ServeConfig(_Checked):
     #: Where the sidecar keeps fetched versions and the ``current`` link vLLM loads from;
     #: empty = ``<home>/serving/<server_id>``.
     serving_dir: str = ""
-    #: Port of the vLLM server ``boltstream serve`` starts (0 = a free one).
+    #: Port of the vLLM server ``boltstream serve`` starts (0 = a free one; left at 8000, a free one when
+    #: 8000 is taken).
     vllm_port: Port = 8000
-    #: Port of the router (the OpenAI-compatible endpoint agents call) ``boltstream serve`` starts.
+    #: Port of the router (the OpenAI-compatible endpoint agents call) ``boltstream serve`` starts (0 = a
+    #: free one; left at 8400, a free one when 8400 is taken).
     router_port: Port = 8400
     #: Where the canary analyzer reaches the router to score the canary's tokens under the stable
     #: version; empty = ``http://127.0.0.1:<router_port>``.

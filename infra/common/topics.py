@@ -82,7 +82,9 @@ def ensure_topics(settings: Settings, timeout: float = 15.0) -> dict[str, int]:
 
 def reader_config(settings: Settings, purpose: str, **extra: Any) -> dict[str, Any]:
     """Client settings of a consumer that reads by explicit assignment and is told where each partition
-    ends: partition EOF events on, no commits, a group id of its own that it never joins."""
+    ends: partition EOF events on, no commits, a group id of its own that it never joins. The client
+    insists on a group id; one that is never joined nor committed to leaves no group on the broker, so
+    readers such as ``boltstream status`` do not show up among the consumer groups."""
     return settings.kafka.client_config(
         **{
             "group.id": f"boltstream-{purpose}-{uuid.uuid4().hex[:8]}",

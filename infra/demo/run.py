@@ -1,9 +1,10 @@
 """``boltstream demo``: the closed learning loop on one machine, watched live, ending in a report.
 
-It owns one demo run under ``--out``: it starts the private stack (:mod:`boltstream.infra.demo.stack`),
-runs the fleet of agents (:mod:`boltstream.infra.demo.fleet`) for the duration under the live view
-(:mod:`boltstream.infra.demo.live`), checks that the loop closed, writes the end-of-run report
-(:mod:`boltstream.infra.demo.report`) and stops everything it started.
+It owns one demo run under ``--out`` (default ``<home>/demo/<time>``: :func:`output_directory`): it starts
+the private stack (:mod:`boltstream.infra.demo.stack`), runs the fleet of agents
+(:mod:`boltstream.infra.demo.fleet`) for the duration under the live view (:mod:`boltstream.infra.demo.live`),
+checks that the loop closed, writes the end-of-run report (:mod:`boltstream.infra.demo.report`) and stops
+everything it started.
 """
 
 from __future__ import annotations
@@ -44,17 +45,24 @@ def demo_arguments(parser: argparse.ArgumentParser) -> None:
         "--duration", type=_positive(float), default=180.0, help="seconds the agents run (default: 180)"
     )
     parser.add_argument("--agents", type=_positive(int), default=6, help="concurrent agents (default: 6)")
-    parser.add_argument("--out", help="directory for the stack, logs and report (default: ./boltstream-demo-<time>)")
+    parser.add_argument("--out", help="directory for the stack, logs, models and report (default: <home>/demo/<time>)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the model, the warm start and the tasks")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the stack to come up")
+
+
+def output_directory(settings: Settings, out: str | None) -> Path:
+    """Where a demo run writes: ``out`` (``--out``), else ``<home>/demo/<UTC time>``, beside the other state
+    of boltstream rather than in the current directory (a run leaves a hundred MB or more)."""
+    if out:
+        return Path(out).expanduser().resolve()
+    return settings.home.expanduser().resolve() / "demo" / datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
 
 
 def demo_command(args: argparse.Namespace, settings: Settings) -> int:
     from rich.console import Console
 
     console = Console(stderr=False)
-    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    out = Path(args.out or f"boltstream-demo-{stamp}").resolve()
+    out = output_directory(settings, args.out)
     out.mkdir(parents=True, exist_ok=True)
     try:
         summary = run_demo(
@@ -72,10 +80,17 @@ def demo_command(args: argparse.Namespace, settings: Settings) -> int:
         return 1
     console.print(f"report: {summary['html']} and {summary['png']}")
     console.print(summary["headline"])
+    console.print(_wrote(out))
     if summary["rise"] <= 0:
         console.print("[bold red]boltstream demo: the loop ran, but the mean reward did not rise[/bold red]")
         return 1
     return 0
+
+
+def _wrote(out: Path) -> str:
+    """The closing line: where the run left its files and how much room they take."""
+    size = sum(path.stat().st_size for path in out.rglob("*") if path.is_file() and not path.is_symlink())
+    return f"wrote {size / 1e6:,.0f} MB to {out}: the stack's home and logs, the models, the report"
 
 
 def run_demo(
@@ -104,7 +119,8 @@ def run_demo(
     if (out / "home").exists():
         # Its checkpoints would resume the trainer and its archive would mix two runs in one report.
         raise DemoError(f"{out} already holds a demo run; give --out a new directory")
-    console.print(f"[bold]boltstream demo[/bold] in {out}: warm-starting the tiny model ...")
+    console.print(f"[bold]boltstream demo[/bold] writing to {out}")
+    console.print("warm-starting the tiny model ...")
     model = prepare_model(out / "models", seed)
     settings = demo_settings(settings, out, model)
     console.print(

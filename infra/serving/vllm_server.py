@@ -25,7 +25,6 @@ import atexit
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,17 +34,13 @@ from types import TracebackType
 
 import httpx
 
+from boltstream.infra.common.ports import free_port
+
 LOG_TAIL_LINES = 40
 
 
 class VllmServerError(RuntimeError):
     """The server did not start, died, or refused an admin call. The message carries the details."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 class VllmServer:
