@@ -112,24 +112,33 @@ def default_home() -> Path:
 
 @dataclass(frozen=True)
 class TopicConfig(_Checked):
-    """Topic names and partition counts (DESIGN.md: Topics and records)."""
+    """Topic names and partition counts."""
 
+    #: SpanBatch records of the agents, keyed by rollout_id.
     spans: str = "boltstream.spans.v1"
+    #: Reward records, keyed by rollout_id; co-partitioned with spans.
     rewards: str = "boltstream.rewards.v1"
+    #: Trajectory records the join closes, keyed by rollout_id.
     trajectories: str = "boltstream.trajectories.v1"
+    #: TrainingSample records (one per LLM call of a complete trajectory), keyed by task_id.
     samples: str = "boltstream.samples.v1"
+    #: DeadLetter records: input a worker could not use, with its raw bytes and the reason.
     dlq: str = "boltstream.dlq.v1"
+    #: ModelUpdate records (published weight versions), keyed by model; compacted.
     model_updates: str = "boltstream.model-updates.v1"
+    #: PromptUpdate records (APO's best template per agent), keyed by agent name; compacted.
     prompt_updates: str = "boltstream.prompt-updates.v1"
+    #: ServedVersion records (what each vLLM replica serves), keyed by server id; compacted.
     served_versions: str = "boltstream.served-versions.v1"
     #: Canary decisions (start, promote, rollback of a candidate version), keyed by model; every one is kept.
     canary_decisions: str = "boltstream.canary-decisions.v1"
-    #: Partitions of the keyed event topics (spans, rewards, trajectories, samples, dlq). They bound
+    #: Partitions of the keyed event topics (spans, rewards, trajectories, samples, dlq, canary-decisions). They bound
     #: how many workers of one consumer group share the load; spans and rewards must be equal
     #: (co-partitioned for the join).
     partitions: Count = 4
     #: Partitions of the compacted control topics (model-updates, prompt-updates, served-versions).
     control_partitions: Count = 1
+    #: Copies of each partition the broker keeps when boltstream creates a topic (1 on one machine).
     replication_factor: Count = 1
 
     def compacted(self) -> tuple[str, ...]:
@@ -210,8 +219,9 @@ class StreamConfig(_Checked):
     credit_assignment: CreditPolicy = "final"
     #: Discount per step away from the end, for ``discounted``.
     discount: ZeroToOne = 0.9
-    #: Messages a worker takes per batch, and the longest it waits to fill one, seconds.
+    #: Most messages the archive and the join take in one batch.
     batch_size: Count = 5000
+    #: Longest the archive waits to fill a batch (up to ``batch_size``), seconds; the join's is ``join_batch_within``.
     batch_within: Seconds = 0.2
     #: Consumer group (and Faust app id) of the join workers; its state changelog topic is named after it.
     join_group: str = "boltstream-join"
@@ -237,6 +247,7 @@ class ClickHouseConfig(_Checked):
     #: Where every reader (sql, report, replay) reads: a ClickHouse HTTP URL. Empty means the
     #: running local stack's read endpoint (from its state file).
     read_url: str = ""
+    #: ClickHouse database of the archive's tables and views (created when missing).
     database: str = "boltstream"
     #: Loopback port of the embedded store's read-only HTTP endpoint (0 = pick a free one).
     read_port: Port = 0
@@ -334,6 +345,8 @@ class ServeConfig(_Checked):
 class Settings:
     """Every boltstream parameter. Build with :func:`load_settings`."""
 
+    #: The state directory of the local stack and of every process on this machine: ``$BOLTSTREAM_HOME``,
+    #: else ``~/.boltstream``.
     home: Path = field(default_factory=default_home)
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
     topics: TopicConfig = field(default_factory=TopicConfig)
