@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = load_settings(args.config)
-        if args.command in NEEDS_A_MODEL and not settings.trainer.model_path:
+        if args.command in NEEDS_A_MODEL and not (settings.trainer.model_path or getattr(args, "model", None)):
             settings = with_local_model(settings)
         return int(_module_function(args.command, "command")(args, settings) or 0)
     except ConfigError as exc:

@@ -13,7 +13,7 @@ On CPU two things would otherwise need a C++ toolchain at run time, and both are
 * the shared-memory all-reduce op (``deepspeed_shm_comm``), which DeepSpeed JIT-builds with g++ when
   it sets up torch.distributed on CPU. It only speeds up intra-node all-reduce; gloo does the same
   job without it. :func:`init_distributed` marks it incompatible before the process group starts
-  (``BOLTSTREAM_DS_SHM=1`` keeps DeepSpeed's default, for machines with a compiler that want it).
+  (``trainer.deepspeed_shm_comm = true`` keeps DeepSpeed's default, for machines with a compiler that want it).
 
 Multi-process training runs under ``torchrun`` (which sets RANK/WORLD_SIZE/MASTER_ADDR); a plain
 ``python`` process is a world of one on a free loopback port.
@@ -41,8 +41,6 @@ DEFAULT_DEEPSPEED_CONFIG: dict[str, Any] = {
     "bf16": {"enabled": False},
     "steps_per_print": 10**9,
 }
-
-SHM_ENV = "BOLTSTREAM_DS_SHM"
 
 
 def load_deepspeed_config(source: str | Path | dict[str, Any] | None) -> dict[str, Any]:
@@ -75,13 +73,14 @@ def with_batch_sizes(config: dict[str, Any], global_batch: int, world_size: int)
     return {**config, **derived, "gradient_accumulation_steps": accumulation}
 
 
-def init_distributed() -> tuple[int, int]:
-    """Start (or join) the torch.distributed process group; return (rank, world_size)."""
+def init_distributed(shm_comm: bool = False) -> tuple[int, int]:
+    """Start (or join) the torch.distributed process group; return (rank, world_size). ``shm_comm`` lets
+    DeepSpeed build and use its shared-memory all-reduce op (see the module docstring)."""
     import deepspeed
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        if os.environ.get(SHM_ENV) != "1":
+        if not shm_comm:
             # Probed lazily and cached in a module dict, so this edit is what TorchBackend sees.
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         backend = "gloo" if not _has_accelerator() else None

@@ -79,7 +79,7 @@ class Trainer:
     ) -> None:
         config = settings.trainer
         self.settings = settings
-        self.rank, self.world = init_distributed()
+        self.rank, self.world = init_distributed(config.deepspeed_shm_comm)
         self.algorithm = make_algorithm(settings)
         if not config.model_path:
             raise ConfigError("trainer.model_path: set it to the Hugging Face model directory to train")

@@ -278,6 +278,8 @@ class TrainerConfig(_Checked):
     #: DeepSpeed JSON config replacing the built-in CPU one (ZeRO stage, bf16, optimizer, clipping,
     #: gradient accumulation). The trainer fills in the batch sizes from ``group_size``/``groups_per_step``.
     deepspeed_config: str = ""
+    #: Let DeepSpeed JIT-build (with g++) and use its shared-memory all-reduce op; off, gloo does that job.
+    deepspeed_shm_comm: bool = False
     #: Samples per GRPO group (attempts of one task); a group trains once it has this many.
     group_size: Count = 8
     #: Groups per optimizer step: the global batch is ``group_size * groups_per_step`` samples.

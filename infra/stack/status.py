@@ -209,8 +209,9 @@ def print_status(report: dict[str, Any]) -> None:
             for name, table in report["tables"].items():
                 tables.add_row(name, table["engine"], "" if table["rows"] is None else f"{table['rows']:,}")
             console.print(tables)
-        if report.get("serving"):
-            print_serving(console, report["serving"])
+        serving = report.get("serving")
+        if serving and (serving["replicas"] or serving["canary"]["last_decision"]):  # nothing served: no table
+            print_serving(console, serving)
         if report["consumer_groups"]:
             groups = Table("consumer group", "topic", "lag", title="consumer groups", title_justify="left")
             for group, info in report["consumer_groups"].items():
