@@ -15,6 +15,7 @@ import pytest
 from boltstream.infra.common.config import Settings
 from boltstream.infra.common.topics import ensure_topics
 from boltstream.producers import redaction
+from boltstream.producers.pending_span import ERROR
 from boltstream.producers.redaction import REDACTED, Redactor, to_text
 from boltstream.producers.span_producer import SpanProducer
 from tests.producer_helpers import at_least, consume, sdk_environment, with_producer
@@ -185,7 +186,7 @@ def test_a_batch_cleaned_at_once_equals_each_span_cleaned_alone(settings: Settin
             spans = [pending_span(rng, rollout, i) for i in range(rng.randint(1, 6))]
             if rng.random() < 0.5:  # batches of ordinary spans, which take the fast path
                 spans = [
-                    (*s[:12], None, None, None, "", "args", to_text({"q": "plain"}), "result", "ok") for s in spans
+                    (*s[:ERROR], None, None, None, "", "args", to_text({"q": "plain"}), "result", "ok") for s in spans
                 ]
             batch = producer._clean_batch(spans)
             clean_batches += batch is spans
