@@ -13,6 +13,10 @@
  * Pure Python needed six passes over the text (translate, reverse, four searches): 1.9 us of each 1 KB span
  * on the SpanProducer's thread, the largest share of its work. This pass tests 16 bytes at a time for the
  * few bytes where a shape can start and checks those one by one: about 0.2 us a span.
+ *
+ * The extension is optional (an install without a C compiler goes on without it): redaction.py then runs
+ * _scan_bytes_in_python, which must give the same answer for any bytes; tests/test_redaction.py compares them.
+ * A change to what this scan looks for is a change to both.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

@@ -85,7 +85,7 @@ class rollout:
         self.attempt_id = attempt if isinstance(attempt, str) else f"attempt-{attempt}"
         self.task_id = task_id
         self.agent_name = agent_name
-        #: The ids each span of the rollout carries (see boltstream.producers.span_producer.PendingSpan).
+        #: The ids each span of the rollout carries (see boltstream.producers.pending_span).
         self.ids = (self.rollout_id, self.attempt_id, task_id, agent_name)
         self.attributes = dict(attributes or {})
         self.root_id = new_id()
@@ -108,20 +108,20 @@ class rollout:
         if not self.sampled:
             return
         runtime.record(
-            (
+            (  # a PendingSpan, fields in the order of boltstream.producers.pending_span
                 self.root_id,
                 *self.ids,
                 "rollout",
                 self.agent_name or "rollout",
-                None,
+                None,  # parent_id
                 self.next_sequence(),
                 self.start_us,
                 now_us(),
                 "ok" if error is None else "error",
                 None if error is None else f"{type(error).__name__}: {error}",
-                None,
-                None,
-                "",
+                None,  # reward
+                None,  # llm
+                "",  # server_id
                 *itertools.chain.from_iterable(self.attributes.items()),
             )
         )

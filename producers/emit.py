@@ -86,7 +86,7 @@ def emit_span(
             attributes = {**(attributes or {}), "kind": kind}
             kind = "custom"
         runtime.record(
-            (
+            (  # a PendingSpan, fields in the order of boltstream.producers.pending_span
                 event_id,
                 *current.ids,
                 kind,

@@ -16,8 +16,6 @@ from typing import Any
 
 import orjson
 
-from boltstream.producers import _secret_scan
-
 REDACTED = "[REDACTED]"
 TRUNCATION_MARKER = "…[truncated {} bytes]"
 
@@ -42,8 +40,10 @@ _SHAPES = (
     ("xox", r"()\bxox[abprs]-[A-Za-z0-9\-]{10,}", 0),
 )
 # Before any shape runs, one cheap test says whether any of them can match (``Redactor.may_hold_secret``):
-# a single pass in C over the UTF-8 bytes (producers/_secret_scan.c says what it looks for). Text with
-# non-ASCII characters is folded first, in the str domain, and its AWS key ids are searched here.
+# a single pass in C over the UTF-8 bytes (producers/_secret_scan.c says what it looks for), or the same
+# test in a few passes of Python's bytes methods and regular expressions where the C extension was not
+# built (it is optional: the SDK installs without a C compiler). Text with non-ASCII characters is folded
+# first, in the str domain, and its AWS key ids are searched here.
 _AWS_KEY_ID = re.compile("A[KS]IA")
 # For non-ASCII text, first in the str domain: the non-ASCII whitespace ``\s`` matches becomes a space,
 # and the letters an IGNORECASE regex equates with ASCII ones but ``str.lower()`` leaves alone
@@ -57,6 +57,34 @@ _SECRET_KEYS = re.compile(
     r"(?i)^(?:.*[._-])?(?:authorization|proxy-authorization|api[_-]?key|apikey|x-api-key|password|passwd|secret|"
     r"client[_-]?secret|access[_-]?token|refresh[_-]?token|cookie|set-cookie)$"
 )
+
+# The Python scan reads the bytes folded as the C scan compares them, and backwards: what must stand
+# before a ':' or '-' then follows it, which a regular expression can say (a lookbehind cannot: its width
+# is fixed), and each search starts at one literal byte, which the re module finds quickly.
+_FOLD = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ=_", b"abcdefghijklmnopqrstuvwxyz:-")
+# The C scan's assignment (a key word, an optional quote, spaces, ':') and dashed token prefix, backwards.
+_ASSIGNMENT_BACKWARDS = re.compile(rb":[ \t-\r\x1c-\x1f]*[\"']?(?:yek|noitazirohtua|terces|dwssap|drowssap|nekot)")
+_TOKEN_PREFIX_BACKWARDS = re.compile(rb"-(?:ks|[abprs]xox|[pousr]hg)(?![a-z0-9])")
+
+
+def _scan_bytes_in_python(data: bytes) -> bool:
+    """The C pre-scan's ``may_hold_secret(data)`` in Python: the same answer for any bytes, 10-20 times slower
+    (3.5 µs for a 1 KB span's texts, against 0.17 µs)."""
+    folded = data.translate(_FOLD)
+    backwards = folded[::-1]
+    return (
+        _ASSIGNMENT_BACKWARDS.search(backwards) is not None
+        or _TOKEN_PREFIX_BACKWARDS.search(backwards) is not None
+        or b"bearer" in folded
+        or b"AKIA" in data
+        or b"ASIA" in data
+    )
+
+
+try:
+    from boltstream.producers._secret_scan import may_hold_secret as _scan_bytes
+except ImportError:  # installed without a C compiler
+    _scan_bytes = _scan_bytes_in_python
 
 
 # Attribute values that are not strings are snapshotted on the agent's thread as compact JSON. orjson
@@ -103,9 +131,9 @@ class Redactor:
         secrets (the usual case) costs a few passes at C speed over its bytes.
         """
         if text.isascii():
-            return _secret_scan.may_hold_secret(text.encode("ascii"))
+            return _scan_bytes(text.encode("ascii"))
         folded = text.lower().translate(_NON_ASCII_FOLD).encode("utf-8", "surrogatepass")
-        return _secret_scan.may_hold_secret(folded) or _AWS_KEY_ID.search(text) is not None
+        return _scan_bytes(folded) or _AWS_KEY_ID.search(text) is not None
 
     def redact(self, text: str) -> str:
         """``text`` with every secret replaced by ``[REDACTED]``."""

@@ -16,7 +16,8 @@ from dataclasses import asdict
 from typing import Any
 
 from boltstream.infra.common.config import ConfigError, Settings, load_settings
-from boltstream.producers.span_producer import DeliveryListener, PendingSpan, SpanProducer
+from boltstream.producers.pending_span import PendingSpan
+from boltstream.producers.span_producer import DeliveryListener, SpanProducer
 
 log = logging.getLogger("boltstream.producer")
 

@@ -36,26 +36,17 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 
 from boltstream.infra.common.config import Settings
 from boltstream.infra.common.contract import keep_rollout
+from boltstream.producers.pending_span import ATTRIBUTES, ERROR, LLM, REWARD, ROLLOUT_ID, SERVER_ID, PendingSpan
 from boltstream.producers.redaction import Redactor
-from boltstream.producers.span_encoder import ATTRIBUTES, SpanBatchEncoder
+from boltstream.producers.span_encoder import SpanBatchEncoder
 from boltstream.producers.spool import Segment, Spool, SpooledMessage, SpoolLocked
 from boltstream.schemas.codec import CodecError, codec
 
 log = logging.getLogger("boltstream.producer")
 
-#: A span waiting in memory, built on the agent's thread (cheap: no conversion, no encoding): the Span
-#: record's fields in schema order, attributes last and flat, a tuple
-#: (event_id, rollout_id, attempt_id, task_id, agent_name, kind, name, parent_id, sequence, start_us, end_us,
-#:  status, error, reward, llm, server_id, key, value, key, value, ...).
-#: Flat and made of strings, numbers and None (an llm_call's ``llm`` dict aside), it stops being tracked by
-#: the garbage collector at the first collection it meets, so spans waiting for this thread are not promoted
-#: to the old generation, where they would trigger full collections of the agent's whole heap (end-to-end
-#: benchmark: 2 full collections per 100,000 spans, ~2 µs a span, when spans held a dict and the rollout).
-PendingSpan = tuple
-
 #: Seconds the background thread sleeps at most while there is nothing to send.
 IDLE_TICK = 1.0
-_rollout_id = operator.itemgetter(1)  # of a PendingSpan
+_rollout_id = operator.itemgetter(ROLLOUT_ID)
 #: Largest SpanBatch message; bigger flushes of one rollout are split (brokers default to 1 MB).
 MAX_MESSAGE_BYTES = 900 * 1024
 #: Delivery errors that retrying cannot fix: the message is dropped (counted, logged), not spooled.
@@ -332,9 +323,9 @@ class SpanProducer:
             if len(span) > ATTRIBUTES:
                 key_sets.add(span[ATTRIBUTES::2])
                 texts += span[ATTRIBUTES + 1 :: 2]
-            if span[12] is not None:  # error
-                texts.append(span[12])
-            llm = span[14]
+            if span[ERROR] is not None:
+                texts.append(span[ERROR])
+            llm = span[LLM]
             if llm is not None:
                 texts.append(llm.get("prompt_text"))
                 texts.append(llm.get("completion_text"))
@@ -354,7 +345,7 @@ class SpanProducer:
 
     def _clean(self, span: PendingSpan) -> PendingSpan:
         """The span as it may leave the process: attributes as strings, secrets redacted, values bounded."""
-        error, llm = span[12], span[14]
+        error, llm = span[ERROR], span[LLM]
         clean = self._redactor.clean
         if llm is not None:
             llm = dict(llm)
@@ -363,7 +354,14 @@ class SpanProducer:
         if error is not None:
             error = clean(error)
         attributes = self._redactor.attributes(dict(zip(span[ATTRIBUTES::2], span[ATTRIBUTES + 1 :: 2], strict=True)))
-        return (*span[:12], error, span[13], llm, span[15], *itertools.chain.from_iterable(attributes.items()))
+        return (
+            *span[:ERROR],
+            error,
+            span[REWARD],
+            llm,
+            span[SERVER_ID],
+            *itertools.chain.from_iterable(attributes.items()),
+        )
 
     def _send_pending_rewards(self) -> None:
         topic = self.settings.topics.rewards

@@ -1,7 +1,9 @@
-"""Helpers for the SDK tests and benchmarks: read what reached the broker, tweak producer settings."""
+"""Helpers for the SDK tests and benchmarks: read what reached the broker, tweak producer settings, run an
+agent in a process of its own."""
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections.abc import Callable
@@ -15,6 +17,17 @@ from boltstream.schemas.codec import codec
 
 def with_producer(settings: Settings, **producer: object) -> Settings:
     return replace(settings, producer=replace(settings.producer, **producer))
+
+
+def sdk_environment(settings: Settings) -> dict[str, str]:
+    """This process's environment, with what makes the SDK of a child process send where ``settings`` say."""
+    return {
+        **os.environ,
+        "BOLTSTREAM_HOME": str(settings.home),
+        "BOLTSTREAM_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
+        "BOLTSTREAM_TOPICS__SPANS": settings.topics.spans,
+        "BOLTSTREAM_TOPICS__REWARDS": settings.topics.rewards,
+    }
 
 
 def consume(

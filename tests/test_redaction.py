@@ -1,18 +1,24 @@
-"""Redaction's fast paths change nothing: the cheap secret test never misses a shape, and a batch cleaned
-at once leaves the process byte for byte as if each span had been cleaned alone."""
+"""Redaction's fast paths change nothing: the cheap secret test never misses a shape (with the C pre-scan
+and with the pure-Python one that stands in for it), and a batch cleaned at once leaves the process byte
+for byte as if each span had been cleaned alone."""
 
 from __future__ import annotations
 
 import random
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from boltstream.infra.common.config import Settings
+from boltstream.infra.common.topics import ensure_topics
 from boltstream.producers import redaction
+from boltstream.producers.pending_span import ERROR
 from boltstream.producers.redaction import REDACTED, Redactor, to_text
 from boltstream.producers.span_producer import SpanProducer
-from tests.producer_helpers import with_producer
+from tests.producer_helpers import at_least, consume, sdk_environment, with_producer
 from tests.records import make_llm
 from tests.test_span_encoder import Rollout, flat
 
@@ -35,6 +41,17 @@ def random_text(rng: random.Random) -> str:
     return "".join(parts)
 
 
+@pytest.fixture(params=["c", "python"])
+def pre_scan(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redactor.may_hold_secret scanning with the C extension, then with its pure-Python stand-in."""
+    if request.param == "c":
+        scan = pytest.importorskip("boltstream.producers._secret_scan").may_hold_secret
+    else:
+        scan = redaction._scan_bytes_in_python
+    monkeypatch.setattr(redaction, "_scan_bytes", scan)
+
+
+@pytest.mark.usefixtures("pre_scan")
 def test_the_cheap_test_finds_every_text_a_secret_shape_matches() -> None:
     rng = random.Random(11)
     matched = 0
@@ -46,6 +63,7 @@ def test_the_cheap_test_finds_every_text_a_secret_shape_matches() -> None:
     assert matched > 5_000  # the generator does produce secrets
 
 
+@pytest.mark.usefixtures("pre_scan")
 def test_the_cheap_test_finds_a_secret_at_any_offset() -> None:
     """The pre-scan (producers/_secret_scan.c) looks at 16 bytes at a time and reads ahead: a secret is
     found wherever it starts or ends in a block, and in the bytes after the last whole block."""
@@ -59,6 +77,7 @@ def test_the_cheap_test_finds_a_secret_at_any_offset() -> None:
                 assert Redactor.may_hold_secret(text), text
 
 
+@pytest.mark.usefixtures("pre_scan")
 def test_the_cheap_test_passes_ordinary_text() -> None:
     for text in [
         "The quick brown fox: jumps over the lazy dog; task-17 asked for a desk_lamp, top_k=5",
@@ -67,6 +86,51 @@ def test_the_cheap_test_passes_ordinary_text() -> None:
     ]:
         assert not Redactor.may_hold_secret(text)
         assert Redactor().redact(text) == text
+
+
+def test_the_python_pre_scan_answers_as_the_c_one() -> None:
+    """Any bytes, not only the texts of secret shapes: key words in any case next to the signs, spaces, quotes
+    and arbitrary bytes, at lengths around the C scan's 16-byte blocks and its 5-byte read-ahead."""
+    c_scan = pytest.importorskip("boltstream.producers._secret_scan").may_hold_secret
+    rng = random.Random(3)
+    fragments = [b"key", b"authorization", b"secret", b"passwd", b"password", b"token", b"sk", b"xox", b"gh",
+                 b"bearer", b"AKIA", b"ASIA", b"ke", b"beare", b"AKI", b"p", b"o", b"b", b"S", b":", b"=", b"-",
+                 b"_", b" ", b"\t", b"\r", b"\x1c", b"\x1f", b"\x1b", b'"', b"'", b"a", b"9", b"\x00",
+                 b"\xc4\xb1", b"\xff"]  # fmt: skip
+    answers = []
+    for _ in range(100_000):
+        if rng.random() < 0.2:
+            data = random_text(rng).encode("utf-8")
+        else:
+            pieces = [
+                rng.choice(fragments) if rng.random() < 0.9 else rng.randbytes(1) for _ in range(rng.randint(0, 30))
+            ]
+            data = b"".join(piece.upper() if rng.random() < 0.2 else piece for piece in pieces)
+        answer = c_scan(data)
+        assert redaction._scan_bytes_in_python(data) == answer, data
+        answers.append(answer)
+    assert 0.2 < sum(answers) / len(answers) < 0.8  # both answers are common
+
+
+def test_the_sdk_redacts_without_the_c_extension(settings: Settings) -> None:
+    """An agent whose install has no C extension (its import fails) sends spans with their secrets redacted."""
+    ensure_topics(settings)
+    agent = (
+        "import sys\n"
+        "sys.modules['boltstream.producers._secret_scan'] = None  # importing it now raises ImportError\n"
+        "from boltstream import agl\n"
+        "from boltstream.producers import redaction\n"
+        "assert redaction._scan_bytes is redaction._scan_bytes_in_python\n"
+        "agl.emit_tool_call('http', args='Authorization: Bearer abcdefgh123', result='used sk-abcdefghijklmnop12')\n"
+        "assert agl.flush(10)\n"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    env = sdk_environment(settings)
+    done = subprocess.run([sys.executable, "-c", agent], env=env, cwd=repo, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    spans = consume(settings.kafka.bootstrap_servers, settings.topics.spans, at_least(2))  # and its implicit rollout
+    tool_call = next(span for span in spans if span["kind"] == "tool_call")
+    assert tool_call["attributes"] == {"args": f"Authorization: Bearer {REDACTED}", "result": f"used {REDACTED}"}
 
 
 def test_non_ascii_whitespace_list_is_what_the_regex_engine_calls_whitespace() -> None:
@@ -122,7 +186,7 @@ def test_a_batch_cleaned_at_once_equals_each_span_cleaned_alone(settings: Settin
             spans = [pending_span(rng, rollout, i) for i in range(rng.randint(1, 6))]
             if rng.random() < 0.5:  # batches of ordinary spans, which take the fast path
                 spans = [
-                    (*s[:12], None, None, None, "", "args", to_text({"q": "plain"}), "result", "ok") for s in spans
+                    (*s[:ERROR], None, None, None, "", "args", to_text({"q": "plain"}), "result", "ok") for s in spans
                 ]
             batch = producer._clean_batch(spans)
             clean_batches += batch is spans

@@ -8,7 +8,8 @@ import random
 
 import pytest
 
-from boltstream.producers.span_encoder import SpanBatchEncoder
+from boltstream.producers import pending_span as layout
+from boltstream.producers.span_encoder import VERSION, SpanBatchEncoder
 from boltstream.schemas.codec import CodecError, codec, shipped_schemas
 from tests.records import make_llm
 
@@ -58,27 +59,34 @@ def pending_span(rng: random.Random, rollout: Rollout, sequence: int) -> tuple:
 
 
 def as_record(span: tuple) -> dict:
-    (event_id, rollout_id, attempt_id, task_id, agent_name, kind, name, parent_id, sequence, start, end) = span[:11]
-    status, error, reward, llm, server = span[11:16]
     return {
-        "event_id": event_id,
-        "rollout_id": rollout_id,
-        "attempt_id": attempt_id,
-        "task_id": task_id,
-        "agent_name": agent_name,
-        "kind": kind,
-        "name": name,
-        "parent_id": parent_id,
-        "sequence": sequence,
-        "start_time_us": start,
-        "end_time_us": end,
-        "status": status,
-        "error": error,
-        "reward": reward,
-        "attributes": dict(zip(span[16::2], span[17::2], strict=True)),
-        "llm": llm,
-        "server_id": server,
+        "event_id": span[layout.EVENT_ID],
+        "rollout_id": span[layout.ROLLOUT_ID],
+        "attempt_id": span[layout.ATTEMPT_ID],
+        "task_id": span[layout.TASK_ID],
+        "agent_name": span[layout.AGENT_NAME],
+        "kind": span[layout.KIND],
+        "name": span[layout.NAME],
+        "parent_id": span[layout.PARENT_ID],
+        "sequence": span[layout.SEQUENCE],
+        "start_time_us": span[layout.START_TIME_US],
+        "end_time_us": span[layout.END_TIME_US],
+        "status": span[layout.STATUS],
+        "error": span[layout.ERROR],
+        "reward": span[layout.REWARD],
+        "attributes": dict(zip(span[layout.ATTRIBUTES :: 2], span[layout.ATTRIBUTES + 1 :: 2], strict=True)),
+        "llm": span[layout.LLM],
+        "server_id": span[layout.SERVER_ID],
     }
+
+
+def test_pending_span_fields_are_the_span_records_in_schema_order() -> None:
+    """The index names are the Span record's field names, numbered in its order, attributes moved last."""
+    span_batch = next(v for v in shipped_schemas()["SpanBatch"] if v.version == VERSION).schema
+    fields = [field["name"] for field in span_batch["fields"][3]["type"]["items"]["fields"]]
+    fields.remove("attributes")
+    assert [getattr(layout, field.upper()) for field in fields] == list(range(len(fields)))
+    assert len(fields) == layout.ATTRIBUTES
 
 
 def test_writes_the_generic_codecs_bytes() -> None:
@@ -101,12 +109,17 @@ def test_writes_the_generic_codecs_bytes() -> None:
 
 def test_bad_values_raise_codec_error() -> None:
     span = pending_span(random.Random(1), ("r", "a", "t", "n"), 0)
-    with pytest.raises(CodecError):
-        SpanBatchEncoder().encode("r", "p", 0, [(*span[:6], 42, *span[7:])])  # a name that is not a string
-    with pytest.raises(CodecError):
-        SpanBatchEncoder().encode("r", "p", 0, [(*span[:5], "no-such-kind", *span[6:])])
-    with pytest.raises(CodecError):
-        SpanBatchEncoder().encode("r", "p", 0, [(*span, "a key without its value")])
+
+    def with_field(index: int, value: object) -> tuple:
+        return (*span[:index], value, *span[index + 1 :])
+
+    for bad in (
+        with_field(layout.NAME, 42),
+        with_field(layout.KIND, "no-such-kind"),
+        (*span, "a key without its value"),
+    ):
+        with pytest.raises(CodecError):
+            SpanBatchEncoder().encode("r", "p", 0, [bad])
 
 
 def test_llm_records_with_edge_values_match_the_generic_codec() -> None:
