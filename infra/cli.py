@@ -122,9 +122,11 @@ GROUPS: dict[str, dict[str, Command]] = {
 COMMANDS: dict[str, Command] = {name: command for group in GROUPS.values() for name, command in group.items()}
 
 
-#: Commands that load a model: with no ``trainer.model_path`` configured they get the demo's tiny local model,
-#: so ``boltstream train`` and ``boltstream serve`` run out of the box (as library calls they need a path).
-NEEDS_A_MODEL = ("train", "serve")
+def needs_a_model(command: str, settings: Settings) -> bool:
+    """Whether ``command`` loads a model: ``serve``, and ``train`` unless it runs APO (which ranks prompts).
+    With no ``trainer.model_path`` they get the demo's tiny local model, so they run out of the box (as
+    library calls they need a path)."""
+    return command == "serve" or (command == "train" and settings.trainer.algorithm != "apo")
 
 
 def with_local_model(settings: Settings) -> Settings:
@@ -192,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = load_settings(args.config)
-        if args.command in NEEDS_A_MODEL and not settings.trainer.model_path:
+        if needs_a_model(args.command, settings) and not settings.trainer.model_path:
             settings = with_local_model(settings)
         return int(_module_function(args.command, "command")(args, settings) or 0)
     except ConfigError as exc:

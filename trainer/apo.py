@@ -274,7 +274,7 @@ def run_apo(settings: Settings, max_seconds: float | None = None) -> int:
     stop_on_ctrl_c(stop)  # before the start lines, which say Ctrl-C stops it
     topics = settings.topics
     print(
-        f"boltstream train: apo, ranking the templates of {len(worker.ranker.agents)} agents; spans and rewards from "
+        f"boltstream train: apo, ranking the templates of {', '.join(worker.ranker.agents)}; spans and rewards from "
         f"{topics.spans} and {topics.trajectories}, winners to {topics.prompt_updates}"
     )
     print(f"  state in {worker.state_path}")
