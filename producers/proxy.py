@@ -292,6 +292,9 @@ def proxy_command(args: argparse.Namespace, settings: Settings) -> int:
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
-    print(f"boltstream proxy: http://{args.host}:{args.port}/v1 → {args.upstream}", flush=True)
+    topics = settings.topics
+    print(f"boltstream proxy: http://{args.host}:{args.port}/v1 → {args.upstream}")
+    print(f"  llm_call spans to {topics.spans}, rewards to {topics.rewards} at {settings.kafka.bootstrap_servers}")
+    print("  stops on Ctrl-C or SIGTERM, ending the open rollouts first", flush=True)
     asyncio.run(main())
     return 0 if runtime.shutdown() else 1

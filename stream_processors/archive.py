@@ -44,6 +44,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
+from urllib.parse import urlsplit
 
 import fastavro
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
@@ -431,9 +432,6 @@ def archive_command(args: argparse.Namespace, settings: Settings) -> int:
             client.close()
             print(f"boltstream archive: cannot serve reads on 127.0.0.1:{port}: {exc.strerror}", file=sys.stderr)
             return 1
-        print(f"read endpoint: http://{READ_USER}:<token>@127.0.0.1:{endpoint.port}", flush=True)
-        if not (args.read_token or settings.clickhouse.read_token):
-            print(f"read token: {token}", flush=True)
 
     worker = ArchiveWorker(settings, client)
 
@@ -443,7 +441,14 @@ def archive_command(args: argparse.Namespace, settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    log.info("archiving %s into %s", ", ".join(worker.tables), url)
+    # A server's URL may hold a password: only its host and port are shown.
+    store = f"chDB in {data_path}" if data_path else f"ClickHouse at {urlsplit(url).netloc.rpartition('@')[2]}"
+    group = settings.clickhouse.archive_group
+    print(f"boltstream archive: {', '.join(worker.tables)} into {store} (consumer group {group})")
+    if endpoint is not None:
+        shown = "as configured" if args.read_token or settings.clickhouse.read_token else token  # a new one
+        print(f"  read endpoint http://{READ_USER}:<token>@127.0.0.1:{endpoint.port}, token {shown}")
+    print("  stops on Ctrl-C or SIGTERM, after the current batch", flush=True)
     try:
         worker.run()
     finally:

@@ -421,6 +421,15 @@ def join_command(args: argparse.Namespace, settings: Settings) -> int:
 
     ensure_topics(settings)  # the inputs must exist before Faust subscribes; outputs before the first close
     worker = JoinWorker(settings, metrics_port=args.metrics_port)
-    print(f"boltstream join: group {settings.stream.join_group}, metrics {metrics_url(worker.metrics_port)}")
+    topics = settings.topics
+    print(
+        f"boltstream join: {topics.spans} and {topics.rewards} into {topics.trajectories} and {topics.samples} "
+        f"(dead letters to {topics.dlq})"
+    )
+    print(
+        f"  consumer group {settings.stream.join_group}, rollout state in {worker._changelog}, "
+        f"metrics {metrics_url(worker.metrics_port)}"
+    )
+    print("  stops on Ctrl-C or SIGTERM", flush=True)
     worker.run(loglevel=args.loglevel)
     return 0

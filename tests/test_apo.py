@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 import time
 import uuid
 
@@ -104,3 +107,42 @@ def test_apo_publishes_the_better_template_and_the_sdk_follows_it(settings, tmp_
     finally:
         follower.close()
     assert (settings.home / "apo" / "tiny.json").exists()
+
+
+def test_the_command_says_what_apo_read_published_and_why_it_stopped(settings, tmp_path):
+    create_topics(settings)
+    templates = tmp_path / "templates.json"
+    templates.write_text(json.dumps({"math-agent": [SHORT, STEPWISE]}))
+    producer = Producer(settings.kafka.client_config())
+    for chosen, reward in [(SHORT, 0.2), (STEPWISE, 0.9)] * 2:
+        rollout = str(uuid.uuid4())
+        spans = [make_span(rollout, sequence=i, attributes={TEMPLATE_ATTRIBUTE: template_id(chosen)}) for i in range(2)]
+        batch = {"rollout_id": rollout, "producer_id": "t", "sent_at_us": 0, "spans": spans}
+        producer.produce(settings.topics.spans, key=rollout.encode(), value=codec("SpanBatch").encode(batch))
+        record = codec("Trajectory").encode(trajectory(rollout, reward))
+        producer.produce(settings.topics.trajectories, key=rollout.encode(), value=record)
+    assert producer.flush(10) == 0
+    topics = settings.topics
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BOLTSTREAM_")} | {
+        "BOLTSTREAM_HOME": str(settings.home),
+        "BOLTSTREAM_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
+        "BOLTSTREAM_TOPICS__SPANS": topics.spans,
+        "BOLTSTREAM_TOPICS__TRAJECTORIES": topics.trajectories,
+        "BOLTSTREAM_TOPICS__PROMPT_UPDATES": topics.prompt_updates,
+        "BOLTSTREAM_TRAINER__ALGORITHM": "apo",
+        "BOLTSTREAM_TRAINER__APO_TEMPLATES": str(templates),
+        "BOLTSTREAM_TRAINER__APO_EXPLORATION": "0",
+    }
+    command = [sys.executable, "-m", "boltstream.infra.cli", "train", "--duration", "4"]
+    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "tiny local model" not in done.stderr  # APO ranks prompts: no model is built for it
+    assert done.stdout.splitlines() == [
+        "boltstream train: apo, ranking the templates of math-agent; spans and rewards from "
+        f"{topics.spans} and {topics.trajectories}, winners to {topics.prompt_updates}",
+        f"  state in {settings.home / 'apo' / 'tiny.json'}",
+        "  stops at --duration 4 s or Ctrl-C",
+        "boltstream train: stopped: --duration over (4 s)",
+        "  read 8 spans and 4 rewards, published 2 prompt updates",  # the untried template first, then the best
+        f"  math-agent now uses template {template_id(STEPWISE)} (version 2, from 2 rewards)",
+    ]

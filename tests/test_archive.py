@@ -47,6 +47,18 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def test_the_worker_says_what_it_archives_where_and_how_to_stop_it(settings, archive):
+    archive.start()
+    wait_for(lambda: "stops on Ctrl-C" in archive.log_path.read_text(), 30, "the start lines")
+    log = archive.log_path.read_text()
+    topics, group = settings.topics, archive.env["BOLTSTREAM_CLICKHOUSE__ARCHIVE_GROUP"]
+    assert f"boltstream archive: {topics.spans}, {topics.rewards}, " in log
+    assert f"into chDB in {settings.home / 'clickhouse'} (consumer group {group})" in log
+    assert f"read endpoint http://reader:<token>@127.0.0.1:{archive.port}, token as configured" in log
+    assert archive.token not in log
+    assert archive.stop() == 0  # SIGTERM: the current batch is finished, then a clean exit
+
+
 def test_every_span_exactly_once_after_sigkill(settings, archive):
     event_ids = produce_span_batches(settings, rollouts=5000, spans_per_rollout=20)
     assert len(event_ids) == 100_000

@@ -9,6 +9,7 @@ records are compared after deduping by id.
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -59,6 +60,7 @@ def run_join(settings, traffic: Traffic, workers: int = 1, kill_after: int = 0) 
         "dead_letters": dead.records,
         "deliveries": trajectories.deliveries,
         "statuses": statuses,
+        "logs": [process.log_path.read_text() for process in processes],
     }
 
 
@@ -120,3 +122,9 @@ def test_worker_survives_bad_input_only(broker, settings) -> None:
     reasons = sorted(d["reason"] for d in result["dead_letters"].values())
     assert any("negative duration" in r for r in reasons) and any("non-finite reward" in r for r in reasons)
     assert result["statuses"][0]["dead_letters"]["decode_error"] == 2
+    topics, group = settings.topics, re.escape(settings.stream.join_group)
+    started = f"boltstream join: {topics.spans} and {topics.rewards} into {topics.trajectories} and {topics.samples}"
+    assert started in result["logs"][0]
+    metrics = rf"consumer group {group}, rollout state in {group}-rollouts-changelog, metrics http://127\.0\.0\.1:\d+/"
+    assert re.search(metrics, result["logs"][0]), result["logs"][0]
+    assert "stops on Ctrl-C or SIGTERM" in result["logs"][0]

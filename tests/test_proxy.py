@@ -49,7 +49,8 @@ def start_proxy(settings: Settings, upstream: str, *extra: str) -> tuple[subproc
         str(port),
         *extra,
     ]
-    process = subprocess.Popen(command, env=env, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL)
+    with (Path(settings.home) / "proxy.log").open("a") as log:
+        process = subprocess.Popen(command, env=env, cwd=Path(__file__).resolve().parents[1], stdout=log)
     wait_for_port(port, timeout=30)
     return process, f"http://127.0.0.1:{port}"
 
@@ -73,6 +74,18 @@ def same_view(obj: Any) -> dict[str, Any]:
     for volatile in ("id", "created"):
         data.pop(volatile, None)
     return data
+
+
+def test_the_proxy_says_where_it_listens_what_it_captures_and_how_to_stop_it(settings: Settings) -> None:
+    upstream = f"http://127.0.0.1:{free_port()}"  # never called: the proxy only starts and stops
+    process, url = start_proxy(settings, upstream)
+    assert stop_proxy(process) == 0
+    topics, servers = settings.topics, settings.kafka.bootstrap_servers
+    assert (Path(settings.home) / "proxy.log").read_text().splitlines() == [
+        f"boltstream proxy: {url}/v1 → {upstream}",
+        f"  llm_call spans to {topics.spans}, rewards to {topics.rewards} at {servers}",
+        "  stops on Ctrl-C or SIGTERM, ending the open rollouts first",
+    ]
 
 
 def test_proxied_calls_are_captured_and_answered_as_the_upstream_would(vllm_server, proxy) -> None:

@@ -295,6 +295,8 @@ def test_replay_command_paces_selects_and_writes_the_experiment_config(recorded,
     assert main(["replay", "--name", "cli", "--agent", agent, "--speed", str(speed), "--quiet"]) == 0
     elapsed = time.monotonic() - started
     out = capsys.readouterr().out
+    replay_topics = f"replay.cli.{settings.topics.spans} and replay.cli.{settings.topics.rewards}"
+    assert f"boltstream replay: spans and rewards from the archive into {replay_topics}, at 20× the original" in out
     spans = sum(m.events for m in selected if m.topic == "spans")
     assert f"replayed {spans} spans and {sum(m.topic == 'rewards' for m in selected)} rewards" in out
     original_seconds = (selected[-1].time_us - selected[0].time_us) / 1e6

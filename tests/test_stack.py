@@ -90,7 +90,11 @@ def test_up_twice_says_so_and_starts_one_broker(home, stand_ins, capsys):
     assert main(["up"]) == 0
     first = read_state(home_settings(home))
     assert first is not None and first.running()
-    capsys.readouterr()
+    out = capsys.readouterr().out
+    assert f"broker   {first.bootstrap_servers} (pid {first.broker.pid}), log {home / 'logs' / 'broker.log'}" in out
+    assert f"idle     pid {first.workers['idle'].pid}, log {home / 'logs' / 'idle.log'}" in out
+    assert f"data     {home / 'clickhouse'} (the archive)" in out
+    assert out.rstrip().endswith("stop it with `boltstream down`")
 
     assert main(["up"]) == 0
     out = capsys.readouterr().out
@@ -113,7 +117,9 @@ def test_down_stops_workers_and_broker(home, stand_ins, capsys):
     assert all(record.alive() for record in records)
 
     assert main(["down"]) == 0
-    assert "stopped broker" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"stopped broker {state.bootstrap_servers} (pid {state.broker.pid}), reader (pid" in out
+    assert f"the archive in {home / 'clickhouse'} and the logs in {home / 'logs'} stay" in out
     assert not any(record.alive() for record in records)
     assert not listening(state.broker_port)
     assert not (home / "stack.json").exists() and not (home / "stack.toml").exists()

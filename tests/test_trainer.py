@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -155,8 +156,10 @@ def test_stable_candidate_is_published_with_a_verifiable_artifact(trainer_settin
     settings = with_trainer(trainer_settings, publish_interval=2, weight_sync_threshold=0.0)
     produce_samples(settings, groups(4, 4))
     trainer = Trainer(settings, deepspeed_config=SGD)
-    assert trainer.run(max_steps=2) == 2
+    run = trainer.run(max_steps=2)
     trainer.close()
+    assert (run.steps, run.samples, run.published, run.held) == (2, 16, [1], 0)
+    assert run.stopped == "--max-steps reached (2 steps)"
     (update,) = read_all(settings, settings.topics.model_updates, "ModelUpdate", expect=1)
     assert update["model"] == "tiny" and update["version"] == 1 and update["parent_version"] is None
     assert update["format"] == "full" and update["step"] == 2
@@ -174,8 +177,9 @@ def test_candidate_below_the_threshold_is_held_and_the_reason_recorded(trainer_s
     settings = with_trainer(trainer_settings, publish_interval=1, weight_sync_threshold=0.999999)
     produce_samples(settings, groups(2, 4))
     trainer = Trainer(settings, deepspeed_config=SGD)
-    trainer.run(max_steps=1)
+    run = trainer.run(max_steps=1)
     trainer.close()
+    assert (run.published, run.held) == ([], 1)
     assert read_all(settings, settings.topics.model_updates, "ModelUpdate", timeout=3) == []
     (hold,) = [json.loads(line) for line in (trainer.directory / "holds.jsonl").read_text().splitlines()]
     assert hold["step"] == 1 and hold["score"] < 0.999999
@@ -247,6 +251,57 @@ def trainer_env(settings) -> dict[str, str]:
     for name, value in dataclasses.asdict(settings.trainer).items():
         env[f"BOLTSTREAM_TRAINER__{name.upper()}"] = str(value)
     return env
+
+
+# -- the command: what it says ------------------------------------------------------------------
+def test_the_command_says_what_it_trained_and_why_it_stopped(trainer_settings, tmp_path):
+    settings = with_trainer(trainer_settings, publish_interval=2, weight_sync_threshold=0.0)
+    samples, checkpoints = settings.topics.samples, settings.trainer.checkpoint_dir
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps(SGD))
+    command = [sys.executable, "-m", "boltstream.infra.cli", "train", "--deepspeed-config", str(config)]
+
+    def train(*args: str) -> str:
+        done = subprocess.run(
+            [*command, *args], env=trainer_env(settings), cwd=tmp_path, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done.stdout
+
+    # Nothing to train: the summary says why it stopped and that nothing was done.
+    out = train("--idle-timeout", "2")
+    assert f"starting at step 0; samples from {samples}, versions to {settings.topics.model_updates}" in out
+    assert "stops at --idle-timeout 2 s or Ctrl-C" in out
+    assert "boltstream train: stopped: idle timeout: no complete batch in 2 s" in out
+    assert f"trained 0 steps on 0 samples (0 tokens); read 0 from {samples}\n" in out
+    assert "versions published: none; held: 0; checkpoint: none (no step trained yet)" in out
+
+    # Two steps of samples: a line per step, then the counts, the version published and the checkpoint.
+    produce_samples(settings, groups(4, 4))
+    out = train("--max-steps", "2")
+    assert re.search(r"^step 1: 8 samples, \d+ tokens, loss [-\d.e]+, reward 0\.5, [\d.]+ s$", out, re.M), out
+    assert re.search(r"^step 2: 8 samples, .*; published version 1 \(stability 0\.\d+\)$", out, re.M), out
+    assert "boltstream train: stopped: --max-steps reached (2 steps)" in out
+    assert f"trained 2 steps on 16 samples (48 tokens); read 16 from {samples}\n" in out
+    assert f"versions published: 1; held: 0; checkpoint: step 2 in {checkpoints}" in out
+
+    # Ctrl-C ends the run after its current step, as a normal stop.
+    stderr = (tmp_path / "interrupted.log").open("w")
+    interrupted = subprocess.Popen(
+        command, env=trainer_env(settings), cwd=tmp_path, stdout=subprocess.PIPE, stderr=stderr, text=True
+    )
+    started = ""
+    while not started.endswith("after its current step, with a checkpoint\n"):
+        line = interrupted.stdout.readline()
+        assert line, f"train exited before it started: {(tmp_path / 'interrupted.log').read_text()[-3000:]}"
+        started += line
+    interrupted.send_signal(signal.SIGINT)
+    out = started + interrupted.communicate(timeout=60)[0]
+    assert interrupted.returncode == 0, out
+    assert "resumed at step 2 (policy version 1)" in out and "stops at Ctrl-C" in out
+    assert "boltstream train: stopped: Ctrl-C" in out
+    assert f"trained 0 steps on 0 samples (0 tokens); read 0 from {samples}\n" in out
+    assert f"versions published: none; held: 0; checkpoint: step 2 in {checkpoints}" in out
 
 
 @pytest.mark.slow
@@ -356,7 +411,7 @@ def test_restart_after_a_checkpoint_continues_with_the_next_batch(trainer_settin
     extra = [make_sample("waiting", 0, ret=1.0)]  # held (its group is incomplete) across the restart
     produce_samples(trainer_settings, first_half + extra + second_half)
     trainer = Trainer(trainer_settings, deepspeed_config=SGD)
-    assert trainer.run(max_steps=1) == 1
+    assert trainer.run(max_steps=1).steps == 1
     trainer.checkpoint()
     weights = {k: v.clone() for k, v in trainer.engine.module.state_dict().items()}
     trainer.close()
@@ -365,7 +420,7 @@ def test_restart_after_a_checkpoint_continues_with_the_next_batch(trainer_settin
     assert resumed.step == 1
     for name, value in resumed.engine.module.state_dict().items():
         assert (value == weights[name]).all(), name
-    assert resumed.run(max_steps=1) == 1
+    assert resumed.run(max_steps=1).steps == 1
     assert resumed.source.next_batch(policy_version=0, timeout=2) is None
     assert [h.sample["task_id"] for h in resumed.source.batcher.held()] == ["waiting"]
     resumed.close()
@@ -403,7 +458,7 @@ def test_sft_trains_only_on_samples_whose_return_passes(trainer_settings):
     samples = groups(4, 4)  # returns alternate 0.0 / 1.0: half pass
     produce_samples(settings, samples)
     trainer = Trainer(settings)
-    assert trainer.run(max_steps=1) == 1
+    assert trainer.run(max_steps=1).steps == 1
     assert trainer.source.next_batch(policy_version=0, timeout=1) is None
     trainer.close()
     assert sorted(trainer.ledger.trained_ids()) == sorted(s["sample_id"] for s in samples if s["return_value"] >= 1)

@@ -55,7 +55,7 @@ def test_grpo_through_the_samples_topic_raises_the_mean_reward(settings, tmp_pat
             policy, tokenizer, rng.sample(tasks, 8), 8, model_version=trainer.policy_version, seed=round_
         )
         produce_samples(settings, batch)
-        assert trainer.run(max_steps=1, idle_timeout=30) == 1
+        assert trainer.run(max_steps=1, idle_timeout=30).steps == 1
     after = arithmetic.mean_reward(policy, tokenizer, tasks, attempts=8, seed=999)
     trainer.close()
     print(f"arithmetic mean reward {before:.3f} -> {after:.3f} after {STEPS} GRPO steps")

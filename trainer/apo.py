@@ -35,6 +35,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, To
 from boltstream.infra.common.config import ConfigError, Settings
 from boltstream.infra.common.contract import TEMPLATE_ATTRIBUTE
 from boltstream.schemas.codec import CodecError, codec
+from boltstream.trainer.stopping import stop_on_ctrl_c
 
 MEMORY = 100_000  # rollouts remembered while waiting for their reward (or rewards waiting for spans)
 log = logging.getLogger("boltstream.apo")
@@ -105,6 +106,8 @@ class ApoWorker:
         self.published: dict[str, tuple[str, int, int]] = {}  # agent -> (template id, version, evaluations)
         self.positions: dict[str, int] = {}  # "topic:partition" -> next offset
         self.spans_since_rank = 0
+        #: What this process did: spans read, rewards of complete rollouts read, PromptUpdates published.
+        self.counts = {"spans": 0, "rewards": 0, "updates": 0}
         self._load()
         self.consumer = Consumer(
             settings.kafka.client_config(
@@ -155,6 +158,7 @@ class ApoWorker:
 
     def _spans(self, batch: dict[str, Any]) -> None:
         self.spans_since_rank += len(batch["spans"])
+        self.counts["spans"] += len(batch["spans"])
         for span in batch["spans"]:
             chosen = span["attributes"].get(TEMPLATE_ATTRIBUTE)
             if chosen is not None and span["rollout_id"] not in self.rollout_template:
@@ -167,6 +171,7 @@ class ApoWorker:
         if trajectory["status"] != "complete" or trajectory["final_reward"] is None:
             return
         rollout, reward = trajectory["rollout_id"], trajectory["final_reward"]
+        self.counts["rewards"] += 1
         if rollout in self.rollout_template:
             agent, chosen = self.rollout_template.pop(rollout)
             self.ranker.record(agent, chosen, reward)
@@ -196,6 +201,7 @@ class ApoWorker:
             )
             self.published[agent] = (identifier, version + 1, stats.evaluations)
             updates.append(update)
+        self.counts["updates"] += len(updates)
         if self.producer.flush(self.settings.producer.flush_timeout) > 0:
             raise RuntimeError("PromptUpdates could not be delivered")
         self._save()
@@ -259,12 +265,35 @@ def load_candidates(path: str | Path) -> dict[str, list[str]]:
 def run_apo(settings: Settings, max_seconds: float | None = None) -> int:
     """The APO worker in the foreground (``boltstream train`` with ``trainer.algorithm = "apo"``)."""
     worker = ApoWorker(settings, load_candidates(settings.trainer.apo_templates))
+    stopped = ""
+
+    def stop() -> None:
+        nonlocal stopped
+        stopped = "Ctrl-C"
+
+    stop_on_ctrl_c(stop)  # before the start lines, which say Ctrl-C stops it
+    topics = settings.topics
+    print(
+        f"boltstream train: apo, ranking the templates of {', '.join(worker.ranker.agents)}; spans and rewards from "
+        f"{topics.spans} and {topics.trajectories}, winners to {topics.prompt_updates}"
+    )
+    print(f"  state in {worker.state_path}")
+    limit = f"--duration {max_seconds:g} s or " if max_seconds is not None else ""
+    print(f"  stops at {limit}Ctrl-C", flush=True)
     worker.rerank()  # publish the starting winners (untried templates first)
-    deadline = None if max_seconds is None else time.monotonic() + max_seconds
+    started = time.monotonic()
     try:
-        while deadline is None or time.monotonic() < deadline:
-            worker.poll()
+        while not stopped:
+            if max_seconds is not None and time.monotonic() - started >= max_seconds:
+                stopped = f"--duration over ({max_seconds:g} s)"
+            else:
+                worker.poll()
     finally:
         worker.rerank()
         worker.close()
+    spans, rewards, updates = worker.counts["spans"], worker.counts["rewards"], worker.counts["updates"]
+    print(f"boltstream train: stopped: {stopped}")
+    print(f"  read {spans} spans and {rewards} rewards, published {updates} prompt updates")
+    for agent, (identifier, version, evaluations) in sorted(worker.published.items()):
+        print(f"  {agent} now uses template {identifier} (version {version}, from {evaluations} rewards)")
     return 0

@@ -11,8 +11,10 @@ reads the samples topic and broadcasts each batch; every rank trains on its shar
 5. every ``checkpoint_interval`` steps a DeepSpeed checkpoint is written with the source's offsets and
    held samples, and only then are the offsets committed to Kafka.
 
-A crash loses at most the steps since the last checkpoint, and those are retrained from the same samples
-(the checkpoint holds them or their offsets); the ledger is cut back to the checkpoint on resume.
+A run ends between steps (``--max-steps``, ``--duration``, ``--idle-timeout`` or Ctrl-C) with a checkpoint,
+so a clean stop keeps every step. A crash loses at most the steps since the last checkpoint, and those are
+retrained from the same samples (the checkpoint holds them or their offsets); the ledger is cut back to the
+checkpoint on resume.
 """
 
 from __future__ import annotations
@@ -40,8 +42,7 @@ from boltstream.trainer.policy import TokenBatch, load_policy, pack, token_logpr
 from boltstream.trainer.publish import Decision, Publisher
 from boltstream.trainer.sft import SFT
 from boltstream.trainer.source import SampleSource, SourceError
-
-log = logging.getLogger("boltstream.trainer")
+from boltstream.trainer.stopping import stop_on_ctrl_c
 
 
 def make_algorithm(settings: Settings) -> GRPO | SFT:
@@ -65,6 +66,28 @@ class StepResult:
     seconds: float
     metrics: dict[str, float] = field(default_factory=dict)
     decision: Decision | None = None
+
+
+@dataclass
+class Run:
+    """What one :meth:`Trainer.run` did, and why it ended."""
+
+    steps: int = 0
+    samples: int = 0
+    tokens: int = 0
+    published: list[int] = field(default_factory=list)  # the versions announced on model-updates
+    held: int = 0  # candidates kept off model-updates (each reason is in holds.jsonl)
+    read: dict[str, int] = field(default_factory=dict)  # rank 0: the source's counters over the run
+    stopped: str = ""  # why it ended, in words
+
+    def add(self, result: StepResult) -> None:
+        self.steps += 1
+        self.samples += result.samples
+        self.tokens += result.tokens
+        if result.decision is not None and result.decision.published:
+            self.published.append(result.decision.update["version"])
+        elif result.decision is not None:
+            self.held += 1
 
 
 class Trainer:
@@ -100,6 +123,7 @@ class Trainer:
         self.fixed_probe = probe_prompts is not None
         self.probe_prompts: list[list[int]] = [list(p) for p in probe_prompts or []]
         self.step, self.policy_version = 0, 0
+        self.stop_reason = ""  # set by stop(): the run ends after its current step
 
         state = self.checkpointer.resume(self.engine)
         if state:
@@ -124,30 +148,50 @@ class Trainer:
             )
             self.source.start(state["source"] if state else None)
         self.policy_version = self._broadcast(self.policy_version)
-        if state:
-            log.info("resumed at step %d (policy version %d) from %s", self.step, self.policy_version, self.directory)
 
     # -- the loop ---------------------------------------------------------------------------
-    def run(self, max_steps: int | None = None, idle_timeout: float | None = None, poll: float = 1.0) -> int:
-        """Train until ``max_steps`` more steps are done, or no batch completed for ``idle_timeout`` s."""
-        done, idle_since = 0, time.monotonic()
-        while max_steps is None or done < max_steps:
-            batch, stop = None, False
-            if self.rank == 0:
-                batch = self.source.next_batch(self.policy_version, poll)
-                if batch is not None:
-                    idle_since = time.monotonic()
+    def run(
+        self,
+        max_steps: int | None = None,
+        idle_timeout: float | None = None,
+        duration: float | None = None,
+        poll: float = 1.0,
+    ) -> Run:
+        """Train until ``max_steps`` more steps are done, ``duration`` s have passed, no batch completed for
+        ``idle_timeout`` s, or :meth:`stop` was called. Rank 0 prints a line per step; the returned
+        :class:`Run` says what was done and why it ended."""
+        run = Run()
+        started = idle_since = time.monotonic()
+        read_before = self.source.counters.as_dict() if self.rank == 0 else {}
+        while not run.stopped:
+            batch, stopped = None, ""
+            if self.rank == 0:  # rank 0 decides, every rank follows
+                if self.stop_reason:
+                    stopped = self.stop_reason
+                elif max_steps is not None and run.steps >= max_steps:
+                    stopped = f"--max-steps reached ({max_steps} steps)"
+                elif duration is not None and time.monotonic() - started >= duration:
+                    stopped = f"--duration over ({duration:g} s)"
                 elif idle_timeout is not None and time.monotonic() - idle_since >= idle_timeout:
-                    stop = True
-            batch, stop = self._broadcast((batch, stop))
-            if stop:
-                break
+                    stopped = f"idle timeout: no complete batch in {idle_timeout:g} s (--idle-timeout)"
+                else:
+                    batch = self.source.next_batch(self.policy_version, poll)
+                    if batch is not None:
+                        idle_since = time.monotonic()
+            batch, run.stopped = self._broadcast((batch, stopped))
             if batch is not None:
                 result = self.train_step(batch)
-                done += 1
+                run.add(result)
                 if self.rank == 0:
-                    log.info("step %d: %s", result.step, _fmt(result.metrics))
-        return done
+                    print(progress_line(result), flush=True)
+        if self.rank == 0:
+            read_after = self.source.counters.as_dict()
+            run.read = {name: read_after[name] - read_before[name] for name in read_after}
+        return run
+
+    def stop(self, reason: str) -> None:
+        """End :meth:`run` after the current step, giving ``reason`` (safe to call from a signal handler)."""
+        self.stop_reason = reason
 
     def train_step(self, batch: list[dict[str, Any]]) -> StepResult:
         """Train on one batch, then ledger, publish and checkpoint as their intervals say."""
@@ -245,9 +289,6 @@ class Trainer:
             shutil.rmtree(candidate, ignore_errors=True)
             if decision.published:
                 self.policy_version = decision.update["version"]
-                log.info("published version %d (score %.4f)", self.policy_version, decision.score)
-            else:
-                log.info("held the candidate of step %d: %s", self.step, decision.reason)
         self.policy_version = self._broadcast(self.policy_version)
         return decision
 
@@ -272,16 +313,27 @@ class Trainer:
             self.source.close()
 
 
-def _fmt(metrics: dict[str, float]) -> str:
-    return " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
+def progress_line(result: StepResult) -> str:
+    """``step 12: 8 samples, 24 tokens, loss 0.0312, reward 0.5, 0.41 s``, and what became of its candidate."""
+    metrics = result.metrics
+    line = (
+        f"step {result.step}: {result.samples} samples, {result.tokens} tokens, loss {metrics['loss']:.4g}, "
+        f"reward {metrics['mean_return']:.3g}, {result.seconds:.2f} s"
+    )
+    decision = result.decision
+    if decision is not None and decision.published:
+        line += f"; published version {decision.update['version']} (stability {decision.score:.3f})"
+    elif decision is not None:
+        line += f"; held its candidate: {decision.reason}"
+    return line
 
 
 # -- CLI: boltstream train ---------------------------------------------------------------------
 def train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-steps", type=int, help="stop after this many steps (default: run forever)")
+    parser.add_argument("--max-steps", type=int, help="stop after this many steps (default: run until stopped)")
     parser.add_argument("--idle-timeout", type=float, help="stop when no batch completed for this many seconds")
+    parser.add_argument("--duration", type=float, help="stop after this many seconds")
     parser.add_argument("--deepspeed-config", help="DeepSpeed JSON config (default: trainer.deepspeed_config)")
-    parser.add_argument("--duration", type=float, help="APO only: stop after this many seconds")
 
 
 def train_command(args: argparse.Namespace, settings: Settings) -> int:
@@ -296,9 +348,49 @@ def train_command(args: argparse.Namespace, settings: Settings) -> int:
         print(f"boltstream train: cannot read the samples or model-updates topic: {exc}", file=sys.stderr)
         return 1
     try:
-        trainer.run(max_steps=args.max_steps, idle_timeout=args.idle_timeout)
+        stop_on_ctrl_c(lambda: trainer.stop("Ctrl-C"))  # before the start lines, which say Ctrl-C stops it
+        if trainer.rank == 0:
+            print_start(trainer, args)
+        run = trainer.run(max_steps=args.max_steps, idle_timeout=args.idle_timeout, duration=args.duration)
         if trainer.step > trainer.last_checkpoint:  # a clean stop keeps every step it trained
             trainer.checkpoint()
     finally:
         trainer.close()
+    if trainer.rank == 0:
+        print_summary(trainer, run)
     return 0
+
+
+def print_start(trainer: Trainer, args: argparse.Namespace) -> None:
+    """What ``boltstream train`` started, where it writes, and what stops it."""
+    topics = trainer.settings.topics
+    if trainer.step:
+        where = f"resumed at step {trainer.step} (policy version {trainer.policy_version})"
+    else:
+        where = "starting at step 0"
+    print(
+        f"boltstream train: {trainer.algorithm.name} on {trainer.model_path} ({trainer.format} weights), {where}; "
+        f"samples from {topics.samples}, versions to {topics.model_updates}"
+    )
+    print(f"  checkpoints, ledger and holds in {trainer.directory}; artifacts in {trainer.publisher.store.root}")
+    limits = [f"--max-steps {args.max_steps}"] if args.max_steps is not None else []
+    limits += [f"--duration {args.duration:g} s"] if args.duration is not None else []
+    limits += [f"--idle-timeout {args.idle_timeout:g} s"] if args.idle_timeout is not None else []
+    print(f"  stops at {' or '.join([*limits, 'Ctrl-C'])}, after its current step, with a checkpoint", flush=True)
+
+
+#: The source's counters of samples read but not trained on, and how the summary names them.
+NOT_TRAINED = {"dropped_stale": "too stale", "rejected": "not admitted", "dead_lettered": "dead-lettered"}
+
+
+def print_summary(trainer: Trainer, run: Run) -> None:
+    """Why the run stopped, and what it did: steps, samples, versions, the checkpoint."""
+    skipped = ", ".join(f"{run.read[name]} {words}" for name, words in NOT_TRAINED.items() if run.read[name])
+    published = ", ".join(str(version) for version in run.published) or "none"
+    checkpoint = f"step {trainer.step} in {trainer.directory}" if trainer.step else "none (no step trained yet)"
+    print(f"boltstream train: stopped: {run.stopped}")
+    print(
+        f"  trained {run.steps} steps on {run.samples} samples ({run.tokens} tokens); "
+        f"read {run.read['consumed']} from {trainer.settings.topics.samples}" + (f" ({skipped})" if skipped else "")
+    )
+    print(f"  versions published: {published}; held: {run.held}; checkpoint: {checkpoint}", flush=True)

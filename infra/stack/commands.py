@@ -52,12 +52,14 @@ def up_command(args: argparse.Namespace, settings: Settings) -> int:
         print(f"boltstream up: {exc}", file=sys.stderr)
         return 1
     print(f"boltstream is up under {state.home}")
-    print(f"  broker   {state.bootstrap_servers} (pid {state.broker.pid})")
-    print(f"  topics   {', '.join(f'{name} ({n})' for name, n in state.topics.items())}")
+    print(f"  broker   {state.bootstrap_servers} (pid {state.broker.pid}), log {state.broker.log}")
+    print(f"  topics   {', '.join(f'{name} ({n})' for name, n in state.topics.items())}, in the broker's memory")
     for name, record in state.workers.items():
         print(f"  {name:<8} pid {record.pid}, log {record.log}")
+    print(f"  data     {state.data_dir or redacted(settings.archive_url)} (the archive)")
     if state.clickhouse_read_url:
         print(f"  reads    {redacted(state.clickhouse_read_url)} (token in {settings.state_file})")
+    print("see it with `boltstream status`, query it with `boltstream sql`, stop it with `boltstream down`")
     return 0
 
 
@@ -96,4 +98,6 @@ def down_command(args: argparse.Namespace, settings: Settings) -> int:
         print(f"nothing running (removed the stale state file {settings.state_file})")
     else:
         print(f"stopped {stopped.describe(show_dead=False)}")
+        kept = f"the archive in {stopped.data_dir} and " if stopped.data_dir else ""
+        print(f"the topics were in the broker's memory and are gone; {kept}the logs in {settings.home / 'logs'} stay")
     return 0

@@ -11,7 +11,7 @@ from pathlib import Path
 from boltstream.infra.common.config import ConfigError, Settings
 from boltstream.stream_processors.replay.publish import replay
 from boltstream.stream_processors.replay.sources import ArchiveSource, KafkaSource, ReplayError, Selection
-from boltstream.stream_processors.replay.topic_set import write_replay_config
+from boltstream.stream_processors.replay.topic_set import replay_settings, write_replay_config
 
 
 def parse_time_us(text: str) -> int:
@@ -95,6 +95,11 @@ def replay_command(args: argparse.Namespace, settings: Settings) -> int:
         source = KafkaSource(settings, since_us=since, until_us=until, offsets=offsets, rollouts=tuple(rollouts))
     from clickhouse_connect.driver.exceptions import ClickHouseError
 
+    target = replay_settings(settings, name).topics
+    origin = "the archive" if args.source == "clickhouse" else f"{settings.topics.spans} and {settings.topics.rewards}"
+    pace = "as fast as the broker takes them" if speed is None else f"at {speed:g}× the original pace"
+    print(f"boltstream replay: spans and rewards from {origin} into {target.spans} and {target.rewards}, {pace}")
+    print("  Ctrl-C stops it: what was sent stays in those topics, and a new replay needs another --name", flush=True)
     try:
         result = replay(settings, name, source, speed=speed, progress=not args.quiet)
     except (ReplayError, ClickHouseError) as exc:

@@ -115,7 +115,7 @@ def test_trainer_throughput_and_publish_latency(settings, tmp_path):
         deepspeed.append(times["deepspeed"])
         produce_samples(settings, [s for b in batches for s in b])
         started = time.perf_counter()
-        assert trainer.run(max_steps=BATCHES) == BATCHES
+        assert trainer.run(max_steps=BATCHES).steps == BATCHES
         loop.append(time.perf_counter() - started)
 
     # Latency from the end of a step to the ModelUpdate at a consumer.
