@@ -56,6 +56,7 @@ def up_command(args: argparse.Namespace, settings: Settings) -> int:
     print(f"  topics   {', '.join(f'{name} ({n})' for name, n in state.topics.items())}")
     for name, record in state.workers.items():
         print(f"  {name:<8} pid {record.pid}, log {record.log}")
+    print(f"  signing  model updates are signed and verified with the key in {settings.signing_key_path}")
     if state.clickhouse_read_url:
         print(f"  reads    {redacted(state.clickhouse_read_url)} (token in {settings.state_file})")
     return 0
