@@ -38,8 +38,9 @@ SWITCH_SECONDS = 5.0
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> ArtifactStore:
-    return ArtifactStore(str(tmp_path / "artifacts"))
+def store(settings: Settings) -> ArtifactStore:
+    """The artifact store the trainer would publish to: the only one the sidecars load from."""
+    return ArtifactStore(settings.artifact_store_url)
 
 
 @pytest.fixture
