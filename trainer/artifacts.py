@@ -129,8 +129,9 @@ class ArtifactStore:
         prefix = self.fs.unstrip_protocol(self.root).rstrip("/") + "/"
         if not uri.startswith(prefix):
             raise UntrustedArtifact(f"{uri} is not in the artifact store {prefix}")
-        check_name(uri[len(prefix) :])
-        return f"{self.root}/{uri[len(prefix) :]}"
+        name = uri[len(prefix) :]
+        check_name(name)
+        return f"{self.root}/{name}"
 
     def fetch(self, uri: str, local_dir: str | Path) -> Path:
         """Download the artifact at ``uri`` to ``local_dir``, refusing one that would reach outside either."""

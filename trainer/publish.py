@@ -209,7 +209,7 @@ class Publisher:
     def announce(
         self, artifact: Artifact, *, version: int, step: int, metrics: dict[str, float], score: float
     ) -> Decision:
-        """Verify ``artifact`` in the store and produce its ModelUpdate; hold it if verification fails."""
+        """Verify ``artifact`` in the store and produce its signed ModelUpdate; hold it if verification fails."""
         try:
             self.store.locate(artifact.uri)  # a signed location outside the store would be refused by every replica
             verify(artifact)
