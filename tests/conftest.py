@@ -45,7 +45,10 @@ def broker(boltstream_home: Path) -> Iterator[EmbeddedBroker]:
 
 @pytest.fixture
 def settings(broker: EmbeddedBroker, tmp_path: Path) -> Settings:
-    """Settings pointing at the session broker, with topic names unique to the test (no cross-talk)."""
+    """Settings pointing at the session broker, with topic names unique to the test (no cross-talk), and a
+    model signing key in their home, as ``boltstream up`` creates one."""
+    from boltstream.infra.common.signing import ensure_signing_key
+
     suffix = uuid.uuid4().hex[:8]
     names = {
         name: f"t{suffix}.{name}"
@@ -61,11 +64,13 @@ def settings(broker: EmbeddedBroker, tmp_path: Path) -> Settings:
             "canary_decisions",
         )
     }
-    return load_settings(
+    settings = load_settings(
         environ={"BOLTSTREAM_HOME": str(tmp_path)},
         kafka={"bootstrap_servers": broker.bootstrap_servers},
         topics=names,
     )
+    ensure_signing_key(settings)
+    return settings
 
 
 # -- the archive worker as a real process (boltstream.stream_processors.archive) ---------------------------------

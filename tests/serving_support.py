@@ -11,6 +11,7 @@ import torch
 from confluent_kafka import Producer
 
 from boltstream.infra.common.config import Settings
+from boltstream.infra.common.signing import load_signing_key
 from boltstream.infra.demo.model import build_tiny_model
 from boltstream.schemas.codec import codec
 from boltstream.trainer.artifacts import Artifact, ArtifactStore
@@ -51,21 +52,33 @@ def full_artifact(store: ArtifactStore, work: Path, name: str, seed: int) -> Art
     return store.put(build_tiny_model(work / name, seed=seed), name, "full")
 
 
-def publish_update(settings: Settings, artifact: Artifact, version: int, *, sha256: str | None = None) -> dict:
-    """Produce the ModelUpdate announcing ``artifact`` as ``version`` (``sha256`` overrides the real hash)."""
-    update = {
+def unsigned_update(settings: Settings, artifact: Artifact, version: int) -> dict:
+    """The ModelUpdate announcing ``artifact`` as ``version``, before the trainer signs it."""
+    return {
         "model": settings.trainer.model_name,
         "version": version,
         "parent_version": version - 1 if version > 1 else None,
         "uri": artifact.uri,
-        "sha256": sha256 or artifact.sha256,
+        "sha256": artifact.sha256,
         "format": artifact.format,
         "base_model": "",
         "step": version,
         "metrics": {},
         "stability_score": 0.9,
         "created_at_us": time.time_ns() // 1000,
+        "key_id": "",
+        "signature": "",
     }
+
+
+def publish_update(settings: Settings, artifact: Artifact, version: int) -> dict:
+    """Produce the ModelUpdate announcing ``artifact`` as ``version``, signed with the key of ``settings``
+    as the trainer signs it."""
+    return produce_update(settings, load_signing_key(settings).sign(unsigned_update(settings, artifact, version)))
+
+
+def produce_update(settings: Settings, update: dict) -> dict:
+    """Produce ``update`` on model-updates as it is (signed or not)."""
     producer = Producer(settings.kafka.client_config(**{"acks": "all"}))
     producer.produce(
         settings.topics.model_updates, key=update["model"].encode(), value=codec("ModelUpdate").encode(update)

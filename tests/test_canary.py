@@ -181,8 +181,9 @@ def test_analyzer_promotes_at_once_when_full_weights_replaced_the_stable_version
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> ArtifactStore:
-    return ArtifactStore(str(tmp_path / "artifacts"))
+def store(settings: Settings) -> ArtifactStore:
+    """The artifact store the trainer would publish to: the only one the sidecars load from."""
+    return ArtifactStore(settings.artifact_store_url)
 
 
 @pytest.fixture

@@ -95,6 +95,11 @@ def test_up_twice_says_so_and_starts_one_broker(home, stand_ins, capsys):
     assert f"idle     pid {first.workers['idle'].pid}, log {home / 'logs' / 'idle.log'}" in out
     assert f"data     {home / 'clickhouse'} (the archive)" in out
     assert out.rstrip().endswith("stop it with `boltstream down`")
+    # The key the trainer and the serving replicas share: private, named in the output, never shown.
+    key_file = home / "model-signing.key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    out = capsys.readouterr().out
+    assert str(key_file) in out and key_file.read_text().strip() not in out
 
     assert main(["up"]) == 0
     out = capsys.readouterr().out

@@ -18,11 +18,14 @@ import pytest
 
 pytest.importorskip("deepspeed")
 
+from boltstream.infra.common.config import ConfigError
+from boltstream.infra.common.signing import MIN_KEY_BYTES, SigningKey, load_signing_key
 from boltstream.infra.demo.model import build_tiny_model
-from boltstream.trainer.artifacts import ArtifactError, artifact_sha256, check_safetensors, verify
+from boltstream.trainer.artifacts import ArtifactError, ArtifactStore, artifact_sha256, check_safetensors, verify
 from boltstream.trainer.loop import Trainer
 from boltstream.trainer.publish import Publisher
 from boltstream.trainer.source import Batcher, SampleSource, sample_version
+from tests.serving_support import produce_update, unsigned_update
 from tests.trainer_support import create_topics, produce_samples, read_all
 
 REPO = Path(__file__).resolve().parents[1]
@@ -162,6 +165,7 @@ def test_stable_candidate_is_published_with_a_verifiable_artifact(trainer_settin
     assert run.stopped == "--max-steps reached (2 steps)"
     (update,) = read_all(settings, settings.topics.model_updates, "ModelUpdate", expect=1)
     assert update["model"] == "tiny" and update["version"] == 1 and update["parent_version"] is None
+    load_signing_key(settings).verify(update)  # signed, with the key the replicas verify it with
     assert update["format"] == "full" and update["step"] == 2
     assert 0.0 < update["stability_score"] < 1.0 and update["metrics"]["kl_serving"] > 0
     assert {"loss", "mean_return", "consumed", "dropped_stale"} <= set(update["metrics"])
@@ -218,6 +222,23 @@ def test_corrupt_or_partial_artifact_is_never_published(trainer_settings, tiny_p
     (Path(store.root) / "v000001-missing" / "config.json").unlink()
     assert "config.json is missing" in publisher.announce(artifact, version=1, step=1, metrics={}, score=1.0).reason
     assert read_all(trainer_settings, trainer_settings.topics.model_updates, "ModelUpdate", timeout=3) == []
+
+
+def test_the_trainer_continues_only_from_updates_signed_with_its_key(trainer_settings, tiny_path, tmp_path):
+    store = ArtifactStore(trainer_settings.artifact_store_url)
+    artifact = store.put(tiny_path, "v000001-signed", "full")
+    produce_update(
+        trainer_settings, load_signing_key(trainer_settings).sign(unsigned_update(trainer_settings, artifact, 1))
+    )
+    produce_update(trainer_settings, unsigned_update(trainer_settings, artifact, 8))
+    forger = SigningKey(b"f" * MIN_KEY_BYTES)
+    produce_update(trainer_settings, forger.sign(unsigned_update(trainer_settings, artifact, 9)))
+    publisher = Publisher(trainer_settings, base_model=tiny_path, fmt="full", work_dir=tmp_path / "work")
+    assert publisher.version == 1 and (publisher.serving_dir / "model.safetensors").is_file()
+
+    keyless = with_trainer(trainer_settings, signing_key_file=str(tmp_path / "absent"))
+    with pytest.raises(ConfigError, match="no model signing key"):
+        Publisher(keyless, base_model=tiny_path, fmt="full", work_dir=tmp_path / "keyless")
 
 
 def test_lora_candidate_is_published_as_an_adapter(trainer_settings):

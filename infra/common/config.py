@@ -34,6 +34,8 @@ import tomli_w
 
 ENV_PREFIX = "BOLTSTREAM_"
 TRACER_ENV = "AGENT_LIGHTNING_TRACER"
+#: The model signing key's file under ``<home>`` when ``trainer.signing_key_file`` is empty.
+DEFAULT_SIGNING_KEY_FILE = "model-signing.key"
 _DURATION = re.compile(r"^\s*(?P<number>-?\d+(\.\d+)?)\s*(?P<unit>ms|s|m|h)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
@@ -269,8 +271,13 @@ class TrainerConfig(_Checked):
     weight_sync_threshold: ZeroToOne = 0.85
     #: How often APO re-ranks prompt templates, in spans.
     template_update_interval: Count = 1000
-    #: Where artifacts go (local directory or any fsspec URL); empty = ``<home>/artifacts``.
+    #: Where artifacts go (local directory or any fsspec URL); empty = ``<home>/artifacts``. Serving
+    #: replicas load only artifacts inside it.
     artifact_store: str = ""
+    #: File holding the secret that signs model updates (the trainer) and verifies them (every serving
+    #: replica): at least 32 bytes, shared by all of them, never in a record, command line or log.
+    #: Empty = ``<home>/model-signing.key``, which ``boltstream up`` and ``demo`` create when missing.
+    signing_key_file: str = ""
     #: Hugging Face model directory to train; empty = the tiny local model, built in ``<home>/models/tiny``.
     model_path: str = ""
     #: Model name: the key of its records on ``model-updates``.
@@ -367,6 +374,14 @@ class Settings:
     @property
     def archive_url(self) -> str:
         return self.clickhouse.url or f"chdb://{self.home / 'clickhouse'}"
+
+    @property
+    def artifact_store_url(self) -> str:
+        return self.trainer.artifact_store or str(self.home / "artifacts")
+
+    @property
+    def signing_key_path(self) -> Path:
+        return Path(self.trainer.signing_key_file or self.home / DEFAULT_SIGNING_KEY_FILE).expanduser()
 
 
 # -- checking and loading ----------------------------------------------------------------------

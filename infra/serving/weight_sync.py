@@ -4,11 +4,15 @@ It owns the replica's side of ``model-updates``: it reads that compacted topic f
 start it catches up to the newest version of its model, whatever happened while it was down), then
 follows it. A replica that serves the *stable* version of a full-weights canary follows
 promotions instead (``follow="promotions"``): it also reads ``canary-decisions`` and loads a version
-only once it is promoted, while a canary replica loads every new one. For each version to load it
+only once it is promoted, while a canary replica loads every new one.
 
-1. fetches the artifact into ``<serving_dir>/versions/v<version>`` and verifies it there with the
-   trainer's own check (:func:`boltstream.trainer.artifacts.verify`: files present, safetensors complete, sha256
-   over the bytes about to be loaded);
+An update is considered only when it carries the trainer's signature under the model signing key
+(:mod:`boltstream.infra.common.signing`); a replica without the key considers none. For each version to load it
+
+1. fetches the artifact from the artifact store (``trainer.artifact_store``; a URI outside it, or an
+   artifact holding a symlink, is refused) into ``<serving_dir>/versions/v<version>`` and verifies it
+   there with the trainer's own check (:func:`boltstream.trainer.artifacts.verify`: files present,
+   safetensors complete, the signed sha256 over the bytes about to be loaded);
 2. loads it without a restart: a LoRA adapter through ``/v1/load_lora_adapter`` under the name
    ``<model>-v<version>`` (older adapters stay loaded, so the router can split traffic between versions
    on one replica); full weights through pause → ``collective_rpc reload_weights`` → reset prefix cache
@@ -19,6 +23,8 @@ only once it is promoted, while a canary replica loads every new one. For each v
    while the previous version keeps serving (``VllmServer.reload_weights`` loads the previous weights
    back when vLLM fails half-way).
 
+A refused update (unsigned, wrongly signed, or its artifact outside the store or not the signed bytes) is
+reported the same way, ``failed`` with the reason, logged and counted in :attr:`WeightSync.refusals`.
 Records on ``model-updates`` that cannot be decoded go to the DLQ; the sidecar never stops on bad input.
 """
 
@@ -31,18 +37,20 @@ import socket
 import threading
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Producer, TopicPartition
 
-from boltstream.infra.common.config import Settings
+from boltstream.infra.common.config import ConfigError, Settings
+from boltstream.infra.common.signing import SignatureError, load_signing_key
 from boltstream.infra.common.topics import read_to_end, reader_config
 from boltstream.infra.serving.vllm_server import VllmServer, VllmServerError
 from boltstream.schemas.codec import CodecError, codec
 from boltstream.schemas.dead_letters import dead_letter_of
-from boltstream.trainer.artifacts import Artifact, ArtifactError, fetch, verify
+from boltstream.trainer.artifacts import Artifact, ArtifactError, ArtifactStore, UntrustedArtifact, verify
 
 log = logging.getLogger("boltstream.weight_sync")
 
@@ -110,6 +118,14 @@ class WeightSync:
         self.serving_dir = Path(serving_dir or settings.serve.serving_dir or settings.home / "serving" / self.server_id)
         base_format = "lora" if settings.trainer.lora_rank > 0 else "full"
         self.served = served or Served(0, base_format, server.served_model_name)
+        self.store = ArtifactStore(settings.artifact_store_url)
+        try:
+            self.signing_key, self._no_key = load_signing_key(settings), ""
+        except ConfigError as exc:  # the replica still serves what it serves; it loads nothing new
+            self.signing_key, self._no_key = None, str(exc)
+            log.error("every model update will be refused: %s", exc)
+        #: Updates refused as untrustworthy, by the exception that refused them.
+        self.refusals: Counter[str] = Counter()
         kafka = settings.kafka
         # Partitions are assigned, not subscribed: every sidecar reads the whole topic. A control topic
         # with a message now and then: ask often rather than wait on the broker.
@@ -137,11 +153,12 @@ class WeightSync:
         self._assigned = True
         return partitions
 
-    def _loadable(self, messages: list[Message]) -> list[dict[str, Any]]:
-        """The ModelUpdates of this sidecar's model these messages make loadable: every one when following
-        updates; the newest promoted one (once both its update and its promotion were read) when following
-        promotions. Undecodable updates are dead-lettered."""
-        updates = []
+    def _loadable(self, messages: list[Message]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """The ModelUpdates of this sidecar's model these messages make loadable: every signed one when
+        following updates; the newest promoted one (once both its update and its promotion were read) when
+        following promotions. Then the ServedVersion records of the updates refused for their signature.
+        Undecodable updates are dead-lettered."""
+        updates, reports = [], []
         for message in messages:
             if message.error() is not None:
                 if message.error().code() != KafkaError._PARTITION_EOF:  # the end of a partition is no news
@@ -161,13 +178,19 @@ class WeightSync:
             except CodecError as exc:
                 self._dead_letter(message, str(exc))
                 continue
-            if update["model"] == self.model:
-                updates.append(update)
-        if self.follow == "updates":
-            return updates
-        self._known.update((u["version"], u) for u in updates)
-        promoted = self._known.get(self._promoted)
-        return [promoted] if promoted else []
+            if update["model"] != self.model:
+                continue
+            try:
+                self._check_signature(update)
+            except SignatureError as exc:
+                reports.append(self._failed(update["version"], exc))
+                continue
+            updates.append(update)
+        if self.follow == "promotions":
+            self._known.update((u["version"], u) for u in updates)
+            promoted = self._known.get(self._promoted)
+            updates = [promoted] if promoted else []
+        return updates, reports
 
     def catch_up(self, timeout: float = 30.0) -> dict[str, Any] | None:
         """Read the followed topics to their end and load the newest loadable version, if newer than served.
@@ -176,7 +199,8 @@ class WeightSync:
         """
         self._assign(timeout)
         messages = list(read_to_end(self.consumer, idle_timeout=timeout))
-        newest = max(self._loadable(messages), key=lambda update: update["version"], default=None)
+        loadable, _ = self._loadable(messages)  # refusals are reported as they are read
+        newest = max(loadable, key=lambda update: update["version"], default=None)
         if newest is None or newest["version"] <= self.served.version:
             # Say what this replica serves, so the router and the canary analyzer know it before any load.
             self._publish(self.served.version, status="serving", fmt=self.served.format, latency_ms=0.0)
@@ -184,18 +208,19 @@ class WeightSync:
         return self.apply(newest)
 
     def poll(self, timeout: float = 1.0) -> list[dict[str, Any]]:
-        """Load the newest version that became loadable within ``timeout``; the ServedVersion records."""
+        """Load the newest version that became loadable within ``timeout``; the ServedVersion records of the
+        updates refused meanwhile, then of the load."""
         if not self._assigned:
             self._assign(timeout=max(timeout, 10.0))
         # consume() would wait for the whole batch or the timeout: wait for one message, then drain.
         first = self.consumer.poll(timeout)
         if first is None:
             return []
-        loadable = self._loadable([first, *self.consumer.consume(num_messages=100, timeout=0)])
+        loadable, reports = self._loadable([first, *self.consumer.consume(num_messages=100, timeout=0)])
         newer = [u for u in loadable if u["version"] > self.served.version]
-        if not newer:
-            return []
-        return [self.apply(max(newer, key=lambda u: u["version"]))]
+        if newer:
+            reports.append(self.apply(max(newer, key=lambda u: u["version"])))
+        return reports
 
     def run(self, stop: threading.Event) -> None:
         """Catch up, then follow until ``stop`` is set."""
@@ -219,20 +244,40 @@ class WeightSync:
                 name = self.server.served_model_name
                 self._reload_full(directory)
         except (ArtifactError, OSError, VllmServerError, ValueError) as exc:
-            log.error("version %s of %s not loaded, %s stays: %s", version, self.model, self.served.version, exc)
-            error = f"{type(exc).__name__}: {exc}"
-            return self._publish(version, status="failed", fmt=self.served.format, latency_ms=0.0, error=error)
+            return self._failed(version, exc)
         self.served = Served(version, fmt, name)
         log.info("serving %s version %s (%s) as %r", self.model, version, fmt, name)
         latency_ms = (now_us() - update["created_at_us"]) / 1000.0
         return self._publish(version, status="serving", fmt=fmt, latency_ms=latency_ms)
+
+    def _check_signature(self, update: dict[str, Any]) -> None:
+        if self.signing_key is None:
+            raise SignatureError(f"this replica has no model signing key, so it loads nothing: {self._no_key}")
+        self.signing_key.verify(update)
+
+    def _failed(self, version: int, exc: Exception) -> dict[str, Any]:
+        """Report that ``version`` is not loaded and why (the served version stays); count a refusal."""
+        if isinstance(exc, SignatureError | UntrustedArtifact):
+            self.refusals[type(exc).__name__] += 1
+            log.error(
+                "version %s of %s refused (refusal %d of this replica), %s stays: %s",
+                version,
+                self.model,
+                self.refusals.total(),
+                self.served.version,
+                exc,
+            )
+        else:
+            log.error("version %s of %s not loaded, %s stays: %s", version, self.model, self.served.version, exc)
+        error = f"{type(exc).__name__}: {exc}"
+        return self._publish(version, status="failed", fmt=self.served.format, latency_ms=0.0, error=error)
 
     def _fetch_verified(self, update: dict[str, Any]) -> Path:
         directory = self.serving_dir / "versions" / f"v{update['version']:06d}"
         if directory.exists():  # a previous attempt: its files may be anything, fetch afresh
             shutil.rmtree(directory)
         try:
-            fetch(update["uri"], directory)
+            self.store.fetch(update["uri"], directory)
         except FileNotFoundError as exc:
             raise ArtifactError(f"artifact {update['uri']} not found: {exc}") from exc
         # Verify the local copy: these are the bytes vLLM will read.

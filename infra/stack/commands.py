@@ -57,6 +57,7 @@ def up_command(args: argparse.Namespace, settings: Settings) -> int:
     for name, record in state.workers.items():
         print(f"  {name:<8} pid {record.pid}, log {record.log}")
     print(f"  data     {state.data_dir or redacted(settings.archive_url)} (the archive)")
+    print(f"  signing  model updates are signed and verified with the key in {settings.signing_key_path}")
     if state.clickhouse_read_url:
         print(f"  reads    {redacted(state.clickhouse_read_url)} (token in {settings.state_file})")
     print("see it with `boltstream status`, query it with `boltstream sql`, stop it with `boltstream down`")

@@ -12,6 +12,7 @@ from urllib.parse import quote
 
 from boltstream.infra.common.config import Settings
 from boltstream.infra.common.ports import free_port, port_in_use
+from boltstream.infra.common.signing import ensure_signing_key
 from boltstream.infra.common.topics import TopicError, ensure_topics
 from boltstream.infra.stack.broker import EmbeddedBroker
 from boltstream.infra.stack.errors import StackError, StackRunningError
@@ -33,9 +34,11 @@ def start_stack(
 
     ``port`` is the broker's loopback port (0 = a free one); ``workers`` replaces :data:`WORKERS`;
     ``timeout`` bounds the wait for the workers to be ready. The read endpoint's token is
-    ``clickhouse.read_token``, or a random one. Raises :class:`StackRunningError` if a stack already
-    runs under ``settings.home``, :class:`BrokerError` if the port is taken, and :class:`StackError`
-    if a part does not come up; then nothing started here is left running.
+    ``clickhouse.read_token``, or a random one. The model signing key the trainer and the serving
+    replicas share is created in its default file if missing (:func:`ensure_signing_key`).
+    Raises :class:`StackRunningError` if a stack already runs under ``settings.home``,
+    :class:`BrokerError` if the port is taken, and :class:`StackError` if a part does not come up;
+    then nothing started here is left running.
     A state file whose processes are all dead is stale: it is replaced.
     """
     workers = WORKERS if workers is None else workers
@@ -54,6 +57,7 @@ def start_stack(
             raise StackError(f"read port {read_port} on 127.0.0.1 is already in use; pick another or use 0")
         logs = settings.home / "logs"
         logs.mkdir(parents=True, exist_ok=True)
+        ensure_signing_key(settings)
         broker = EmbeddedBroker(port=port, log_path=logs / "broker.log").start(timeout=min(timeout, 15.0))
         started = {"broker": adopt(broker.process, logs / "broker.log")}
         try:

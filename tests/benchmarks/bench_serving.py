@@ -46,7 +46,7 @@ def test_publish_to_serving_and_router_overhead(
     settings: Settings, vllm_server, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     ensure_topics(settings)
-    store = ArtifactStore(str(tmp_path / "artifacts"))
+    store = ArtifactStore(settings.artifact_store_url)
     sync = WeightSync(settings, vllm_server, server_id="bench", serving_dir=tmp_path / "serving")
     stop = threading.Event()
     thread = threading.Thread(target=sync.run, args=(stop,), daemon=True)
