@@ -98,7 +98,6 @@ def test_up_twice_says_so_and_starts_one_broker(home, stand_ins, capsys):
     # The key the trainer and the serving replicas share: private, named in the output, never shown.
     key_file = home / "model-signing.key"
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
-    out = capsys.readouterr().out
     assert str(key_file) in out and key_file.read_text().strip() not in out
 
     assert main(["up"]) == 0
