@@ -43,9 +43,8 @@ def broker(boltstream_home: Path) -> Iterator[EmbeddedBroker]:
     running.stop()
 
 
-@pytest.fixture
-def settings(broker: EmbeddedBroker, tmp_path: Path) -> Settings:
-    """Settings pointing at the session broker, with topic names unique to the test (no cross-talk)."""
+def isolated_settings(broker: EmbeddedBroker, home: Path) -> Settings:
+    """Settings pointing at ``broker``, with topic names nobody else uses (no cross-talk), in ``home``."""
     suffix = uuid.uuid4().hex[:8]
     names = {
         name: f"t{suffix}.{name}"
@@ -62,10 +61,16 @@ def settings(broker: EmbeddedBroker, tmp_path: Path) -> Settings:
         )
     }
     return load_settings(
-        environ={"BOLTSTREAM_HOME": str(tmp_path)},
+        environ={"BOLTSTREAM_HOME": str(home)},
         kafka={"bootstrap_servers": broker.bootstrap_servers},
         topics=names,
     )
+
+
+@pytest.fixture
+def settings(broker: EmbeddedBroker, tmp_path: Path) -> Settings:
+    """Settings pointing at the session broker, with topic names unique to the test (no cross-talk)."""
+    return isolated_settings(broker, tmp_path)
 
 
 # -- the archive worker as a real process (boltstream.stream_processors.archive) ---------------------------------
@@ -94,10 +99,9 @@ class ArchiveProcess:
         import urllib.request
 
         argv = [sys.executable, "-m", "boltstream.infra.cli", "archive", "--read-port", str(self.port)]
+        env = {**self.env, "BOLTSTREAM_CLICKHOUSE__READ_TOKEN": self.token}
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                [*argv, "--read-token", self.token], env=self.env, cwd=self.settings.home, stdout=log, stderr=log
-            )
+            self.process = subprocess.Popen(argv, env=env, cwd=self.settings.home, stdout=log, stderr=log)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -137,9 +141,8 @@ class ArchiveProcess:
             return -9
 
 
-@pytest.fixture
-def archive(settings: Settings, tmp_path: Path) -> Iterator[ArchiveProcess]:
-    """A factory-like ArchiveProcess on ``settings`` (topics created, not started); stopped at the end."""
+def archive_process(settings: Settings, log_path: Path) -> ArchiveProcess:
+    """An ArchiveProcess on ``settings`` (topics created, not started), logging to ``log_path``."""
     from boltstream.infra.common.topics import ensure_topics
 
     ensure_topics(settings)
@@ -155,7 +158,13 @@ def archive(settings: Settings, tmp_path: Path) -> Iterator[ArchiveProcess]:
             for name in ("spans", "rewards", "trajectories", "samples", "dlq", "canary_decisions")
         },
     }
-    process = ArchiveProcess(settings, env, tmp_path / "archive.log")
+    return ArchiveProcess(settings, env, log_path)
+
+
+@pytest.fixture
+def archive(settings: Settings, tmp_path: Path) -> Iterator[ArchiveProcess]:
+    """A factory-like ArchiveProcess on ``settings`` (topics created, not started); stopped at the end."""
+    process = archive_process(settings, tmp_path / "archive.log")
     yield process
     process.stop()
 
