@@ -247,12 +247,13 @@ class ReadEndpoint:
                     return
                 if hung_up:
                     with self.control_lock:
-                        self.control.query(
+                        killed = self.control.query(
                             "KILL QUERY WHERE Settings['log_comment'] = {marker:String} SYNC",
                             "TabSeparated",
                             params={"marker": reader.marker},
-                        )
-                    log.info("read query killed: its client hung up")
+                        ).bytes()
+                    if killed:  # else it ended meanwhile (at its time limit, say)
+                        log.info("read query killed: its client hung up")
                     return
 
     def _native_header(self, reader: _Reader, sql: str, params: dict[str, str]) -> bytes:

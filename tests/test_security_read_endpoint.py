@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import http.client
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -224,15 +225,17 @@ def test_a_runaway_blocks_nobody_and_dies_with_its_client(endpoint, reader):
     kills_before = log.read_text().count("read query killed: its client hung up")
     runaway = start_runaway(endpoint)
     time.sleep(0.3)  # it runs
-    assert max(timed_select_one(reader) for _ in range(5)) < 0.2
+    # The median, so that a stall of this busy machine is not taken for one of the endpoint: blocked
+    # behind the runaway, every one of them would wait for its 3 s time limit.
+    assert statistics.median(timed_select_one(reader) for _ in range(5)) < 0.2
     # Both of the module's reader connections busy with runaways; their clients go away.
     second = start_runaway(endpoint)
     time.sleep(0.3)
     runaway.close()
     second.close()
-    wait_for(lambda: log.read_text().count("read query killed: its client hung up") == kills_before + 2, 2, "kills")
-    # Freed at once, not at the 3 s time limit.
-    assert timed_select_one(reader) < 0.2
+    # Killed, not ended by their time limit (the log says so only of a query the kill found).
+    wait_for(lambda: log.read_text().count("read query killed: its client hung up") == kills_before + 2, 10, "kills")
+    assert timed_select_one(reader) < 1.0  # their connections are free again
     assert reader.command("SELECT count() FROM spans") == SPANS
 
 
