@@ -402,12 +402,18 @@ def archive_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--read-port", type=int, default=None, help="port of the read-only endpoint (default: config, 0 = free)"
     )
-    parser.add_argument("--read-token", default=None, help="token of user 'reader' (default: config, else random)")
+    # Refused, not removed: whoever passes it learns where the token goes instead.
+    parser.add_argument("--read-token", default=None, help=argparse.SUPPRESS)
 
 
 def archive_command(args: argparse.Namespace, settings: Settings) -> int:
     """Run the archive worker in the foreground; with the embedded store, serve reads on loopback."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.read_token is not None:
+        raise ConfigError(
+            "--read-token is refused: a command line is visible to every user of the machine (ps, /proc). "
+            "Set clickhouse.read_token in the config file or BOLTSTREAM_CLICKHOUSE__READ_TOKEN instead"
+        )
     url = settings.archive_url
     data_path = chdb_path(url)
     if data_path is None and args.read_port is not None:
@@ -425,9 +431,9 @@ def archive_command(args: argparse.Namespace, settings: Settings) -> int:
         from boltstream.stream_processors.read_endpoint import READ_USER, ReadEndpoint
 
         port = settings.clickhouse.read_port if args.read_port is None else args.read_port
-        token = args.read_token or settings.clickhouse.read_token or secrets.token_hex(16)
+        token = settings.clickhouse.read_token or secrets.token_hex(16)
         try:
-            endpoint = ReadEndpoint(data_path, token=token, port=port, database=settings.clickhouse.database).start()
+            endpoint = ReadEndpoint(data_path, settings.clickhouse, token=token, port=port).start()
         except OSError as exc:
             client.close()
             print(f"boltstream archive: cannot serve reads on 127.0.0.1:{port}: {exc.strerror}", file=sys.stderr)
@@ -446,7 +452,7 @@ def archive_command(args: argparse.Namespace, settings: Settings) -> int:
     group = settings.clickhouse.archive_group
     print(f"boltstream archive: {', '.join(worker.tables)} into {store} (consumer group {group})")
     if endpoint is not None:
-        shown = "as configured" if args.read_token or settings.clickhouse.read_token else token  # a new one
+        shown = "as configured" if settings.clickhouse.read_token else token  # a new one: say it once
         print(f"  read endpoint http://{READ_USER}:<token>@127.0.0.1:{endpoint.port}, token {shown}")
     print("  stops on Ctrl-C or SIGTERM, after the current batch", flush=True)
     try:

@@ -5,37 +5,55 @@ reads: this module is a small threaded HTTP server on loopback that speaks enoug
 interface for clickhouse-connect's HTTP client (and curl): ``GET /ping``; queries in the POST body
 and/or the ``query`` parameter; ``database``, ``default_format`` and ``param_*`` bind parameters; the
 result in whatever format the query names, straight from chDB; errors as ClickHouse error text with
-the ``X-ClickHouse-Exception-Code`` header and an HTTP error status.
+the ``X-ClickHouse-Exception-Code`` header and an HTTP error status. Access needs user ``reader`` and
+the token, by basic auth, ``X-ClickHouse-User``/``X-ClickHouse-Key`` headers or ``user``/``password``
+parameters.
 
-Two guards keep it read-only: only one SELECT / SHOW / DESCRIBE / EXISTS / WITH / EXPLAIN statement
-per request (no ``INTO OUTFILE``), and the chDB connection it reads with is opened with
-``readonly=1``, which also makes every setting read-only (clickhouse-connect sees that in
-``system.settings`` and stops sending settings). Access needs user ``reader`` and the token, by basic
-auth, ``X-ClickHouse-User``/``X-ClickHouse-Key`` headers or ``user``/``password`` parameters.
+What a reader may do: read the tables of boltstream's database (and a few system tables), nothing
+else: no writes, no files, URLs, other servers or programs. :mod:`.read_guard` says how, and why
+partly outside the engine. Every query also runs under limits the reader cannot change
+(``clickhouse.read_max_*``: time, memory, result rows and bytes): the process that answers it is
+the one that writes the archive.
 
-Queries on the reader connection are serialised (one chDB handle, one lock); they run concurrently
-with the archive's inserts, which use their own handle on the same engine.
+Queries run at once, up to ``clickhouse.read_max_concurrent_queries``, each on its own chDB
+connection (chDB runs queries of different connections in parallel, beside the archive's inserts);
+a query whose client hangs up is killed at once, so it frees its connection.
 """
 
 from __future__ import annotations
 
 import base64
 import hmac
-import itertools
 import json
+import logging
+import queue
 import re
+import secrets
+import select
+import socket
 import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import chdb
 
+from boltstream.infra.common.config import ClickHouseConfig
 from boltstream.schemas.codec import unsigned_varint
+from boltstream.stream_processors.read_guard import (
+    ACCESS_DENIED,
+    READ_USER,
+    READONLY,
+    SYNTAX_ERROR,
+    QueryRefused,
+    ReadGuard,
+)
 
-READ_USER = "reader"
-ALLOWED_STATEMENTS = frozenset({"SELECT", "SHOW", "DESCRIBE", "DESC", "EXISTS", "WITH", "EXPLAIN"})
+log = logging.getLogger("boltstream.read_endpoint")
+
 #: Parameters of ClickHouse's HTTP interface that steer the transport, not the query; accepted and
 #: ignored (the endpoint neither compresses nor keeps sessions).
 TRANSPORT_PARAMETERS = frozenset(
@@ -57,6 +75,13 @@ TRANSPORT_PARAMETERS = frozenset(
         "readonly",
     }
 )
+#: Longest request body read: ClickHouse refuses queries over ``max_query_size`` (256 KiB) anyway, and
+#: the body is held in memory of the process that writes the archive.
+MAX_REQUEST_BYTES = 1024 * 1024
+#: How long a query waits for a free reader connection before it is refused as one too many.
+READER_WAIT = 5.0
+#: How often a running query's client connection is looked at for a hang-up, milliseconds.
+HANG_UP_POLL_MS = 50
 _TRAILING_FORMAT = re.compile(r"\bFORMAT\s+(\w+)\s*;?\s*$", re.IGNORECASE)
 _ERROR_CODE = re.compile(r"Code: (\d+)\.")
 _CONTENT_TYPES = {
@@ -65,6 +90,7 @@ _CONTENT_TYPES = {
     "CSV": "text/csv; charset=UTF-8; header=absent",
     "CSVWithNames": "text/csv; charset=UTF-8; header=present",
 }
+TOO_MANY_SIMULTANEOUS_QUERIES, AUTHENTICATION_FAILED = 202, 516
 #: HTTP status per ClickHouse error code, as the server maps them; anything else is 500.
 _HTTP_STATUS = {
     62: 400,  # SYNTAX_ERROR
@@ -73,90 +99,62 @@ _HTTP_STATUS = {
     60: 404,  # UNKNOWN_TABLE
     81: 404,  # UNKNOWN_DATABASE
     164: 403,  # READONLY
+    202: 503,  # TOO_MANY_SIMULTANEOUS_QUERIES
+    446: 403,  # FUNCTION_NOT_ALLOWED
+    497: 403,  # ACCESS_DENIED
     516: 401,  # AUTHENTICATION_FAILED
 }
-SYNTAX_ERROR, READONLY, AUTHENTICATION_FAILED = 62, 164, 516
 
 
-class QueryRefused(Exception):
-    """A request the endpoint will not run, with the ClickHouse error code to answer with."""
+class _Reader:
+    """One chDB connection of the endpoint, for one query at a time: readonly, under the limits, in the
+    endpoint's database. Its queries carry ``log_comment = marker``, which is how they are found to be
+    killed."""
 
-    def __init__(self, code: int, name: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.name = name
-
-    def clickhouse_text(self) -> str:
-        return f"Code: {self.code}. DB::Exception: {self}. ({self.name})\n"
-
-
-def _code_segments(sql: str) -> list[str]:
-    """``sql`` with comments removed and every string literal / quoted identifier replaced by a space."""
-    segments, start, i, n = [], 0, 0, len(sql)
-    while i < n:
-        char = sql[i]
-        if sql.startswith("--", i) or char == "#":
-            segments.append(sql[start:i])
-            end = sql.find("\n", i)
-            i = n if end < 0 else end
-            start = i
-        elif sql.startswith("/*", i):
-            segments.append(sql[start:i])
-            end = sql.find("*/", i + 2)
-            i = n if end < 0 else end + 2
-            start = i
-        elif char in "'\"`":
-            segments.append(sql[start:i])
-            i += 1
-            while i < n and sql[i] != char:
-                i += 2 if sql[i] == "\\" else 1
-            i += 1
-            start = i
-            segments.append(" ")
-        else:
-            i += 1
-    segments.append(sql[start:])
-    return segments
-
-
-def check_read_only(sql: str) -> None:
-    """Raise :class:`QueryRefused` unless ``sql`` is one read-only statement."""
-    code = "".join(_code_segments(sql))
-    statements = [s for s in code.split(";") if s.strip()]
-    if not statements:
-        raise QueryRefused(SYNTAX_ERROR, "SYNTAX_ERROR", "Empty query")
-    if len(statements) > 1:
-        raise QueryRefused(SYNTAX_ERROR, "SYNTAX_ERROR", "Multi-statements are not allowed on the read endpoint")
-    words = re.findall(r"[A-Za-z_]+", statements[0])
-    first = words[0].upper() if words else ""
-    if first not in ALLOWED_STATEMENTS:
-        raise QueryRefused(
-            READONLY,
-            "READONLY",
-            f"the read endpoint runs only {', '.join(sorted(ALLOWED_STATEMENTS))} queries, not {first or sql!r}",
-        )
-    upper = [w.upper() for w in words]
-    if any(a == "INTO" and b == "OUTFILE" for a, b in itertools.pairwise(upper)):
-        raise QueryRefused(READONLY, "READONLY", "INTO OUTFILE is not allowed on the read endpoint")
+    def __init__(self, connection: Any, marker: str) -> None:
+        self.connection = connection
+        self.marker = marker
+        #: Orders "the query ended" against "kill it": a kill never reaches the next query.
+        self.lock = threading.Lock()
 
 
 class ReadEndpoint:
-    """The HTTP server. ``start()`` it, read ``port``, ``stop()`` it."""
+    """The HTTP server. ``start()`` it, read ``port``, ``stop()`` it.
+
+    ``config`` gives the database and the limits of every query; ``token`` is user ``reader``'s.
+    """
 
     def __init__(
-        self, data_path: str, *, token: str, port: int = 0, database: str = "default", host: str = "127.0.0.1"
+        self, data_path: str, config: ClickHouseConfig, *, token: str, port: int = 0, host: str = "127.0.0.1"
     ) -> None:
         if not token:
             raise ValueError("the read endpoint needs a token")
         self.token = token
-        self.database = database
+        self.database = config.database
         self.server = ThreadingHTTPServer((host, port), _Handler)  # binds now: a busy port fails here
         self.server.daemon_threads = True
         self.server.endpoint = self  # type: ignore[attr-defined]
-        # The reader's own handle on the engine the archive writes through; readonly for every query.
-        self.connection = chdb.connect(f"{data_path}?readonly=1")
-        self.lock = threading.Lock()
-        self.timezone = self.connection.query("SELECT timezone()", "TabSeparated").bytes().decode().strip()
+        # Settings of the connection, before its first query: readonly=1 also makes every setting
+        # read-only, so no query (or SETTINGS clause) lifts a limit or re-enables a function.
+        limits = (
+            f"readonly=1&allow_introspection_functions=0&max_execution_time={config.read_max_execution_time:g}"
+            f"&max_memory_usage={config.read_max_memory_usage}&max_result_rows={config.read_max_result_rows}"
+            f"&max_result_bytes={config.read_max_result_bytes}"
+        )
+        #: Kills the queries of readers whose client hung up (readonly: a user may kill its own queries).
+        self.control = chdb.connect(f"{data_path}?readonly=1")
+        self.control_lock = threading.Lock()
+        #: Starts the markers of this endpoint's readers (unique: a kill reaches no other endpoint's query).
+        self.marker_prefix = f"boltstream-read-endpoint-{secrets.token_hex(4)}-"
+        self.reader_count = config.read_max_concurrent_queries
+        self.readers: queue.Queue[_Reader] = queue.Queue()
+        for number in range(self.reader_count):
+            marker = f"{self.marker_prefix}{number}"
+            connection = chdb.connect(f"{data_path}?{limits}&log_comment={marker}")
+            connection.query("USE {database:Identifier}", "TabSeparated", params={"database": self.database})
+            self.readers.put(_Reader(connection, marker))
+        self.guard = ReadGuard.of_engine(self.control, self.database)
+        self.timezone = self.control.query("SELECT timezone()", "TabSeparated").bytes().decode().strip()
         self._thread: threading.Thread | None = None
 
     @property
@@ -171,18 +169,32 @@ class ReadEndpoint:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
-        with self.lock:
-            self.connection.close()
+        with self.control_lock:
+            self.control.query(
+                "KILL QUERY WHERE startsWith(Settings['log_comment'], {prefix:String}) SYNC",
+                "TabSeparated",
+                params={"prefix": self.marker_prefix},
+            )
+        for _ in range(self.reader_count):
+            self.readers.get().connection.close()
+        self.control.close()
 
     def authorised(self, user: str | None, key: str | None) -> bool:
         return user == READ_USER and key is not None and hmac.compare_digest(key.encode(), self.token.encode())
 
-    def run(self, sql: str, database: str, fmt: str, params: dict[str, str]) -> tuple[bytes, dict[str, Any]]:
-        """Run one checked query; its output bytes and summary."""
-        check_read_only(sql)
-        with self.lock:
-            self.connection.query(f"USE `{database.replace('`', '')}`", "TabSeparated")
-            result = self.connection.query(sql, fmt, params=params)
+    def run(
+        self, sql: str, database: str, fmt: str, params: dict[str, str], client: socket.socket
+    ) -> tuple[bytes, dict[str, Any]]:
+        """Run one query for the client on socket ``client``; its output bytes and summary."""
+        if database != self.database:
+            raise QueryRefused(
+                ACCESS_DENIED,
+                "ACCESS_DENIED",
+                f"{READ_USER}: Not enough privileges: this endpoint serves database {self.database}, not {database}",
+            )
+        with self._reader() as reader:
+            self.guard.check(reader.connection, sql, params)
+            result = self._query_while_client_listens(reader, sql, fmt, params, client)
             summary = {
                 "read_rows": str(result.rows_read()),
                 "read_bytes": str(result.bytes_read()),
@@ -190,16 +202,69 @@ class ReadEndpoint:
             }
             output = result.bytes() or b""
             if not output and fmt == "Native":
-                output = self._native_header(sql, params)
+                output = self._native_header(reader, sql, params)
             return output, summary
 
-    def _native_header(self, sql: str, params: dict[str, str]) -> bytes:
+    @contextmanager
+    def _reader(self) -> Iterator[_Reader]:
+        try:
+            reader = self.readers.get(timeout=READER_WAIT)
+        except queue.Empty:
+            raise QueryRefused(
+                TOO_MANY_SIMULTANEOUS_QUERIES,
+                "TOO_MANY_SIMULTANEOUS_QUERIES",
+                f"all {self.reader_count} read connections stayed busy for {READER_WAIT:g} s; try again later",
+            ) from None
+        try:
+            yield reader
+        finally:
+            self.readers.put(reader)
+
+    def _query_while_client_listens(
+        self, reader: _Reader, sql: str, fmt: str, params: dict[str, str], client: socket.socket
+    ) -> Any:
+        """``sql`` on ``reader``, killed if the client hangs up before it ends."""
+        ended = threading.Event()
+        watcher = threading.Thread(
+            target=self._kill_on_hang_up, args=(reader, client, ended), name="read-endpoint-watch", daemon=True
+        )
+        watcher.start()
+        try:
+            return reader.connection.query(sql, fmt, params=params)
+        finally:
+            with reader.lock:
+                ended.set()
+
+    def _kill_on_hang_up(self, reader: _Reader, client: socket.socket, ended: threading.Event) -> None:
+        poller = select.poll()
+        # POLLRDHUP: the client closed its end (a client that half-closes after its request counts as
+        # gone); POLLHUP and POLLERR are always reported.
+        poller.register(client, select.POLLRDHUP)
+        while True:
+            hung_up = poller.poll(HANG_UP_POLL_MS)
+            with reader.lock:
+                if ended.is_set():
+                    return
+                if hung_up:
+                    with self.control_lock:
+                        killed = self.control.query(
+                            "KILL QUERY WHERE Settings['log_comment'] = {marker:String} SYNC",
+                            "TabSeparated",
+                            params={"marker": reader.marker},
+                        ).bytes()
+                    if killed:  # else it ended meanwhile (at its time limit, say)
+                        log.info("read query killed: its client hung up")
+                    return
+
+    def _native_header(self, reader: _Reader, sql: str, params: dict[str, str]) -> bytes:
         """The 0-row Native block a server sends for an empty result (chDB sends nothing), so clients
         still learn the column names and types."""
-        select = _TRAILING_FORMAT.sub("", sql).rstrip().rstrip(";")
-        if select.split(None, 1)[0].upper() not in ("SELECT", "WITH", "("):
+        select_sql = _TRAILING_FORMAT.sub("", sql).rstrip().rstrip(";")
+        if select_sql.split(None, 1)[0].upper() not in ("SELECT", "WITH", "("):
             return b""
-        described = self.connection.query(f"DESCRIBE ({select})", "JSONEachRow", params=params).bytes() or b""
+        describe = f"DESCRIBE (\n{select_sql}\n)"  # line breaks: a trailing comment cannot swallow the ")"
+        self.guard.check(reader.connection, describe, params)
+        described = reader.connection.query(describe, "JSONEachRow", params=params).bytes() or b""
         columns = [json.loads(line) for line in described.splitlines()]
         block = unsigned_varint(len(columns)) + unsigned_varint(0)
         for column in columns:
@@ -229,6 +294,13 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         path, params = self._target()
         length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_REQUEST_BYTES:
+            self.close_connection = True  # its body stays unread
+            refused = QueryRefused(
+                SYNTAX_ERROR, "SYNTAX_ERROR", f"Max query size exceeded: {length} bytes, over {MAX_REQUEST_BYTES}"
+            )
+            self._error(_HTTP_STATUS[SYNTAX_ERROR], SYNTAX_ERROR, refused.clickhouse_text(), str(uuid.uuid4()))
+            return
         body = self.rfile.read(length) if length else b""
         self._query(path, params, body)
 
@@ -274,7 +346,7 @@ class _Handler(BaseHTTPRequestHandler):
             match = _TRAILING_FORMAT.search(sql)
             fmt = match.group(1) if match else params.get("default_format") or "TabSeparated"
             database = params.get("database") or self.headers.get("X-ClickHouse-Database") or self.endpoint.database
-            output, summary = self.endpoint.run(sql, database, fmt, bind)
+            output, summary = self.endpoint.run(sql, database, fmt, bind, self.connection)
         except QueryRefused as refused:
             self._error(_HTTP_STATUS.get(refused.code, 500), refused.code, refused.clickhouse_text(), query_id)
             return
@@ -307,9 +379,12 @@ class _Handler(BaseHTTPRequestHandler):
         self._reply(status, text.encode(), headers)
 
     def _reply(self, status: int, body: bytes, headers: dict[str, str]) -> None:
-        self.send_response(status)
-        for name, value in headers.items():
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        try:
+            self.send_response(status)
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):  # the client hung up (and its query was killed)
+            self.close_connection = True

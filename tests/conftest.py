@@ -43,12 +43,8 @@ def broker(boltstream_home: Path) -> Iterator[EmbeddedBroker]:
     running.stop()
 
 
-@pytest.fixture
-def settings(broker: EmbeddedBroker, tmp_path: Path) -> Settings:
-    """Settings pointing at the session broker, with topic names unique to the test (no cross-talk), and a
-    model signing key in their home, as ``boltstream up`` creates one."""
-    from boltstream.infra.common.signing import ensure_signing_key
-
+def isolated_settings(broker: EmbeddedBroker, home: Path) -> Settings:
+    """Settings pointing at ``broker``, with topic names nobody else uses (no cross-talk), in ``home``."""
     suffix = uuid.uuid4().hex[:8]
     names = {
         name: f"t{suffix}.{name}"
@@ -64,11 +60,20 @@ def settings(broker: EmbeddedBroker, tmp_path: Path) -> Settings:
             "canary_decisions",
         )
     }
-    settings = load_settings(
-        environ={"BOLTSTREAM_HOME": str(tmp_path)},
+    return load_settings(
+        environ={"BOLTSTREAM_HOME": str(home)},
         kafka={"bootstrap_servers": broker.bootstrap_servers},
         topics=names,
     )
+
+
+@pytest.fixture
+def settings(broker: EmbeddedBroker, tmp_path: Path) -> Settings:
+    """Settings pointing at the session broker, with topic names unique to the test (no cross-talk), and a
+    model signing key in their home, as ``boltstream up`` creates one."""
+    from boltstream.infra.common.signing import ensure_signing_key
+
+    settings = isolated_settings(broker, tmp_path)
     ensure_signing_key(settings)
     return settings
 
@@ -99,10 +104,9 @@ class ArchiveProcess:
         import urllib.request
 
         argv = [sys.executable, "-m", "boltstream.infra.cli", "archive", "--read-port", str(self.port)]
+        env = {**self.env, "BOLTSTREAM_CLICKHOUSE__READ_TOKEN": self.token}
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                [*argv, "--read-token", self.token], env=self.env, cwd=self.settings.home, stdout=log, stderr=log
-            )
+            self.process = subprocess.Popen(argv, env=env, cwd=self.settings.home, stdout=log, stderr=log)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -142,9 +146,8 @@ class ArchiveProcess:
             return -9
 
 
-@pytest.fixture
-def archive(settings: Settings, tmp_path: Path) -> Iterator[ArchiveProcess]:
-    """A factory-like ArchiveProcess on ``settings`` (topics created, not started); stopped at the end."""
+def archive_process(settings: Settings, log_path: Path) -> ArchiveProcess:
+    """An ArchiveProcess on ``settings`` (topics created, not started), logging to ``log_path``."""
     from boltstream.infra.common.topics import ensure_topics
 
     ensure_topics(settings)
@@ -160,7 +163,13 @@ def archive(settings: Settings, tmp_path: Path) -> Iterator[ArchiveProcess]:
             for name in ("spans", "rewards", "trajectories", "samples", "dlq", "canary_decisions")
         },
     }
-    process = ArchiveProcess(settings, env, tmp_path / "archive.log")
+    return ArchiveProcess(settings, env, log_path)
+
+
+@pytest.fixture
+def archive(settings: Settings, tmp_path: Path) -> Iterator[ArchiveProcess]:
+    """A factory-like ArchiveProcess on ``settings`` (topics created, not started); stopped at the end."""
+    process = archive_process(settings, tmp_path / "archive.log")
     yield process
     process.stop()
 

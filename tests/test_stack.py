@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
@@ -79,6 +80,15 @@ def run_cli(home: Path, *args: str) -> subprocess.CompletedProcess:
         text=True,
         timeout=120,
     )
+
+
+def command_lines() -> Iterator[tuple[Path, bytes]]:
+    """The command line of every process on the machine (as any user can read them)."""
+    for path in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            yield path, path.read_bytes()
+        except OSError:  # the process ended meanwhile
+            continue
 
 
 def listening(port: int) -> bool:
@@ -318,7 +328,12 @@ def test_up_runs_the_archive_and_status_counts_its_rows(home):
     up = run_cli(home, "up")
     assert up.returncode == 0, up.stdout + up.stderr
     settings = home_settings(home)  # broker and read endpoint come from the state file
-    assert set(read_state(settings).workers) == set(WORKERS)
+    state = read_state(settings)
+    assert set(state.workers) == set(WORKERS)
+    # The read token reaches the archive worker in its private settings file, on no command line.
+    token = urlsplit(state.clickhouse_read_url).password
+    assert token and b"archive" in Path(f"/proc/{state.workers['archive'].pid}/cmdline").read_bytes()
+    assert not [path for path, command in command_lines() if token.encode() in command]
 
     span_batch = codec("SpanBatch")
     producer = Producer(settings.kafka.client_config())

@@ -254,7 +254,19 @@ class ClickHouseConfig(_Checked):
     #: Loopback port of the embedded store's read-only HTTP endpoint (0 = pick a free one).
     read_port: Port = 0
     #: Token of user ``reader`` on that endpoint; empty = a random one, printed when the archive starts.
+    #: The local stack hands it to the archive worker in its private settings file, never on a command line.
     read_token: str = ""
+    #: Limits of every query on that endpoint (the process that answers it also writes the archive);
+    #: a reader cannot change them. A query over one fails with ClickHouse's error for it.
+    read_max_execution_time: Annotated[Seconds, Range(above=0)] = 30.0
+    #: Bytes of memory one query may use; up to ``read_max_concurrent_queries`` of them run at once.
+    read_max_memory_usage: Count = 1024 * 1024 * 1024
+    #: Rows and (uncompressed) bytes of one result: the endpoint holds a result in memory before it
+    #: answers. Reading more (a replay of a large archive) takes raising them, or several queries.
+    read_max_result_rows: Count = 1_000_000
+    read_max_result_bytes: Count = 256 * 1024 * 1024
+    #: Queries the endpoint runs at once, each on its own chDB connection; more wait for a free one.
+    read_max_concurrent_queries: Count = 4
     #: Consumer group of the archive worker; its committed offsets are what is durably archived.
     archive_group: str = "boltstream-archive"
 

@@ -64,7 +64,7 @@ def start_stack(
             # Chosen once the broker listens, so a free port cannot turn out to be the broker's.
             read_port = read_port or free_port()
             token = settings.clickhouse.read_token or secrets.token_hex(24)
-            fill = {"python": sys.executable, "read_port": str(read_port), "read_token": token}
+            fill = {"python": sys.executable, "read_port": str(read_port)}
             if serves_reads:
                 read_url = f"http://{READ_USER}:{quote(token, safe='')}@127.0.0.1:{read_port}"
             else:  # readers of a ClickHouse server use it directly (or the reader URL configured for it)

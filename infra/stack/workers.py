@@ -19,9 +19,11 @@ from boltstream.infra.stack.processes import ProcessRecord
 class Worker:
     """How to run one worker process of the stack.
 
-    ``argv`` and ``ready_url`` may use the placeholders ``{python}`` (this interpreter), ``{read_port}``
-    and ``{read_token}`` (the stack's ClickHouse read endpoint). The worker is ready when ``ready_url``
-    answers 200, or, without one, when it is still alive ``settle`` seconds after it started.
+    ``argv`` and ``ready_url`` may use the placeholders ``{python}`` (this interpreter) and ``{read_port}``
+    (the port of the stack's ClickHouse read endpoint). No secret goes into ``argv``, which every user
+    of the machine can read: the workers find the read token in the stack's private settings file. The
+    worker is ready when ``ready_url`` answers 200, or, without one, when it is still alive ``settle``
+    seconds after it started.
     """
 
     argv: tuple[str, ...]
@@ -47,7 +49,7 @@ class Worker:
 WORKERS: dict[str, Worker] = {
     "archive": Worker(
         argv=("{python}", "-m", "boltstream.infra.cli", "archive"),
-        read_args=("--read-port", "{read_port}", "--read-token={read_token}"),
+        read_args=("--read-port", "{read_port}"),
         ready_url="http://127.0.0.1:{read_port}/ping",
     ),
     # The reward/trajectory join; its metrics: stream_processors.join.join_metrics_urls(settings), join_status(url).
