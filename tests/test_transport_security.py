@@ -10,6 +10,7 @@ sends through the terminator, naming the configured (non-default) mechanism, bef
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import threading
 import time
@@ -28,6 +29,7 @@ from boltstream.infra.common.ports import free_port
 from boltstream.infra.common.topics import ensure_topics
 from boltstream.infra.stack.broker import EmbeddedBroker
 from tests.join_harness import Collector, JoinProcess, join_settings
+from tests.test_layers import modules
 from tests.tls_terminator import SASL_HANDSHAKE, Certificates, KafkaRequest, TlsTerminator, make_certificates
 
 #: Not the default mechanism, so a handshake naming it shows the setting travelled.
@@ -94,6 +96,63 @@ def test_a_client_that_does_not_trust_the_ca_gets_no_connection(settings, tls_te
     while not errors and time.monotonic() < deadline:
         admin.poll(0.2)  # serves error_cb
     assert any("certificate verify failed" in error.str() for error in errors), errors
+
+
+# -- every client is built from the configuration -------------------------------------------------------
+
+#: Constructors of Kafka and ClickHouse clients, and the functions of the configuration that make their settings.
+CLIENTS = {"Producer", "Consumer", "AdminClient", "App", "get_client"}
+CONFIGURATION = {"client_config", "reader_config", "faust_credentials", "client_arguments"}
+#: Clients built from something else, with the reason.
+ELSEWHERE = {
+    "boltstream.infra.stack.status": "reads the local stack's own read endpoint, from its state file",
+}
+
+
+def unconfigured_clients(source: str) -> list[str]:
+    """Each client constructor call in ``source`` whose arguments do not come from the configuration: neither
+    a call of one of :data:`CONFIGURATION` nor a name assigned from one."""
+
+    def name_of(call: ast.Call) -> str:
+        return call.func.attr if isinstance(call.func, ast.Attribute) else getattr(call.func, "id", "")
+
+    def configured(node: ast.AST) -> bool:
+        return any(isinstance(n, ast.Call) and name_of(n) in CONFIGURATION for n in ast.walk(node))
+
+    tree = ast.parse(source)
+    assigned = {
+        ast.unparse(target)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Assign) and configured(node.value)
+        for target in node.targets
+    }
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and name_of(node) in CLIENTS:
+            arguments = [*node.args, *(keyword.value for keyword in node.keywords)]
+            if not any(configured(argument) or ast.unparse(argument) in assigned for argument in arguments):
+                found.append(f"line {node.lineno}: {ast.unparse(node)[:100]}")
+    return found
+
+
+def test_every_client_in_the_code_takes_its_settings_from_the_configuration() -> None:
+    """What the tests above show for each component holds for every client the code builds, and for the
+    next one: a client with settings of its own would not see the security settings."""
+    offenders = {
+        module: found
+        for module, path in modules().items()
+        if module not in ELSEWHERE and (found := unconfigured_clients(path.read_text()))
+    }
+    assert offenders == {}
+    assert unconfigured_clients("Producer({'bootstrap.servers': servers})") == [
+        "line 1: Producer({'bootstrap.servers': servers})"
+    ]
+    assert (
+        unconfigured_clients(
+            "c = kafka.client_config()\nProducer(c)\nfaust.App('j', broker_credentials=k.faust_credentials())"
+        )
+        == []
+    )
 
 
 # -- SASL: every component's clients log in with the configured mechanism ----------------------------
