@@ -27,16 +27,18 @@ import functools
 import json
 import os
 import re
-import ssl
 import tomllib
 import typing
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import tomli_w
+
+if TYPE_CHECKING:
+    import ssl
 
 ENV_PREFIX = "BOLTSTREAM_"
 TRACER_ENV = "AGENT_LIGHTNING_TRACER"
@@ -204,7 +206,7 @@ class KafkaConfig(_Checked):
     #: Client certificate and its private key (PEM files) for brokers that require mutual TLS.
     ssl_certificate_location: str = ""
     ssl_key_location: str = ""
-    #: Extra librdkafka settings applied to every client, e.g. {"ssl.endpoint.identification.algorithm": "none"}.
+    #: Extra librdkafka settings applied to every client, e.g. {"client.rack": "eu-west-1a"}.
     client_overrides: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -232,12 +234,13 @@ class KafkaConfig(_Checked):
                 {"sasl.mechanism": self.sasl_mechanism, "sasl.username": username, "sasl.password": password}
             )
         if self.uses_tls:
+            certificate, key = self._client_certificate()
             files = {
                 "ssl.ca.location": self.ssl_ca_location,
-                "ssl.certificate.location": self._client_certificate()[0],
-                "ssl.key.location": self._client_certificate()[1],
+                "ssl.certificate.location": certificate,
+                "ssl.key.location": key,
             }
-            security.update({key: path for key, path in files.items() if path})
+            security.update({setting: path for setting, path in files.items() if path})
         return {"bootstrap.servers": self.bootstrap_servers, **security, **self.client_overrides, **extra}
 
     def faust_credentials(self) -> Any:
@@ -270,6 +273,8 @@ class KafkaConfig(_Checked):
         return self.ssl_certificate_location, self.ssl_key_location
 
     def _ssl_context(self) -> ssl.SSLContext:
+        import ssl
+
         try:
             context = ssl.create_default_context(cafile=self.ssl_ca_location or None)
             certificate, key = self._client_certificate()
@@ -380,12 +385,11 @@ class ClickHouseConfig(_Checked):
         if not url.startswith(("http://", "https://")):
             return {"dsn": url}  # chdb:// is a directory of this machine: no login, no transport
         if reading:
-            user, password = (
-                self.read_user,
-                read_secret("clickhouse.read_password", self.read_password, self.read_password_file),
-            )
+            user = self.read_user
+            password = read_secret("clickhouse.read_password", self.read_password, self.read_password_file)
         else:
-            user, password = self.user, read_secret("clickhouse.password", self.password, self.password_file)
+            user = self.user
+            password = read_secret("clickhouse.password", self.password, self.password_file)
         arguments: dict[str, Any] = {"dsn": url}
         if user:
             arguments["username"] = user
