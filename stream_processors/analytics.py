@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from boltstream.infra.common.config import ConfigError, Settings
+from boltstream.infra.common.config import ConfigError, Settings, redacted
 
 FORMATS = ("table", "csv", "json")
 REPORT_PREFIX = "report_"
@@ -38,11 +38,13 @@ def read_client(settings: Settings) -> Any:
     if not url:
         raise ConfigError(
             "clickhouse.read_url is empty and no local stack is running: start one with `boltstream up` "
-            "or set BOLTSTREAM_CLICKHOUSE__READ_URL (e.g. http://user:password@host:8123)"
+            "or set BOLTSTREAM_CLICKHOUSE__READ_URL (e.g. https://host:8443, its login in clickhouse.read_user and "
+            "BOLTSTREAM_CLICKHOUSE__READ_PASSWORD or clickhouse.read_password_file)"
         )
     if not url.startswith(("http://", "https://")):
-        raise ConfigError(f"clickhouse.read_url must be an http(s):// URL, not {url!r}")
-    return clickhouse_connect.get_client(dsn=url, database=settings.clickhouse.database)
+        raise ConfigError(f"clickhouse.read_url must be an http(s):// URL, not {redacted(url)!r}")
+    arguments = settings.clickhouse.client_arguments(url, reading=True)
+    return clickhouse_connect.get_client(**arguments, database=settings.clickhouse.database)
 
 
 def print_result(client: Any, sql: str, output_format: str) -> None:

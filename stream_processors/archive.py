@@ -49,7 +49,7 @@ from urllib.parse import urlsplit
 import fastavro
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from boltstream.infra.common.config import ConfigError, Settings
+from boltstream.infra.common.config import ClickHouseConfig, ConfigError, Settings, redacted
 from boltstream.schemas.codec import AvroCodec, CodecError, codec, latest, zigzag_varint
 from boltstream.schemas.dead_letters import dead_letter_of
 
@@ -108,16 +108,18 @@ def ddl_statements() -> list[str]:
     return statements
 
 
-def connect(url: str, database: str) -> Any:
-    """A clickhouse-connect client on ``url`` (``chdb:///path`` or ``http(s)://...``) with the schema applied."""
+def connect(clickhouse: ClickHouseConfig, url: str) -> Any:
+    """A clickhouse-connect client on ``url`` (``chdb:///path`` or ``http(s)://...``, with the archive
+    worker's login of ``clickhouse``) with the schema applied."""
     import clickhouse_connect
 
-    bootstrap = clickhouse_connect.get_client(dsn=url)
+    arguments = clickhouse.client_arguments(url, reading=False)
+    bootstrap = clickhouse_connect.get_client(**arguments)
     try:
-        bootstrap.command(f"CREATE DATABASE IF NOT EXISTS `{database}`")
+        bootstrap.command(f"CREATE DATABASE IF NOT EXISTS `{clickhouse.database}`")
     finally:
         bootstrap.close()
-    client = clickhouse_connect.get_client(dsn=url, database=database)
+    client = clickhouse_connect.get_client(**arguments, database=clickhouse.database)
     for statement in ddl_statements():
         client.command(statement)
     return client
@@ -421,10 +423,10 @@ def archive_command(args: argparse.Namespace, settings: Settings) -> int:
     from clickhouse_connect.driver.exceptions import ClickHouseError
 
     try:
-        client = connect(url, settings.clickhouse.database)
+        client = connect(settings.clickhouse, url)
     except ClickHouseError as exc:
         hint = " (chDB allows one process per data directory: is another archive running on it?)" if data_path else ""
-        print(f"boltstream archive: cannot open the archive at {url}{hint}: {exc}", file=sys.stderr)
+        print(f"boltstream archive: cannot open the archive at {redacted(url)}{hint}: {exc}", file=sys.stderr)
         return 1
     endpoint = None
     if data_path is not None:

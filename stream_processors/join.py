@@ -95,6 +95,7 @@ class JoinWorker:
         self.app = faust.App(
             stream.join_group,
             broker=servers,
+            broker_credentials=settings.kafka.faust_credentials(),
             store="memory://",
             datadir=str(datadir),
             topic_partitions=topics.partitions,

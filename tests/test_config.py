@@ -8,11 +8,16 @@ from dataclasses import replace
 import pytest
 
 from boltstream.infra.common.config import (
+    ClickHouseConfig,
     ConfigError,
+    KafkaConfig,
     ProducerConfig,
     TrainerConfig,
     load_settings,
     parse_duration,
+    secret_environment,
+    secret_fields,
+    settings_toml,
 )
 
 
@@ -95,6 +100,8 @@ REFUSED = [
     ("serve", "router_port", 65536, "65536 is not in [0, 65535]"),
     ("stream", "reward_timeout", "0s", "0.0 is not above 0"),
     ("stream", "join_grace", -1, "-1.0 is not at least 0"),
+    ("kafka", "security_protocol", "TLS", "'TLS' is not one of PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL"),
+    ("kafka", "sasl_mechanism", "GSSAPI", "'GSSAPI' is not one of PLAIN, SCRAM-SHA-256, SCRAM-SHA-512"),
 ]
 
 
@@ -142,3 +149,164 @@ def test_client_config_without_a_broker_says_how_to_get_one(tmp_path):
 @pytest.mark.parametrize(("text", "seconds"), [("30s", 30.0), ("250ms", 0.25), ("5m", 300.0), ("2", 2.0), (1.5, 1.5)])
 def test_durations(text, seconds):
     assert parse_duration(text) == seconds
+
+
+# -- secured transport: Kafka SASL/TLS, ClickHouse logins and TLS ---------------------------------
+
+
+def test_plaintext_adds_no_security_settings():
+    assert KafkaConfig(bootstrap_servers="k:9092").client_config(acks="all") == {
+        "bootstrap.servers": "k:9092",
+        "acks": "all",
+    }
+
+
+def test_sasl_ssl_becomes_librdkafka_settings_with_the_password_from_its_file(tmp_path):
+    password = tmp_path / "kafka-password"
+    password.write_text("s3cret\n")  # as `echo` writes it: the newline is not part of the password
+    kafka = KafkaConfig(
+        bootstrap_servers="k:9093",
+        security_protocol="SASL_SSL",
+        sasl_mechanism="SCRAM-SHA-256",
+        sasl_username="boltstream",
+        sasl_password_file=str(password),
+        ssl_ca_location="/etc/kafka/ca.pem",
+        ssl_certificate_location="/etc/kafka/client.pem",
+        ssl_key_location="/etc/kafka/client.key",
+        client_overrides={"client.id": "x"},
+    )
+    assert kafka.client_config(**{"group.id": "g"}) == {
+        "bootstrap.servers": "k:9093",
+        "security.protocol": "SASL_SSL",
+        "sasl.mechanism": "SCRAM-SHA-256",
+        "sasl.username": "boltstream",
+        "sasl.password": "s3cret",
+        "ssl.ca.location": "/etc/kafka/ca.pem",
+        "ssl.certificate.location": "/etc/kafka/client.pem",
+        "ssl.key.location": "/etc/kafka/client.key",
+        "client.id": "x",
+        "group.id": "g",
+    }
+
+
+def test_sasl_plaintext_sends_no_tls_settings(tmp_path):
+    kafka = KafkaConfig(
+        bootstrap_servers="k:9092", security_protocol="SASL_PLAINTEXT", sasl_username="u", sasl_password="p"
+    )
+    config = kafka.client_config()
+    assert config["security.protocol"] == "SASL_PLAINTEXT" and config["sasl.password"] == "p"
+    assert not [key for key in config if key.startswith("ssl.")]
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"security_protocol": "SASL_SSL", "sasl_password": "p"}, "needs kafka.sasl_username and a password"),
+        ({"security_protocol": "SASL_SSL", "sasl_username": "u"}, "needs kafka.sasl_username and a password"),
+        (
+            {"security_protocol": "SASL_SSL", "sasl_username": "u", "sasl_password": "p", "sasl_password_file": "f"},
+            "kafka.sasl_password and kafka.sasl_password_file are both set",
+        ),
+        (
+            {"security_protocol": "SASL_SSL", "sasl_username": "u", "sasl_password_file": "/nonexistent/password"},
+            "kafka.sasl_password_file: cannot read /nonexistent/password",
+        ),
+        ({"security_protocol": "SSL", "ssl_certificate_location": "c.pem"}, "go together"),
+    ],
+)
+def test_incomplete_security_settings_are_refused_when_a_client_is_built(fields, message):
+    kafka = KafkaConfig(bootstrap_servers="k:9093", **fields)
+    with pytest.raises(ConfigError, match=message):
+        kafka.client_config()
+    with pytest.raises(ConfigError, match=message):
+        kafka.faust_credentials()
+
+
+def test_faust_gets_the_same_login_and_a_verifying_tls_context(tmp_path):
+    import ssl
+
+    import faust
+
+    kafka = KafkaConfig(
+        bootstrap_servers="k:9093",
+        security_protocol="SASL_SSL",
+        sasl_mechanism="PLAIN",
+        sasl_username="u",
+        sasl_password="p",
+    )
+    credentials = kafka.faust_credentials()
+    assert isinstance(credentials, faust.SASLCredentials)
+    assert (credentials.username, credentials.password, credentials.mechanism.value) == ("u", "p", "PLAIN")
+    assert credentials.protocol.value == "SASL_SSL"
+    assert credentials.ssl_context.verify_mode == ssl.CERT_REQUIRED and credentials.ssl_context.check_hostname
+    tls_only = KafkaConfig(bootstrap_servers="k:9093", security_protocol="SSL").faust_credentials()
+    assert isinstance(tls_only, faust.SSLCredentials) and tls_only.context.verify_mode == ssl.CERT_REQUIRED
+    assert KafkaConfig(bootstrap_servers="k:9092").faust_credentials() is None
+
+
+def test_every_secret_has_a_file_field_and_stays_out_of_reprs():
+    assert {("kafka", "sasl_password"), ("clickhouse", "password"), ("clickhouse", "read_password")} <= set(
+        secret_fields()
+    )
+    settings = load_settings(environ={}, kafka={"sasl_password": "hunter2"}, clickhouse={"read_password": "pw2"})
+    for section, name in secret_fields():
+        assert hasattr(getattr(settings, section), f"{name}_file"), f"{section}.{name} has no {name}_file"
+    assert "hunter2" not in repr(settings) and "pw2" not in repr(settings)
+
+
+def test_a_config_file_holding_a_secret_is_refused(tmp_path):
+    config = tmp_path / "boltstream.toml"
+    config.write_text('[kafka]\nsasl_password = "hunter2"\n')
+    with pytest.raises(ConfigError) as raised:
+        load_settings(config, environ={"BOLTSTREAM_HOME": str(tmp_path)})
+    assert str(raised.value) == (
+        f"{config}: kafka.sasl_password is a secret, not for a config file: set "
+        "BOLTSTREAM_KAFKA__SASL_PASSWORD or kafka.sasl_password_file"
+    )
+
+
+def test_secrets_come_from_the_environment_and_are_not_written_to_a_worker_file(tmp_path):
+    environ = {
+        "BOLTSTREAM_HOME": str(tmp_path),
+        "BOLTSTREAM_KAFKA__SASL_PASSWORD": "hunter2",
+        "BOLTSTREAM_CLICKHOUSE__PASSWORD": "writer-pw",
+    }
+    settings = load_settings(environ=environ, kafka={"sasl_username": "u"})
+    assert settings.kafka.sasl_password == "hunter2"
+    text = settings_toml(settings)
+    assert "hunter2" not in text and "writer-pw" not in text
+    written = tmp_path / "worker.toml"
+    written.write_text(text)  # a worker reads it back (no refusal) and gets the secrets by its environment
+    child = load_settings(written, environ={"BOLTSTREAM_HOME": str(tmp_path), **secret_environment(settings)})
+    assert child == settings
+
+
+def test_clickhouse_logins_come_from_fields_and_https_means_tls(tmp_path):
+    reader_password = tmp_path / "reader-password"
+    reader_password.write_text("read-pw\n")
+    clickhouse = ClickHouseConfig(
+        user="writer",
+        password="write-pw",
+        read_user="reader",
+        read_password_file=str(reader_password),
+        ca_cert="/etc/clickhouse/ca.pem",
+    )
+    # clickhouse-connect takes TLS from `secure`, not from the scheme of the URL: the scheme must become it.
+    assert clickhouse.client_arguments("https://ch:8443", reading=True) == {
+        "dsn": "https://ch:8443",
+        "username": "reader",
+        "password": "read-pw",
+        "secure": True,
+        "verify": True,
+        "ca_cert": "/etc/clickhouse/ca.pem",
+    }
+    assert clickhouse.client_arguments("http://ch:8123", reading=False) == {
+        "dsn": "http://ch:8123",
+        "username": "writer",
+        "password": "write-pw",
+    }
+    assert clickhouse.client_arguments("chdb:///data/clickhouse", reading=False) == {"dsn": "chdb:///data/clickhouse"}
+    # Without fields of its own the URL's login stands (the local stack's read endpoint puts its token there).
+    assert ClickHouseConfig().client_arguments("http://reader:t@127.0.0.1:9", reading=True) == {
+        "dsn": "http://reader:t@127.0.0.1:9"
+    }

@@ -64,6 +64,24 @@ def test_ports_the_user_chose_are_kept_or_refused(tmp_path: Path) -> None:
     assert serving_port(configured, "vllm_port", 0) not in (0, taken)
 
 
+def test_a_router_on_every_interface_is_reached_on_loopback(settings: Settings) -> None:
+    """``serve.router_host`` 0.0.0.0 (a container's published port, a pod's Service): the router listens on
+    every interface, and its own process (the canary analyzer) reaches it on loopback."""
+    import httpx
+
+    from boltstream.infra.serving.router import RouterProcess
+
+    ensure_topics(settings)
+    router = RouterProcess(settings, {"replica-a": "http://127.0.0.1:9"}, host="0.0.0.0").start()
+    try:
+        assert router.url == f"http://127.0.0.1:{router.port}"
+        assert httpx.get(f"{router.url}/health", timeout=5).text == "ok"
+        # 127.0.0.2 is this machine too, but a socket bound to 127.0.0.1 alone does not answer there.
+        assert httpx.get(f"http://127.0.0.2:{router.port}/health", timeout=5).text == "ok"
+    finally:
+        router.stop()
+
+
 def test_replica_starts_from_the_base_then_from_the_last_full_version(tmp_path: Path) -> None:
     base, serving = tmp_path / "base", tmp_path / "serving"
     base.mkdir()

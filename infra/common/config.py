@@ -10,6 +10,10 @@ Sources, later ones winning:
 4. when ``kafka.bootstrap_servers`` / ``clickhouse.read_url`` are left empty, the running local
    stack's state file (``<home>/stack.json``, written by ``boltstream up``) fills them in.
 
+Secrets (fields marked :data:`SecretText`: passwords) come from the environment, from code, or from the
+file a sibling ``<field>_file`` names; a config file holding one is refused, and :func:`settings_toml`
+leaves them out, so no secret is written to a config file.
+
 Loading converts each value to its field's type; constructing a section (loading, ``replace`` or a
 direct call) checks it against the field's choices (``Literal``) and range (:class:`Range`). Either
 refusal names the field, the value and what is allowed. Fields of seconds (:data:`Seconds`) also
@@ -28,9 +32,13 @@ import typing
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import tomli_w
+
+if TYPE_CHECKING:
+    import ssl
 
 ENV_PREFIX = "BOLTSTREAM_"
 TRACER_ENV = "AGENT_LIGHTNING_TRACER"
@@ -56,6 +64,10 @@ def parse_duration(value: str | float | int) -> float:
 
 class Duration:
     """Marks a float field of seconds: ``Annotated[float, Duration]`` also accepts ``"30s"``, ``"5m"``."""
+
+
+class Secret:
+    """Marks a str field as a secret (:data:`SecretText`): never read from nor written to a config file."""
 
 
 @dataclass(frozen=True)
@@ -89,10 +101,14 @@ Count = Annotated[int, Range(at_least=1)]
 Port = Annotated[int, Range(at_least=0, at_most=65535)]
 #: A length of time in seconds: a number, or a string with a unit (``"250ms"``, ``"30s"``, ``"5m"``, ``"1h"``).
 Seconds = Annotated[float, Duration, Range(at_least=0)]
+#: A password: set by an environment variable or code, never by a config file; left out of reprs.
+SecretText = Annotated[str, Secret]
 
 Algorithm = Literal["grpo", "sft", "apo"]
 CreditPolicy = Literal["final", "discounted", "per_step"]
 Compression = Literal["lz4", "zstd", "snappy", "gzip", "none"]
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 
 
 class _Checked:
@@ -105,6 +121,27 @@ class _Checked:
             complaint = _complaint(getattr(self, name), annotation)
             if complaint:
                 raise ConfigError(f"{section}.{name}: {complaint}")
+
+
+def read_secret(name: str, value: str, file: str) -> str:
+    """The secret ``name`` (e.g. ``kafka.sasl_password``): ``value``, else the content of ``file`` without
+    its trailing newline (``echo`` and editors add one). Both set is refused: which one counts would be a guess."""
+    if value and file:
+        raise ConfigError(f"{name} and {name}_file are both set: give the secret one way")
+    if not file:
+        return value
+    try:
+        return Path(file).expanduser().read_text().rstrip("\r\n")
+    except OSError as exc:
+        raise ConfigError(f"{name}_file: cannot read {file}: {exc.strerror}") from None
+
+
+def redacted(url: str) -> str:
+    """``url`` with its password shown as ``***``, for messages and logs."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{parts.hostname}:{parts.port}"))
 
 
 def default_home() -> Path:
@@ -155,7 +192,8 @@ class TopicConfig(_Checked):
 
 @dataclass(frozen=True)
 class KafkaConfig(_Checked):
-    """Where the broker is and how clients talk to it."""
+    """Where the broker is and how clients talk to it: every Kafka client of boltstream (librdkafka through
+    :meth:`client_config`, Faust through :meth:`faust_credentials`) connects with these settings."""
 
     #: Broker list; empty means "the running local stack" (from its state file).
     bootstrap_servers: str = ""
@@ -165,17 +203,99 @@ class KafkaConfig(_Checked):
     #: Consumer session timeout. Tansu completes a group join after about half of it, so the
     #: local stack keeps it short; raise it on real clusters with slow consumers.
     session_timeout_ms: Count = 6000
-    #: Extra librdkafka settings applied to every client, e.g. {"security.protocol": "SASL_SSL"}.
+    #: PLAINTEXT (the local stack), SSL (TLS), SASL_SSL (TLS and a SASL login) or SASL_PLAINTEXT.
+    security_protocol: SecurityProtocol = "PLAINTEXT"
+    #: The SASL login of the SASL_* protocols.
+    sasl_mechanism: SaslMechanism = "SCRAM-SHA-512"
+    #: The SASL user name.
+    sasl_username: str = ""
+    #: From ``BOLTSTREAM_KAFKA__SASL_PASSWORD`` (or code); a config file holding it is refused.
+    sasl_password: SecretText = field(default="", repr=False)
+    #: A file holding the SASL password instead (a mounted Kubernetes Secret, a compose secret).
+    sasl_password_file: str = ""
+    #: PEM file of the CA(s) that sign the brokers' certificates (SSL, SASL_SSL); empty = the system's.
+    ssl_ca_location: str = ""
+    #: Client certificate and its private key (PEM files) for brokers that require mutual TLS.
+    ssl_certificate_location: str = ""
+    #: The private key of ``ssl_certificate_location`` (PEM file).
+    ssl_key_location: str = ""
+    #: Extra librdkafka settings applied to every client, e.g. {"client.rack": "eu-west-1a"}.
     client_overrides: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def uses_sasl(self) -> bool:
+        return self.security_protocol.startswith("SASL_")
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.security_protocol in ("SSL", "SASL_SSL")
+
     def client_config(self, **extra: Any) -> dict[str, Any]:
-        """librdkafka settings for a confluent-kafka client: the broker, the overrides, then ``extra``."""
+        """librdkafka settings for a confluent-kafka client: the broker, the security settings, the
+        overrides, then ``extra``."""
         if not self.bootstrap_servers:
             raise ConfigError(
                 "kafka.bootstrap_servers is empty and no local stack is running: start one with "
                 "`boltstream up` or set BOLTSTREAM_KAFKA__BOOTSTRAP_SERVERS"
             )
-        return {"bootstrap.servers": self.bootstrap_servers, **self.client_overrides, **extra}
+        security: dict[str, str] = {}
+        if self.security_protocol != "PLAINTEXT":
+            security["security.protocol"] = self.security_protocol
+        if self.uses_sasl:
+            username, password = self._sasl_login()
+            security.update(
+                {"sasl.mechanism": self.sasl_mechanism, "sasl.username": username, "sasl.password": password}
+            )
+        if self.uses_tls:
+            certificate, key = self._client_certificate()
+            files = {
+                "ssl.ca.location": self.ssl_ca_location,
+                "ssl.certificate.location": certificate,
+                "ssl.key.location": key,
+            }
+            security.update({setting: path for setting, path in files.items() if path})
+        return {"bootstrap.servers": self.bootstrap_servers, **security, **self.client_overrides, **extra}
+
+    def faust_credentials(self) -> Any:
+        """The same security for Faust (aiokafka): the ``broker_credentials`` of a ``faust.App``, None for
+        PLAINTEXT. The TLS context verifies the broker's certificate and name, as librdkafka does."""
+        import faust
+
+        context = self._ssl_context() if self.uses_tls else None
+        if self.uses_sasl:
+            username, password = self._sasl_login()
+            return faust.SASLCredentials(
+                username=username, password=password, mechanism=self.sasl_mechanism, ssl_context=context
+            )
+        return faust.SSLCredentials(context) if context is not None else None
+
+    def _sasl_login(self) -> tuple[str, str]:
+        password = read_secret("kafka.sasl_password", self.sasl_password, self.sasl_password_file)
+        if not (self.sasl_username and password):
+            raise ConfigError(
+                f"kafka.security_protocol {self.security_protocol} needs kafka.sasl_username and a password "
+                "(BOLTSTREAM_KAFKA__SASL_PASSWORD or kafka.sasl_password_file)"
+            )
+        return self.sasl_username, password
+
+    def _client_certificate(self) -> tuple[str, str]:
+        if bool(self.ssl_certificate_location) != bool(self.ssl_key_location):
+            raise ConfigError(
+                "kafka.ssl_certificate_location and kafka.ssl_key_location go together: set both or neither"
+            )
+        return self.ssl_certificate_location, self.ssl_key_location
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        import ssl
+
+        try:
+            context = ssl.create_default_context(cafile=self.ssl_ca_location or None)
+            certificate, key = self._client_certificate()
+            if certificate:
+                context.load_cert_chain(certificate, key)
+        except OSError as exc:  # ssl.SSLError included
+            raise ConfigError(f"kafka TLS files: {exc}") from None
+        return context
 
 
 @dataclass(frozen=True)
@@ -244,9 +364,10 @@ class ClickHouseConfig(_Checked):
     """The span archive."""
 
     #: Where the archive worker writes: ``chdb:///path`` (embedded; empty = ``<home>/clickhouse``)
-    #: or ``http(s)://user:pass@host:8123/db`` for a server.
+    #: or ``http(s)://host:port`` for a server, with its user and password in the fields below, not in
+    #: the URL (URLs get printed).
     url: str = ""
-    #: Where every reader (sql, report, replay) reads: a ClickHouse HTTP URL. Empty means the
+    #: Where every reader (sql, report, replay) reads: a ClickHouse HTTP(S) URL. Empty means the
     #: running local stack's read endpoint (from its state file).
     read_url: str = ""
     #: ClickHouse database of the archive's tables and views (created when missing).
@@ -264,11 +385,51 @@ class ClickHouseConfig(_Checked):
     #: Rows and (uncompressed) bytes of one result: the endpoint holds a result in memory before it
     #: answers. Reading more (a replay of a large archive) takes raising them, or several queries.
     read_max_result_rows: Count = 1_000_000
+    #: Uncompressed bytes of one result on that endpoint.
     read_max_result_bytes: Count = 256 * 1024 * 1024
     #: Queries the endpoint runs at once, each on its own chDB connection; more wait for a free one.
     read_max_concurrent_queries: Count = 4
     #: Consumer group of the archive worker; its committed offsets are what is durably archived.
     archive_group: str = "boltstream-archive"
+    #: The archive worker's user on a server (``url``): one allowed to insert and to run the DDL.
+    #: Empty = the URL's user, else ``default``.
+    user: str = ""
+    #: Its password, from ``BOLTSTREAM_CLICKHOUSE__PASSWORD`` (or code); a config file holding it is refused.
+    password: SecretText = field(default="", repr=False)
+    #: A file holding that password instead (a mounted Kubernetes Secret, a compose secret).
+    password_file: str = ""
+    #: The readers' user on a server (``read_url``), best a read-only one; empty = the URL's user.
+    read_user: str = ""
+    #: Its password, from ``BOLTSTREAM_CLICKHOUSE__READ_PASSWORD`` (or code), or from ``read_password_file``.
+    read_password: SecretText = field(default="", repr=False)
+    #: A file holding the readers' password instead.
+    read_password_file: str = ""
+    #: PEM file of the CA that signs the server's certificate (https:// URLs); empty = the system's CAs.
+    ca_cert: str = ""
+
+    def client_arguments(self, url: str, *, reading: bool) -> dict[str, Any]:
+        """Keyword arguments of ``clickhouse_connect.get_client`` for ``url``: for a server, the readers'
+        (``reading``) or the archive worker's user and password, and TLS with the server's certificate
+        checked for an https:// URL. A password given here wins over one in the URL."""
+        if not url.startswith(("http://", "https://")):
+            return {"dsn": url}  # chdb:// is a directory of this machine: no login, no transport
+        if reading:
+            user = self.read_user
+            password = read_secret("clickhouse.read_password", self.read_password, self.read_password_file)
+        else:
+            user = self.user
+            password = read_secret("clickhouse.password", self.password, self.password_file)
+        arguments: dict[str, Any] = {"dsn": url}
+        if user:
+            arguments["username"] = user
+        if password:
+            arguments["password"] = password
+        # clickhouse-connect takes TLS from `secure` (or ports 443/8443), not from the URL's scheme.
+        if url.startswith("https://"):
+            arguments.update(secure=True, verify=True)
+            if self.ca_cert:
+                arguments["ca_cert"] = self.ca_cert
+        return arguments
 
 
 @dataclass(frozen=True)
@@ -357,6 +518,9 @@ class ServeConfig(_Checked):
     #: Port of the router (the OpenAI-compatible endpoint agents call) ``boltstream serve`` starts (0 = a
     #: free one; left at 8400, a free one when 8400 is taken).
     router_port: Port = 8400
+    #: Address the router listens on. Loopback by default; ``0.0.0.0`` inside a container or pod, whose
+    #: network is the boundary, so that the published port and the Service reach it.
+    router_host: str = "127.0.0.1"
     #: Where the canary analyzer reaches the router to score the canary's tokens under the stable
     #: version; empty = ``http://127.0.0.1:<router_port>``.
     router_url: str = ""
@@ -521,6 +685,38 @@ def _env_values(environ: typing.Mapping[str, str]) -> dict[str, Any]:
     return values
 
 
+@functools.cache
+def secret_fields() -> tuple[tuple[str, str], ...]:
+    """Every secret field (:data:`SecretText`) as (section, field), e.g. ``("kafka", "sasl_password")``."""
+    return tuple(
+        (section, name)
+        for cls, section in _section_names().items()
+        for name, annotation in _hints(cls).items()
+        if Secret in _split(annotation)[1]
+    )
+
+
+def secret_environment(settings: Settings) -> dict[str, str]:
+    """The secrets ``settings`` hold, as the environment variables that set them: how a process hands them
+    to a child that reads everything else from a file written by :func:`settings_toml`."""
+    return {
+        f"{ENV_PREFIX}{section.upper()}__{name.upper()}": value
+        for section, name in secret_fields()
+        if (value := getattr(getattr(settings, section), name))
+    }
+
+
+def _refuse_secrets(values: dict[str, Any], source: str) -> None:
+    """Refuse a config file that holds a secret: files get copied, committed and read by others."""
+    for section, name in secret_fields():
+        table = values.get(section)
+        if isinstance(table, dict) and name in table:
+            raise ConfigError(
+                f"{source}: {section}.{name} is a secret, not for a config file: set "
+                f"{ENV_PREFIX}{section.upper()}__{name.upper()} or {section}.{name}_file"
+            )
+
+
 def _fill_from_stack(settings: Settings) -> Settings:
     """Point empty broker / read URLs at the running local stack, if its state file exists."""
     if settings.kafka.bootstrap_servers and settings.clickhouse.read_url:
@@ -548,7 +744,9 @@ def load_settings(
     config_path = Path(path or environ.get("BOLTSTREAM_CONFIG") or "boltstream.toml")
     if config_path.exists():
         with config_path.open("rb") as handle:
-            settings = _apply_source(settings, tomllib.load(handle), str(config_path))
+            values = tomllib.load(handle)
+        _refuse_secrets(values, str(config_path))
+        settings = _apply_source(settings, values, str(config_path))
     elif path or environ.get("BOLTSTREAM_CONFIG"):
         raise ConfigError(f"config file {config_path} does not exist")
     settings = _apply_source(settings, _env_values(environ), "environment")
@@ -568,6 +766,10 @@ def _toml_table(items: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def settings_toml(settings: Settings) -> str:
-    """``settings`` as a TOML file that ``load_settings`` reads back to an equal Settings."""
+    """``settings`` as a TOML file that ``load_settings`` reads back to an equal Settings, but for the
+    secrets: they are left out (a child process gets them by :func:`secret_environment`)."""
     header = "# Written by boltstream: the settings its worker processes run with.\n"
-    return header + tomli_w.dumps(asdict(settings, dict_factory=_toml_table))
+    tables = asdict(settings, dict_factory=_toml_table)
+    for section, name in secret_fields():
+        del tables[section][name]
+    return header + tomli_w.dumps(tables)

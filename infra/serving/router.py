@@ -350,7 +350,9 @@ class RouterProcess:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        """Where this process reaches the router: loopback when it listens on every interface."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"http://{host}:{self.port}"
 
     def start(self, timeout: float = 10.0) -> RouterProcess:
         from aiohttp import web

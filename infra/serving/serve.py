@@ -198,7 +198,8 @@ def serve_command(args: argparse.Namespace, settings: Settings) -> int:
         workers = [sync]
         router = None
         if not args.no_router:
-            router = RouterProcess(settings, {server_id: server.base_url, **dict(args.replica)}, port=serve.router_port)
+            replicas = {server_id: server.base_url, **dict(args.replica)}
+            router = RouterProcess(settings, replicas, host=serve.router_host, port=serve.router_port)
             started.append(router.start())
         if not args.no_canary:
             router_url = router.url if router else serve.router_url

@@ -29,6 +29,9 @@ class EmbeddedBroker:
     port: int = 0
     host: str = "127.0.0.1"
     log_path: Path | None = None
+    #: ``host:port`` the broker tells clients to connect to, when they reach it through something in front
+    #: of it (a TLS terminator); empty = its own listener.
+    advertised: str = ""
     process: subprocess.Popen | None = None
 
     @property
@@ -49,7 +52,7 @@ class EmbeddedBroker:
                 "--listener-url",
                 url,
                 "--advertised-listener-url",
-                url,
+                f"tcp://{self.advertised}" if self.advertised else url,
                 "--storage-engine",
                 "memory://tansu/",
             ],

@@ -8,9 +8,8 @@ import socket
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
-from boltstream.infra.common.config import Settings
+from boltstream.infra.common.config import Settings, redacted
 from boltstream.infra.common.topics import admin_client
 from boltstream.infra.stack.state import read_state
 
@@ -19,14 +18,6 @@ TANSU_LAG_NOTE = (
     "Tansu reports a partition's end as the first offset of its last record batch + 1, "
     "so lag can read up to one producer batch low"
 )
-
-
-def redacted(url: str) -> str:
-    """``url`` with its password shown as ``***`` (the read URL holds the endpoint's token)."""
-    parts = urlsplit(url)
-    if not parts.password:
-        return url
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{parts.hostname}:{parts.port}"))
 
 
 def _one_line(exc: BaseException, limit: int = 300) -> str:

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from boltstream.infra.common.config import ENV_PREFIX, TRACER_ENV, Settings
+from boltstream.infra.common.config import ENV_PREFIX, TRACER_ENV, Settings, secret_environment
 from boltstream.infra.stack.errors import StackError
 from boltstream.infra.stack.processes import ProcessRecord
 
@@ -60,9 +60,11 @@ WORKERS: dict[str, Worker] = {
 def worker_environment(settings: Settings, config_path: Path) -> dict[str, str]:
     """The environment of the workers of a stack under ``settings.home`` whose settings are in ``config_path``."""
     # The workers read exactly the stack's settings from the snapshot file; inherited BOLTSTREAM_*
-    # variables would override it (e.g. a partition count that `up --partitions` changed).
+    # variables would override it (e.g. a partition count that `up --partitions` changed). The file holds
+    # no secrets: those come by the environment.
     env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX) and k != TRACER_ENV}
     env.update(
+        secret_environment(settings),
         BOLTSTREAM_HOME=str(settings.home),
         BOLTSTREAM_CONFIG=str(config_path),
         PYTHONUNBUFFERED="1",  # logs show up as they are written

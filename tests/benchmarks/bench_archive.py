@@ -113,7 +113,7 @@ def _child() -> None:
     results["raw consume"] = _best(lambda: _consume_all(raw, topic, partitions, BATCH_MESSAGES, keep))
     raw.close()
 
-    client = connect(settings.archive_url, settings.clickhouse.database)
+    client = connect(settings.clickhouse, settings.archive_url)
     worker = ArchiveWorker(settings, client)
     results["archive"] = _best(lambda: _consume_all(worker.consumer, topic, partitions, BATCH_MESSAGES, worker.process))
     worker.consumer.close()
