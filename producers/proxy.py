@@ -6,7 +6,14 @@ and completion calls ask the upstream for token ids and logprobs (vLLM's ``retur
 ``logprobs``) when the client did not; what the proxy added is nulled in the answer again, so the
 client sees what it would see without the proxy (``--no-token-ids`` turns this off for upstreams
 that reject these parameters). Each call to ``/chat/completions``, ``/completions`` or
-``/responses`` becomes an ``llm_call`` span. Everything else (``/v1/models`` ...) is passed through.
+``/responses`` becomes an ``llm_call`` span; ``/models`` and ``/embeddings`` are passed through. Only
+these inference paths are forwarded (:data:`~boltstream.infra.common.contract.INFERENCE_PATHS`, under ``/v1``
+or at the root): any other path is answered 404 without reaching the upstream, so a vLLM's control paths
+(``/pause``, ``/collective_rpc``, ``/v1/load_lora_adapter`` ...) cannot be reached through the proxy.
+
+The client's ``Authorization`` goes upstream as it came (e.g. an OpenAI key), unless the proxy holds the
+upstream's key itself: ``--upstream-key-file`` for a vLLM started by ``boltstream serve`` (its
+``serve.api_key_file``). In front of the router no key is needed: the router adds it.
 
 The rollout comes from request headers (removed before forwarding, except the rollout id, which a
 boltstream router upstream uses to keep a rollout on one weight version):
@@ -22,8 +29,12 @@ boltstream router upstream uses to keep a rollout on one weight version):
 A rollout identified by header ends (its root span is emitted) on ``POST /boltstream/rollouts/<id>/end``,
 after ``--rollout-idle`` seconds without a call, or when the proxy stops. Rewards can be sent through
 it too: ``POST /boltstream/rewards`` with ``{"rollout_id": ..., "value": ...}`` (and optionally
-``name``, ``is_final``, ``source``, ``task_id``, ``agent_name``, ``attributes``). Needs the
-``[proxy]`` extra (aiohttp).
+``name``, ``is_final``, ``source``, ``task_id``, ``agent_name``, ``attributes``) and the header
+``Authorization: Bearer <token>``, the token in ``proxy.rewards_token_file`` (default
+``<home>/proxy/rewards-token``, created by the first proxy). Whoever can reward a rollout steers training, so
+the token is held by the reward senders, not by every agent; values must be finite numbers within
+``[proxy.reward_min, proxy.reward_max]``. Anything else is refused (401, 400) and nothing is recorded. Needs
+the ``[proxy]`` extra (aiohttp).
 """
 
 from __future__ import annotations
@@ -31,18 +42,27 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import signal
 import time
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
 from boltstream.infra.common.config import Settings
-from boltstream.infra.common.contract import AGENT_HEADER, ATTEMPT_HEADER, ROLLOUT_ID_HEADER, TASK_HEADER
+from boltstream.infra.common.contract import (
+    AGENT_HEADER,
+    ATTEMPT_HEADER,
+    INFERENCE_PATHS,
+    ROLLOUT_ID_HEADER,
+    TASK_HEADER,
+)
+from boltstream.infra.common.credentials import read_secret, rewards_token, rewards_token_file
 from boltstream.producers import runtime
 from boltstream.producers.context import attached, rollout
 from boltstream.producers.emit import send_reward
@@ -79,13 +99,34 @@ def _compact(event: Any) -> bytes:
     return json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
-class CaptureProxy:
-    """The proxy's state: the upstream session and the rollouts named by request headers."""
+def _error(status: int, message: str, kind: str) -> web.Response:
+    """An error answer shaped as OpenAI's, so clients report it as they report the upstream's."""
+    return web.json_response({"error": {"message": message, "type": kind, "code": status}}, status=status)
 
-    def __init__(self, upstream: str, *, request_token_ids: bool = True, rollout_idle: float = 300.0) -> None:
+
+class CaptureProxy:
+    """The proxy's state: the upstream session and the rollouts named by request headers.
+
+    ``rewards_token`` is what ``POST /boltstream/rewards`` requires, ``reward_range`` the values it takes
+    (bounds included); ``upstream_key``, when given, replaces the client's ``Authorization`` upstream.
+    """
+
+    def __init__(
+        self,
+        upstream: str,
+        *,
+        rewards_token: str,
+        reward_range: tuple[float, float],
+        upstream_key: str | None = None,
+        request_token_ids: bool = True,
+        rollout_idle: float = 300.0,
+    ) -> None:
         self.upstream = upstream.rstrip("/")
         self.request_token_ids = request_token_ids
         self.rollout_idle = rollout_idle
+        self.reward_range = reward_range
+        self._rewards_authorization = f"Bearer {rewards_token}".encode()
+        self._upstream_auth = {"Authorization": f"Bearer {upstream_key}"} if upstream_key else {}
         self._rollouts: OrderedDict[str, tuple[rollout, float]] = OrderedDict()
         self._session: aiohttp.ClientSession | None = None
         self._reaper: asyncio.Task | None = None
@@ -152,12 +193,23 @@ class CaptureProxy:
         return web.json_response({"ended": True})
 
     async def reward(self, request: web.Request) -> web.Response:
+        given = request.headers.get("Authorization", "").encode()
+        if not hmac.compare_digest(given, self._rewards_authorization):
+            return _error(401, "rewards need 'Authorization: Bearer <the proxy's rewards token>'", "unauthorized")
         try:
             body = await request.json()
-            value = float(body["value"])
-            rollout_id = str(body["rollout_id"])
+            value, rollout_id = body["value"], body["rollout_id"]
         except (ValueError, KeyError, TypeError) as exc:
-            return web.json_response({"error": f"expected {{'rollout_id': str, 'value': number}}: {exc}"}, status=400)
+            return _error(400, f"expected {{'rollout_id': str, 'value': number}}: {exc!r}", "invalid_request_error")
+        low, high = self.reward_range
+        if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+            # NaN fails every comparison and ±inf the bounds: both end here with the out-of-range values.
+            message = (
+                f"value must be a finite number in [{low}, {high}] (proxy.reward_min, proxy.reward_max), not {value!r}"
+            )
+            return _error(400, message, "invalid_request_error")
+        if not isinstance(rollout_id, str) or not rollout_id:
+            return _error(400, f"rollout_id must be a non-empty string, not {rollout_id!r}", "invalid_request_error")
         options = {
             k: body[k] for k in ("name", "is_final", "source", "task_id", "agent_name", "attributes") if k in body
         }
@@ -167,8 +219,13 @@ class CaptureProxy:
     # -- forwarding ---------------------------------------------------------------------------
     async def forward(self, request: web.Request) -> web.StreamResponse:
         assert self._session is not None
+        # The path checked is the one sent: rel_url as it came, not a decoded or normalised form of it.
+        if request.rel_url.raw_path not in INFERENCE_PATHS:
+            return _error(404, f"{request.path} is not an inference path; the proxy forwards only those", "not_found")
         url = self.upstream + str(request.rel_url)
         headers = _forwardable(request.headers)
+        if self._upstream_auth:
+            headers = {k: v for k, v in headers.items() if k.lower() != "authorization"} | self._upstream_auth
         body = await request.read()
         endpoint = endpoint_of(request.path) if request.method == "POST" else None
         payload = None
@@ -205,7 +262,7 @@ class CaptureProxy:
                 return web.Response(status=upstream.status, body=data, headers=_forwardable(upstream.headers))
         except aiohttp.ClientError as exc:
             error = exc
-            return web.json_response({"error": {"message": f"upstream {self.upstream} failed: {exc}"}}, status=502)
+            return _error(502, f"upstream {self.upstream} failed: {exc}", "bad_gateway")
         except (ConnectionResetError, asyncio.CancelledError) as exc:  # the client went away
             error = exc
             raise
@@ -243,7 +300,7 @@ class CaptureProxy:
                 data = await upstream.read()
                 return web.Response(status=upstream.status, body=data, headers=_forwardable(upstream.headers))
         except aiohttp.ClientError as exc:
-            return web.json_response({"error": {"message": f"upstream {self.upstream} failed: {exc}"}}, status=502)
+            return _error(502, f"upstream {self.upstream} failed: {exc}", "bad_gateway")
 
 
 async def serve(proxy: CaptureProxy, host: str, port: int, ready: asyncio.Event | None = None) -> None:
@@ -277,12 +334,26 @@ def proxy_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--rollout-idle", type=float, default=300.0, help="seconds without a call after which a rollout ends (300)"
     )
+    parser.add_argument(
+        "--upstream-key-file",
+        type=Path,
+        help="send the key in this file upstream as 'Authorization: Bearer' instead of the client's (a vLLM "
+        "started by `boltstream serve`: its serve.api_key_file; not needed in front of the router)",
+    )
 
 
 def proxy_command(args: argparse.Namespace, settings: Settings) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     runtime.configure(settings)
-    proxy = CaptureProxy(args.upstream, request_token_ids=not args.no_token_ids, rollout_idle=args.rollout_idle)
+    proxy = CaptureProxy(
+        args.upstream,
+        rewards_token=rewards_token(settings),
+        reward_range=(settings.proxy.reward_min, settings.proxy.reward_max),
+        upstream_key=read_secret(args.upstream_key_file, "--upstream-key-file") if args.upstream_key_file else None,
+        request_token_ids=not args.no_token_ids,
+        rollout_idle=args.rollout_idle,
+    )
+    log.info("rewards need 'Authorization: Bearer <the token in %s>'", rewards_token_file(settings))
 
     async def main() -> None:
         task = asyncio.create_task(serve(proxy, args.host, args.port))

@@ -19,6 +19,9 @@ Scaling: every worker is a member of the consumer group ``stream.join_group``; p
 input topics (``topics.partitions``) bound how many workers share the load. Metrics for Prometheus
 are served on ``http://127.0.0.1:<port>/metrics`` (``stream.join_metrics_port``; 0, the default, picks a
 free port); :func:`join_metrics_urls` finds the running workers' URLs and :func:`join_status` reads one.
+Faust's own pages on that port show live rollout state (``/table/rollouts`` ...) and the partition
+assignment (``/router``, ``/stats``): they are off unless ``stream.debug_web`` is set. Without them the
+port answers ``/metrics``, Faust's ``/`` (``{"status": "OK"}``, nothing more) and 404 to the rest.
 
 Where the worker reaches past Faust's public API, and why: :mod:`.faust_workarounds`.
 """
@@ -113,6 +116,12 @@ class JoinWorker:
             web_bind="127.0.0.1",
             web_port=self.metrics_port,
             web_in_thread=False,
+            # Faust's pages (faust-streaming 0.15 names one setting each) besides the app's own /metrics.
+            web_router_enabled=stream.debug_web,
+            web_tables_enabled=stream.debug_web,
+            web_stats_enabled=stream.debug_web,
+            web_graph_enabled=stream.debug_web,
+            web_metrics_enabled=stream.debug_web,
         )
         self.table = self.app.Table(
             "rollouts", partitions=topics.partitions, key_type=str, value_type=table_value(STATE_CODEC), default=None

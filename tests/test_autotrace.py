@@ -62,8 +62,8 @@ def same_view(obj: Any) -> dict[str, Any]:
 # -- the agents: ordinary code that knows nothing about boltstream --------------------------------
 
 
-def plain_agent(base_url: str, model: str) -> openai.types.chat.ChatCompletion:
-    client = openai.OpenAI(base_url=base_url, api_key="unused")
+def plain_agent(base_url: str, model: str, api_key: str) -> openai.types.chat.ChatCompletion:
+    client = openai.OpenAI(base_url=base_url, api_key=api_key)
     return client.chat.completions.create(model=model, messages=PROMPT, max_tokens=8, temperature=0)
 
 
@@ -75,39 +75,41 @@ def stream_view(chunks: list[Any]) -> tuple[str, list[Any], Any]:
     return text, finish, usage
 
 
-def plain_streaming_agent(base_url: str, model: str) -> list[Any]:
-    client = openai.OpenAI(base_url=base_url, api_key="unused")
+def plain_streaming_agent(base_url: str, model: str, api_key: str) -> list[Any]:
+    client = openai.OpenAI(base_url=base_url, api_key=api_key)
     stream = client.chat.completions.create(
         model=model, messages=PROMPT, max_tokens=8, temperature=0, stream=True, stream_options={"include_usage": True}
     )
     return list(stream)
 
 
-async def async_streaming_agent(base_url: str, model: str) -> list[Any]:
-    client = openai.AsyncOpenAI(base_url=base_url, api_key="unused")
+async def async_streaming_agent(base_url: str, model: str, api_key: str) -> list[Any]:
+    client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key)
     stream = await client.chat.completions.create(
         model=model, messages=PROMPT, max_tokens=8, temperature=0, stream=True
     )
     return [chunk async for chunk in stream]
 
 
-def langchain_agent(base_url: str, model: str) -> tuple[str, str]:
+def langchain_agent(base_url: str, model: str, api_key: str) -> tuple[str, str]:
     from langchain_openai import ChatOpenAI
 
-    llm = ChatOpenAI(base_url=base_url, api_key="unused", model=model, max_tokens=8, temperature=0)
+    llm = ChatOpenAI(base_url=base_url, api_key=api_key, model=model, max_tokens=8, temperature=0)
     answer = llm.invoke("What is 17 * 23?").content
     streamed = "".join(chunk.content for chunk in llm.stream("And 18 * 23?"))
     return answer, streamed
 
 
-def openai_agents_sdk_agent(base_url: str, model: str) -> str:
+def openai_agents_sdk_agent(base_url: str, model: str, api_key: str) -> str:
     from agents import Agent, ModelSettings, OpenAIChatCompletionsModel, Runner, set_tracing_disabled
 
     set_tracing_disabled(True)  # the SDK's own tracing exports to api.openai.com; not reachable here
     agent = Agent(
         name="calculator",
         instructions="Answer briefly.",
-        model=OpenAIChatCompletionsModel(model=model, openai_client=openai.AsyncOpenAI(base_url=base_url, api_key="-")),
+        model=OpenAIChatCompletionsModel(
+            model=model, openai_client=openai.AsyncOpenAI(base_url=base_url, api_key=api_key)
+        ),
         model_settings=ModelSettings(max_tokens=8, temperature=0),
     )
     return Runner.run_sync(agent, "What is 17 * 23?").final_output
@@ -117,17 +119,17 @@ def openai_agents_sdk_agent(base_url: str, model: str) -> str:
 
 
 def test_plain_agent_call_becomes_an_llm_call_span_and_sees_the_same(vllm_server, sdk: Settings) -> None:
-    url, model = vllm_server.openai_base_url, vllm_server.served_model_name
-    untraced = plain_agent(url, model)
+    url, model, key = vllm_server.openai_base_url, vllm_server.served_model_name, vllm_server.api_key
+    untraced = plain_agent(url, model, key)
     # What vLLM says when asked for token ids and logprobs explicitly: the truth for the span.
-    client = openai.OpenAI(base_url=url, api_key="unused")
+    client = openai.OpenAI(base_url=url, api_key=key)
     reference = client.chat.completions.create(
         model=model, messages=PROMPT, max_tokens=8, temperature=0, logprobs=True, extra_body={"return_token_ids": True}
     )
     assert agl.instrument(request_token_ids=True)
     try:
         with agl.rollout(task_id="math", agent_name="plain") as run:
-            traced_result = plain_agent(url, model)
+            traced_result = plain_agent(url, model, key)
     finally:
         agl.uninstrument()
     assert same_view(traced_result) == same_view(untraced)
@@ -145,14 +147,14 @@ def test_plain_agent_call_becomes_an_llm_call_span_and_sees_the_same(vllm_server
 
 
 def test_streamed_calls_are_traced_and_every_chunk_is_unchanged(vllm_server, sdk: Settings) -> None:
-    url, model = vllm_server.openai_base_url, vllm_server.served_model_name
-    untraced_sync = plain_streaming_agent(url, model)
-    untraced_async = asyncio.run(async_streaming_agent(url, model))
+    url, model, key = vllm_server.openai_base_url, vllm_server.served_model_name, vllm_server.api_key
+    untraced_sync = plain_streaming_agent(url, model, key)
+    untraced_async = asyncio.run(async_streaming_agent(url, model, key))
     assert agl.instrument(request_token_ids=True)
     try:
         with agl.rollout(task_id="math", agent_name="streamer"):
-            traced_sync = plain_streaming_agent(url, model)
-            traced_async = asyncio.run(async_streaming_agent(url, model))
+            traced_sync = plain_streaming_agent(url, model, key)
+            traced_async = asyncio.run(async_streaming_agent(url, model, key))
     finally:
         agl.uninstrument()
     # Chunk boundaries depend on server timing (a busy vLLM packs several tokens into one chunk), not on
@@ -169,8 +171,8 @@ def test_streamed_calls_are_traced_and_every_chunk_is_unchanged(vllm_server, sdk
 
 
 def test_completions_and_responses_endpoints_are_traced(vllm_server, traced: Settings) -> None:
-    url, model = vllm_server.openai_base_url, vllm_server.served_model_name
-    client = openai.OpenAI(base_url=url, api_key="unused")
+    url, model, key = vllm_server.openai_base_url, vllm_server.served_model_name, vllm_server.api_key
+    client = openai.OpenAI(base_url=url, api_key=key)
     with agl.rollout(task_id="math", agent_name="endpoints"):
         completion = client.completions.create(model=model, prompt="17 * 23 =", max_tokens=6, temperature=0)
         response = client.responses.create(model=model, input="17 * 23 =", max_output_tokens=6, temperature=0)
@@ -184,10 +186,10 @@ def test_completions_and_responses_endpoints_are_traced(vllm_server, traced: Set
 
 
 def test_a_raising_call_is_traced_and_the_error_reaches_the_agent_unchanged(vllm_server, sdk: Settings) -> None:
-    url = vllm_server.openai_base_url
+    url, key = vllm_server.openai_base_url, vllm_server.api_key
 
     def failing_agent() -> BaseException:
-        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+        client = openai.OpenAI(base_url=url, api_key=key, max_retries=0)
         try:
             client.chat.completions.create(model="no-such-model", messages=PROMPT, max_tokens=4)
         except openai.APIError as exc:
@@ -209,12 +211,12 @@ def test_a_raising_call_is_traced_and_the_error_reaches_the_agent_unchanged(vllm
 
 
 def test_langchain_agent_is_traced_untouched(vllm_server, sdk: Settings) -> None:
-    url, model = vllm_server.openai_base_url, vllm_server.served_model_name
-    untraced = langchain_agent(url, model)
+    url, model, key = vllm_server.openai_base_url, vllm_server.served_model_name, vllm_server.api_key
+    untraced = langchain_agent(url, model, key)
     assert agl.instrument(request_token_ids=True)
     try:
         with agl.rollout(task_id="math", agent_name="langchain"):
-            traced_result = langchain_agent(url, model)
+            traced_result = langchain_agent(url, model, key)
     finally:
         agl.uninstrument()
     assert traced_result == untraced
@@ -225,12 +227,12 @@ def test_langchain_agent_is_traced_untouched(vllm_server, sdk: Settings) -> None
 
 
 def test_openai_agents_sdk_agent_is_traced_untouched(vllm_server, sdk: Settings) -> None:
-    url, model = vllm_server.openai_base_url, vllm_server.served_model_name
-    untraced = openai_agents_sdk_agent(url, model)
+    url, model, key = vllm_server.openai_base_url, vllm_server.served_model_name, vllm_server.api_key
+    untraced = openai_agents_sdk_agent(url, model, key)
     assert agl.instrument(request_token_ids=True)
     try:
         with agl.rollout(task_id="math", agent_name="agents-sdk"):
-            traced_result = openai_agents_sdk_agent(url, model)
+            traced_result = openai_agents_sdk_agent(url, model, key)
     finally:
         agl.uninstrument()
     assert traced_result == untraced
@@ -242,7 +244,7 @@ def test_openai_agents_sdk_agent_is_traced_untouched(vllm_server, sdk: Settings)
 def test_agent_lightning_tracer_env_var_traces_with_no_code_change(vllm_server, sdk: Settings) -> None:
     agent = (
         "import openai, producers\n"
-        f"client = openai.OpenAI(base_url={vllm_server.openai_base_url!r}, api_key='unused')\n"
+        f"client = openai.OpenAI(base_url={vllm_server.openai_base_url!r}, api_key={vllm_server.api_key!r})\n"
         f"client.chat.completions.create(model={vllm_server.served_model_name!r}, messages={PROMPT!r}, max_tokens=4)\n"
     )
     env = {

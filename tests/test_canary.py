@@ -189,7 +189,7 @@ def store(settings: Settings) -> ArtifactStore:
 @pytest.fixture
 def router(settings: Settings, vllm_server) -> Iterator[RouterProcess]:
     ensure_topics(settings)
-    process = RouterProcess(settings, {"replica-a": vllm_server.base_url}).start()
+    process = RouterProcess(settings, {"replica-a": vllm_server.base_url}, upstream_key=vllm_server.api_key).start()
     yield process
     process.stop()
 
@@ -312,7 +312,7 @@ def test_better_version_is_promoted_and_worse_one_rolled_back_end_to_end(
     archive.start()
     stop = threading.Event()
     sync = WeightSync(settings, vllm_server, server_id="replica-a", serving_dir=tmp_path / "serving")
-    router = RouterProcess(settings, {"replica-a": vllm_server.base_url}).start()
+    router = RouterProcess(settings, {"replica-a": vllm_server.base_url}, upstream_key=vllm_server.api_key).start()
     worker = CanaryWorker(settings, router_url=router.url)
     threads = [threading.Thread(target=t.run, args=(stop,), daemon=True) for t in (sync, worker)]
     for thread in threads:
@@ -400,7 +400,7 @@ def test_spans_captured_through_proxy_and_router_carry_the_serving_version(
         assert sync.catch_up()["version"] == 1
     finally:
         sync.close()
-    router = RouterProcess(settings, {"replica-a": vllm_server.base_url}).start()
+    router = RouterProcess(settings, {"replica-a": vllm_server.base_url}, upstream_key=vllm_server.api_key).start()
     produce(settings, settings.topics.canary_decisions, "CanaryDecision", [decision("start", 1, 0)], "model")
     router.wait_for(lambda t: t.canary == 1 and 1 in t.served())
     proxy, proxy_url = start_proxy(settings, router.url)

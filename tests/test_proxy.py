@@ -6,8 +6,9 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import httpx
@@ -15,6 +16,7 @@ import openai
 import pytest
 
 from boltstream.infra.common.config import Settings
+from boltstream.infra.common.credentials import rewards_token
 from boltstream.infra.common.ports import free_port, wait_for_port
 from boltstream.infra.common.topics import ensure_topics
 from tests.producer_helpers import consume
@@ -29,7 +31,11 @@ ROLLOUT_HEADERS = {
 }
 
 
-def start_proxy(settings: Settings, upstream: str, *extra: str) -> tuple[subprocess.Popen, str]:
+def start_proxy(
+    settings: Settings, upstream: str, *extra: str, env: Mapping[str, str] = MappingProxyType({})
+) -> tuple[subprocess.Popen, str]:
+    """``boltstream proxy`` in front of ``upstream`` (a test's own home, so tokens, and topics), and its URL;
+    ``env`` adds to its environment."""
     port = free_port()
     env = {
         **os.environ,
@@ -37,6 +43,7 @@ def start_proxy(settings: Settings, upstream: str, *extra: str) -> tuple[subproc
         "BOLTSTREAM_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
         "BOLTSTREAM_TOPICS__SPANS": settings.topics.spans,
         "BOLTSTREAM_TOPICS__REWARDS": settings.topics.rewards,
+        **env,
     }
     command = [
         sys.executable,
@@ -60,10 +67,19 @@ def stop_proxy(process: subprocess.Popen) -> int:
     return process.wait(timeout=30)
 
 
+def vllm_key_file(vllm_server, settings: Settings) -> str:
+    """The session vLLM's API key in a file, as ``boltstream serve`` keeps it, for ``--upstream-key-file``."""
+    path = settings.home / "vllm-api-key"
+    path.write_text(vllm_server.api_key)
+    return str(path)
+
+
 @pytest.fixture
 def proxy(vllm_server, settings: Settings) -> Iterator[tuple[str, Settings]]:
     ensure_topics(settings)
-    process, url = start_proxy(settings, vllm_server.base_url)
+    process, url = start_proxy(
+        settings, vllm_server.base_url, "--upstream-key-file", vllm_key_file(vllm_server, settings)
+    )
     yield url, settings
     if process.poll() is None:
         stop_proxy(process)
@@ -91,7 +107,7 @@ def test_the_proxy_says_where_it_listens_what_it_captures_and_how_to_stop_it(set
 def test_proxied_calls_are_captured_and_answered_as_the_upstream_would(vllm_server, proxy) -> None:
     url, settings = proxy
     model = vllm_server.served_model_name
-    direct = openai.OpenAI(base_url=vllm_server.openai_base_url, api_key="unused")
+    direct = openai.OpenAI(base_url=vllm_server.openai_base_url, api_key=vllm_server.api_key)
     proxied = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", default_headers=ROLLOUT_HEADERS)
     call = {"model": model, "messages": PROMPT, "max_tokens": 8, "temperature": 0}
 
@@ -105,10 +121,12 @@ def test_proxied_calls_are_captured_and_answered_as_the_upstream_would(vllm_serv
     assert proxied_error.value.body == direct_error.value.body
     assert httpx.get(f"{url}/v1/models").json()["data"][0]["id"] == model  # other routes pass through
 
-    reward = httpx.post(f"{url}/boltstream/rewards", json={"rollout_id": "proxied-rollout-1", "value": 0.5})
-    assert reward.status_code == 200
+    rewards = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {rewards_token(settings)}"})
+    assert (
+        rewards.post("/boltstream/rewards", json={"rollout_id": "proxied-rollout-1", "value": 0.5}).status_code == 200
+    )
     assert httpx.post(f"{url}/boltstream/rollouts/proxied-rollout-1/end").json() == {"ended": True}
-    assert httpx.post(f"{url}/boltstream/rewards", json={"value": "high"}).status_code == 400
+    assert rewards.post("/boltstream/rewards", json={"value": "high"}).status_code == 400
 
     spans = consume(settings.kafka.bootstrap_servers, settings.topics.spans, lambda f: len(f) >= 4, timeout=20)
     spans.sort(key=lambda s: s["sequence"])
@@ -140,7 +158,9 @@ def test_a_call_without_rollout_headers_is_a_rollout_of_its_own(vllm_server, pro
 
 def test_stopping_the_proxy_ends_open_rollouts(vllm_server, settings: Settings) -> None:
     ensure_topics(settings)
-    process, url = start_proxy(settings, vllm_server.base_url, "--no-token-ids")
+    process, url = start_proxy(
+        settings, vllm_server.base_url, "--no-token-ids", "--upstream-key-file", vllm_key_file(vllm_server, settings)
+    )
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", default_headers=ROLLOUT_HEADERS)
     answer = client.chat.completions.create(model=vllm_server.served_model_name, messages=PROMPT, max_tokens=4)
     assert answer.choices[0].logprobs is None

@@ -62,6 +62,7 @@ def test_seed_snippets_with_the_agent_lightning_tracer(vllm_server, settings: Se
         settings,
         AGENT_LIGHTNING_TRACER="1",
         OPENAI_BASE_URL=vllm_server.openai_base_url,
+        OPENAI_API_KEY=vllm_server.api_key,
         MODEL=vllm_server.served_model_name,
     )
     spans = consume(settings.kafka.bootstrap_servers, settings.topics.spans, at_least(15))

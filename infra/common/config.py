@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import re
 import tomllib
@@ -330,6 +331,28 @@ class ProducerConfig(_Checked):
 
 
 @dataclass(frozen=True)
+class ProxyConfig(_Checked):
+    """The capture proxy (``boltstream proxy``)."""
+
+    #: File holding the token ``POST /boltstream/rewards`` requires (``Authorization: Bearer <token>``);
+    #: empty = ``<home>/proxy/rewards-token``, created (random, mode 0600) by the first proxy that starts.
+    rewards_token_file: str = ""
+    #: The reward values ``POST /boltstream/rewards`` accepts, bounds included; others are refused (400).
+    reward_min: float = -1e6
+    reward_max: float = 1e6
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (
+            math.isfinite(self.reward_min) and math.isfinite(self.reward_max) and self.reward_min < self.reward_max
+        ):
+            raise ConfigError(
+                f"proxy.reward_min, proxy.reward_max: [{self.reward_min}, {self.reward_max}] is not a range of "
+                "finite numbers, the smaller first"
+            )
+
+
+@dataclass(frozen=True)
 class StreamConfig(_Checked):
     """The stream processors (join, sampling, selection, credit assignment, archive)."""
 
@@ -357,6 +380,10 @@ class StreamConfig(_Checked):
     join_metrics_port: Port = 0
     #: Longest the join waits to fill a batch (up to ``batch_size``), seconds: bounds the latency it adds.
     join_batch_within: Seconds = 0.05
+    #: Serve Faust's own pages on the join worker's port besides ``/metrics`` (``/router``, ``/table/rollouts``,
+    #: ``/stats`` ...): live rollout state, for debugging only. Off, the port serves ``/metrics`` and Faust's
+    #: bare ``/`` (``{"status": "OK"}``), and 404 to the rest.
+    debug_web: bool = False
 
 
 @dataclass(frozen=True)
@@ -524,6 +551,10 @@ class ServeConfig(_Checked):
     #: Where the canary analyzer reaches the router to score the canary's tokens under the stable
     #: version; empty = ``http://127.0.0.1:<router_port>``.
     router_url: str = ""
+    #: File holding the API key vLLM requires on every path but ``/health`` (held by ``serve``'s sidecar and
+    #: router, and by a proxy given ``--upstream-key-file``); empty = ``<home>/serving/vllm-api-key``, created
+    #: (random, mode 0600) by the first ``serve``, so every replica of one home shares it.
+    api_key_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -536,6 +567,7 @@ class Settings:
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
     topics: TopicConfig = field(default_factory=TopicConfig)
     producer: ProducerConfig = field(default_factory=ProducerConfig)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
     stream: StreamConfig = field(default_factory=StreamConfig)
     clickhouse: ClickHouseConfig = field(default_factory=ClickHouseConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)

