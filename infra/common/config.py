@@ -337,8 +337,9 @@ class ProxyConfig(_Checked):
     #: File holding the token ``POST /boltstream/rewards`` requires (``Authorization: Bearer <token>``);
     #: empty = ``<home>/proxy/rewards-token``, created (random, mode 0600) by the first proxy that starts.
     rewards_token_file: str = ""
-    #: The reward values ``POST /boltstream/rewards`` accepts, bounds included; others are refused (400).
+    #: The smallest reward value ``POST /boltstream/rewards`` accepts; smaller ones are refused (400).
     reward_min: float = -1e6
+    #: The largest reward value it accepts; larger ones, NaN and infinities are refused (400).
     reward_max: float = 1e6
 
     def __post_init__(self) -> None:
