@@ -11,6 +11,7 @@ each benchmark prints are shown per round. Without benchmark names, every ``benc
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import subprocess
@@ -19,8 +20,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-#: A printed line is a figure when it has a number with a unit or a ratio.
-FIGURE = re.compile(r"\d.*(/s|µs|\bus\b|\bms\b|×|%|\bx\b)")
+#: A printed line is a figure when it has a number with a unit or a ratio, or a number in thousands.
+FIGURE = re.compile(r"\d.*(/s|µs|\bus\b|\bms\b|×|%|\bx\b)|\d{1,3}(,\d{3})+")
 
 
 def worktree_at(commit: str, directory: Path) -> Path:
@@ -33,7 +34,9 @@ def worktree_at(commit: str, directory: Path) -> Path:
 def run(checkout: Path, benchmark: str, keyword: str | None, log: Path) -> list[str]:
     command = [sys.executable, "-m", "pytest", f"tests/benchmarks/{benchmark}", "-m", "benchmark", "-s", "-q"]
     command += ["-p", "no:cacheprovider", *(["-k", keyword] if keyword else [])]
-    done = subprocess.run(command, cwd=checkout, capture_output=True, text=True)
+    # Child processes the benchmark starts (archive, join workers) must import the same checkout's code.
+    env = {**os.environ, "PYTHONPATH": str(checkout)}
+    done = subprocess.run(command, cwd=checkout, env=env, capture_output=True, text=True)
     log.write_text(done.stdout + done.stderr)
     figures = [line.rstrip() for line in done.stdout.splitlines() if FIGURE.search(line) and "passed" not in line]
     return figures if done.returncode == 0 else [*figures, f"FAILED (exit {done.returncode}), see {log}"]
