@@ -182,7 +182,13 @@ class JoinWorker:
             return
         shorten_fetch_wait(self.app, FETCH_MAX_WAIT_MS)
         async with self._lock:
-            await self._reread_lost_inputs()
+            # A timer that raises stops the whole Faust app: a failed re-read (e.g. a partition taken away
+            # by a rebalance that began meanwhile) is logged and counted, and tried again next tick.
+            try:
+                await self._reread_lost_inputs()
+            except Exception:
+                log.exception("join failed reading lost inputs again")
+                self.core.counts["internal_errors"] += 1
             stream_times = {}
             for partition in self._assigned_partitions():
                 stream_times[partition] = self._stream_time(partition)
