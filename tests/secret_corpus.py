@@ -71,6 +71,12 @@ def _host(rng: random.Random) -> str:
 Secret = tuple[str, tuple[str, ...]]
 
 
+def _written(rng: random.Random, templates: list[str], **secrets: str) -> Secret:
+    """One of ``templates`` filled in with ``secrets``; those it holds are to hide."""
+    template = rng.choice(templates)
+    return template.format(**secrets), tuple(value for name, value in secrets.items() if f"{{{name}}}" in template)
+
+
 def _openai(rng: random.Random) -> str:
     half = rng.choice([58, 74])
     return rng.choice(
@@ -197,8 +203,8 @@ def _token_secret(kind: str) -> Callable[[random.Random], Secret]:
 
 
 def _aws_secret_key(rng: random.Random) -> Secret:
-    key_id, secret = _aws_key_id(rng), _chars(rng, BASE64, 40)
-    fragment = rng.choice(
+    return _written(
+        rng,
         [
             "aws_secret_access_key = {s}",
             "AWS_SECRET_ACCESS_KEY={s}",
@@ -210,9 +216,10 @@ def _aws_secret_key(rng: random.Random) -> Secret:
             "[default]\naws_access_key_id = {k}\naws_secret_access_key = {s}",
             "key id {k} / secret {s}",
             '{{"AccessKeyId": "{k}", "SecretAccessKey": "{s}", "SessionToken": null}}',
-        ]
+        ],
+        k=_aws_key_id(rng),
+        s=_chars(rng, BASE64, 40),
     )
-    return fragment.format(k=key_id, s=secret), (secret,) + ((key_id,) if "{k}" in fragment else ())
 
 
 def _gcp_service_account(rng: random.Random) -> Secret:
@@ -272,8 +279,8 @@ def _pem_private_key(rng: random.Random) -> Secret:
 
 def _basic_auth(rng: random.Random) -> Secret:
     user = rng.choice(["admin", "svc-agent", "jenkins", "alice@example.com", "api"])
-    value = _b64(f"{user}:{_password(rng)}".encode())
-    fragment = rng.choice(
+    return _written(
+        rng,
         [
             "Authorization: Basic {v}",
             "curl -H 'Authorization: Basic {v}' https://registry.example.com/v2/_catalog",
@@ -281,9 +288,9 @@ def _basic_auth(rng: random.Random) -> Secret:
             "Proxy-Authorization: Basic {v}",
             "DEBUG sending credentials Basic {v} to upstream",
             'auth_header = "Basic {v}"',
-        ]
+        ],
+        v=_b64(f"{user}:{_password(rng)}".encode()),
     )
-    return fragment.format(v=value), (value,)
 
 
 def _bearer_token(rng: random.Random) -> Secret:
@@ -295,7 +302,8 @@ def _bearer_token(rng: random.Random) -> Secret:
             _chars(rng, ALNUM, 43) + "." + _chars(rng, ALNUM, 12),
         ]
     )
-    fragment = rng.choice(
+    return _written(
+        rng,
         [
             "Authorization: Bearer {t}",
             'curl -H "Authorization: Bearer {t}" https://api.example.com/v2/orders',
@@ -303,9 +311,9 @@ def _bearer_token(rng: random.Random) -> Secret:
             "headers = {{'Authorization': 'Bearer {t}'}}",
             "retrying with Bearer {t}",
             "AUTH=Bearer {t}",
-        ]
+        ],
+        t=token,
     )
-    return fragment.format(t=token), (token,)
 
 
 def _url_password(rng: random.Random) -> Secret:
@@ -401,16 +409,17 @@ def _password_assignment(rng: random.Random) -> Secret:
 
 
 def _cookie(rng: random.Random) -> Secret:
-    session, csrf = _chars(rng, ALNUM, 32), _chars(rng, HEX, 40)
-    fragment = rng.choice(
+    return _written(
+        rng,
         [
             "Cookie: sessionid={s}; csrftoken={c}",
             "Set-Cookie: session={s}; Path=/; HttpOnly; Secure; SameSite=Lax",
             '{{"cookie": "sessionid={s}; csrftoken={c}"}}',
             "cookies = 'sid={s}'",
-        ]
+        ],
+        s=_chars(rng, ALNUM, 32),
+        c=_chars(rng, HEX, 40),
     )
-    return fragment.format(s=session, c=csrf), (session,) + ((csrf,) if "{c}" in fragment else ())
 
 
 def _query_secret(rng: random.Random) -> Secret:
@@ -477,7 +486,7 @@ def _uuid(rng: random.Random) -> str:
     return f"{hexes[:8]}-{hexes[8:12]}-4{hexes[13:16]}-a{hexes[17:20]}-{hexes[20:]}"
 
 
-def _prose(rng: random.Random, words: int) -> str:
+def prose(rng: random.Random, words: int) -> str:
     return " ".join(rng.choice(_WORDS) for _ in range(words))
 
 
@@ -486,7 +495,7 @@ def _ordinary_fragment(rng: random.Random) -> str:
     uuid, sha, model = _uuid(rng), _chars(rng, HEX, 64), rng.choice(_MODELS)
     n = rng.randint(1, 4096)
     fragments = [
-        lambda: _prose(rng, rng.randint(8, 40)),
+        lambda: prose(rng, rng.randint(8, 40)),
         lambda: f"Token count: {n}. The prompt used {n // 2} tokens and the completion {n // 3}.",
         lambda: f'{{"usage": {{"prompt_tokens": {n}, "completion_tokens": {n // 7}, "total_tokens": {n + n // 7}}}}}',
         lambda: f'{{"model": "{model}", "max_tokens": {n}, "temperature": 0.7, "top_p": 0.95}}',
@@ -558,7 +567,7 @@ def _ordinary_fragment(rng: random.Random) -> str:
         lambda: f"EAST ASIA revenue grew {n % 40}%; ASIA-PACIFIC and AKIA Corp. are listed.",
         lambda: f"Model {model} scored {rng.random():.3f} on the eval; next: {rng.choice(_MODELS)}.",
         lambda: "ünïcødé ✓ 数学 — ключи и токены; パスワードをリセットしてください。 🙂",
-        lambda: f'{{"tool": "search", "args": {{"query": "{_prose(rng, 5)}", "top_k": {n % 20}}}}}',
+        lambda: f'{{"tool": "search", "args": {{"query": "{prose(rng, 5)}", "top_k": {n % 20}}}}}',
         lambda: f"SELECT id, token_count, created_at FROM spans WHERE rollout_id = '{uuid}' LIMIT {n};",
         lambda: f"| rollout | reward | tokens |\n|---|---|---|\n| {uuid[:8]} | {rng.random():.2f} | {n} |",
         lambda: "Public key: -----BEGIN PUBLIC KEY----- (the certificate chain follows: -----BEGIN CERTIFICATE-----)",

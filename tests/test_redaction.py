@@ -156,6 +156,17 @@ def test_a_detector_runs_wherever_it_can_match() -> None:
                 assert any(trigger in lowered for trigger in detector.triggers), (detector.name, text)
 
 
+def test_a_detector_tried_only_where_its_matches_start_finds_what_a_search_finds() -> None:
+    """Detectors with ``starts`` try their pattern only there: the same result as a search of every position."""
+    texts = [sample.text for sample in secret_corpus.secret_samples(2000, seed=17)]
+    texts += [sample.text for sample in secret_corpus.ordinary_samples(2000, seed=18)]
+    texts += [text for text, _secret in EXAMPLES.values()] + NEAR_MISSES + ["Basic İ dXNlcjpwYXNzd29yZA=="]
+    for text in texts:
+        lowered = redaction._fold(text)
+        for detector in CATALOGUE:
+            assert detector.redact(text, lowered) == detector.regex.sub(detector.hide, text), (detector.name, text)
+
+
 @pytest.mark.usefixtures("pre_scan")
 @pytest.mark.parametrize("text", NEAR_MISSES)
 def test_near_misses_pass_unchanged(text: str) -> None:
