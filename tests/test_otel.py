@@ -57,7 +57,7 @@ def test_genai_spans_become_boltstream_spans_in_the_active_rollout(sdk: Settings
                 {
                     "gen_ai.request.model": "tiny",
                     "gen_ai.prompt.0.role": "user",
-                    "gen_ai.prompt.0.content": "hi sk-abcdefghijklmnopqrstuvwxyz",
+                    "gen_ai.prompt.0.content": "hi sk-abc123def456ghi789jkl012mno",
                     "gen_ai.completion.0.content": "hello",
                     "gen_ai.usage.prompt_tokens": 3,
                 }

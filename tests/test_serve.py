@@ -72,7 +72,9 @@ def test_a_router_on_every_interface_is_reached_on_loopback(settings: Settings) 
     from boltstream.infra.serving.router import RouterProcess
 
     ensure_topics(settings)
-    router = RouterProcess(settings, {"replica-a": "http://127.0.0.1:9"}, host="0.0.0.0").start()
+    router = RouterProcess(
+        settings, {"replica-a": "http://127.0.0.1:9"}, upstream_key="a-replica-key", host="0.0.0.0"
+    ).start()
     try:
         assert router.url == f"http://127.0.0.1:{router.port}"
         assert httpx.get(f"{router.url}/health", timeout=5).text == "ok"
