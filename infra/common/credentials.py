@@ -14,6 +14,7 @@ configuration must exist: a missing one is a mistake to report, not a secret to 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from pathlib import Path
@@ -53,20 +54,20 @@ def read_secret(path: Path, setting: str) -> str:
 
 def _secret(path: Path, setting: str, *, configured: bool) -> str:
     if not configured and not path.exists():
-        _create(path)
+        create_secret_file(path, secrets.token_urlsafe(32))
     return read_secret(path, setting)
 
 
-def _create(path: Path) -> None:
-    """Write a random secret to ``path`` unless another process got there first; never a partial file."""
+def create_secret_file(path: Path, secret: str) -> None:
+    """Write ``secret`` to ``path``, readable by its owner only, unless another process got there first:
+    never a partial file, never one replacing a secret that is already in use."""
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".{path.name}-{secrets.token_hex(4)}")
     descriptor = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "w") as handle:
-        handle.write(secrets.token_urlsafe(32) + "\n")
     try:
-        os.link(staging, path)  # unlike a rename, fails when the file exists: the first writer's secret stays
-    except FileExistsError:
-        pass
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(secret + "\n")
+        with contextlib.suppress(FileExistsError):  # unlike a rename, a link keeps the first writer's secret
+            os.link(staging, path)
     finally:
-        staging.unlink()
+        staging.unlink(missing_ok=True)

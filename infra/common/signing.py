@@ -30,13 +30,13 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from boltstream.infra.common.config import DEFAULT_SIGNING_KEY_FILE, ConfigError, Settings
+from boltstream.infra.common.config import ConfigError, Settings
+from boltstream.infra.common.credentials import create_secret_file
 
 log = logging.getLogger("boltstream.signing")
 
@@ -112,15 +112,5 @@ def ensure_signing_key(settings: Settings) -> Path:
     path = settings.signing_key_path
     if settings.trainer.signing_key_file or path.exists():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{DEFAULT_SIGNING_KEY_FILE}.{os.getpid()}.tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "w") as handle:
-        handle.write(secrets.token_hex(32) + "\n")
-    try:
-        os.link(temporary, path)  # never replaces a key another process created meanwhile
-    except FileExistsError:
-        pass
-    finally:
-        temporary.unlink()
+    create_secret_file(path, secrets.token_hex(32))
     return path
