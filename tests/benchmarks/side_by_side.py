@@ -66,6 +66,7 @@ def main() -> int:
                         print(f"   {line}", flush=True)
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=ROOT, check=False)
+        shutil.rmtree(base.parent, ignore_errors=True)
     print(f"logs: {logs}")
     return 0
 
