@@ -36,9 +36,6 @@ def test_a_window_without_trajectories_has_no_mean():
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_a_short_demo_raises_the_mean_reward_and_writes_the_report(settings, tmp_path):
-    pytest.importorskip("deepspeed")
-    pytest.importorskip("vllm")
-    pytest.importorskip("matplotlib")
     from boltstream.infra.demo.run import run_demo
 
     summary = run_demo(settings, tmp_path, duration=150, agents=6, seed=0)

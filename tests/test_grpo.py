@@ -6,15 +6,13 @@ import copy
 import math
 
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("deepspeed")
-
-from boltstream.infra.demo.model import build_tiny_model  # noqa: E402
-from boltstream.trainer.engine import build_engine, init_distributed, with_batch_sizes  # noqa: E402
-from boltstream.trainer.grpo import GRPO, group_advantages  # noqa: E402
-from boltstream.trainer.policy import TokenBatch, load_policy, pack, token_logprobs  # noqa: E402
-from boltstream.trainer.sft import SFT  # noqa: E402
+from boltstream.infra.demo.model import build_tiny_model
+from boltstream.trainer.engine import build_engine, init_distributed, with_batch_sizes
+from boltstream.trainer.grpo import GRPO, group_advantages
+from boltstream.trainer.policy import TokenBatch, load_policy, pack, token_logprobs
+from boltstream.trainer.sft import SFT
 
 log = math.log
 

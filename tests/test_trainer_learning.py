@@ -14,8 +14,6 @@ import random
 
 import pytest
 
-pytest.importorskip("deepspeed")
-
 from boltstream.infra.demo import arithmetic
 from boltstream.infra.demo.model import build_tiny_model
 from boltstream.trainer.loop import Trainer

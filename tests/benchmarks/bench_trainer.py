@@ -29,8 +29,6 @@ import time
 
 import pytest
 
-pytest.importorskip("deepspeed")
-
 BATCHES = 8
 ROUNDS = 5
 TARGET_OVERHEAD = 0.10
