@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 from boltstream.infra.common.config import Settings
 from boltstream.infra.common.contract import PIN_VERSION_HEADER
@@ -296,15 +296,10 @@ class CanaryWorker:
         )
 
     def _partitions(self, topic: str, *, from_end: bool) -> list[TopicPartition]:
-        metadata = self.consumer.list_topics(topic, timeout=10).topics[topic]
-        if metadata.error is not None:
-            raise RuntimeError(f"topic {topic}: {metadata.error}")
-        partitions = []
-        for partition in sorted(metadata.partitions):
-            offset = OFFSET_BEGINNING
-            if from_end:  # an explicit offset: nothing produced after this point can be skipped
-                offset = self.consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)[1]
-            partitions.append(TopicPartition(topic, partition, offset))
+        partitions = partitions_of(self.consumer, topic)
+        if from_end:  # an explicit offset: nothing produced after this point can be skipped
+            for tp in partitions:
+                tp.offset = self.consumer.get_watermark_offsets(TopicPartition(topic, tp.partition), timeout=10)[1]
         return partitions
 
     def _replay_decisions(self) -> None:
