@@ -68,6 +68,20 @@ def isolated_settings(broker: EmbeddedBroker, home: Path) -> Settings:
 
 
 @pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A fresh BOLTSTREAM_HOME for a local stack run in this process; the stack in it is stopped afterwards."""
+    from boltstream.infra.stack.lifecycle import stop_stack
+
+    home = tmp_path / "home"
+    for key in list(os.environ):
+        if key.startswith("BOLTSTREAM_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("BOLTSTREAM_HOME", str(home))
+    yield home
+    stop_stack(load_settings(environ={"BOLTSTREAM_HOME": str(home)}), timeout=5.0)
+
+
+@pytest.fixture
 def settings(broker: EmbeddedBroker, tmp_path: Path) -> Settings:
     """Settings pointing at the session broker, with topic names unique to the test (no cross-talk), and a
     model signing key in their home, as ``boltstream up`` creates one."""

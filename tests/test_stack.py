@@ -52,18 +52,6 @@ def home_settings(home: Path, **overrides) -> Settings:
 
 
 @pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """A fresh BOLTSTREAM_HOME for the CLI run in this process; the stack in it is stopped afterwards."""
-    home = tmp_path / "home"
-    for key in list(os.environ):
-        if key.startswith("BOLTSTREAM_"):
-            monkeypatch.delenv(key)
-    monkeypatch.setenv("BOLTSTREAM_HOME", str(home))
-    yield home
-    stop_stack(home_settings(home), timeout=5.0)
-
-
-@pytest.fixture
 def stand_ins(monkeypatch: pytest.MonkeyPatch) -> dict[str, Worker]:
     monkeypatch.setattr(lifecycle, "WORKERS", STAND_INS)  # where start_stack looks them up
     return STAND_INS
@@ -195,7 +183,9 @@ def test_status_json_reports_topics_workers_and_lag(home, stand_ins, capsys):
     report = json.loads(result.stdout)
     assert report["running"] is True
     assert report["bootstrap_servers"] == state.bootstrap_servers
-    assert report["broker"] == {"pid": state.broker.pid, "alive": True, "reachable": True, "log": state.broker.log}
+    broker = {"pid": state.broker.pid, "alive": True, "reachable": True, "log": state.broker.log, "restarts": 0}
+    assert report["broker"] == broker
+    assert report["supervisor"] == {"pid": state.supervisor.pid, "alive": True} and report["healthy"] is True
     assert {name: w["alive"] for name, w in report["workers"].items()} == {"reader": True, "idle": True}
     settings = home_settings(home)
     assert {name: t["partitions"] for name, t in report["topics"].items()} == {
@@ -244,7 +234,7 @@ def test_status_leaves_no_consumer_group_behind(home, stand_ins, capsys):
 
 def test_stale_state_file_is_noticed_and_replaced(home, stand_ins, capsys):
     stale = start_stack(home_settings(home))
-    for record in stale.processes().values():
+    for record in stale.all_processes():  # the supervisor first, or it restarts the others
         os.kill(record.pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
     while stale.running() and time.monotonic() < deadline:
@@ -369,15 +359,17 @@ def test_up_runs_the_archive_and_status_counts_its_rows(home):
     assert not read_state(settings)
 
 
-def test_a_stack_with_a_dead_broker_is_reported_not_restarted(home, stand_ins, capsys):
-    state = start_stack(home_settings(home))
+def test_an_unsupervised_stack_with_a_dead_broker_is_reported_not_restarted(home, stand_ins, capsys, monkeypatch):
+    monkeypatch.setenv("BOLTSTREAM_STACK__SUPERVISE", "false")  # for main(["up"]) below
+    state = start_stack(home_settings(home, stack={"supervise": False}))
+    assert state.supervisor is None
     os.kill(state.broker.pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
     while state.broker.alive() and time.monotonic() < deadline:
         time.sleep(0.05)
 
     report = stack_status(home_settings(home))
-    assert report["running"] is True
+    assert report["running"] is True and report["healthy"] is False
     assert report["broker"]["alive"] is False and report["broker"]["reachable"] is False
     assert f"broker at {state.bootstrap_servers} is not reachable" in report["notes"]
     assert all(worker["alive"] for worker in report["workers"].values())

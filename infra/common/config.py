@@ -559,6 +559,22 @@ class ServeConfig(_Checked):
 
 
 @dataclass(frozen=True)
+class StackConfig(_Checked):
+    """The local stack's supervision (``boltstream up``)."""
+
+    #: Restart a part of the stack (a worker, the broker) that exits; off, a dead part stays dead and
+    #: ``boltstream status`` exits non-zero until ``down`` and ``up``.
+    supervise: bool = True
+    #: First wait before restarting a part that exited; it doubles with each exit in a row.
+    restart_backoff: Annotated[Seconds, Range(above=0)] = 1.0
+    #: Longest wait between restarts of a part that keeps exiting.
+    restart_backoff_max: Annotated[Seconds, Range(above=0)] = 60.0
+    #: A part that has run this long since its last restart counts as healthy: its next exit waits
+    #: ``restart_backoff`` again.
+    healthy_after: Seconds = 60.0
+
+
+@dataclass(frozen=True)
 class Settings:
     """Every boltstream parameter. Build with :func:`load_settings`."""
 
@@ -573,6 +589,7 @@ class Settings:
     clickhouse: ClickHouseConfig = field(default_factory=ClickHouseConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    stack: StackConfig = field(default_factory=StackConfig)
     #: ``AGENT_LIGHTNING_TRACER=1`` turns on auto-tracing of OpenAI-compatible calls, no code change.
     auto_trace: bool = False
 

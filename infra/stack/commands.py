@@ -10,7 +10,7 @@ from dataclasses import replace
 from boltstream.infra.common.config import Settings
 from boltstream.infra.stack.broker import BrokerError
 from boltstream.infra.stack.errors import StackError, StackRunningError
-from boltstream.infra.stack.lifecycle import start_stack, stop_stack
+from boltstream.infra.stack.lifecycle import force_stop, start_stack, stop_stack
 from boltstream.infra.stack.state import read_state
 from boltstream.infra.stack.status import print_status, redacted, stack_status
 
@@ -46,7 +46,12 @@ def up_command(args: argparse.Namespace, settings: Settings) -> int:
     except StackRunningError as running:
         print(f"boltstream is already running under {settings.home}: {running.state.describe()}")
         if not all(running.state.alive().values()):
-            print("part of it has exited: `boltstream down` then `boltstream up` restarts it")
+            supervised = running.state.supervisor is not None and running.state.supervisor.alive()
+            print(
+                "part of it has exited: the supervisor restarts it (`boltstream status` shows it)"
+                if supervised
+                else "part of it has exited: `boltstream down` then `boltstream up` restarts it"
+            )
         return 0
     except (BrokerError, StackError) as exc:
         print(f"boltstream up: {exc}", file=sys.stderr)
@@ -78,14 +83,28 @@ def status_command(args: argparse.Namespace, settings: Settings) -> int:
         print(json.dumps(report, indent=2))
     else:
         print_status(report)
-    return 0 if report["running"] else 1
+    return 0 if report["healthy"] else 1
 
 
 def down_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait after SIGTERM before SIGKILL")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="stop every process this home's stack started even if its state file is damaged, and remove it",
+    )
 
 
 def down_command(args: argparse.Namespace, settings: Settings) -> int:
+    if args.force:
+        try:
+            stopped = force_stop(settings, timeout=args.timeout)
+        except StackError as exc:
+            print(f"boltstream down: {exc}", file=sys.stderr)
+            return 1
+        pids = ", ".join(str(record.pid) for record in stopped) or "none was running"
+        print(f"stopped every process of the stack under {settings.home} (pids: {pids}); its state files are removed")
+        return 0
     try:
         previous = read_state(settings)
         was_running = previous is not None and previous.running()

@@ -1,4 +1,5 @@
-"""What goes wrong with the local stack: :class:`StackError`, and :class:`StackRunningError` when one already runs."""
+"""What goes wrong with the local stack: :class:`StackError`; :class:`StackRunningError` when one already runs;
+:class:`CorruptStateError` when its state file cannot be read."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ if TYPE_CHECKING:
 
 class StackError(RuntimeError):
     """The local stack could not be started, reached or stopped; the message says why."""
+
+
+class CorruptStateError(StackError):
+    """The stack's state file cannot be read; ``boltstream down --force`` is the way out."""
 
 
 class StackRunningError(StackError):

@@ -1,11 +1,12 @@
-"""Starting and stopping the local stack: :func:`start_stack` brings up the broker, the topics and the
-workers and records them; :func:`stop_stack` stops what was recorded."""
+"""Starting and stopping the local stack: :func:`start_stack` brings up the broker, the topics, the
+workers and their supervisor and records them; :func:`stop_stack` stops what was recorded, and
+:func:`force_stop` whatever this home started when its record is damaged."""
 
 from __future__ import annotations
 
 import secrets
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
 from urllib.parse import quote
@@ -15,9 +16,18 @@ from boltstream.infra.common.ports import free_port, port_in_use
 from boltstream.infra.common.signing import ensure_signing_key
 from boltstream.infra.common.topics import TopicError, ensure_topics
 from boltstream.infra.stack.broker import EmbeddedBroker
-from boltstream.infra.stack.errors import StackError, StackRunningError
-from boltstream.infra.stack.processes import adopt, spawn, stop_processes
-from boltstream.infra.stack.state import StackState, forget, locked, read_state, write_state, write_worker_settings
+from boltstream.infra.stack.errors import CorruptStateError, StackError, StackRunningError
+from boltstream.infra.stack.processes import ProcessRecord, adopt, spawn, stop_processes
+from boltstream.infra.stack.state import (
+    StackState,
+    forget,
+    locked,
+    read_state,
+    register,
+    registered,
+    write_state,
+    write_worker_settings,
+)
 from boltstream.infra.stack.workers import WORKERS, Worker, wait_ready, worker_environment
 
 READ_USER = "reader"
@@ -39,7 +49,8 @@ def start_stack(
     Raises :class:`StackRunningError` if a stack already runs under ``settings.home``,
     :class:`BrokerError` if the port is taken, and :class:`StackError` if a part does not come up;
     then nothing started here is left running.
-    A state file whose processes are all dead is stale: it is replaced.
+    A state file whose processes are all dead is stale: it is replaced. With ``stack.supervise`` a
+    supervisor process (:mod:`boltstream.infra.stack.supervisor`) restarts any part that exits.
     """
     workers = WORKERS if workers is None else workers
     with locked(settings):
@@ -59,7 +70,7 @@ def start_stack(
         logs.mkdir(parents=True, exist_ok=True)
         ensure_signing_key(settings)
         broker = EmbeddedBroker(port=port, log_path=logs / "broker.log").start(timeout=min(timeout, 15.0))
-        started = {"broker": adopt(broker.process, logs / "broker.log")}
+        started = {"broker": register(settings, "broker", adopt(broker.process, logs / "broker.log"))}
         try:
             # Chosen once the broker listens, so a free port cannot turn out to be the broker's.
             read_port = read_port or free_port()
@@ -82,7 +93,7 @@ def start_stack(
             env = worker_environment(stack_settings, config_path)
             for name, worker in workers.items():
                 argv = [part.format(**fill) for part in (*worker.argv, *worker.read_args)]
-                started[name] = spawn(argv, logs / f"{name}.log", env, settings.home)
+                started[name] = register(settings, name, spawn(argv, logs / f"{name}.log", env, settings.home))
             wait_ready(workers, started, fill, timeout)
             archive_url = settings.archive_url
             state = StackState(
@@ -98,9 +109,18 @@ def start_stack(
                 data_dir=archive_url.removeprefix("chdb://") if archive_url.startswith("chdb://") else "",
             )
             write_state(settings, state)
+            if settings.stack.supervise:  # started once the state it reads is written
+                argv = [sys.executable, "-m", "boltstream.infra.stack.supervisor"]
+                supervisor = register(settings, "supervisor", spawn(argv, logs / "supervisor.log", env, settings.home))
+                state = replace(state, workers=dict(started), supervisor=supervisor)
+                started["supervisor"] = supervisor  # stopped with the rest if writing the state fails
+                write_state(settings, state)
             return state
         except BaseException:
             broker_record = started.pop("broker", None)
+            supervisor = started.pop("supervisor", None)
+            if supervisor is not None:
+                stop_processes([supervisor], timeout=5.0)
             stop_processes(started.values(), timeout=5.0)
             if broker_record is not None:
                 stop_processes([broker_record], timeout=5.0)
@@ -109,15 +129,50 @@ def start_stack(
 
 
 def stop_stack(settings: Settings, timeout: float = 10.0) -> StackState | None:
-    """Stop the workers, then the broker (SIGTERM; SIGKILL after ``timeout`` s), and forget the stack.
+    """Stop the supervisor, the workers, then the broker (SIGTERM; SIGKILL after ``timeout`` s), and forget the stack.
 
-    Returns the state of the stack that was recorded, or None if there was none.
+    Returns the state of the stack that was recorded, or None if there was none. Raises
+    :class:`CorruptStateError` when the state file cannot be read (then :func:`force_stop`).
     """
     with locked(settings):
         state = read_state(settings)
         if state is None:
             return None
-        stop_processes(state.workers.values(), timeout)  # workers first: they flush to the broker
-        stop_processes([state.broker], timeout)
+        supervisor = [state.supervisor] if state.supervisor else []
+        _stop_in_order([supervisor, state.workers.values(), [state.broker]], timeout)
         forget(settings)
         return state
+
+
+def force_stop(settings: Settings, timeout: float = 10.0) -> list[ProcessRecord]:
+    """Stop every process this home's stack started, whatever state its files are in, and forget the stack.
+
+    The processes come from ``stack.json`` when it can be read and from ``<home>/run/`` (:func:`register`)
+    in any case. Returns the ones that were still running.
+    """
+    with locked(settings):
+        try:
+            state = read_state(settings)
+        except CorruptStateError:
+            state = None
+        parts = [(name, record) for name, record in registered(settings)]
+        if state is not None:
+            parts += [("supervisor", state.supervisor)] if state.supervisor else []
+            parts += [("broker", state.broker), *state.workers.items()]
+        running: dict[int, tuple[str, ProcessRecord]] = {}
+        for name, record in parts:
+            if record.pid not in running and record.alive():
+                running[record.pid] = (name, record)
+        by_role = {"supervisor": [], "worker": [], "broker": []}
+        for name, record in running.values():
+            by_role[name if name in ("supervisor", "broker") else "worker"].append(record)
+        _stop_in_order([by_role["supervisor"], by_role["worker"], by_role["broker"]], timeout)
+        forget(settings)
+        return [record for _, record in running.values()]
+
+
+def _stop_in_order(groups: list[Iterable[ProcessRecord]], timeout: float) -> None:
+    """Stop each group in turn: the supervisor (so it restarts nothing), the workers (they flush to the
+    broker), the broker."""
+    for group in groups:
+        stop_processes(list(group), timeout)

@@ -1,7 +1,9 @@
 """What a local stack is recorded as under ``<home>``, and the lock that lets one ``up`` or ``down`` run at a time.
 
 Three files: ``stack.json``, the :class:`StackState` (what runs where; the configuration loader reads it
-to point clients at the stack), ``stack.toml``, the settings the workers run with, and ``stack.lock``.
+to point clients at the stack), ``stack.toml``, the settings the workers run with, and ``stack.lock``;
+and the folder ``run/``, one small file per process started (:func:`register`), so that ``down --force``
+still finds every process when ``stack.json`` is damaged.
 """
 
 from __future__ import annotations
@@ -11,12 +13,12 @@ import fcntl
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from boltstream.infra.common.config import Settings, settings_toml
-from boltstream.infra.stack.errors import StackError
+from boltstream.infra.stack.errors import CorruptStateError
 from boltstream.infra.stack.processes import ProcessRecord
 
 STATE_VERSION = 1
@@ -38,8 +40,13 @@ class StackState:
     read_port: int
     #: The embedded chDB data directory; "" when the archive writes to a ClickHouse server.
     data_dir: str
+    #: The process that restarts exited parts (``stack.supervise``); None when supervision is off.
+    supervisor: ProcessRecord | None = None
+    #: How many times the supervisor restarted each part ("broker" or a worker's name).
+    restarts: dict[str, int] = field(default_factory=dict)
 
     def processes(self) -> dict[str, ProcessRecord]:
+        """The broker and the workers (the parts a supervisor keeps running)."""
         return {"broker": self.broker, **self.workers}
 
     def alive(self) -> dict[str, bool]:
@@ -47,7 +54,11 @@ class StackState:
 
     def running(self) -> bool:
         """Whether any of its processes still runs (a stack with only dead processes is stale)."""
-        return any(self.alive().values())
+        return any(self.alive().values()) or (self.supervisor is not None and self.supervisor.alive())
+
+    def all_processes(self) -> list[ProcessRecord]:
+        """Every process of the stack, the supervisor first (stopping it first keeps it from restarting the rest)."""
+        return [*([self.supervisor] if self.supervisor else []), *self.workers.values(), self.broker]
 
     def describe(self, show_dead: bool = True) -> str:
         """``broker 127.0.0.1:PORT (pid N), archive (pid M)``, marking exited processes."""
@@ -69,6 +80,8 @@ class StackState:
             raise ValueError(f"state version {data.get('version')!r}, expected {STATE_VERSION}")
         values["broker"] = record(values["broker"])
         values["workers"] = {name: record(r) for name, r in values["workers"].items()}
+        if values.get("supervisor") is not None:
+            values["supervisor"] = record(values["supervisor"])
         return cls(**values)
 
 
@@ -82,8 +95,9 @@ def read_state(settings: Settings) -> StackState | None:
     try:
         return StackState.from_json(json.loads(text))
     except (ValueError, KeyError, TypeError) as exc:
-        raise StackError(
-            f"{path} is not a readable stack state file ({exc}); stop any leftover processes and remove it"
+        raise CorruptStateError(
+            f"{path} is not a readable stack state file ({exc}); `boltstream down --force` stops every "
+            "process this home started and removes it"
         ) from None
 
 
@@ -98,9 +112,37 @@ def write_worker_settings(settings: Settings, worker_settings: Settings) -> Path
 
 
 def forget(settings: Settings) -> None:
-    """Remove the stack's state file and worker settings: no stack is recorded under this home any more."""
+    """Remove the stack's state file, worker settings and process registry: no stack is recorded any more."""
     for path in (settings.state_file, _worker_settings_file(settings)):
         path.unlink(missing_ok=True)
+    for path in _registry(settings).glob("*.json"):
+        path.unlink(missing_ok=True)
+
+
+def register(settings: Settings, name: str, record: ProcessRecord) -> ProcessRecord:
+    """Note ``record`` in ``<home>/run/`` (apart from ``stack.json``, which may be lost or damaged); return it."""
+    folder = _registry(settings)
+    folder.mkdir(mode=0o700, exist_ok=True)
+    _write_private(folder / f"{name}-{record.pid}.json", json.dumps(asdict(record)) + "\n")
+    return record
+
+
+def registered(settings: Settings) -> list[tuple[str, ProcessRecord]]:
+    """``(part, record)`` of every process noted by :func:`register` since the stack was last forgotten.
+    Files that do not parse are skipped: a process is only signalled on a record that names it exactly."""
+    records = []
+    for path in sorted(_registry(settings).glob("*.json")):
+        try:
+            values = json.loads(path.read_text())
+            record = ProcessRecord(**{**values, "argv": tuple(values["argv"])})
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        records.append((path.stem.rsplit("-", 1)[0], record))
+    return records
+
+
+def _registry(settings: Settings) -> Path:
+    return settings.home / "run"
 
 
 def _worker_settings_file(settings: Settings) -> Path:
@@ -120,8 +162,20 @@ def _write_private(path: Path, text: str) -> Path:
 
 @contextlib.contextmanager
 def locked(settings: Settings) -> Iterator[None]:
-    """One ``up`` or ``down`` at a time per home."""
+    """One ``up``, ``down`` or restart at a time per home."""
     settings.home.mkdir(parents=True, exist_ok=True)
     with (settings.home / "stack.lock").open("w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         yield
+
+
+@contextlib.contextmanager
+def locked_if_free(settings: Settings) -> Iterator[bool]:
+    """Like :func:`locked`, without waiting: yields False (and holds nothing) when an ``up`` or ``down`` holds it."""
+    with (settings.home / "stack.lock").open("w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True

@@ -135,7 +135,7 @@ def _table_status(settings: Settings, read_url: str, report: dict[str, Any], tim
 def stack_status(settings: Settings, timeout: float = 3.0) -> dict[str, Any]:
     """What the local stack under ``settings.home`` runs, as plain JSON-able data (``status --json``)."""
     state = read_state(settings)
-    report: dict[str, Any] = {"running": False, "state_file": str(settings.state_file), "notes": []}
+    report: dict[str, Any] = {"running": False, "healthy": False, "state_file": str(settings.state_file), "notes": []}
     if state is None:
         report["notes"].append("no stack was started under this home (`boltstream up` starts one)")
         return report
@@ -147,16 +147,36 @@ def stack_status(settings: Settings, timeout: float = 3.0) -> dict[str, Any]:
         data_dir=state.data_dir,
         bootstrap_servers=state.bootstrap_servers,
         clickhouse_read_url=redacted(state.clickhouse_read_url),
-        broker={"pid": state.broker.pid, "alive": alive["broker"], "reachable": False, "log": state.broker.log},
-        workers={n: {"pid": r.pid, "alive": alive[n], "log": r.log} for n, r in state.workers.items()},
+        broker={
+            "pid": state.broker.pid,
+            "alive": alive["broker"],
+            "reachable": False,
+            "log": state.broker.log,
+            "restarts": state.restarts.get("broker", 0),
+        },
+        workers={
+            n: {"pid": r.pid, "alive": alive[n], "log": r.log, "restarts": state.restarts.get(n, 0)}
+            for n, r in state.workers.items()
+        },
+        supervisor=None
+        if state.supervisor is None
+        else {"pid": state.supervisor.pid, "alive": state.supervisor.alive()},
         topics={},
         missing_topics=[],
         tables=None,
         consumer_groups=None,
     )
+    supervised = report["supervisor"] is not None and report["supervisor"]["alive"]
+    report["healthy"] = all(alive.values()) and (state.supervisor is None or supervised)
     if not report["running"]:
         report["notes"].append("stale state file: every process of the stack has exited")
         return report
+    dead = [name for name, up in alive.items() if not up]
+    if dead:
+        what = "the supervisor restarts them (logs/supervisor.log)" if supervised else "`down` then `up` restarts them"
+        report["notes"].append(f"not running: {', '.join(dead)}; {what}")
+    if state.supervisor is not None and not supervised:
+        report["notes"].append("the supervisor has exited: nothing restarts a part that exits")
     if alive["broker"] and _reachable(state.bootstrap_servers, timeout):
         stack_kafka = replace(settings.kafka, bootstrap_servers=state.bootstrap_servers)
         _kafka_status(replace(settings, kafka=stack_kafka), report, timeout)
@@ -181,12 +201,21 @@ def print_status(report: dict[str, Any]) -> None:
         state = "[green]running[/green]" if report["running"] else "[red]not running[/red]"
         console.print(f"[bold]boltstream stack[/bold] {state} since {report['started_at']}")
         console.print(f"home {report['home']} (logs in {Path(report['broker']['log']).parent})")
-        processes = Table("process", "pid", "state", title="processes", title_justify="left")
+        processes = Table("process", "pid", "state", "restarts", title="processes", title_justify="left")
+        supervisor = report["supervisor"]
+        restarting = supervisor is not None and supervisor["alive"]
         broker = report["broker"]
         reach = ", reachable" if broker["reachable"] else ", unreachable" if broker["alive"] else ""
-        processes.add_row(f"broker {report['bootstrap_servers']}", str(broker["pid"]), _alive(broker["alive"]) + reach)
+        processes.add_row(
+            f"broker {report['bootstrap_servers']}",
+            str(broker["pid"]),
+            _alive(broker["alive"], restarting) + reach,
+            str(broker["restarts"]),
+        )
         for name, worker in report["workers"].items():
-            processes.add_row(name, str(worker["pid"]), _alive(worker["alive"]))
+            processes.add_row(name, str(worker["pid"]), _alive(worker["alive"], restarting), str(worker["restarts"]))
+        if supervisor is not None:
+            processes.add_row("supervisor", str(supervisor["pid"]), _alive(supervisor["alive"]), "")
         console.print(processes)
         if report["topics"]:
             topics = Table("topic", "partitions", "compacted", title="topics", title_justify="left")
@@ -238,5 +267,7 @@ def print_serving(console: Any, serving: dict[str, Any]) -> None:
         )
 
 
-def _alive(alive: bool) -> str:
-    return "[green]alive[/green]" if alive else "[red]dead[/red]"
+def _alive(alive: bool, restarting: bool = False) -> str:
+    if alive:
+        return "[green]alive[/green]"
+    return "[yellow]exited, restarting[/yellow]" if restarting else "[red]dead[/red]"

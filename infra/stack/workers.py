@@ -85,7 +85,7 @@ def wait_ready(
         for name, worker in list(pending.items()):
             record = started[name]
             if not record.alive():
-                raise StackError(f"worker {name} exited while starting; end of {record.log}:\n{_tail(record.log)}")
+                raise StackError(f"worker {name} exited while starting; end of {record.log}:\n{tail(record.log)}")
             if worker.ready_url:
                 ready = _answers(worker.ready_url.format(**fill))
             else:
@@ -109,7 +109,7 @@ def _answers(url: str) -> bool:
         return False
 
 
-def _tail(path: str, lines: int = 15) -> str:
+def tail(path: str, lines: int = 15) -> str:
     try:
         text = Path(path).read_text(errors="replace")
     except OSError:
