@@ -97,6 +97,12 @@ GROUPS: dict[str, dict[str, Command]] = {
             "boltstream serve --model ./my-model --lora",
             "serve ./my-model and load the LoRA versions the trainer publishes",
         ),
+        "run": Command(
+            "boltstream.producers.startup",
+            "run a program with auto-tracing on: its LLM calls become spans, no code change",
+            "boltstream run -- python agent.py",
+            "run agent.py with every call of the openai client traced",
+        ),
         "proxy": Command(
             "boltstream.producers.proxy",
             "run the OpenAI-compatible capture proxy in front of an LLM server",
