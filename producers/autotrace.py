@@ -38,7 +38,8 @@ def instrument(request_token_ids: bool = False) -> bool:
 
 
 def uninstrument() -> None:
-    """Undo :func:`instrument`."""
+    """Undo :func:`instrument` and :func:`instrument_when_imported`."""
+    sys.meta_path[:] = [finder for finder in sys.meta_path if not isinstance(finder, _AfterImport)]
     try:
         from boltstream.producers import openai_patch
     except ImportError:

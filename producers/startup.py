@@ -25,11 +25,14 @@ import shutil
 import sys
 from pathlib import Path
 
-from boltstream.infra.common.config import TRACER_ENV, ConfigError, Settings
+from boltstream.infra.common.config import ENV_PREFIX, TRACER_ENV, ConfigError, Settings
 from boltstream.producers.autotrace import instrument_when_imported
 
 #: The folder whose ``sitecustomize.py`` activates tracing in programs started by ``boltstream run``.
 BOOTSTRAP = Path(__file__).with_name("_bootstrap")
+
+#: The configuration's switch (``auto_trace``) as an environment variable.
+AUTO_TRACE_ENV = f"{ENV_PREFIX}AUTO_TRACE"
 
 _activated = False
 
@@ -88,4 +91,5 @@ def run_command(args: argparse.Namespace, settings: Settings) -> int:
 def traced_environment(environ: dict[str, str] | os._Environ) -> dict[str, str]:
     """``environ`` for a program that ``boltstream run`` starts: tracing on, :data:`BOOTSTRAP` first on the path."""
     path = [str(BOOTSTRAP), *(p for p in environ.get("PYTHONPATH", "").split(os.pathsep) if p)]
-    return {**environ, TRACER_ENV: "1", "PYTHONPATH": os.pathsep.join(path)}
+    environment = {k: v for k, v in environ.items() if k != AUTO_TRACE_ENV}  # the switch below decides
+    return {**environment, TRACER_ENV: "1", "PYTHONPATH": os.pathsep.join(path)}

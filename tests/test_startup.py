@@ -134,3 +134,23 @@ def test_boltstream_run_keeps_the_programs_own_sitecustomize(tmp_path: Path) -> 
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["ran", "True"]
+
+
+def test_boltstream_commands_never_trace_themselves(tmp_path: Path) -> None:
+    (tmp_path / "boltstream.toml").write_text("auto_trace = true\n")  # the user's agents want tracing
+    probe = (
+        "import sys\n"
+        "from boltstream.infra import cli\n"
+        "sys.argv = ['boltstream', 'down']\n"
+        "try:\n"
+        "    cli.console()\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "import openai\n"
+        "from boltstream.producers import openai_patch\n"
+        "print(openai_patch.is_patched())\n"
+    )
+    env = {**os.environ, "AGENT_LIGHTNING_TRACER": "1", "BOLTSTREAM_HOME": str(tmp_path / "home")}
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "False"
