@@ -2,11 +2,11 @@
 ``boltstream run``.
 
 **The start-up hook.** Installing boltstream puts ``boltstream-autotrace.pth`` into site-packages; Python's
-``site`` module runs its one line at every interpreter start. Unless ``AGENT_LIGHTNING_TRACER``,
-``BOLTSTREAM_AUTO_TRACE`` or ``BOLTSTREAM_CONFIG`` is set or ``./boltstream.toml`` exists, that line does
-nothing more than look (``tests/benchmarks/bench_startup.py`` measures it); otherwise it calls
-:func:`activate`. ``AGENT_LIGHTNING_TRACER=1`` turns tracing on; else the configuration decides
-(``auto_trace``, from ``boltstream.toml`` or ``BOLTSTREAM_AUTO_TRACE``).
+``site`` module runs its one line at every interpreter start. Unless ``AGENT_LIGHTNING_TRACER`` or
+``BOLTSTREAM_AUTO_TRACE`` is set, or the configuration file (``$BOLTSTREAM_CONFIG``, else
+``./boltstream.toml``) mentions ``auto_trace``, that line only looks (``tests/benchmarks/bench_startup.py``
+measures it) and imports nothing; otherwise it calls :func:`activate`. ``AGENT_LIGHTNING_TRACER=1`` turns
+tracing on; else the configuration decides (``auto_trace``, from the file or ``BOLTSTREAM_AUTO_TRACE``).
 
 **The launcher.** ``boltstream run -- python agent.py`` runs the program with ``AGENT_LIGHTNING_TRACER=1``
 and :data:`BOOTSTRAP` first on ``PYTHONPATH``, whose ``sitecustomize`` calls :func:`activate` (then runs
