@@ -34,7 +34,7 @@ BOOTSTRAP = Path(__file__).with_name("_bootstrap")
 #: The configuration's switch (``auto_trace``) as an environment variable.
 AUTO_TRACE_ENV = f"{ENV_PREFIX}AUTO_TRACE"
 
-_activated = False
+_decided: bool | None = None  # whether activate() turned tracing on, once it has decided
 
 
 def activate() -> bool:
@@ -43,14 +43,15 @@ def activate() -> bool:
     Returns whether it did. Called by the start-up hook and by ``boltstream run``'s ``sitecustomize``;
     idempotent, and never raises.
     """
-    global _activated
-    if _activated:
-        return True
+    global _decided
+    if _decided is not None:  # Python may run a .pth file twice (a venv's site-packages is added twice)
+        return _decided
+    _decided = False
     try:
         if not _wanted():
             return False
-        _activated = True
         instrument_when_imported()
+        _decided = True
         return True
     except Exception as exc:  # the program runs untraced rather than not at all
         print(f"boltstream: auto-tracing is off: {exc}", file=sys.stderr)
