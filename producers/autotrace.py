@@ -1,4 +1,5 @@
-"""Zero-code auto-tracing: ``producers.instrument()``, or ``AGENT_LIGHTNING_TRACER=1`` at import.
+"""Zero-code auto-tracing: ``producers.instrument()``, or ``AGENT_LIGHTNING_TRACER=1`` (see
+:mod:`boltstream.producers.startup`, which switches it on before the program's first line).
 
 Today this traces the ``openai`` client (:mod:`boltstream.producers.openai_patch`), which is what LangChain's
 ``ChatOpenAI``, the OpenAI Agents SDK and most agent frameworks call underneath. Agents traced with
@@ -7,8 +8,14 @@ OpenTelemetry use :mod:`boltstream.producers.otel` instead; agents in other lang
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import logging
 import os
+import sys
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
 
 log = logging.getLogger("boltstream.autotrace")
 
@@ -31,7 +38,8 @@ def instrument(request_token_ids: bool = False) -> bool:
 
 
 def uninstrument() -> None:
-    """Undo :func:`instrument`."""
+    """Undo :func:`instrument` and :func:`instrument_when_imported`."""
+    sys.meta_path[:] = [finder for finder in sys.meta_path if not isinstance(finder, _AfterImport)]
     try:
         from boltstream.producers import openai_patch
     except ImportError:
@@ -39,8 +47,44 @@ def uninstrument() -> None:
     openai_patch.unpatch()
 
 
+def instrument_when_imported() -> None:
+    """:func:`instrument` now if ``openai`` is imported, else as soon as the program imports it (so a
+    program that never uses it does not pay for importing it)."""
+    if "openai" in sys.modules:
+        instrument()
+    elif not any(isinstance(finder, _AfterImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport("openai", instrument))
+
+
 def instrument_from_environment() -> bool:
     """``AGENT_LIGHTNING_TRACER=1`` (or true/yes/on) turns auto-tracing on; called when ``producers`` is imported."""
     if os.environ.get(TRACER_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
-        return instrument()
+        instrument_when_imported()
+        return True
     return False
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Runs ``then()`` once the module ``name`` has been imported, by whoever imports it, whenever."""
+
+    def __init__(self, name: str, then: Callable[[], Any]) -> None:
+        self.name, self.then = name, then
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)  # from now on the module is found as if this finder never was
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        execute, then = spec.loader.exec_module, self.then
+
+        def exec_module(module: ModuleType) -> None:
+            execute(module)
+            try:
+                then()
+            except Exception:  # tracing fails, the program goes on
+                log.exception("auto-tracing could not patch %s", fullname)
+
+        spec.loader.exec_module = exec_module  # type: ignore[method-assign]
+        return spec

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -310,3 +311,10 @@ def test_clickhouse_logins_come_from_fields_and_https_means_tls(tmp_path):
     assert ClickHouseConfig().client_arguments("http://reader:t@127.0.0.1:9", reading=True) == {
         "dsn": "http://reader:t@127.0.0.1:9"
     }
+
+
+def test_a_config_file_that_is_not_toml_is_a_config_error_naming_it(tmp_path: Path) -> None:
+    broken = tmp_path / "boltstream.toml"
+    broken.write_text("auto_trace = [not toml\n")
+    with pytest.raises(ConfigError, match=r"boltstream\.toml is not valid TOML: Invalid value"):
+        load_settings(broken, environ={})

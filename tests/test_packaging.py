@@ -36,7 +36,13 @@ def test_the_wheel_installs_one_import_root(tmp_path: Path) -> None:
     (wheel,) = tmp_path.glob("boltstream-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     top_level = {name.split("/")[0] for name in names}
-    assert {name for name in top_level if not name.endswith(".dist-info")} == {"boltstream"}
+    # One import root, and the auto-tracing start-up hook beside it (producers/startup.py)
+    assert {name for name in top_level if not name.endswith(".dist-info")} == {"boltstream", "boltstream-autotrace.pth"}
+    assert (
+        zipfile.ZipFile(wheel).read("boltstream-autotrace.pth").decode()
+        == (ROOT / "boltstream-autotrace.pth").read_text()
+    )
+    assert "boltstream/producers/_bootstrap/sitecustomize.py" in names  # what `boltstream run` puts first
     assert "boltstream/schemas/avro/SpanBatch.v2.avsc" in names  # the package data came along
     assert any(name.startswith("boltstream/schemas/clickhouse/") for name in names)
     assert any(re.match(r"boltstream/producers/_secret_scan\..*\.so$", name) for name in names)  # the built pre-scan

@@ -793,8 +793,11 @@ def load_settings(
     settings = Settings(home=Path(environ.get("BOLTSTREAM_HOME") or default_home()))
     config_path = Path(path or environ.get("BOLTSTREAM_CONFIG") or "boltstream.toml")
     if config_path.exists():
-        with config_path.open("rb") as handle:
-            values = tomllib.load(handle)
+        try:
+            with config_path.open("rb") as handle:
+                values = tomllib.load(handle)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{config_path} is not valid TOML: {exc}") from None
         _refuse_secrets(values, str(config_path))
         settings = _apply_source(settings, values, str(config_path))
     elif path or environ.get("BOLTSTREAM_CONFIG"):

