@@ -22,18 +22,26 @@ log = logging.getLogger("boltstream.autotrace")
 TRACER_ENV = "AGENT_LIGHTNING_TRACER"
 
 
-def instrument(request_token_ids: bool = False) -> bool:
+def instrument(request_token_ids: bool | None = None, request_logprobs: bool | None = None) -> bool:
     """Patch the ``openai`` client so every LLM call becomes an ``llm_call`` span; False if it is not installed.
 
-    ``request_token_ids=True`` asks the server for token ids and logprobs (vLLM) when the agent did
-    not, and hides them from the agent again; leave it off for servers that reject unknown parameters.
+    ``request_token_ids`` asks the server for token ids (vLLM's ``return_token_ids``) when the agent did
+    not, so every traced call can become a training sample; ``request_logprobs`` asks for the completion's
+    logprobs too. Both hide what they added from the agent again. None = the configuration's
+    ``producer.request_token_ids`` (on by default) and ``producer.request_logprobs`` (off).
     """
     try:
         from boltstream.producers import openai_patch
     except ImportError:
         log.warning("auto-tracing requested but the openai package is not installed; nothing to trace")
         return False
-    openai_patch.patch(request_token_ids=request_token_ids)
+    from boltstream.producers import runtime
+
+    config = runtime.settings().producer
+    openai_patch.patch(
+        request_token_ids=config.request_token_ids if request_token_ids is None else request_token_ids,
+        request_logprobs=config.request_logprobs if request_logprobs is None else request_logprobs,
+    )
     return True
 
 

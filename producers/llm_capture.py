@@ -32,14 +32,15 @@ def endpoint_of(path: str) -> str | None:
     return next((name for suffix, name in ENDPOINTS if path.endswith(suffix)), None)
 
 
-def token_parameters(endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
-    """Request parameters asking a vLLM server for token ids and logprobs, those the body lacks."""
+def token_parameters(endpoint: str, body: dict[str, Any], logprobs: bool = True) -> dict[str, Any]:
+    """Request parameters asking a vLLM server for token ids (and with ``logprobs``, the completion's
+    logprobs), those the body lacks."""
     if endpoint == "responses":
         return {}
     extra: dict[str, Any] = {}
     if "return_token_ids" not in body:
         extra["return_token_ids"] = True
-    if body.get("logprobs") in (None, False):
+    if logprobs and body.get("logprobs") in (None, False):
         extra["logprobs"] = True if endpoint == "chat.completions" else 0
     return extra
 

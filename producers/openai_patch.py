@@ -9,10 +9,11 @@ object (only its internal iterator is observed), an error propagates unchanged a
 records it, and a failure of the tracer itself is logged, never raised.
 
 Token ids and logprobs are recorded whenever the server returns them (vLLM: ``return_token_ids``,
-``logprobs``). With ``request_token_ids=True`` the tracer asks for them itself on chat and
-completion calls that did not, and strips what it added from the parsed response before the agent
-sees it (the raw HTTP body of ``with_raw_response`` still shows them); only use it against servers
-that accept these parameters (vLLM does, api.openai.com does not).
+``logprobs``). By default (``producer.request_token_ids``) the tracer asks for token ids itself on chat
+and completion calls that did not, and logprobs too with ``producer.request_logprobs``; it strips what it
+added from the parsed response before the agent sees it (the raw HTTP body of ``with_raw_response`` still
+shows them). A server that rejects what was added (a hosted API that refuses unknown parameters, HTTP 400
+naming it) gets the call again as the agent made it, and is never asked again by this process.
 """
 
 from __future__ import annotations
@@ -35,15 +36,19 @@ log = logging.getLogger("boltstream.autotrace")
 
 _originals: dict[tuple[type, str], Any] = {}
 _request_token_ids = False
+_request_logprobs = False
+#: Base URLs of servers that rejected the parameters the tracer adds: asked as the agent asks, from then on.
+_plain_servers: set[str] = set()
 # The traced call in flight in this thread / task: _process_response reads the response headers into it
 # (a boltstream router tags each answer with the model version and replica that produced it).
 _current_call: ContextVar[_Call | None] = ContextVar("boltstream_openai_call", default=None)
 
 
-def patch(request_token_ids: bool = False) -> None:
-    """Trace every call of every ``openai`` client in this process (idempotent)."""
-    global _request_token_ids
-    _request_token_ids = request_token_ids
+def patch(request_token_ids: bool = False, request_logprobs: bool = False) -> None:
+    """Trace every call of every ``openai`` client in this process (idempotent); ``request_token_ids``
+    (and ``request_logprobs``) ask the server for what a training sample needs when the agent did not."""
+    global _request_token_ids, _request_logprobs
+    _request_token_ids, _request_logprobs = request_token_ids, request_logprobs
     if _originals:
         return
     for cls, traced in ((SyncAPIClient, _traced_sync), (AsyncAPIClient, _traced_async)):
@@ -74,7 +79,13 @@ def _traced_sync(original: Any) -> Any:
             return original(self, cast_to, options, *args, **kwargs)
         token = _current_call.set(call)
         try:
-            result = original(self, cast_to, call.options, *args, **kwargs)
+            try:
+                result = original(self, cast_to, call.options, *args, **kwargs)
+            except openai.BadRequestError as exc:
+                if not call.rejected_what_was_added(exc):
+                    raise
+                _current_call.set(call := call.as_the_agent_asked())
+                result = original(self, cast_to, call.options, *args, **kwargs)
         except BaseException as exc:
             call.finish(exc)
             raise
@@ -93,7 +104,13 @@ def _traced_async(original: Any) -> Any:
             return await original(self, cast_to, options, *args, **kwargs)
         token = _current_call.set(call)
         try:
-            result = await original(self, cast_to, call.options, *args, **kwargs)
+            try:
+                result = await original(self, cast_to, call.options, *args, **kwargs)
+            except openai.BadRequestError as exc:
+                if not call.rejected_what_was_added(exc):
+                    raise
+                _current_call.set(call := call.as_the_agent_asked())
+                result = await original(self, cast_to, call.options, *args, **kwargs)
         except BaseException as exc:
             call.finish(exc)
             raise
@@ -134,9 +151,10 @@ def _reading_headers_async(original: Any) -> Any:
 class _Call:
     """One traced request through the client: rewrites the request if asked to, observes the result."""
 
-    def __init__(self, capture: LlmCapture, options: Any) -> None:
+    def __init__(self, capture: LlmCapture, options: Any, asked: Any) -> None:
         self.capture = capture
-        self.options = options
+        self.options = options  # what is sent
+        self.asked = asked  # what the agent asked, before the tracer added anything
 
     @classmethod
     def start(cls, options: Any, client: Any) -> _Call | None:
@@ -151,21 +169,41 @@ class _Call:
             body = dict(options.json_data) if isinstance(options.json_data, dict) else {}
             if isinstance(options.extra_json, dict):
                 body.update(options.extra_json)
-            added = token_parameters(endpoint, body) if _request_token_ids else {}
+            server = str(getattr(client, "base_url", ""))
+            ask = _request_token_ids and server not in _plain_servers
+            added = token_parameters(endpoint, body, logprobs=_request_logprobs) if ask else {}
             # The rollout id travels with the request: a boltstream router keeps a rollout on one version.
             headers = {**(options.headers if isinstance(options.headers, dict) else {})}
             headers.setdefault(ROLLOUT_ID_HEADER, current.rollout_id)
-            update: dict[str, Any] = {"headers": headers}
-            if added:
-                update["json_data"] = {**(options.json_data or {}), **added}
-            options = options.model_copy(update=update)
-            return cls(LlmCapture(endpoint, body, str(getattr(client, "base_url", "")), frozenset(added)), options)
+            asked = options.model_copy(update={"headers": headers})
+            sent = asked.model_copy(update={"json_data": {**(options.json_data or {}), **added}}) if added else asked
+            return cls(LlmCapture(endpoint, body, server, frozenset(added)), sent, asked)
         except Exception:
             log.exception("auto-tracing could not start; the call runs untraced")
             return None
 
     def finish(self, error: BaseException | None = None) -> None:
         self.capture.finish(error)
+
+    def rejected_what_was_added(self, error: openai.BadRequestError) -> bool:
+        """Whether the server refused this call because of a parameter the tracer added; if so, it is
+        remembered as a server to ask as the agent asks."""
+        message = str(error).lower()
+        if not self.capture.added or not any(name in message for name in self.capture.added):
+            return False
+        log.warning(
+            "%s rejects %s: its calls are traced without token ids from now on (samples are then tokenized "
+            "by the trainer)",
+            self.capture.server,
+            ", ".join(sorted(self.capture.added)),
+        )
+        _plain_servers.add(self.capture.server)
+        return True
+
+    def as_the_agent_asked(self) -> _Call:
+        """This call again, without what the tracer added."""
+        capture = LlmCapture(self.capture.endpoint, self.capture.body, self.capture.server, frozenset())
+        return _Call(capture, self.asked, self.asked)
 
     def observe(self, result: Any) -> Any:
         """Hand ``result`` back to the agent, observing it; never raises because of the tracer."""

@@ -35,7 +35,7 @@ def sdk(settings: Settings) -> Iterator[Settings]:
 @pytest.fixture
 def traced(sdk: Settings) -> Iterator[Settings]:
     """Auto-tracing on (asking vLLM for token ids and logprobs), off again afterwards."""
-    assert agl.instrument(request_token_ids=True)
+    assert agl.instrument(request_token_ids=True, request_logprobs=True)
     yield sdk
     agl.uninstrument()
 
@@ -126,7 +126,7 @@ def test_plain_agent_call_becomes_an_llm_call_span_and_sees_the_same(vllm_server
     reference = client.chat.completions.create(
         model=model, messages=PROMPT, max_tokens=8, temperature=0, logprobs=True, extra_body={"return_token_ids": True}
     )
-    assert agl.instrument(request_token_ids=True)
+    assert agl.instrument(request_token_ids=True, request_logprobs=True)
     try:
         with agl.rollout(task_id="math", agent_name="plain") as run:
             traced_result = plain_agent(url, model, key)
@@ -150,7 +150,7 @@ def test_streamed_calls_are_traced_and_every_chunk_is_unchanged(vllm_server, sdk
     url, model, key = vllm_server.openai_base_url, vllm_server.served_model_name, vllm_server.api_key
     untraced_sync = plain_streaming_agent(url, model, key)
     untraced_async = asyncio.run(async_streaming_agent(url, model, key))
-    assert agl.instrument(request_token_ids=True)
+    assert agl.instrument(request_token_ids=True, request_logprobs=True)
     try:
         with agl.rollout(task_id="math", agent_name="streamer"):
             traced_sync = plain_streaming_agent(url, model, key)
@@ -197,7 +197,7 @@ def test_a_raising_call_is_traced_and_the_error_reaches_the_agent_unchanged(vllm
         raise AssertionError("the call should have failed")
 
     untraced = failing_agent()
-    assert agl.instrument(request_token_ids=True)
+    assert agl.instrument(request_token_ids=True, request_logprobs=True)
     try:
         with agl.rollout(task_id="math", agent_name="failing"):
             traced_error = failing_agent()
@@ -213,7 +213,7 @@ def test_a_raising_call_is_traced_and_the_error_reaches_the_agent_unchanged(vllm
 def test_langchain_agent_is_traced_untouched(vllm_server, sdk: Settings) -> None:
     url, model, key = vllm_server.openai_base_url, vllm_server.served_model_name, vllm_server.api_key
     untraced = langchain_agent(url, model, key)
-    assert agl.instrument(request_token_ids=True)
+    assert agl.instrument(request_token_ids=True, request_logprobs=True)
     try:
         with agl.rollout(task_id="math", agent_name="langchain"):
             traced_result = langchain_agent(url, model, key)
@@ -229,7 +229,7 @@ def test_langchain_agent_is_traced_untouched(vllm_server, sdk: Settings) -> None
 def test_openai_agents_sdk_agent_is_traced_untouched(vllm_server, sdk: Settings) -> None:
     url, model, key = vllm_server.openai_base_url, vllm_server.served_model_name, vllm_server.api_key
     untraced = openai_agents_sdk_agent(url, model, key)
-    assert agl.instrument(request_token_ids=True)
+    assert agl.instrument(request_token_ids=True, request_logprobs=True)
     try:
         with agl.rollout(task_id="math", agent_name="agents-sdk"):
             traced_result = openai_agents_sdk_agent(url, model, key)
@@ -260,3 +260,19 @@ def test_agent_lightning_tracer_env_var_traces_with_no_code_change(vllm_server, 
     spans = consume(sdk.kafka.bootstrap_servers, sdk.topics.spans, at_least(2))  # the call and its implicit rollout
     assert sorted(s["kind"] for s in spans) == ["llm_call", "rollout"]
     assert next(s for s in spans if s["kind"] == "llm_call")["llm"]["completion_tokens"] == 4
+
+
+def test_by_default_token_ids_are_asked_for_and_logprobs_are_not(vllm_server, sdk: Settings) -> None:
+    url, model, key = vllm_server.openai_base_url, vllm_server.served_model_name, vllm_server.api_key
+    untraced = plain_agent(url, model, key)
+    assert agl.instrument()  # producer.request_token_ids on, producer.request_logprobs off
+    try:
+        with agl.rollout(task_id="math", agent_name="plain"):
+            traced_result = plain_agent(url, model, key)
+    finally:
+        agl.uninstrument()
+    assert same_view(traced_result) == same_view(untraced)  # what the tracer added is hidden again
+    (span,) = llm_spans(sdk, 1)
+    llm = span["llm"]
+    assert llm["prompt_token_ids"] and len(llm["completion_token_ids"]) == llm["completion_tokens"] == 8
+    assert llm["completion_logprobs"] == []  # the trainer computes them (trainer.policy.fill_behaviour)

@@ -11,7 +11,7 @@ import torch
 from boltstream.infra.demo.model import build_tiny_model
 from boltstream.trainer.engine import build_engine, init_distributed, with_batch_sizes
 from boltstream.trainer.grpo import GRPO, group_advantages
-from boltstream.trainer.policy import TokenBatch, load_policy, pack, token_logprobs
+from boltstream.trainer.policy import TokenBatch, fill_behaviour, load_policy, pack, token_logprobs, validate_sample
 from boltstream.trainer.sft import SFT
 
 log = math.log
@@ -25,6 +25,7 @@ def one_sample_batch(behaviour: list[float], advantage: float) -> TokenBatch:
         completion_mask=torch.ones((1, n)),
         behaviour_logprobs=torch.tensor([behaviour]),
         advantages=torch.tensor([advantage]),
+        behaviour_known=torch.tensor([True]),
     )
 
 
@@ -161,3 +162,17 @@ def test_grpo_step_through_deepspeed_equals_the_hand_written_reference(tiny_path
             p -= 0.5 * p.grad
     for (name, p), q in zip(engine.module.named_parameters(), reference_model.parameters(), strict=True):
         assert torch.allclose(p, q, atol=1e-6), name
+
+
+def test_samples_without_behaviour_logprobs_take_the_policys_own() -> None:
+    served = {"prompt_token_ids": [5, 6], "completion_token_ids": [7, 8], "completion_logprobs": [-0.5, -0.25]}
+    unserved = {"prompt_token_ids": [5], "completion_token_ids": [9, 9, 9], "completion_logprobs": []}
+    assert validate_sample(unserved, vocab_size=16) is None  # the trainer computes them
+    assert validate_sample({**unserved, "completion_logprobs": [-1.0]}, vocab_size=16) is not None
+    batch = pack([served, unserved], [1.0, -1.0], pad_token_id=0)
+    assert batch.behaviour_known.tolist() == [True, False]
+    policy = -torch.arange(1, 7, dtype=torch.float32).reshape(2, 3) / 10  # log pi of every target, [B, T-1]
+    assert fill_behaviour(batch, policy) == 1
+    assert batch.behaviour_logprobs[0].tolist() == [0.0, -0.5, -0.25]  # the served ones stay
+    assert batch.behaviour_logprobs[1].tolist() == pytest.approx([-0.4, -0.5, -0.6])  # the policy's, on completion
+    assert fill_behaviour(batch, policy) == 0 and bool(batch.behaviour_known.all())

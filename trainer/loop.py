@@ -38,7 +38,7 @@ from boltstream.trainer.artifacts import export_policy
 from boltstream.trainer.checkpoint import Checkpointer, Ledger, restore_rng, rng_state
 from boltstream.trainer.engine import build_engine, init_distributed, load_deepspeed_config, with_batch_sizes
 from boltstream.trainer.grpo import GRPO
-from boltstream.trainer.policy import TokenBatch, load_policy, pack, token_logprobs
+from boltstream.trainer.policy import TokenBatch, fill_behaviour, load_policy, pack, token_logprobs
 from boltstream.trainer.publish import Decision, Publisher
 from boltstream.trainer.sft import SFT
 from boltstream.trainer.source import SampleSource, SourceError
@@ -223,10 +223,13 @@ class Trainer:
         references = [self._reference_logprobs(b) for b in packed]
         proximal: list[torch.Tensor] | None = None
         updates = self.settings.trainer.updates_per_batch
-        if updates > 1:  # the step-start policy, fixed while the updates move away from it
+        unknown = any(not bool(b.behaviour_known.all()) for b in packed)
+        if updates > 1 or unknown:  # the step-start policy, fixed while the updates move away from it
             with torch.no_grad():
                 proximal = [token_logprobs(self.engine, b) for b in packed]
-        totals: dict[str, float] = {}
+        # Samples served without logprobs take the step-start policy's as their behaviour logprobs.
+        computed = sum(fill_behaviour(b, p) for b, p in zip(packed, proximal or [], strict=False))
+        totals: dict[str, float] = {"behaviour_logprobs_computed": float(computed)}
         for _ in range(updates):
             for index, tokens in enumerate(packed):
                 logprobs = token_logprobs(self.engine, tokens)

@@ -15,7 +15,9 @@ class TokenBatch:
     """Samples as right-padded tensors, aligned on next-token targets (length T-1).
 
     ``completion_mask[b, t]`` is 1 where target ``t`` (the token at position t+1) is a completion token,
-    and ``behaviour_logprobs`` holds the serving policy's logprob of that token there.
+    and ``behaviour_logprobs`` holds the serving policy's logprob of that token there. A sample that came
+    without them (its server was not asked for logprobs) has ``behaviour_known[b]`` False until
+    :func:`fill_behaviour` puts the trainer's own in.
     """
 
     input_ids: torch.Tensor  # [B, T]
@@ -23,6 +25,7 @@ class TokenBatch:
     completion_mask: torch.Tensor  # [B, T-1] float
     behaviour_logprobs: torch.Tensor  # [B, T-1]
     advantages: torch.Tensor  # [B] per-sample weight (GRPO advantage; 1 for SFT)
+    behaviour_known: torch.Tensor  # [B] bool
 
     @property
     def completion_tokens(self) -> int:
@@ -37,6 +40,7 @@ def pack(samples: list[dict[str, Any]], advantages: list[float], pad_token_id: i
     attention = torch.zeros((len(samples), width), dtype=torch.long)
     completion = torch.zeros((len(samples), width - 1), dtype=torch.float32)
     behaviour = torch.zeros((len(samples), width - 1), dtype=torch.float32)
+    known = torch.tensor([bool(sample["completion_logprobs"]) for sample in samples], dtype=torch.bool)
     for row, sample in enumerate(samples):
         prompt, answer = sample["prompt_token_ids"], sample["completion_token_ids"]
         input_ids[row, : lengths[row]] = torch.tensor(list(prompt) + list(answer), dtype=torch.long)
@@ -44,8 +48,20 @@ def pack(samples: list[dict[str, Any]], advantages: list[float], pad_token_id: i
         # Target t predicts position t+1: the completion's tokens are targets len(prompt)-1 onwards.
         start = len(prompt) - 1
         completion[row, start : start + len(answer)] = 1.0
-        behaviour[row, start : start + len(answer)] = torch.tensor(sample["completion_logprobs"], dtype=torch.float32)
-    return TokenBatch(input_ids, attention, completion, behaviour, torch.tensor(advantages, dtype=torch.float32))
+        if known[row]:
+            behaviour[row, start : start + len(answer)] = torch.tensor(sample["completion_logprobs"])
+    advantage = torch.tensor(advantages, dtype=torch.float32)
+    return TokenBatch(input_ids, attention, completion, behaviour, advantage, known)
+
+
+def fill_behaviour(batch: TokenBatch, policy_logprobs: torch.Tensor) -> int:
+    """Give the samples of ``batch`` that came without behaviour logprobs ``policy_logprobs`` (the trainer's
+    policy before this step) in their place; return how many there were."""
+    missing = ~batch.behaviour_known
+    if missing.any():
+        batch.behaviour_logprobs[missing] = (policy_logprobs.detach() * batch.completion_mask)[missing]
+        batch.behaviour_known = torch.ones_like(batch.behaviour_known)
+    return int(missing.sum())
 
 
 def token_logprobs(model, batch: TokenBatch) -> torch.Tensor:
@@ -78,7 +94,7 @@ def validate_sample(sample: dict[str, Any], vocab_size: int) -> str | None:
         return "no prompt_token_ids: the first completion token has no context"
     if not answer:
         return "no completion_token_ids: nothing to train on"
-    if len(logprobs) != len(answer):
+    if logprobs and len(logprobs) != len(answer):  # none at all: the trainer computes them (fill_behaviour)
         return f"{len(logprobs)} completion_logprobs for {len(answer)} completion tokens"
     if any(not 0 <= t < vocab_size for t in (*prompt, *answer)):
         return f"a token id outside the model's vocabulary [0, {vocab_size})"

@@ -328,6 +328,13 @@ class ProducerConfig(_Checked):
     max_pending_spans: Count = 1_000_000
     #: An implicit rollout (spans emitted outside ``agl.rollout``) ends after this many idle seconds.
     implicit_rollout_idle: Seconds = 10.0
+    #: Auto-tracing asks the server for the token ids of prompt and completion (vLLM's ``return_token_ids``),
+    #: so each traced call can become a training sample; a server that rejects the parameter (a hosted API)
+    #: is asked once more without it, and never again by this process.
+    request_token_ids: bool = True
+    #: Auto-tracing also asks for the completion's logprobs (the behaviour policy's, for the trainer's
+    #: off-policy correction); off, the trainer computes them at training time (see README, "Token ids").
+    request_logprobs: bool = False
 
 
 @dataclass(frozen=True)
