@@ -39,6 +39,7 @@ RolloutStatus = Literal["queuing", "preparing", "running", "failed", "succeeded"
 TASK_INPUT_ATTRIBUTE = "agentlightning.rollout.input"
 MODE_ATTRIBUTE = "agentlightning.rollout.mode"
 RESOURCES_ID_ATTRIBUTE = "agentlightning.rollout.resources_id"
+RESOURCES_ATTRIBUTE = "agentlightning.rollout.resources"
 
 
 @dataclass
@@ -324,18 +325,28 @@ def _record_result(result: Any) -> Any:
 
 
 def _prepare(
-    agent: LitAgent, task: Any, resources: NamedResources, mode: RolloutMode | None, rollout_id: str | None
+    agent: LitAgent,
+    task: Any,
+    resources: NamedResources,
+    mode: RolloutMode | None,
+    rollout_id: str | None,
+    resources_id: str | None,
 ) -> tuple[context.rollout, AttemptedRollout]:
     from boltstream.producers.redaction import to_text
 
     attributes: dict[str, Any] = {TASK_INPUT_ATTRIBUTE: to_text(task)}
     if mode is not None:
         attributes[MODE_ATTRIBUTE] = mode
+    if resources:
+        attributes[RESOURCES_ATTRIBUTE] = to_text(_resources_to_dict(resources))
+    if resources_id is not None:
+        attributes[RESOURCES_ID_ATTRIBUTE] = resources_id
     run = context.rollout(task_id=task_id_of(task), agent_name=agent.name, rollout_id=rollout_id, attributes=attributes)
     record = AttemptedRollout(
         rollout_id=run.rollout_id,
         input=task,
         mode=mode,
+        resources_id=resources_id,
         status="running",
         attempt=Attempt(run.rollout_id, run.attempt_id),
         metadata={"resources": _resources_to_dict(resources)} if resources else None,
@@ -371,6 +382,7 @@ def execute_rollout(
     *,
     mode: RolloutMode | None = None,
     rollout_id: str | None = None,
+    resources_id: str | None = None,
     raise_on_error: bool = False,
 ) -> AttemptedRollout:
     """Run a synchronous agent on ``task`` as one rollout and return its record (status, final reward).
@@ -380,7 +392,7 @@ def execute_rollout(
     if agent.is_async():
         raise TypeError(f"{agent.name} is asynchronous: run it with execute_rollout_async")
     resources = dict(resources or {})
-    run, record = _prepare(agent, task, resources, mode, rollout_id)
+    run, record = _prepare(agent, task, resources, mode, rollout_id, resources_id)
     result, error = None, None
     with context.attached(run):
         try:
@@ -402,11 +414,12 @@ async def execute_rollout_async(
     *,
     mode: RolloutMode | None = None,
     rollout_id: str | None = None,
+    resources_id: str | None = None,
     raise_on_error: bool = False,
 ) -> AttemptedRollout:
     """Run an agent (async, or sync on this loop's thread) on ``task`` as one rollout, like :func:`execute_rollout`."""
     resources = dict(resources or {})
-    run, record = _prepare(agent, task, resources, mode, rollout_id)
+    run, record = _prepare(agent, task, resources, mode, rollout_id, resources_id)
     result, error = None, None
     with context.attached(run):
         try:

@@ -86,15 +86,18 @@ class PromptTemplate(Resource):
 #: Named resources an agent receives for a rollout: ``{"main_llm": LLM(...), ...}``.
 NamedResources = dict[str, Resource]
 
-_RESOURCE_TYPES: dict[str, type[Resource]] = {"llm": LLM, "proxy_llm": LLM, "prompt_template": PromptTemplate}
+
+def _resource_types() -> dict[str, type[Resource]]:
+    return {cls.resource_type: cls for cls in (LLM, ProxyLLM, PromptTemplate)}
 
 
 def resource_from_dict(data: Mapping[str, Any]) -> Resource:
     """A resource from its JSON form (``resource_type`` says which); unknown keys are a clear error."""
     kind = data.get("resource_type")
-    cls = _RESOURCE_TYPES.get(str(kind))
+    types = _resource_types()
+    cls = types.get(str(kind))
     if cls is None:
-        raise ValueError(f"unknown resource_type {kind!r}; expected one of {sorted(_RESOURCE_TYPES)}")
+        raise ValueError(f"unknown resource_type {kind!r}; expected one of {sorted(types)}")
     known = {f.name for f in fields(cls)}
     extra = set(data) - known - {"resource_type"}
     if extra:
@@ -119,3 +122,19 @@ class ResourcesUpdate:
     update_time: float
     version: int
     resources: NamedResources
+
+
+@dataclass(kw_only=True)
+class ProxyLLM(LLM):
+    """Agent Lightning's LLM behind its proxy, whose URL it rewrites per rollout. boltstream's router
+    and capture proxy attribute requests by the rollout context instead, so the endpoint is used as is."""
+
+    resource_type: ClassVar[str] = "proxy_llm"
+
+    def with_attempted_rollout(self, rollout: Any) -> LLM:
+        return LLM(
+            endpoint=self.endpoint,
+            model=self.model,
+            api_key=self.api_key,
+            sampling_parameters=dict(self.sampling_parameters),
+        )
