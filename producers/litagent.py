@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import logging
 import math
 import time
@@ -334,7 +335,8 @@ def _prepare(
 ) -> tuple[context.rollout, AttemptedRollout]:
     from boltstream.producers.redaction import to_text
 
-    attributes: dict[str, Any] = {TASK_INPUT_ATTRIBUTE: to_text(task)}
+    # JSON even for a str task (to_text keeps strings as they are), so readers decode every input alike
+    attributes: dict[str, Any] = {TASK_INPUT_ATTRIBUTE: json.dumps(task) if isinstance(task, str) else to_text(task)}
     if mode is not None:
         attributes[MODE_ATTRIBUTE] = mode
     if resources:
