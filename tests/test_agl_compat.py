@@ -14,11 +14,13 @@ from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
+from confluent_kafka import Producer
 
 from boltstream import agl
 from boltstream.infra.common.config import Settings
 from boltstream.infra.common.topics import ensure_topics
 from boltstream.producers.litagent import RESOURCES_ATTRIBUTE, TASK_INPUT_ATTRIBUTE
+from tests.producer_helpers import at_least, consume
 
 # -- the SDK alone ---------------------------------------------------------------------------------
 
@@ -313,6 +315,9 @@ def test_a_custom_algorithm_on_the_store_api_picks_the_best_prompt(stack: Settin
             await store.close()
         return max(results, key=lambda pair: pair[1])[0], results
 
+    garbage = Producer(stack.kafka.client_config())  # an unreadable task first: dead-lettered, not a stuck runner
+    garbage.produce(stack.topics.rollout_tasks, key=b"bad", value=b"not a RolloutTask")
+    assert garbage.flush(10) == 0
     thread = threading.Thread(target=runner_thread, daemon=True)
     thread.start()
     try:
@@ -325,6 +330,37 @@ def test_a_custom_algorithm_on_the_store_api_picks_the_best_prompt(stack: Settin
         round(len(question) / len(c.format(any_question=question)), 3) for c in candidates
     ]
     assert ran == [3]
+    (letter,) = consume(stack.kafka.bootstrap_servers, stack.topics.dlq, at_least(1), record="DeadLetter")
+    assert (letter["key"], letter["value"], letter["error_type"]) == (b"bad", b"not a RolloutTask", "decode_error")
+
+
+def test_a_direct_call_or_a_tracer_context_is_one_rollout(settings: Settings) -> None:
+    ensure_topics(settings)
+    agl.configure(settings)
+    try:
+
+        @agl.rollout
+        def quiz(task: dict, llm: agl.LLM) -> float:
+            agl.emit_message("thinking")
+            return 0.75
+
+        assert quiz({"id": "d1"}, agl.LLM(endpoint="http://127.0.0.1:1/v1", model="m")) == 0.75
+        with agl.rollout(task_id="outer", agent_name="outer") as outer:  # inside a rollout: a plain call
+            assert quiz({"id": "d2"}, agl.LLM(endpoint="http://127.0.0.1:1/v1", model="m")) == 0.75
+        with agl.OtelTracer().trace_context("traced-agent", rollout_id="r-traced"):
+            agl.emit_reward(0.5)
+        assert agl.flush(10)
+    finally:
+        agl.shutdown(5)
+    spans = consume(settings.kafka.bootstrap_servers, settings.topics.spans, at_least(8))
+    by_rollout: dict[str, list] = {}
+    for span in sorted(spans, key=lambda s: s["sequence"]):
+        by_rollout.setdefault(span["rollout_id"], []).append(span)
+    (direct,) = [r for r in by_rollout.values() if r[-1]["agent_name"] == "quiz"]
+    assert [(s["kind"], s["reward"]) for s in direct] == [("message", None), ("reward", 0.75), ("rollout", None)]
+    assert direct[-1]["task_id"] == "d1"
+    assert [s["kind"] for s in by_rollout[outer.rollout_id]] == ["message", "rollout"]  # no reward recorded for it
+    assert [s["kind"] for s in by_rollout["r-traced"]] == ["reward", "rollout"]
 
 
 @pytest.mark.slow
