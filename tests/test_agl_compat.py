@@ -62,6 +62,9 @@ def test_rollout_functions_get_the_resources_their_parameters_name() -> None:
     assert (record.status, record.final_reward) == ("succeeded", 1.0)
     assert seen["llm"] is llm and seen["prompt"] == "Capital of Japan?"
     assert seen["rollout"].rollout_id == record.rollout_id and seen["rollout"].input == {"id": 7, "country": "Japan"}
+    proxied = agl.ProxyLLM(endpoint="http://127.0.0.1:2/v1", model="tiny")
+    agl.execute_rollout(agent, {"id": 8, "country": "Japan"}, {"proxy": proxied, "prompt": template})
+    assert type(seen["llm"]) is agl.LLM and seen["llm"].endpoint == proxied.endpoint  # strip_proxy: a plain LLM
     failed = agl.execute_rollout(agent, {"country": "Japan"}, {"prompt": template})  # no LLM among the resources
     assert failed.status == "failed" and "no LLM is among the resources" in failed.error
 
