@@ -307,6 +307,14 @@ def test_a_custom_algorithm_on_the_store_api_picks_the_best_prompt(stack: Settin
                 results.append((candidate, agl.find_final_reward(spans)))
             first = await store.get_rollout_by_id(queued.rollout_id)
             assert first is not None and first.input == question
+            assert await store.query_rollouts(status_in=["failed"], rollout_id_in=[queued.rollout_id]) == []
+            assert await store.get_rollout_by_id("never-queued") is None
+            with pytest.raises(ValueError, match="no resources with id 'nope'"):
+                await store.enqueue_rollout(input=question, resources_id="nope")
+            with pytest.raises(ValueError, match="mode must be train, val or test"):
+                await store.enqueue_rollout(input=question, mode="eval")
+            renewed = await store.update_resources(update.resources_id, {"p": agl.PromptTemplate(template="{x}")})
+            assert renewed.version == 2 and (await store.get_latest_resources()) is renewed
             # a fresh store (another process) finds the resources a rollout ran with in the archive
             reader = agl.LightningStore(stack)
             found = await reader.get_resources_by_id(update.resources_id)

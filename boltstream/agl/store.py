@@ -99,7 +99,7 @@ class LightningStore:
         """Make ``resources`` the latest version: rollouts queued from now on run with them."""
         resources_to_dict(resources)  # a resource that cannot be serialised fails here, not in a runner
         now = time.time()
-        update = ResourcesUpdate(new_id(), now, now, len(self._resources) + 1, dict(resources))
+        update = ResourcesUpdate(new_id(), now, now, 1, dict(resources))  # versions count updates of one id
         self._resources[update.resources_id] = update
         self._latest_resources_id = update.resources_id
         return update
