@@ -417,3 +417,24 @@ def test_an_llm_agent_on_vllm_lands_with_its_llm_calls_and_reward(stack: Setting
         assert "api_key" not in spans[-1].attributes[RESOURCES_ATTRIBUTE]
     finally:
         asyncio.run(store.close())
+
+
+def test_the_readme_table_answers_for_every_agent_lightning_name() -> None:
+    """Each of the 116 names of Agent Lightning 0.3.0's package root has one row; those said supported or
+    different are importable from ``boltstream.agl``, the others are not."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme[readme.index("### Every public name of Agent Lightning 0.3.0") :]
+    table = table[: table.index("### Examples checked by hand")]
+    seen: dict[str, str] = {}
+    for row in (line for line in table.splitlines() if line.startswith("| `")):
+        names, verdict = row.split(" | ", 2)[:2]
+        for name in re.findall(r"`(\w+)`", names):
+            assert name not in seen, f"{name} has two rows"
+            seen[name] = verdict.split()[0].rstrip(":,;")
+    assert len(seen) == 116
+    for name, verdict in seen.items():
+        assert verdict in ("supported", "differs", "not"), (name, verdict)
+        assert hasattr(agl, name) == (verdict != "not"), (name, verdict)
