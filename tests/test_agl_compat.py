@@ -436,5 +436,6 @@ def test_the_readme_table_answers_for_every_agent_lightning_name() -> None:
             seen[name] = verdict.split()[0].rstrip(":,;")
     assert len(seen) == 116
     for name, verdict in seen.items():
-        assert verdict in ("supported", "differs", "not"), (name, verdict)
-        assert hasattr(agl, name) == (verdict != "not"), (name, verdict)
+        assert verdict in ("supported", "differs", "not", "part"), (name, verdict)
+        if verdict != "part":  # "part 2 of issue 13": the Trainer, documented and tested with it
+            assert hasattr(agl, name) == (verdict != "not"), (name, verdict)
