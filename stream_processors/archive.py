@@ -66,7 +66,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 
 from boltstream.infra.common.config import ClickHouseConfig, ConfigError, Settings, redacted
 from boltstream.schemas.codec import AvroCodec, CodecError, codec, latest, zigzag_varint
-from boltstream.schemas.dead_letters import dead_letter_of
+from boltstream.schemas.dead_letters import dead_letter as build_dead_letter
 
 log = logging.getLogger("boltstream.archive")
 
@@ -436,17 +436,20 @@ def topic_tables(settings: Settings) -> dict[str, Table]:
     }
 
 
-def dead_letter(message: Message, reason: str, error_type: str) -> dict[str, Any]:
-    """The DeadLetter record of a Kafka message the archive could not store (position-derived id)."""
-    return dead_letter_of(message, worker=WORKER_NAME, reason=reason, error_type=error_type)
-
-
 def fitting_dead_letter(message: Message, reject: Rejected, max_message_bytes: int) -> dict[str, Any]:
-    """The dead letter of ``reject``, small enough for the DLQ: the value (then the key) is left out,
-    and the reason says so, when the dead letter would be larger than ``max_message_bytes``."""
-    record = dead_letter(message, reject.reason, reject.error_type)
-    if not reject.keep_value:
-        record["value"] = b""
+    """The dead letter of ``reject``, small enough for the DLQ: its value (then its key) is left out, and
+    the reason says so, when the dead letter would be larger than ``max_message_bytes``. Its id comes
+    from the message's position: a message redelivered after a crash is dead-lettered under the same id."""
+    record = build_dead_letter(
+        worker=WORKER_NAME,
+        source_topic=message.topic() or "",
+        source_partition=message.partition() if message.partition() is not None else -1,
+        source_offset=message.offset() if message.offset() is not None else -1,
+        key=message.key(),
+        value=message.value() if reject.keep_value else b"",  # value() copies: not a 200 MB one for nothing
+        reason=reject.reason,
+        error_type=reject.error_type,
+    )
     for field_name in ("value", "key"):
         held = record[field_name]
         if held and _dead_letter_size(record) > max_message_bytes:
