@@ -509,9 +509,10 @@ class StateFile:
     Best effort: the home may sit on the very disk that is full, and not being able to say so must not
     stop the archive (the log says it too)."""
 
-    def __init__(self, home: Path) -> None:
-        self.path = archive_state_path(home, os.getpid())
-        self.state: dict[str, Any] = {"pid": os.getpid(), "state": "archiving", "messages": 0, "dead_letters": 0}
+    def __init__(self, home: Path, pid: int | None = None) -> None:
+        pid = os.getpid() if pid is None else pid
+        self.path = archive_state_path(home, pid)
+        self.state: dict[str, Any] = {"pid": pid, "state": "archiving", "messages": 0, "dead_letters": 0}
 
     def update(self, **changes: Any) -> None:
         if changes.get("state") == "archiving":
