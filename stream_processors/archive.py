@@ -614,7 +614,10 @@ class ArchiveWorker:
                 if message is not None and message.error() is None:
                     self._held.append(message)  # fetched before the pause: archived with the next batch
         finally:
-            self.consumer.resume(assignment)
+            try:
+                self.consumer.resume(assignment)
+            except KafkaException as exc:  # a rebalance took some of them meanwhile; the new ones run anyway
+                log.info("resuming after the wait: %s", exc)
 
     def process(self, messages: list[Message]) -> BatchStats:
         """Archive one batch: insert, dead-letter the rejects, then commit its offsets."""
