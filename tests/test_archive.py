@@ -47,6 +47,19 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def archive_among_bad_messages(settings, archive, producer, messages, dead_letters: int, spans: int):
+    """Produce ``(key, value)`` messages in order to one partition, start the archive, wait for its
+    ``dead_letters`` dead letters and ``spans`` spans; return a reader of the archive."""
+    for key, value in messages:
+        producer.produce(settings.topics.spans, value, key=key, partition=0)
+    assert producer.flush(10) == 0
+    archive.start()
+    reader = archive.client()
+    wait_for(lambda: reader.command("SELECT count() FROM dead_letters") >= dead_letters, 60, "the dead letters")
+    wait_for(lambda: reader.command("SELECT count() FROM spans") >= spans, 30, f"{spans} spans")
+    return reader
+
+
 def test_the_worker_says_what_it_archives_where_and_how_to_stop_it(settings, archive):
     archive.start()
     wait_for(lambda: "stops on Ctrl-C" in archive.log_path.read_text(), 30, "the start lines")
@@ -106,13 +119,7 @@ def test_garbage_goes_to_the_dlq_and_good_messages_around_it_are_archived(settin
         (b"backwards", batch(backwards)),
         (b"k2", batch(good[2])),
     ]
-    for key, value in messages:
-        producer.produce(settings.topics.spans, value, key=key, partition=0)
-    assert producer.flush(10) == 0
-
-    archive.start()
-    reader = archive.client()
-    wait_for(lambda: reader.command("SELECT count() FROM dead_letters") >= 4, 60, "4 archived dead letters")
+    reader = archive_among_bad_messages(settings, archive, producer, messages, dead_letters=4, spans=3)
     assert sorted(r[0] for r in reader.query("SELECT event_id FROM spans").result_rows) == sorted(
         s["event_id"] for s in good
     )
@@ -408,14 +415,8 @@ def test_a_batch_over_more_days_than_an_insert_may_write_is_split_and_only_an_ov
     second, second_ids = span_batch_over_days(60, first_day_ago=60)
     wide, _ = span_batch_over_days(150, first_day_ago=200)
     good, good_ids = span_batch_over_days(1)
-    for key, value in ((b"first", first), (b"wide", wide), (b"second", second), (b"good", good)):
-        producer.produce(settings.topics.spans, value, key=key, partition=0)
-    assert producer.flush(10) == 0
-
-    archive.start()
-    reader = archive.client()
-    wait_for(lambda: reader.command("SELECT count() FROM dead_letters") >= 1, 60, "the dead letter")
-    wait_for(lambda: reader.command("SELECT count() FROM spans") >= 121, 30, "the other spans")
+    messages = ((b"first", first), (b"wide", wide), (b"second", second), (b"good", good))
+    reader = archive_among_bad_messages(settings, archive, producer, messages, dead_letters=1, spans=121)
     archived = {row[0] for row in reader.query("SELECT event_id FROM spans").result_rows}
     assert archived == {*first_ids, *second_ids, *good_ids}
     assert reader.command("SELECT uniqExact(toDate(fromUnixTimestamp64Micro(start_time_us))) FROM spans") >= 120
@@ -434,14 +435,8 @@ def test_a_message_over_the_size_limit_is_dead_lettered_without_its_value(settin
     before, before_ids = span_batch_over_days(1)
     after, after_ids = span_batch_over_days(1)
     huge = b"\xc3\x01" + b"x" * 50_000
-    for key, value in ((b"before", before), (b"huge", huge), (b"after", after)):
-        producer.produce(settings.topics.spans, value, key=key, partition=0)
-    assert producer.flush(10) == 0
-
-    archive.start()
-    reader = archive.client()
-    wait_for(lambda: reader.command("SELECT count() FROM dead_letters") >= 1, 60, "the dead letter")
-    wait_for(lambda: reader.command("SELECT count() FROM spans") >= 2, 30, "the spans around it")
+    messages = ((b"before", before), (b"huge", huge), (b"after", after))
+    reader = archive_among_bad_messages(settings, archive, producer, messages, dead_letters=1, spans=2)
     assert {row[0] for row in reader.query("SELECT event_id FROM spans").result_rows} == {*before_ids, *after_ids}
     ((key, error_type, reason, value, offset),) = reader.query(
         "SELECT key, error_type, reason, value, source_offset FROM dead_letters"

@@ -14,7 +14,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,16 +27,7 @@ from boltstream.stream_processors.archive import describe_archive_state, read_ar
 from tests.conftest import archive_process, isolated_settings
 from tests.faults.table import FaultRow, record_fault
 from tests.records import make_span
-from tests.test_archive import span_batch_over_days
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+from tests.test_archive import span_batch_over_days, wait_for
 
 
 class Acknowledged:
