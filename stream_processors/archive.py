@@ -27,7 +27,7 @@ the DLQ at once. A ClickHouse error is classified by its code (:func:`classify`,
   waits (doubling from 0.5 s up to ``clickhouse.retry_max_wait``) and is tried again, for as long as it
   takes, without committing and without exiting, while the consumer stays in its group (its partitions
   paused). What it waits for is in the log and in the worker's state file, which ``boltstream status``
-  shows (:func:`read_archive_state`).
+  shows (:func:`read_archive_states`).
 
 Inserts allow ``clickhouse.max_partitions_per_insert`` day partitions (ClickHouse's default, 100, would
 refuse a valid batch of spans from 150 days); a batch over it is split like a bad batch, and a single
@@ -482,12 +482,20 @@ def archive_state_path(home: Path, pid: int) -> Path:
     return home / "run" / f"archive-{pid}.json"
 
 
-def read_archive_state(home: Path, pid: int) -> dict[str, Any] | None:
-    """What the archive worker ``pid`` last said it does (:class:`StateFile`), None if it said nothing."""
-    try:
-        return json.loads(archive_state_path(home, pid).read_text())
-    except (OSError, ValueError):
-        return None
+def read_archive_states(home: Path) -> list[dict[str, Any]]:
+    """What each archive worker running under ``home`` last said it does (:class:`StateFile`), by pid.
+
+    Found by their files, not by a pid recorded elsewhere, so a worker started by a supervisor or by
+    hand shows up too; files of processes that are gone (a SIGKILL leaves its file) are passed over."""
+    states = []
+    for path in sorted((home / "run").glob("archive-*.json")):
+        try:
+            state = json.loads(path.read_text())
+            os.kill(state["pid"], 0)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        states.append(state)
+    return states
 
 
 def describe_archive_state(state: dict[str, Any]) -> str:

@@ -152,17 +152,15 @@ def stack_status(settings: Settings, timeout: float = 3.0) -> dict[str, Any]:
         topics={},
         missing_topics=[],
         tables=None,
-        archive=None,
+        archive=[],
         consumer_groups=None,
     )
     if not report["running"]:
         report["notes"].append("stale state file: every process of the stack has exited")
         return report
-    archive = state.workers.get("archive")
-    if archive is not None and alive.get("archive"):  # what it does: archiving, or waiting for what
-        from boltstream.stream_processors.archive import read_archive_state
+    from boltstream.stream_processors.archive import read_archive_states
 
-        report["archive"] = read_archive_state(Path(state.home), archive.pid)
+    report["archive"] = read_archive_states(Path(state.home))  # what it does: archiving, or waiting for what
     if alive["broker"] and _reachable(state.bootstrap_servers, timeout):
         stack_kafka = replace(settings.kafka, bootstrap_servers=state.bootstrap_servers)
         _kafka_status(replace(settings, kafka=stack_kafka), report, timeout)
@@ -194,12 +192,12 @@ def print_status(report: dict[str, Any]) -> None:
         for name, worker in report["workers"].items():
             processes.add_row(name, str(worker["pid"]), _alive(worker["alive"]))
         console.print(processes)
-        if report.get("archive"):
+        for archive in report.get("archive", []):
             from boltstream.stream_processors.archive import describe_archive_state
 
-            waiting = report["archive"].get("state") == "waiting"
-            line = describe_archive_state(report["archive"])
-            console.print(f"archive: [yellow]{line}[/yellow]" if waiting else f"archive: {line}")
+            line = describe_archive_state(archive)
+            shown = f"[yellow]{line}[/yellow]" if archive.get("state") == "waiting" else line
+            console.print(f"archive (pid {archive['pid']}): {shown}")
         if report["topics"]:
             topics = Table("topic", "partitions", "compacted", title="topics", title_justify="left")
             for name, topic in report["topics"].items():

@@ -23,7 +23,7 @@ from confluent_kafka import Producer
 from boltstream import agl
 from boltstream.infra.stack.broker import EmbeddedBroker
 from boltstream.schemas.codec import codec
-from boltstream.stream_processors.archive import describe_archive_state, read_archive_state
+from boltstream.stream_processors.archive import describe_archive_state, read_archive_states
 from tests.conftest import archive_process, isolated_settings
 from tests.faults.table import FaultRow, record_fault
 from tests.records import make_span
@@ -253,12 +253,16 @@ def test_the_data_directory_on_a_full_disk_waits_and_archives_everything_when_sp
     produce_span_batches(settings, span_batches(150, 20), acknowledged)
     pid = archive.process.pid
 
+    def state_of(pid: int) -> dict:
+        """What `boltstream status` shows of the archive worker ``pid``."""
+        return next((state for state in read_archive_states(settings.home) if state["pid"] == pid), {})
+
     def waiting_on_disk() -> bool:
-        state = read_archive_state(settings.home, pid)
-        return bool(state) and state["state"] == "waiting" and state["attempts"] >= 3
+        state = state_of(pid)  # the pid of the archive running at the time of the call
+        return state.get("state") == "waiting" and state["attempts"] >= 3
 
     wait_for(waiting_on_disk, 60, "the archive to wait on the full disk")
-    state = read_archive_state(settings.home, pid)
+    state = state_of(pid)
     assert "disk full (code 243" in state["problem"] and "NOT_ENOUGH_SPACE" in state["problem"]
     assert describe_archive_state(state).startswith("waiting since ")
     assert archive.process.poll() is None  # no crash, so no crash loop
@@ -270,7 +274,7 @@ def test_the_data_directory_on_a_full_disk_waits_and_archives_everything_when_sp
 
     filler.unlink()
     row = measured_row(archive, acknowledged, "ClickHouse data directory on a full disk", "")
-    wait_for(lambda: read_archive_state(settings.home, pid)["state"] == "archiving", 30, "the state to clear")
+    wait_for(lambda: state_of(pid).get("state") == "archiving", 30, "the state to clear")
     assert archive.process.poll() is None
     record_fault(
         FaultRow(**{**row.__dict__, "note": "40 MiB tmpfs filled, then freed; waited in status, a restart waited too"})
