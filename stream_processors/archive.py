@@ -44,6 +44,7 @@ message than the whole insert budget of 5 µs per span.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import logging
@@ -487,15 +488,22 @@ def read_archive_states(home: Path) -> list[dict[str, Any]]:
 
     Found by their files, not by a pid recorded elsewhere, so a worker started by a supervisor or by
     hand shows up too; files of processes that are gone (a SIGKILL leaves its file) are passed over."""
-    states = []
+    return [state for _, state in _archive_states(home) if state is not None]
+
+
+def _archive_states(home: Path) -> list[tuple[Path, dict[str, Any] | None]]:
+    """Every archive state file under ``home`` with its state, None where its process is gone."""
+    found = []
     for path in sorted((home / "run").glob("archive-*.json")):
         try:
             state = json.loads(path.read_text())
             os.kill(state["pid"], 0)
+        except PermissionError:  # alive, someone else's
+            pass
         except (OSError, ValueError, KeyError, TypeError):
-            continue
-        states.append(state)
-    return states
+            state = None
+        found.append((path, state))
+    return found
 
 
 def describe_archive_state(state: dict[str, Any]) -> str:
@@ -521,6 +529,13 @@ class StateFile:
         pid = os.getpid() if pid is None else pid
         self.path = archive_state_path(home, pid)
         self.state: dict[str, Any] = {"pid": pid, "state": "archiving", "messages": 0, "dead_letters": 0}
+
+    def prune(self) -> None:
+        """Remove the files of archive workers that are gone (SIGKILLed), before a new one's pid reuses them."""
+        for path, state in _archive_states(self.path.parent.parent):
+            if state is None:
+                with contextlib.suppress(OSError):
+                    path.unlink(missing_ok=True)
 
     def update(self, **changes: Any) -> None:
         if changes.get("state") == "archiving":
@@ -582,6 +597,7 @@ class ArchiveWorker:
         self.consumer.subscribe(list(self.tables))
         stream = self.settings.stream
         progress, since = BatchStats(), time.monotonic()
+        self.state.prune()
         self.state.update(state="archiving")
         try:
             while not self.stopping.is_set():

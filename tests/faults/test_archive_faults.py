@@ -152,6 +152,9 @@ def test_archive_sigkilled_three_times_during_traffic(settings, archive):
         traffic.stop()
     assert kills == 3
     row = measured_row(archive, traffic.acknowledged, "archive SIGKILL x3 during SDK traffic", "3 kills, 3 restarts")
+    # The killed workers' state files are gone too: status shows the one running.
+    states = list((settings.home / "run").glob("archive-*.json"))
+    assert [path.name for path in states] == [f"archive-{archive.process.pid}.json"]
     record_fault(row)
 
 
