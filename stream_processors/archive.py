@@ -273,11 +273,6 @@ class Backoff:
         self.stopping = stopping or threading.Event()
         self.since: float | None = None
         self.attempts = 0
-        self.waited = 0.0
-
-    @property
-    def waiting(self) -> bool:
-        return self.since is not None
 
     def wait(self, problem: str) -> None:
         """Wait before the next attempt of what just failed because of ``problem``."""
@@ -296,7 +291,6 @@ class Backoff:
         )
         log.warning("waiting: %s; attempt %d failed, next in %.1f s", problem, self.attempts, delay)
         self.sleep(delay)
-        self.waited += delay
         if self.stopping.is_set():
             raise StopRequested(problem)
 
