@@ -68,6 +68,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from boltstream.infra.common.config import ClickHouseConfig, ConfigError, Settings, redacted
 from boltstream.schemas.codec import AvroCodec, CodecError, codec, latest, zigzag_varint
 from boltstream.schemas.dead_letters import dead_letter as build_dead_letter
+from boltstream.schemas.dead_letters import fit_dead_letter
 
 log = logging.getLogger("boltstream.archive")
 
@@ -129,8 +130,6 @@ INSERT_SETTINGS = {"optimize_on_insert": 0}
 FIRST_RETRY_WAIT = 0.5
 #: Seconds between the worker's progress lines in the log (and updates of its state file).
 PROGRESS_INTERVAL = 10.0
-#: Bytes a dead letter's Kafka message needs beside the encoded record and the key (headers, framing).
-MESSAGE_OVERHEAD = 512
 
 
 def classify(exc: Exception, records: int) -> str:
@@ -445,20 +444,7 @@ def fitting_dead_letter(message: Message, reject: Rejected, max_message_bytes: i
         reason=reject.reason,
         error_type=reject.error_type,
     )
-    for field_name in ("value", "key"):
-        held = record[field_name]
-        if held and _dead_letter_size(record) > max_message_bytes:
-            record[field_name] = b"" if field_name == "value" else None
-            record["reason"] += (
-                f"; its {field_name} ({len(held):,} bytes) is not kept: a dead letter must fit in "
-                f"kafka.max_message_bytes ({max_message_bytes:,})"
-            )
-    return record
-
-
-def _dead_letter_size(record: dict[str, Any]) -> int:
-    """Bytes of the DLQ message of ``record`` as the producer counts them: its key and encoded value."""
-    return len(record["key"] or b"") + len(codec("DeadLetter").encode(record)) + MESSAGE_OVERHEAD
+    return fit_dead_letter(record, max_message_bytes)
 
 
 @dataclass
