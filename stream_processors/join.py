@@ -112,6 +112,9 @@ class JoinWorker:
             producer_acks=-1,
             producer_linger=0.002,
             producer_max_batch_size=1024 * 1024,
+            # The one message size limit of every client (kafka.max_message_bytes).
+            producer_max_request_size=settings.kafka.max_message_bytes,
+            consumer_max_fetch_size=settings.kafka.max_message_bytes,
             web_enabled=True,
             web_bind="127.0.0.1",
             web_port=self.metrics_port,

@@ -47,6 +47,19 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def archive_among_bad_messages(settings, archive, producer, messages, dead_letters: int, spans: int):
+    """Produce ``(key, value)`` messages in order to one partition, start the archive, wait for its
+    ``dead_letters`` dead letters and ``spans`` spans; return a reader of the archive."""
+    for key, value in messages:
+        producer.produce(settings.topics.spans, value, key=key, partition=0)
+    assert producer.flush(10) == 0
+    archive.start()
+    reader = archive.client()
+    wait_for(lambda: reader.command("SELECT count() FROM dead_letters") >= dead_letters, 60, "the dead letters")
+    wait_for(lambda: reader.command("SELECT count() FROM spans") >= spans, 30, f"{spans} spans")
+    return reader
+
+
 def test_the_worker_says_what_it_archives_where_and_how_to_stop_it(settings, archive):
     archive.start()
     wait_for(lambda: "stops on Ctrl-C" in archive.log_path.read_text(), 30, "the start lines")
@@ -106,13 +119,7 @@ def test_garbage_goes_to_the_dlq_and_good_messages_around_it_are_archived(settin
         (b"backwards", batch(backwards)),
         (b"k2", batch(good[2])),
     ]
-    for key, value in messages:
-        producer.produce(settings.topics.spans, value, key=key, partition=0)
-    assert producer.flush(10) == 0
-
-    archive.start()
-    reader = archive.client()
-    wait_for(lambda: reader.command("SELECT count() FROM dead_letters") >= 4, 60, "4 archived dead letters")
+    reader = archive_among_bad_messages(settings, archive, producer, messages, dead_letters=4, spans=3)
     assert sorted(r[0] for r in reader.query("SELECT event_id FROM spans").result_rows) == sorted(
         s["event_id"] for s in good
     )
@@ -295,19 +302,144 @@ class DroppingServer:
         self.inserted.append((table, fmt, data))
 
 
-def test_inserts_are_retried_through_transport_failures_then_given_up(monkeypatch):
-    from clickhouse_connect.driver.exceptions import OperationalError
+def test_inserts_wait_out_an_unreachable_server_with_bounded_doubling_waits_and_report_it():
+    import threading
 
-    from boltstream.stream_processors import archive as archive_module
-    from boltstream.stream_processors.archive import Archiver, Table
+    from boltstream.stream_processors.archive import Archiver, Backoff, StopRequested, Table
 
-    monkeypatch.setattr(archive_module, "INSERT_RETRY_DELAYS", (0.01, 0.01))
     rewards = Table("Reward", "rewards")
     message = (None, codec("Reward").encode(_reward()))
-    server = DroppingServer(drops=2)
-    assert Archiver(server).write(rewards, [message]) == []
-    assert server.calls == 3 and [(t, f) for t, f, _ in server.inserted] == [("rewards_ingest", "Avro")]
-    server = DroppingServer(drops=3)
-    with pytest.raises(OperationalError):
-        Archiver(server).write(rewards, [message])
-    assert server.calls == 3 and server.inserted == []
+    slept, states = [], []
+    backoff = Backoff(3.0, sleep=slept.append, report=states.append)
+    server = DroppingServer(drops=6)
+    assert Archiver(server, backoff=backoff).write(rewards, [message]) == []  # never given up
+    assert server.calls == 7 and [(t, f) for t, f, _ in server.inserted] == [("rewards_ingest", "Avro")]
+    assert slept == [0.5, 1.0, 2.0, 3.0, 3.0, 3.0]  # doubling, bounded by clickhouse.retry_max_wait
+    assert [state["state"] for state in states] == ["waiting"] * 6 + ["archiving"]
+    assert [state["attempts"] for state in states[:-1]] == [1, 2, 3, 4, 5, 6]
+    assert states[0]["problem"].startswith("inserting into rewards: ClickHouse unreachable: ")
+    assert "connection reset by peer" in states[0]["problem"]
+
+    # Asked to stop while it waits: it gives up this insert (nothing is committed), not before.
+    stopping = threading.Event()
+    backoff = Backoff(3.0, sleep=lambda _seconds: stopping.set(), stopping=stopping)
+    server = DroppingServer(drops=100)
+    with pytest.raises(StopRequested):
+        Archiver(server, backoff=backoff).write(rewards, [message])
+    assert server.calls == 1 and server.inserted == []
+
+
+def test_clickhouse_errors_are_told_apart_by_code():
+    from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
+
+    from boltstream.stream_processors.archive import BATCH, RECORD, SERVER, classify, server_problem
+
+    def error(code: int, text: str) -> DatabaseError:
+        return DatabaseError(f"Code: {code}. DB::Exception: {text}", code=code)
+
+    partitions = error(252, "Too many partitions for single INSERT block (more than 100). (TOO_MANY_PARTS)")
+    parts = error(252, "Too many parts (3001) in partition 20260101. Merges are processing significantly slower")
+    disk = error(243, "Cannot reserve 2.98 MiB, not enough space. (NOT_ENOUGH_SPACE)")
+    memory = error(241, "Memory limit (total) exceeded. (MEMORY_LIMIT_EXCEEDED)")
+    assert classify(partitions, 1) == classify(partitions, 50) == BATCH
+    assert classify(parts, 50) == SERVER  # merges are behind: waiting helps, splitting does not
+    assert classify(disk, 50) == classify(disk, 1) == SERVER
+    assert (classify(memory, 50), classify(memory, 1)) == (BATCH, SERVER)  # one record is small enough
+    assert classify(error(469, "Constraint `ends_after_start` ... is violated"), 1) == RECORD
+    assert classify(error(60, "Table boltstream.spans_store does not exist. (UNKNOWN_TABLE)"), 5) == SERVER
+    assert classify(OperationalError("connection refused"), 5) == SERVER
+    assert server_problem(disk).startswith("disk full (code 243): Code: 243. DB::Exception: Cannot reserve")
+
+
+def test_a_dead_letter_fits_in_the_message_size_limit():
+    from boltstream.stream_processors.archive import Rejected, fitting_dead_letter
+
+    class Message:  # what dead_letter_of reads of a confluent-kafka Message
+        def __init__(self, key: bytes, value: bytes) -> None:
+            self._key, self._value = key, value
+
+        def topic(self):
+            return "spans"
+
+        def partition(self):
+            return 2
+
+        def offset(self):
+            return 41
+
+        def key(self):
+            return self._key
+
+        def value(self):
+            return self._value
+
+    small = Message(b"k", b"v" * 100)
+    record = fitting_dead_letter(small, Rejected(small, "rejected", "rejected"), 4096)
+    assert (record["key"], record["value"], record["reason"]) == (b"k", b"v" * 100, "rejected")
+
+    big = Message(b"k", b"v" * 10_000)
+    record = fitting_dead_letter(big, Rejected(big, "rejected", "rejected"), 4096)
+    assert record["value"] == b"" and record["key"] == b"k" and record["source_offset"] == 41
+    assert record["reason"] == (
+        "rejected; its value (10,000 bytes) is not kept: a dead letter must fit in kafka.max_message_bytes (4,096)"
+    )
+    assert len(codec("DeadLetter").encode(record)) < 4096
+
+    big_key = Message(b"k" * 10_000, b"v")
+    record = fitting_dead_letter(big_key, Rejected(big_key, "too large", "too_large", keep_value=False), 4096)
+    assert record["key"] is None and record["value"] == b"" and "its key (10,000 bytes) is not kept" in record["reason"]
+
+
+def span_batch_over_days(days: int, first_day_ago: int = 0) -> tuple[bytes, list[str]]:
+    """A valid SpanBatch of one rollout whose spans start on ``days`` different days; and its event ids."""
+    rollout_id = str(uuid.uuid4())
+    now_us = int(time.time() * 1e6)
+    spans = []
+    for day in range(days):
+        span = make_span(rollout_id, kind="tool_call", sequence=day)
+        span["start_time_us"] = now_us - (first_day_ago + day) * 86_400_000_000
+        span["end_time_us"] = span["start_time_us"] + 1500
+        spans.append(span)
+    batch = {"rollout_id": rollout_id, "producer_id": "test:1", "sent_at_us": now_us, "spans": spans}
+    return codec("SpanBatch").encode(batch), [span["event_id"] for span in spans]
+
+
+def test_a_batch_over_more_days_than_an_insert_may_write_is_split_and_only_an_oversized_record_is_dead_lettered(
+    settings, archive
+):
+    # 100 days per insert (ClickHouse's default); two records of 60 days each archive in one insert only
+    # when split, a record of 150 days never does.
+    archive.env["BOLTSTREAM_CLICKHOUSE__MAX_PARTITIONS_PER_INSERT"] = "100"
+    producer = Producer(settings.kafka.client_config())
+    first, first_ids = span_batch_over_days(60)
+    second, second_ids = span_batch_over_days(60, first_day_ago=60)
+    wide, _ = span_batch_over_days(150, first_day_ago=200)
+    good, good_ids = span_batch_over_days(1)
+    messages = ((b"first", first), (b"wide", wide), (b"second", second), (b"good", good))
+    reader = archive_among_bad_messages(settings, archive, producer, messages, dead_letters=1, spans=121)
+    archived = {row[0] for row in reader.query("SELECT event_id FROM spans").result_rows}
+    assert archived == {*first_ids, *second_ids, *good_ids}
+    assert reader.command("SELECT uniqExact(toDate(fromUnixTimestamp64Micro(start_time_us))) FROM spans") >= 120
+    ((key, error_type, reason, offset),) = reader.query(
+        "SELECT key, error_type, reason, source_offset FROM dead_letters"
+    ).result_rows
+    assert (key, error_type, offset) == ("wide", "too_many_partitions", 1)
+    assert reason.startswith("its records fall on more than 100 days (clickhouse.max_partitions_per_insert): ")
+    assert "Too many partitions for single INSERT block" in reason
+    assert archive.process.poll() is None  # still running
+
+
+def test_a_message_over_the_size_limit_is_dead_lettered_without_its_value(settings, archive):
+    archive.env["BOLTSTREAM_KAFKA__MAX_MESSAGE_BYTES"] = "20000"
+    producer = Producer(settings.kafka.client_config(**{"message.max.bytes": 1_000_000}))  # a foreign producer
+    before, before_ids = span_batch_over_days(1)
+    after, after_ids = span_batch_over_days(1)
+    huge = b"\xc3\x01" + b"x" * 50_000
+    messages = ((b"before", before), (b"huge", huge), (b"after", after))
+    reader = archive_among_bad_messages(settings, archive, producer, messages, dead_letters=1, spans=2)
+    assert {row[0] for row in reader.query("SELECT event_id FROM spans").result_rows} == {*before_ids, *after_ids}
+    ((key, error_type, reason, value, offset),) = reader.query(
+        "SELECT key, error_type, reason, value, source_offset FROM dead_letters"
+    ).result_rows
+    assert (key, error_type, value, offset) == ("huge", "too_large", "", 1)
+    assert reason == "message of 50,006 bytes is larger than kafka.max_message_bytes (20,000); value not kept"

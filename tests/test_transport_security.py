@@ -102,7 +102,7 @@ def test_a_client_that_does_not_trust_the_ca_gets_no_connection(settings, tls_te
 
 #: Constructors of Kafka and ClickHouse clients, and the functions of the configuration that make their settings.
 CLIENTS = {"Producer", "Consumer", "AdminClient", "App", "get_client"}
-CONFIGURATION = {"client_config", "reader_config", "faust_credentials", "client_arguments"}
+CONFIGURATION = {"client_config", "consumer_config", "reader_config", "faust_credentials", "client_arguments"}
 #: Clients built from something else, with the reason.
 ELSEWHERE = {
     "boltstream.infra.stack.status": "reads the local stack's own read endpoint, from its state file",

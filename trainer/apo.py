@@ -110,7 +110,7 @@ class ApoWorker:
         self.counts = {"spans": 0, "rewards": 0, "updates": 0}
         self._load()
         self.consumer = Consumer(
-            settings.kafka.client_config(
+            settings.kafka.consumer_config(
                 **{
                     "group.id": f"boltstream-apo-{settings.trainer.model_name}",
                     "enable.auto.commit": False,

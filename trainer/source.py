@@ -131,7 +131,7 @@ class SampleSource:
         self.counters = Counters()
         self.positions: dict[int, int] = {}
         self.consumer = Consumer(
-            settings.kafka.client_config(
+            settings.kafka.consumer_config(
                 **{
                     "group.id": f"boltstream-trainer-{settings.trainer.model_name}",
                     "enable.auto.commit": False,

@@ -201,6 +201,12 @@ class TopicConfig(_Checked):
         return {**{t: self.partitions for t in event}, **{t: self.control_partitions for t in self.compacted()}}
 
 
+#: librdkafka's default ``fetch.max.bytes``: what a consumer asks for per fetch when messages are smaller.
+FETCH_MAX_BYTES = 50 * 1024 * 1024
+#: librdkafka's largest ``receive.message.max.bytes``, the largest frame of the Kafka protocol.
+RECEIVE_MAX_BYTES = 2_147_483_647
+
+
 @dataclass(frozen=True)
 class KafkaConfig(_Checked):
     """Where the broker is and how clients talk to it: every Kafka client of boltstream (librdkafka through
@@ -230,6 +236,11 @@ class KafkaConfig(_Checked):
     ssl_certificate_location: str = ""
     #: The private key of ``ssl_certificate_location`` (PEM file).
     ssl_key_location: str = ""
+    #: Largest message (key, value and headers, as librdkafka counts them) of every topic: the producers
+    #: refuse a bigger one, topics are created with it as ``max.message.bytes``, and the archive
+    #: dead-letters (key, size and offset, without the value) a bigger one that reaches it anyway (the
+    #: embedded broker does not enforce any limit).
+    max_message_bytes: Annotated[int, Range(at_least=1000, at_most=1_000_000_000)] = 1024 * 1024
     #: Extra librdkafka settings applied to every client, e.g. {"client.rack": "eu-west-1a"}.
     client_overrides: dict[str, str] = field(default_factory=dict)
 
@@ -265,7 +276,19 @@ class KafkaConfig(_Checked):
                 "ssl.key.location": key,
             }
             security.update({setting: path for setting, path in files.items() if path})
-        return {"bootstrap.servers": self.bootstrap_servers, **security, **self.client_overrides, **extra}
+        limit = {"message.max.bytes": self.max_message_bytes}
+        return {"bootstrap.servers": self.bootstrap_servers, **security, **limit, **self.client_overrides, **extra}
+
+    def consumer_config(self, **extra: Any) -> dict[str, Any]:
+        """:meth:`client_config` for a consumer: it fetches messages up to ``max_message_bytes`` and takes
+        any fetch response the protocol allows, so a bigger message (the embedded broker accepts any)
+        reaches the consumer, which can refuse it, instead of failing every fetch of its partition."""
+        limits = {
+            "fetch.message.max.bytes": self.max_message_bytes,
+            "fetch.max.bytes": max(FETCH_MAX_BYTES, self.max_message_bytes),
+            "receive.message.max.bytes": RECEIVE_MAX_BYTES,
+        }
+        return self.client_config(**{**limits, **extra})
 
     def faust_credentials(self) -> Any:
         """The same security for Faust (aiokafka): the ``broker_credentials`` of a ``faust.App``, None for
@@ -436,6 +459,13 @@ class ClickHouseConfig(_Checked):
     read_max_concurrent_queries: Count = 4
     #: Consumer group of the archive worker; its committed offsets are what is durably archived.
     archive_group: str = "boltstream-archive"
+    #: Days (table partitions) one archive insert may write. A batch over it is split; a single record
+    #: whose spans fall on more days is dead-lettered: each day is a partition for good, and thousands of
+    #: them slow every insert, merge and query of the table (ClickHouse's own default is 100).
+    max_partitions_per_insert: Count = 1000
+    #: Longest wait between two attempts of an insert the archive cannot make for a reason of the server
+    #: (disk full, server away); the waits double from 0.5 s up to it, and the archive never gives up.
+    retry_max_wait: Annotated[Seconds, Range(above=0)] = 30.0
     #: The archive worker's user on a server (``url``): one allowed to insert and to run the DDL.
     #: Empty = the URL's user, else ``default``.
     user: str = ""

@@ -37,9 +37,9 @@ def admin_client(settings: Settings):
 
 
 def ensure_topics(settings: Settings, timeout: float = 15.0) -> dict[str, int]:
-    """Create every topic of ``settings.topics`` that does not exist yet; compacted ones get
-    ``cleanup.policy=compact``. Existing topics are left as they are. Returns each topic's partition
-    count as the broker reports it."""
+    """Create every topic of ``settings.topics`` that does not exist yet, with ``max.message.bytes`` of
+    ``kafka.max_message_bytes``; compacted ones get ``cleanup.policy=compact``. Existing topics are left
+    as they are. Returns each topic's partition count as the broker reports it."""
     from confluent_kafka import KafkaError, KafkaException
     from confluent_kafka.admin import NewTopic
 
@@ -51,7 +51,11 @@ def ensure_topics(settings: Settings, timeout: float = 15.0) -> dict[str, int]:
             name,
             num_partitions=partitions,
             replication_factor=settings.topics.replication_factor,
-            config={"cleanup.policy": "compact"} if name in compacted else {},
+            # Brokers that enforce it refuse what the producers refuse (the embedded one stores it only).
+            config={
+                "max.message.bytes": str(settings.kafka.max_message_bytes),
+                **({"cleanup.policy": "compact"} if name in compacted else {}),
+            },
         )
         for name, partitions in wanted.items()
     ]
@@ -85,7 +89,7 @@ def reader_config(settings: Settings, purpose: str, **extra: Any) -> dict[str, A
     ends: partition EOF events on, no commits, a group id of its own that it never joins. The client
     insists on a group id; one that is never joined nor committed to leaves no group on the broker, so
     readers such as ``boltstream status`` do not show up among the consumer groups."""
-    return settings.kafka.client_config(
+    return settings.kafka.consumer_config(
         **{
             "group.id": f"boltstream-{purpose}-{uuid.uuid4().hex[:8]}",
             "enable.auto.commit": False,

@@ -74,7 +74,7 @@ class Watch:
             topics.canary_decisions: codec("CanaryDecision"),
         }
         consumer = Consumer(
-            self.settings.kafka.client_config(**{"group.id": "demo-watch", "enable.auto.commit": False})
+            self.settings.kafka.consumer_config(**{"group.id": "demo-watch", "enable.auto.commit": False})
         )
         metadata = consumer.list_topics(timeout=10)
         consumer.assign(

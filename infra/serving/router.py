@@ -193,7 +193,7 @@ class Follower:
             settings.topics.canary_decisions: ("CanaryDecision", table.on_decision),
         }
         self.consumer = Consumer(
-            settings.kafka.client_config(
+            settings.kafka.consumer_config(
                 # Control topics with a message now and then: ask often rather than wait on the broker.
                 **{"group.id": f"router-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False, "fetch.wait.max.ms": 50}
             )

@@ -147,7 +147,7 @@ def stop_stack(settings: Settings, timeout: float = 10.0) -> StackState | None:
 def force_stop(settings: Settings, timeout: float = 10.0) -> list[ProcessRecord]:
     """Stop every process this home's stack started, whatever state its files are in, and forget the stack.
 
-    The processes come from ``stack.json`` when it can be read and from ``<home>/run/`` (:func:`register`)
+    The processes come from ``stack.json`` when it can be read and from ``<home>/processes/`` (:func:`register`)
     in any case. Returns the ones that were still running.
     """
     with locked(settings):

@@ -2,7 +2,7 @@
 
 Three files: ``stack.json``, the :class:`StackState` (what runs where; the configuration loader reads it
 to point clients at the stack), ``stack.toml``, the settings the workers run with, and ``stack.lock``;
-and the folder ``run/``, one small file per process started (:func:`register`), so that ``down --force``
+and the folder ``processes/``, one small file per process started (:func:`register`), so that ``down --force``
 still finds every process when ``stack.json`` is damaged.
 """
 
@@ -120,7 +120,7 @@ def forget(settings: Settings) -> None:
 
 
 def register(settings: Settings, name: str, record: ProcessRecord) -> ProcessRecord:
-    """Note ``record`` in ``<home>/run/`` (apart from ``stack.json``, which may be lost or damaged); return it."""
+    """Note ``record`` in ``<home>/processes/`` (apart from ``stack.json``, which may be lost or damaged); return it."""
     folder = _registry(settings)
     folder.mkdir(mode=0o700, exist_ok=True)
     _write_private(folder / f"{name}-{record.pid}.json", json.dumps(asdict(record)) + "\n")
@@ -142,7 +142,7 @@ def registered(settings: Settings) -> list[tuple[str, ProcessRecord]]:
 
 
 def _registry(settings: Settings) -> Path:
-    return settings.home / "run"
+    return settings.home / "processes"
 
 
 def _worker_settings_file(settings: Settings) -> Path:

@@ -164,6 +164,7 @@ def stack_status(settings: Settings, timeout: float = 3.0) -> dict[str, Any]:
         topics={},
         missing_topics=[],
         tables=None,
+        archive=[],
         consumer_groups=None,
     )
     supervised = report["supervisor"] is not None and report["supervisor"]["alive"]
@@ -177,6 +178,9 @@ def stack_status(settings: Settings, timeout: float = 3.0) -> dict[str, Any]:
         report["notes"].append(f"not running: {', '.join(dead)}; {what}")
     if state.supervisor is not None and not supervised:
         report["notes"].append("the supervisor has exited: nothing restarts a part that exits")
+    from boltstream.stream_processors.archive import read_archive_states
+
+    report["archive"] = read_archive_states(Path(state.home))  # what it does: archiving, or waiting for what
     if alive["broker"] and _reachable(state.bootstrap_servers, timeout):
         stack_kafka = replace(settings.kafka, bootstrap_servers=state.bootstrap_servers)
         _kafka_status(replace(settings, kafka=stack_kafka), report, timeout)
@@ -217,6 +221,12 @@ def print_status(report: dict[str, Any]) -> None:
         if supervisor is not None:
             processes.add_row("supervisor", str(supervisor["pid"]), _alive(supervisor["alive"]), "")
         console.print(processes)
+        for archive in report.get("archive", []):
+            from boltstream.stream_processors.archive import describe_archive_state
+
+            line = describe_archive_state(archive)
+            shown = f"[yellow]{line}[/yellow]" if archive.get("state") == "waiting" else line
+            console.print(f"archive (pid {archive['pid']}): {shown}")
         if report["topics"]:
             topics = Table("topic", "partitions", "compacted", title="topics", title_justify="left")
             for name, topic in report["topics"].items():

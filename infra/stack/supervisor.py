@@ -5,7 +5,7 @@
 ``stack.json``; a part that is not alive is restarted after ``stack.restart_backoff`` seconds, doubling
 with each exit in a row up to ``stack.restart_backoff_max``, and back to the first wait once the part has
 run ``stack.healthy_after`` seconds. A restarted part is written back to ``stack.json`` (new pid, restart
-count) and noted in ``<home>/run/``, so ``status`` shows it and ``down`` stops it. The broker comes back
+count) and noted in ``<home>/processes/``, so ``status`` shows it and ``down`` stops it. The broker comes back
 on its port, with its topics created again.
 
 The supervisor takes the stack's lock only to restart, and never waits for it: while an ``up`` or

@@ -35,7 +35,7 @@ def _occupied(settings: Settings, topics: Iterable[str]) -> dict[str, int]:
     """Messages already in each of ``topics`` (only those holding any)."""
     from confluent_kafka import Consumer, TopicPartition
 
-    consumer = Consumer(settings.kafka.client_config(**{"group.id": f"boltstream-replay-{uuid.uuid4().hex[:8]}"}))
+    consumer = Consumer(settings.kafka.consumer_config(**{"group.id": f"boltstream-replay-{uuid.uuid4().hex[:8]}"}))
     try:
         held = {}
         for topic in topics:
