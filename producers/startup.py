@@ -3,10 +3,10 @@
 
 **The start-up hook.** Installing boltstream puts ``boltstream-autotrace.pth`` into site-packages; Python's
 ``site`` module runs its one line at every interpreter start. Unless ``AGENT_LIGHTNING_TRACER`` or
-``BOLTSTREAM_AUTO_TRACE`` is set, or the configuration file (``$BOLTSTREAM_CONFIG``, else
-``./boltstream.toml``) mentions ``auto_trace``, that line only looks (``tests/benchmarks/bench_startup.py``
-measures it) and imports nothing; otherwise it calls :func:`activate`. ``AGENT_LIGHTNING_TRACER=1`` turns
-tracing on; else the configuration decides (``auto_trace``, from the file or ``BOLTSTREAM_AUTO_TRACE``).
+``BOLTSTREAM_AUTO_TRACE`` is set on (``1``, ``true``, ``yes``, ``on``), or the configuration file
+(``$BOLTSTREAM_CONFIG``, else ``./boltstream.toml``) says ``auto_trace = true``, that line only looks
+(``tests/benchmarks/bench_startup.py`` measures it) and imports nothing; otherwise it calls :func:`activate`,
+where the configuration decides as everywhere else (``AGENT_LIGHTNING_TRACER`` over the rest).
 
 **The launcher.** ``boltstream run -- python agent.py`` runs the program with ``AGENT_LIGHTNING_TRACER=1``
 and :data:`BOOTSTRAP` first on ``PYTHONPATH``, whose ``sitecustomize`` calls :func:`activate` (then runs

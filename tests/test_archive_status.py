@@ -11,13 +11,13 @@ from boltstream.infra.stack import lifecycle
 from boltstream.infra.stack.lifecycle import start_stack
 from boltstream.infra.stack.workers import Worker
 from boltstream.stream_processors.archive import StateFile
-from tests.test_stack import home, home_settings, run_cli  # noqa: F401 (home is a fixture)
+from tests.test_stack import home_settings, run_cli
 
 #: A real process in the archive's place: the state file is what status reads of it.
 ARCHIVE_STAND_IN = {"archive": Worker(argv=("{python}", "-c", "import time; time.sleep(3600)"), settle=0.3)}
 
 
-def test_status_shows_what_the_archive_waits_for(home, monkeypatch):  # noqa: F811
+def test_status_shows_what_the_archive_waits_for(home, monkeypatch):
     monkeypatch.setattr(lifecycle, "WORKERS", ARCHIVE_STAND_IN)
     state = start_stack(home_settings(home))
     pid = state.workers["archive"].pid

@@ -39,8 +39,18 @@ def test_the_start_up_hook_is_installed_where_python_finds_it() -> None:
     assert installed.read_text() == (ROOT / "boltstream-autotrace.pth").read_text()
 
 
-def test_python_starts_without_importing_boltstream_when_nothing_asks_for_tracing(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "switched_off",
+    [{}, {"AGENT_LIGHTNING_TRACER": "0"}, {"BOLTSTREAM_AUTO_TRACE": "false"}, {"toml": "auto_trace = false\n"}],
+    ids=["nothing", "tracer-0", "auto-trace-false", "config-false"],
+)
+def test_python_starts_without_importing_boltstream_unless_tracing_is_on(switched_off, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BOLTSTREAM_", "AGENT_LIGHTNING"))}
+    if "toml" in switched_off:  # as the stack's workers run: BOLTSTREAM_CONFIG names a file with auto_trace off
+        (tmp_path / "stack.toml").write_text(switched_off["toml"])
+        env["BOLTSTREAM_CONFIG"] = str(tmp_path / "stack.toml")
+    else:
+        env.update(switched_off)
     probe = "import sys; print(sorted(m for m in sys.modules if m.startswith('boltstream')))"
     result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip() == "[]", result
