@@ -38,6 +38,8 @@ class StackState:
     read_port: int
     #: The embedded chDB data directory; "" when the archive writes to a ClickHouse server.
     data_dir: str
+    #: The cluster id of this start of the broker (a restart after a crash gets another one).
+    cluster_id: str = ""
 
     def processes(self) -> dict[str, ProcessRecord]:
         return {"broker": self.broker, **self.workers}
@@ -101,6 +103,23 @@ def forget(settings: Settings) -> None:
     """Remove the stack's state file and worker settings: no stack is recorded under this home any more."""
     for path in (settings.state_file, _worker_settings_file(settings)):
         path.unlink(missing_ok=True)
+
+
+def remember_broker_port(settings: Settings, port: int) -> None:
+    """Record the broker's port, kept after ``down`` so the next ``up`` takes it again when it is free."""
+    _write_private(_broker_port_file(settings), f"{port}\n")
+
+
+def previous_broker_port(settings: Settings) -> int:
+    """The port the last broker of this home listened on, or 0."""
+    try:
+        return int(_broker_port_file(settings).read_text())
+    except (OSError, ValueError):
+        return 0
+
+
+def _broker_port_file(settings: Settings) -> Path:
+    return settings.home / "broker-port"
 
 
 def _worker_settings_file(settings: Settings) -> Path:
