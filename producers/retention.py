@@ -128,9 +128,7 @@ class Retention:
             self._drop_bucket(bucket)
         self.stats.replayed_messages += len(messages)
         if messages:
-            log.warning(
-                "the broker is a new incarnation; sending the %d messages it may have lost again", len(messages)
-            )
+            log.warning("the broker is a new incarnation; sending it the %d retained messages again", len(messages))
         return messages
 
     def close(self) -> None:
@@ -214,6 +212,8 @@ class Retention:
 
     def observe(self, cluster_id: str, ready: bool) -> None:
         """What the broker's metadata said: its cluster id, and whether the stack marked it ready."""
+        if not self.window:
+            return
         if self._cluster_id is None or cluster_id == self._cluster_id:
             changed = self._cluster_id is None or (ready and not self._ready_seen)
             self._cluster_id, self._ready_seen = cluster_id, self._ready_seen or ready

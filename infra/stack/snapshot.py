@@ -97,7 +97,8 @@ def take_snapshot(settings: Settings, directory: Path, *, idle_timeout: float = 
             if not name.startswith("__") and name != STACK_READY_TOPIC and meta.error is None
         }
         compacted: dict[str, bool] = {}
-        for resource, future in admin.describe_configs([ConfigResource("topic", name) for name in topics]).items():
+        resources = [ConfigResource("topic", name) for name in topics]
+        for resource, future in (admin.describe_configs(resources) if resources else {}).items():
             policy = future.result().get("cleanup.policy")
             compacted[resource.name] = policy is not None and "compact" in (policy.value or "")
         groups = _committed_offsets(admin)
