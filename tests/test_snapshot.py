@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from boltstream.infra.common.config import Settings, load_settings
 from boltstream.infra.common.topics import STACK_READY_TOPIC, ensure_topics, mark_ready, read_to_end, reader_config
 from boltstream.infra.stack.broker import EmbeddedBroker
-from boltstream.infra.stack.snapshot import map_offset, read_manifest, restore_snapshot, take_snapshot
+from boltstream.infra.stack.snapshot import SnapshotError, map_offset, read_manifest, restore_snapshot, take_snapshot
 
 GROUP = "snapshot-test-group"
 
@@ -95,3 +96,14 @@ def test_committed_offsets_follow_their_records_when_holes_close_up() -> None:
     old, new = [0, 1, 2, 5, 6, 9], [0, 1, 2, 3, 4, 5]  # offsets 3, 4, 7, 8 were transaction markers
     assert [map_offset(c, old, new) for c in (0, 3, 5, 7, 9, 10)] == [0, 3, 3, 5, 5, 6]
     assert map_offset(4, [], []) == 0
+
+
+def test_a_snapshot_with_other_partition_counts_is_refused_not_spread_over_other_partitions(
+    brokers, tmp_path: Path
+) -> None:
+    source, target = (on(broker, tmp_path) for broker in brokers)
+    ensure_topics(source)
+    take_snapshot(source, tmp_path / "snapshot")
+    target = replace(target, topics=replace(target.topics, partitions=source.topics.partitions + 1))
+    with pytest.raises(SnapshotError, match=f"has {source.topics.partitions} partitions of"):
+        restore_snapshot(target, tmp_path / "snapshot")

@@ -261,6 +261,18 @@ def restore_snapshot(settings: Settings, directory: Path, *, only_compacted: boo
     from confluent_kafka.admin import NewTopic
 
     manifest = read_manifest(directory)
+    wanted = settings.topics.all()
+    differ = {
+        name: (meta["partitions"], wanted[name])
+        for name, meta in manifest["topics"].items()
+        if name in wanted and meta["partitions"] != wanted[name]
+    }
+    if differ:
+        name, (kept, configured) = next(iter(differ.items()))
+        raise SnapshotError(
+            f"the snapshot in {directory} has {kept} partitions of {name}, the settings {configured}: start with "
+            f"the partition counts it was taken with, or move the snapshot away to start without it"
+        )
     try:
         ensure_topics(settings)
     except TopicError as exc:
