@@ -77,6 +77,7 @@ class Retention:
         self._cluster_id: str | None = None
         self._ready_seen = False
         self._confirmed_at = 0.0  # monotonic time the known incarnation last answered
+        self._expired_at = 0.0  # the confirmation the last expiry went by
         self._replay_due = False
         #: True while the broker is a new incarnation that the stack is still restoring: send nothing.
         self.holding = False
@@ -168,6 +169,9 @@ class Retention:
     def _expire(self) -> None:
         """Release buckets whose rollouts all had their last acknowledgement ``window`` before the known
         incarnation last answered (an outage stops the clock)."""
+        if self._confirmed_at == self._expired_at:
+            return  # nothing new learnt since the last look
+        self._expired_at = self._confirmed_at
         horizon = self._confirmed_at - self.window
         with self._lock:
             while self._buckets:
