@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -113,3 +115,37 @@ def test_a_snapshot_with_other_partition_counts_is_refused_not_spread_over_other
     target = replace(target, topics=replace(target.topics, partitions=source.topics.partitions + 1))
     with pytest.raises(SnapshotError, match=f"has {source.topics.partitions} partitions of"):
         restore_snapshot(target, tmp_path / "snapshot")
+
+
+def test_a_snapshot_ends_while_producers_keep_appending(brokers, tmp_path: Path) -> None:
+    source, _ = (on(broker, tmp_path) for broker in brokers)
+    ensure_topics(source)
+    acknowledged: list[bytes] = []
+    producer = Producer(source.kafka.client_config(**{"linger.ms": 20}))  # batches of many records
+    stop = threading.Event()
+
+    def append() -> None:
+        n = 0
+        while not stop.is_set():
+            for _ in range(50):
+                producer.produce(
+                    source.topics.spans,
+                    b"%d" % n,
+                    b"k",
+                    on_delivery=lambda error, m: error is None and acknowledged.append(m.value()),
+                )
+                n += 1
+            producer.poll(0.01)
+
+    appender = threading.Thread(target=append)
+    appender.start()
+    try:
+        while len(acknowledged) < 2000:
+            time.sleep(0.05)
+        before = set(acknowledged)
+        summary = take_snapshot(source, tmp_path / "snapshot", idle_timeout=20)
+    finally:
+        stop.set()
+        appender.join()
+        producer.flush(10)
+    assert summary.records >= len(before)

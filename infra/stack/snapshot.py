@@ -80,8 +80,8 @@ def restored_snapshot_dir(settings: Settings) -> Path:
 def take_snapshot(settings: Settings, directory: Path, *, idle_timeout: float = 30.0) -> SnapshotSummary:
     """Write every topic and committed group offset of the broker of ``settings`` to ``directory``.
 
-    Each partition is read until its first end-of-partition event: what producers still add while this
-    runs may be left out (the SDK's retention replays it to the next broker, see producers/retention.py).
+    Each partition is read to where it ended when the snapshot began, or further: what producers still add
+    while this runs may be left out (the SDK's retention sends it to the next broker, producers/retention.py).
     The snapshot replaces ``directory`` only once it is complete.
     """
     from confluent_kafka import KafkaException
@@ -160,7 +160,13 @@ def _committed_offsets(admin: Any) -> dict[str, list[list[Any]]]:
 
 
 def _read_all(settings: Settings, topics: dict[str, int], idle_timeout: float) -> Iterator[tuple[str, int, Record]]:
-    """Every record of ``topics``, partition by partition in order, each partition up to its first EOF."""
+    """Every record of ``topics``, partition by partition in order, each partition up to its end.
+
+    A partition ends at its end-of-partition event, or, while producers keep appending (no such event
+    comes then: the broker's high watermark trails the records it holds by up to a batch), once the read
+    reaches what the partition held when the snapshot began (its high watermark then: the first record of
+    its last batch, read together with the rest of that batch).
+    """
     from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
     consumer = Consumer(reader_config(settings, "snapshot"))
@@ -168,6 +174,7 @@ def _read_all(settings: Settings, topics: dict[str, int], idle_timeout: float) -
     if not unfinished:
         consumer.close()
         return
+    marks = {where: consumer.get_watermark_offsets(TopicPartition(*where), timeout=15)[1] for where in unfinished}
     consumer.assign([TopicPartition(topic, partition, OFFSET_BEGINNING) for topic, partition in unfinished])
     answered = time.monotonic()
     try:
@@ -177,20 +184,25 @@ def _read_all(settings: Settings, topics: dict[str, int], idle_timeout: float) -
                 answered = time.monotonic()
             elif time.monotonic() - answered > idle_timeout:
                 raise SnapshotError(f"no end of {sorted(unfinished)[:5]} after {idle_timeout:.0f} s")
+            reached = set()
             for message in batch:
                 error = message.error()
                 where = message.topic(), message.partition()
+                if where not in unfinished:
+                    continue
                 if error is None:
-                    if where in unfinished:
-                        timestamp = message.timestamp()[1]
-                        headers = [(name, value) for name, value in (message.headers() or [])]
-                        yield *where, (message.offset(), timestamp, message.key(), message.value(), headers)
+                    timestamp = message.timestamp()[1]
+                    headers = [(name, value) for name, value in (message.headers() or [])]
+                    yield *where, (message.offset(), timestamp, message.key(), message.value(), headers)
+                    if marks[where] > 0 and message.offset() >= marks[where] - 1:
+                        reached.add(where)
                 elif error.code() == KafkaError._PARTITION_EOF:
-                    if where in unfinished:
-                        unfinished.discard(where)
-                        consumer.incremental_unassign([TopicPartition(*where)])
+                    reached.add(where)
                 elif error.fatal():
                     raise SnapshotError(f"reading {message.topic()}: {error.str()}")
+            if reached:
+                unfinished -= reached
+                consumer.incremental_unassign([TopicPartition(*where) for where in reached])
     finally:
         consumer.close()
 
