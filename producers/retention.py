@@ -41,6 +41,9 @@ log = logging.getLogger("boltstream.retention")
 #: Buckets per retention window: a bucket's files go once every rollout in it is older than the window.
 BUCKETS_PER_WINDOW = 4
 _INCARNATION_FILE = "incarnation.json"
+#: Longest the SDK holds its messages back for a new incarnation's restore; then it sends anyway (a broker
+#: that will never be marked ready, e.g. the stack's address now taken by a broker of another kind).
+HOLD_LIMIT = 300.0
 
 
 @dataclass
@@ -81,6 +84,8 @@ class Retention:
         self._replay_due = False
         #: True while the broker is a new incarnation that the stack is still restoring: send nothing.
         self.holding = False
+        self._holding_since = 0.0
+        self._bootstrap = settings.kafka.bootstrap_servers
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
         if not self.window:
@@ -151,7 +156,8 @@ class Retention:
         """Take over what an earlier process of this spool retained, as if acknowledged just now."""
         try:
             known = json.loads((self.directory / _INCARNATION_FILE).read_text())
-            self._cluster_id, self._ready_seen = known["cluster_id"], bool(known["ready_seen"])
+            if known["bootstrap_servers"] == self._bootstrap:  # what was learnt of another broker does not count
+                self._cluster_id, self._ready_seen = known["cluster_id"], bool(known["ready_seen"])
         except (OSError, ValueError, KeyError):
             pass
         now = time.monotonic()
@@ -222,15 +228,17 @@ class Retention:
             changed = self._cluster_id is None or (ready and not self._ready_seen)
             self._cluster_id, self._ready_seen = cluster_id, self._ready_seen or ready
             self._confirmed_at, self.holding = time.monotonic(), False
-        elif ready or not self._ready_seen:
+        elif ready or not self._ready_seen or (self.holding and time.monotonic() - self._holding_since > HOLD_LIMIT):
             log.warning("broker incarnation %s replaced %s", cluster_id, self._cluster_id)
             self._cluster_id, self._ready_seen = cluster_id, ready
             self._confirmed_at, self.holding = time.monotonic(), False
             self.stats.new_incarnations += 1
             self._replay_due = changed = True
         else:  # a new incarnation still restoring: hold everything back until it is marked ready
-            self.holding = True
+            if not self.holding:
+                self.holding, self._holding_since = True, time.monotonic()
             return
         if changed:
             record = {"cluster_id": self._cluster_id, "ready_seen": self._ready_seen}
+            record["bootstrap_servers"] = self._bootstrap
             (self.directory / _INCARNATION_FILE).write_text(json.dumps(record))

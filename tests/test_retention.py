@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from boltstream.infra.common.config import Settings, load_settings
+from boltstream.producers import retention as retention_module
 from boltstream.producers.retention import Retention
 from boltstream.producers.spool import SpooledMessage
 
@@ -116,3 +117,28 @@ def test_retention_off_keeps_nothing(tmp_path: Path) -> None:
     retention.observe("cluster-2", ready=True)
     assert retention.replay_due() is None and not (tmp_path / "retained").exists()
     retention.close()
+
+
+def test_holding_back_ends_after_the_limit(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(retention_module, "HOLD_LIMIT", 0.2)
+    retention = Retention(retention_settings(tmp_path), tmp_path / "retained")
+    retention.observe("cluster-1", ready=True)
+    retention.keep(message("a", 0))
+    retention.observe("not-a-stack", ready=False)
+    assert retention.holding
+    time.sleep(0.3)
+    retention.observe("not-a-stack", ready=False)  # never marked ready: sent to anyway, not held forever
+    assert not retention.holding and retention.replay_due() == [message("a", 0)]
+    retention.close()
+
+
+def test_what_was_learnt_of_another_broker_address_does_not_count(tmp_path: Path) -> None:
+    first = Retention(retention_settings(tmp_path, window=60), tmp_path / "retained")
+    first.observe("stack-1", ready=True)
+    first.close()
+    elsewhere = retention_settings(tmp_path, window=60)
+    elsewhere = replace(elsewhere, kafka=replace(elsewhere.kafka, bootstrap_servers="127.0.0.1:10"))
+    second = Retention(elsewhere, tmp_path / "retained")
+    second.observe("kafka-cluster", ready=False)  # a first contact, not a stack still restoring
+    assert not second.holding and second.replay_due() is None
+    second.close()
