@@ -173,6 +173,33 @@ def test_up_after_down_takes_the_same_port_and_gets_the_topics_back(home, stand_
     assert third.broker_port != first.broker_port
 
 
+def test_restart_broker_brings_a_killed_broker_back_on_its_port_with_the_kept_versions(home, stand_ins):
+    settings = home_settings(home)
+    first = start_stack(settings)
+    stack = replace(settings, kafka=replace(settings.kafka, bootstrap_servers=first.bootstrap_servers))
+    producer = Producer(stack.kafka.client_config())
+    producer.produce(stack.topics.model_updates, b"version 3", b"tiny")
+    assert producer.flush(10) == 0
+    stop_stack(settings)
+    running = start_stack(settings)  # restores the snapshot, keeps it as snapshot.restored
+    with pytest.raises(StackError, match="still runs"):
+        lifecycle.restart_broker(settings)
+    os.kill(running.broker.pid, signal.SIGKILL)
+    restarted = lifecycle.restart_broker(settings)
+    assert restarted.bootstrap_servers == running.bootstrap_servers and restarted.cluster_id != running.cluster_id
+    assert all(record.alive() for record in restarted.processes().values())
+    assert {r.pid for r in restarted.workers.values()}.isdisjoint(r.pid for r in running.workers.values())
+    assert read_state(settings) == restarted
+    consumer = Consumer(reader_config(stack, "test"))
+    try:
+        topics = consumer.list_topics(timeout=10).topics
+        messages = list(read_to_end(consumer, partitions_of(consumer, stack.topics.model_updates), idle_timeout=10))
+    finally:
+        consumer.close()
+    assert STACK_READY_TOPIC in topics
+    assert [m.value() for m in messages] == [b"version 3"]
+
+
 @pytest.mark.parametrize("option", ["--port", "--read-port"])
 def test_busy_port_is_one_clear_line(home, option):
     with socket.socket() as taken:
