@@ -27,11 +27,14 @@ from boltstream.infra.common.signing import load_signing_key
 from boltstream.infra.stack.lifecycle import restart_broker, start_stack, stop_stack
 from boltstream.infra.stack.state import StackState, read_state
 from boltstream.trainer.publish import latest_update
+from tests.faults.agent import SPANS_PER_ROLLOUT
 from tests.faults.table import FaultRow, record_fault
 from tests.serving_support import produce_update, unsigned_update
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 AGENTS = 2
+#: Rollouts of the burst scenario: 10,000 rollouts of SPANS_PER_ROLLOUT + 2 spans, 100,000 spans.
+BURST_ROLLOUTS = 10_000
 #: Settings of the stack and the agents: quick group joins, a quick broker check by the SDK.
 STACK_ENV = {
     "BOLTSTREAM_KAFKA__SESSION_TIMEOUT_MS": "3000",
@@ -58,7 +61,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 class Agents:
     """SDK agent processes (tests/faults/agent.py) producing until :meth:`stop`."""
 
-    def __init__(self, home: Path, count: int) -> None:
+    def __init__(self, home: Path, count: int, burst: int = 0) -> None:
         self.stop_file = home / "agents.stop"
         self.manifests = [home / f"agent-{n}.json" for n in range(count)]
         env = {k: v for k, v in os.environ.items() if not k.startswith("BOLTSTREAM_")}
@@ -69,7 +72,8 @@ class Agents:
             with log.open("ab") as handle:
                 self.processes.append(
                     subprocess.Popen(
-                        [sys.executable, "-m", "tests.faults.agent", str(manifest), str(self.stop_file)],
+                        [sys.executable, "-m", "tests.faults.agent", str(manifest), str(self.stop_file)]
+                        + ([str(burst)] if burst else []),
                         cwd=PROJECT_ROOT,
                         env=env,
                         stdout=handle,
@@ -201,6 +205,26 @@ def test_down_then_up_during_traffic_loses_nothing(home: Path) -> None:
     kept = latest_update(settings, load_signing_key(settings))
     assert kept is not None and kept["version"] == published["version"], "the published model version is gone"
     measure("`down` then `up` during traffic", state, settings, produced, "same broker port; model version v7 kept")
+
+
+def test_down_right_after_a_burst_then_up_loses_nothing(home: Path) -> None:
+    """The backlog of a burst (unconsumed spans, rollouts open in the join) survives ``down`` and ``up``."""
+    settings = stack_settings(home)
+    state = start_stack(settings, timeout=120.0)
+    settings = load_settings(environ={"BOLTSTREAM_HOME": str(home), **STACK_ENV})
+    agents = Agents(home, 1, burst=BURST_ROLLOUTS)
+    try:
+        produced = agents.stop()  # the burst is acknowledged
+        client = archive_client(state, settings)
+        archived_before = client.query("SELECT count() FROM spans").result_rows[0][0]
+        closed_before = client.query("SELECT count() FROM trajectories").result_rows[0][0]
+        stop_stack(settings, timeout=30.0)  # before the archive and the join caught up
+        state = start_stack(stack_settings(home), timeout=120.0)
+    finally:
+        agents.kill()
+    spans = BURST_ROLLOUTS * (SPANS_PER_ROLLOUT + 2)
+    backlog = f"at `down` {archived_before:,} spans and {closed_before:,} trajectories were archived"
+    measure(f"`down` right after a {spans:,}-span burst, then `up`", state, settings, produced, backlog)
 
 
 def test_broker_sigkill_and_restart_loses_nothing(home: Path) -> None:
