@@ -36,10 +36,10 @@ def everything(settings: Settings, topic: str, partitions: int) -> list[tuple]:
     consumer = Consumer(reader_config(settings, "test"))
     try:
         tps = [TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)]
-        return [
+        return sorted(  # partitions arrive interleaved in any order
             (m.partition(), m.offset(), m.key(), m.value(), m.headers(), m.timestamp()[1])
             for m in read_to_end(consumer, tps, idle_timeout=15)
-        ]
+        )
     finally:
         consumer.close()
 
