@@ -38,6 +38,7 @@ from boltstream.infra.common.config import Settings
 from boltstream.infra.common.contract import keep_rollout
 from boltstream.producers.pending_span import ATTRIBUTES, ERROR, LLM, REWARD, ROLLOUT_ID, SERVER_ID, PendingSpan
 from boltstream.producers.redaction import Redactor
+from boltstream.producers.retention import Retention
 from boltstream.producers.span_encoder import SpanBatchEncoder
 from boltstream.producers.spool import Segment, Spool, SpooledMessage, SpoolLocked
 from boltstream.schemas.codec import CodecError, codec
@@ -120,12 +121,15 @@ class SpanProducer:
                 "reconnect.backoff.max.ms": 1000,
                 "topic.metadata.refresh.fast.interval.ms": 100,
                 "client.id": "boltstream-sdk",
+                # A restarted broker must not get the topics made up by a producer's metadata request.
+                "allow.auto.create.topics": False,
                 "error_cb": self._on_client_error,
                 "logger": _ClientLog(logging.getLogger("boltstream.producer.librdkafka"), {}),
             }
         )
         self._kafka = Producer(self._client_config)
         self._spool = _open_spool(settings)
+        self._retention = Retention(settings, self._spool.directory / "retained")
         self._pending: deque[PendingSpan] = deque()
         self._rewards: deque[tuple[dict[str, Any], bool]] = deque()
         self._batch_size = config.span_buffer_size
@@ -205,6 +209,7 @@ class SpanProducer:
         # What the client still holds is undeliverable now: purge it so its failure reports spool it.
         self._kafka.purge()
         self._kafka.poll(0)
+        self._retention.close()
         self._spool.close()
         return delivered
 
@@ -253,6 +258,11 @@ class SpanProducer:
         self._wakeup.clear()
 
     def _cycle(self) -> None:
+        replay = self._retention.replay_due()
+        if replay is not None:  # a new broker incarnation: what the old one acknowledged goes again, oldest first
+            for message in replay:
+                self._spool.put(message)
+            self._client_fatal = True  # the old client's idempotence state means nothing to the new broker
         if self._client_fatal:
             self._replace_client()
         for callback in self._tick_callbacks:
@@ -377,7 +387,7 @@ class SpanProducer:
 
     def _send(self, message: _Outgoing) -> None:
         """Produce ``message``, or spool it when the broker is unhealthy or the client is full."""
-        if self._client_fatal or (not self._healthy and message.segment is None):
+        if self._client_fatal or self._retention.holding or (not self._healthy and message.segment is None):
             self._spill(message)
             self._settle_replayed(message)
             return
@@ -408,6 +418,7 @@ class SpanProducer:
                 self.stats.batches_delivered += 1
             else:
                 self.stats.rewards_delivered += 1
+            self._retention.keep(SpooledMessage(message.topic, message.key, message.value, message.spans, message.kept))
         else:
             self._failed(message, error)
         self._settle_replayed(message)
@@ -449,7 +460,7 @@ class SpanProducer:
 
     def _replay_spool(self) -> None:
         """Retry the oldest spooled segment, one at a time (as a probe while the broker is unhealthy)."""
-        if self._replaying is not None or len(self._spool) == 0:
+        if self._replaying is not None or len(self._spool) == 0 or self._retention.holding:
             return
         taken = self._spool.take_oldest()
         if taken is None:

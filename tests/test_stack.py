@@ -26,7 +26,14 @@ from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType
 from boltstream.infra.cli import main
 from boltstream.infra.common.config import Settings, load_settings, settings_toml
 from boltstream.infra.common.ports import free_port
-from boltstream.infra.common.topics import TopicError, ensure_topics
+from boltstream.infra.common.topics import (
+    STACK_READY_TOPIC,
+    TopicError,
+    ensure_topics,
+    partitions_of,
+    read_to_end,
+    reader_config,
+)
 from boltstream.infra.stack import lifecycle
 from boltstream.infra.stack.errors import StackError, StackRunningError
 from boltstream.infra.stack.lifecycle import start_stack, stop_stack
@@ -121,10 +128,64 @@ def test_down_stops_workers_and_broker(home, stand_ins, capsys):
     assert main(["down"]) == 0
     out = capsys.readouterr().out
     assert f"stopped broker {state.bootstrap_servers} (pid {state.broker.pid}), reader (pid" in out
-    assert f"the archive in {home / 'clickhouse'} and the logs in {home / 'logs'} stay" in out
+    assert f"consumer offsets are in {home / 'snapshot'} for the next `boltstream up`" in out
+    assert f"the archive in {home / 'clickhouse'}, the logs in {home / 'logs'} stay" in out
     assert not any(record.alive() for record in records)
     assert not listening(state.broker_port)
     assert not (home / "stack.json").exists() and not (home / "stack.toml").exists()
+
+
+def test_up_after_down_takes_the_same_port_and_gets_the_topics_back(home, stand_ins):
+    settings = home_settings(home)
+    first = start_stack(settings)
+    stack = replace(settings, kafka=replace(settings.kafka, bootstrap_servers=first.bootstrap_servers))
+    producer = Producer(stack.kafka.client_config())
+    producer.produce(stack.topics.model_updates, b"version 3", b"tiny", headers=[("h", b"1")])
+    assert producer.flush(10) == 0
+    stop_stack(settings)
+    second = start_stack(settings)
+    assert second.bootstrap_servers == first.bootstrap_servers and second.cluster_id != first.cluster_id
+    consumer = Consumer(reader_config(stack, "test"))
+    try:
+        messages = list(read_to_end(consumer, partitions_of(consumer, stack.topics.model_updates), idle_timeout=10))
+    finally:
+        consumer.close()
+    assert [(m.key(), m.value(), m.headers()) for m in messages] == [(b"tiny", b"version 3", [("h", b"1")])]
+    assert (home / "snapshot.restored").is_dir() and not (home / "snapshot").exists()
+    stop_stack(settings)
+    with socket.socket() as taken:  # the old port taken: up takes another one
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past the old connections' TIME_WAIT
+        taken.bind(("127.0.0.1", first.broker_port))
+        taken.listen()
+        third = start_stack(settings)
+    assert third.broker_port != first.broker_port
+
+
+def test_restart_broker_brings_a_killed_broker_back_on_its_port_with_the_kept_versions(home, stand_ins):
+    settings = home_settings(home)
+    first = start_stack(settings)
+    stack = replace(settings, kafka=replace(settings.kafka, bootstrap_servers=first.bootstrap_servers))
+    producer = Producer(stack.kafka.client_config())
+    producer.produce(stack.topics.model_updates, b"version 3", b"tiny")
+    assert producer.flush(10) == 0
+    stop_stack(settings)
+    running = start_stack(settings)  # restores the snapshot, keeps it as snapshot.restored
+    with pytest.raises(StackError, match="still runs"):
+        lifecycle.restart_broker(settings)
+    os.kill(running.broker.pid, signal.SIGKILL)
+    restarted = lifecycle.restart_broker(settings)
+    assert restarted.bootstrap_servers == running.bootstrap_servers and restarted.cluster_id != running.cluster_id
+    assert all(record.alive() for record in restarted.processes().values())
+    assert {r.pid for r in restarted.workers.values()}.isdisjoint(r.pid for r in running.workers.values())
+    assert read_state(settings) == restarted
+    consumer = Consumer(reader_config(stack, "test"))
+    try:
+        topics = consumer.list_topics(timeout=10).topics
+        messages = list(read_to_end(consumer, partitions_of(consumer, stack.topics.model_updates), idle_timeout=10))
+    finally:
+        consumer.close()
+    assert STACK_READY_TOPIC in topics
+    assert [m.value() for m in messages] == [b"version 3"]
 
 
 @pytest.mark.parametrize("option", ["--port", "--read-port"])
@@ -191,6 +252,7 @@ def test_status_json_reports_topics_workers_and_lag(home, stand_ins, capsys):
     assert {name: t["partitions"] for name, t in report["topics"].items()} == {
         **dict.fromkeys(settings.topics.all(), 2),
         **dict.fromkeys(settings.topics.compacted(), 1),
+        STACK_READY_TOPIC: 1,  # the marker `up` creates once the broker holds what it must
     }
     assert {name for name, t in report["topics"].items() if t["compacted"]} == set(settings.topics.compacted())
     assert report["missing_topics"] == []

@@ -368,6 +368,15 @@ class ProducerConfig(_Checked):
     #: Auto-tracing also asks for the completion's logprobs (the behaviour policy's, for the trainer's
     #: off-policy correction); off, the trainer computes them at training time (see README, "Token ids").
     request_logprobs: bool = False
+    #: How long the SDK keeps each acknowledged span and reward message on disk (``<spool>/retained``) after
+    #: the last acknowledged message of its rollout, to send it again when the broker turns out to be a new
+    #: incarnation that may have lost it (a broker restarted after a crash: another cluster id). A rollout is
+    #: kept or released whole. Make it longer than ``stream.reward_timeout`` plus the archive's lag; 0 = off.
+    retention: Seconds = 120.0
+    #: Bound of those retained messages in bytes; past it the oldest are released early (counted, logged).
+    retention_max_bytes: Count = 256 * 1024 * 1024
+    #: Seconds between the SDK's checks of the broker's cluster id (one metadata request each).
+    broker_check_interval: Annotated[Seconds, Range(above=0)] = 1.0
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("boltstream.topics")
 
+#: The topic the local stack creates on a (re)started broker once that broker holds again what it must (the
+#: restored snapshot): a new broker incarnation without it is still being restored, and the SDK holds its
+#: messages back until it appears (producers/retention.py), so nothing lands between restored records.
+STACK_READY_TOPIC = "boltstream.stack-ready"
+
 
 class TopicError(RuntimeError):
     """A topic could not be created, listed or read."""
@@ -82,6 +87,21 @@ def ensure_topics(settings: Settings, timeout: float = 15.0) -> dict[str, int]:
     if missing:
         raise TopicError(f"topics {missing} do not show up on {settings.kafka.bootstrap_servers} after {timeout:.0f}s")
     return present
+
+
+def mark_ready(settings: Settings, timeout: float = 15.0) -> None:
+    """Create :data:`STACK_READY_TOPIC` on the broker of ``settings``: it holds what it must, producers may write."""
+    from confluent_kafka import KafkaError, KafkaException
+    from confluent_kafka.admin import NewTopic
+
+    admin = admin_client(settings)
+    topic = NewTopic(STACK_READY_TOPIC, num_partitions=1, replication_factor=settings.topics.replication_factor)
+    for future in admin.create_topics([topic], request_timeout=timeout).values():
+        try:
+            future.result()
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise TopicError(f"cannot create topic {STACK_READY_TOPIC}: {exc.args[0].str()}") from None
 
 
 def reader_config(settings: Settings, purpose: str, **extra: Any) -> dict[str, Any]:

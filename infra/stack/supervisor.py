@@ -23,11 +23,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from boltstream.infra.common.config import Settings, StackConfig, load_settings
-from boltstream.infra.common.topics import TopicError, ensure_topics
-from boltstream.infra.stack.broker import BrokerError, EmbeddedBroker
+from boltstream.infra.stack.broker import BrokerError
 from boltstream.infra.stack.errors import StackError
-from boltstream.infra.stack.processes import ProcessRecord, adopt, spawn
-from boltstream.infra.stack.state import StackState, locked_if_free, read_state, register, write_state
+from boltstream.infra.stack.lifecycle import restart_broker
+from boltstream.infra.stack.processes import ProcessRecord, spawn
+from boltstream.infra.stack.state import locked_if_free, read_state, register, write_state
 from boltstream.infra.stack.workers import tail
 
 #: Seconds between two looks at the stack.
@@ -97,6 +97,8 @@ class Supervisor:
 
     def restart(self, name: str) -> bool:
         """Start ``name`` again and record it; False when it has to wait (lock taken, or it failed)."""
+        if name == "broker":
+            return self.restart_broker()
         with locked_if_free(self.settings) as free:
             if not free or self.stopping.is_set():
                 return False
@@ -106,34 +108,37 @@ class Supervisor:
             if state.processes()[name].alive():
                 return True
             try:
-                record = self.start_broker(state) if name == "broker" else self.start_worker(state.workers[name])
-            except (BrokerError, TopicError, OSError) as exc:
-                self.log(f"restarting {name} failed, will try again: {exc}")
-                part = self.parts[name]
-                part.exits_in_a_row += 1
-                part.restart_due = time.monotonic() + restart_delay(self.settings.stack, part.exits_in_a_row)
-                return False
+                record = self.start_worker(state.workers[name])
+            except OSError as exc:
+                return self.failed(name, exc)
             register(self.settings, name, record)
             restarts = {**state.restarts, name: state.restarts.get(name, 0) + 1}
-            if name == "broker":
-                state = replace(state, broker=record, restarts=restarts)
-            else:
-                state = replace(state, workers={**state.workers, name: record}, restarts=restarts)
-            write_state(self.settings, state)
+            write_state(self.settings, replace(state, workers={**state.workers, name: record}, restarts=restarts))
             self.log(f"restarted {name}: pid {record.pid} (restart {restarts[name]})")
             return True
 
-    def start_broker(self, state: StackState) -> ProcessRecord:
-        """The broker again on its port, its topics created again (the previous one kept them in memory)."""
-        log = Path(state.broker.log)
-        broker = EmbeddedBroker(port=state.broker_port, log_path=log).start()
-        record = adopt(broker.process, log)
+    def restart_broker(self) -> bool:
+        """The broker again on its port, with what it can get back (:func:`restart_broker`: the last
+        snapshot's compacted topics; the agents send again what it had acknowledged), and the workers
+        started again on it."""
+        if self.stopping.is_set():
+            return False
         try:
-            ensure_topics(self.settings)
-        except TopicError:
-            broker.stop()
-            raise
-        return record
+            state = restart_broker(self.settings, count_restart=True)
+        except (StackError, BrokerError, OSError) as exc:
+            return self.failed("broker", exc)
+        self.log(f"restarted the broker: pid {state.broker.pid} (restart {state.restarts['broker']}), and the workers")
+        for name in state.workers:  # their restart was part of the broker's, not an exit of theirs
+            self.parts[name] = _Part(started=time.monotonic())
+        return True
+
+    def failed(self, name: str, error: BaseException) -> bool:
+        """A restart that did not work: wait longer, then try again."""
+        part = self.parts[name]
+        part.exits_in_a_row += 1
+        part.restart_due = time.monotonic() + restart_delay(self.settings.stack, part.exits_in_a_row)
+        self.log(f"restarting {name} failed, trying again in {part.restart_due - time.monotonic():.1f}s: {error}")
+        return False
 
     def start_worker(self, previous: ProcessRecord) -> ProcessRecord:
         """The worker again, as it was started (its environment is this process's: ``up`` gave both the same)."""
