@@ -162,7 +162,7 @@ def test_up_after_down_takes_the_same_port_and_gets_the_topics_back(home, stand_
 
 
 def test_restart_broker_brings_a_killed_broker_back_on_its_port_with_the_kept_versions(home, stand_ins):
-    settings = home_settings(home)
+    settings = home_settings(home, stack={"supervise": False})  # restart_broker called here, not by a supervisor
     first = start_stack(settings)
     stack = replace(settings, kafka=replace(settings.kafka, bootstrap_servers=first.bootstrap_servers))
     producer = Producer(stack.kafka.client_config())
