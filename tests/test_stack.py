@@ -173,6 +173,9 @@ def test_restart_broker_brings_a_killed_broker_back_on_its_port_with_the_kept_ve
     with pytest.raises(StackError, match="still runs"):
         lifecycle.restart_broker(settings)
     os.kill(running.broker.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while running.broker.alive() and time.monotonic() < deadline:  # the signal is delivered asynchronously
+        time.sleep(0.05)
     restarted = lifecycle.restart_broker(settings)
     assert restarted.bootstrap_servers == running.bootstrap_servers and restarted.cluster_id != running.cluster_id
     assert all(record.alive() for record in restarted.processes().values())
