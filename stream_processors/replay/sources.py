@@ -17,25 +17,16 @@ or timestamps), each yielding :class:`ReplayMessage` in replay order.
 
 from __future__ import annotations
 
-import heapq
-import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from boltstream.infra.common.config import ConfigError, Settings
 from boltstream.infra.common.topics import read_to_end, reader_config
-from boltstream.schemas.codec import CodecError, codec
+from boltstream.schemas.codec import CodecError, codec, latest
+from boltstream.stream_processors.replay.avro_rows import RowReader, clickhouse_type, new_marker
 
 _SPANS, _REWARDS = 0, 1  # order of the two inputs at equal times: spans first
-
-_SPAN_COLUMNS = (
-    "event_id, rollout_id, attempt_id, task_id, agent_name, toString(kind) AS kind, name, parent_id, sequence, "
-    "start_time_us, end_time_us, status, error, reward, attributes, llm_model, llm_model_version, "
-    "llm_prompt_token_ids, llm_completion_token_ids, llm_completion_logprobs, llm_prompt_text, llm_completion_text, "
-    "llm_prompt_tokens, llm_completion_tokens, llm_latency_ms, llm_finish_reason, server_id, producer_id, sent_at_us"
-)
-_REWARD_COLUMNS = "event_id, rollout_id, value, name, is_final, source, task_id, agent_name, timestamp_us, attributes"
 
 
 class ReplayError(RuntimeError):
@@ -104,41 +95,25 @@ class Selection:
         return sql, parameters
 
 
-def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    iterator = iter(items)
-    while chunk := list(itertools.islice(iterator, size)):
-        yield chunk
-
-
-def _llm_record(row: dict[str, Any]) -> dict[str, Any] | None:
-    record = {
-        "model": row["llm_model"],
-        "model_version": row["llm_model_version"],
-        "prompt_token_ids": list(row["llm_prompt_token_ids"]),
-        "completion_token_ids": list(row["llm_completion_token_ids"]),
-        "completion_logprobs": list(row["llm_completion_logprobs"]),
-        "prompt_text": row["llm_prompt_text"],
-        "completion_text": row["llm_completion_text"],
-        "prompt_tokens": row["llm_prompt_tokens"],
-        "completion_tokens": row["llm_completion_tokens"],
-        "latency_ms": row["llm_latency_ms"],
-        "finish_reason": row["llm_finish_reason"],
-    }
-    return record if any(record.values()) else None
-
-
-def _span_record(row: dict[str, Any]) -> dict[str, Any]:
-    span = {name: row[name] for name in ("event_id", "rollout_id", "attempt_id", "task_id", "agent_name", "kind")}
-    for name in ("name", "parent_id", "sequence", "start_time_us", "end_time_us", "status", "error", "reward"):
-        span[name] = row[name]
-    span["attributes"] = dict(row["attributes"])
-    span["llm"] = _llm_record(row)
-    span["server_id"] = row["server_id"]
-    return span
+def _span_expression() -> str:
+    """A span row of the ``spans`` view as a tuple of the newest ``Span`` shape, its ``llm`` record rebuilt
+    from the ``llm_*`` columns (NULL when all are empty: the span was archived without one)."""
+    batch = latest("SpanBatch").schema
+    span = next(field["type"]["items"] for field in batch["fields"] if field["name"] == "spans")
+    llm = next(field["type"] for field in span["fields"] if field["name"] == "llm")
+    llm_fields = [f"llm_{field['name']}" for field in next(b for b in llm if b != "null")["fields"]]
+    empty = " AND ".join(f"{column} = defaultValueOfArgumentType({column})" for column in llm_fields)
+    llm_sql = f"if({empty}, NULL, CAST(tuple({', '.join(llm_fields)}) AS {clickhouse_type(llm)}))"
+    columns = [llm_sql if field["name"] == "llm" else field["name"] for field in span["fields"]]
+    return f"CAST(tuple({', '.join(columns)}) AS {clickhouse_type(span)})"
 
 
 class ArchiveSource:
-    """The archived spans and rewards of a :class:`Selection`, as messages in replay order."""
+    """The archived spans and rewards of a :class:`Selection`, as messages in replay order.
+
+    One query reads them all, sorted and encoded by ClickHouse (:mod:`.avro_rows`), streamed block by
+    block: memory stays that of one block, whatever the selection's size.
+    """
 
     def __init__(self, client: Any, selection: Selection, batch_spans: int = 500) -> None:
         if batch_spans < 1:
@@ -153,48 +128,44 @@ class ArchiveSource:
         rewards = self.client.command(f"SELECT count() FROM rewards WHERE {where}", parameters=self._parameters)
         return int(spans), int(rewards)
 
+    def query(self, marker: bytes) -> str:
+        """Span batches and rewards in publication order (ties: spans first, then rollout id), one row each."""
+        batch_type = clickhouse_type(latest("SpanBatch").schema)
+        reward_type = clickhouse_type(latest("Reward").schema)
+        reward_fields = ", ".join(field["name"] for field in latest("Reward").schema["fields"])
+        selected = f"rollout_id IN ({self._selected})"
+        batches = (
+            "SELECT batch_time_us AS time_us, 0 AS input, rollout_id, producer_id, sent_at_us, chunk, '' AS reward_id, "
+            "toInt32(count()) AS events, CAST(tuple(rollout_id, producer_id, sent_at_us, "
+            "arraySort(span -> (span.sequence, span.event_id), groupArray(span))) AS "
+            f"Nullable({batch_type})) AS batch, CAST(NULL AS Nullable({reward_type})) AS reward "
+            "FROM (SELECT rollout_id, producer_id, sent_at_us, if(sent_at_us > 0, sent_at_us, "
+            "max(end_time_us) OVER (PARTITION BY rollout_id, producer_id, sent_at_us)) AS batch_time_us, "
+            "intDiv(row_number() OVER (PARTITION BY rollout_id, producer_id, sent_at_us ORDER BY sequence, event_id) "
+            f"- 1, {self.batch_spans}) AS chunk, {_span_expression()} AS span FROM spans WHERE {selected}) "
+            "GROUP BY rollout_id, producer_id, sent_at_us, batch_time_us, chunk"
+        )
+        rewards = (
+            "SELECT timestamp_us, 1, rollout_id, '', 0, 0, event_id, toInt32(1), "
+            f"CAST(NULL AS Nullable({batch_type})), CAST(tuple({reward_fields}) AS Nullable({reward_type})) "
+            f"FROM rewards WHERE {selected}"
+        )
+        return (
+            f"SELECT toFixedString(unhex('{marker.hex()}'), {len(marker)}) AS marker, time_us, events, rollout_id, "
+            f"batch, reward FROM ({batches} UNION ALL {rewards}) "
+            "ORDER BY time_us, input, rollout_id, producer_id, sent_at_us, chunk, reward_id"
+        )
+
     def messages(self) -> Iterator[ReplayMessage]:
         """Span batches and rewards merged by publication time (ties: spans first, then rollout id)."""
-        spans = ((m.time_us, _SPANS, m.key, index, m) for index, m in enumerate(self._span_batches()))
-        rewards = ((m.time_us, _REWARDS, m.key, index, m) for index, m in enumerate(self._rewards()))
-        for *_, message in heapq.merge(spans, rewards):
-            yield message
-
-    def _rewards(self) -> Iterator[ReplayMessage]:
-        encode = codec("Reward").encode
-        result = self.client.query(
-            f"SELECT {_REWARD_COLUMNS} FROM rewards WHERE rollout_id IN ({self._selected}) "
-            "ORDER BY timestamp_us, rollout_id, event_id",
-            parameters=self._parameters,
-        )
-        names = result.column_names
-        for values in result.result_rows:
-            row = dict(zip(names, values, strict=True))
-            row["attributes"] = dict(row["attributes"])
-            yield ReplayMessage(row["timestamp_us"], "rewards", row["rollout_id"].encode(), encode(row), 1)
-
-    def _span_batches(self) -> Iterator[ReplayMessage]:
-        encode = codec("SpanBatch").encode
-        sql = (
-            f"SELECT {_SPAN_COLUMNS}, if(sent_at_us > 0, sent_at_us, "
-            "max(end_time_us) OVER (PARTITION BY rollout_id, producer_id, sent_at_us)) AS batch_time_us "
-            f"FROM spans WHERE rollout_id IN ({self._selected}) "
-            "ORDER BY batch_time_us, rollout_id, producer_id, sent_at_us, sequence, event_id"
-        )
-        with self.client.query_rows_stream(sql, parameters=self._parameters) as stream:
-            names = stream.source.column_names
-            rows = (dict(zip(names, values, strict=True)) for values in stream)
-            for (time_us, rollout_id, producer_id, sent_at_us), group in itertools.groupby(
-                rows, key=lambda r: (r["batch_time_us"], r["rollout_id"], r["producer_id"], r["sent_at_us"])
-            ):
-                for chunk in _chunks((_span_record(row) for row in group), self.batch_spans):
-                    batch = {
-                        "rollout_id": rollout_id,
-                        "producer_id": producer_id,
-                        "sent_at_us": sent_at_us,
-                        "spans": list(chunk),
-                    }
-                    yield ReplayMessage(time_us, "spans", rollout_id.encode(), encode(batch), len(chunk))
+        marker = new_marker()
+        reader = RowReader(marker)
+        stream = self.client.raw_stream(self.query(marker), parameters=self._parameters, fmt="Avro")
+        try:
+            for row in reader.rows(stream):
+                yield ReplayMessage(row.time_us, row.topic, row.key, row.value, row.events)
+        finally:
+            stream.close()
 
 
 def _span_count(value: bytes) -> int:
