@@ -78,7 +78,7 @@ def new_marker() -> bytes:
     return secrets.token_bytes(MARKER_BYTES)
 
 
-def _varint(data: bytes, position: int) -> tuple[int, int]:
+def avro_long(data: bytes, position: int) -> tuple[int, int]:
     """A zig-zag varint (Avro int/long) at ``position``: its value and the position after it."""
     shift = result = 0
     while True:
@@ -131,7 +131,7 @@ class _Input:
 
     def varint(self) -> int:
         self._fill(10)  # the longest varint; fewer near the end is fine
-        value, self.position = _varint(self.buffer, self.position)
+        value, self.position = avro_long(self.buffer, self.position)
         return value
 
 
@@ -194,9 +194,9 @@ class RowReader:
                 yield from self._decoded(parsed, block, count)
 
     def _cut(self, piece: bytes) -> EncodedRow:
-        time_us, position = _varint(piece, 0)
-        events, position = _varint(piece, position)
-        key_size, position = _varint(piece, position)
+        time_us, position = avro_long(piece, 0)
+        events, position = avro_long(piece, position)
+        key_size, position = avro_long(piece, position)
         key = piece[position : position + key_size]
         position += key_size
         if piece[position] == 2:  # batch present; the last byte is the reward's null

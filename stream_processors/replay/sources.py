@@ -17,16 +17,21 @@ or timestamps), each yielding :class:`ReplayMessage` in replay order.
 
 from __future__ import annotations
 
+import heapq
+import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from boltstream.infra.common.config import ConfigError, Settings
-from boltstream.infra.common.topics import read_to_end, reader_config
+from boltstream.infra.common.topics import reader_config
 from boltstream.schemas.codec import CodecError, codec, latest
-from boltstream.stream_processors.replay.avro_rows import RowReader, clickhouse_type, new_marker
+from boltstream.stream_processors.replay.avro_rows import RowReader, avro_long, clickhouse_type, new_marker
 
 _SPANS, _REWARDS = 0, 1  # order of the two inputs at equal times: spans first
+#: Messages a Kafka partition may hold in memory waiting for the merge; more and it is paused.
+PARTITION_BUFFER = 2000
 
 
 class ReplayError(RuntimeError):
@@ -169,16 +174,30 @@ class ArchiveSource:
 
 
 def _span_count(value: bytes) -> int:
-    # Bad input is replayed as it was (the experiment should meet it too); it counts as one event.
+    """Spans in a SpanBatch message, read from its first bytes (no decoding of the spans): the fields before
+    the spans array, then the array's first block count. Every writer of boltstream (fastavro) writes an
+    array as one block. Bad input is replayed as it was (the experiment should meet it too); it counts as
+    one event."""
     try:
-        return len(codec("SpanBatch").decode(value)["spans"])
-    except CodecError:
+        _writer, position = codec("SpanBatch").writer_schema(value)
+        for _ in range(2):  # rollout_id, producer_id: a length and the bytes
+            size, position = avro_long(value, position)
+            position += size
+        _sent_at, position = avro_long(value, position)  # sent_at_us
+        count, _ = avro_long(value, position)
+    except (CodecError, IndexError):
         return 1
+    return abs(count)
 
 
 class KafkaSource:
     """Messages of the source spans and rewards topics from given offsets or a time up to the end of the
-    topics when they are read (or ``until_us``), byte for byte, in Kafka-timestamp order."""
+    topics when they are read (or ``until_us``), byte for byte.
+
+    Order: a merge of the partitions by Kafka timestamp (ties: spans first, then partition, offset); each
+    partition keeps its own order. Memory is bounded whatever the range: a partition whose messages wait
+    for another's (the merge cannot decide yet) is paused after :data:`PARTITION_BUFFER` messages.
+    """
 
     def __init__(
         self,
@@ -194,71 +213,112 @@ class KafkaSource:
         self.since_us, self.until_us = since_us, until_us
         self.offsets = offsets or {}
         self.rollouts = {r.encode() for r in rollouts}
-        self._messages: list[ReplayMessage] | None = None
 
-    def count(self) -> tuple[int, int]:
-        messages = self._read()
-        spans = sum(m.events for m in messages if m.topic == "spans")
-        return spans, sum(1 for m in messages if m.topic == "rewards")
+    def count(self) -> None:
+        """Unknown before the topics are read (the events of a message are counted as it is sent)."""
+        return None
 
-    def messages(self) -> Iterator[ReplayMessage]:
-        yield from self._read()
-
-    def _read(self) -> list[ReplayMessage]:
-        if self._messages is not None:
-            return self._messages
-        from confluent_kafka import Consumer, TopicPartition
+    def _starts(self, consumer: Any) -> list[Any]:
+        from confluent_kafka import TopicPartition
 
         settings = self.settings
-        topics = {settings.topics.spans: ("spans", _SPANS), settings.topics.rewards: ("rewards", _REWARDS)}
+        topics = (settings.topics.spans, settings.topics.rewards)
         unknown = {topic for topic, _ in self.offsets} - set(topics)
         if unknown:
             raise ReplayError(f"--kafka-offset names {sorted(unknown)}; the source topics are {sorted(topics)}")
-        # The end of each partition is where the consumer reaches it (read_to_end).
-        consumer = Consumer(reader_config(settings, "replay", **{"auto.offset.reset": "latest"}))
+        starts = []
+        for topic in topics:
+            metadata = consumer.list_topics(topic, timeout=10).topics[topic]
+            if metadata.error is not None:
+                raise ReplayError(f"source topic {topic}: {metadata.error}")
+            for partition in sorted(metadata.partitions):
+                low, _ = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
+                if (topic, partition) in self.offsets:
+                    start = self.offsets[topic, partition]
+                elif self.since_us is not None:
+                    wanted = TopicPartition(topic, partition, self.since_us // 1000)
+                    start = consumer.offsets_for_times([wanted], timeout=10)[0].offset
+                    if start < 0:  # no message at or after that time
+                        continue
+                else:
+                    start = low
+                # An offset past the end resets to the end ("latest"), so the partition is done at once.
+                starts.append(TopicPartition(topic, partition, max(start, low)))
+        return starts
+
+    def _kept(self, message: Any) -> ReplayMessage | None:
+        time_us = message.timestamp()[1] * 1000
+        # Also checked here: offsets_for_times only finds where to start (and not on every broker).
+        if self.since_us is not None and time_us < self.since_us:
+            return None
+        if self.until_us is not None and time_us >= self.until_us:
+            return None
+        if self.rollouts and message.key() not in self.rollouts:
+            return None
+        spans = message.topic() == self.settings.topics.spans
+        events = _span_count(message.value()) if spans else 1
+        kept = tuple((k, v) for k, v in (message.headers() or []) if v is not None)
+        return ReplayMessage(time_us, "spans" if spans else "rewards", message.key(), message.value(), events, kept)
+
+    def messages(self) -> Iterator[ReplayMessage]:
+        from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+        # The end of each partition is where the consumer reaches it (partition EOF events).
+        consumer = Consumer(reader_config(self.settings, "replay", **{"auto.offset.reset": "latest"}))
         try:
-            starts = []
-            for topic in topics:
-                metadata = consumer.list_topics(topic, timeout=10).topics[topic]
-                if metadata.error is not None:
-                    raise ReplayError(f"source topic {topic}: {metadata.error}")
-                for partition in sorted(metadata.partitions):
-                    low, _ = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
-                    if (topic, partition) in self.offsets:
-                        start = self.offsets[topic, partition]
-                    elif self.since_us is not None:
-                        wanted = TopicPartition(topic, partition, self.since_us // 1000)
-                        start = consumer.offsets_for_times([wanted], timeout=10)[0].offset
-                        if start < 0:  # no message at or after that time
-                            continue
-                    else:
-                        start = low
-                    # An offset past the end resets to the end ("latest"), so the partition is done at once.
-                    starts.append(TopicPartition(topic, partition, max(start, low)))
-            messages = []
-            for message in self._read_to_end(consumer, starts):
-                time_us = message.timestamp()[1] * 1000
-                # Also checked here: offsets_for_times only finds where to start (and not on every broker).
-                if self.since_us is not None and time_us < self.since_us:
-                    continue
-                if self.until_us is not None and time_us >= self.until_us:
-                    continue
-                if self.rollouts and message.key() not in self.rollouts:
-                    continue
-                name, order = topics[message.topic()]
-                events = _span_count(message.value()) if order == _SPANS else 1
-                kept = tuple((k, v) for k, v in (message.headers() or []) if v is not None)
-                sort_key = (time_us, order, message.partition(), message.offset())
-                replayed = ReplayMessage(time_us, name, message.key(), message.value(), events, kept)
-                messages.append((sort_key, replayed))
+            starts = self._starts(consumer)
+            consumer.assign(starts)
+            queues: dict[tuple[str, int], deque[tuple[tuple[int, int, int, int], ReplayMessage]]] = {
+                (tp.topic, tp.partition): deque() for tp in starts
+            }
+            reading = set(queues)  # not at their end yet
+            starved = set(queues)  # reading, and nothing buffered: the merge must wait for them
+            paused: set[tuple[str, int]] = set()
+            heads: list[tuple[tuple[int, int, int, int], tuple[str, int]]] = []
+            answered = time.monotonic()
+            while True:
+                while heads and not starved:
+                    _, where = heapq.heappop(heads)
+                    queue = queues[where]
+                    yield queue.popleft()[1]
+                    if queue:
+                        heapq.heappush(heads, (queue[0][0], where))
+                    elif where in reading:
+                        starved.add(where)
+                    if where in paused and len(queue) <= PARTITION_BUFFER // 2:
+                        consumer.resume([TopicPartition(*where)])
+                        paused.discard(where)
+                if not reading:
+                    return
+                batch = consumer.consume(num_messages=1000, timeout=0.2)
+                if batch:
+                    answered = time.monotonic()
+                elif time.monotonic() - answered > self.idle_timeout:
+                    names = ", ".join(f"{topic}[{partition}]" for topic, partition in sorted(reading))
+                    raise ReplayError(f"no end of {names} after {self.idle_timeout:.0f} s (an offset past the end?)")
+                for message in batch:
+                    where = (message.topic(), message.partition())
+                    error = message.error()
+                    if error is not None:
+                        if error.code() == KafkaError._PARTITION_EOF:
+                            reading.discard(where)
+                            starved.discard(where)
+                        elif error.fatal():
+                            raise ReplayError(f"reading {message.topic()}: {error.str()}")
+                        continue
+                    reading.add(where)  # a message after an EOF: the partition grew
+                    replayed = self._kept(message)
+                    if replayed is None:
+                        continue
+                    order = _SPANS if replayed.topic == "spans" else _REWARDS
+                    key = (replayed.time_us, order, message.partition(), message.offset())
+                    queue = queues[where]
+                    if not queue:
+                        heapq.heappush(heads, (key, where))
+                        starved.discard(where)
+                    queue.append((key, replayed))
+                    if len(queue) >= PARTITION_BUFFER and where not in paused:
+                        consumer.pause([TopicPartition(*where)])
+                        paused.add(where)
         finally:
             consumer.close()
-        messages.sort(key=lambda item: item[0])
-        self._messages = [message for _, message in messages]
-        return self._messages
-
-    def _read_to_end(self, consumer: Any, starts: list[Any]) -> Iterator[Any]:
-        try:
-            yield from read_to_end(consumer, starts, idle_timeout=self.idle_timeout)
-        except TimeoutError as exc:
-            raise ReplayError(f"{exc} (an offset past the end?)") from None
