@@ -18,6 +18,9 @@ or timestamps), each yielding :class:`ReplayMessage` in replay order.
 from __future__ import annotations
 
 import heapq
+import io
+import queue
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -30,6 +33,10 @@ from boltstream.schemas.codec import CodecError, codec, latest
 from boltstream.stream_processors.replay.avro_rows import RowReader, avro_long, clickhouse_type, new_marker
 
 _SPANS, _REWARDS = 0, 1  # order of the two inputs at equal times: spans first
+#: Spans and rewards per page read from the archive (a page is one query, held whole by the read endpoint).
+PAGE_EVENTS = 200_000
+#: Buckets of the histogram that plans the pages (a page is at least one bucket wide).
+PLAN_BUCKETS = 10_000
 #: Messages a Kafka partition may hold in memory waiting for the merge; more and it is paused.
 PARTITION_BUFFER = 2000
 
@@ -116,44 +123,91 @@ def _span_expression() -> str:
 class ArchiveSource:
     """The archived spans and rewards of a :class:`Selection`, as messages in replay order.
 
-    One query reads them all, sorted and encoded by ClickHouse (:mod:`.avro_rows`), streamed block by
-    block: memory stays that of one block, whatever the selection's size.
+    Read in pages: consecutive windows of publication time holding about ``page_events`` spans and
+    rewards each, planned from a histogram of the selection, each one query sorted and Avro-encoded by
+    ClickHouse (:mod:`.avro_rows`). A thread fetches the next page while this one is sent, so the query
+    and the produce overlap; memory (here and in the read endpoint, which answers a query whole) is that
+    of a few pages, whatever the selection's size.
     """
 
-    def __init__(self, client: Any, selection: Selection, batch_spans: int = 500) -> None:
-        if batch_spans < 1:
-            raise ConfigError("batch_spans must be at least 1")
+    def __init__(
+        self, client: Any, selection: Selection, batch_spans: int = 500, page_events: int = PAGE_EVENTS
+    ) -> None:
+        if batch_spans < 1 or page_events < 1:
+            raise ConfigError("batch_spans and page_events must be at least 1")
         self.client, self.selection, self.batch_spans = client, selection, batch_spans
+        self.page_events = page_events
         self._selected, self._parameters = selection.rollouts_sql()
+
+    def _where(self) -> str:
+        """The condition on rows of the selected rollouts (none for the whole archive: no scan to find them)."""
+        return "1" if self.selection == Selection() else f"rollout_id IN ({self._selected})"
 
     def count(self) -> tuple[int, int]:
         """Spans and rewards selected."""
-        where = f"rollout_id IN ({self._selected})"
+        where = self._where()
         spans = self.client.command(f"SELECT count() FROM spans WHERE {where}", parameters=self._parameters)
         rewards = self.client.command(f"SELECT count() FROM rewards WHERE {where}", parameters=self._parameters)
         return int(spans), int(rewards)
 
-    def query(self, marker: bytes) -> str:
-        """Span batches and rewards in publication order (ties: spans first, then rollout id), one row each."""
+    def pages(self) -> list[tuple[int, int]]:
+        """Windows ``[start, end)`` of publication time that cover the selection, each holding about
+        ``page_events`` events (a span batch counts at its spans' time here, at its own in the page)."""
+        times = (
+            f"SELECT if(sent_at_us > 0, sent_at_us, end_time_us) AS t FROM spans WHERE {self._where()} "
+            f"UNION ALL SELECT timestamp_us FROM rewards WHERE {self._where()}"
+        )
+        events, first, last = self.client.query(
+            f"SELECT count(), min(t), max(t) FROM ({times})", parameters=self._parameters
+        ).result_rows[0]
+        if not events:
+            return []
+        width = -(-(last - first + 1) // PLAN_BUCKETS)
+        histogram = self.client.query(
+            f"SELECT intDiv(t - {first}, {width}) AS bucket, count() FROM ({times}) GROUP BY bucket ORDER BY bucket",
+            parameters=self._parameters,
+        ).result_rows
+        pages, start, filled = [], first, 0
+        for bucket, count in histogram:
+            if filled and filled + count > self.page_events:
+                pages.append((start, first + bucket * width))
+                start, filled = first + bucket * width, 0
+            filled += count
+        pages.append((start, last + 1))
+        return pages
+
+    def query(self, marker: bytes, start_us: int, end_us: int, paged: bool = False) -> str:
+        """Span batches and rewards published in ``[start_us, end_us)``, in publication order (ties: spans
+        first, then rollout id), one row each. ``paged``: the window is one of several."""
         batch_type = clickhouse_type(latest("SpanBatch").schema)
         reward_type = clickhouse_type(latest("Reward").schema)
         reward_fields = ", ".join(field["name"] for field in latest("Reward").schema["fields"])
-        selected = f"rollout_id IN ({self._selected})"
+        selected = spans_selected = self._where()
+        in_window = f"((sent_at_us >= {start_us} AND sent_at_us < {end_us}) OR sent_at_us = 0)"
+        if paged:
+            # The rollouts sent in the window first, from the store's two narrow columns: the rows read
+            # through FINAL are then a key range of those rollouts, not the whole selection once per page.
+            spans_selected += f" AND rollout_id IN (SELECT rollout_id FROM spans_store WHERE {in_window})"
+        # One group per original batch, its spans sorted, then cut into chunks of at most batch_spans.
+        chunks = f"arrayMap(i -> arraySlice(spans, i * {self.batch_spans} + 1, {self.batch_spans}), "
+        chunks += f"range(toUInt64(ceil(length(spans) / {self.batch_spans}))))"
         batches = (
-            "SELECT batch_time_us AS time_us, 0 AS input, rollout_id, producer_id, sent_at_us, chunk, '' AS reward_id, "
-            "toInt32(count()) AS events, CAST(tuple(rollout_id, producer_id, sent_at_us, "
-            "arraySort(span -> (span.sequence, span.event_id), groupArray(span))) AS "
-            f"Nullable({batch_type})) AS batch, CAST(NULL AS Nullable({reward_type})) AS reward "
-            "FROM (SELECT rollout_id, producer_id, sent_at_us, if(sent_at_us > 0, sent_at_us, "
-            "max(end_time_us) OVER (PARTITION BY rollout_id, producer_id, sent_at_us)) AS batch_time_us, "
-            "intDiv(row_number() OVER (PARTITION BY rollout_id, producer_id, sent_at_us ORDER BY sequence, event_id) "
-            f"- 1, {self.batch_spans}) AS chunk, {_span_expression()} AS span FROM spans WHERE {selected}) "
-            "GROUP BY rollout_id, producer_id, sent_at_us, batch_time_us, chunk"
+            "SELECT if(sent_at_us > 0, sent_at_us, last_end_us) AS time_us, 0 AS input, rollout_id, producer_id, "
+            "sent_at_us, chunk, '' AS reward_id, toInt32(length(chunk_spans)) AS events, "
+            f"CAST(tuple(rollout_id, producer_id, sent_at_us, chunk_spans) AS Nullable({batch_type})) AS batch, "
+            f"CAST(NULL AS Nullable({reward_type})) AS reward "
+            "FROM (SELECT rollout_id, producer_id, sent_at_us, max(end_time_us) AS last_end_us, "
+            f"arraySort(span -> (span.sequence, span.event_id), groupArray({_span_expression()})) AS spans "
+            f"FROM spans WHERE {spans_selected} AND {in_window} "
+            "GROUP BY rollout_id, producer_id, sent_at_us "
+            f"HAVING if(sent_at_us > 0, sent_at_us, last_end_us) >= {start_us} "
+            f"AND if(sent_at_us > 0, sent_at_us, last_end_us) < {end_us}) "
+            f"ARRAY JOIN {chunks} AS chunk_spans, arrayEnumerate({chunks}) AS chunk"
         )
         rewards = (
             "SELECT timestamp_us, 1, rollout_id, '', 0, 0, event_id, toInt32(1), "
             f"CAST(NULL AS Nullable({batch_type})), CAST(tuple({reward_fields}) AS Nullable({reward_type})) "
-            f"FROM rewards WHERE {selected}"
+            f"FROM rewards WHERE {selected} AND timestamp_us >= {start_us} AND timestamp_us < {end_us}"
         )
         return (
             f"SELECT toFixedString(unhex('{marker.hex()}'), {len(marker)}) AS marker, time_us, events, rollout_id, "
@@ -162,15 +216,43 @@ class ArchiveSource:
         )
 
     def messages(self) -> Iterator[ReplayMessage]:
-        """Span batches and rewards merged by publication time (ties: spans first, then rollout id)."""
+        """Span batches and rewards in publication order (ties: spans first, then rollout id)."""
         marker = new_marker()
         reader = RowReader(marker)
-        stream = self.client.raw_stream(self.query(marker), parameters=self._parameters, fmt="Avro")
+        fetched: queue.Queue[bytes | Exception | None] = queue.Queue(maxsize=1)
+        stopping = threading.Event()
+
+        def offer(item: bytes | Exception | None) -> None:
+            while not stopping.is_set():
+                try:
+                    fetched.put(item, timeout=0.2)
+                    return
+                except queue.Full:
+                    continue
+
+        def fetch() -> None:
+            try:
+                pages = self.pages()
+                for start_us, end_us in pages:
+                    if stopping.is_set():
+                        return
+                    sql = self.query(marker, start_us, end_us, paged=len(pages) > 1)
+                    offer(self.client.raw_query(sql, parameters=self._parameters, fmt="Avro"))
+                offer(None)
+            except Exception as exc:  # raised where the messages are read
+                offer(exc)
+
+        fetcher = threading.Thread(target=fetch, name="replay-archive-pages", daemon=True)
+        fetcher.start()
         try:
-            for row in reader.rows(stream):
-                yield ReplayMessage(row.time_us, row.topic, row.key, row.value, row.events)
+            while (page := fetched.get()) is not None:
+                if isinstance(page, Exception):
+                    raise page
+                for row in reader.rows(io.BytesIO(page)):
+                    yield ReplayMessage(row.time_us, row.topic, row.key, row.value, row.events)
         finally:
-            stream.close()
+            stopping.set()
+            fetcher.join()
 
 
 def _span_count(value: bytes) -> int:
