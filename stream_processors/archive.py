@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import logging
 import os
 import re
@@ -41,7 +42,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from typing import Any
 from urllib.parse import urlsplit
@@ -81,6 +82,8 @@ INSERT_SETTINGS = {"optimize_on_insert": 0}
 #: Waits before retrying an insert that failed for a transport reason (a server restarting); after
 #: the last one the worker stops without committing, so a restart resumes where it was.
 INSERT_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0)
+#: Milliseconds between the consumer's looks for new topics (an experiment's outputs, by pattern).
+EXPERIMENT_DISCOVERY_MS = 5000
 #: Seconds between the worker's progress lines in the log.
 PROGRESS_INTERVAL = 10.0
 
@@ -165,10 +168,16 @@ class AvroContainer:
 
 @dataclass(frozen=True)
 class Table:
-    """Where one topic's records go: the record type and the ClickHouse table family."""
+    """Where one topic's records go: the record type and the ClickHouse table family. An experiment's
+    outputs (``experiment`` set) go to ``experiment_<name>``, each row with the experiment's name in front."""
 
     record: str
     name: str
+    experiment: str = ""
+
+    @property
+    def target(self) -> str:
+        return f"experiment_{self.name}" if self.experiment else self.name
 
 
 @dataclass
@@ -200,10 +209,15 @@ class Archiver:
             )
         return self._codecs[record]
 
-    def _container(self, record: str) -> AvroContainer:
-        if record not in self._containers:
-            self._containers[record] = AvroContainer(latest(record).json)
-        return self._containers[record]
+    def _container(self, table: Table) -> AvroContainer:
+        key = f"experiment:{table.record}" if table.experiment else table.record
+        if key not in self._containers:
+            schema = latest(table.record).schema
+            if table.experiment:  # an Avro record is its fields in order: the name's string, then the body
+                fields = [{"name": "experiment", "type": "string"}, *schema["fields"]]
+                schema = {**schema, "name": f"Experiment{table.record}", "fields": fields}
+            self._containers[key] = AvroContainer(json.dumps(schema))
+        return self._containers[key]
 
     def body(self, record: str, value: bytes) -> bytes:
         """The Avro body of ``value`` under the newest ``record`` schema; CodecError if it has none."""
@@ -220,9 +234,10 @@ class Archiver:
         """Insert the messages' records into ``table``; return those that could not be archived."""
         rejected: list[Rejected] = []
         bodies: list[tuple[Any, bytes, bytes]] = []
+        prefix = _bytes(table.experiment.encode()) if table.experiment else b""
         for item, value in messages:
             try:
-                bodies.append((item, value, self.body(table.record, value)))
+                bodies.append((item, value, prefix + self.body(table.record, value)))
             except CodecError as exc:
                 rejected.append(Rejected(item, str(exc), "decode_error"))
         self._insert_or_isolate(table, bodies, rejected)
@@ -231,10 +246,10 @@ class Archiver:
     def _insert(self, table: Table, bodies: list[bytes]) -> None:
         from clickhouse_connect.driver.exceptions import OperationalError
 
-        data = self._container(table.record).file(bodies)
+        data = self._container(table).file(bodies)
         for delay in (*INSERT_RETRY_DELAYS, None):
             try:
-                self.client.raw_insert(f"{table.name}_ingest", None, data, settings=INSERT_SETTINGS, fmt="Avro")
+                self.client.raw_insert(f"{table.target}_ingest", None, data, settings=INSERT_SETTINGS, fmt="Avro")
                 return
             except OperationalError as exc:  # the server is unreachable or went away: not the data's fault
                 if delay is None or is_data_error(exc):
@@ -287,7 +302,19 @@ def topic_tables(settings: Settings) -> dict[str, Table]:
         topics.samples: Table("TrainingSample", "samples"),
         topics.dlq: Table("DeadLetter", "dead_letters"),
         topics.canary_decisions: Table("CanaryDecision", "canary_decisions"),
+        topics.experiments: Table("Experiment", "experiments"),
     }
+
+
+def experiment_outputs(settings: Settings) -> dict[str, Table]:
+    """Subscription patterns of the experiments' outputs (``replay.<name>.<trajectories or samples topic>``,
+    see :mod:`boltstream.stream_processors.replay`) and their tables, the experiment's name left empty."""
+    topics = settings.topics
+    outputs = {
+        topics.trajectories: Table("Trajectory", "trajectories"),
+        topics.samples: Table("TrainingSample", "samples"),
+    }
+    return {rf"^replay\.[A-Za-z0-9_-]+\.{re.escape(topic)}$": table for topic, table in outputs.items()}
 
 
 def dead_letter(message: Message, reason: str, error_type: str) -> dict[str, Any]:
@@ -309,6 +336,7 @@ class ArchiveWorker:
     def __init__(self, settings: Settings, client: Any) -> None:
         self.settings = settings
         self.tables = topic_tables(settings)
+        self.experiment_tables = experiment_outputs(settings)
         self.archiver = Archiver(client, registry_url=settings.kafka.schema_registry_url)
         kafka = settings.kafka
         self.consumer = Consumer(
@@ -319,6 +347,8 @@ class ArchiveWorker:
                     "auto.offset.reset": "earliest",
                     "session.timeout.ms": kafka.session_timeout_ms,
                     "heartbeat.interval.ms": min(1000, kafka.session_timeout_ms // 3),
+                    # How soon a new experiment's output topics are found (they match a pattern).
+                    "topic.metadata.refresh.interval.ms": EXPERIMENT_DISCOVERY_MS,
                 }
             )
         )
@@ -328,7 +358,7 @@ class ArchiveWorker:
 
     def run(self) -> None:
         """Archive until :attr:`stopping` is set; commit each batch after it is durable."""
-        self.consumer.subscribe(list(self.tables))
+        self.consumer.subscribe([*self.tables, *self.experiment_tables])
         stream = self.settings.stream
         progress, since = BatchStats(), time.monotonic()
         try:
@@ -352,7 +382,7 @@ class ArchiveWorker:
 
     def process(self, messages: list[Message]) -> BatchStats:
         """Archive one batch: insert, dead-letter the rejects, then commit its offsets."""
-        by_table: dict[str, tuple[Table, list[tuple[Message, bytes]]]] = {}
+        by_table: dict[Table, list[tuple[Message, bytes]]] = {}
         rejected: list[Rejected] = []
         ends: dict[tuple[str, int], int] = {}
         for message in messages:
@@ -364,13 +394,13 @@ class ArchiveWorker:
                     log.warning("consumer error: %s", error)
                 continue
             ends[(message.topic(), message.partition())] = message.offset() + 1
-            table = self.tables[message.topic()]
+            table = self.table_of(message.topic())
             value = message.value()
             if not value:
                 rejected.append(Rejected(message, "empty message value (tombstone?)", "decode_error"))
                 continue
-            by_table.setdefault(table.name, (table, []))[1].append((message, value))
-        for table, items in by_table.values():
+            by_table.setdefault(table, []).append((message, value))
+        for table, items in by_table.items():
             rejected.extend(self.archiver.write(table, items))
         for reject in rejected:
             self._send_dead_letter(reject)
@@ -386,6 +416,15 @@ class ArchiveWorker:
                 # A rebalance took the partitions: their new owner re-archives them, idempotently.
                 log.warning("commit failed (%s); the batch will be redelivered", exc)
         return BatchStats(messages=len(messages), dead_letters=len(rejected))
+
+    def table_of(self, topic: str) -> Table:
+        """Where a message of ``topic`` goes: an archived topic's table, or an experiment output's."""
+        if topic in self.tables:
+            return self.tables[topic]
+        for pattern, table in self.experiment_tables.items():
+            if re.match(pattern, topic):
+                return replace(table, experiment=topic.split(".")[1])
+        raise KeyError(f"{topic} is not an archived topic")
 
     def _send_dead_letter(self, reject: Rejected) -> None:
         message: Message = reject.item

@@ -172,6 +172,8 @@ class TopicConfig(_Checked):
     served_versions: str = "boltstream.served-versions.v1"
     #: Canary decisions (start, promote, rollback of a candidate version), keyed by model; every one is kept.
     canary_decisions: str = "boltstream.canary-decisions.v1"
+    #: Experiment records (one per ``boltstream replay``: window, filters, overrides, counts), keyed by name.
+    experiments: str = "boltstream.experiments.v1"
     #: Partitions of the keyed event topics (spans, rewards, trajectories, samples, dlq, canary-decisions). They bound
     #: how many workers of one consumer group share the load; spans and rewards must be equal
     #: (co-partitioned for the join).
@@ -188,6 +190,7 @@ class TopicConfig(_Checked):
     def all(self) -> dict[str, int]:
         """Every topic with its partition count."""
         event = (self.spans, self.rewards, self.trajectories, self.samples, self.dlq, self.canary_decisions)
+        event += (self.experiments,)
         return {**{t: self.partitions for t in event}, **{t: self.control_partitions for t in self.compacted()}}
 
 
@@ -788,6 +791,12 @@ def load_settings(
     if overrides:
         settings = _apply_source(settings, overrides, "overrides")
     return _fill_from_stack(settings)
+
+
+def with_values(settings: Settings, values: dict[str, Any], source: str) -> Settings:
+    """``settings`` with ``values`` (a table per section, as in the config file) coerced in, checked like
+    the config file; an error names ``source``."""
+    return _apply_source(settings, values, source)
 
 
 # -- writing ---------------------------------------------------------------------------------
