@@ -9,8 +9,10 @@ out is ``Trajectory.duplicate_count``, since the archive keeps each event once).
 
 from __future__ import annotations
 
+import io
 import os
 import time
+import tracemalloc
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -34,6 +36,7 @@ from boltstream.stream_processors.replay import (
     replay,
     replay_settings,
 )
+from boltstream.stream_processors.replay.avro_rows import RowReader, new_marker
 from boltstream.stream_processors.replay.report import experiment_report
 from tests.conftest import ArchiveProcess
 from tests.join_harness import Collector, JoinProcess, join_settings
@@ -397,3 +400,61 @@ def test_an_experiment_is_recorded_and_its_report_matches_sql(recorded, monkeypa
     assert main(["replay", "--name", "bad-set", "--set", "topics.spans=x"]) == 2
     assert main(["replay", "--name", "bad-set", "--set", "stream.no_such_field=1"]) == 2
     assert main(["replay", "--name", "bad-set", "--set", "stream.reward_timeout=soon"]) == 2
+
+
+def test_rows_are_decoded_by_fastavro_when_the_marker_does_not_cut_them(recorded) -> None:
+    reader = recorded["reader"]
+    source = ArchiveSource(reader, Selection())
+    ((start, end),) = source.pages()
+    marker = new_marker()
+    output = reader.raw_query(source.query(marker, start, end), fmt="Avro")
+    fast, slow = RowReader(marker), RowReader(new_marker())  # another marker: no block splits right
+    cut, decoded = list(fast.rows(io.BytesIO(output))), list(slow.rows(io.BytesIO(output)))
+    assert fast.decoded_blocks == 0 and slow.decoded_blocks > 0
+    assert cut == decoded
+    assert [(m.time_us, m.value) for m in source.messages()] == [(row.time_us, row.value) for row in cut]
+
+
+def test_pages_keep_the_order_and_the_pacing(recorded) -> None:
+    settings, reader = recorded["settings"], recorded["reader"]
+    whole = list(ArchiveSource(reader, Selection()).messages())
+    paged = ArchiveSource(reader, Selection(), page_events=100)
+    assert len(paged.pages()) > 5
+    assert list(paged.messages()) == whole
+
+    selection, speed = Selection(agents=("code-agent",)), 20.0
+    chosen = list(ArchiveSource(reader, selection).messages())
+    original_seconds = (chosen[-1].time_us - chosen[0].time_us) / 1e6
+    assert original_seconds > 2
+    result = replay(settings, "paced", ArchiveSource(reader, selection, page_events=100), speed=speed, progress=False)
+    assert result.messages == len(chosen)
+    assert result.seconds >= original_seconds / speed * 0.95
+
+
+def _peak_while_reading(messages: Iterator[Any]) -> tuple[int, int]:
+    """Messages read and the peak of Python allocations while reading them (none kept)."""
+    tracemalloc.start()
+    try:
+        count = sum(1 for _ in messages)
+        return count, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_memory_does_not_grow_with_the_window(recorded) -> None:
+    settings, reader = recorded["settings"], recorded["reader"]
+    everything = list(ArchiveSource(reader, Selection()).messages())
+    first, tenth = everything[0].time_us, everything[len(everything) // 10].time_us
+    small_count, small = _peak_while_reading(
+        ArchiveSource(reader, Selection(since_us=first, until_us=tenth), page_events=200).messages()
+    )
+    large_count, large = _peak_while_reading(ArchiveSource(reader, Selection(), page_events=200).messages())
+    assert large_count > 3 * small_count, (small_count, large_count)
+    assert large < 2 * small, (small, large)
+
+    kafka = list(KafkaSource(settings).messages())
+    tenth = kafka[len(kafka) // 10].time_us
+    small_count, small = _peak_while_reading(KafkaSource(settings, until_us=tenth, partition_buffer=20).messages())
+    large_count, large = _peak_while_reading(KafkaSource(settings, partition_buffer=20).messages())
+    assert large_count > 3 * small_count, (small_count, large_count)
+    assert large < 2 * small, (small, large)

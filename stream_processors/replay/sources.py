@@ -278,7 +278,7 @@ class KafkaSource:
 
     Order: a merge of the partitions by Kafka timestamp (ties: spans first, then partition, offset); each
     partition keeps its own order. Memory is bounded whatever the range: a partition whose messages wait
-    for another's (the merge cannot decide yet) is paused after :data:`PARTITION_BUFFER` messages.
+    for another's (the merge cannot decide yet) is paused after ``partition_buffer`` messages.
     """
 
     def __init__(
@@ -290,8 +290,9 @@ class KafkaSource:
         offsets: dict[tuple[str, int], int] | None = None,
         rollouts: tuple[str, ...] = (),
         idle_timeout: float = 15.0,
+        partition_buffer: int = PARTITION_BUFFER,
     ) -> None:
-        self.settings, self.idle_timeout = settings, idle_timeout
+        self.settings, self.idle_timeout, self.partition_buffer = settings, idle_timeout, partition_buffer
         self.since_us, self.until_us = since_us, until_us
         self.offsets = offsets or {}
         self.rollouts = {r.encode() for r in rollouts}
@@ -367,7 +368,7 @@ class KafkaSource:
                         heapq.heappush(heads, (queue[0][0], where))
                     elif where in reading:
                         starved.add(where)
-                    if where in paused and len(queue) <= PARTITION_BUFFER // 2:
+                    if where in paused and len(queue) <= self.partition_buffer // 2:
                         consumer.resume([TopicPartition(*where)])
                         paused.discard(where)
                 if not reading:
@@ -399,7 +400,7 @@ class KafkaSource:
                         heapq.heappush(heads, (key, where))
                         starved.discard(where)
                     queue.append((key, replayed))
-                    if len(queue) >= PARTITION_BUFFER and where not in paused:
+                    if len(queue) >= self.partition_buffer and where not in paused:
                         consumer.pause([TopicPartition(*where)])
                         paused.add(where)
         finally:
