@@ -162,6 +162,8 @@ class ArchiveSource:
         ).result_rows[0]
         if not events:
             return []
+        if events <= self.page_events:
+            return [(first, last + 1)]  # one page: no histogram to plan it
         width = -(-(last - first + 1) // PLAN_BUCKETS)
         histogram = self.client.query(
             f"SELECT intDiv(t - {first}, {width}) AS bucket, count() FROM ({times}) GROUP BY bucket ORDER BY bucket",
