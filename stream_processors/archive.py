@@ -3,7 +3,8 @@
 It owns the DDL (``schemas/clickhouse/*.sql``, applied at start), the consumer group
 ``clickhouse.archive_group`` on the spans, rewards, trajectories, samples and dlq topics, and — with the
 embedded store — the chDB data directory, whose reads it serves over loopback
-(:mod:`boltstream.stream_processors.read_endpoint`).
+(:mod:`boltstream.stream_processors.read_endpoint`). It also archives the experiments (their records, and by
+topic pattern the trajectories and samples of every ``replay.<name>.*`` set, with the name in front).
 
 How a batch is written. ClickHouse decodes the Avro itself: a single-object encoded message is the
 10-byte header plus the Avro body of one record, so the worker strips the header and hands the bodies
