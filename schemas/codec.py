@@ -48,6 +48,7 @@ RECORDS = (
     "ServedVersion",
     "CanaryDecision",
     "RolloutTask",
+    "Experiment",
 )
 
 

@@ -115,7 +115,8 @@ def report_parameters(client: Any, name: str) -> list[str]:
 
 
 def report_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("name", nargs="?", help="report name (see --list)")
+    parser.add_argument("name", nargs="?", help="report name (see --list), or 'experiment'")
+    parser.add_argument("experiment", nargs="?", help="with `report experiment`: the experiment (its replay's --name)")
     parser.add_argument("--list", action="store_true", help="list the named reports")
     parser.add_argument("--format", choices=FORMATS, default="table", help="output format (default: table)")
     parser.add_argument(
@@ -212,6 +213,13 @@ def plot_report(name: str, comment: str, columns: list[str], rows: list[tuple], 
 def report_command(args: argparse.Namespace, settings: Settings) -> int:
     from clickhouse_connect.driver.exceptions import ClickHouseError
 
+    if args.name == "experiment":
+        from boltstream.stream_processors.replay.report import experiment_command
+
+        return experiment_command(args, settings)
+    if args.experiment:
+        print(f"boltstream report: {args.experiment!r} follows only `report experiment`", file=sys.stderr)
+        return 2
     if not args.list and not args.name:
         print("boltstream report: name a report or use --list", file=sys.stderr)
         return 2

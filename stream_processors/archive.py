@@ -3,7 +3,8 @@
 It owns the DDL (``schemas/clickhouse/*.sql``, applied at start), the consumer group
 ``clickhouse.archive_group`` on the spans, rewards, trajectories, samples and dlq topics, and — with the
 embedded store — the chDB data directory, whose reads it serves over loopback
-(:mod:`boltstream.stream_processors.read_endpoint`).
+(:mod:`boltstream.stream_processors.read_endpoint`). It also archives the experiments (their records, and by
+topic pattern the trajectories and samples of every ``replay.<name>.*`` set, with the name in front).
 
 How a batch is written. ClickHouse decodes the Avro itself: a single-object encoded message is the
 10-byte header plus the Avro body of one record, so the worker strips the header and hands the bodies
@@ -56,7 +57,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,8 @@ INSERT_SETTINGS = {"optimize_on_insert": 0}
 #: First wait before trying again an insert the server could not take; it doubles up to
 #: ``clickhouse.retry_max_wait``.
 FIRST_RETRY_WAIT = 0.5
+#: Milliseconds between the consumer's looks for new topics (an experiment's outputs, by pattern).
+EXPERIMENT_DISCOVERY_MS = 5000
 #: Seconds between the worker's progress lines in the log (and updates of its state file).
 PROGRESS_INTERVAL = 10.0
 
@@ -234,10 +237,16 @@ class AvroContainer:
 
 @dataclass(frozen=True)
 class Table:
-    """Where one topic's records go: the record type and the ClickHouse table family."""
+    """Where one topic's records go: the record type and the ClickHouse table family. An experiment's
+    outputs (``experiment`` set) go to ``experiment_<name>``, each row with the experiment's name in front."""
 
     record: str
     name: str
+    experiment: str = ""
+
+    @property
+    def target(self) -> str:
+        return f"experiment_{self.name}" if self.experiment else self.name
 
 
 @dataclass
@@ -333,10 +342,15 @@ class Archiver:
             )
         return self._codecs[record]
 
-    def _container(self, record: str) -> AvroContainer:
-        if record not in self._containers:
-            self._containers[record] = AvroContainer(latest(record).json)
-        return self._containers[record]
+    def _container(self, table: Table) -> AvroContainer:
+        key = f"experiment:{table.record}" if table.experiment else table.record
+        if key not in self._containers:
+            schema = latest(table.record).schema
+            if table.experiment:  # an Avro record is its fields in order: the name's string, then the body
+                fields = [{"name": "experiment", "type": "string"}, *schema["fields"]]
+                schema = {**schema, "name": f"Experiment{table.record}", "fields": fields}
+            self._containers[key] = AvroContainer(json.dumps(schema))
+        return self._containers[key]
 
     def body(self, record: str, value: bytes) -> bytes:
         """The Avro body of ``value`` under the newest ``record`` schema; CodecError if it has none."""
@@ -353,9 +367,10 @@ class Archiver:
         """Insert the messages' records into ``table``; return those that could not be archived."""
         rejected: list[Rejected] = []
         bodies: list[tuple[Any, bytes, bytes]] = []
+        prefix = _bytes(table.experiment.encode()) if table.experiment else b""
         for item, value in messages:
             try:
-                bodies.append((item, value, self.body(table.record, value)))
+                bodies.append((item, value, prefix + self.body(table.record, value)))
             except CodecError as exc:
                 rejected.append(Rejected(item, str(exc), "decode_error"))
         self._insert_or_isolate(table, bodies, rejected)
@@ -365,10 +380,10 @@ class Archiver:
         """Insert ``bodies``; wait and try again while the server cannot take them; raise a data error."""
         from clickhouse_connect.driver.exceptions import Error
 
-        data = self._container(table.record).file(bodies)
+        data = self._container(table).file(bodies)
         while True:
             try:
-                self.client.raw_insert(f"{table.name}_ingest", None, data, settings=self._settings, fmt="Avro")
+                self.client.raw_insert(f"{table.target}_ingest", None, data, settings=self._settings, fmt="Avro")
             except (Error, OSError) as exc:
                 if classify(exc, len(bodies)) != SERVER:
                     raise
@@ -427,6 +442,7 @@ def topic_tables(settings: Settings) -> dict[str, Table]:
         topics.samples: Table("TrainingSample", "samples"),
         topics.dlq: Table("DeadLetter", "dead_letters"),
         topics.canary_decisions: Table("CanaryDecision", "canary_decisions"),
+        topics.experiments: Table("Experiment", "experiments"),
     }
 
 
@@ -445,6 +461,17 @@ def fitting_dead_letter(message: Message, reject: Rejected, max_message_bytes: i
         error_type=reject.error_type,
     )
     return fit_dead_letter(record, max_message_bytes)
+
+
+def experiment_outputs(settings: Settings) -> dict[str, Table]:
+    """Subscription patterns of the experiments' outputs (``replay.<name>.<trajectories or samples topic>``,
+    see :mod:`boltstream.stream_processors.replay`) and their tables, the experiment's name left empty."""
+    topics = settings.topics
+    outputs = {
+        topics.trajectories: Table("Trajectory", "trajectories"),
+        topics.samples: Table("TrainingSample", "samples"),
+    }
+    return {rf"^replay\.[A-Za-z0-9_-]+\.{re.escape(topic)}$": table for topic, table in outputs.items()}
 
 
 @dataclass
@@ -540,6 +567,7 @@ class ArchiveWorker:
     def __init__(self, settings: Settings, client: Any) -> None:
         self.settings = settings
         self.tables = topic_tables(settings)
+        self.experiment_tables = experiment_outputs(settings)
         kafka = settings.kafka
         self.stopping = threading.Event()
         self.state = StateFile(settings.home)
@@ -563,6 +591,8 @@ class ArchiveWorker:
                     "auto.offset.reset": "earliest",
                     "session.timeout.ms": kafka.session_timeout_ms,
                     "heartbeat.interval.ms": min(1000, kafka.session_timeout_ms // 3),
+                    # How soon a new experiment's output topics are found (they match a pattern).
+                    "topic.metadata.refresh.interval.ms": EXPERIMENT_DISCOVERY_MS,
                 }
             )
         )
@@ -574,7 +604,7 @@ class ArchiveWorker:
 
     def run(self) -> None:
         """Archive until :attr:`stopping` is set; commit each batch after it is durable."""
-        self.consumer.subscribe(list(self.tables))
+        self.consumer.subscribe([*self.tables, *self.experiment_tables])
         stream = self.settings.stream
         progress, since = BatchStats(), time.monotonic()
         self.state.prune()
@@ -625,7 +655,7 @@ class ArchiveWorker:
 
     def process(self, messages: list[Message]) -> BatchStats:
         """Archive one batch: insert, dead-letter the rejects, then commit its offsets."""
-        by_table: dict[str, tuple[Table, list[tuple[Message, bytes]]]] = {}
+        by_table: dict[Table, list[tuple[Message, bytes]]] = {}
         rejected: list[Rejected] = []
         ends: dict[tuple[str, int], int] = {}
         limit = self.settings.kafka.max_message_bytes
@@ -638,7 +668,7 @@ class ArchiveWorker:
                     log.warning("consumer error: %s", error)
                 continue
             ends[(message.topic(), message.partition())] = message.offset() + 1
-            table = self.tables[message.topic()]
+            table = self.table_of(message.topic())
             value = message.value()
             if not value:
                 rejected.append(Rejected(message, "empty message value (tombstone?)", "decode_error"))
@@ -648,8 +678,8 @@ class ArchiveWorker:
                 reason = f"message of {size:,} bytes is larger than kafka.max_message_bytes ({limit:,}); value not kept"
                 rejected.append(Rejected(message, reason, "too_large", keep_value=False))
                 continue
-            by_table.setdefault(table.name, (table, []))[1].append((message, value))
-        for table, items in by_table.values():
+            by_table.setdefault(table, []).append((message, value))
+        for table, items in by_table.items():
             rejected.extend(self.archiver.write(table, items))
         if rejected:
             self._deliver_dead_letters(rejected)
@@ -694,6 +724,15 @@ class ArchiveWorker:
                 self.backoff.wait(f"the broker refused {len(refused)} dead letters: {refused[0][2].str()}")
             pending = [(key, value) for key, value, _ in refused]
         self.backoff.resume()
+
+    def table_of(self, topic: str) -> Table:
+        """Where a message of ``topic`` goes: an archived topic's table, or an experiment output's."""
+        if topic in self.tables:
+            return self.tables[topic]
+        for pattern, table in self.experiment_tables.items():
+            if re.match(pattern, topic):
+                return replace(table, experiment=topic.split(".")[1])
+        raise KeyError(f"{topic} is not an archived topic")
 
 
 # -- the CLI command ---------------------------------------------------------------------------------

@@ -9,8 +9,10 @@ out is ``Trajectory.duplicate_count``, since the archive keeps each event once).
 
 from __future__ import annotations
 
+import io
 import os
 import time
+import tracemalloc
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -34,6 +36,8 @@ from boltstream.stream_processors.replay import (
     replay,
     replay_settings,
 )
+from boltstream.stream_processors.replay.avro_rows import RowReader, new_marker
+from boltstream.stream_processors.replay.report import experiment_report
 from tests.conftest import ArchiveProcess
 from tests.join_harness import Collector, JoinProcess, join_settings
 from tests.test_archive import wait_for
@@ -320,3 +324,137 @@ def test_replay_command_paces_selects_and_writes_the_experiment_config(recorded,
     assert main(["replay", "--name", "badsql", "--where", "no_such_column = 1", "--quiet"]) == 1
     err = capsys.readouterr().err
     assert "--speed must be positive" in err and "no_such_column" in err
+
+
+def test_an_experiment_is_recorded_and_its_report_matches_sql(recorded, monkeypatch, tmp_path, capsys) -> None:
+    settings, traffic, reader = recorded["settings"], recorded["traffic"], recorded["reader"]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BOLTSTREAM_HOME", str(tmp_path))
+    monkeypatch.setenv("BOLTSTREAM_KAFKA__BOOTSTRAP_SERVERS", settings.kafka.bootstrap_servers)
+    monkeypatch.setenv("BOLTSTREAM_CLICKHOUSE__READ_URL", recorded["archive"].read_url)
+    for name in ("spans", "rewards", "trajectories", "samples", "dlq"):
+        monkeypatch.setenv(f"BOLTSTREAM_TOPICS__{name.upper()}", getattr(settings.topics, name))
+    # The configuration the original traffic was joined with.
+    monkeypatch.setenv("BOLTSTREAM_STREAM__REWARD_TIMEOUT", str(settings.stream.reward_timeout))
+    shorter = 0.5
+    command = ["replay", "--name", "exp-short", "--speed", "max", "--quiet"]
+    assert main([*command, "--set", f"stream.reward_timeout={shorter}"]) == 0
+    out = capsys.readouterr().out
+    assert f"stream.reward_timeout = {shorter} (was {settings.stream.reward_timeout})" in out
+    assert "boltstream report experiment exp-short" in out
+    experiment = load_settings(tmp_path / "replays" / "exp-short.toml", environ={})
+    assert experiment.stream.reward_timeout == shorter
+
+    predicted = predicted_statuses(traffic, shorter)
+    samples = sum(len(traffic.expected[r].calls) for r, status in predicted.items() if status == "complete")
+    join_outputs(experiment, len(traffic.expected), samples)
+    # The archive finds the experiment's output topics by pattern and stores them with its name.
+    wait_for(
+        lambda: (
+            reader.command("SELECT count() FROM experiment_trajectories WHERE experiment = 'exp-short'")
+            == len(traffic.expected)
+        ),
+        90,
+        "the experiment's trajectories archived",
+    )
+    wait_for(
+        lambda: reader.command("SELECT count() FROM experiment_samples WHERE experiment = 'exp-short'") == samples,
+        30,
+        "the experiment's samples archived",
+    )
+
+    wait_for(lambda: reader.command("SELECT count() FROM trajectories") == len(traffic.expected), 30, "trajectories")
+    wait_for(lambda: reader.command("SELECT count() FROM experiments WHERE name = 'exp-short'") == 1, 30, "record")
+    report = experiment_report(reader, settings, "exp-short", trainer_wait=3.0)
+    assert report.record["overrides"] == {"stream.reward_timeout": str(shorter)}
+    assert report.record["spans"] == traffic.span_count
+    for side, trajectories, samples_table in (
+        (report.original, "trajectories", "samples"),
+        (report.experiment, "experiment_trajectories WHERE experiment = 'exp-short'", None),
+    ):
+        where = " WHERE " if "WHERE" not in trajectories else " AND "
+        direct = dict(reader.query(f"SELECT toString(status), count() FROM {trajectories} GROUP BY status").result_rows)
+        assert {s: c for s, c in side.statuses.items() if c} == direct
+        assert side.trajectories == reader.command(f"SELECT count() FROM {trajectories}")
+        rewarded = reader.command(f"SELECT count() FROM {trajectories}{where}final_reward IS NOT NULL")
+        assert sum(side.rewards.values()) == rewarded
+        if samples_table:
+            assert side.samples == reader.command(f"SELECT count() FROM {samples_table}")
+    assert report.experiment.samples == samples
+    assert report.experiment.statuses == {s: Counter(predicted.values())[s] for s in report.experiment.statuses}
+    before = {t["rollout_id"]: t["status"] for t in recorded["trajectories"].values()}
+    became = Counter((before[r], status) for r, status in predicted.items() if before[r] != status)
+    assert {k: c for k, c in report.transitions.items() if k[0] != k[1]} == dict(became)
+    assert became[("complete", "timed_out")] > 20
+    assert report.trainer_versions == []  # no trainer ran on it
+
+    assert main(["report", "experiment", "exp-short", "--plot", "--output", str(tmp_path / "plots")]) == 0
+    shown = capsys.readouterr()
+    assert "reward_timeout" in shown.out and "original window vs experiment" in shown.out
+    timed_out = report.experiment.statuses["timed_out"]
+    assert f"│ {timed_out}" in shown.out or f" {timed_out} " in shown.out
+    assert (tmp_path / "plots" / "experiment_exp-short.png").stat().st_size > 10_000
+    assert "rollouts by status" in (tmp_path / "plots" / "experiment_exp-short.html").read_text()
+    assert main(["report", "experiment", "never-ran"]) == 1
+    assert "no experiment 'never-ran'" in capsys.readouterr().err
+    assert main(["replay", "--name", "bad-set", "--set", "topics.spans=x"]) == 2
+    assert main(["replay", "--name", "bad-set", "--set", "stream.no_such_field=1"]) == 2
+    assert main(["replay", "--name", "bad-set", "--set", "stream.reward_timeout=soon"]) == 2
+
+
+def test_rows_are_decoded_by_fastavro_when_the_marker_does_not_cut_them(recorded) -> None:
+    reader = recorded["reader"]
+    source = ArchiveSource(reader, Selection())
+    ((start, end),) = source.pages()
+    marker = new_marker()
+    output = reader.raw_query(source.query(marker, start, end), fmt="Avro")
+    fast, slow = RowReader(marker), RowReader(new_marker())  # another marker: no block splits right
+    cut, decoded = list(fast.rows(io.BytesIO(output))), list(slow.rows(io.BytesIO(output)))
+    assert fast.decoded_blocks == 0 and slow.decoded_blocks > 0
+    assert cut == decoded
+    assert [(m.time_us, m.value) for m in source.messages()] == [(row.time_us, row.value) for row in cut]
+
+
+def test_pages_keep_the_order_and_the_pacing(recorded) -> None:
+    settings, reader = recorded["settings"], recorded["reader"]
+    whole = list(ArchiveSource(reader, Selection()).messages())
+    paged = ArchiveSource(reader, Selection(), page_events=100)
+    assert len(paged.pages()) > 5
+    assert list(paged.messages()) == whole
+
+    selection, speed = Selection(agents=("code-agent",)), 20.0
+    chosen = list(ArchiveSource(reader, selection).messages())
+    original_seconds = (chosen[-1].time_us - chosen[0].time_us) / 1e6
+    assert original_seconds > 2
+    result = replay(settings, "paced", ArchiveSource(reader, selection, page_events=100), speed=speed, progress=False)
+    assert result.messages == len(chosen)
+    assert result.seconds >= original_seconds / speed * 0.95
+
+
+def _peak_while_reading(messages: Iterator[Any]) -> tuple[int, int]:
+    """Messages read and the peak of Python allocations while reading them (none kept)."""
+    tracemalloc.start()
+    try:
+        count = sum(1 for _ in messages)
+        return count, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_memory_does_not_grow_with_the_window(recorded) -> None:
+    settings, reader = recorded["settings"], recorded["reader"]
+    everything = list(ArchiveSource(reader, Selection()).messages())
+    first, tenth = everything[0].time_us, everything[len(everything) // 10].time_us
+    small_count, small = _peak_while_reading(
+        ArchiveSource(reader, Selection(since_us=first, until_us=tenth), page_events=200).messages()
+    )
+    large_count, large = _peak_while_reading(ArchiveSource(reader, Selection(), page_events=200).messages())
+    assert large_count > 3 * small_count, (small_count, large_count)
+    assert large < 2 * small, (small, large)
+
+    kafka = list(KafkaSource(settings).messages())
+    tenth = kafka[len(kafka) // 10].time_us
+    small_count, small = _peak_while_reading(KafkaSource(settings, until_us=tenth, partition_buffer=20).messages())
+    large_count, large = _peak_while_reading(KafkaSource(settings, partition_buffer=20).messages())
+    assert large_count > 3 * small_count, (small_count, large_count)
+    assert large < 2 * small, (small, large)

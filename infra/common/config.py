@@ -174,6 +174,8 @@ class TopicConfig(_Checked):
     canary_decisions: str = "boltstream.canary-decisions.v1"
     #: RolloutTask records (rollouts an algorithm queued through the store API for the runners), keyed by rollout_id.
     rollout_tasks: str = "boltstream.rollout-tasks.v1"
+    #: Experiment records (one per ``boltstream replay``: window, filters, overrides, counts), keyed by name.
+    experiments: str = "boltstream.experiments.v1"
     #: Partitions of the keyed event topics (spans, rewards, trajectories, samples, dlq, canary-decisions). They bound
     #: how many workers of one consumer group share the load; spans and rewards must be equal
     #: (co-partitioned for the join).
@@ -197,6 +199,7 @@ class TopicConfig(_Checked):
             self.dlq,
             self.canary_decisions,
             self.rollout_tasks,
+            self.experiments,
         )
         return {**{t: self.partitions for t in event}, **{t: self.control_partitions for t in self.compacted()}}
 
@@ -864,6 +867,12 @@ def load_settings(
     if overrides:
         settings = _apply_source(settings, overrides, "overrides")
     return _fill_from_stack(settings)
+
+
+def with_values(settings: Settings, values: dict[str, Any], source: str) -> Settings:
+    """``settings`` with ``values`` (a table per section, as in the config file) coerced in, checked like
+    the config file; an error names ``source``."""
+    return _apply_source(settings, values, source)
 
 
 # -- writing ---------------------------------------------------------------------------------

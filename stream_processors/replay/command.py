@@ -1,14 +1,22 @@
-"""The ``boltstream replay`` command: its options, parsing times, speeds and offsets, choosing the source,
-and printing how to run an experiment on the replay topic set it filled."""
+"""The ``boltstream replay`` command: its options, parsing times, speeds, offsets and overrides, choosing the
+source, recording the experiment, and printing how to run it on the replay topic set it filled."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 from boltstream.infra.common.config import ConfigError, Settings
+from boltstream.stream_processors.replay.experiment import (
+    apply_overrides,
+    current_values,
+    experiment_record,
+    parse_overrides,
+    publish_experiment,
+)
 from boltstream.stream_processors.replay.publish import replay
 from boltstream.stream_processors.replay.sources import ArchiveSource, KafkaSource, ReplayError, Selection
 from boltstream.stream_processors.replay.topic_set import replay_settings, write_replay_config
@@ -68,6 +76,14 @@ def replay_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--speed", default="1", help="1 = original pacing, N = N× faster, max = no pacing")
     parser.add_argument("--batch-spans", type=int, default=500, help="most spans per re-built SpanBatch (archive)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        dest="overrides",
+        metavar="SECTION.FIELD=VALUE",
+        help="configuration of the experiment's workers, e.g. stream.reward_timeout=5 (repeatable; recorded)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -79,6 +95,8 @@ def replay_command(args: argparse.Namespace, settings: Settings) -> int:
     if args.rollouts_file:
         rollouts += [line.strip() for line in Path(args.rollouts_file).read_text().splitlines() if line.strip()]
     speed = parse_speed(args.speed)
+    overrides = parse_overrides(args.overrides, settings)
+    apply_overrides(settings, overrides)  # refused now, before anything is sent
     client = None
     if args.source == "clickhouse":
         if args.kafka_offset:
@@ -100,19 +118,35 @@ def replay_command(args: argparse.Namespace, settings: Settings) -> int:
     pace = "as fast as the broker takes them" if speed is None else f"at {speed:g}× the original pace"
     print(f"boltstream replay: spans and rewards from {origin} into {target.spans} and {target.rewards}, {pace}")
     print("  Ctrl-C stops it: what was sent stays in those topics, and a new replay needs another --name", flush=True)
+    started_at_us = int(time.time() * 1e6)
     try:
         result = replay(settings, name, source, speed=speed, progress=not args.quiet)
+        counts = {"spans": result.spans, "rewards": result.rewards, "messages": result.messages}
+        original = current_values(settings, overrides)
+        record = experiment_record(
+            name,
+            source,
+            speed=speed,
+            overrides=overrides,
+            original=original,
+            counts=counts,
+            started_at_us=started_at_us,
+        )
+        publish_experiment(settings, record)
     except (ReplayError, ClickHouseError) as exc:
         print(f"boltstream replay: {exc}", file=sys.stderr)
         return 1
     finally:
         if client is not None:
             client.close()
-    config = write_replay_config(result.settings, name)
+    config = write_replay_config(apply_overrides(result.settings, overrides), name)
     print(
         f"replayed {result.spans} spans and {result.rewards} rewards in {result.messages} messages "
         f"({result.seconds:.1f} s) into {result.settings.topics.spans}, {result.settings.topics.rewards}"
     )
     print(f"replay settings: {config}")
-    print(f"run the experiment on it: BOLTSTREAM_CONFIG={config} BOLTSTREAM_STREAM__REWARD_TIMEOUT=... boltstream join")
+    for path, value in overrides.items():
+        print(f"  {path} = {value} (was {original[path]})")
+    print(f"run the experiment on it: BOLTSTREAM_CONFIG={config} boltstream join (and boltstream train)")
+    print(f"then compare it with the original traffic: boltstream report experiment {name}")
     return 0

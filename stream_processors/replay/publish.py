@@ -20,6 +20,18 @@ from boltstream.infra.common.contract import REPLAY_HEADER, SOURCE_TIME_HEADER
 from boltstream.stream_processors.replay.sources import ArchiveSource, KafkaSource, ReplayError
 from boltstream.stream_processors.replay.topic_set import replay_settings
 
+#: The replay producer's client settings: idempotent and acknowledged by all replicas like the SDK's, with
+#: larger batches (a replay sends a backlog at once, no agent waits on it).
+PRODUCER_SETTINGS = {
+    "enable.idempotence": True,
+    "acks": "all",
+    "linger.ms": 20,
+    "batch.size": 1_000_000,
+    "compression.type": "lz4",
+}
+#: Events between two updates of the progress bar (an update per message costs as much as the send).
+PROGRESS_EVERY = 5000
+
 
 @dataclass(frozen=True)
 class ReplayResult:
@@ -96,12 +108,8 @@ def replay(
     if occupied:
         held = ", ".join(f"{topic} ({count} messages)" for topic, count in occupied.items())
         raise ReplayError(f"replay topic set {name!r} is not empty: {held}; choose another --name")
-    spans_total, rewards_total = source.count()
-    producer = Producer(
-        settings.kafka.client_config(
-            **{"enable.idempotence": True, "acks": "all", "linger.ms": 5, "compression.type": "lz4"}
-        )
-    )
+    totals = source.count()
+    producer = Producer(settings.kafka.client_config(**PRODUCER_SETTINGS))
     topics = {"spans": target.topics.spans, "rewards": target.topics.rewards}
     marker = (REPLAY_HEADER, name.encode())
     pacer = Pacer(speed)
@@ -121,7 +129,8 @@ def replay(
         TimeElapsedColumn(),
     )
     with Progress(*columns, disable=not progress, transient=False) as bar:
-        task = bar.add_task("replay", total=spans_total + rewards_total)
+        task = bar.add_task("replay", total=None if totals is None else sum(totals))
+        unshown = 0
         for message in source.messages():
             pacer.wait(message.time_us)
             headers = [*message.headers, marker, (SOURCE_TIME_HEADER, str(message.time_us).encode())]
@@ -136,7 +145,11 @@ def replay(
             producer.poll(0)
             counts[message.topic] += message.events
             counts["messages"] += 1
-            bar.advance(task, message.events)
+            unshown += message.events
+            if unshown >= PROGRESS_EVERY:
+                bar.advance(task, unshown)
+                unshown = 0
+        bar.advance(task, unshown)
         undelivered = producer.flush(settings.producer.flush_timeout * 3)
     if undelivered or failures:
         raise ReplayError(
