@@ -220,6 +220,11 @@ class KafkaConfig(_Checked):
     ssl_certificate_location: str = ""
     #: The private key of ``ssl_certificate_location`` (PEM file).
     ssl_key_location: str = ""
+    #: Largest message (key, value and headers, as librdkafka counts them) of every topic: the producers
+    #: refuse a bigger one, topics are created with it as ``max.message.bytes``, and the archive
+    #: dead-letters (key, size and offset, without the value) a bigger one that reaches it anyway (the
+    #: embedded broker does not enforce any limit).
+    max_message_bytes: Annotated[int, Range(at_least=1000, at_most=1_000_000_000)] = 1024 * 1024
     #: Extra librdkafka settings applied to every client, e.g. {"client.rack": "eu-west-1a"}.
     client_overrides: dict[str, str] = field(default_factory=dict)
 
@@ -255,7 +260,8 @@ class KafkaConfig(_Checked):
                 "ssl.key.location": key,
             }
             security.update({setting: path for setting, path in files.items() if path})
-        return {"bootstrap.servers": self.bootstrap_servers, **security, **self.client_overrides, **extra}
+        limit = {"message.max.bytes": self.max_message_bytes}
+        return {"bootstrap.servers": self.bootstrap_servers, **security, **limit, **self.client_overrides, **extra}
 
     def faust_credentials(self) -> Any:
         """The same security for Faust (aiokafka): the ``broker_credentials`` of a ``faust.App``, None for
