@@ -128,11 +128,13 @@ def shutdown(timeout: float | None = None) -> bool:
 
 
 def stats() -> dict[str, Any]:
-    """Counters of the running producer and its spool, plus spans discarded for lack of a producer."""
+    """Counters of the running producer and its spool, what it holds in memory (``in_memory``: spans queued,
+    messages in flight), plus spans discarded for lack of a producer."""
     running = _producer
     result: dict[str, Any] = {"discarded_spans": _discarded, "unavailable_reason": _unavailable_reason}
     if running is not None:
         result.update(asdict(running.stats))
+        result["in_memory"] = running.in_memory()
         result.update({f"spool_{k}": v for k, v in asdict(running.spool.stats).items()})
     return result
 

@@ -267,6 +267,11 @@ class SpanProducer:
         self._spool.close()
         return delivered
 
+    def in_memory(self) -> int:
+        """Spans and rewards waiting in memory plus messages in flight: what a crash now would lose (the
+        rest is delivered or spooled on disk)."""
+        return len(self._pending) + len(self._rewards) + self._in_flight
+
     def _drops(self) -> int:
         """A count that grows with every drop (of spans, rewards, spooled messages), for flush() to tell."""
         stats = self.stats
