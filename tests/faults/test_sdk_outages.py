@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ from boltstream.infra.common.config import Settings
 from tests.faults.sdk_agent import Traffic
 from tests.faults.sdk_support import Acknowledgements, archived, private_stack, thread_cpu_seconds
 from tests.faults.table import FaultRow, record_fault
-from tests.producer_helpers import sdk_environment, with_producer
+from tests.producer_helpers import sdk_environment, tmpfs, with_producer
 
 #: The producer thread may use this share of a core while the broker is away and while it catches up
 #: (the hot loop this guards against used 98%).
@@ -78,17 +79,10 @@ def test_broker_stalled_60s(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def tiny_filesystem(tmp_path: Path) -> Path:
-    """A 512 KiB tmpfs for the spool; skipped, with the reason, where mounting is not permitted."""
-    mountpoint = tmp_path / "tiny"
-    mountpoint.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mountpoint)], capture_output=True, text=True
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs for the spool (needs root or CAP_SYS_ADMIN): {done.stderr.strip()}")
-    yield mountpoint
-    subprocess.run(["umount", "-l", str(mountpoint)], check=True)
+def tiny_filesystem(tmp_path: Path) -> Iterator[Path]:
+    """A 512 KiB tmpfs for the spool."""
+    with tmpfs(tmp_path / "tiny", "512k") as mountpoint:
+        yield mountpoint
 
 
 def test_spool_on_a_tiny_filesystem(tmp_path: Path, tiny_filesystem: Path) -> None:
