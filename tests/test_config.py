@@ -157,6 +157,7 @@ def test_durations(text, seconds):
 def test_plaintext_adds_no_security_settings():
     assert KafkaConfig(bootstrap_servers="k:9092").client_config(acks="all") == {
         "bootstrap.servers": "k:9092",
+        "message.max.bytes": 1024 * 1024,  # kafka.max_message_bytes, on every client
         "acks": "all",
     }
 
@@ -184,6 +185,7 @@ def test_sasl_ssl_becomes_librdkafka_settings_with_the_password_from_its_file(tm
         "ssl.ca.location": "/etc/kafka/ca.pem",
         "ssl.certificate.location": "/etc/kafka/client.pem",
         "ssl.key.location": "/etc/kafka/client.key",
+        "message.max.bytes": 1024 * 1024,
         "client.id": "x",
         "group.id": "g",
     }
