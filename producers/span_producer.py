@@ -686,7 +686,6 @@ class SpanProducer:
         self._kafka = Producer(self._client_config)
         self.stats.client_replacements += 1
         log.warning("replaced the Kafka client (%s); spooled messages follow through the new one", self._client_broken)
-        self._client_broken = None
         old.purge()  # everything it held fails with _PURGE_QUEUE / _PURGE_INFLIGHT and is spooled by _delivered
         # Serve every purged message's delivery report before the old client goes, or _in_flight never
         # drains and flush() waits for reports that will not come.
@@ -695,6 +694,8 @@ class SpanProducer:
             old.poll(0.05)
         if len(old):
             log.error("%d messages of the failed Kafka client got no delivery report", len(old))
+        # Only now: the old client's last reports (more of the same error) must not condemn the new one.
+        self._client_broken = None
 
 
 class _ClientLog(logging.LoggerAdapter):

@@ -30,6 +30,7 @@ import re
 import struct
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,6 +117,14 @@ def lock_directory(directory: Path) -> int | None:
     return None
 
 
+def _close_descriptors(lock: int, open_segments: dict[bool, tuple[Segment, int]]) -> None:
+    """Close a spool's lock and open segment files (the segments stay on disk for whoever comes next)."""
+    for _, fd in open_segments.values():
+        os.close(fd)
+    open_segments.clear()
+    os.close(lock)
+
+
 @dataclass
 class Spool:
     """A bounded, append-only spool of Kafka messages in ``directory``, owned by one process; thread-safe."""
@@ -135,7 +144,6 @@ class Spool:
         lock = lock_directory(self.directory)
         if lock is None:
             raise SpoolLocked(f"spool directory {self.directory} is in use by another process")
-        self._lock_fd = lock
         # A segment is small next to the bound, so evicting one never throws away most of the spool.
         self.segment_bytes = max(1024, min(self.segment_bytes, self.max_bytes // 8))
         self._lock = threading.RLock()  # reading an adopted segment counts its corrupt entries
@@ -143,6 +151,9 @@ class Spool:
         self._open: dict[bool, tuple[Segment, int]] = {}  # kept? -> (segment, file descriptor)
         self._next_seq = 0
         self._drop_logged_at: dict[str, float] = {}
+        # A spool dropped without close() (a test, an abandoned producer) must not keep its directory
+        # locked, nor its files open, for the rest of the process: the descriptors go with the object.
+        self._release = weakref.finalize(self, _close_descriptors, lock, self._open)
         recovered = self._take_in(self.directory)
         if recovered:
             log.info("spool %s: recovered %d messages from an earlier run", self.directory, recovered)
@@ -396,15 +407,10 @@ class Spool:
         with self._lock:
             for kept in list(self._open):
                 self._seal(kept)
-        os.close(self._lock_fd)
+        self._release()
 
     def forget_after_fork(self) -> None:
         """In a forked child: close the descriptors inherited from the parent without unlocking anything,
         so the directory is the parent's alone (a child holding it would keep it from being adopted after
         the parent dies)."""
-        for _, fd in self._open.values():
-            with contextlib.suppress(OSError):  # closed already
-                os.close(fd)
-        self._open.clear()
-        with contextlib.suppress(OSError):
-            os.close(self._lock_fd)
+        self._release()

@@ -571,6 +571,7 @@ def test_a_full_disk_drops_the_oldest_counts_every_message_and_never_raises(tmp_
         stored = [spool.put(SpooledMessage("spans", f"k-{i}".encode(), b"v" * 1000, spans=2)) for i in range(600)]
         assert spool.stats.write_failures > 0
         survivors = _drain(spool)
+        spool.close()
     kept = [int(m.key.split(b"-")[1]) for m in survivors if m.kept]
     # Sampled-out data went first, then the oldest kept; what survives is the newest kept data, in order.
     assert kept and len(survivors) == len(kept) and kept == list(range(600 - len(kept), 600))
@@ -656,19 +657,23 @@ def test_a_forked_child_lets_go_of_the_parent_spool(settings: Settings, tmp_path
     producer is gone, the spool is free for the next process, even while the child lives."""
     agl.configure(with_producer(settings, spool_dir=str(tmp_path / "spool")))
     read, write = os.pipe()
+    started_read, started_write = os.pipe()
     pid = os.fork()
-    if pid == 0:
+    if pid == 0:  # the fork handlers ran before fork() returned here
         os.close(write)
+        os.write(started_write, b"s")
         os.read(read, 1)  # until the parent is done
         os._exit(0)
     os.close(read)
     try:
+        assert os.read(started_read, 1) == b"s"
         agl.shutdown(5)
         lock = lock_directory(tmp_path / "spool")
         assert lock is not None, "the child still holds the spool's lock"
         os.close(lock)
     finally:
-        os.close(write)
+        for descriptor in (write, started_read, started_write):
+            os.close(descriptor)
         os.waitpid(pid, 0)
 
 
