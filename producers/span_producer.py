@@ -32,6 +32,7 @@ import itertools
 import logging
 import operator
 import os
+import re
 import socket
 import sys
 import threading
@@ -68,6 +69,8 @@ RETRY_BACKOFF_MIN = 0.25
 RETRY_BACKOFF_MAX = 5.0
 #: Seconds between two looks for spools left behind by ended processes of the same program.
 ADOPT_INTERVAL = 5.0
+#: Names of the spools of a program's other processes inside its spool directory (see _open_spool).
+_SIBLING_SPOOL = re.compile(r"^\d+(-[0-9a-f]{8})?$")
 #: The ``worker`` of the dead letters the SDK writes (refused messages).
 SDK_WORKER = "boltstream-sdk"
 #: Delivery errors that retrying cannot fix: the message is dropped (counted, logged), not spooled.
@@ -650,7 +653,7 @@ class SpanProducer:
         base = self._spool_family
         candidates = [base]
         with contextlib.suppress(OSError):
-            candidates += [entry for entry in base.iterdir() if entry.is_dir()]
+            candidates += [entry for entry in base.iterdir() if _SIBLING_SPOOL.match(entry.name) and entry.is_dir()]
         for directory in candidates:
             if directory != self._spool.directory:
                 self._spool.adopt(directory, remove=directory != base)

@@ -632,6 +632,9 @@ def test_a_process_adopts_the_spool_its_sibling_left_and_delivers_it(settings: S
         delivery_timeout=1.0,
         spool_dir=str(family),
     )
+    not_a_spool = family / "retained" / "000000000000.kept.seg"  # what else lives there is not adopted
+    not_a_spool.parent.mkdir(parents=True)
+    not_a_spool.write_bytes(b"not a sibling's spool")
     first = SpanProducer(unreachable)
     second = SpanProducer(with_producer(settings, spool_dir=str(family)))
     try:
@@ -650,6 +653,7 @@ def test_a_process_adopts_the_spool_its_sibling_left_and_delivers_it(settings: S
     spans = consume(settings.kafka.bootstrap_servers, settings.topics.spans, at_least(30))
     assert sorted(s["event_id"] for s in spans) == sorted(f"e-{i}" for i in range(30))
     assert second.spool.stats.adopted_messages == 30 and not any(family.glob("*.seg"))
+    assert not_a_spool.exists() and second.spool.stats.dropped_messages == 0
 
 
 def test_a_forked_child_lets_go_of_the_parent_spool(settings: Settings, tmp_path: Path) -> None:
