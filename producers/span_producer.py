@@ -110,6 +110,7 @@ class ProducerStats:
     dropped_oversized_spans: int = 0
     #: Rewards that could not be encoded or exceed ``kafka.max_message_bytes``, logged.
     dropped_rewards: int = 0
+    #: Dead letters of refused messages the broker acknowledged.
     dead_letters_delivered: int = 0
     delivery_failures: int = 0
     #: Kafka clients replaced after a fatal error or a fenced producer id.
