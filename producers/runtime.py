@@ -128,11 +128,13 @@ def shutdown(timeout: float | None = None) -> bool:
 
 
 def stats() -> dict[str, Any]:
-    """Counters of the running producer and its spool, plus spans discarded for lack of a producer."""
+    """Counters of the running producer and its spool, what it holds in memory (``in_memory``: spans queued,
+    messages in flight), plus spans discarded for lack of a producer."""
     running = _producer
     result: dict[str, Any] = {"discarded_spans": _discarded, "unavailable_reason": _unavailable_reason}
     if running is not None:
         result.update(asdict(running.stats))
+        result["in_memory"] = running.in_memory()
         result.update({f"spool_{k}": v for k, v in asdict(running.spool.stats).items()})
     return result
 
@@ -148,12 +150,19 @@ def _run_hooks(idle_only: bool) -> None:
 def _at_exit() -> None:
     running = _producer
     if running is not None and not shutdown(running.settings.producer.flush_timeout):
-        log.warning("boltstream: not every span was delivered before exit; the rest is in %s", running.spool.directory)
+        log.warning(
+            "boltstream: not every span was delivered before exit: what was dropped is counted in agl.stats() "
+            "(dropped_*), the rest waits in %s",
+            running.spool.directory,
+        )
 
 
 def _forget_after_fork() -> None:
-    """A forked child does not inherit the producer's thread: it starts its own on first use."""
+    """A forked child does not inherit the producer's thread: it starts its own on first use. It lets go of
+    the parent's spool, which stays the parent's (and is adopted by another process once the parent ends)."""
     global _producer
+    if _producer is not None:
+        _producer.spool.forget_after_fork()
     _producer = None
 
 

@@ -9,18 +9,30 @@ keyed by rollout_id (``acks=all``, idempotence on, compression on). Rewards sent
 
 When the broker is unreachable or slow, messages whose delivery fails (after
 ``producer.delivery_timeout``) or that the client cannot queue spill to the on-disk
-:class:`~boltstream.producers.spool.Spool`; while the broker is unhealthy new messages go straight to the spool,
-one spooled segment at a time is retried as a probe, and once a delivery succeeds the spool drains
-oldest first. A message retried from the spool may reach Kafka twice if its first acknowledgement
-was lost: consumers deduplicate on the span's ``event_id``.
+:class:`~boltstream.producers.spool.Spool`; while the broker is unhealthy new messages go straight to the spool
+and the oldest spooled segment is retried as a probe, at most every ``RETRY_BACKOFF_MAX`` seconds (the
+wait doubles from ``RETRY_BACKOFF_MIN`` after each failed probe): an outage of any length costs a few
+wake-ups a second, not a core. A probe that fails as a whole goes back to the spool untouched. Once a
+delivery succeeds the spool drains oldest first. A message retried from the spool may reach Kafka twice
+if its first acknowledgement was lost: consumers deduplicate on the span's ``event_id``.
+
+Errors that leave the Kafka client's idempotence state unusable (``PRODUCER_FENCED`` and its kin, e.g.
+after a broker stall longer than ``delivery_timeout``: librdkafka then bumps the producer epoch, which a
+broker that does not support the bump fences for good) and fatal client errors replace the client; what
+it held is spooled and replayed by the new one. Every few seconds the producer also adopts the spools
+of ended processes of the same program (see :func:`_open_spool`). A message larger than
+``kafka.max_message_bytes`` is refused here (counted, logged once, dead-lettered without its value).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import itertools
 import logging
 import operator
 import os
+import re
 import socket
 import sys
 import threading
@@ -42,16 +54,38 @@ from boltstream.producers.retention import Retention
 from boltstream.producers.span_encoder import SpanBatchEncoder
 from boltstream.producers.spool import Segment, Spool, SpooledMessage, SpoolLocked
 from boltstream.schemas.codec import CodecError, codec
+from boltstream.schemas.dead_letters import dead_letter
 
 log = logging.getLogger("boltstream.producer")
 
 #: Seconds the background thread sleeps at most while there is nothing to send.
 IDLE_TICK = 1.0
 _rollout_id = operator.itemgetter(ROLLOUT_ID)
-#: Largest SpanBatch message; bigger flushes of one rollout are split (brokers default to 1 MB).
-MAX_MESSAGE_BYTES = 900 * 1024
+#: What librdkafka adds to key and value when it checks a message against ``message.max.bytes`` (the
+#: largest record framing; measured: ``produce()`` refuses key + value + 36 > message.max.bytes).
+RECORD_OVERHEAD = 36
+#: Seconds before the first probe of a broker that stopped answering; doubled after every failed probe.
+RETRY_BACKOFF_MIN = 0.25
+#: Longest wait between two probes (or client replacements) while the broker is away.
+RETRY_BACKOFF_MAX = 5.0
+#: Seconds between two looks for spools left behind by ended processes of the same program.
+ADOPT_INTERVAL = 5.0
+#: Names of the spools of a program's other processes inside its spool directory (see _open_spool).
+_SIBLING_SPOOL = re.compile(r"^\d+(-[0-9a-f]{8})?$")
+#: The ``worker`` of the dead letters the SDK writes (refused messages).
+SDK_WORKER = "boltstream-sdk"
 #: Delivery errors that retrying cannot fix: the message is dropped (counted, logged), not spooled.
 _PERMANENT_ERRORS = frozenset((KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_MSG, KafkaError.INVALID_RECORD))
+#: Errors after which the client's producer id and epoch are of no use: the client is replaced.
+_CLIENT_STATE_ERRORS = frozenset(
+    (
+        KafkaError.PRODUCER_FENCED,
+        KafkaError.INVALID_PRODUCER_EPOCH,
+        KafkaError.UNKNOWN_PRODUCER_ID,
+        KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER,
+        KafkaError.INVALID_PRODUCER_ID_MAPPING,
+    )
+)
 
 DeliveryListener = Callable[[str, bytes, "KafkaError | None"], None]
 
@@ -70,9 +104,18 @@ class ProducerStats:
     dropped_pending_spans: int = 0
     #: Spans that could not be encoded (a bug or a value Avro rejects), logged with the reason.
     dropped_unencodable_spans: int = 0
-    #: Spans in messages the broker refuses for good (e.g. larger than its message.max.bytes), logged.
+    #: Spans in messages the broker refuses for good (an invalid record), logged.
     dropped_undeliverable_spans: int = 0
+    #: Spans refused because their message exceeds ``kafka.max_message_bytes`` (a single span too big to
+    #: send alone); each is dead-lettered without its value, the first is logged.
+    dropped_oversized_spans: int = 0
+    #: Rewards that could not be encoded or exceed ``kafka.max_message_bytes``, logged.
+    dropped_rewards: int = 0
+    #: Dead letters of refused messages the broker acknowledged.
+    dead_letters_delivered: int = 0
     delivery_failures: int = 0
+    #: Kafka clients replaced after a fatal error or a fenced producer id.
+    client_replacements: int = 0
 
 
 @dataclass(slots=True)
@@ -85,11 +128,22 @@ class _Outgoing:
     value: bytes
     spans: int  # spans in the message, 0 for a reward
     kept: bool
-    segment: Segment | None = None  # the spool segment it was read from, if any
+    replay: _Replay | None = None  # the replay of the spool segment it was read from, if any
     report: Callable[[_Outgoing, KafkaError | None], None] | None = None  # set when produced
 
     def __call__(self, error: KafkaError | None, _message: object) -> None:
         self.report(self, error)
+
+
+@dataclass(slots=True)
+class _Replay:
+    """A spool segment being sent again: how many of its messages await an outcome, which failed."""
+
+    segment: Segment
+    waiting: int
+    failed: list[_Outgoing]
+    #: One of its messages was delivered or dropped for good: the segment cannot go back as it is.
+    changed: bool = False
 
 
 class SpanProducer:
@@ -110,6 +164,9 @@ class SpanProducer:
         self._redactor = Redactor(config.redact_patterns, config.max_attribute_bytes)
         self._encoder = SpanBatchEncoder()
         self._reward_codec = codec("Reward")
+        self._dead_letter_codec = codec("DeadLetter")
+        self._max_message_bytes = settings.kafka.max_message_bytes
+        self._oversize_logged = False
         self._client_config = settings.kafka.client_config(
             **{
                 "acks": "all",
@@ -128,7 +185,7 @@ class SpanProducer:
             }
         )
         self._kafka = Producer(self._client_config)
-        self._spool = _open_spool(settings)
+        self._spool, self._spool_family = _open_spool(settings)
         self._retention = Retention(settings, self._spool.directory / "retained")
         self._pending: deque[PendingSpan] = deque()
         self._rewards: deque[tuple[dict[str, Any], bool]] = deque()
@@ -139,10 +196,13 @@ class SpanProducer:
         self._flush_waiters = 0
         self._in_flight = 0
         self._sending = False
-        self._replaying: Segment | None = None
-        self._replay_left = 0
+        self._replaying: _Replay | None = None
         self._healthy = True
-        self._client_fatal = False
+        self._client_broken: KafkaError | None = None  # why the client must be replaced
+        self._backoff = RETRY_BACKOFF_MIN
+        self._next_probe = 0.0  # monotonic time of the next probe while the broker is unhealthy
+        self._next_adoption = 0.0
+        self._dropped_at_flush = 0
         self._stopping = False
         self._tick_callbacks: list[Callable[[], None]] = []
         self._report_delivery = self._delivered  # one bound method for every message
@@ -179,7 +239,8 @@ class SpanProducer:
         return self._spool
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until everything queued so far is acknowledged by Kafka; False if ``timeout`` ran out first.
+        """Wait until everything queued so far is acknowledged by Kafka; False if ``timeout`` ran out first,
+        or if anything was dropped since the previous flush (``stats`` and ``spool.stats`` say what and why).
 
         Whatever is not delivered by then stays queued, or spooled on disk when the broker is down.
         """
@@ -195,7 +256,9 @@ class SpanProducer:
                     if remaining <= 0 or not self._thread.is_alive():
                         return False
                     self._settled.wait(min(remaining, 0.05))
-            return True
+            dropped = self._drops()
+            nothing_dropped, self._dropped_at_flush = dropped == self._dropped_at_flush, dropped
+            return nothing_dropped
         finally:
             with self._settled:
                 self._flush_waiters -= 1
@@ -212,6 +275,23 @@ class SpanProducer:
         self._retention.close()
         self._spool.close()
         return delivered
+
+    def in_memory(self) -> int:
+        """Spans and rewards waiting in memory plus messages in flight: what a crash now would lose (the
+        rest is delivered or spooled on disk)."""
+        return len(self._pending) + len(self._rewards) + self._in_flight
+
+    def _drops(self) -> int:
+        """A count that grows with every drop (of spans, rewards, spooled messages), for flush() to tell."""
+        stats = self.stats
+        return (
+            stats.dropped_pending_spans
+            + stats.dropped_unencodable_spans
+            + stats.dropped_undeliverable_spans
+            + stats.dropped_oversized_spans
+            + stats.dropped_rewards
+            + self._spool.stats.dropped_messages
+        )
 
     def _is_settled(self) -> bool:
         return (
@@ -236,20 +316,23 @@ class SpanProducer:
 
     def _wait_for_work(self) -> None:
         """Block until the next cycle is due: a delivery report, a flush, a full batch, ``linger`` after the
-        first queued span, or the idle tick.
+        first queued span, the next probe of an unhealthy broker, or the idle tick.
 
         With nothing queued, in flight or spooled the thread does not wake every ``linger``: it sleeps
         until a span arrives (or the tick for idle implicit rollouts). On a machine shared with a model
         server, any wake-up of another thread can preempt one of its compute threads, and an agent
-        waiting for an LLM answer should not pay that 20 times a second.
+        waiting for an LLM answer should not pay that 20 times a second. While the broker is away, the
+        spool waits for the next probe, also when someone waits in flush().
         """
         linger = self.settings.producer.linger
         if self._in_flight:
             self._poll(0.005 if self._flush_waiters else min(linger, 0.01))
+        elif self._pending or self._rewards:
+            self._wakeup.wait(0.005 if self._flush_waiters else linger)
+        elif len(self._spool) or self._client_broken is not None:
+            self._wakeup.wait(self._seconds_to_probe())
         elif self._flush_waiters:
             self._wakeup.wait(0.005)
-        elif self._pending or self._rewards or len(self._spool):
-            self._wakeup.wait(linger)
         else:  # idle until a span, a reward, flush() or close() sets the event, or the tick
             self._wakeup.wait(self._idle_tick)
             self._wakeup.clear()
@@ -257,26 +340,38 @@ class SpanProducer:
                 self._wakeup.wait(linger)  # the first span: let the batch fill for ``linger``, as when busy
         self._wakeup.clear()
 
+    def _seconds_to_probe(self) -> float:
+        if self._healthy:
+            return 0.0
+        return max(0.0, min(self._next_probe - time.monotonic(), self._idle_tick))
+
     def _cycle(self) -> None:
         replay = self._retention.replay_due()
         if replay is not None:  # a new broker incarnation: what the old one acknowledged goes again, oldest first
             for message in replay:
                 self._spool.put(message)
-            self._client_fatal = True  # the old client's idempotence state means nothing to the new broker
-        if self._client_fatal:
+            # The old client's idempotence state means nothing to the new broker: replace it now.
+            self._client_broken = "the broker is a new incarnation (another cluster id)"
+            self._mark_unhealthy()
+            self._next_probe = 0.0
+        now = time.monotonic()
+        if self._client_broken is not None and (now >= self._next_probe or self._stopping):
             self._replace_client()
+        if now >= self._next_adoption:
+            self._adopt_ended_spools()
         for callback in self._tick_callbacks:
             callback()
-        # Spans taken from the queue are neither pending nor in flight until produced: flush() must not
-        # see that moment as settled (it runs on another thread and may look at any bytecode boundary).
+        # Spans taken from the queue, and messages taken from the spool, are neither pending, spooled nor
+        # in flight until produced: flush() must not see that moment as settled (it runs on another
+        # thread and may look at any bytecode boundary).
         self._sending = True
         try:
             self._send_pending_spans()
             self._send_pending_rewards()
+            self._poll(0)
+            self._replay_spool()
         finally:
             self._sending = False
-        self._poll(0)
-        self._replay_spool()
         if self._flush_waiters:
             with self._settled:
                 self._settled.notify_all()
@@ -296,12 +391,15 @@ class SpanProducer:
         topic = self.settings.topics.spans
         for rollout_id, group in itertools.groupby(spans, key=_rollout_id):
             key = rollout_id.encode("utf-8")
-            for value, size in self._encode_batches(rollout_id, self._clean_batch(list(group)), sent_at):
+            for value, size in self._encode_batches(rollout_id, key, self._clean_batch(list(group)), sent_at):
                 self._send(_Outgoing(topic, key, value, size, kept=True))
 
-    def _encode_batches(self, rollout_id: str, spans: list[PendingSpan], sent_at: int) -> list[tuple[bytes, int]]:
-        """SpanBatch messages of at most MAX_MESSAGE_BYTES (split in halves as needed); a span that
-        cannot be encoded is dropped alone, counted and logged, not its whole batch."""
+    def _encode_batches(
+        self, rollout_id: str, key: bytes, spans: list[PendingSpan], sent_at: int
+    ) -> list[tuple[bytes, int]]:
+        """SpanBatch messages within ``kafka.max_message_bytes`` (split in halves as needed; a single span
+        too big for it is left to :meth:`_send` to refuse); a span that cannot be encoded is dropped alone,
+        counted and logged, not its whole batch."""
         try:
             value = self._encoder.encode(rollout_id, self.producer_id, sent_at, spans)
         except CodecError as exc:
@@ -310,12 +408,16 @@ class SpanProducer:
                 log.error("dropped a span of rollout %s that cannot be encoded: %s", rollout_id, exc)
                 return []
             value = b""  # find the culprit by halving
-        if value and (len(value) <= MAX_MESSAGE_BYTES or len(spans) == 1):
+        if value and (self._fits(key, value) or len(spans) == 1):
             return [(value, len(spans))]
         middle = len(spans) // 2
-        return self._encode_batches(rollout_id, spans[:middle], sent_at) + self._encode_batches(
-            rollout_id, spans[middle:], sent_at
+        return self._encode_batches(rollout_id, key, spans[:middle], sent_at) + self._encode_batches(
+            rollout_id, key, spans[middle:], sent_at
         )
+
+    def _fits(self, key: bytes, value: bytes) -> bool:
+        """True if the message is within ``kafka.max_message_bytes``, counted as librdkafka counts it."""
+        return len(key) + len(value) + RECORD_OVERHEAD <= self._max_message_bytes
 
     def _clean_batch(self, spans: list[PendingSpan]) -> list[PendingSpan]:
         """The spans as they may leave the process (see :meth:`_clean`), checked together.
@@ -381,14 +483,21 @@ class SpanProducer:
             try:
                 value = self._reward_codec.encode(reward)
             except CodecError as exc:
+                self.stats.dropped_rewards += 1
                 log.error("dropped a reward for rollout %s that cannot be encoded: %s", reward.get("rollout_id"), exc)
                 continue
             self._send(_Outgoing(topic, reward["rollout_id"].encode("utf-8"), value, 0, kept))
 
     def _send(self, message: _Outgoing) -> None:
-        """Produce ``message``, or spool it when the broker is unhealthy or the client is full."""
-        if self._client_fatal or self._retention.holding or (not self._healthy and message.segment is None):
-            self._spill(message)
+        """Produce ``message``, or spool it when the broker is unhealthy, held (a new broker incarnation not
+        ready yet) or the client is full or broken."""
+        if not self._fits(message.key, message.value):
+            self._refuse_oversized(message)
+            self._settle_replayed(message)
+            return
+        broken = self._client_broken is not None or self._retention.holding
+        if broken or (not self._healthy and message.replay is None):
+            self._retry_later(message)
             self._settle_replayed(message)
             return
         message.report = self._report_delivery
@@ -400,7 +509,7 @@ class SpanProducer:
                 on_delivery=message,
             )
         except BufferError:
-            self._spill(message)
+            self._retry_later(message)
             self._settle_replayed(message)
             return
         except KafkaException as exc:
@@ -410,18 +519,24 @@ class SpanProducer:
         self._in_flight += 1
 
     def _delivered(self, message: _Outgoing, error: KafkaError | None) -> None:
-        self._in_flight -= 1
         if error is None:
-            self._healthy = True
-            if message.spans:
+            self._healthy, self._backoff = True, RETRY_BACKOFF_MIN
+            if message.replay is not None:
+                message.replay.changed = True
+            topics = self.settings.topics
+            if message.topic == topics.spans:
                 self.stats.spans_delivered += message.spans
                 self.stats.batches_delivered += 1
-            else:
+            elif message.topic == topics.rewards:
                 self.stats.rewards_delivered += 1
+            else:
+                self.stats.dead_letters_delivered += 1
             self._retention.keep(SpooledMessage(message.topic, message.key, message.value, message.spans, message.kept))
         else:
             self._failed(message, error)
         self._settle_replayed(message)
+        # Last: until the message is spooled again (or its replay settled), flush() must see it in flight.
+        self._in_flight -= 1
         if self._on_delivery is not None:
             try:
                 self._on_delivery(message.topic, message.value, error)
@@ -431,36 +546,113 @@ class SpanProducer:
     def _failed(self, message: _Outgoing, error: KafkaError) -> None:
         """A message Kafka did not take: spooled for later, unless retrying cannot help."""
         self.stats.delivery_failures += 1
-        if error.fatal():
-            self._client_fatal = True
-        if error.code() in _PERMANENT_ERRORS:
+        code = error.code()
+        if (error.fatal() or code in _CLIENT_STATE_ERRORS) and self._client_broken is None:
+            log.warning("the Kafka client is unusable (%s); it will be replaced", error)
+            self._client_broken = error
+        if code == KafkaError.MSG_SIZE_TOO_LARGE:
+            self._refuse_oversized(message, by="Kafka")
+            return
+        if code in _PERMANENT_ERRORS:
             self.stats.dropped_undeliverable_spans += message.spans
+            if message.replay is not None:
+                message.replay.changed = True
             log.error(
                 "dropped a %d-byte message to %s that Kafka refuses: %s", len(message.value), message.topic, error
             )
             return
         if self._healthy:
             log.warning("delivery to %s failed (%s); spooling until the broker is back", message.topic, error)
-        self._healthy = False
-        self._spill(message)
+        self._mark_unhealthy()
+        self._retry_later(message)
+
+    def _refuse_oversized(self, message: _Outgoing, by: str = "the SDK") -> None:
+        """Drop a message larger than ``kafka.max_message_bytes``: counted, logged the first time, and
+        dead-lettered without its value (which would not fit either), so the loss shows in the archive."""
+        if message.replay is not None:
+            message.replay.changed = True
+        topics = self.settings.topics
+        if message.topic == topics.spans:
+            self.stats.dropped_oversized_spans += message.spans
+        elif message.topic == topics.rewards:
+            self.stats.dropped_rewards += 1
+        size = len(message.key) + len(message.value)
+        reason = (
+            f"message of {size:,} bytes to {message.topic} ({self._describe(message)}) is larger than "
+            f"kafka.max_message_bytes ({self._max_message_bytes:,}); refused by {by}, value not kept"
+        )
+        if not self._oversize_logged:
+            self._oversize_logged = True
+            log.error(
+                "%s. Raise kafka.max_message_bytes (the same on the broker, topics and clients) or send smaller "
+                "spans; later refusals are only counted (agl.stats(): dropped_oversized_spans)",
+                reason,
+            )
+        if message.topic == topics.dlq:
+            return
+        record = dead_letter(
+            worker=SDK_WORKER,
+            source_topic=message.topic,
+            source_partition=-1,
+            source_offset=-1,
+            key=message.key,
+            value=b"",
+            reason=reason,
+            error_type="too_large",
+            identity=hashlib.sha256(message.value).hexdigest(),
+        )
+        self._send(_Outgoing(topics.dlq, message.key, self._dead_letter_codec.encode(record), 0, message.kept))
+
+    def _describe(self, message: _Outgoing) -> str:
+        """What a message holds, for a human: its spans' event ids, or the reward's."""
+        topics = self.settings.topics
+        try:
+            if message.topic == topics.spans:
+                ids = [span["event_id"] for span in codec("SpanBatch").decode(message.value)["spans"]]
+                return f"{len(ids)} span(s) of rollout {message.key.decode(errors='replace')}: {', '.join(ids[:5])}"
+            if message.topic == topics.rewards:
+                return f"reward {self._reward_codec.decode(message.value)['event_id']}"
+        except CodecError:
+            pass
+        return "undecodable"
+
+    def _retry_later(self, message: _Outgoing) -> None:
+        """Spool ``message``; one read from the spool waits for its replay to end (see _settle_replayed)."""
+        if message.replay is None:
+            self._spill(message)
+        else:
+            message.replay.failed.append(message)
 
     def _spill(self, message: _Outgoing) -> None:
-        self._spool.put(SpooledMessage(message.topic, message.key, message.value, message.spans, message.kept))
-        self.stats.messages_spooled += 1
-        self.stats.spans_spooled += message.spans
+        if self._spool.put(SpooledMessage(message.topic, message.key, message.value, message.spans, message.kept)):
+            self.stats.messages_spooled += 1
+            self.stats.spans_spooled += message.spans
 
     def _settle_replayed(self, message: _Outgoing) -> None:
-        """Delete a spool segment once every message read from it was delivered or spooled again."""
-        if message.segment is None:
+        """Once every message of a replayed segment has an outcome: give the segment back untouched if none
+        of them got anywhere, else spool again those that failed and delete it."""
+        replay = message.replay
+        if replay is None:
             return
-        self._replay_left -= 1
-        if self._replay_left == 0 and self._replaying is not None:
-            self._spool.release(self._replaying)
-            self._replaying = None
+        replay.waiting -= 1
+        if replay.waiting:
+            return
+        if replay.failed and not replay.changed:
+            self._spool.give_back(replay.segment)
+            self._backoff = min(self._backoff * 2, RETRY_BACKOFF_MAX)
+            self._next_probe = time.monotonic() + self._backoff
+        else:
+            for failed in replay.failed:
+                self._spill(failed)
+            self._spool.release(replay.segment)
+        self._replaying = None  # last: flush() sees the segment either spooled or being replayed
 
     def _replay_spool(self) -> None:
-        """Retry the oldest spooled segment, one at a time (as a probe while the broker is unhealthy)."""
-        if self._replaying is not None or len(self._spool) == 0 or self._retention.holding:
+        """Send the oldest spooled segment again, one at a time (as a probe while the broker is unhealthy)."""
+        busy = self._replaying is not None or self._client_broken is not None or self._retention.holding
+        if busy or len(self._spool) == 0:
+            return
+        if not self._healthy and time.monotonic() < self._next_probe:
             return
         taken = self._spool.take_oldest()
         if taken is None:
@@ -469,11 +661,20 @@ class SpanProducer:
         if not messages:
             self._spool.release(segment)
             return
-        self._replaying, self._replay_left = segment, len(messages)
+        self._replaying = replay = _Replay(segment, len(messages), [])
         for spooled in messages:
-            self._send(
-                _Outgoing(spooled.topic, spooled.key, spooled.value, spooled.spans, spooled.kept, segment=segment)
-            )
+            self._send(_Outgoing(spooled.topic, spooled.key, spooled.value, spooled.spans, spooled.kept, replay))
+
+    def _adopt_ended_spools(self) -> None:
+        """Take in the spools that ended processes of the same program left (see :func:`_open_spool`)."""
+        self._next_adoption = time.monotonic() + ADOPT_INTERVAL
+        base = self._spool_family
+        candidates = [base]
+        with contextlib.suppress(OSError):
+            candidates += [entry for entry in base.iterdir() if _SIBLING_SPOOL.match(entry.name) and entry.is_dir()]
+        for directory in candidates:
+            if directory != self._spool.directory:
+                self._spool.adopt(directory, remove=directory != base)
 
     # -- client errors -----------------------------------------------------------------------
     def _poll(self, timeout: float) -> None:
@@ -483,20 +684,29 @@ class SpanProducer:
         except KafkaException as exc:
             if not exc.args[0].fatal():
                 raise
-            self._client_fatal = True
+            self._client_broken = exc.args[0]
+            self._mark_unhealthy()
 
     def _on_client_error(self, error: KafkaError) -> None:
         if error.fatal():
             log.error("Kafka client failed fatally (%s); replacing it", error)
-            self._client_fatal = True
+            self._client_broken = error
+            self._mark_unhealthy()
         elif error.code() == KafkaError._ALL_BROKERS_DOWN:
+            self._mark_unhealthy()
+
+    def _mark_unhealthy(self) -> None:
+        if self._healthy:
             self._healthy = False
+            self._next_probe = time.monotonic() + self._backoff
 
     def _replace_client(self) -> None:
-        """A fatal client error (e.g. the idempotent producer's state lost by a restarted broker)."""
+        """A new client for one whose producer id is fenced or that failed fatally (e.g. the idempotent
+        producer's state lost by a restarted broker): what the old one holds is spooled."""
         old = self._kafka
         self._kafka = Producer(self._client_config)
-        self._client_fatal = False
+        self.stats.client_replacements += 1
+        log.warning("replaced the Kafka client (%s); spooled messages follow through the new one", self._client_broken)
         old.purge()  # everything it held fails with _PURGE_QUEUE / _PURGE_INFLIGHT and is spooled by _delivered
         # Serve every purged message's delivery report before the old client goes, or _in_flight never
         # drains and flush() waits for reports that will not come.
@@ -505,6 +715,8 @@ class SpanProducer:
             old.poll(0.05)
         if len(old):
             log.error("%d messages of the failed Kafka client got no delivery report", len(old))
+        # Only now: the old client's last reports (more of the same error) must not condemn the new one.
+        self._client_broken = None
 
 
 class _ClientLog(logging.LoggerAdapter):
@@ -517,17 +729,24 @@ class _ClientLog(logging.LoggerAdapter):
         super().log(level, msg, *args, **kwargs)
 
 
-def _open_spool(settings: Settings) -> Spool:
-    """The spool of this process.
+def _open_spool(settings: Settings) -> tuple[Spool, Path]:
+    """The spool of this process, and the directory of its program's family of spools.
 
-    By default ``<home>/spool/<program>``, so a restarted agent adopts what its predecessor left;
-    a second live process of the same program gets ``<program>-<pid>``.
+    The family is ``producer.spool_dir``, by default ``<home>/spool/<program>``. The first live process of
+    the program owns that directory itself, so a restarted agent takes over what its predecessor left; a
+    second live process gets the subdirectory ``<pid>`` of it. Each process adopts, every
+    ``ADOPT_INTERVAL`` seconds, the spools of the family whose owner has ended (a free lock), and deletes
+    emptied subdirectories.
     """
     config = settings.producer
-    if config.spool_dir:
-        return Spool(Path(config.spool_dir), config.spool_max_bytes)
     program = (Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else "") or "python"
-    try:
-        return Spool(settings.home / "spool" / program, config.spool_max_bytes)
-    except SpoolLocked:
-        return Spool(settings.home / "spool" / f"{program}-{os.getpid()}", config.spool_max_bytes)
+    family = Path(config.spool_dir) if config.spool_dir else settings.home / "spool" / program
+    pid = os.getpid()
+    for directory in (family, family / str(pid)):
+        try:
+            return Spool(directory, config.spool_max_bytes), family
+        except SpoolLocked:
+            continue
+    # The pid's directory is held too: an adopter is emptying a directory left by an ended process of
+    # the same pid, or is about to delete it.
+    return Spool(family / f"{pid}-{uuid.uuid4().hex[:8]}", config.spool_max_bytes), family

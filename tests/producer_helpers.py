@@ -3,11 +3,14 @@ agent in a process of its own."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
+from pathlib import Path
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
@@ -65,3 +68,21 @@ def consume(
 
 def at_least(n: int) -> Callable[[list[dict]], bool]:
     return lambda found: len(found) >= n
+
+
+@contextlib.contextmanager
+def tmpfs(mountpoint: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` (``"64k"``) mounted at ``mountpoint`` for the block; the test is skipped, with the
+    reason, where mounting is not permitted (it needs root or CAP_SYS_ADMIN)."""
+    import pytest
+
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mountpoint)], capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs (needs root or CAP_SYS_ADMIN): {done.stderr.strip()}")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import math
 import os
 import subprocess
@@ -13,6 +14,7 @@ import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -24,9 +26,9 @@ from boltstream.infra.common.topics import ensure_topics
 from boltstream.infra.stack.broker import EmbeddedBroker
 from boltstream.producers.redaction import REDACTED, Redactor
 from boltstream.producers.span_producer import SpanProducer
-from boltstream.producers.spool import Spool, SpooledMessage, SpoolLocked
+from boltstream.producers.spool import Spool, SpooledMessage, SpoolLocked, lock_directory
 from boltstream.schemas.codec import codec
-from tests.producer_helpers import at_least, consume, with_producer
+from tests.producer_helpers import at_least, consume, tmpfs, with_producer
 
 
 @pytest.fixture
@@ -548,3 +550,160 @@ def test_nothing_is_lost_across_a_10s_broker_outage(tmp_path: Path) -> None:
     assert during_outage <= {s["event_id"] for s in consumed_new}
     assert stats["messages_spooled"] > 0 and stats["spool_dropped_messages"] == 0
     assert len(lost_by_old_broker) < len(emitted_ids) * 0.05
+
+
+# -- riding out outages: full disks, probes, ended processes, oversized spans --------------------------
+
+
+def _drain(spool: Spool) -> list[SpooledMessage]:
+    messages = []
+    while (taken := spool.take_oldest()) is not None:
+        messages += taken[1]
+        spool.release(taken[0])
+    return messages
+
+
+def test_a_full_disk_drops_the_oldest_counts_every_message_and_never_raises(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "tiny", "64k") as disk:
+        spool = Spool(disk / "spool", max_bytes=1 << 30)
+        for i in range(20):
+            spool.put(SpooledMessage("spans", f"out-{i}".encode(), b"o" * 500, spans=1, kept=False))
+        stored = [spool.put(SpooledMessage("spans", f"k-{i}".encode(), b"v" * 1000, spans=2)) for i in range(600)]
+        assert spool.stats.write_failures > 0
+        survivors = _drain(spool)
+        spool.close()
+    kept = [int(m.key.split(b"-")[1]) for m in survivors if m.kept]
+    # Sampled-out data went first, then the oldest kept; what survives is the newest kept data, in order.
+    assert kept and len(survivors) == len(kept) and kept == list(range(600 - len(kept), 600))
+    assert stored[-1] and len(survivors) + spool.stats.dropped_messages == 20 + 600
+    assert spool.stats.dropped_spans == 20 + 2 * (600 - len(kept))
+
+
+def test_a_segment_nothing_of_which_was_sent_goes_back_untouched(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", max_bytes=1 << 20)
+    for i in range(5):
+        spool.put(SpooledMessage("spans", f"k{i}".encode(), b"value", spans=1))
+    segment, messages = spool.take_oldest()
+    before = segment.path.stat()
+    assert len(spool) == 0
+    spool.give_back(segment)
+    assert (len(spool), spool.stats.bytes) == (5, before.st_size)
+    again, messages_again = spool.take_oldest()
+    after = again.path.stat()
+    assert messages_again == messages and (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+
+_HOLDER = """
+import sys, time
+from boltstream.producers.spool import Spool, SpooledMessage
+spool = Spool(sys.argv[1], max_bytes=1 << 20)
+for i in range(7):
+    spool.put(SpooledMessage("spans", b"k%d" % i, b"value", spans=2))
+print("READY", flush=True)
+time.sleep(600)
+"""
+
+
+def test_the_spool_of_an_ended_process_is_adopted_and_a_live_one_is_not(tmp_path: Path) -> None:
+    other = tmp_path / "family" / "4242"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(other)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "READY\n"
+        mine = Spool(tmp_path / "family", max_bytes=1 << 20)
+        assert mine.adopt(other, remove=True) == 0 and len(mine) == 0  # its owner lives
+        holder.kill()
+        holder.wait(10)
+        assert mine.adopt(other, remove=True) == 7
+    finally:
+        holder.kill()
+        holder.wait(10)
+    assert not other.exists(), "an emptied subdirectory is deleted"
+    assert mine.stats.adopted_messages == 7
+    assert [m.key for m in _drain(mine)] == [f"k{i}".encode() for i in range(7)]
+
+
+def test_a_process_adopts_the_spool_its_sibling_left_and_delivers_it(settings: Settings, tmp_path: Path) -> None:
+    """Two producers of one program (one spool family): the first spools while its broker is unreachable
+    and ends; the second, which had to take the subdirectory ``<pid>``, adopts and delivers its spans."""
+    ensure_topics(settings)
+    family = tmp_path / "spool"
+    unreachable = with_producer(
+        replace(settings, kafka=replace(settings.kafka, bootstrap_servers="127.0.0.1:9")),
+        delivery_timeout=1.0,
+        spool_dir=str(family),
+    )
+    not_a_spool = family / "retained" / "000000000000.kept.seg"  # what else lives there is not adopted
+    not_a_spool.parent.mkdir(parents=True)
+    not_a_spool.write_bytes(b"not a sibling's spool")
+    first = SpanProducer(unreachable)
+    second = SpanProducer(with_producer(settings, spool_dir=str(family)))
+    try:
+        assert (first.spool.directory, second.spool.directory) == (family, family / str(os.getpid()))
+        span = ("e-{}", "r-{}", "attempt-0", "t", "agent", "message", "m", None, 0, 1, 2, "ok", None, None, None, "")
+        for i in range(30):
+            first.append(tuple(field.format(i) if isinstance(field, str) else field for field in span))
+        assert first.flush(3) is False
+        first.close(0.5)
+        deadline = time.monotonic() + 30
+        while second.spool.stats.adopted_messages == 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert second.flush(20), second.stats
+    finally:
+        second.close(5)
+    spans = consume(settings.kafka.bootstrap_servers, settings.topics.spans, at_least(30))
+    assert sorted(s["event_id"] for s in spans) == sorted(f"e-{i}" for i in range(30))
+    assert second.spool.stats.adopted_messages == 30 and not any(family.glob("*.seg"))
+    assert not_a_spool.exists() and second.spool.stats.dropped_messages == 0
+
+
+def test_a_forked_child_lets_go_of_the_parent_spool(settings: Settings, tmp_path: Path) -> None:
+    """A forked child (a multiprocessing worker) must not keep its parent's spool locked: once the parent's
+    producer is gone, the spool is free for the next process, even while the child lives."""
+    agl.configure(with_producer(settings, spool_dir=str(tmp_path / "spool")))
+    read, write = os.pipe()
+    started_read, started_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the fork handlers ran before fork() returned here
+        os.close(write)
+        os.write(started_write, b"s")
+        os.read(read, 1)  # until the parent is done
+        os._exit(0)
+    os.close(read)
+    try:
+        assert os.read(started_read, 1) == b"s"
+        agl.shutdown(5)
+        lock = lock_directory(tmp_path / "spool")
+        assert lock is not None, "the child still holds the spool's lock"
+        os.close(lock)
+    finally:
+        for descriptor in (write, started_read, started_write):
+            os.close(descriptor)
+        os.waitpid(pid, 0)
+
+
+def test_a_span_over_max_message_bytes_is_refused_counted_logged_once_and_dead_lettered(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = replace(settings, kafka=replace(settings.kafka, max_message_bytes=20_000))
+    ensure_topics(settings)
+    agl.configure(settings)
+    try:
+        with agl.rollout(task_id="big", agent_name="agent") as run:
+            small = [agl.emit_message(f"step {i} " + "s" * 150) for i in range(200)]  # ~40 KB: split, not refused
+            big = [agl.emit("tool_call", **{f"field{k}": "x" * 4000 for k in range(8)}) for _ in range(2)]
+        with caplog.at_level(logging.ERROR, logger="boltstream.producer"):
+            assert agl.flush(20) is False, "a span was refused: flush() says so"
+        assert agl.flush(10), "nothing dropped since the last flush"
+        stats = agl.stats()
+    finally:
+        agl.shutdown(5)
+    assert stats["dropped_oversized_spans"] == 2 and stats["dead_letters_delivered"] == 2
+    refusals = [r for r in caplog.records if "larger than kafka.max_message_bytes (20,000)" in r.getMessage()]
+    assert len(refusals) == 1 and big[0] in refusals[0].getMessage()
+    spans = consume(settings.kafka.bootstrap_servers, settings.topics.spans, at_least(201))
+    assert {s["event_id"] for s in spans} == {*small, run.root_id}
+    letters = consume(settings.kafka.bootstrap_servers, settings.topics.dlq, at_least(2), record="DeadLetter")
+    assert len(letters) == 2 and {letter["error_type"] for letter in letters} == {"too_large"}
+    assert {letter["key"] for letter in letters} == {run.rollout_id.encode()}
+    assert {letter["value"] for letter in letters} == {b""}
+    assert sorted(b in letter["reason"] for letter in letters for b in big) == [False, False, True, True]
