@@ -38,6 +38,8 @@ from boltstream.producers.spool import Spool, SpooledMessage
 
 log = logging.getLogger("boltstream.retention")
 
+#: The folder of a spool that holds its retained messages.
+RETAINED = "retained"
 #: Buckets per retention window: a bucket's files go once every rollout in it is older than the window.
 BUCKETS_PER_WINDOW = 4
 _INCARNATION_FILE = "incarnation.json"
@@ -147,10 +149,33 @@ class Retention:
 
     # -- buckets ----------------------------------------------------------------------------
     def _open_bucket(self, now: float) -> _Bucket:
-        sequence = max((int(b.spool.directory.name) for b in self._buckets), default=-1) + 1
-        bucket = _Bucket(Spool(self.directory / f"{sequence:012d}", self.max_bytes), now)
+        bucket = _Bucket(Spool(self._next_bucket_directory(), self.max_bytes), now)
         self._buckets.append(bucket)
         return bucket
+
+    def _next_bucket_directory(self) -> Path:
+        sequence = max((int(b.spool.directory.name) for b in self._buckets), default=-1) + 1
+        return self.directory / f"{sequence:012d}"
+
+    def adopt_from(self, retained: Path) -> int:
+        """Take over what an ended sibling process retained in ``retained`` (its ``<spool>/retained``, whose
+        spool this process just adopted), as if acknowledged just now, and remove that folder; the number
+        of messages taken over."""
+        taken = 0
+        with self._lock:
+            if self.window:
+                now = time.monotonic()
+                for path in sorted(p for p in retained.iterdir() if p.is_dir() and p.name.isdigit()):
+                    target = self._next_bucket_directory()
+                    path.rename(target)
+                    bucket = _Bucket(Spool(target, self.max_bytes), now)
+                    adopted = f"adopted:{target.name}".encode()
+                    bucket.rollouts.add(adopted)
+                    self._last_ack[adopted] = now
+                    self._buckets.append(bucket)
+                    taken += len(bucket.spool)
+        shutil.rmtree(retained, ignore_errors=True)
+        return taken
 
     def _adopt(self) -> None:
         """Take over what an earlier process of this spool retained, as if acknowledged just now."""

@@ -50,7 +50,7 @@ from boltstream.infra.common.config import Settings
 from boltstream.infra.common.contract import keep_rollout
 from boltstream.producers.pending_span import ATTRIBUTES, ERROR, LLM, REWARD, ROLLOUT_ID, SERVER_ID, PendingSpan
 from boltstream.producers.redaction import Redactor
-from boltstream.producers.retention import Retention
+from boltstream.producers.retention import RETAINED, Retention
 from boltstream.producers.span_encoder import SpanBatchEncoder
 from boltstream.producers.spool import Segment, Spool, SpooledMessage, SpoolLocked
 from boltstream.schemas.codec import CodecError, codec
@@ -186,7 +186,7 @@ class SpanProducer:
         )
         self._kafka = Producer(self._client_config)
         self._spool, self._spool_family = _open_spool(settings)
-        self._retention = Retention(settings, self._spool.directory / "retained")
+        self._retention = Retention(settings, self._spool.directory / RETAINED)
         self._pending: deque[PendingSpan] = deque()
         self._rewards: deque[tuple[dict[str, Any], bool]] = deque()
         self._batch_size = config.span_buffer_size
@@ -674,7 +674,12 @@ class SpanProducer:
             candidates += [entry for entry in base.iterdir() if _SIBLING_SPOOL.match(entry.name) and entry.is_dir()]
         for directory in candidates:
             if directory != self._spool.directory:
-                self._spool.adopt(directory, remove=directory != base)
+                self._spool.adopt(directory, remove=directory != base, before_removal=self._adopt_retained)
+
+    def _adopt_retained(self, directory: Path) -> None:
+        """What an ended sibling had retained (:mod:`.retention`) is retained here now."""
+        if (directory / RETAINED).is_dir():
+            self._retention.adopt_from(directory / RETAINED)
 
     # -- client errors -----------------------------------------------------------------------
     def _poll(self, timeout: float) -> None:

@@ -31,7 +31,7 @@ import struct
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -342,10 +342,10 @@ class Spool:
             offset += 4 + length
 
     # -- taking over the spool of a process that is gone ------------------------------------
-    def adopt(self, directory: Path, *, remove: bool) -> int:
+    def adopt(self, directory: Path, *, remove: bool, before_removal: Callable[[Path], None] | None = None) -> int:
         """Move the segments of the spool ``directory`` into this spool if no live process owns it, then
-        delete the emptied directory if ``remove``; the number of messages adopted (0 when its owner lives
-        or it holds nothing)."""
+        delete the emptied directory if ``remove`` (after ``before_removal(directory)`` took what else it
+        holds); the number of messages adopted (0 when its owner lives or it holds nothing)."""
         directory = Path(directory)
         lock = lock_directory(directory)
         if lock is None:
@@ -360,6 +360,8 @@ class Spool:
                     "spool %s: adopted %d messages left by an ended process in %s", self.directory, adopted, directory
                 )
             if remove:  # its lock file goes first, while locked: see lock_directory
+                if before_removal is not None:
+                    before_removal(directory)
                 (directory / LOCK_FILE).unlink(missing_ok=True)
                 with contextlib.suppress(OSError):  # something else lives there: leave it
                     directory.rmdir()
