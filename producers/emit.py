@@ -59,8 +59,7 @@ def _snapshot(attributes: Mapping[str, Any] | None) -> list[Any]:
                 flat.append(key)
                 flat.append(value)
             else:
-                for pair in flat_attribute_items(key, value):
-                    flat += pair
+                flat += flat_attribute_items(key, value)
     return flat
 
 

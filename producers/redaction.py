@@ -426,8 +426,6 @@ def to_text(value: Any) -> str:
         return str(value)
 
 
-#: The Python types a span attribute value keeps on the wire (SpanBatch v3), ints within 64 bits.
-WIRE_SCALARS = (str, int, float, bool)
 _LONG_MIN, _LONG_MAX = -(1 << 63), (1 << 63) - 1
 #: A nested value is flattened only this deep and into at most this many keys; past either bound it is
 #: kept whole as JSON text under its own key (a 10,000-item list must not become 10,000 attributes).
@@ -441,31 +439,37 @@ def is_wire_scalar(value: Any) -> bool:
     return kind is str or kind is float or kind is bool or (kind is int and _LONG_MIN <= value <= _LONG_MAX)
 
 
-def flat_attribute_items(key: str, value: Any) -> list[tuple[str, Any]]:
-    """``(key, value)`` pairs whose values are wire scalars: ``value`` itself when it is one, a mapping or a
-    sequence flattened into ``key.sub`` / ``key.0`` keys (empty ones, and ones too deep or too large, kept
-    whole as JSON text), anything else as JSON text (None as ``null``, an int beyond 64 bits as its digits)."""
+def flat_attribute_items(key: str, value: Any) -> list[Any]:
+    """``key, value, key, value, ...`` whose values are wire scalars: ``value`` itself when it is one, a
+    mapping or a sequence flattened into ``key.sub`` / ``key.0`` keys (empty ones, and ones too deep or too
+    large, kept whole as JSON text), anything else as JSON text (None as ``null``, an int beyond 64 bits as
+    its digits). Runs on the agent's thread (the snapshot of a value it may change later): one loop over
+    the leaves with exact type checks, no call per leaf."""
     if is_wire_scalar(value):
-        return [(key, value)]
-    flat: list[tuple[str, Any]] = []
-    if isinstance(value, (Mapping, list, tuple)) and value and _flatten(key, value, 0, flat):
-        return flat
-    return [(key, to_text(value))]
+        return [key, value]
+    kind = type(value)
+    if (kind is dict or kind is list or kind is tuple or isinstance(value, Mapping)) and value:
+        flat: list[Any] = []
+        if _flatten(key, value, 0, flat):
+            return flat
+    return [key, to_text(value)]
 
 
-def _flatten(prefix: str, value: Any, depth: int, flat: list[tuple[str, Any]]) -> bool:
+def _flatten(prefix: str, value: Any, depth: int, flat: list[Any]) -> bool:
     """Append the leaves of ``value`` under ``prefix``; False when a bound is passed (``flat`` is then void)."""
     if depth >= MAX_FLATTEN_DEPTH:
         return False
-    items = value.items() if isinstance(value, Mapping) else enumerate(value)
-    for sub, item in items:
-        key = f"{prefix}.{sub}"
-        if isinstance(item, (Mapping, list, tuple)) and item:
-            if not _flatten(key, item, depth + 1, flat):
+    kind = type(value)
+    for sub, item in enumerate(value) if kind is list or kind is tuple else value.items():
+        kind = type(item)
+        if kind is str or kind is float or kind is bool or (kind is int and _LONG_MIN <= item <= _LONG_MAX):
+            flat += (f"{prefix}.{sub}", item)
+        elif (kind is dict or kind is list or kind is tuple or isinstance(item, Mapping)) and item:
+            if not _flatten(f"{prefix}.{sub}", item, depth + 1, flat):
                 return False
         else:
-            flat.append((key, item if is_wire_scalar(item) else to_text(item)))
-        if len(flat) > MAX_FLATTENED_KEYS:
+            flat += (f"{prefix}.{sub}", to_text(item))
+        if len(flat) > 2 * MAX_FLATTENED_KEYS:
             return False
     return True
 
@@ -573,7 +577,8 @@ class Redactor:
         cleaned: dict[str, Any] = {}
         for key, value in attributes.items():
             key = key if type(key) is str else str(key)
-            for flat_key, flat_value in flat_attribute_items(key, value):
+            flat = flat_attribute_items(key, value)
+            for flat_key, flat_value in zip(flat[::2], flat[1::2], strict=True):
                 cleaned[flat_key] = REDACTED if self.is_secret_key(flat_key) else flat_value
         texts = [value for value in cleaned.values() if type(value) is str]
         joined = "\x00".join(texts)
