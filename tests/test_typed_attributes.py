@@ -26,33 +26,39 @@ from tests.records import make_span
 from tests.test_archive import wait_for
 
 
+def pairs(key: str, value: object) -> list[tuple[str, object]]:
+    flat = flat_attribute_items(key, value)
+    return list(zip(flat[::2], flat[1::2], strict=True))
+
+
 def test_nested_values_flatten_into_dotted_keys_with_typed_leaves() -> None:
     usage = {"usage": {"prompt_tokens": 7, "completion_tokens": 5}, "tags": ["a", "b"], "ok": True}
-    assert flat_attribute_items("response", usage) == [
+    assert pairs("response", usage) == [
         ("response.usage.prompt_tokens", 7),
         ("response.usage.completion_tokens", 5),
         ("response.tags.0", "a"),
         ("response.tags.1", "b"),
         ("response.ok", True),
     ]
-    assert flat_attribute_items("x", {}) == [("x", "{}")]  # an empty value keeps its key
-    assert flat_attribute_items("x", {"a": None, "b": b"raw"}) == [("x.a", "null"), ("x.b", "\"b'raw'\"")]
-    assert flat_attribute_items("big", 2**64) == [("big", str(2**64))]  # beyond a long: its digits
-    assert flat_attribute_items("n", -(2**63)) == [("n", -(2**63))]
+    assert pairs("x", {}) == [("x", "{}")]  # an empty value keeps its key
+    assert pairs("x", {"a": None, "b": b"raw"}) == [("x.a", "null"), ("x.b", "\"b'raw'\"")]
+    assert pairs("big", 2**64) == [("big", str(2**64))]  # beyond a long: its digits
+    assert pairs("n", -(2**63)) == [("n", -(2**63))]
+    assert pairs("t", (1.5, ("u", False))) == [("t.0", 1.5), ("t.1.0", "u"), ("t.1.1", False)]
 
 
 def test_values_too_deep_or_too_large_to_flatten_are_kept_whole_as_json() -> None:
     deep: dict = {"leaf": 1}
     for _ in range(MAX_FLATTEN_DEPTH):
         deep = {"d": deep}
-    ((key, text),) = flat_attribute_items("deep", deep)
+    ((key, text),) = pairs("deep", deep)
     assert key == "deep" and text.startswith('{"d":{"d":') and text.endswith('"leaf":1' + "}" * (MAX_FLATTEN_DEPTH + 1))
     many = list(range(MAX_FLATTENED_KEYS + 1))
-    assert flat_attribute_items("many", many) == [("many", "[" + ",".join(map(str, many)) + "]")]
-    assert len(flat_attribute_items("just", many[:-1])) == MAX_FLATTENED_KEYS
+    assert pairs("many", many) == [("many", "[" + ",".join(map(str, many)) + "]")]
+    assert len(pairs("just", many[:-1])) == MAX_FLATTENED_KEYS
     cycle: list = []
     cycle.append(cycle)
-    ((key, text),) = flat_attribute_items("cycle", cycle)  # no recursion error: the depth bound stops it
+    ((key, text),) = pairs("cycle", cycle)  # no recursion error: the depth bound stops it
     assert key == "cycle" and isinstance(text, str)
 
 
