@@ -35,10 +35,34 @@ from boltstream.producers.emit import (
     send_reward,
     traced,
 )
+from boltstream.producers.litagent import (
+    Attempt,
+    AttemptedRollout,
+    FunctionalLitAgent,
+    LitAgent,
+    Rollout,
+    Task,
+    execute_rollout,
+    execute_rollout_async,
+    llm_rollout,
+    prompt_rollout,
+)
 from boltstream.producers.prompts import current_prompt, prompt_attributes
+from boltstream.producers.resources import LLM, NamedResources, PromptTemplate, Resource, ResourcesUpdate
 from boltstream.producers.runtime import configure, flush, shutdown, stats
 
 __all__ = [
+    "LLM",
+    "Attempt",
+    "AttemptedRollout",
+    "FunctionalLitAgent",
+    "LitAgent",
+    "NamedResources",
+    "PromptTemplate",
+    "Resource",
+    "ResourcesUpdate",
+    "Rollout",
+    "Task",
     "configure",
     "current_prompt",
     "current_rollout",
@@ -52,12 +76,16 @@ __all__ = [
     "emit_reward",
     "emit_span",
     "emit_tool_call",
+    "execute_rollout",
+    "execute_rollout_async",
     "flush",
     "instrument",
     "keep_rollout",
+    "llm_rollout",
     "new_id",
     "operation",
     "prompt_attributes",
+    "prompt_rollout",
     "rollout",
     "send_reward",
     "shutdown",

@@ -70,7 +70,18 @@ class rollout:
 
     ``attempt`` numbers retries of the same rollout (pass the same ``rollout_id``); an int ``n``
     becomes attempt id ``attempt-n``, a string is used as is.
+
+    The same name is Agent Lightning's decorator: ``@rollout`` on a function ``(task, llm)`` /
+    ``(task, prompt_template)`` (sync or async) makes it an agent
+    (:class:`boltstream.producers.litagent.FunctionalLitAgent`), whose returned number is the final reward.
     """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        if len(args) == 1 and not kwargs and callable(args[0]):  # @rollout on a function
+            from boltstream.producers.litagent import rollout_agent
+
+            return rollout_agent(args[0])
+        return super().__new__(cls)
 
     def __init__(
         self,

@@ -2,8 +2,11 @@
 ``traced`` / ``operation`` blocks and ``send_reward`` for rewards that come later from elsewhere.
 
 Names and signatures follow Agent Lightning 0.3 (``emit_reward``, ``emit_message``, ``emit_object``,
-``emit_exception``, ``emit_annotation``, ``operation``) so ``from boltstream import agl`` runs code
-written for it. Every helper returns the new span's event_id and costs the agent a few microseconds:
+``emit_exception``, ``emit_annotation``, ``operation``, ``@reward``) so ``from boltstream import agl`` runs code
+written for it, and so do the attribute keys its readers look for (``agentlightning.message.body``,
+``agentlightning.object.*``, ``agentlightning.reward.<i>.name/value``, OTel's ``exception.*``).
+Every helper returns the new span's event_id (those of Agent Lightning as an :class:`EmittedSpan`, a
+``str`` that also carries the span's name, attributes and times) and costs the agent a few microseconds:
 nested values are flattened into dotted keys and other values that are not plain scalars snapshotted
 to JSON here (the agent may mutate them later); everything else (redaction, truncation, encoding, I/O)
 happens on the producer's thread.
@@ -41,6 +44,50 @@ KINDS = frozenset(
 _SCALARS = (str, int, float, bool, type(None))
 _Fn = TypeVar("_Fn", bound=Callable[..., Any])
 _failures = 0
+
+
+#: Attribute keys of Agent Lightning's semantic conventions (its ``semconv`` module), which its helpers read.
+MESSAGE_BODY = "agentlightning.message.body"
+OBJECT_TYPE = "agentlightning.object.type"
+OBJECT_JSON = "agentlightning.object.json"
+OBJECT_LITERAL = "agentlightning.object.literal"
+REWARD_PREFIX = "agentlightning.reward"
+
+
+class EmittedSpan(str):
+    """What Agent Lightning's emitters return: the span's event_id (a ``str``, as boltstream's callers use
+    it) with the fields of the span it recorded, like Agent Lightning's ``SpanCoreFields``."""
+
+    name: str
+    kind: str
+    attributes: dict[str, Any]
+    reward: float | None
+    start_time: float | None
+    end_time: float | None
+    status: str
+
+    @property
+    def event_id(self) -> str:
+        return str(self)
+
+    span_id = event_id
+
+    def __repr__(self) -> str:
+        return f"EmittedSpan({str(self)!r}, kind={self.kind!r}, name={self.name!r})"
+
+
+def _emitted(
+    event_id: str,
+    kind: str,
+    name: str,
+    attributes: Mapping[str, Any] | None,
+    reward: float | None = None,
+    status: str = "ok",
+) -> EmittedSpan:
+    span = EmittedSpan(event_id)
+    span.kind, span.name, span.attributes, span.reward, span.status = kind, name, dict(attributes or {}), reward, status
+    span.start_time = span.end_time = now_us() / 1e6
+    return span
 
 
 def emit_failures() -> int:
@@ -150,31 +197,63 @@ def emit_reward(
     name: str = "final",
     attributes: Mapping[str, Any] | None = None,
     propagate: bool = True,
-) -> str:
+) -> EmittedSpan | str:
     """Record a reward for the current rollout (a ``reward`` span); it ends an implicit rollout.
 
     A dict is a multi-dimensional reward (Agent Lightning 0.3): ``primary_key`` names the value
-    used as the reward, the other dimensions become ``reward.<name>`` attributes.
-    ``propagate=False`` records nothing (Agent Lightning's local-only spans).
+    used as the reward; every dimension is recorded as ``agentlightning.reward.<i>.name`` /
+    ``.value`` attributes, the primary one first (index 0). ``propagate=False`` records nothing
+    (Agent Lightning's local-only spans) and returns the span it would have recorded.
+    Bad input is logged and counted and returns "" (never raises into the agent).
     """
-    if not propagate:
-        return ""
     try:
         extra = dict(attributes or {})
         if isinstance(reward, Mapping):
             if primary_key is None or primary_key not in reward:
                 raise ValueError(f"a dict reward needs primary_key naming one of {sorted(reward)}")
-            extra.update({f"reward.{k}": float(v) for k, v in reward.items()})
+            dimensions = [primary_key, *(k for k in reward if k != primary_key)]
+            for index, key in enumerate(dimensions):
+                extra[f"{REWARD_PREFIX}.{index}.name"] = str(key)
+                extra[f"{REWARD_PREFIX}.{index}.value"] = float(reward[key])
             value = float(reward[primary_key])
         else:
             value = float(reward)
         if not math.isfinite(value):
             extra["reward.raw"] = repr(value)
+        if not propagate:
+            return _emitted(new_id(), "reward", name, extra, value)
         event_id = emit_span("reward", name, attributes=extra, reward=value)
         end_implicit_rollout()
-        return event_id
+        return _emitted(event_id, "reward", name, extra, value) if event_id else ""
     except Exception:
         return _fail(f"emit_reward({reward!r})")
+
+
+def reward(fn: _Fn) -> _Fn:
+    """Agent Lightning's ``@reward``: the decorated function's returned number (sync or async) is also
+    recorded as a reward span; ``None`` records nothing. The value is returned unchanged."""
+
+    def record(value: Any) -> None:
+        if value is not None:
+            emit_reward(value, name=fn.__name__)
+
+    if inspect.iscoroutinefunction(fn):
+
+        @functools.wraps(fn)
+        async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+            value = await fn(*args, **kwargs)
+            record(value)
+            return value
+
+        return async_wrapper  # type: ignore[return-value]
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        value = fn(*args, **kwargs)
+        record(value)
+        return value
+
+    return wrapper  # type: ignore[return-value]
 
 
 def emit_decision(
@@ -216,41 +295,69 @@ def emit_tool_call(
     )
 
 
-def emit_message(message: str, *, attributes: Mapping[str, Any] | None = None, propagate: bool = True) -> str:
-    """Record a log line / message (``message`` span, text in attribute ``message``)."""
+def _agl_span(
+    kind: str,
+    name: str,
+    attributes: Mapping[str, Any],
+    propagate: bool,
+    status: str = "ok",
+    error: str | None = None,
+) -> EmittedSpan | str:
+    """Record (unless ``propagate=False``) one span of an Agent Lightning emitter and return it as an EmittedSpan."""
     if not propagate:
-        return ""
-    return emit_span("message", "message", attributes={**(attributes or {}), "message": message})
+        return _emitted(new_id(), kind, name, attributes, status=status)
+    event_id = emit_span(kind, name, attributes=attributes, status=status, error=error)
+    return _emitted(event_id, kind, name, attributes, status=status) if event_id else ""
 
 
-def emit_object(obj: Any, *, attributes: Mapping[str, Any] | None = None, propagate: bool = True) -> str:
-    """Record any JSON-serialisable object (``object`` span, JSON in attribute ``object``)."""
-    if not propagate:
-        return ""
-    return emit_span("object", type(obj).__name__, attributes={**(attributes or {}), "object": to_text(obj)})
+def emit_message(
+    message: str, attributes: Mapping[str, Any] | None = None, propagate: bool = True
+) -> EmittedSpan | str:
+    """Record a log line / message (``message`` span, text in attribute ``agentlightning.message.body``)."""
+    try:
+        return _agl_span("message", "message", {**(attributes or {}), MESSAGE_BODY: str(message)}, propagate)
+    except Exception:
+        return _fail("emit_message")
+
+
+def emit_object(obj: Any, attributes: Mapping[str, Any] | None = None, propagate: bool = True) -> EmittedSpan | str:
+    """Record any object (``object`` span): its type in ``agentlightning.object.type``, a str/number/bool
+    in ``agentlightning.object.literal``, anything else as JSON in ``agentlightning.object.json``."""
+    try:
+        value = {OBJECT_LITERAL: obj} if type(obj) in _SCALARS and obj is not None else {OBJECT_JSON: to_text(obj)}
+        merged = {**(attributes or {}), OBJECT_TYPE: type(obj).__name__, **value}
+        return _agl_span("object", type(obj).__name__, merged, propagate)
+    except Exception:
+        return _fail("emit_object")
 
 
 def emit_exception(
-    exception: BaseException, *, attributes: Mapping[str, Any] | None = None, propagate: bool = True
-) -> str:
-    """Record an exception (``exception`` span, status ``error``, traceback in attribute ``traceback``)."""
-    if not propagate:
-        return ""
-    stack = "".join(traceback.format_exception(type(exception), exception, exception.__traceback__))
-    return emit_span(
-        "exception",
-        type(exception).__name__,
-        attributes={**(attributes or {}), "traceback": stack},
-        status="error",
-        error=f"{type(exception).__name__}: {exception}",
-    )
+    exception: BaseException, attributes: Mapping[str, Any] | None = None, propagate: bool = True
+) -> EmittedSpan | str:
+    """Record an exception (``exception`` span, status ``error``; OpenTelemetry's ``exception.type``,
+    ``exception.message`` and ``exception.stacktrace`` attributes)."""
+    try:
+        if not isinstance(exception, BaseException):
+            raise TypeError(f"emit_exception takes an exception, not {type(exception).__name__}")
+        stack = "".join(traceback.format_exception(type(exception), exception, exception.__traceback__))
+        kind_name = type(exception).__name__
+        merged = {
+            **(attributes or {}),
+            "exception.type": kind_name,
+            "exception.message": str(exception),
+            "exception.stacktrace": stack,
+        }
+        return _agl_span("exception", kind_name, merged, propagate, "error", f"{kind_name}: {exception}")
+    except Exception:
+        return _fail("emit_exception")
 
 
-def emit_annotation(annotation: Mapping[str, Any], propagate: bool = True) -> str:
+def emit_annotation(annotation: Mapping[str, Any], propagate: bool = True) -> EmittedSpan | str:
     """Record free-form key/values about the rollout (``annotation`` span)."""
-    if not propagate:
-        return ""
-    return emit_span("annotation", "annotation", attributes=annotation)
+    try:
+        return _agl_span("annotation", "annotation", dict(annotation), propagate)
+    except Exception:
+        return _fail("emit_annotation")
 
 
 def send_reward(
@@ -442,7 +549,11 @@ def operation(fn: Any = None, *, propagate: bool = True, name: str | None = None
 
 
 class _NoSpan:
-    """What ``operation(propagate=False)`` returns: the same methods, recording nothing."""
+    """What ``operation(propagate=False)`` returns: the same methods, recording nothing; as a decorator
+    (``@operation(propagate=False)``) it returns the function unchanged."""
+
+    def __call__(self, fn: _Fn) -> _Fn:
+        return fn
 
     def set_attribute(self, key: str, value: Any) -> None: ...
     def set_input(self, *args: Any, **kwargs: Any) -> None: ...

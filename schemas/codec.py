@@ -47,6 +47,7 @@ RECORDS = (
     "PromptUpdate",
     "ServedVersion",
     "CanaryDecision",
+    "RolloutTask",
 )
 
 

@@ -58,6 +58,7 @@ def isolated_settings(broker: EmbeddedBroker, home: Path) -> Settings:
             "prompt_updates",
             "served_versions",
             "canary_decisions",
+            "rollout_tasks",
         )
     }
     return load_settings(

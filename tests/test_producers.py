@@ -301,7 +301,7 @@ def test_a_forked_child_gets_its_own_producer(sdk: Settings) -> None:
     assert os.waitstatus_to_exitcode(status) == 0
     assert agl.flush(10)
     spans = consume(sdk.kafka.bootstrap_servers, sdk.topics.spans, at_least(4))
-    messages = {s["attributes"].get("message"): s for s in spans if s["kind"] == "message"}
+    messages = {s["attributes"].get("agentlightning.message.body"): s for s in spans if s["kind"] == "message"}
     assert set(messages) == {"before fork", "from the child"} and messages["before fork"]["event_id"] == parent
     assert messages["before fork"]["rollout_id"] != messages["from the child"]["rollout_id"]
 

@@ -172,6 +172,8 @@ class TopicConfig(_Checked):
     served_versions: str = "boltstream.served-versions.v1"
     #: Canary decisions (start, promote, rollback of a candidate version), keyed by model; every one is kept.
     canary_decisions: str = "boltstream.canary-decisions.v1"
+    #: RolloutTask records (rollouts an algorithm queued through the store API for the runners), keyed by rollout_id.
+    rollout_tasks: str = "boltstream.rollout-tasks.v1"
     #: Partitions of the keyed event topics (spans, rewards, trajectories, samples, dlq, canary-decisions). They bound
     #: how many workers of one consumer group share the load; spans and rewards must be equal
     #: (co-partitioned for the join).
@@ -187,7 +189,15 @@ class TopicConfig(_Checked):
 
     def all(self) -> dict[str, int]:
         """Every topic with its partition count."""
-        event = (self.spans, self.rewards, self.trajectories, self.samples, self.dlq, self.canary_decisions)
+        event = (
+            self.spans,
+            self.rewards,
+            self.trajectories,
+            self.samples,
+            self.dlq,
+            self.canary_decisions,
+            self.rollout_tasks,
+        )
         return {**{t: self.partitions for t in event}, **{t: self.control_partitions for t in self.compacted()}}
 
 

@@ -1,0 +1,433 @@
+"""The algorithm-side store API of Agent Lightning 0.3 (``LightningStore``), over the broker and the archive.
+
+A custom algorithm queues rollouts, waits for them and reads their spans and resources::
+
+    store = agl.LightningStore()                       # settings from load_settings()
+    update = await store.add_resources({"main_prompt": agl.PromptTemplate(template="...")})
+    queued = await store.enqueue_rollout(input={"question": "..."}, mode="train")
+    done = await store.wait_for_rollouts(rollout_ids=[queued.rollout_id], timeout=120)
+    spans = await store.query_spans(queued.rollout_id)
+    reward = agl.find_final_reward(spans)
+
+Writes go to Kafka: a queued rollout is a ``RolloutTask`` record on ``topics.rollout_tasks`` (carrying
+the resources it runs with); runners take them with :meth:`LightningStore.dequeue_rollout`, one
+consumer group sharing the partitions. What the runners' agents record travels as spans, like any
+agent's. Reads go to ClickHouse through ``clickhouse.read_url`` (the local stack's read endpoint or a
+server): a rollout is finished when its root span is archived; its status is that span's
+(``succeeded`` / ``failed``), its final reward the last reward span's. The resources a rollout ran
+with are attributes of its root span, so the archive answers ``get_resources_by_id`` too; resources
+this store added are also known before any rollout used them.
+
+Agent Lightning's in-memory, SQLite and Mongo stores hold everything in one place; here the archive
+is the store, so what a store call returns lags the agents by the archive's batching (seconds).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from boltstream.infra.common.config import ConfigError, Settings, load_settings, redacted
+from boltstream.producers import runtime
+from boltstream.producers.context import new_id, now_us
+from boltstream.producers.litagent import (
+    MODE_ATTRIBUTE,
+    RESOURCES_ATTRIBUTE,
+    RESOURCES_ID_ATTRIBUTE,
+    TASK_INPUT_ATTRIBUTE,
+    Attempt,
+    AttemptedRollout,
+    Rollout,
+)
+from boltstream.producers.resources import NamedResources, ResourcesUpdate, resources_from_dict, resources_to_dict
+from boltstream.producers.span_views import Span
+from boltstream.schemas.codec import codec
+
+log = logging.getLogger("boltstream.agl.store")
+
+#: Consumer group of the runners that take queued rollouts (one group shares the tasks).
+RUNNER_GROUP = "boltstream-runners"
+_LLM_COLUMNS = (
+    "llm_model",
+    "llm_model_version",
+    "llm_prompt_text",
+    "llm_completion_text",
+    "llm_prompt_tokens",
+    "llm_completion_tokens",
+    "llm_latency_ms",
+    "llm_finish_reason",
+)
+_SPAN_COLUMNS = (
+    "event_id, rollout_id, attempt_id, task_id, agent_name, toString(kind), name, parent_id, sequence, "
+    "start_time_us, end_time_us, status, error, reward, attributes, " + ", ".join(_LLM_COLUMNS)
+)
+
+
+class LightningStore:
+    """Agent Lightning's store API for algorithms and runners, over Kafka (writes) and ClickHouse (reads).
+
+    ``read_timeout`` bounds how long :meth:`query_spans` waits for a finished rollout's spans to reach
+    the archive; ``poll_interval`` is how often waits look again.
+    """
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        runner_group: str = RUNNER_GROUP,
+        read_timeout: float = 60.0,
+        poll_interval: float = 0.5,
+    ) -> None:
+        self.settings = settings or load_settings()
+        self.runner_group = runner_group
+        self.read_timeout = read_timeout
+        self.poll_interval = poll_interval
+        self._resources: dict[str, ResourcesUpdate] = {}
+        self._latest_resources_id: str | None = None
+        self._producer: Any = None
+        self._consumer: Any = None
+        self._client: Any = None
+        self._unacknowledged: dict[str, Any] = {}
+
+    # -- resources -------------------------------------------------------------------------------
+    async def add_resources(self, resources: NamedResources) -> ResourcesUpdate:
+        """Make ``resources`` the latest version: rollouts queued from now on run with them."""
+        resources_to_dict(resources)  # a resource that cannot be serialised fails here, not in a runner
+        now = time.time()
+        update = ResourcesUpdate(new_id(), now, now, len(self._resources) + 1, dict(resources))
+        self._resources[update.resources_id] = update
+        self._latest_resources_id = update.resources_id
+        return update
+
+    async def update_resources(self, resources_id: str, resources: NamedResources) -> ResourcesUpdate:
+        """Replace the resources of ``resources_id`` (it becomes the latest version)."""
+        previous = self._resources.get(resources_id)
+        now = time.time()
+        update = ResourcesUpdate(
+            resources_id,
+            previous.create_time if previous else now,
+            now,
+            (previous.version + 1) if previous else 1,
+            dict(resources),
+        )
+        self._resources[resources_id] = update
+        self._latest_resources_id = resources_id
+        return update
+
+    async def get_resources_by_id(self, resources_id: str) -> ResourcesUpdate | None:
+        """Resources this store added, else those a rollout in the archive ran with."""
+        if resources_id in self._resources:
+            return self._resources[resources_id]
+        rows = await self._query(
+            "SELECT attributes[{key:String}], min(start_time_us) FROM spans WHERE kind = 'rollout' "
+            "AND attributes[{id_key:String}] = {id:String} GROUP BY 1 LIMIT 1",
+            {"key": RESOURCES_ATTRIBUTE, "id_key": RESOURCES_ID_ATTRIBUTE, "id": resources_id},
+        )
+        if not rows:
+            return None
+        created = rows[0][1] / 1e6
+        return ResourcesUpdate(resources_id, created, created, 1, resources_from_dict(json.loads(rows[0][0])))
+
+    async def get_latest_resources(self) -> ResourcesUpdate | None:
+        """The latest resources this store added, else those of the newest archived rollout that had some."""
+        if self._latest_resources_id is not None:
+            return self._resources[self._latest_resources_id]
+        rows = await self._query(
+            "SELECT attributes[{id_key:String}] FROM spans WHERE kind = 'rollout' "
+            "AND attributes[{id_key:String}] != '' ORDER BY start_time_us DESC LIMIT 1",
+            {"id_key": RESOURCES_ID_ATTRIBUTE},
+        )
+        return await self.get_resources_by_id(rows[0][0]) if rows else None
+
+    # -- the queue ---------------------------------------------------------------------------------
+    async def enqueue_rollout(
+        self,
+        input: Any,
+        mode: str | None = None,
+        resources_id: str | None = None,
+        config: Any = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Rollout:
+        """Queue a rollout of ``input`` for the runners, with the resources ``resources_id`` (default: the latest)."""
+        (rollout,) = await self.enqueue_many_rollouts([{"input": input, "mode": mode, "resources_id": resources_id,
+                                                         "metadata": metadata}])  # fmt: skip
+        return rollout
+
+    async def enqueue_many_rollouts(self, requests: Sequence[Mapping[str, Any]]) -> list[Rollout]:
+        """Queue several rollouts: dicts with ``input`` and optionally ``mode``, ``resources_id``, ``metadata``."""
+        queued = []
+        records = []
+        for request in requests:
+            mode = request.get("mode")
+            if mode not in (None, "train", "val", "test"):
+                raise ValueError(f"mode must be train, val or test, not {mode!r}")
+            resources_id = request.get("resources_id") or self._latest_resources_id
+            resources: NamedResources = {}
+            if resources_id is not None:
+                update = await self.get_resources_by_id(resources_id)
+                if update is None:
+                    raise ValueError(f"no resources with id {resources_id!r}")
+                resources = update.resources
+            rollout = Rollout(
+                rollout_id=new_id(),
+                input=request["input"],
+                mode=mode,
+                resources_id=resources_id,
+                metadata=dict(request.get("metadata") or {}),
+            )
+            records.append(
+                {
+                    "rollout_id": rollout.rollout_id,
+                    "input_json": json.dumps(rollout.input),
+                    "mode": mode or "",
+                    "resources_id": resources_id or "",
+                    "resources_json": json.dumps(resources_to_dict(resources)),
+                    "metadata_json": json.dumps(rollout.metadata),
+                    "enqueued_at_us": now_us(),
+                }
+            )
+            queued.append(rollout)
+        await asyncio.to_thread(self._produce, records)
+        return queued
+
+    def _produce(self, records: list[dict[str, Any]]) -> None:
+        from confluent_kafka import Producer
+
+        if self._producer is None:
+            self._producer = Producer(self.settings.kafka.client_config(**{"enable.idempotence": True}))
+        failures: list[str] = []
+
+        def delivered(error: Any, message: Any) -> None:
+            if error is not None:
+                failures.append(str(error))
+
+        encoder = codec("RolloutTask")
+        for record in records:
+            self._producer.produce(
+                self.settings.topics.rollout_tasks,
+                key=record["rollout_id"].encode(),
+                value=encoder.encode(record),
+                on_delivery=delivered,
+            )
+        remaining = self._producer.flush(30)
+        if remaining or failures:
+            raise RuntimeError(f"queueing rollouts failed: {failures or f'{remaining} not delivered in 30 s'}")
+
+    async def dequeue_rollout(self, worker_id: str | None = None, timeout: float = 1.0) -> AttemptedRollout | None:
+        """Take the next queued rollout (None if none comes within ``timeout`` s), with its resources in
+        ``metadata["resources"]``. Its task is acknowledged by :meth:`acknowledge` once run; one taken and
+        never acknowledged is taken again after a restart (at least once)."""
+        message = await asyncio.to_thread(self._poll, timeout)
+        if message is None:
+            return None
+        try:
+            record = codec("RolloutTask").decode(message.value())
+            resources = resources_from_dict(json.loads(record["resources_json"]))
+            task = json.loads(record["input_json"])
+        except Exception as exc:  # a bad record must not stop the runners: skip it, loudly
+            log.error("skipping an unreadable queued rollout at offset %s: %s", message.offset(), exc)
+            self._consumer.commit(message=message, asynchronous=False)
+            return None
+        rollout_id = record["rollout_id"]
+        self._unacknowledged[rollout_id] = message
+        return AttemptedRollout(
+            rollout_id=rollout_id,
+            input=task,
+            mode=record["mode"] or None,
+            resources_id=record["resources_id"] or None,
+            status="preparing",
+            metadata={**json.loads(record["metadata_json"]), "resources": resources},
+            attempt=Attempt(rollout_id, "attempt-0", worker_id=worker_id),
+        )
+
+    def _poll(self, timeout: float) -> Any:
+        from confluent_kafka import Consumer
+
+        if self._consumer is None:
+            self._consumer = Consumer(
+                self.settings.kafka.client_config(
+                    **{
+                        "group.id": self.runner_group,
+                        "enable.auto.commit": False,
+                        "auto.offset.reset": "earliest",
+                        # one task at a time: a runner holds none it is not running
+                        "max.poll.interval.ms": 3_600_000,
+                    }
+                )
+            )
+            self._consumer.subscribe([self.settings.topics.rollout_tasks])
+        deadline = time.monotonic() + timeout
+        while True:
+            message = self._consumer.poll(max(0.0, min(1.0, deadline - time.monotonic())))
+            if message is not None and message.error() is None:
+                return message
+            if message is not None:
+                log.warning("rollout task consumer: %s", message.error())
+            if time.monotonic() >= deadline:
+                return None
+
+    async def acknowledge(self, rollout_id: str) -> None:
+        """Mark a dequeued rollout done: its task is not handed out again."""
+        message = self._unacknowledged.pop(rollout_id, None)
+        if message is not None:
+            await asyncio.to_thread(self._consumer.commit, message=message, asynchronous=False)
+
+    # -- reading the archive -------------------------------------------------------------------------
+    def _reader(self) -> Any:
+        if self._client is None:
+            import clickhouse_connect
+
+            url = self.settings.clickhouse.read_url
+            if not url.startswith(("http://", "https://")):
+                raise ConfigError(
+                    "the store reads the archive through clickhouse.read_url (an http(s):// URL), "
+                    f"not {redacted(url)!r}: start the local stack (`boltstream up`) "
+                    "or set BOLTSTREAM_CLICKHOUSE__READ_URL"
+                )
+            arguments = self.settings.clickhouse.client_arguments(url, reading=True)
+            self._client = clickhouse_connect.get_client(**arguments, database=self.settings.clickhouse.database)
+        return self._client
+
+    async def _query(self, sql: str, parameters: Mapping[str, Any]) -> list[tuple]:
+        def run() -> list[tuple]:
+            return list(self._reader().query(sql, parameters=dict(parameters)).result_rows)
+
+        return await asyncio.to_thread(run)
+
+    async def query_rollouts(
+        self, *, status_in: Sequence[str] | None = None, rollout_id_in: Sequence[str] | None = None, **_: Any
+    ) -> list[Rollout]:
+        """Finished rollouts in the archive (those with ids in ``rollout_id_in``, all by default),
+        optionally only those whose status is in ``status_in``, oldest first."""
+        where = "r.kind = 'rollout'"
+        parameters: dict[str, Any] = {
+            "input": TASK_INPUT_ATTRIBUTE,
+            "mode": MODE_ATTRIBUTE,
+            "resources_id": RESOURCES_ID_ATTRIBUTE,
+        }
+        if rollout_id_in is not None:
+            where += " AND r.rollout_id IN {ids:Array(String)}"
+            parameters["ids"] = list(rollout_id_in)
+        rows = await self._query(
+            f"""
+            SELECT r.rollout_id, r.attempt_id, r.start_time_us, r.end_time_us, r.status, r.error,
+                   r.attributes[{{input:String}}], r.attributes[{{mode:String}}], r.attributes[{{resources_id:String}}],
+                   f.final_reward, f.rewarded
+            FROM spans AS r
+            LEFT JOIN (
+                SELECT rollout_id, argMax(reward, sequence) AS final_reward, 1 AS rewarded
+                FROM spans WHERE kind = 'reward' GROUP BY rollout_id
+            ) AS f ON f.rollout_id = r.rollout_id
+            WHERE {where}
+            ORDER BY r.start_time_us
+            """,
+            parameters,
+        )
+        rollouts = []
+        for rollout_id, attempt_id, start, end, status, error, raw_input, mode, resources_id, reward, rewarded in rows:
+            state = "succeeded" if status == "ok" else "failed"
+            if status_in is not None and state not in status_in:
+                continue
+            rollouts.append(
+                Rollout(
+                    rollout_id=rollout_id,
+                    input=json.loads(raw_input) if raw_input else None,
+                    start_time=start / 1e6,
+                    end_time=end / 1e6,
+                    mode=mode or None,
+                    resources_id=resources_id or None,
+                    status=state,
+                    metadata={"attempt_id": attempt_id},
+                    final_reward=reward if rewarded else None,
+                    error=error,
+                )
+            )
+        return rollouts
+
+    async def get_rollout_by_id(self, rollout_id: str) -> Rollout | None:
+        """The rollout if it has finished and reached the archive, else None."""
+        found = await self.query_rollouts(rollout_id_in=[rollout_id])
+        return found[0] if found else None
+
+    async def wait_for_rollouts(self, *, rollout_ids: list[str], timeout: float | None = None) -> list[Rollout]:
+        """The rollouts among ``rollout_ids`` in the archive, finished, within ``timeout`` s (None: wait for all)."""
+        runtime.flush()  # rollouts run in this process are on their way
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            done = await self.query_rollouts(rollout_id_in=rollout_ids)
+            if len(done) == len(set(rollout_ids)) or (deadline is not None and time.monotonic() >= deadline):
+                return done
+            pause = self.poll_interval if deadline is None else min(self.poll_interval, deadline - time.monotonic())
+            await asyncio.sleep(max(0.0, pause))
+
+    async def query_spans(self, rollout_id: str, attempt_id: str | None = None, *, wait: bool = True) -> list[Span]:
+        """The spans of a rollout in order. With ``wait`` (the default) a rollout not yet in the archive
+        is waited for (up to ``read_timeout`` s): its spans come whole once its root span is archived."""
+        if wait:
+            await self.wait_for_rollouts(rollout_ids=[rollout_id], timeout=self.read_timeout)
+        where = "rollout_id = {rollout_id:String}"
+        parameters: dict[str, Any] = {"rollout_id": rollout_id}
+        if attempt_id not in (None, "latest"):
+            where += " AND attempt_id = {attempt_id:String}"
+            parameters["attempt_id"] = attempt_id
+        rows = await self._query(f"SELECT {_SPAN_COLUMNS} FROM spans WHERE {where} ORDER BY sequence", parameters)
+        spans = []
+        for row in rows:
+            (event_id, rollout, attempt, task_id, agent_name, kind, name, parent_id, sequence, start, end) = row[:11]
+            status, error, reward, attributes = row[11:15]
+            spans.append(
+                Span(
+                    rollout_id=rollout,
+                    attempt_id=attempt,
+                    sequence_id=sequence,
+                    span_id=event_id,
+                    parent_id=parent_id,
+                    name=name,
+                    kind=kind,
+                    status=status,
+                    attributes=dict(attributes),
+                    start_time=start / 1e6,
+                    end_time=end / 1e6,
+                    reward=reward,
+                    error=error,
+                    task_id=task_id,
+                    agent_name=agent_name,
+                    llm=dict(zip((c.removeprefix("llm_") for c in _LLM_COLUMNS), row[15:], strict=True))
+                    if kind == "llm_call"
+                    else {},
+                )
+            )
+        return spans
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    async def close(self) -> None:
+        """Flush what is queued and close the clients."""
+        runtime.flush()
+        if self._producer is not None:
+            self._producer.flush(30)
+            self._producer = None
+        if self._consumer is not None:
+            self._consumer.close()
+            self._consumer = None
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+class LightningStoreClient(LightningStore):
+    """Agent Lightning's client of a store server (``agl store``). boltstream has no store server: the
+    broker and the archive are the store, found from the settings; ``server_address`` is not used."""
+
+    def __init__(self, server_address: str = "", settings: Settings | None = None, **options: Any) -> None:
+        super().__init__(settings, **options)
+        self.server_address = server_address
+
+
+#: Agent Lightning's in-process store: here the same broker-and-archive store (nothing is kept in memory).
+InMemoryLightningStore = LightningStore
+
+__all__ = ["InMemoryLightningStore", "LightningStore", "LightningStoreClient"]

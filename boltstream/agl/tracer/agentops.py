@@ -1,0 +1,5 @@
+"""``agentlightning.tracer.agentops`` under boltstream."""
+
+from boltstream.producers.tracers import AgentOpsTracer
+
+__all__ = ["AgentOpsTracer"]

@@ -1,0 +1,5 @@
+"""``agentlightning.tracer.otel`` under boltstream."""
+
+from boltstream.producers.tracers import OtelTracer
+
+__all__ = ["OtelTracer"]
