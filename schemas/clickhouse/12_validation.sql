@@ -8,12 +8,12 @@ CREATE OR REPLACE VIEW report_validation_reward_by_model_version AS
 SELECT
     calls.model_version AS model_version,
     count() AS rollouts,
-    round(avg(finals.reward), 4) AS mean_reward,
-    min(finals.reward) AS min_reward,
-    max(finals.reward) AS max_reward
+    round(avg(finals.final_reward), 4) AS mean_reward,
+    min(finals.final_reward) AS min_reward,
+    max(finals.final_reward) AS max_reward
 FROM
 (
-    SELECT rollout_id, argMax(reward, sequence) AS reward
+    SELECT rollout_id, argMax(reward, sequence) AS final_reward
     FROM spans
     WHERE kind = 'reward' AND name = 'final' AND reward IS NOT NULL
     GROUP BY rollout_id
