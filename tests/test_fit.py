@@ -17,19 +17,11 @@ import pytest
 from boltstream import agl
 from boltstream.infra.demo.fit import Trainer, agent_payload, load_dataset
 
-#: The rise the test asks for, from the starting model to the mean of the last two versions validated.
-#: Validation: 16 problems x 4 attempts per version (standard error of a version's mean about 0.06).
+#: The rise the test asks for, from the starting model to the mean of the last three versions validated.
+#: Validation: 16 problems x 6 attempts per version (standard error of a version's mean about 0.05). The
+#: demo's tuning (GRPO groups of 8, 8 groups a step, Adam at 5e-4 with warm-up, a version every 3 steps)
+#: raised its reward by about 0.23 in some 35 steps.
 MARGIN = 0.1
-#: The learning test's optimizer (lr 1e-3, clipped) with the demo's short warm-up: the rollouts of two runner
-#: processes come slowly, so each of the few steps must count.
-DEEPSPEED = {
-    "optimizer": {"type": "Adam", "params": {"lr": 1e-3, "torch_adam": True}},
-    "scheduler": {
-        "type": "WarmupLR",
-        "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 1e-3, "warmup_num_steps": 5, "warmup_type": "linear"},
-    },
-    "gradient_clipping": 1.0,
-}
 LARGEST_DIGIT = 3
 
 
@@ -109,14 +101,11 @@ def test_fit_with_two_runner_processes_raises_the_validation_reward(settings, tm
     problems = [{"a": a, "b": b} for a in range(LARGEST_DIGIT + 1) for b in range(LARGEST_DIGIT + 1)]
     train = tmp_path / "train.jsonl"
     train.write_text("".join(json.dumps(task) + "\n" for task in problems))
-    deepspeed = tmp_path / "deepspeed.json"
-    deepspeed.write_text(json.dumps(DEEPSPEED))
     trainer = Trainer(
         n_runners=2,
         settings=settings,
-        max_epochs=8,  # 128 groups of 8 rollouts, 4 groups a step: 32 GRPO steps, a version every 4
-        val_attempts=4,
-        trainer_options={"groups_per_step": 4, "publish_interval": 4, "deepspeed_config": str(deepspeed)},
+        max_epochs=20,  # 320 groups of 8 rollouts, 8 groups a step: 40 GRPO steps, about 13 versions
+        val_attempts=6,
         out=tmp_path / "fit",
     )
     trainer.fit(add_digits, train, val_dataset=problems)
@@ -124,7 +113,24 @@ def test_fit_with_two_runner_processes_raises_the_validation_reward(settings, tm
     rows = trainer.validation
     print("validation reward per version:", [(r.model_version, r.rollouts, r.mean_reward) for r in rows])
     assert len(rows) >= 3, rows
-    first, last = rows[0], rows[-2:]
-    assert first.model_version == "0" and all(row.rollouts >= len(problems) * 4 for row in (first, *last))
+    first, last = rows[0], rows[-3:]
+    # The starting model's validation runs before any train task; a later one may straddle two versions.
+    assert first.model_version == "0" and first.rollouts == len(problems) * 6
     later = sum(row.mean_reward * row.rollouts for row in last) / sum(row.rollouts for row in last)
     assert later - first.mean_reward >= MARGIN, rows
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_dev_runs_every_task_once_without_training(settings, tmp_path) -> None:
+    from boltstream.infra.demo.stack import prepare_model
+
+    model = prepare_model(tmp_path / "models", seed=0)
+    settings = replace(settings, trainer=replace(settings.trainer, model_path=str(model)))
+    tasks = [{"a": a, "b": 1} for a in range(4)]
+    trainer = Trainer(n_runners=2, settings=settings, out=tmp_path / "dev")
+    trainer.dev(add_digits, tasks, val_dataset=tasks[:3])
+
+    (row,) = trainer.validation  # nothing trained: the starting model answered every call
+    assert (row.model_version, row.rollouts) == ("0", 3)
+    assert not (tmp_path / "dev" / "home" / "logs" / "train.log").exists()
