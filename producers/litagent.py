@@ -27,7 +27,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 from boltstream.producers import context
 from boltstream.producers.emit import emit_exception, emit_reward
-from boltstream.producers.resources import LLM, NamedResources, PromptTemplate
+from boltstream.producers.resources import LLM, NamedResources, PromptTemplate, ProxyLLM
 from boltstream.producers.resources import resources_to_dict as _resources_to_dict
 
 log = logging.getLogger("boltstream.litagent")
@@ -225,7 +225,10 @@ class FunctionalLitAgent(LitAgent[T]):
         if "resources" in self._parameters:
             arguments["resources"] = resources
         if "llm" in self._parameters:
-            arguments["llm"] = _first(resources, LLM, "llm")
+            llm = _first(resources, LLM, "llm")
+            if self.strip_proxy and isinstance(llm, ProxyLLM):
+                llm = llm.with_attempted_rollout(rollout)
+            arguments["llm"] = llm
         if "prompt_template" in self._parameters:
             arguments["prompt_template"] = _first(resources, PromptTemplate, "prompt_template")
         return arguments

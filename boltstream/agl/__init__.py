@@ -17,7 +17,21 @@ import logging as _logging
 from boltstream.agl.adapter import TraceAdapter, TraceToMessages
 from boltstream.agl.runner import LitAgentRunner
 from boltstream.agl.store import InMemoryLightningStore, LightningStore, LightningStoreClient
-from boltstream.agl.types import Dataset, ProxyLLM, RolloutMode, RolloutRawResult, RolloutStatus, Span, TaskInput
+from boltstream.agl.types import (
+    AttemptStatus,
+    Attributes,
+    AttributeValue,
+    Dataset,
+    ProxyLLM,
+    ResourceUnion,
+    RolloutMode,
+    RolloutRawResult,
+    RolloutStatus,
+    Span,
+    SpanCoreFields,
+    SpanLike,
+    TaskInput,
+)
 from boltstream.producers import *  # noqa: F403 (the SDK's public names are this module's)
 from boltstream.producers import __all__ as _sdk_names
 from boltstream.producers.emit import EmittedSpan, reward
@@ -64,6 +78,9 @@ def setup_logging(level: int | str = "INFO", **_: object) -> None:
 __all__ = [
     *_sdk_names,
     "AgentOpsTracer",
+    "AttemptStatus",
+    "AttributeValue",
+    "Attributes",
     "Dataset",
     "DummyTracer",
     "EmittedSpan",
@@ -73,10 +90,13 @@ __all__ = [
     "LitAgentRunner",
     "OtelTracer",
     "ProxyLLM",
+    "ResourceUnion",
     "RolloutMode",
     "RolloutRawResult",
     "RolloutStatus",
     "Span",
+    "SpanCoreFields",
+    "SpanLike",
     "TaskInput",
     "TraceAdapter",
     "TraceToMessages",

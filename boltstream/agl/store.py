@@ -46,6 +46,7 @@ from boltstream.producers.litagent import (
 from boltstream.producers.resources import NamedResources, ResourcesUpdate, resources_from_dict, resources_to_dict
 from boltstream.producers.span_views import Span
 from boltstream.schemas.codec import codec
+from boltstream.schemas.dead_letters import dead_letter_of
 
 log = logging.getLogger("boltstream.agl.store")
 
@@ -98,7 +99,7 @@ class LightningStore:
         """Make ``resources`` the latest version: rollouts queued from now on run with them."""
         resources_to_dict(resources)  # a resource that cannot be serialised fails here, not in a runner
         now = time.time()
-        update = ResourcesUpdate(new_id(), now, now, len(self._resources) + 1, dict(resources))
+        update = ResourcesUpdate(new_id(), now, now, 1, dict(resources))  # versions count updates of one id
         self._resources[update.resources_id] = update
         self._latest_resources_id = update.resources_id
         return update
@@ -194,11 +195,15 @@ class LightningStore:
         await asyncio.to_thread(self._produce, records)
         return queued
 
-    def _produce(self, records: list[dict[str, Any]]) -> None:
+    def _producer_client(self) -> Any:
         from confluent_kafka import Producer
 
         if self._producer is None:
             self._producer = Producer(self.settings.kafka.client_config(**{"enable.idempotence": True}))
+        return self._producer
+
+    def _produce(self, records: list[dict[str, Any]]) -> None:
+        producer = self._producer_client()
         failures: list[str] = []
 
         def delivered(error: Any, message: Any) -> None:
@@ -207,13 +212,13 @@ class LightningStore:
 
         encoder = codec("RolloutTask")
         for record in records:
-            self._producer.produce(
+            producer.produce(
                 self.settings.topics.rollout_tasks,
                 key=record["rollout_id"].encode(),
                 value=encoder.encode(record),
                 on_delivery=delivered,
             )
-        remaining = self._producer.flush(30)
+        remaining = producer.flush(30)
         if remaining or failures:
             raise RuntimeError(f"queueing rollouts failed: {failures or f'{remaining} not delivered in 30 s'}")
 
@@ -228,9 +233,10 @@ class LightningStore:
             record = codec("RolloutTask").decode(message.value())
             resources = resources_from_dict(json.loads(record["resources_json"]))
             task = json.loads(record["input_json"])
-        except Exception as exc:  # a bad record must not stop the runners: skip it, loudly
-            log.error("skipping an unreadable queued rollout at offset %s: %s", message.offset(), exc)
-            self._consumer.commit(message=message, asynchronous=False)
+        except Exception as exc:  # a bad record must not stop the runners: dead-letter it, then go on
+            log.error("dead-lettering an unreadable queued rollout at offset %s: %s", message.offset(), exc)
+            reason = f"{type(exc).__name__}: {exc}"
+            await asyncio.to_thread(self._dead_letter, message, reason)
             return None
         rollout_id = record["rollout_id"]
         self._unacknowledged[rollout_id] = message
@@ -269,6 +275,16 @@ class LightningStore:
                 log.warning("rollout task consumer: %s", message.error())
             if time.monotonic() >= deadline:
                 return None
+
+    def _dead_letter(self, message: Any, reason: str) -> None:
+        """Keep an unreadable task (bytes and reason) on the dead-letter topic, then move past it."""
+        record = dead_letter_of(message, worker=f"runner:{self.runner_group}", reason=reason, error_type="decode_error")
+        self._producer_client().produce(
+            self.settings.topics.dlq, key=message.key(), value=codec("DeadLetter").encode(record)
+        )
+        if self._producer.flush(30):
+            raise RuntimeError(f"could not dead-letter the queued rollout at offset {message.offset()}")
+        self._consumer.commit(message=message, asynchronous=False)
 
     async def acknowledge(self, rollout_id: str) -> None:
         """Mark a dequeued rollout done: its task is not handed out again."""

@@ -1,7 +1,8 @@
 """``agentlightning.types`` under boltstream: the records and resources agents and algorithms pass around."""
 
-from typing import Any, Protocol, SupportsIndex, TypeVar
+from typing import Any, Literal, Protocol, SupportsIndex, TypeVar
 
+from boltstream.producers.emit import EmittedSpan
 from boltstream.producers.litagent import (
     Attempt,
     AttemptedRollout,
@@ -24,6 +25,16 @@ _Item = TypeVar("_Item", covariant=True)
 
 #: What a task's input may be: anything JSON-serialisable.
 TaskInput = Any
+#: A single attribute value and an attribute map (strings once archived).
+AttributeValue = str | bool | int | float
+Attributes = dict[str, AttributeValue]
+#: Any resource (Agent Lightning's discriminated union).
+ResourceUnion = Resource
+#: What the reward helpers accept: a Span, an EmittedSpan, a row dict of the spans table.
+SpanLike = Any
+#: What Agent Lightning's emitters return; here the EmittedSpan (the event_id, with the span's fields).
+SpanCoreFields = EmittedSpan
+AttemptStatus = Literal["preparing", "running", "failed", "succeeded", "cancelled", "timeout", "unresponsive"]
 #: What a rollout method may return: None (rewards were emitted) or a number, the final reward.
 RolloutRawResult = None | float
 
@@ -39,18 +50,24 @@ class Dataset(Protocol[_Item]):
 __all__ = [
     "LLM",
     "Attempt",
+    "AttemptStatus",
     "AttemptedRollout",
+    "AttributeValue",
+    "Attributes",
     "Dataset",
     "NamedResources",
     "PromptTemplate",
     "ProxyLLM",
     "Resource",
+    "ResourceUnion",
     "ResourcesUpdate",
     "Rollout",
     "RolloutMode",
     "RolloutRawResult",
     "RolloutStatus",
     "Span",
+    "SpanCoreFields",
+    "SpanLike",
     "Task",
     "TaskInput",
 ]
