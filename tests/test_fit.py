@@ -87,6 +87,9 @@ def test_agent_lightning_components_boltstream_replaces_are_refused_clearly(sett
     with pytest.raises(ValueError, match="at least 1"):
         Trainer(n_runners=0, settings=settings)
     assert agl.Trainer is Trainer
+    assert Trainer(settings=settings, dev=False, daemon=True, store=None).n_runners == 1  # defaults are fine
+    with pytest.raises(NotImplementedError, match="daemon"):
+        Trainer(settings=settings, daemon=False)
     with pytest.raises(ValueError, match="non-empty train_dataset"):
         Trainer(settings=settings).fit(add_digits, [])
 

@@ -12,7 +12,8 @@ weight_sync sidecar, the router), tuned as the demo's (:func:`boltstream.infra.d
 * tasks are dealt through the broker: every train task becomes ``trainer.group_size`` RolloutTask records on
   ``topics.rollout_tasks`` (one GRPO group: the same task with one ``task_id``), issued at most
   :data:`STEPS_AHEAD` training steps ahead of the trainer so runners sample a recent policy. A runner is
-  any process in the ``boltstream-runners`` consumer group, here or on another machine (:func:`run_runner`);
+  any process in the ``boltstream-runners`` consumer group (:func:`run_runner`); the private stack's broker
+  and router listen on loopback, so one on another machine needs them reachable first;
 * ``n_runners`` runner processes run the agent on the tasks they take, with the resources
   ``{"main_llm": LLM(endpoint=<router>/v1, model=<model name>)}`` plus ``initial_resources``: the router
   serves the newest version the trainer published, so the policy the runners sample follows training.
@@ -52,6 +53,8 @@ STEPS_AHEAD = 2
 #: Name of the LLM resource the runners' agents get (Agent Lightning's examples call it ``main_llm``).
 LLM_RESOURCE = "main_llm"
 _VALIDATION_VIEW = "report_validation_reward_by_model_version"
+#: Agent Lightning's Trainer arguments whose default says "nothing special": accepted as they are.
+_AGL_DEFAULTS = {"dev": False, "daemon": True}
 
 
 class FitError(RuntimeError):
@@ -114,7 +117,9 @@ class Trainer:
         console: Any = None,
         **components: Any,
     ) -> None:
-        given = sorted(name for name, value in components.items() if value is not None)
+        given = sorted(
+            name for name, value in components.items() if value is not None and value != _AGL_DEFAULTS.get(name)
+        )
         if given:
             raise NotImplementedError(
                 f"Trainer({', '.join(given)}=...): boltstream's algorithm is its continuous trainer "
