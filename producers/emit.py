@@ -7,8 +7,9 @@ written for it, and so do the attribute keys its readers look for (``agentlightn
 ``agentlightning.object.*``, ``agentlightning.reward.<i>.name/value``, OTel's ``exception.*``).
 Every helper returns the new span's event_id (those of Agent Lightning as an :class:`EmittedSpan`, a
 ``str`` that also carries the span's name, attributes and times) and costs the agent a few microseconds:
-values that are not plain scalars are snapshotted to JSON here (the agent may mutate them later),
-everything else (redaction, truncation, encoding, I/O) happens on the producer's thread.
+nested values are flattened into dotted keys and other values that are not plain scalars snapshotted
+to JSON here (the agent may mutate them later); everything else (redaction, truncation, encoding, I/O)
+happens on the producer's thread.
 Helpers never raise into the agent: a failure is logged and counted instead.
 """
 
@@ -34,7 +35,7 @@ from boltstream.producers.context import (
     reset_parent,
     set_parent,
 )
-from boltstream.producers.redaction import to_text
+from boltstream.producers.redaction import flat_attribute_items, to_text
 
 log = logging.getLogger("boltstream.emit")
 
@@ -99,12 +100,16 @@ def emit_failures() -> int:
 
 def _snapshot(attributes: Mapping[str, Any] | None) -> list[Any]:
     """The attributes as the key, value, ... tail of a pending span; values that are not plain scalars
-    are snapshotted as JSON now, since the agent may change them once the call returns."""
+    are snapshotted now (nested ones flattened into dotted keys with typed leaves, others as JSON), since
+    the agent may change them once the call returns."""
     flat: list[Any] = []
     if attributes:
         for key, value in attributes.items():
-            flat.append(key)
-            flat.append(value if type(value) in _SCALARS else to_text(value))
+            if type(value) in _SCALARS:
+                flat.append(key)
+                flat.append(value)
+            else:
+                flat += flat_attribute_items(key, value)
     return flat
 
 
@@ -376,7 +381,10 @@ def send_reward(
     """
     try:
         event_id = new_id()
-        snapshot = _snapshot(attributes)
+        # The Reward record's attributes are strings: nested values are snapshotted as JSON, not flattened.
+        snapshot = {
+            key: value if type(value) in _SCALARS else to_text(value) for key, value in (attributes or {}).items()
+        }
         runtime.send_reward_record(
             {
                 "event_id": event_id,
@@ -388,7 +396,7 @@ def send_reward(
                 "task_id": task_id,
                 "agent_name": agent_name,
                 "timestamp_us": now_us(),
-                "attributes": dict(zip(snapshot[::2], snapshot[1::2], strict=True)),
+                "attributes": snapshot,
             }
         )
         return event_id

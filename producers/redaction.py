@@ -1,4 +1,4 @@
-"""What leaves the process: attribute values turned into strings, secrets redacted, oversize values truncated.
+"""What leaves the process: attribute values typed or turned into strings, secrets redacted, oversize values truncated.
 
 Runs on the SpanProducer's background thread, never on the agent's. Secrets are replaced by
 ``[REDACTED]``: what a detector of :data:`CATALOGUE` finds (provider keys and tokens, private keys,
@@ -6,6 +6,11 @@ credentials in headers, URLs and connection strings, values of secret-named keys
 attributes whose key names a secret (:meth:`Redactor.is_secret_key`), and every match of the configured
 ``producer.redact_patterns``. Values longer than ``producer.max_attribute_bytes`` (UTF-8) are cut and end
 with ``…[truncated N bytes]``. :func:`url_without_credentials` is the form in which a server's URL is recorded.
+
+Span attributes keep their type (SpanBatch v3): strings, 64-bit ints, floats and booleans stay what they are;
+a nested mapping or sequence is flattened into dotted keys (:func:`flat_attribute_items`, the layout of
+Agent Lightning's ``flatten_attributes`` with indexed lists, which its ``unflatten_attributes`` reverses);
+anything else becomes JSON text. Reward attributes stay strings (the Reward schema has a string map).
 """
 
 from __future__ import annotations
@@ -421,6 +426,54 @@ def to_text(value: Any) -> str:
         return str(value)
 
 
+_LONG_MIN, _LONG_MAX = -(1 << 63), (1 << 63) - 1
+#: A nested value is flattened only this deep and into at most this many keys; past either bound it is
+#: kept whole as JSON text under its own key (a 10,000-item list must not become 10,000 attributes).
+MAX_FLATTEN_DEPTH = 8
+MAX_FLATTENED_KEYS = 128
+
+
+def is_wire_scalar(value: Any) -> bool:
+    """True when ``value`` leaves the process as it is: a string, a float, a bool or an int of 64 bits."""
+    kind = type(value)
+    return kind is str or kind is float or kind is bool or (kind is int and _LONG_MIN <= value <= _LONG_MAX)
+
+
+def flat_attribute_items(key: str, value: Any) -> list[Any]:
+    """``key, value, key, value, ...`` whose values are wire scalars: ``value`` itself when it is one, a
+    mapping or a sequence flattened into ``key.sub`` / ``key.0`` keys (empty ones, and ones too deep or too
+    large, kept whole as JSON text), anything else as JSON text (None as ``null``, an int beyond 64 bits as
+    its digits). Runs on the agent's thread (the snapshot of a value it may change later): one loop over
+    the leaves with exact type checks, no call per leaf."""
+    if is_wire_scalar(value):
+        return [key, value]
+    kind = type(value)
+    if (kind is dict or kind is list or kind is tuple or isinstance(value, Mapping)) and value:
+        flat: list[Any] = []
+        if _flatten(key, value, 0, flat):
+            return flat
+    return [key, to_text(value)]
+
+
+def _flatten(prefix: str, value: Any, depth: int, flat: list[Any]) -> bool:
+    """Append the leaves of ``value`` under ``prefix``; False when a bound is passed (``flat`` is then void)."""
+    if depth >= MAX_FLATTEN_DEPTH:
+        return False
+    kind = type(value)
+    for sub, item in enumerate(value) if kind is list or kind is tuple else value.items():
+        kind = type(item)
+        if kind is str or kind is float or kind is bool or (kind is int and _LONG_MIN <= item <= _LONG_MAX):
+            flat += (f"{prefix}.{sub}", item)
+        elif (kind is dict or kind is list or kind is tuple or isinstance(item, Mapping)) and item:
+            if not _flatten(f"{prefix}.{sub}", item, depth + 1, flat):
+                return False
+        else:
+            flat += (f"{prefix}.{sub}", to_text(item))
+        if len(flat) > 2 * MAX_FLATTENED_KEYS:
+            return False
+    return True
+
+
 class Redactor:
     """Redacts and truncates strings and attribute maps according to the producer settings."""
 
@@ -514,6 +567,25 @@ class Redactor:
             return {key: self.clean(value) for key, value in cleaned.items()}
         if len(joined) * 4 > self.max_bytes:
             return {key: self.truncate(value) for key, value in cleaned.items()}
+        return cleaned
+
+    def typed_attributes(self, attributes: Mapping[str, Any] | None) -> dict[str, Any]:
+        """A span's attribute map fit to leave the process: wire scalars kept (strings redacted and bounded),
+        nested values flattened (:func:`flat_attribute_items`), values of secret-named keys hidden whole."""
+        if not attributes:
+            return {}
+        cleaned: dict[str, Any] = {}
+        for key, value in attributes.items():
+            key = key if type(key) is str else str(key)
+            flat = flat_attribute_items(key, value)
+            for flat_key, flat_value in zip(flat[::2], flat[1::2], strict=True):
+                cleaned[flat_key] = REDACTED if self.is_secret_key(flat_key) else flat_value
+        texts = [value for value in cleaned.values() if type(value) is str]
+        joined = "\x00".join(texts)
+        if not self.finds_nothing_in(joined):
+            return {key: self.clean(value) if type(value) is str else value for key, value in cleaned.items()}
+        if len(joined) * 4 > self.max_bytes:
+            return {key: self.truncate(value) if type(value) is str else value for key, value in cleaned.items()}
         return cleaned
 
 

@@ -1,11 +1,12 @@
-"""A specialised Avro encoder for the SpanProducer: SpanBatch v2 straight from pending spans, ~3x fastavro.
+"""A specialised Avro encoder for the SpanProducer: SpanBatch v3 straight from pending spans, ~3x fastavro.
 
 fastavro walks the schema for every field of every span; this encoder knows the SpanBatch v2 layout,
 writes the rollout's ids once per batch, takes varints from tables and packs logprobs in one call;
 only unusual ``llm`` sub-records (a missing field, a value of another type) are left to fastavro.
-It writes exactly the bytes ``boltstream.schemas.codec.codec("SpanBatch")`` writes for SpanBatch v2 (a test
-compares them), framed with the v2 fingerprint: if a newer SpanBatch version ships, readers still
-resolve these bytes as v2.
+It writes exactly the bytes ``boltstream.schemas.codec.codec("SpanBatch")`` writes for SpanBatch v3 (a test
+compares them), framed with the v3 fingerprint: if a newer SpanBatch version ships, readers still
+resolve these bytes as v3. An attribute value is a union (string, long, double, boolean): a string's branch
+index and length come from one table lookup, so all-string spans cost what they did in v2.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from fastavro.schema import parse_schema
 from boltstream.producers.pending_span import ATTRIBUTES, PendingSpan
 from boltstream.schemas.codec import SINGLE_OBJECT_MAGIC, CodecError, shipped_schemas, unsigned_varint, zigzag_varint
 
-VERSION = 2
+VERSION = 3
 _KINDS = ("rollout", "llm_call", "tool_call", "decision", "reward", "message", "exception", "object", "annotation")
 _NULL, _SOME = b"\x00", b"\x02"  # union branch 0 (null) and 1 (the value)
 _double = struct.Struct("<d").pack
@@ -76,10 +77,28 @@ def _float_array(values: Sequence[float]) -> bytes:
 
 
 _KIND_INDEX = {kind: _SMALL[index] for index, kind in enumerate((*_KINDS, "custom"))}
+# An attribute value's union branch (0 string, 1 long, 2 double, 3 boolean) and, for a string, its length.
+_STRING_VALUE = [b"\x00" + length for length in _SMALL]
+_LONG_VALUE, _DOUBLE_VALUE = b"\x02", b"\x04"
+_BOOLEAN_VALUE = {True: b"\x06\x01", False: b"\x06\x00"}
+
+
+def _typed_value(value: object) -> bytes:
+    """An attribute value that is not a string: the producer's cleaning left only longs, floats and booleans."""
+    kind = type(value)
+    if kind is bool:
+        return _BOOLEAN_VALUE[value]
+    if kind is int:
+        if not -(1 << 63) <= value < (1 << 63):
+            raise ValueError(f"attribute value {value} is beyond 64 bits")
+        return _LONG_VALUE + _long(value)
+    if kind is float:
+        return _DOUBLE_VALUE + _double(value)
+    raise ValueError(f"attribute value of type {kind.__name__}: not a string, int, float or bool")
 
 
 class SpanBatchEncoder:
-    """Encodes one rollout's cleaned pending spans as a framed SpanBatch v2 message."""
+    """Encodes one rollout's cleaned pending spans as a framed SpanBatch v3 message."""
 
     def __init__(self) -> None:
         version = next(v for v in shipped_schemas()["SpanBatch"] if v.version == VERSION)
@@ -118,7 +137,7 @@ class SpanBatchEncoder:
         cache, the rollout's ids and the parent encoded once per batch); a string value is appended
         as its length and its UTF-8 bytes, not concatenated.
         """
-        labels, label, small = self._labels, self._label, _SMALL
+        labels, label, small, string_value = self._labels, self._label, _SMALL, _STRING_VALUE
         heads: dict[tuple, bytes] = {}
         parents: dict[str | None, bytes] = {None: _NULL}  # most spans of a batch share a parent
         for span in spans:
@@ -167,9 +186,14 @@ class SpanBatchEncoder:
                 parts.append(_long((len(span) - ATTRIBUTES) // 2))
                 attributes = iter(span[ATTRIBUTES:])
                 for key in attributes:
-                    raw = next(attributes).encode("utf-8")
-                    size = len(raw)
-                    parts += (labels.get(key) or label(key), small[size] if size < 16384 else zigzag_varint(size), raw)
+                    value = next(attributes)
+                    if type(value) is str:
+                        raw = value.encode("utf-8")
+                        size = len(raw)
+                        head = string_value[size] if size < 16384 else b"\x00" + zigzag_varint(size)
+                        parts += (labels.get(key) or label(key), head, raw)
+                    else:
+                        parts += (labels.get(key) or label(key), _typed_value(value))
             parts.append(_NULL)
             if llm is None:
                 parts.append(_NULL)

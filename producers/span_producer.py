@@ -49,7 +49,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from boltstream.infra.common.config import Settings
 from boltstream.infra.common.contract import keep_rollout
 from boltstream.producers.pending_span import ATTRIBUTES, ERROR, LLM, REWARD, ROLLOUT_ID, SERVER_ID, PendingSpan
-from boltstream.producers.redaction import Redactor
+from boltstream.producers.redaction import Redactor, is_wire_scalar
 from boltstream.producers.retention import RETAINED, Retention
 from boltstream.producers.span_encoder import SpanBatchEncoder
 from boltstream.producers.spool import Segment, Spool, SpooledMessage, SpoolLocked
@@ -422,7 +422,7 @@ class SpanProducer:
     def _clean_batch(self, spans: list[PendingSpan]) -> list[PendingSpan]:
         """The spans as they may leave the process (see :meth:`_clean`), checked together.
 
-        The usual batch (string attributes under ordinary keys, nothing long enough to truncate) needs
+        The usual batch (string or number attributes under ordinary keys, nothing long enough to truncate) needs
         nothing but the secret search, run once over all its texts joined: when it finds nothing the
         spans leave as they came. Anything else, and any batch with a secret, is cleaned span by span.
         The checks run on the batch as a whole, at C speed where they can: the distinct key tuples, one
@@ -445,18 +445,21 @@ class SpanProducer:
             return spans
         try:
             joined = "\x00".join(texts)
-        except TypeError:  # a value that is not a string: to be converted
-            return [self._clean(span) for span in spans]
+        except TypeError:  # a value that is not a string: numbers leave as they are, anything else is converted
+            if not all(map(is_wire_scalar, texts)):
+                return [self._clean(span) for span in spans]
+            texts = [text for text in texts if type(text) is str]
+            joined = "\x00".join(texts)
         if (
             not all(redactor.plain_keys(keys) for keys in key_sets)
-            or not (max(map(len, texts)) * 4 <= redactor.max_bytes or all(map(redactor.fits, texts)))
+            or not (max(map(len, texts), default=0) * 4 <= redactor.max_bytes or all(map(redactor.fits, texts)))
             or not redactor.finds_nothing_in(joined)
         ):
             return [self._clean(span) for span in spans]
         return spans
 
     def _clean(self, span: PendingSpan) -> PendingSpan:
-        """The span as it may leave the process: attributes as strings, secrets redacted, values bounded."""
+        """The span as it may leave the process: attributes typed or as strings, secrets redacted, values bounded."""
         error, llm = span[ERROR], span[LLM]
         clean = self._redactor.clean
         if llm is not None:
@@ -465,7 +468,9 @@ class SpanProducer:
             llm["completion_text"] = clean(llm.get("completion_text", ""))
         if error is not None:
             error = clean(error)
-        attributes = self._redactor.attributes(dict(zip(span[ATTRIBUTES::2], span[ATTRIBUTES + 1 :: 2], strict=True)))
+        attributes = self._redactor.typed_attributes(
+            dict(zip(span[ATTRIBUTES::2], span[ATTRIBUTES + 1 :: 2], strict=True))
+        )
         return (
             *span[:ERROR],
             error,

@@ -32,7 +32,7 @@ from fastavro.schema import parse_schema
 
 from boltstream.schemas.codec import SINGLE_OBJECT_MAGIC, CodecError, codec, latest, shipped_schemas, zigzag_varint
 
-SPAN_BATCH_VERSION = 2  # the writer version read here without the general codec
+SPAN_BATCH_VERSION = 3  # the writer version read here without the general codec
 TRAINING_SAMPLE_VERSION = 1  # the version encode_training_sample writes
 
 
@@ -310,7 +310,7 @@ def _read_optional_string(data: bytes, pos: int) -> tuple[str | None, int]:
     return _read_string(data, pos) if index else (None, pos)
 
 
-def _read_attributes(data: bytes, pos: int) -> tuple[dict[str, str], int]:
+def _read_attributes(data: bytes, pos: int) -> tuple[dict[str, str | int | float | bool], int]:
     attributes = {}
     while True:
         # Block headers are read inline, as in _read_spans: this runs once per span, and a helper call per
@@ -323,7 +323,22 @@ def _read_attributes(data: bytes, pos: int) -> tuple[dict[str, str], int]:
             _, pos = _read_long(data, pos)  # the block's byte size
         for _ in range(count):
             key, pos = _read_string(data, pos)
-            attributes[key], pos = _read_string(data, pos)
+            branch = data[pos]  # the value's union branch, 0 string, 1 long, 2 double, 3 boolean: one byte
+            if branch == 0:
+                attributes[key], pos = _read_string(data, pos + 1)
+                continue
+            index, pos = (branch >> 1, pos + 1) if branch in (2, 4, 6) else _read_long(data, pos)
+            if index == 1:
+                attributes[key], pos = _read_long(data, pos)
+            elif index == 2:
+                (attributes[key],) = _double.unpack_from(data, pos)
+                pos += 8
+            elif index == 3:
+                attributes[key], pos = data[pos] != 0, pos + 1  # any byte but 0 is true, as fastavro reads it
+            elif index == 0:
+                attributes[key], pos = _read_string(data, pos)
+            else:
+                raise CodecError(f"union branch {index} of attribute {key!r}: not string, long, double, boolean")
 
 
 def _read_spans(data: bytes, pos: int) -> tuple[list[dict[str, Any]], int]:

@@ -166,7 +166,7 @@ def test_streamed_calls_are_traced_and_every_chunk_is_unchanged(vllm_server, sdk
     for span in (sync_span, async_span):
         assert span["llm"]["completion_text"] == text
         assert len(span["llm"]["completion_token_ids"]) == 8 == len(span["llm"]["completion_logprobs"])
-        assert span["attributes"]["stream"] == "true"
+        assert span["attributes"]["stream"] is True
     assert sync_span["llm"]["completion_tokens"] == 8  # the usage chunk was read too
 
 

@@ -7,7 +7,8 @@ Two shapes are checked, on the live tables of a real archive (chDB) read through
 * ``<table>_store`` is what people query: nested records flattened to ``<field>_<subfield>`` (the
   SpanBatch's spans exploded to one row each, next to the batch's own fields), every Avro field
   present with a compatible type (LowCardinality strings, unsigned token ids, defaults instead of
-  NULL for the fields of an absent nested record).
+  NULL for the fields of an absent nested record). A map of typed values (a union without null, read as
+  a Variant) is stored as text (``<field>``) beside its numbers (``<field>_number``, Float64).
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ def clickhouse_type(avro: Any) -> str:
         return PRIMITIVES[avro]
     if isinstance(avro, list):
         others = [branch for branch in avro if branch != "null"]
-        assert len(others) == 1 and "null" in avro, f"only [null, X] unions are archivable: {avro}"
+        if "null" not in avro:  # ClickHouse names a Variant's branches in alphabetical order
+            return "Variant(" + ", ".join(sorted(clickhouse_type(branch) for branch in avro)) + ")"
+        assert len(others) == 1, f"only [null, X] unions and unions without null are archivable: {avro}"
         return f"Nullable({clickhouse_type(others[0])})"
     kind = avro["type"]
     if kind == "enum":
@@ -79,6 +82,9 @@ def flattened(record: dict) -> dict[str, str]:
         nested = record_of(field["type"])
         if nested is not None:
             columns.update({f"{field['name']}_{sub['name']}": clickhouse_type(sub["type"]) for sub in nested["fields"]})
+        elif clickhouse_type(field["type"]).startswith("Map(String, Variant("):
+            columns[field["name"]] = "Map(String, String)"
+            columns[f"{field['name']}_number"] = "Map(String, Float64)"
         else:
             columns[field["name"]] = clickhouse_type(field["type"])
     return columns

@@ -144,7 +144,7 @@ def test_every_span_arrives_exactly_once_with_its_rollout_context(sdk: Settings)
         assert rollout_spans[-1]["kind"] == "rollout", "the root span closes the rollout"
         assert len({(s["task_id"], s["agent_name"]) for s in rollout_spans}) == 1
     async_tools = [s for s in spans if s["name"].endswith("tool")]
-    assert {s["attributes"]["output"] for s in async_tools} == {"2", "4"}
+    assert {s["attributes"]["output"] for s in async_tools} == {2, 4}  # numbers stay numbers
     assert all(by_id[s["parent_id"]]["kind"] == "rollout" for s in async_tools)
 
 
@@ -158,7 +158,7 @@ def test_spans_outside_a_rollout_form_implicit_rollouts_ended_by_a_reward(sdk: S
     assert by_id[first]["rollout_id"] != by_id[second]["rollout_id"]
     roots = [s for s in spans if s["kind"] == "rollout"]
     assert len(roots) == 2 and all(r["attributes"]["implicit"] == "true" for r in roots)
-    assert by_id[first]["name"] == "search" and by_id[first]["attributes"]["args"] == '{"q":"x"}'
+    assert by_id[first]["name"] == "search" and by_id[first]["attributes"]["args.q"] == "x"
     reward = next(s for s in spans if s["kind"] == "reward")
     assert reward["reward"] == 1.0 and reward["rollout_id"] == by_id[first]["rollout_id"]
 
@@ -281,10 +281,10 @@ def test_traced_and_operation_record_inputs_outputs_errors_and_nesting(sdk: Sett
     assert len(spans) == 5
     by_name = {s["name"].rpartition("<locals>.")[2]: s for s in spans}
     plan, multiply = by_name["operation"], by_name["Calculator.multiply"]
-    assert plan["attributes"] == {"step": "plan", "input.args.0": "17", "input.b": "23", "output": "391"}
+    assert plan["attributes"] == {"step": "plan", "input.args.0": 17, "input.b": 23, "output": "391"}
     assert multiply["parent_id"] == plan["event_id"] and plan["parent_id"] == run.root_id
-    assert multiply["attributes"] == {"input.a": "17", "input.b": "23", "output": "391"}
-    assert by_name["add"]["attributes"]["category"] == "math" and by_name["add"]["attributes"]["output"] == "3"
+    assert multiply["attributes"] == {"input.a": 17, "input.b": 23, "output": 391}
+    assert by_name["add"]["attributes"]["category"] == "math" and by_name["add"]["attributes"]["output"] == 3
     failed = by_name["divide"]
     assert (failed["kind"], failed["status"]) == ("tool_call", "error")
     assert failed["error"].startswith("ZeroDivisionError") and "output" not in failed["attributes"]
@@ -376,11 +376,11 @@ def test_secrets_are_redacted_and_long_values_truncated_before_leaving(settings:
     secrets = ("eyJhbGciOiJIUzI1NiJ9", "sk-proj-abc", "acct-123456", "plain-secret", "dXNlcjpwYXNzd29yZA")
     for secret in (*secrets, "named-secret", "pg-pass-123", "Qz9/"):
         assert secret not in everything
-    assert "Bearer [REDACTED]" in attributes["args"]
+    assert attributes["args.headers.Authorization"] == REDACTED  # nested values are flattened: a secret-named key
     assert attributes["api_key"] == attributes["token"] == attributes["auth"] == attributes["bearer"] == REDACTED
     assert attributes["db"] == f"postgres://app:{REDACTED}@db:5432/orders"
     assert attributes["body"].startswith("x" * 256) and attributes["body"].endswith("…[truncated 744 bytes]")
-    assert (attributes["count"], attributes["ratio"], attributes["ok"]) == ("3", "0.5", "true")
+    assert (attributes["count"], attributes["ratio"], attributes["ok"]) == (3, 0.5, True)  # typed (SpanBatch v3)
     assert span["error"] == "HTTP 401 with Authorization: Basic [REDACTED]"
 
 

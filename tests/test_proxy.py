@@ -155,7 +155,7 @@ def test_proxied_calls_are_captured_and_answered_as_the_upstream_would(vllm_serv
         assert llm["prompt_token_ids"] and "17 * 23" in llm["prompt_text"]
         assert span["server_id"] == vllm_server.base_url
     assert (
-        stream["attributes"]["stream"] == "true" and stream["llm"]["completion_text"] == whole["llm"]["completion_text"]
+        stream["attributes"]["stream"] is True and stream["llm"]["completion_text"] == whole["llm"]["completion_text"]
     )
     assert failed["status"] == "error" and failed["error"].startswith("HTTP 404")
     rewards = consume(settings.kafka.bootstrap_servers, settings.topics.rewards, lambda f: len(f) >= 1, record="Reward")

@@ -51,7 +51,7 @@ def test_seed_snippets_run_as_written(settings: Settings) -> None:
     kinds = Counter(s["kind"] for s in spans)
     assert kinds == {"decision": 3, "tool_call": 3, "reward": 3, "rollout": 3}
     tool = next(s for s in spans if s["kind"] == "tool_call")
-    assert tool["name"] == "multiply" and tool["attributes"]["args"].startswith('{"a":')
+    assert tool["name"] == "multiply" and tool["attributes"]["args.a"] == 17
     assert {s["reward"] for s in spans if s["kind"] == "reward"} == {1.0}
 
 

@@ -1,4 +1,4 @@
-"""The SDK's specialised SpanBatch encoder writes exactly the bytes of the generic codec (SpanBatch v2)."""
+"""The SDK's specialised SpanBatch encoder writes exactly the bytes of the generic codec (SpanBatch v3)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,8 @@ def flat(attributes: dict) -> tuple:
 def pending_span(rng: random.Random, rollout: Rollout, sequence: int) -> tuple:
     kind = rng.choice(KINDS)
     text = rng.choice(["", "plain", "ünïcødé ✓ 数学", "x" * 20_000])  # 20 KB: lengths beyond the varint table
-    attributes = {f"key-{i}": rng.choice(["", "v", text]) for i in range(rng.randint(0, 4))}
+    values = ["", "v", text, 0, -1, 16384, 2**62, -(2**63), 0.25, -math.inf, True, False]
+    attributes = {f"key-{i}": rng.choice(values) for i in range(rng.randint(0, 4))}
     return (
         f"event-{sequence}",
         *rollout,
@@ -90,7 +91,7 @@ def test_pending_span_fields_are_the_span_records_in_schema_order() -> None:
 
 
 def test_writes_the_generic_codecs_bytes() -> None:
-    assert shipped_schemas()["SpanBatch"][-1].version == 2, "a new SpanBatch version: re-check the encoder"
+    assert shipped_schemas()["SpanBatch"][-1].version == 3, "a new SpanBatch version: re-check the encoder"
     rng = random.Random(7)
     encoder, generic = SpanBatchEncoder(), codec("SpanBatch")
     for case in range(300):
@@ -117,6 +118,8 @@ def test_bad_values_raise_codec_error() -> None:
         with_field(layout.NAME, 42),
         with_field(layout.KIND, "no-such-kind"),
         (*span, "a key without its value"),
+        (*span, "beyond 64 bits", 2**63),  # the producer's cleaning turns these into strings first
+        (*span, "not a wire scalar", None),
     ):
         with pytest.raises(CodecError):
             SpanBatchEncoder().encode("r", "p", 0, [bad])

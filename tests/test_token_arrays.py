@@ -32,6 +32,9 @@ KINDS = ("rollout", "llm_call", "tool_call", "decision", "reward", "message", "e
 STRICTER = re.compile(r"beyond 64 bits|kind index -\d+ is not|union branch -\d+ of")
 TEXTS = ("", "ok", "näive café", "東京で会いましょう", "emoji 🚀🧪", "a\u0301 combining", "x" * 300)
 
+#: Typed attribute values (SpanBatch v3): every branch of the union, longs of every size.
+ATTRIBUTE_VALUES = (*TEXTS, 0, -1, 64, 2**40, -(2**63), 2**63 - 1, 0.5, -1e300, math.inf, True, False)
+
 
 def float32s(rng: random.Random, n: int) -> list[float]:
     special = [0.0, -0.0, 1e-45, -1e-40, 3.4e38, -3.4e38, -1e-3, -17.25]
@@ -76,7 +79,7 @@ def random_batch(rng: random.Random) -> dict[str, Any]:
                 status=rng.choice(("ok", "error")),
                 error=rng.choice((None, "ValueError: ß")),
                 reward=rng.choice((None, 0.5, -1e-9)),
-                attributes={rng.choice(TEXTS): rng.choice(TEXTS) for _ in range(rng.randint(0, 4))},
+                attributes={rng.choice(TEXTS): rng.choice(ATTRIBUTE_VALUES) for _ in range(rng.randint(0, 4))},
                 llm=random_llm(rng) if kind == "llm_call" or rng.random() < 0.1 else None,
                 start_time_us=rng.randint(-(2**62), 2**62),
                 end_time_us=rng.choice((0, 1_700_000_000_000_000)),

@@ -11,6 +11,7 @@ becomes ``from boltstream import agl``, and ``from agentlightning.X import ...``
 The README's "Agent Lightning compatibility" table lists every name of its 0.3 API.
 """
 
+import importlib as _importlib
 import logging as _logging
 
 from boltstream.agl.adapter import TraceAdapter, TraceToMessages
@@ -52,6 +53,15 @@ from boltstream.producers.tracers import (
     get_active_tracer,
     set_active_tracer,
 )
+
+
+def __getattr__(name: str) -> object:
+    """``agl.Trainer``: Agent Lightning's trainer drives the whole stack (broker, archive, join, trainer,
+    serving), layers above this SDK, so it is imported by name on first use and agents that never train
+    do not load the stack's code (``boltstream.infra.demo.fit``)."""
+    if name == "Trainer":
+        return _importlib.import_module("boltstream.infra.demo.fit").Trainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def setup_logging(level: int | str = "INFO", **_: object) -> None:

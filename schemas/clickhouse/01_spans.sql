@@ -6,6 +6,11 @@
 -- schema; `spans_ingest_mv` explodes the spans array and flattens the nested `llm` record into
 -- `llm_<field>` columns (defaults when the span has no llm record) into `spans_store`.
 --
+-- Typed attributes (SpanBatch v3): an attribute value is a string, a long, a double or a boolean, read by
+-- ClickHouse into a Variant. `attributes` keeps every value as text (as every older row has it, so text
+-- queries read old and new rows alike); `attributes_number` holds the longs and doubles as Float64, so
+-- `sum(attributes_number['usage.total_tokens'])` needs no cast (exact for integers up to 2^53).
+--
 -- Idempotency: ReplacingMergeTree keyed on the sorting key, which ends with event_id; a message
 -- redelivered after a crash inserts the same rows again and FINAL (in the `spans` view) keeps one.
 -- Duplicates always land in the same partition because the partition comes from start_time_us.
@@ -33,6 +38,7 @@ CREATE TABLE IF NOT EXISTS spans_store
     error Nullable(String),
     reward Nullable(Float64),
     attributes Map(String, String),
+    attributes_number Map(String, Float64),
     llm_model LowCardinality(String),
     llm_model_version LowCardinality(String),
     llm_prompt_token_ids Array(UInt32),
@@ -82,7 +88,7 @@ CREATE TABLE IF NOT EXISTS spans_ingest
         status String,
         error Nullable(String),
         reward Nullable(Float64),
-        attributes Map(String, String),
+        attributes Map(String, Variant(String, Int64, Float64, Bool)),
         llm Nullable(Tuple(
             model String,
             model_version String,
@@ -115,7 +121,10 @@ SELECT
     span.status AS status,
     span.error AS error,
     span.reward AS reward,
-    span.attributes AS attributes,
+    mapApply((key, value) -> (key, toString(value)), span.attributes) AS attributes,
+    mapApply(
+        (key, value) -> (key, ifNull(variantElement(value, 'Float64'), toFloat64(variantElement(value, 'Int64')))),
+        mapFilter((key, value) -> variantType(value) IN ('Int64', 'Float64'), span.attributes)) AS attributes_number,
     ifNull(span.llm.model, '') AS llm_model,
     ifNull(span.llm.model_version, '') AS llm_model_version,
     span.llm.prompt_token_ids AS llm_prompt_token_ids,

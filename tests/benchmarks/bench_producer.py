@@ -13,6 +13,11 @@
 
 Run: ``python -m pytest tests/benchmarks/bench_producer.py -m benchmark -s`` (add ``or slow`` to the
 marker expression for the vLLM ones). Timings on a shared 2-core machine are noisy: read the ratios.
+
+The tool calls' ``args`` are a dict (nested values are flattened into typed attributes). With
+``BOLTSTREAM_BENCH_ARGS=text`` the agent loop turns them into JSON text itself before each emit, inside
+the timed loop: every attribute is a string, the same work a release before typed attributes did inside
+emit (so side_by_side.py compares all-string spans fairly against such a base).
 """
 
 from __future__ import annotations
@@ -45,6 +50,12 @@ pytestmark = pytest.mark.benchmark
 REPO = Path(__file__).resolve().parents[2]
 ARGS = {"query": "x" * 400, "filters": ["recent", "verified"]}
 RESULT = "y" * 500  # with ids, names and times: a 1 KB span (checked below)
+#: All-string spans: the agent passes its tool arguments as JSON text (see the module's docstring).
+ARGS_AS_TEXT = os.environ.get("BOLTSTREAM_BENCH_ARGS") == "text"
+
+
+def _args(args: dict) -> dict | str:
+    return to_text(args) if ARGS_AS_TEXT else args
 
 
 def percentile(sorted_values: list[float], share: float) -> float:
@@ -61,7 +72,7 @@ def test_emit_cost_on_the_agents_thread(settings: Settings) -> None:
         with agl.rollout(task_id="bench", agent_name="bench"):
             for _ in range(calls):
                 started = clock()
-                agl.emit_tool_call("search", ARGS, RESULT)
+                agl.emit_tool_call("search", _args(ARGS), RESULT)
                 emit_ns.append(clock() - started)
                 if len(emit_ns) % 5000 == 0:
                     time.sleep(0.01)  # let the producer keep up, as a real agent between steps would
@@ -210,7 +221,7 @@ def test_spans_per_second_end_to_end(settings: Settings) -> None:
                 with agl.rollout(task_id=f"task-{index % 100}", agent_name="bench"):
                     for _ in range(spans_per_rollout - 1):  # + the rollout's root span
                         args, result = next(calls_left)
-                        agl.emit_tool_call("search", args, result)
+                        agl.emit_tool_call("search", _args(args), result)
             emitted = time.perf_counter() - started
             if producer_alone:  # the producer has not started yet (see below): time its work alone
                 started, cpu_started = time.perf_counter(), time.process_time()
