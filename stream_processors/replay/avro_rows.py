@@ -26,12 +26,13 @@ import secrets
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 import cramjam
 import fastavro
 
-from boltstream.schemas.codec import SINGLE_OBJECT_MAGIC, codec, latest
+from boltstream.schemas.codec import SINGLE_OBJECT_MAGIC, SchemaVersion, shipped_schemas
 
 MARKER_BYTES = 16
 _AVRO_MAGIC = b"Obj\x01"
@@ -70,8 +71,29 @@ def clickhouse_type(avro: Any) -> str:
 
 
 def record_type(record: str) -> str:
-    """The ClickHouse tuple type of the newest schema of ``record``."""
-    return clickhouse_type(latest(record).schema)
+    """The ClickHouse tuple type of the newest schema of ``record`` that ClickHouse can write."""
+    return clickhouse_type(replay_schema(record).schema)
+
+
+@cache
+def replay_schema(record: str) -> SchemaVersion:
+    """The newest shipped version of ``record`` whose Avro ClickHouse can write. Span v3's attribute values
+    are a union of string, long, double and boolean, which ClickHouse's Avro output cannot write: replays
+    send span batches as SpanBatch v2 (attribute values as text), which every consumer reads."""
+    for version in reversed(shipped_schemas()[record]):
+        try:
+            clickhouse_type(version.schema)
+        except ValueError:
+            continue
+        return version
+    raise ValueError(f"no shipped version of {record} has a ClickHouse type")
+
+
+def encode_body(version: SchemaVersion, record: dict[str, Any]) -> bytes:
+    """The Avro body of ``record`` under ``version`` (no framing)."""
+    buffer = io.BytesIO()
+    fastavro.schemaless_writer(buffer, version.parsed, record)
+    return buffer.getvalue()
 
 
 def new_marker() -> bytes:
@@ -170,8 +192,8 @@ class RowReader:
     def __init__(self, marker: bytes) -> None:
         self.marker = marker
         self.headers = {
-            "spans": SINGLE_OBJECT_MAGIC + latest("SpanBatch").fingerprint,
-            "rewards": SINGLE_OBJECT_MAGIC + latest("Reward").fingerprint,
+            "spans": SINGLE_OBJECT_MAGIC + replay_schema("SpanBatch").fingerprint,
+            "rewards": SINGLE_OBJECT_MAGIC + replay_schema("Reward").fingerprint,
         }
         self.decoded_blocks = 0  # blocks cut by fastavro (the marker occurred in the data)
 
@@ -209,5 +231,7 @@ class RowReader:
         for _ in range(count):
             row = fastavro.schemaless_reader(body, parsed, None)
             topic, record = ("spans", "SpanBatch") if row["batch"] is not None else ("rewards", "Reward")
-            value = codec(record).encode(row["batch"] if topic == "spans" else row["reward"])
+            value = self.headers[topic] + encode_body(
+                replay_schema(record), row["batch" if topic == "spans" else "reward"]
+            )
             yield EncodedRow(row["time_us"], topic, row["rollout_id"].encode(), value, row["events"])

@@ -29,8 +29,14 @@ from typing import Any
 
 from boltstream.infra.common.config import ConfigError, Settings
 from boltstream.infra.common.topics import reader_config
-from boltstream.schemas.codec import CodecError, codec, latest
-from boltstream.stream_processors.replay.avro_rows import RowReader, avro_long, clickhouse_type, new_marker
+from boltstream.schemas.codec import CodecError, codec
+from boltstream.stream_processors.replay.avro_rows import (
+    RowReader,
+    avro_long,
+    clickhouse_type,
+    new_marker,
+    replay_schema,
+)
 
 _SPANS, _REWARDS = 0, 1  # order of the two inputs at equal times: spans first
 #: Spans and rewards per page read from the archive (a page is one query, held whole by the read endpoint).
@@ -110,7 +116,7 @@ class Selection:
 def _span_expression() -> str:
     """A span row of the ``spans`` view as a tuple of the newest ``Span`` shape, its ``llm`` record rebuilt
     from the ``llm_*`` columns (NULL when all are empty: the span was archived without one)."""
-    batch = latest("SpanBatch").schema
+    batch = replay_schema("SpanBatch").schema
     span = next(field["type"]["items"] for field in batch["fields"] if field["name"] == "spans")
     llm = next(field["type"] for field in span["fields"] if field["name"] == "llm")
     llm_fields = [f"llm_{field['name']}" for field in next(b for b in llm if b != "null")["fields"]]
@@ -181,9 +187,9 @@ class ArchiveSource:
     def query(self, marker: bytes, start_us: int, end_us: int, paged: bool = False) -> str:
         """Span batches and rewards published in ``[start_us, end_us)``, in publication order (ties: spans
         first, then rollout id), one row each. ``paged``: the window is one of several."""
-        batch_type = clickhouse_type(latest("SpanBatch").schema)
-        reward_type = clickhouse_type(latest("Reward").schema)
-        reward_fields = ", ".join(field["name"] for field in latest("Reward").schema["fields"])
+        batch_type = clickhouse_type(replay_schema("SpanBatch").schema)
+        reward_type = clickhouse_type(replay_schema("Reward").schema)
+        reward_fields = ", ".join(field["name"] for field in replay_schema("Reward").schema["fields"])
         selected = spans_selected = self._where()
         in_window = f"((sent_at_us >= {start_us} AND sent_at_us < {end_us}) OR sent_at_us = 0)"
         if paged:
