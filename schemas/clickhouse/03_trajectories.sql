@@ -13,7 +13,7 @@ CREATE TABLE IF NOT EXISTS trajectories_store
     rewards Array(Float64),
     span_count Int32,
     llm_call_count Int32,
-    span_event_ids Array(String),
+    span_event_ids Array(String) CODEC(ZSTD(3)),
     model_versions Array(String),
     start_time_us Int64,
     end_time_us Int64,
