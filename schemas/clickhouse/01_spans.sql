@@ -29,7 +29,8 @@ CREATE TABLE IF NOT EXISTS spans_store
     task_id String CODEC(ZSTD(3)),
     agent_name LowCardinality(String),
     kind Enum8('rollout' = 0, 'llm_call' = 1, 'tool_call' = 2, 'decision' = 3, 'reward' = 4, 'message' = 5,
-               'exception' = 6, 'object' = 7, 'annotation' = 8, 'custom' = 9),
+               'exception' = 6, 'object' = 7, 'annotation' = 8, 'custom' = 9)
+        COMMENT 'the span type: rollout (the root span, its arrival ends the trajectory), llm_call, tool_call, reward ...',
     name String,
     parent_id Nullable(String) CODEC(ZSTD(3)),
     sequence Int64,
