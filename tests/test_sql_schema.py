@@ -17,10 +17,10 @@ import uuid
 import pytest
 from confluent_kafka import Producer
 
-from boltstream.infra.cli import main
 from boltstream.schemas.codec import codec, latest
 from boltstream.stream_processors.archive import ddl_statements
 from tests.records import make_span
+from tests.test_analytics import run
 from tests.test_archive import wait_for
 
 #: Bytes that are not UTF-8 text (nor a shipped schema's framing): the archive dead-letters them as is.
@@ -95,12 +95,6 @@ def with_dead_letter(settings, archive, monkeypatch, tmp_path):
     wait_for(lambda: reader.command("SELECT count() FROM dead_letters") == 1, 60, "the dead letter")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("BOLTSTREAM_CLICKHOUSE__READ_URL", archive.read_url)
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_binary_columns_print_as_base64_in_every_format(with_dead_letter, capsys):
