@@ -128,3 +128,14 @@ def test_an_unknown_column_is_answered_with_the_closest_ones(with_dead_letter, c
     assert code == 1 and "did you mean 'agent_name'" in err
     code, _, err = run(capsys, "sql", "SELECT * FROM no_such_table")
     assert code == 1 and "no_such_table" in err and "did you mean" not in err
+
+
+def test_schema_reads_the_live_archive_when_one_runs(with_dead_letter, capsys):
+    code, out, err = run(capsys, "sql", "--schema", "dead_letters", "--format", "csv")
+    assert code == 0, err
+    columns = {row["column"]: row for row in csv.DictReader(io.StringIO(out))}
+    assert columns["value"]["meaning"] == "Original raw value bytes." and columns["value"]["type"] == "String"
+    code, out, err = run(capsys, "sql", "--schema")
+    assert code == 0 and "dead_letters" in out and "ingestion plumbing, not for queries: " in out
+    code, _, err = run(capsys, "sql", "--schema", "dead_letters", "SELECT 1")
+    assert code == 2 and "not both" in err
