@@ -59,6 +59,8 @@ CHUNK_SPANS = 250_000
 #: Chunks the producer may be ahead of the archive (each holds broker memory until archived).
 CHUNKS_IN_FLIGHT = 2
 SEED = 16
+#: The baseline: the SpanBatch records as a zstd-compressed Avro container file, in the archive's home.
+AVRO_FILE = "spans.avro.zst"
 #: SpanBatch messages of the first chunk produced again, as a redelivery after a crash would.
 DUPLICATE_MESSAGES = 2000
 REPORT_ROUNDS = 3
@@ -575,22 +577,17 @@ def verdict(met: bool) -> str:
     return "PASS" if met else "MISS"
 
 
-def run(spans: int, home: Path, bootstrap: str) -> dict[str, Any]:
-    """Fill an archive in ``home`` with ``spans`` spans of fleet traffic through the broker at ``bootstrap``
-    and the archive worker, measure it, print the figures; returns them."""
+def fill(spans: int, settings: Any, client: Any, home: Path) -> dict[str, Any]:
+    """Fill the archive with ``spans`` spans of fleet traffic, chunk by chunk; what it took, also saved as
+    ``home/fill.json`` (for ``--measure-only``)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from boltstream.infra.common.config import load_settings
-    from boltstream.stream_processors.archive import connect
-
-    home.mkdir(parents=True, exist_ok=True)
-    settings = load_settings(environ={"BOLTSTREAM_HOME": str(home)}, kafka={"bootstrap_servers": bootstrap})
-    client = connect(settings.clickhouse, settings.archive_url)
+    bootstrap = settings.kafka.bootstrap_servers
     prefix = f"scale{uuid.uuid4().hex[:6]}"
-    avro_path = home / "spans.avro.zst"
     spawn = multiprocessing.get_context("spawn")
     ready, archived = spawn.Queue(), spawn.Semaphore(CHUNKS_IN_FLIGHT)
-    child = spawn.Process(target=produce_chunks, args=(bootstrap, prefix, spans, str(avro_path), ready, archived))
+    avro_path = str(home / AVRO_FILE)
+    child = spawn.Process(target=produce_chunks, args=(bootstrap, prefix, spans, avro_path, ready, archived))
     totals, archive_seconds, produce_seconds = ChunkCounts(), 0.0, 0.0
     started = time.perf_counter()
     child.start()
@@ -602,7 +599,6 @@ def run(spans: int, home: Path, bootstrap: str) -> dict[str, Any]:
         while True:
             index, counts, seconds = ready.get(timeout=1800)
             if index is None:
-                avro_bytes = counts
                 break
             topics = chunk_settings(settings, prefix, index)
             archive_seconds += archive_chunk(topics, client)
@@ -612,7 +608,45 @@ def run(spans: int, home: Path, bootstrap: str) -> dict[str, Any]:
             produce_seconds += seconds
             progress.update(task, advance=counts.spans)
     child.join(60)
-    fill_seconds = time.perf_counter() - started
+    filled = {
+        "spans": totals.spans,
+        "fill_seconds": time.perf_counter() - started,
+        "archive_spans_per_second": totals.spans / archive_seconds,
+        "produce_seconds": produce_seconds,
+        "counts": totals.__dict__,
+    }
+    (home / "fill.json").write_text(json.dumps(filled))
+    return filled
+
+
+def settle(client: Any, limit: float = 1800.0) -> float:
+    """Wait until the background merges the fill started are done (none for 3 s), at most ``limit``
+    seconds: reports are timed on the archive as it rests, not competing with its merges."""
+    started = quiet_since = time.perf_counter()
+    while time.perf_counter() - started < limit:
+        if client.command("SELECT count() FROM system.merges WHERE database = currentDatabase()"):
+            quiet_since = time.perf_counter()
+        elif time.perf_counter() - quiet_since >= 3:
+            break
+        time.sleep(0.5)
+    return time.perf_counter() - started
+
+
+def run(spans: int, home: Path, bootstrap: str, *, measure_only: bool = False) -> dict[str, Any]:
+    """Fill an archive in ``home`` with ``spans`` spans of fleet traffic through the broker at ``bootstrap``
+    and the archive worker (unless ``measure_only``: an archive an earlier run filled), measure it, print
+    the figures; returns them."""
+    from boltstream.infra.common.config import load_settings
+    from boltstream.stream_processors.archive import connect
+
+    home.mkdir(parents=True, exist_ok=True)
+    settings = load_settings(environ={"BOLTSTREAM_HOME": str(home)}, kafka={"bootstrap_servers": bootstrap})
+    client = connect(settings.clickhouse, settings.archive_url)
+    filled = json.loads((home / "fill.json").read_text()) if measure_only else fill(spans, settings, client, home)
+    totals = ChunkCounts(**filled["counts"])
+    avro_bytes = os.path.getsize(home / AVRO_FILE)
+    settle_seconds = settle(client)
+    prefix = f"scale{uuid.uuid4().hex[:6]}"
 
     # Bytes on disk once the background merges settle (they run while the archive fills, too).
     store_rows = client.command("SELECT count() FROM spans_store")
@@ -652,10 +686,8 @@ def run(spans: int, home: Path, bootstrap: str) -> dict[str, Any]:
     client.close()
 
     figures = {
-        "spans": totals.spans,
-        "fill_seconds": fill_seconds,
-        "archive_spans_per_second": totals.spans / archive_seconds,
-        "produce_seconds": produce_seconds,
+        **filled,
+        "settle_seconds": settle_seconds,
         "store_rows": store_rows,
         "clickhouse_bytes": disk_bytes,
         "clickhouse_bytes_per_span": disk_bytes / totals.spans,
@@ -669,7 +701,6 @@ def run(spans: int, home: Path, bootstrap: str) -> dict[str, Any]:
         "rows_with_duplicates": rows_with_duplicates,
         "dedup_count": unique,
         "dedup_count_seconds": statistics.median(dedup_times),
-        "counts": totals.__dict__,
     }
     print_figures(figures)
     return figures
@@ -687,6 +718,7 @@ def print_figures(f: dict[str, Any]) -> None:
         f"  fill: {f['fill_seconds']:,.0f} s wall; archive worker {f['archive_spans_per_second']:,.0f} spans/s "
         f"(its batch loop); generating and producing {f['produce_seconds']:,.0f} s (a child process, overlapped)"
     )
+    print(f"  background merges of the fill settled {f['settle_seconds']:,.0f} s after it ended")
     clickhouse, avro = f["clickhouse_bytes_per_span"], f["avro_zstd_bytes_per_span"]
     print(
         f"  storage: ClickHouse {clickhouse:,.1f} bytes/span ({f['clickhouse_bytes']:,} bytes on disk, spans_store); "
@@ -725,9 +757,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spans", type=int, default=DEFAULT_SPANS)
     parser.add_argument("--home", type=Path, required=True, help="BOLTSTREAM_HOME of the archive it fills")
+    parser.add_argument(
+        "--measure-only", action="store_true", help="measure the archive an earlier run filled in --home again"
+    )
     args = parser.parse_args()
     bootstrap = os.environ["BOLTSTREAM_KAFKA__BOOTSTRAP_SERVERS"]
-    run(args.spans, args.home, bootstrap)
+    run(args.spans, args.home, bootstrap, measure_only=args.measure_only)
     return 0
 
 
