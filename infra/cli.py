@@ -68,7 +68,7 @@ GROUPS: dict[str, dict[str, Command]] = {
     "the archive": {
         "sql": Command(
             "boltstream.stream_processors.analytics",
-            "run a read-only SQL query against the archive",
+            "run a read-only SQL query against the archive (--schema: its tables and columns)",
             'boltstream sql "SELECT agent_name, count() FROM spans GROUP BY agent_name" --format csv',
             "spans per agent, as CSV",
         ),

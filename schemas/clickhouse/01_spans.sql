@@ -13,49 +13,56 @@
 --
 -- Idempotency: ReplacingMergeTree keyed on the sorting key, which ends with event_id; a message
 -- redelivered after a crash inserts the same rows again and FINAL (in the `spans` view) keeps one.
--- Duplicates always land in the same partition because the partition comes from start_time_us.
+-- Duplicates always land in the same partition and the same hour because both come from start_time_us.
 --
--- Ordering: (rollout_id, sequence, event_id) makes "all spans of a rollout, in order" a primary-key
--- range read, the query the trainer, replay and trace viewers run most. Per-agent / time queries
--- (reports, dashboards) are served by the day partitions plus two skip indexes: a set index on
--- agent_name and a minmax index on start_time_us. A projection ordered by agent would serve them
--- better on a plain MergeTree, but projections are not read under FINAL, which every view uses.
+-- Ordering: (hour of start, rollout_id, sequence, event_id). The hour first keeps the parts of
+-- different hours from overlapping, so FINAL merges only the ranges a redelivered batch touched (the
+-- recent hours) and reads the rest as it is: the deduplicating view costs about what the table does,
+-- at tens of millions of spans. Within the hour, a rollout's spans are one key range in order (a
+-- rollout crossing the hour is two), what the trainer, replay and trace viewers read; time-range
+-- queries (reports, replay --since/--until) use the key directly. The day partitions bound merges.
+--
+-- Storage (tests/benchmarks/bench_scale.py measures it against a zstd-compressed Avro file of the same
+-- spans): ZSTD on the large columns (token ids, logprobs, texts, ids, attributes): a rollout's prompts
+-- repeat each other and lie side by side in key order; Delta before ZSTD on the times, which grow
+-- along a rollout. Small columns keep LZ4, the fastest to read.
 CREATE TABLE IF NOT EXISTS spans_store
 (
-    event_id String,
-    rollout_id String,
-    attempt_id String,
-    task_id String,
+    event_id String CODEC(ZSTD(3)),
+    rollout_id String CODEC(ZSTD(3)),
+    attempt_id String CODEC(ZSTD(3)),
+    task_id String CODEC(ZSTD(3)),
     agent_name LowCardinality(String),
     kind Enum8('rollout' = 0, 'llm_call' = 1, 'tool_call' = 2, 'decision' = 3, 'reward' = 4, 'message' = 5,
-               'exception' = 6, 'object' = 7, 'annotation' = 8, 'custom' = 9),
+               'exception' = 6, 'object' = 7, 'annotation' = 8, 'custom' = 9)
+        COMMENT 'the span type: rollout (the root span, its arrival ends the trajectory), llm_call, tool_call, reward ...',
     name String,
-    parent_id Nullable(String),
+    parent_id Nullable(String) CODEC(ZSTD(3)),
     sequence Int64,
-    start_time_us Int64,
-    end_time_us Int64,
+    start_time_us Int64 CODEC(Delta, ZSTD(1)),
+    end_time_us Int64 CODEC(Delta, ZSTD(1)),
     status LowCardinality(String),
-    error Nullable(String),
+    error Nullable(String) CODEC(ZSTD(3)),
     reward Nullable(Float64),
-    attributes Map(String, String),
-    attributes_number Map(String, Float64),
+    attributes Map(String, String) CODEC(ZSTD(3)),
+    attributes_number Map(String, Float64) CODEC(ZSTD(3)),
     llm_model LowCardinality(String),
     llm_model_version LowCardinality(String),
-    llm_prompt_token_ids Array(UInt32),
-    llm_completion_token_ids Array(UInt32),
-    llm_completion_logprobs Array(Float32),
-    llm_prompt_text String,
-    llm_completion_text String,
+    llm_prompt_token_ids Array(UInt32) CODEC(ZSTD(3)),
+    llm_completion_token_ids Array(UInt32) CODEC(ZSTD(3)),
+    llm_completion_logprobs Array(Float32) CODEC(ZSTD(3)),
+    llm_prompt_text String CODEC(ZSTD(3)),
+    llm_completion_text String CODEC(ZSTD(3)),
     llm_prompt_tokens Int32,
     llm_completion_tokens Int32,
     llm_latency_ms Float64,
     llm_finish_reason LowCardinality(String),
     server_id LowCardinality(String),
     -- From the enclosing SpanBatch.
-    producer_id String,
-    sent_at_us Int64,
+    producer_id String CODEC(ZSTD(3)),
+    sent_at_us Int64 CODEC(Delta, ZSTD(1)),
     -- Version column of the ReplacingMergeTree: the latest archive of an event wins.
-    archived_at DateTime64(6) DEFAULT now64(6),
+    archived_at DateTime64(6) DEFAULT now64(6) COMMENT 'when the archive worker stored the row; the newest copy of a redelivered span wins',
     INDEX agent_name_set agent_name TYPE set(256) GRANULARITY 4,
     INDEX start_time_minmax start_time_us TYPE minmax GRANULARITY 1,
     -- Invariants: a span without ids cannot be deduplicated or joined; time runs forward.
@@ -65,7 +72,8 @@ CREATE TABLE IF NOT EXISTS spans_store
 )
 ENGINE = ReplacingMergeTree(archived_at)
 PARTITION BY toDate(fromUnixTimestamp64Micro(start_time_us))
-ORDER BY (rollout_id, sequence, event_id);
+ORDER BY (toStartOfHour(fromUnixTimestamp64Micro(start_time_us)), rollout_id, sequence, event_id)
+COMMENT 'the store behind the spans view: may hold a redelivered span twice until a merge; query spans';
 
 CREATE TABLE IF NOT EXISTS spans_ingest
 (
@@ -142,5 +150,9 @@ SELECT
 FROM spans_ingest
 ARRAY JOIN spans AS span;
 
--- Every span exactly once, however often it was delivered.
-CREATE OR REPLACE VIEW spans AS SELECT * FROM spans_store FINAL;
+-- Every span exactly once, however often it was delivered. Duplicates share a partition, so FINAL
+-- need not merge across partitions (which lets it run one partition per thread).
+CREATE OR REPLACE VIEW spans AS
+SELECT * FROM spans_store FINAL
+SETTINGS do_not_merge_across_partitions_select_final = 1
+COMMENT 'every span of every agent exactly once: one row per span, LLM calls with their token ids';

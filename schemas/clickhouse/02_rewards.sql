@@ -20,7 +20,8 @@ CREATE TABLE IF NOT EXISTS rewards_store
 )
 ENGINE = ReplacingMergeTree(archived_at)
 PARTITION BY toDate(fromUnixTimestamp64Micro(timestamp_us))
-ORDER BY (rollout_id, event_id);
+ORDER BY (rollout_id, event_id)
+COMMENT 'the store behind the rewards view: may hold a redelivered reward twice until a merge; query rewards';
 
 CREATE TABLE IF NOT EXISTS rewards_ingest
 (
@@ -42,4 +43,5 @@ SELECT event_id, rollout_id, value, name, is_final, source, task_id, agent_name,
 FROM rewards_ingest;
 
 -- Every reward exactly once.
-CREATE OR REPLACE VIEW rewards AS SELECT * FROM rewards_store FINAL;
+CREATE OR REPLACE VIEW rewards AS SELECT * FROM rewards_store FINAL
+COMMENT 'every reward exactly once: verifier, reward model, human or agent scores of a rollout';

@@ -13,7 +13,7 @@ CREATE TABLE IF NOT EXISTS trajectories_store
     rewards Array(Float64),
     span_count Int32,
     llm_call_count Int32,
-    span_event_ids Array(String),
+    span_event_ids Array(String) CODEC(ZSTD(3)),
     model_versions Array(String),
     start_time_us Int64,
     end_time_us Int64,
@@ -28,7 +28,8 @@ CREATE TABLE IF NOT EXISTS trajectories_store
 )
 ENGINE = ReplacingMergeTree(archived_at)
 PARTITION BY toDate(fromUnixTimestamp64Micro(start_time_us))
-ORDER BY (rollout_id, trajectory_id);
+ORDER BY (rollout_id, trajectory_id)
+COMMENT 'the store behind the trajectories view; query trajectories';
 
 CREATE TABLE IF NOT EXISTS trajectories_ingest
 (
@@ -57,4 +58,5 @@ CREATE MATERIALIZED VIEW IF NOT EXISTS trajectories_ingest_mv TO trajectories_st
 SELECT * FROM trajectories_ingest;
 
 -- Every trajectory exactly once.
-CREATE OR REPLACE VIEW trajectories AS SELECT * FROM trajectories_store FINAL;
+CREATE OR REPLACE VIEW trajectories AS SELECT * FROM trajectories_store FINAL
+COMMENT 'every closed rollout once: its status (complete, timed_out, no_reward, orphaned), reward and size';

@@ -13,9 +13,9 @@ CREATE TABLE IF NOT EXISTS samples_store
     step_count Int32,
     model LowCardinality(String),
     model_version LowCardinality(String),
-    prompt_token_ids Array(UInt32),
-    completion_token_ids Array(UInt32),
-    completion_logprobs Array(Float32),
+    prompt_token_ids Array(UInt32) CODEC(ZSTD(3)),
+    completion_token_ids Array(UInt32) CODEC(ZSTD(3)),
+    completion_logprobs Array(Float32) CODEC(ZSTD(3)),
     return_value Float64,
     final_reward Float64,
     credit_policy LowCardinality(String),
@@ -26,7 +26,8 @@ CREATE TABLE IF NOT EXISTS samples_store
 )
 ENGINE = ReplacingMergeTree(archived_at)
 PARTITION BY toDate(fromUnixTimestamp64Micro(created_at_us))
-ORDER BY (rollout_id, step_index, sample_id);
+ORDER BY (rollout_id, step_index, sample_id)
+COMMENT 'the store behind the samples view; query samples';
 
 CREATE TABLE IF NOT EXISTS samples_ingest
 (
@@ -54,4 +55,5 @@ CREATE MATERIALIZED VIEW IF NOT EXISTS samples_ingest_mv TO samples_store AS
 SELECT * FROM samples_ingest;
 
 -- Every sample exactly once.
-CREATE OR REPLACE VIEW samples AS SELECT * FROM samples_store FINAL;
+CREATE OR REPLACE VIEW samples AS SELECT * FROM samples_store FINAL
+COMMENT 'every training sample once: one LLM call of a complete trajectory with its token ids and credit';

@@ -18,7 +18,8 @@ CREATE TABLE IF NOT EXISTS dead_letters_store
 )
 ENGINE = ReplacingMergeTree(archived_at)
 PARTITION BY toDate(fromUnixTimestamp64Micro(timestamp_us))
-ORDER BY (source_topic, event_id);
+ORDER BY (source_topic, event_id)
+COMMENT 'the store behind the dead_letters view; query dead_letters';
 
 CREATE TABLE IF NOT EXISTS dead_letters_ingest
 (
@@ -39,4 +40,5 @@ CREATE MATERIALIZED VIEW IF NOT EXISTS dead_letters_ingest_mv TO dead_letters_st
 SELECT * FROM dead_letters_ingest;
 
 -- Every dead letter exactly once.
-CREATE OR REPLACE VIEW dead_letters AS SELECT * FROM dead_letters_store FINAL;
+CREATE OR REPLACE VIEW dead_letters AS SELECT * FROM dead_letters_store FINAL
+COMMENT 'every record a worker could not process, with its raw bytes (key, value) and the reason';

@@ -25,7 +25,8 @@ CREATE TABLE IF NOT EXISTS canary_decisions_store
 )
 ENGINE = ReplacingMergeTree(archived_at)
 PARTITION BY toYYYYMM(fromUnixTimestamp64Micro(timestamp_us))
-ORDER BY (model, candidate_version, decision_id);
+ORDER BY (model, candidate_version, decision_id)
+COMMENT 'the store behind the canary_decisions view; query canary_decisions';
 
 CREATE TABLE IF NOT EXISTS canary_decisions_ingest
 (
@@ -52,4 +53,5 @@ CREATE MATERIALIZED VIEW IF NOT EXISTS canary_decisions_ingest_mv TO canary_deci
 SELECT * FROM canary_decisions_ingest;
 
 -- Every decision exactly once.
-CREATE OR REPLACE VIEW canary_decisions AS SELECT * FROM canary_decisions_store FINAL;
+CREATE OR REPLACE VIEW canary_decisions AS SELECT * FROM canary_decisions_store FINAL
+COMMENT 'every canary start, promotion and rollback of a model version, with the figures behind it';
