@@ -45,7 +45,8 @@ CREATE TABLE IF NOT EXISTS spans_store
     error Nullable(String) CODEC(ZSTD(3)),
     reward Nullable(Float64),
     attributes Map(String, String) CODEC(ZSTD(3)),
-    attributes_number Map(String, Float64) CODEC(ZSTD(3)),
+    attributes_number Map(String, Float64) CODEC(ZSTD(3))
+        COMMENT 'the numeric attribute values (ints and floats) as Float64, summable without a cast: sum(attributes_number[''usage.total_tokens''])',
     llm_model LowCardinality(String),
     llm_model_version LowCardinality(String),
     llm_prompt_token_ids Array(UInt32) CODEC(ZSTD(3)),
