@@ -15,8 +15,13 @@ Late rewards (after their trajectory closed, or timed later than ``end + reward_
 applied: they are counted (``boltstream_join_late_rewards_total``) and dead-lettered with
 ``error_type=late_reward`` and their original bytes; the reward also stays in the rewards topic.
 
+Each input's Kafka timestamp goes to the core with it: a record dated more than
+``stream.max_event_time_skew`` after it is timed at it instead (see join_core), so one agent's wrong
+clock cannot move stream time.
+
 Scaling: every worker is a member of the consumer group ``stream.join_group``; partitions of the
-input topics (``topics.partitions``) bound how many workers share the load. Metrics for Prometheus
+input topics (``topics.partitions``) bound how many workers share the load; workers may join and leave
+while traffic flows (a partition's open rollouts move with it, through the changelog). Metrics for Prometheus
 are served on ``http://127.0.0.1:<port>/metrics`` (``stream.join_metrics_port``; 0, the default, picks a
 free port); :func:`join_metrics_urls` finds the running workers' URLs and :func:`join_status` reads one.
 Faust's own pages on that port show live rollout state (``/table/rollouts`` ...) and the partition
@@ -439,7 +444,8 @@ def join_status(url: str, timeout: float = 2.0) -> dict[str, Any]:
     """What a running join worker reports (for ``boltstream status``): counters, open trajectories, lag.
 
     Returns ``{"trajectories": {status: n}, "open_trajectories": n, "late_rewards": n, "dead_letters":
-    {error_type: n}, "lag": {"topic[partition]": n}, "spans": n, "samples": n}``; raises
+    {error_type: n}, "lag": {"topic[partition]": n}, "spans": n, "samples": n, ...}`` (every counter of
+    :meth:`JoinWorker.collect` by its name: ``inputs_read_again``, ``tombstones`` ...); raises
     ``httpx.HTTPError`` when the worker is not reachable.
     """
     response = httpx.get(url, timeout=timeout)
