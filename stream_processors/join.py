@@ -141,8 +141,9 @@ class JoinWorker:
         self._last_delivery: dict[tuple[str, int], float] = {}  # (topic, partition) -> wall time of its last input
         self._gaps: dict[tuple[str, int], int] = {}  # (topic, partition) -> first offset Faust skipped
         self._reread_from: dict[tuple[str, int], int] = {}  # (topic, partition) -> where it was last read again
-        # (topic, partition) -> (first offset not processed, monotonic time the consumer was first seen past it)
-        self._fetched: dict[tuple[str, int], tuple[int, float]] = {}
+        # (topic, partition) -> (first offset not processed, monotonic time the consumer was first seen past
+        # it, None until then)
+        self._fetched: dict[tuple[str, int], tuple[int, float | None]] = {}
         self._assigned: set[int] = set()
         self._lag: dict[tuple[str, int], int] = {}
         self._lock = asyncio.Lock()  # the agent and the timer both flush; one at a time
@@ -259,14 +260,22 @@ class JoinWorker:
         ago or longer and it has not reached the agent since; else None."""
         key, consumer = (tp.topic, tp.partition), self.app.consumer
         done, highwater = self._done(*key), consumer.highwater(tp)
-        if highwater is None or done >= highwater or (await consumer.position(tp) or 0) <= done:
-            self._fetched.pop(key, None)  # read to the end, or the rest not fetched yet: nothing can be lost
+        if highwater is None or done >= highwater:
+            self._fetched.pop(key, None)  # read to the end: nothing can be missing
             return None
-        first_seen = self._fetched.get(key)
-        if first_seen is None or first_seen[0] != done:
-            self._fetched[key] = done, now  # fetched past ``done``: the wait starts now
+        seen = self._fetched.get(key)
+        if seen is None or seen[0] != done:
+            # Processing moved on (or this is the first look): nothing to suspect yet. The consumer's
+            # position is asked only of a partition that made no progress for a tick (it is a call into the
+            # consumer's thread; a worker reading a backlog would otherwise make it for every partition).
+            self._fetched[key] = done, None
             return None
-        return done if now - first_seen[1] >= LOST_INPUT_SECONDS else None
+        fetched_at = seen[1]
+        if fetched_at is None:
+            if (await consumer.position(tp) or 0) > done:
+                self._fetched[key] = done, now  # fetched past ``done``: the wait starts now
+            return None
+        return done if now - fetched_at >= LOST_INPUT_SECONDS else None
 
     def _done(self, topic: str, partition: int) -> int:
         """The first offset of ``topic[partition]`` not processed yet: after the last one delivered in the
