@@ -115,7 +115,7 @@ def prepare(settings: Settings) -> None:
 
 class Collector:
     """Reads a topic (from the beginning, or only what comes after it started) and keeps each record by
-    its id (outputs are at-least-once)."""
+    its id (outputs are at-least-once), and every distinct version of it (a second one is a conflict)."""
 
     def __init__(self, settings: Settings, topic: str, record: str, id_field: str, *, from_end: bool = False) -> None:
         self.codec, self.id_field = codec(record), id_field
@@ -128,6 +128,7 @@ class Collector:
         start = OFFSET_END if from_end else OFFSET_BEGINNING
         self.consumer.assign([TopicPartition(topic, p, start) for p in range(partitions)])
         self.records: dict[str, dict[str, Any]] = {}
+        self.versions: dict[str, list[dict[str, Any]]] = {}  # every distinct record delivered under each id
         self.deliveries = 0
 
     def poll(self, seconds: float = 0.5) -> None:
@@ -137,6 +138,9 @@ class Collector:
             record = self.codec.decode(message.value())
             self.deliveries += 1
             self.records[record[self.id_field]] = record
+            versions = self.versions.setdefault(record[self.id_field], [])
+            if record not in versions:
+                versions.append(record)
 
     def until(self, count: int, timeout: float, also: Any = None) -> dict[str, dict[str, Any]]:
         deadline = time.monotonic() + timeout

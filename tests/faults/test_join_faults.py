@@ -75,23 +75,6 @@ class Run:
         return {s for t in self.latest().values() for s in t["span_event_ids"]}
 
 
-class VersionCollector(Collector):
-    """A Collector that keeps every distinct version of each record."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.versions: dict[str, list[dict[str, Any]]] = {}
-
-    def poll(self, seconds: float = 0.5) -> None:
-        before = dict(self.records)
-        super().poll(seconds)
-        for key, record in self.records.items():
-            if before.get(key) is not record:
-                versions = self.versions.setdefault(key, [])
-                if record not in versions:
-                    versions.append(record)
-
-
 class Workers:
     """The join worker processes of one run; each one's status is read before it stops."""
 
@@ -154,8 +137,8 @@ def run(
     messages = traffic.messages if messages is None else messages
     prepare(settings)
     workers = Workers(settings)
-    trajectories = VersionCollector(settings, settings.topics.trajectories, "Trajectory", "trajectory_id")
-    samples = VersionCollector(settings, settings.topics.samples, "TrainingSample", "sample_id")
+    trajectories = Collector(settings, settings.topics.trajectories, "Trajectory", "trajectory_id")
+    samples = Collector(settings, settings.topics.samples, "TrainingSample", "sample_id")
     dead = Collector(settings, settings.topics.dlq, "DeadLetter", "event_id")
     try:
         if live:
