@@ -101,6 +101,15 @@ class Workers:
                 time.sleep(0.2)
         raise AssertionError(f"join worker not ready: {process.log()}")
 
+    def wait_assigned(self, process: JoinProcess, timeout: float = 90.0) -> None:
+        """Until the group gave ``process`` partitions (it reports lag per partition it was assigned)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if join_status(process.metrics_url)["lag"]:
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"join worker got no partitions in {timeout} s: {process.log()}")
+
     def stop(self, process: JoinProcess) -> None:
         status = join_status(process.metrics_url)
         process.stop()
@@ -154,7 +163,12 @@ def run(
         dead.until(sum(traffic.dead_letters.values()) + dead_letters, 30)
         for collector in (trajectories, samples):
             collector.poll(1.0)  # anything emitted twice shows as a second version
-        assert len(trajectories.records) == expected, [p.log() for p in workers.running]
+        if len(trajectories.records) != expected:
+            missing = {m.key.decode() for m in messages if m.value is not None} - {
+                t["rollout_id"] for t in trajectories.records.values()
+            }
+            statuses = {p.metrics_url: join_status(p.metrics_url) for p in workers.running}
+            raise AssertionError(f"{len(missing)} rollouts never closed: {sorted(missing)[:10]}; running {statuses}")
         status_of_running = join_workers_status(settings, 5.0)
         assert sorted(status_of_running) == sorted(p.metrics_url for p in workers.running)
     finally:
@@ -246,16 +260,27 @@ def test_join_workers_1_2_3_1_during_traffic(baseline) -> None:
     settings, traffic, undisturbed = baseline
 
     def actions(workers: Workers, count: int) -> dict[int, Callable[[], None]]:
-        def add() -> None:
-            workers.wait_ready(workers.start())
+        second_in, third_in = threading.Event(), threading.Event()
+
+        def add(after: threading.Event | None, done: threading.Event) -> Callable[[], None]:
+            def start() -> None:
+                if after is not None:
+                    after.wait(120)
+                process = workers.start()
+                workers.wait_ready(process)
+                workers.wait_assigned(process)  # a member sharing the load, however slow the machine
+                done.set()
+
+            return start
 
         def back_to_one() -> None:
+            third_in.wait(120)
             with workers.lock:
                 leaving = workers.running[:-1]  # the first two leave, the newest stays
             for process in leaving:
                 workers.stop(process)
 
-        return {count // 4: add, count // 2: add, count * 3 // 4: back_to_one}
+        return {count // 4: add(None, second_in), count // 2: add(second_in, third_in), count * 3 // 4: back_to_one}
 
     result = run(copy_topics(settings), traffic, actions=actions)
     assert len(result.statuses) == 3 and all(status["spans"] > 0 for status in result.statuses), result.statuses
