@@ -13,10 +13,11 @@ one works around, and the test that shows it. Nothing else in boltstream touches
 3. :func:`committed_offset` — Faust keeps the committed offset of a partition without a public getter;
    the join needs it to know what it has processed when nothing was delivered since the partition became
    its own. Shown by ``tests/test_join.py::test_sigkill_and_restart_leave_the_output_identical``.
-4. Reading inputs again (``JoinWorker._reread_lost_inputs``, public ``consumer.seek``) — Faust can
-   acknowledge fetched records it never delivers (around a reassignment, or while flow control is off;
-   relatives: faust-streaming#216, #221). Counted in ``boltstream_join_inputs_read_again``; shown by the
-   SIGKILL test above, which fails when an input is lost.
+4. Reading inputs again (``JoinWorker._reread_lost_inputs``, public ``consumer.seek`` and ``position``) —
+   Faust can acknowledge fetched records it never delivers (while flow control is off; relatives:
+   faust-streaming#216, #221). Counted in ``boltstream_join_inputs_read_again``, which must stay 0 where
+   nothing is lost: ``tests/test_join.py::test_quiet_partitions_are_not_read_again`` (the demo's sparse
+   traffic) and the fault suite ``tests/faults/test_join_faults.py`` (SIGKILL, 1 -> 2 -> 3 -> 1 workers).
 5. Changelog writes sent straight to the producer, the partition clocks alone and last
    (``JoinWorker._flush``) — Faust's ``send_soon`` buffer publishes one record per await (the worker's
    bottleneck), and its recovery stops at the high watermark, which the embedded broker reports as the

@@ -15,8 +15,13 @@ Late rewards (after their trajectory closed, or timed later than ``end + reward_
 applied: they are counted (``boltstream_join_late_rewards_total``) and dead-lettered with
 ``error_type=late_reward`` and their original bytes; the reward also stays in the rewards topic.
 
+Each input's Kafka timestamp goes to the core with it: a record dated more than
+``stream.max_event_time_skew`` after it is timed at it instead (see join_core), so one agent's wrong
+clock cannot move stream time.
+
 Scaling: every worker is a member of the consumer group ``stream.join_group``; partitions of the
-input topics (``topics.partitions``) bound how many workers share the load. Metrics for Prometheus
+input topics (``topics.partitions``) bound how many workers share the load; workers may join and leave
+while traffic flows (a partition's open rollouts move with it, through the changelog). Metrics for Prometheus
 are served on ``http://127.0.0.1:<port>/metrics`` (``stream.join_metrics_port``; 0, the default, picks a
 free port); :func:`join_metrics_urls` finds the running workers' URLs and :func:`join_status` reads one.
 Faust's own pages on that port show live rollout state (``/table/rollouts`` ...) and the partition
@@ -68,7 +73,7 @@ STATE_CODEC = "boltstream-join-state"
 TICK_SECONDS = 0.2
 FETCH_MAX_WAIT_MS = 50
 GC_YOUNG_THRESHOLD = 50_000
-LOST_INPUT_SECONDS = 3.0  # a partition with unread records that delivered nothing this long is read again
+LOST_INPUT_SECONDS = 10.0  # records fetched this long ago that never reached the agent are read again
 
 
 register_value_codec(STATE_CODEC, dumps_state, loads_state)
@@ -139,6 +144,9 @@ class JoinWorker:
         self._last_delivery: dict[tuple[str, int], float] = {}  # (topic, partition) -> wall time of its last input
         self._gaps: dict[tuple[str, int], int] = {}  # (topic, partition) -> first offset Faust skipped
         self._reread_from: dict[tuple[str, int], int] = {}  # (topic, partition) -> where it was last read again
+        # (topic, partition) -> (first offset not processed, monotonic time the consumer was first seen past
+        # it, None until then)
+        self._fetched: dict[tuple[str, int], tuple[int, float | None]] = {}
         self._assigned: set[int] = set()
         self._lag: dict[tuple[str, int], int] = {}
         self._lock = asyncio.Lock()  # the agent and the timer both flush; one at a time
@@ -165,10 +173,19 @@ class JoinWorker:
                 for event in events:
                     message = event.message
                     handler = on_spans if message.topic == spans_topic else on_reward
+                    # Kafka timestamps are milliseconds (Faust hands them over as float seconds); none is -1.
+                    broker_ms = round(message.timestamp * 1000) if message.timestamp else -1
                     # A bad record becomes a dead letter inside the core; anything else escaping here is a
                     # bug, logged with the input's coordinates rather than stopping the worker.
                     try:
-                        handler(message.partition, message.offset, message.key, message.value, now_us)
+                        handler(
+                            message.partition,
+                            message.offset,
+                            message.key,
+                            message.value,
+                            now_us,
+                            broker_ms * 1000 if broker_ms >= 0 else None,
+                        )
                     except Exception:
                         log.exception("join failed on %s[%d]@%d", message.topic, message.partition, message.offset)
                         self.core.counts["internal_errors"] += 1
@@ -185,16 +202,15 @@ class JoinWorker:
             return
         shorten_fetch_wait(self.app, FETCH_MAX_WAIT_MS)
         async with self._lock:
+            assigned = self._assigned_partitions()  # first: the checks below ask only about partitions still ours
             # A timer that raises stops the whole Faust app: a failed re-read (e.g. a partition taken away
             # by a rebalance that began meanwhile) is logged and counted, and tried again next tick.
             try:
-                await self._reread_lost_inputs()
+                await self._reread_lost_inputs(assigned)
             except Exception:
                 log.exception("join failed reading lost inputs again")
                 self.core.counts["internal_errors"] += 1
-            stream_times = {}
-            for partition in self._assigned_partitions():
-                stream_times[partition] = self._stream_time(partition)
+            stream_times = {partition: self._stream_time(partition) for partition in assigned}
             # As in the agent: a bug here is logged and counted, not a crashed worker (a timer that raises
             # stops the Faust app).
             try:
@@ -204,36 +220,65 @@ class JoinWorker:
                 self.core.counts["internal_errors"] += 1
             await self._flush()
 
-    async def _reread_lost_inputs(self) -> None:
+    async def _reread_lost_inputs(self, assigned: set[int]) -> None:
         """Read again from the first input offset Faust fetched but never delivered to the agent.
 
-        Faust sometimes loses fetched input records around a (re)assignment: a fetch still in flight when
-        recovery completes is dropped, and records it skips while flow control is off are acknowledged
-        unprocessed (relatives: faust-streaming#216, #221). Either shows here as a gap in a partition's
-        offsets, or as a partition with unread records that delivers nothing for ``LOST_INPUT_SECONDS``.
-        Inputs are applied at most once per rollout (by offset), so reading again is safe. Each position
-        is read again once: a gap that stays is a real hole in the log (compaction, transaction markers).
+        Faust can lose fetched input records: records it skips while flow control is off are acknowledged
+        unprocessed (relatives: faust-streaming#216, #221). That shows here as a gap in a partition's
+        offsets, or as records the consumer fetched (its position is past them) that have not reached the
+        agent ``LOST_INPUT_SECONDS`` after they were fetched. Inputs are applied at most once per
+        rollout (by offset), so reading again is safe. Each position is read again once: a gap that stays
+        is a real hole in the log (compaction, transaction markers).
+
+        The wait counts from when the records were fetched, not from the partition's last delivery: a
+        partition quiet for a while whose next record was fetched a moment ago is not missing anything
+        (counting from the last delivery read such records again about once per quiet partition in a demo).
         """
-        now, consumer = time.time(), self.app.consumer
+        now, consumer = time.monotonic(), self.app.consumer
+        assignment = consumer.assignment()
         for topic in self._input_topics:
-            for partition in self._assigned:
-                key = topic, partition
+            for partition in assigned:
+                key, tp = (topic, partition), faust.types.TP(topic, partition)
+                if tp not in assignment:
+                    continue  # no longer ours (a rebalance began after this tick did)
                 start = self._gaps.pop(key, None)
                 if start is None:
-                    highwater = consumer.highwater(faust.types.TP(topic, partition))
-                    idle = now - self._last_delivery.get(key, now)
-                    start = self._done(topic, partition)
-                    if highwater is None or start >= highwater or idle < LOST_INPUT_SECONDS:
-                        continue
-                tp = faust.types.TP(topic, partition)
-                if self._reread_from.get(key) == start or tp not in consumer.assignment():
-                    continue  # read again already, or no longer ours (a rebalance began after this tick did)
+                    try:
+                        start = await self._fetched_not_delivered(tp, now)
+                    except Exception:
+                        if tp in consumer.assignment():
+                            raise
+                        continue  # taken away by a rebalance while we asked about it
+                if start is None or self._reread_from.get(key) == start:
+                    continue  # nothing missing, or read again already
                 log.warning("join: reading %s[%d] again from offset %d (fetched, never delivered)", *key, start)
                 self._reread_from[key] = start
-                self._last_delivery[key] = now
+                self._fetched.pop(key, None)
                 self._last_offset[key], self._last_generation[key] = start - 1, self.app.consumer_generation_id
                 self.core.counts["inputs_read_again"] += 1
                 await consumer.seek(tp, start)
+
+    async def _fetched_not_delivered(self, tp: faust.types.TP, now: float) -> int | None:
+        """The first offset of ``tp`` not processed yet, if the consumer fetched it ``LOST_INPUT_SECONDS``
+        ago or longer and it has not reached the agent since; else None."""
+        key, consumer = (tp.topic, tp.partition), self.app.consumer
+        done, highwater = self._done(*key), consumer.highwater(tp)
+        if highwater is None or done >= highwater:
+            self._fetched.pop(key, None)  # read to the end: nothing can be missing
+            return None
+        seen = self._fetched.get(key)
+        if seen is None or seen[0] != done:
+            # Processing moved on (or this is the first look): nothing to suspect yet. The consumer's
+            # position is asked only of a partition that made no progress for a tick (it is a call into the
+            # consumer's thread; a worker reading a backlog would otherwise make it for every partition).
+            self._fetched[key] = done, None
+            return None
+        fetched_at = seen[1]
+        if fetched_at is None:
+            if (await consumer.position(tp) or 0) > done:
+                self._fetched[key] = done, now  # fetched past ``done``: the wait starts now
+            return None
+        return done if now - fetched_at >= LOST_INPUT_SECONDS else None
 
     def _done(self, topic: str, partition: int) -> int:
         """The first offset of ``topic[partition]`` not processed yet: after the last one delivered in the
@@ -256,6 +301,7 @@ class JoinWorker:
             for topic in self._input_topics:
                 self._gaps.pop((topic, partition), None)
                 self._reread_from.pop((topic, partition), None)
+                self._fetched.pop((topic, partition), None)
                 self._last_delivery[topic, partition] = time.time()
         self._assigned = assigned
         return assigned
@@ -335,6 +381,9 @@ class JoinWorker:
             "redelivered": "Inputs skipped because they were applied before a restart",
             "internal_errors": "Inputs that raised inside the join (bugs); logged",
             "inputs_read_again": "Input positions read again: Faust fetched them but never delivered them",
+            "tombstones": "Input messages without a value (delete markers); ignored",
+            "event_times_clamped_spans": "Spans dated more than max_event_time_skew after their broker timestamp",
+            "event_times_clamped_rewards": "Rewards dated more than max_event_time_skew after their broker timestamp",
         }
         for name, help_text in simple.items():
             yield CounterMetricFamily(f"boltstream_join_{name}", help_text, value=counts[name])
@@ -407,7 +456,8 @@ def join_status(url: str, timeout: float = 2.0) -> dict[str, Any]:
     """What a running join worker reports (for ``boltstream status``): counters, open trajectories, lag.
 
     Returns ``{"trajectories": {status: n}, "open_trajectories": n, "late_rewards": n, "dead_letters":
-    {error_type: n}, "lag": {"topic[partition]": n}, "spans": n, "samples": n}``; raises
+    {error_type: n}, "lag": {"topic[partition]": n}, "spans": n, "samples": n, ...}`` (every counter of
+    :meth:`JoinWorker.collect` by its name: ``inputs_read_again``, ``tombstones`` ...); raises
     ``httpx.HTTPError`` when the worker is not reachable.
     """
     response = httpx.get(url, timeout=timeout)

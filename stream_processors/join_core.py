@@ -18,6 +18,10 @@ Time (all in microseconds of *event time*, carried by the records, so replays de
   is late. A reward proves it only for an ended rollout or one with no spans; for a rollout still
   running, spans may wait unread in the other topic, so such a reward is held and judged when the
   rollout ends;
+* a record dated more than ``max_event_time_skew`` after its broker timestamp (its Kafka record
+  timestamp) carries a clock the join does not believe: its time becomes the broker timestamp (a span's
+  end, and its start if later), counted in ``event_times_clamped_*``. One agent's wrong clock therefore
+  moves stream time, and deadlines, no further than an honest record sent at the same moment would;
 * otherwise the per-partition *stream time* drives closing: :meth:`JoinCore.expire` closes what is
   due once stream time passes ``deadline + grace``. The worker keeps, per partition, the largest
   event time read from each input topic (a watermark, persisted). While either topic has a backlog
@@ -29,8 +33,10 @@ Time (all in microseconds of *event time*, carried by the records, so replays de
 
 A closed rollout leaves a small marker (its status and the event ids it saw) for
 ``closed_retention`` of stream time, so duplicates and late inputs after the close are recognised.
-Inputs re-delivered after a crash (offset not above the one already applied to the rollout's state)
-are skipped without a trace: effects are exactly once even though delivery is at least once.
+Tombstones (messages without a value) are counted and ignored: the input topics are not compacted, so
+a delete marker has nothing to say to the join. Inputs re-delivered after a crash (offset not above
+the one already applied to the rollout's state) are skipped without a trace: effects are exactly once
+even though delivery is at least once.
 """
 
 from __future__ import annotations
@@ -123,7 +129,7 @@ class JoinRules:
     reward_timeout_us: int
     grace_us: int = 1_000_000
     closed_retention_us: int = 3_600_000_000
-    max_future_skew_us: int = 60_000_000
+    max_event_time_skew_us: int = 500_000
     credit_policy: str = "final"
     discount: float = 0.9
     sampling_rate: float = 1.0
@@ -144,6 +150,7 @@ class JoinRules:
             reward_timeout_us=int(stream.reward_timeout * 1e6),
             grace_us=int(stream.join_grace * 1e6),
             closed_retention_us=int(stream.closed_retention * 1e6),
+            max_event_time_skew_us=int(stream.max_event_time_skew * 1e6),
             credit_policy=stream.credit_assignment,
             discount=stream.discount,
             sampling_rate=settings.producer.span_sampling_rate,
@@ -368,7 +375,19 @@ class JoinCore:
         self.reindex()
 
     # -- inputs ---------------------------------------------------------------------------------
-    def on_span_batch(self, partition: int, offset: int, key: bytes | None, value: bytes, now_us: int) -> None:
+    def on_span_batch(
+        self,
+        partition: int,
+        offset: int,
+        key: bytes | None,
+        value: bytes | None,
+        now_us: int,
+        broker_time_us: int | None = None,
+    ) -> None:
+        """Apply one SpanBatch message; ``broker_time_us`` is its Kafka timestamp (None: not known, no bound)."""
+        if value is None:
+            self.counts["tombstones"] += 1  # a delete marker has nothing to apply; the topics are not compacted
+            return
         try:
             batch = read_span_batch(value)
         except CodecError as exc:
@@ -390,8 +409,12 @@ class JoinCore:
                 bad = _one_span_batch(value, index)
                 self._dead(SPANS, partition, offset, key, bad, problem, "invariant_violation", now_us, index)
                 continue
+            if self._implausible(span["end_time_us"], broker_time_us):
+                start = min(span["start_time_us"], broker_time_us)
+                span = {**span, "start_time_us": start, "end_time_us": broker_time_us}
+                self.counts["event_times_clamped_spans"] += 1
             event_time = span["end_time_us"]
-            self._advance(clock, SPANS, event_time, now_us)
+            self._advance(clock, SPANS, event_time)
             self.counts["spans"] += 1
             event_id = span["event_id"]
             if event_id in state.seen:
@@ -415,7 +438,19 @@ class JoinCore:
             return
         self._settle(state, now_us)
 
-    def on_reward(self, partition: int, offset: int, key: bytes | None, value: bytes, now_us: int) -> None:
+    def on_reward(
+        self,
+        partition: int,
+        offset: int,
+        key: bytes | None,
+        value: bytes | None,
+        now_us: int,
+        broker_time_us: int | None = None,
+    ) -> None:
+        """Apply one Reward message; ``broker_time_us`` as in :meth:`on_span_batch`."""
+        if value is None:
+            self.counts["tombstones"] += 1
+            return
         try:
             reward = _rewards.decode(value)
         except CodecError as exc:
@@ -443,7 +478,10 @@ class JoinCore:
             return
         self.counts["rewards"] += 1
         event_time = reward["timestamp_us"]
-        self._advance(self._clock(partition), REWARDS, event_time, now_us)
+        if self._implausible(event_time, broker_time_us):
+            event_time = reward["timestamp_us"] = broker_time_us
+            self.counts["event_times_clamped_rewards"] += 1
+        self._advance(self._clock(partition), REWARDS, event_time)
         if reward["event_id"] in state.seen:
             state.duplicates += 1
             self.counts["duplicates"] += 1
@@ -562,10 +600,16 @@ class JoinCore:
         self.dirty[key] = clock
         return clock
 
-    def _advance(self, clock: PartitionClock, topic: int, event_time: int, now_us: int) -> None:
-        # A producer with a clock far in the future must not time out everything on the partition.
+    def _implausible(self, event_time_us: int, broker_time_us: int | None) -> bool:
+        """Whether a record claims a time more than ``max_event_time_skew`` after its broker timestamp. The
+        join then uses the broker timestamp instead (the latest moment the record is known to exist), so
+        one wrong clock moves stream time, and its rollout's deadlines, no further than an honest record
+        sent at the same moment would."""
+        return broker_time_us is not None and event_time_us > broker_time_us + self.rules.max_event_time_skew_us
+
+    def _advance(self, clock: PartitionClock, topic: int, event_time: int) -> None:
         if event_time > clock.event_time_us[topic]:
-            clock.event_time_us[topic] = min(event_time, now_us + self.rules.max_future_skew_us)
+            clock.event_time_us[topic] = event_time
 
     def _add_span(self, state: RolloutState, span: dict[str, Any]) -> None:
         state.spans.append((span["sequence"], span["event_id"]))

@@ -6,18 +6,21 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, Producer, TopicPartition
 
 from boltstream.infra.common.config import Settings, settings_toml
 from boltstream.infra.common.ports import free_port
 from boltstream.infra.common.topics import ensure_topics
 from boltstream.schemas.codec import codec
+from tests.traffic import Message
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -112,7 +115,7 @@ def prepare(settings: Settings) -> None:
 
 class Collector:
     """Reads a topic (from the beginning, or only what comes after it started) and keeps each record by
-    its id (outputs are at-least-once)."""
+    its id (outputs are at-least-once), and every distinct version of it (a second one is a conflict)."""
 
     def __init__(self, settings: Settings, topic: str, record: str, id_field: str, *, from_end: bool = False) -> None:
         self.codec, self.id_field = codec(record), id_field
@@ -125,6 +128,7 @@ class Collector:
         start = OFFSET_END if from_end else OFFSET_BEGINNING
         self.consumer.assign([TopicPartition(topic, p, start) for p in range(partitions)])
         self.records: dict[str, dict[str, Any]] = {}
+        self.versions: dict[str, list[dict[str, Any]]] = {}  # every distinct record delivered under each id
         self.deliveries = 0
 
     def poll(self, seconds: float = 0.5) -> None:
@@ -134,6 +138,9 @@ class Collector:
             record = self.codec.decode(message.value())
             self.deliveries += 1
             self.records[record[self.id_field]] = record
+            versions = self.versions.setdefault(record[self.id_field], [])
+            if record not in versions:
+                versions.append(record)
 
     def until(self, count: int, timeout: float, also: Any = None) -> dict[str, dict[str, Any]]:
         deadline = time.monotonic() + timeout
@@ -145,3 +152,65 @@ class Collector:
 
     def close(self) -> None:
         self.consumer.close()
+
+
+def _span_ids(message: Message) -> list[str]:
+    if message.topic != "spans" or message.value is None:
+        return []
+    try:
+        return [s["event_id"] for s in codec("SpanBatch").decode(message.value)["spans"]]
+    except Exception:
+        return []
+
+
+def _count_into(acknowledged: set[str], spans: list[str]) -> Callable[[Any, Any], None]:
+    def delivered(error: Any, _: Any) -> None:
+        if error is None:
+            acknowledged.update(spans)
+
+    return delivered
+
+
+def produce_live(
+    settings: Settings,
+    messages: list[Message],
+    actions: dict[int, Callable[[], None]] | None = None,
+    *,
+    slowdown: float = 1.0,
+) -> set[str]:
+    """Produce ``messages`` at the pace of their event times (``slowdown`` times slower; 0: all at once),
+    each stamped with its event time as its broker timestamp, as the SDK's records are when sent as they
+    happen; at message index ``i`` start ``actions[i]`` in a thread (the traffic does not wait for it).
+    Returns the event ids of the spans the broker acknowledged."""
+    actions = actions or {}
+    producer = Producer(settings.kafka.client_config(**{"linger.ms": 5, "enable.idempotence": True}))
+    topics = {"spans": settings.topics.spans, "rewards": settings.topics.rewards}
+    acknowledged: set[str] = set()
+    threads = []
+    first, started = messages[0].event_time_us, time.monotonic()
+    for index, message in enumerate(messages):
+        if index in actions:
+            threads.append(threading.Thread(target=actions[index], daemon=True))
+            threads[-1].start()
+        wait = started + slowdown * (message.event_time_us - first) / 1e6 - time.monotonic()
+        if wait > 0:
+            producer.poll(wait)
+
+        while True:
+            try:
+                producer.produce(
+                    topics[message.topic],
+                    message.value,
+                    message.key,
+                    timestamp=message.event_time_us // 1000,
+                    on_delivery=_count_into(acknowledged, _span_ids(message)),
+                )
+                break
+            except BufferError:
+                producer.poll(0.05)
+        producer.poll(0)
+    assert producer.flush(30) == 0, "traffic not fully delivered"
+    for thread in threads:
+        thread.join(120)
+        assert not thread.is_alive(), "a worker action did not finish"
+    return acknowledged

@@ -151,3 +151,32 @@ def test_trajectory_and_sample_ids_are_the_uuid5_of_the_standard_library() -> No
         trajectory = str(uuid.uuid5(uuid.UUID("4b0c5f5e-5d0a-4e43-9a8e-6f2b1c3d7a10"), name))
         assert trajectory_id(name) == trajectory
         assert sample_id(trajectory, name[::-1]) == str(uuid.uuid5(uuid.UUID(trajectory), name[::-1]))
+
+
+def test_a_record_dated_past_the_skew_takes_its_broker_timestamp_and_cannot_move_stream_time() -> None:
+    rules = JoinRules(reward_timeout_us=1_000_000, grace_us=0, max_event_time_skew_us=500_000)
+    core = JoinCore(rules, {})
+    broker, hour = 1_000_000_000_000, 3_600_000_000
+    honest = make_span("honest", kind="tool_call", start_time_us=broker - 10, end_time_us=broker)
+    ahead = make_span("bad-clock", kind="tool_call", start_time_us=broker + hour, end_time_us=broker + hour)
+    within = make_span("fast-clock", kind="tool_call", start_time_us=broker, end_time_us=broker + 400_000)
+    for offset, span in enumerate((honest, ahead, within)):
+        batch = {"rollout_id": span["rollout_id"], "producer_id": "p", "sent_at_us": 0, "spans": [span]}
+        core.on_span_batch(0, offset, span["rollout_id"].encode(), codec("SpanBatch").encode(batch), 0, broker)
+    reward = {"event_id": "e-1", "rollout_id": "bad-reward", "value": 1.0, "timestamp_us": broker + hour}
+    core.on_reward(0, 0, b"bad-reward", codec("Reward").encode(reward | {"attributes": {}}), 0, broker)
+    assert core.clock(0) == (broker + 400_000, broker)  # the span within the skew is believed, nothing later
+    assert (core.states["bad-clock"].start_time_us, core.states["bad-clock"].end_time_us) == (broker, broker)
+    assert core.states["bad-reward"].rewards[0].timestamp_us == broker
+    assert (core.counts["event_times_clamped_spans"], core.counts["event_times_clamped_rewards"]) == (1, 1)
+    core.expire({0: max(core.clock(0))})
+    assert core.drain()[0] == []  # stream time did not jump: nobody's deadline passed
+
+
+def test_tombstones_are_counted_and_ignored() -> None:
+    core = JoinCore(JoinRules(reward_timeout_us=1_000_000), {})
+    core.on_span_batch(0, 0, b"r-1", None, 1)
+    core.on_reward(0, 0, b"r-1", None, 1)
+    trajectories, samples, dead_letters, writes = core.drain()
+    assert core.counts["tombstones"] == 2 and (trajectories, samples, dead_letters, writes) == ([], [], [], [])
+    assert dict(core.states) == {}

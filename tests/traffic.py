@@ -55,7 +55,7 @@ class Expected:
 class Message:
     topic: str  # "spans" or "rewards"
     key: bytes
-    value: bytes
+    value: bytes | None  # None: a tombstone
     event_time_us: int
 
 
@@ -70,7 +70,8 @@ class Traffic:
         return sum(len(e.span_event_ids) for e in self.expected.values())
 
     def produce(self, settings: Any) -> None:
-        """Send every message, in order, to the settings' spans / rewards topics (librdkafka's partitioner)."""
+        """Send every message, in order, to the settings' spans / rewards topics (librdkafka's partitioner),
+        stamped with its event time, as the SDK's records are when it sends them as they happen."""
         from confluent_kafka import Producer
 
         producer = Producer(settings.kafka.client_config(**{"linger.ms": 5, "compression.type": "lz4"}))
@@ -78,7 +79,9 @@ class Traffic:
         for message in self.messages:
             while True:
                 try:
-                    producer.produce(topics[message.topic], message.value, message.key)
+                    producer.produce(
+                        topics[message.topic], message.value, message.key, timestamp=message.event_time_us // 1000
+                    )
                     break
                 except BufferError:
                     producer.poll(0.05)

@@ -426,6 +426,11 @@ class StreamConfig(_Checked):
     #: Extra stream time the join waits past a deadline before its timer closes a trajectory, so a
     #: reward read from the rewards topic slightly after spans of the same moment still counts.
     join_grace: Seconds = 1.0
+    #: How far a span's or reward's own time may lie after its broker timestamp (the Kafka record's
+    #: timestamp). A record dated further ahead has a clock the join does not believe: it takes the broker
+    #: timestamp as the record's time (counted, never dead-lettered), so one agent's wrong clock cannot move
+    #: stream time, and close other agents' rollouts early. Keep it below ``join_grace``.
+    max_event_time_skew: Seconds = 0.5
     #: How long (stream time) a closed trajectory's marker is kept to recognise duplicates and late inputs.
     closed_retention: Seconds = 3600.0
     #: Port of the join worker's HTTP endpoint (Prometheus ``/metrics``); 0 picks a free one (each worker

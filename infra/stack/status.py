@@ -1,6 +1,6 @@
 """What the local stack runs, gathered as plain data (:func:`stack_status`, ``status --json``) and printed
 as tables (:func:`print_status`): its processes, the broker's topics and consumer lag, the archive's tables
-and what the serving replicas serve."""
+what the serving replicas serve, and the join workers' health counters."""
 
 from __future__ import annotations
 
@@ -132,6 +132,22 @@ def _table_status(settings: Settings, read_url: str, report: dict[str, Any], tim
     report["tables"] = {name: {"engine": engine, "rows": rows} for name, engine, rows in result.result_rows}
 
 
+def join_workers_status(settings: Settings, timeout: float) -> dict[str, dict[str, Any]]:
+    """Per running join worker (by metrics URL): what it processed and the counters that must stay 0."""
+    from boltstream.stream_processors.join import join_metrics_urls, join_status
+
+    workers = {}
+    for url in join_metrics_urls(settings):
+        try:
+            status = join_status(url, timeout)
+        except Exception as exc:  # one unreachable worker must not hide the others
+            workers[url] = {"error": _one_line(exc)}
+            continue
+        names = ("spans", "open_trajectories", "inputs_read_again", "internal_errors", "tombstones")
+        workers[url] = {name: status.get(name, 0) for name in names}
+    return workers
+
+
 def stack_status(settings: Settings, timeout: float = 3.0) -> dict[str, Any]:
     """What the local stack under ``settings.home`` runs, as plain JSON-able data (``status --json``)."""
     state = read_state(settings)
@@ -166,6 +182,7 @@ def stack_status(settings: Settings, timeout: float = 3.0) -> dict[str, Any]:
         tables=None,
         archive=[],
         consumer_groups=None,
+        join_workers=join_workers_status(settings, timeout),
     )
     supervised = report["supervisor"] is not None and report["supervisor"]["alive"]
     report["healthy"] = all(alive.values()) and (state.supervisor is None or supervised)
@@ -242,6 +259,21 @@ def print_status(report: dict[str, Any]) -> None:
         serving = report.get("serving")
         if serving and (serving["replicas"] or serving["canary"]["last_decision"]):  # nothing served: no table
             print_serving(console, serving)
+        if report.get("join_workers"):
+            joins = Table("join worker", "spans", "open", "inputs read again", "errors", title="join workers")
+            for url, worker in report["join_workers"].items():
+                if "error" in worker:
+                    joins.add_row(url, f"[red]{worker['error']}[/red]", "", "", "")
+                    continue
+                again = worker["inputs_read_again"]
+                joins.add_row(
+                    url,
+                    f"{worker['spans']:,}",
+                    f"{worker['open_trajectories']:,}",
+                    f"[red]{again}[/red]" if again else "0",
+                    f"[red]{worker['internal_errors']}[/red]" if worker["internal_errors"] else "0",
+                )
+            console.print(joins)
         if report["consumer_groups"]:
             groups = Table("consumer group", "topic", "lag", title="consumer groups", title_justify="left")
             for group, info in report["consumer_groups"].items():
