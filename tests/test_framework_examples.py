@@ -60,8 +60,14 @@ def pipeline(broker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipel
         samples.close()
 
 
-def run_traced(pipeline: Pipeline, vllm_server, python: str | Path, script: str, *args: str) -> dict[str, Any]:
-    """Run ``script`` traced and return its trajectory, its llm_call spans (in order) and its samples."""
+def run_traced(
+    pipeline: Pipeline, vllm_server, python: str | Path, script: str, *args: str, token_ids: bool = True
+) -> dict[str, Any]:
+    """Run ``script`` traced and return its trajectory, its llm_call spans (in order) and its samples.
+
+    ``token_ids=False``: the calls go where vLLM returns no token ids (the Responses API), so the
+    trajectory is complete but no call is a training sample.
+    """
     settings = pipeline.settings
     pipeline.trajectories.poll(0.1)
     seen = set(pipeline.trajectories.records)
@@ -107,9 +113,18 @@ def run_traced(pipeline: Pipeline, vllm_server, python: str | Path, script: str,
     assert len(llm_calls) == trajectory["llm_call_count"] >= 2  # the tool call, then the answer
     assert all(s["status"] == "ok" for s in llm_calls)
 
+    # The model was made to call the tool; the tool's result went back to it in a later call.
+    assert "get_weather" in llm_calls[0]["llm"]["completion_text"]
+    assert any(TOOL_RESULT in s["llm"]["prompt_text"] for s in llm_calls[1:])
+
     def ours() -> list[dict[str, Any]]:
         return [s for s in pipeline.samples.records.values() if s["rollout_id"] == rollout]
 
+    if not token_ids:
+        assert not any(s["llm"]["prompt_token_ids"] or s["llm"]["completion_token_ids"] for s in llm_calls)
+        pipeline.samples.poll(2.0)  # the trajectory is out, so would its samples be
+        assert ours() == []
+        return {"trajectory": trajectory, "llm_calls": llm_calls, "samples": [], "stdout": done.stdout}
     while len(ours()) < len(llm_calls) and time.monotonic() < deadline:
         pipeline.samples.poll()
     samples = sorted(ours(), key=lambda s: s["step_index"])
@@ -118,9 +133,6 @@ def run_traced(pipeline: Pipeline, vllm_server, python: str | Path, script: str,
         assert sample["prompt_token_ids"] == span["llm"]["prompt_token_ids"] and sample["prompt_token_ids"]
         assert sample["completion_token_ids"] == span["llm"]["completion_token_ids"] and sample["completion_token_ids"]
         assert sample["final_reward"] == reward and sample["model"] == vllm_server.served_model_name
-    # The model was made to call the tool; the tool's result went back to it in a later call.
-    assert "get_weather" in llm_calls[0]["llm"]["completion_text"]
-    assert any(TOOL_RESULT in s["llm"]["prompt_text"] for s in llm_calls[1:])
     return {"trajectory": trajectory, "llm_calls": llm_calls, "samples": samples, "stdout": done.stdout}
 
 
@@ -130,7 +142,8 @@ def seq(span: dict[str, Any]) -> int:
 
 @pytest.mark.parametrize("style", ["sync", "async", "stream", "responses"])
 def test_openai_client_agent(vllm_server, pipeline: Pipeline, style: str) -> None:
-    result = run_traced(pipeline, vllm_server, sys.executable, "openai_agent.py", style)
+    # vLLM's Responses API returns no token ids: its calls are traced, but are no training samples.
+    result = run_traced(pipeline, vllm_server, sys.executable, "openai_agent.py", style, token_ids=style != "responses")
     if style == "stream":
         assert all(s["attributes"]["stream"] == "true" for s in result["llm_calls"])
     if style == "responses":
