@@ -61,12 +61,19 @@ def pipeline(broker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipel
 
 
 def run_traced(
-    pipeline: Pipeline, vllm_server, python: str | Path, script: str, *args: str, token_ids: bool = True
+    pipeline: Pipeline,
+    vllm_server,
+    python: str | Path,
+    script: str,
+    *args: str,
+    token_ids: bool = True,
+    tool_call: bool = True,
 ) -> dict[str, Any]:
     """Run ``script`` traced and return its trajectory, its llm_call spans (in order) and its samples.
 
     ``token_ids=False``: the calls go where vLLM returns no token ids (the Responses API), so the
-    trajectory is complete but no call is a training sample.
+    trajectory is complete but no call is a training sample. ``tool_call=False``: the framework cannot
+    name the tool in ``tool_choice`` (CrewAI), so the untrained model answers without calling it.
     """
     settings = pipeline.settings
     pipeline.trajectories.poll(0.1)
@@ -82,11 +89,14 @@ def run_traced(
         OPENAI_API_KEY=vllm_server.api_key,
         AGENT_MODEL=vllm_server.served_model_name,
         LITELLM_LOCAL_MODEL_COST_MAP="True",  # LiteLLM would fetch its price list from GitHub first
+        CREWAI_DISABLE_TELEMETRY="true",  # CrewAI would export its own telemetry to its cloud
+        CREWAI_TRACING_ENABLED="false",
     )
     done = subprocess.run(
         [str(python), str(EXAMPLES / script), *args],
         env=env,
         cwd=settings.home,
+        stdin=subprocess.DEVNULL,  # no framework waits for a question to be answered
         capture_output=True,
         text=True,
         timeout=300,
@@ -110,12 +120,11 @@ def run_traced(
         lambda found: sum(s["rollout_id"] == rollout and s["kind"] == "rollout" for s in found) == 1,
     )
     llm_calls = sorted((s for s in spans if s["rollout_id"] == rollout and s["kind"] == "llm_call"), key=seq)
-    assert len(llm_calls) == trajectory["llm_call_count"] >= 2  # the tool call, then the answer
+    assert len(llm_calls) == trajectory["llm_call_count"] >= (2 if tool_call else 1)  # tool call, then answer
     assert all(s["status"] == "ok" for s in llm_calls)
-
-    # The model was made to call the tool; the tool's result went back to it in a later call.
-    assert "get_weather" in llm_calls[0]["llm"]["completion_text"]
-    assert any(TOOL_RESULT in s["llm"]["prompt_text"] for s in llm_calls[1:])
+    if tool_call:  # the model was made to call the tool; the tool's result went back to it in a later call
+        assert "get_weather" in llm_calls[0]["llm"]["completion_text"]
+        assert any(TOOL_RESULT in s["llm"]["prompt_text"] for s in llm_calls[1:])
 
     def ours() -> list[dict[str, Any]]:
         return [s for s in pipeline.samples.records.values() if s["rollout_id"] == rollout]
@@ -172,3 +181,8 @@ def test_litellm_agent(vllm_server, pipeline: Pipeline, frameworks_python: Path)
 
 def test_autogen_agent(vllm_server, pipeline: Pipeline, frameworks_python: Path) -> None:
     run_traced(pipeline, vllm_server, frameworks_python, "autogen_agent.py")
+
+
+def test_crewai_agent(vllm_server, pipeline: Pipeline, frameworks_python: Path) -> None:
+    result = run_traced(pipeline, vllm_server, frameworks_python, "crewai_agent.py", tool_call=False)
+    assert "Forecaster" in result["llm_calls"][0]["llm"]["prompt_text"]  # the crew's own agent prompt
