@@ -134,7 +134,7 @@ def run_traced(
         assert not any(s["llm"]["prompt_token_ids"] or s["llm"]["completion_token_ids"] for s in llm_calls)
         pipeline.samples.poll(2.0)  # the trajectory is out, so would its samples be
         assert ours() == []
-        return {"trajectory": trajectory, "llm_calls": llm_calls, "samples": [], "stdout": done.stdout}
+        return {"trajectory": trajectory, "llm_calls": llm_calls, "samples": []}
     while len(ours()) < len(llm_calls) and time.monotonic() < deadline:
         pipeline.samples.poll()
     samples = sorted(ours(), key=lambda s: s["step_index"])
@@ -143,7 +143,7 @@ def run_traced(
         assert sample["prompt_token_ids"] == span["llm"]["prompt_token_ids"] and sample["prompt_token_ids"]
         assert sample["completion_token_ids"] == span["llm"]["completion_token_ids"] and sample["completion_token_ids"]
         assert sample["final_reward"] == reward and sample["model"] == vllm_server.served_model_name
-    return {"trajectory": trajectory, "llm_calls": llm_calls, "samples": samples, "stdout": done.stdout}
+    return {"trajectory": trajectory, "llm_calls": llm_calls, "samples": samples}
 
 
 def seq(span: dict[str, Any]) -> int:
@@ -187,3 +187,4 @@ def test_autogen_agent(vllm_server, pipeline: Pipeline, frameworks_python: Path)
 def test_crewai_agent(vllm_server, pipeline: Pipeline, frameworks_python: Path) -> None:
     result = run_traced(pipeline, vllm_server, frameworks_python, "crewai_agent.py", tool_call=False)
     assert "Forecaster" in result["llm_calls"][0]["llm"]["prompt_text"]  # the crew's own agent prompt
+    assert result["trajectory"]["task_id"] == "weather-paris"  # the rollout the example opened
