@@ -110,7 +110,12 @@ class LlmCapture:
             self.completion_tokens = _get(usage, "output_tokens", 0)
             incomplete = _get(response, "incomplete_details")
             self.finish_reason = _get(incomplete, "reason", "") or _get(response, "status", "")
-            for item in _get(response, "output", []) or []:
+            for position, item in enumerate(_get(response, "output", []) or []):
+                if _get(item, "type") == "function_call":  # a tool call is part of what the model wrote
+                    self.tool_calls[position] = {
+                        "name": _get(item, "name", ""),
+                        "arguments": _get(item, "arguments", ""),
+                    }
                 for content in _get(item, "content", []) or []:
                     self.logprobs.extend(_get(lp, "logprob", 0.0) for lp in _get(content, "logprobs", []) or [])
             return

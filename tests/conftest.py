@@ -59,6 +59,7 @@ def isolated_settings(broker: EmbeddedBroker, home: Path) -> Settings:
             "served_versions",
             "canary_decisions",
             "rollout_tasks",
+            "experiments",
         )
     }
     return load_settings(

@@ -29,6 +29,7 @@ from boltstream.infra.common.ports import free_port
 from boltstream.infra.common.topics import (
     STACK_READY_TOPIC,
     TopicError,
+    admin_client,
     ensure_topics,
     partitions_of,
     read_to_end,
@@ -446,3 +447,26 @@ def test_an_unsupervised_stack_with_a_dead_broker_is_reported_not_restarted(home
 
     assert main(["down"]) == 0
     assert not any(record.alive() for record in state.processes().values())
+
+
+def routable_address() -> str | None:
+    """This machine's address on its default route (no packet is sent), or None without one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))
+        except OSError:
+            return None
+        address = probe.getsockname()[0]
+    return None if address.startswith("127.") else address
+
+
+def test_the_broker_listens_on_the_configured_address_only(home):
+    address = routable_address()
+    if address is None:
+        pytest.skip("this machine has no address besides loopback")
+    state = start_stack(home_settings(home, stack={"broker_host": address, "supervise": False}), workers={})
+    assert state.bootstrap_servers == f"{address}:{state.broker_port}"
+    clients = home_settings(home, kafka={"bootstrap_servers": state.bootstrap_servers})
+    brokers = admin_client(clients).list_topics(timeout=10).brokers.values()
+    assert [(b.host, b.port) for b in brokers] == [(address, state.broker_port)]  # what clients are told
+    assert not listening(state.broker_port)  # and not on loopback

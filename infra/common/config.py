@@ -624,7 +624,12 @@ class ServeConfig(_Checked):
 
 @dataclass(frozen=True)
 class StackConfig(_Checked):
-    """The local stack's supervision (``boltstream up``)."""
+    """The local stack (``boltstream up``, and the private stacks of ``demo`` and ``Trainer.fit``)."""
+
+    #: Address the embedded broker listens on and gives its clients. Loopback by default; a routable
+    #: address of this machine lets agents and ``Trainer.fit`` runners on other machines join (the broker
+    #: then takes plaintext connections from that network: keep it a private one).
+    broker_host: str = "127.0.0.1"
 
     #: Restart a part of the stack (a worker, the broker) that exits; off, a dead part stays dead and
     #: ``boltstream status`` exits non-zero until ``down`` and ``up``.

@@ -45,6 +45,20 @@ from boltstream.infra.serving.vllm_guard import API_KEY_ENV, MIDDLEWARE
 
 LOG_TAIL_LINES = 40
 
+# Tool calling, as agent frameworks use it. vLLM refuses any `tool_choice` (even a named function,
+# which it serves by guided decoding, no parser involved) unless a tool-call parser is set, and "auto"
+# (what frameworks send once tools are given) also needs auto tool choice on. "pythonic" is the parser
+# that needs no special tokens in the vocabulary, so it works with any model, the tiny one included.
+# Guided decoding may otherwise emit JSON whitespace without end: a model that does not know JSON (the
+# tiny random one) then never closes the arguments object before max_tokens.
+TOOL_CALLING_ARGS = [
+    "--enable-auto-tool-choice",
+    "--tool-call-parser",
+    "pythonic",
+    "--structured-outputs-config",
+    '{"backend": "xgrammar", "disable_any_whitespace": true}',
+]
+
 
 class VllmServerError(RuntimeError):
     """The server did not start, died, or refused an admin call. The message carries the details."""
@@ -56,6 +70,7 @@ class VllmServer:
     Use as a context manager, or call `start()` / `stop()`. `base_url` is the server root
     (`http://127.0.0.1:PORT`); point OpenAI clients at `openai_base_url` (`.../v1`) with
     `model=served_model_name` (or a loaded adapter's name) and `api_key` (None: a random one).
+    `tool_calling` (on by default) serves `tools` with any `tool_choice`: see `TOOL_CALLING_ARGS`.
     """
 
     def __init__(
@@ -74,6 +89,7 @@ class VllmServer:
         max_num_seqs: int = 16,
         kv_cache_gib: int = 1,
         log_path: str | Path | None = None,
+        tool_calling: bool = True,
         extra_args: Sequence[str] = (),
         api_key: str | None = None,
     ) -> None:
@@ -95,6 +111,7 @@ class VllmServer:
         self.max_num_seqs = max_num_seqs
         self.kv_cache_gib = kv_cache_gib
         self.log_path = Path(log_path) if log_path else self.model_path.parent / f"vllm-{served_model_name}.log"
+        self.tool_calling = tool_calling
         self.extra_args = tuple(extra_args)
         self.api_key = api_key or secrets.token_urlsafe(32)
         self.startup_seconds: float | None = None
@@ -151,6 +168,8 @@ class VllmServer:
         ]
         if self.enable_lora:
             args += ["--enable-lora", "--max-lora-rank", str(self.max_lora_rank), "--max-loras", str(self.max_loras)]
+        if self.tool_calling:
+            args += TOOL_CALLING_ARGS
         return args + list(self.extra_args)
 
     def environment(self) -> dict[str, str]:

@@ -91,9 +91,11 @@ def start_stack(
         logs.mkdir(parents=True, exist_ok=True)
         ensure_signing_key(settings)
         previous = previous_broker_port(settings)
-        if not port and previous and previous != read_port and not port_in_use(previous):
+        if not port and previous and previous != read_port and not port_in_use(previous, settings.stack.broker_host):
             port = previous  # agents still running keep sending to the address they know
-        broker = EmbeddedBroker(port=port, log_path=logs / "broker.log", cluster_id=new_cluster_id())
+        broker = EmbeddedBroker(
+            port=port, host=settings.stack.broker_host, log_path=logs / "broker.log", cluster_id=new_cluster_id()
+        )
         broker.start(timeout=min(timeout, 15.0))
         started = {"broker": register(settings, "broker", adopt(broker.process, logs / "broker.log"))}
         try:
@@ -257,9 +259,10 @@ def restart_broker(settings: Settings, *, timeout: float = 60.0, count_restart: 
         if state.broker.alive():
             raise StackError(f"the broker (pid {state.broker.pid}) still runs; stop it first")
         stop_processes(state.workers.values(), timeout=10.0)
-        if port_in_use(state.broker_port):
+        if port_in_use(state.broker_port, state.bootstrap_servers.rpartition(":")[0]):
             raise StackError(f"the broker's port {state.broker_port} is taken by another process")
-        broker = EmbeddedBroker(port=state.broker_port, log_path=Path(state.broker.log), cluster_id=new_cluster_id())
+        host = state.bootstrap_servers.rpartition(":")[0]
+        broker = EmbeddedBroker(state.broker_port, host, Path(state.broker.log), cluster_id=new_cluster_id())
         broker.start(timeout=15.0)
         record = register(settings, "broker", adopt(broker.process, Path(state.broker.log)))
         stack_settings = replace(settings, kafka=replace(settings.kafka, bootstrap_servers=state.bootstrap_servers))
