@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from boltstream.infra.common.config import Settings
+from boltstream.infra.common.topics import ensure_topics
 from tests.producer_helpers import consume, sdk_environment
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,6 +60,7 @@ def test_python_starts_without_importing_boltstream_unless_tracing_is_on(switche
 def run_plain_agent(
     how: str, vllm_server, settings: Settings, tmp_path: Path, extra_env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
+    ensure_topics(settings)  # as `boltstream up` does: the SDK creates no topic
     script = tmp_path / "agent.py"
     script.write_text(PLAIN_AGENT)
     key_file = tmp_path / "key"
@@ -105,8 +107,9 @@ def test_a_script_with_no_boltstream_import_is_traced(how, switch, vllm_server, 
         (tmp_path / "boltstream.toml").write_text("auto_trace = true\n")
     result = run_plain_agent(how, vllm_server, settings, tmp_path, switch)
     assert result.returncode == 0 and "answered True" in result.stdout, result.stderr
-    (span,) = llm_spans_with(settings, result.marker, expect=1)
-    assert span["llm"]["model"] == "tiny" and span["status"] == "ok"
+    spans = llm_spans_with(settings, result.marker, expect=1)
+    assert len(spans) == 1, result.stderr
+    assert spans[0]["llm"]["model"] == "tiny" and spans[0]["status"] == "ok"
 
 
 @pytest.mark.slow
@@ -115,7 +118,7 @@ def test_untraced_without_a_switch_and_a_broken_config_only_warns(vllm_server, s
     assert result.returncode == 0 and "answered True" in result.stdout, result.stderr
     assert llm_spans_with(settings, result.marker, expect=0) == []
 
-    (tmp_path / "boltstream.toml").write_text("auto_trace = [not toml\n")
+    (tmp_path / "boltstream.toml").write_text("auto_trace = true\n[not toml\n")
     result = run_plain_agent("plain", vllm_server, settings, tmp_path)
     assert result.returncode == 0 and "answered True" in result.stdout, result.stderr
     assert "boltstream: auto-tracing is off, the configuration cannot be read" in result.stderr

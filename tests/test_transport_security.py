@@ -221,7 +221,7 @@ def canary_analyzer(settings: Settings, _tmp: Path) -> Callable[[], object]:
 def replay_reader(settings: Settings, _tmp: Path) -> Callable[[], object]:
     from boltstream.stream_processors.replay.sources import KafkaSource
 
-    KafkaSource(settings, idle_timeout=1).count()  # blocks until its reader gives up
+    next(iter(KafkaSource(settings, idle_timeout=1).messages()), None)  # blocks until its reader gives up
     return lambda: None
 
 
