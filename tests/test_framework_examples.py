@@ -155,7 +155,7 @@ def test_openai_client_agent(vllm_server, pipeline: Pipeline, style: str) -> Non
     # vLLM's Responses API returns no token ids: its calls are traced, but are no training samples.
     result = run_traced(pipeline, vllm_server, sys.executable, "openai_agent.py", style, token_ids=style != "responses")
     if style == "stream":
-        assert all(s["attributes"]["stream"] == "true" for s in result["llm_calls"])
+        assert all(s["attributes"]["stream"] is True for s in result["llm_calls"])  # typed: a boolean
     if style == "responses":
         assert {s["name"] for s in result["llm_calls"]} == {"responses"}
 

@@ -50,7 +50,7 @@ def test_seed_snippets_run_as_written(settings: Settings) -> None:
     assert len(per_rollout) == 3 and set(per_rollout.values()) == {4}  # one rollout per solve()
     kinds = Counter(s["kind"] for s in spans)
     assert kinds == {"decision": 3, "tool_call": 3, "reward": 3, "rollout": 3}
-    tool = next(s for s in spans if s["kind"] == "tool_call")
+    tool = min((s for s in spans if s["kind"] == "tool_call"), key=lambda s: s["start_time_us"])  # the first solve
     assert tool["name"] == "multiply" and tool["attributes"]["args.a"] == 17
     assert {s["reward"] for s in spans if s["kind"] == "reward"} == {1.0}
 
