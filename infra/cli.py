@@ -73,7 +73,7 @@ GROUPS: dict[str, dict[str, Command]] = {
             "spans per agent, as CSV",
         ),
         "report": Command(
-            "boltstream.stream_processors.analytics",
+            "boltstream.stream_processors.replay.report",
             "run a named analytics report (--list shows them)",
             "boltstream report llm_latency --plot",
             "LLM latency percentiles, also drawn into a PNG and an HTML page",

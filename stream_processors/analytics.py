@@ -401,10 +401,6 @@ def plot_report(name: str, comment: str, columns: list[str], rows: list[tuple], 
 def report_command(args: argparse.Namespace, settings: Settings) -> int:
     from clickhouse_connect.driver.exceptions import ClickHouseError
 
-    if args.name == "experiment":
-        from boltstream.stream_processors.replay.report import experiment_command
-
-        return experiment_command(args, settings)
     if args.experiment:
         print(f"boltstream report: {args.experiment!r} follows only `report experiment`", file=sys.stderr)
         return 2

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from boltstream.infra.common.config import Settings
+from boltstream.stream_processors import analytics
 from boltstream.stream_processors.replay.sources import ReplayError, Selection
 from boltstream.stream_processors.replay.topic_set import replay_settings
 
@@ -277,12 +278,10 @@ def experiment_command(args: argparse.Namespace, settings: Settings) -> int:
     """``boltstream report experiment NAME [--plot] [--output DIR]``."""
     from clickhouse_connect.driver.exceptions import ClickHouseError
 
-    from boltstream.stream_processors.analytics import read_client
-
     if not args.experiment:
         print("boltstream report experiment: name the experiment (its replay's --name)", file=sys.stderr)
         return 2
-    client = read_client(settings)
+    client = analytics.read_client(settings)
     try:
         report = experiment_report(client, settings, args.experiment)
     except (ReplayError, ClickHouseError) as exc:
@@ -297,3 +296,15 @@ def experiment_command(args: argparse.Namespace, settings: Settings) -> int:
         print(f"plot: {png}", file=sys.stderr)
         print(f"page: {page}", file=sys.stderr)
     return 0
+
+
+def report_arguments(parser: argparse.ArgumentParser) -> None:
+    analytics.report_arguments(parser)
+
+
+def report_command(args: argparse.Namespace, settings: Settings) -> int:
+    """``boltstream report``: ``report experiment NAME`` compares an experiment here; every named report of
+    the archive is :func:`analytics.report_command`'s (the replay package builds on analytics, not back)."""
+    if args.name == "experiment":
+        return experiment_command(args, settings)
+    return analytics.report_command(args, settings)
