@@ -722,7 +722,10 @@ class SpanProducer:
         # drains and flush() waits for reports that will not come.
         deadline = time.monotonic() + self.settings.producer.flush_timeout
         while len(old) and time.monotonic() < deadline:
-            old.poll(0.05)
+            try:
+                old.poll(0.05)
+            except KafkaException as exc:  # its fatal error again: it is why the client goes; keep serving reports
+                log.debug("the replaced Kafka client: %s", exc)
         if len(old):
             log.error("%d messages of the failed Kafka client got no delivery report", len(old))
         # Only now: the old client's last reports (more of the same error) must not condemn the new one.
