@@ -24,6 +24,7 @@ SCRIPT = Path(bench_scale.__file__)
 
 
 # A few minutes on a free machine; generous for a shared one.
+@pytest.mark.slow  # two minutes on 2 cores: a 300k-span fleet week through the broker and the archive
 @pytest.mark.timeout(3600)
 def test_quick_scale_run_prints_what_the_archive_holds(settings, tmp_path):
     home = tmp_path / "scale"
