@@ -19,7 +19,7 @@ the ``openai`` client at import, like ``producers.instrument()``.
 
 from boltstream.infra.common.contract import keep_rollout
 from boltstream.producers.autotrace import instrument, instrument_from_environment, uninstrument
-from boltstream.producers.context import current_rollout, new_id, rollout
+from boltstream.producers.context import current_rollout, current_rollout_id, new_id, rollout
 from boltstream.producers.emit import (
     emit,
     emit_annotation,
@@ -66,6 +66,7 @@ __all__ = [
     "configure",
     "current_prompt",
     "current_rollout",
+    "current_rollout_id",
     "emit",
     "emit_annotation",
     "emit_decision",

@@ -215,6 +215,13 @@ def active_rollout() -> rollout:
     return implicit
 
 
+def current_rollout_id() -> str:
+    """The id of the rollout a span emitted here joins: the enclosing ``with rollout(...)``'s, else this
+    thread's implicit rollout's (started now if none is open). Hand it to whoever sends the reward later
+    (``send_reward(rollout_id, value)`` from any process)."""
+    return active_rollout().rollout_id
+
+
 def _end_implicit_rollouts(idle_only: bool) -> None:
     """End every implicit rollout (flush, exit), or only those idle for ``implicit_rollout_idle``."""
     idle_us = runtime.settings().producer.implicit_rollout_idle * 1e6
