@@ -8,9 +8,11 @@ reward sent from another process within ``reward_timeout`` of a rollout's end is
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from boltstream.infra.common.config import Settings
@@ -165,3 +167,32 @@ def test_a_reward_sent_from_another_process_after_the_end_is_joined(broker, sett
         rewarded: [0.9],
     }
     assert status["late_rewards"] == 0 and status["dead_letters"] == {}
+
+
+def readme_python_blocks(*containing: str) -> list[str]:
+    """The README's Python blocks that contain every one of ``containing``, as written."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"^```python\n(.*?)^```", text, flags=re.MULTILINE | re.DOTALL)
+    return [block for block in blocks if all(part in block for part in containing)]
+
+
+def test_the_readme_reward_examples_give_the_trajectories_they_promise(broker, settings: Settings) -> None:
+    settings = join_settings(settings, 30.0, credit_assignment="per_step")
+    prepare(settings)
+    (using_it,) = readme_python_blocks('name="tool_ok"', "agl.send_reward(run.rollout_id")
+    (implicit,) = readme_python_blocks("agl.current_rollout_id()", "agl.flush()")
+    worker = JoinProcess(settings)
+    trajectories = Collector(settings, settings.topics.trajectories, "Trajectory", "trajectory_id")
+    try:
+        for block in (using_it, implicit):
+            run_python(settings, block)
+        trajectories.until(2, 90)
+        status = join_status(worker.metrics_url)
+    finally:
+        trajectories.close()
+        worker.stop()
+    outcome = sorted(
+        (t["task_id"], t["status"], t["final_reward"], t["rewards"]) for t in trajectories.records.values()
+    )
+    assert outcome == [("", "complete", 1.0, [0.3, 1.0]), ("t-17", "complete", 1.0, [0.2, 1.0])], worker.log()
+    assert status["late_rewards"] == 0
