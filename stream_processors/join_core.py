@@ -688,10 +688,12 @@ class JoinCore:
             return
         deadline = state.deadline_us(self.rules.reward_timeout_us)
         settled = self._settled_at(state, deadline)
-        cutoff = deadline if settled is None else settled
-        late = [r for r in state.rewards if r.timestamp_us > cutoff]
+        # A settled rollout takes no Reward record timed after it settled; its own reward spans stay (a span
+        # past the deadline was refused as a late span before it got here).
+        records_until = deadline if settled is None else settled
+        late = [r for r in state.rewards if r.timestamp_us > (records_until if r.raw else deadline)]
         if late:
-            state.rewards = [r for r in state.rewards if r.timestamp_us <= cutoff]
+            state.rewards = [r for r in state.rewards if r not in late]
         if settled is not None:
             self._close(state, "complete", settled)
         elif late:
