@@ -157,11 +157,13 @@ def test_spans_outside_a_rollout_form_implicit_rollouts_that_a_reward_does_not_e
     assert agl.flush(10)  # ends the implicit rollout
     third = agl.emit_message("next episode")
     assert agl.current_rollout_id() != rollout_id
+    with agl.rollout(task_id="t") as run:
+        assert agl.current_rollout_id() == run.rollout_id  # the enclosing rollout's, when there is one
     assert agl.flush(10)
-    spans = consume(sdk.kafka.bootstrap_servers, sdk.topics.spans, at_least(6))
+    spans = consume(sdk.kafka.bootstrap_servers, sdk.topics.spans, at_least(7))
     by_id = {s["event_id"]: s for s in spans}
     assert by_id[first]["rollout_id"] == by_id[second]["rollout_id"] == rollout_id != by_id[third]["rollout_id"]
-    roots = [s for s in spans if s["kind"] == "rollout"]
+    roots = [s for s in spans if s["kind"] == "rollout" and s["rollout_id"] != run.rollout_id]
     assert len(roots) == 2 and all(r["attributes"]["implicit"] == "true" for r in roots)
     assert by_id[first]["name"] == "search" and by_id[first]["attributes"]["args.q"] == "x"
     reward = next(s for s in spans if s["kind"] == "reward")
