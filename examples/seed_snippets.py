@@ -4,9 +4,12 @@
     AGENT_LIGHTNING_TRACER=1 OPENAI_BASE_URL=http://127.0.0.1:8000/v1 MODEL=tiny \\
         python examples/seed_snippets.py                   # + every LLM call traced, no code change
 
-Spans go to the broker of ``boltstream up`` (or ``BOLTSTREAM_KAFKA__BOOTSTRAP_SERVERS``). Each
-``solve`` call is one rollout: spans emitted outside ``agl.rollout(...)`` form an implicit rollout
-per thread, which ``agl.emit_reward`` ends.
+Spans go to the broker of ``boltstream up`` (or ``BOLTSTREAM_KAFKA__BOOTSTRAP_SERVERS``). Spans emitted
+outside ``agl.rollout(...)`` form an implicit rollout per thread, which a reward does not end: it ends
+after ``producer.implicit_rollout_idle`` seconds without a span, on ``agl.flush()`` or at exit. The three
+``solve`` calls below, back to back, are therefore one rollout, ended by the final ``flush``: its last
+reward is the final one, the two before it step rewards. An agent that wants one rollout per task wraps
+each in ``with agl.rollout(task_id=...)``.
 """
 
 from __future__ import annotations

@@ -5,11 +5,11 @@
 
     from boltstream import agl
 
-    with agl.rollout(task_id="t-17", agent_name="math-agent"):
+    with agl.rollout(task_id="t-17", agent_name="math-agent") as run:
         agl.emit_decision("use calculator")
         agl.emit("tool_call", tool_name="calculator", args={"expr": "17*23"})
-        agl.emit_reward(1.0)
-    agl.send_reward(rollout_id, 0.5, source="verifier")   # later, from anywhere
+        agl.emit_reward(0.2, name="tool_ok")   # a step reward: the rollout waits for its final one
+    agl.send_reward(run.rollout_id, 1.0, source="verifier")   # later (within reward_timeout), from anywhere
     agl.flush()
 
 The broker comes from ``boltstream.infra.common.config.load_settings()`` (``BOLTSTREAM_KAFKA__BOOTSTRAP_SERVERS`` or
@@ -19,7 +19,7 @@ the ``openai`` client at import, like ``producers.instrument()``.
 
 from boltstream.infra.common.contract import keep_rollout
 from boltstream.producers.autotrace import instrument, instrument_from_environment, uninstrument
-from boltstream.producers.context import current_rollout, new_id, rollout
+from boltstream.producers.context import current_rollout, current_rollout_id, new_id, rollout
 from boltstream.producers.emit import (
     emit,
     emit_annotation,
@@ -66,6 +66,7 @@ __all__ = [
     "configure",
     "current_prompt",
     "current_rollout",
+    "current_rollout_id",
     "emit",
     "emit_annotation",
     "emit_decision",

@@ -7,10 +7,12 @@ root span, or the ``traced`` block around it). Leaving the block emits the root 
 ``rollout``: its arrival tells the stream processors the trajectory is complete.
 
 Spans emitted outside any rollout go to an *implicit rollout*, one per thread, which ends (and
-emits its root span) when the thread emits a reward (``emit_reward``), when ``producers.flush()``
-runs or the interpreter exits, or after ``producer.implicit_rollout_idle`` seconds without a span;
-the next span starts a new one. So a plain loop ``run agent → emit_reward(score)`` yields one rollout
-per iteration with no code change.
+emits its root span, with attribute ``implicit=true``) after ``producer.implicit_rollout_idle``
+seconds without a span, when ``producers.flush()`` runs, or when the interpreter exits; the next span
+starts a new one. A reward never ends it: ``emit_reward(score)`` then ``emit_decision()`` is one
+episode, and of several rewards the last is the final one (the join decides, see
+:mod:`boltstream.stream_processors.join_core`). An agent that runs many tasks back to back without
+pausing marks each with ``with agl.rollout(...)`` (or calls ``flush()`` between them).
 
 Head sampling is decided once per rollout from its id (:func:`boltstream.infra.common.contract.keep_rollout`):
 spans of a sampled-out rollout are dropped on the spot, at no cost.
@@ -213,11 +215,11 @@ def active_rollout() -> rollout:
     return implicit
 
 
-def end_implicit_rollout() -> None:
-    """End this thread's implicit rollout, if one is open (after a reward)."""
-    implicit = getattr(_implicit, "rollout", None)
-    if implicit is not None and _current_rollout.get() is None:
-        implicit.end()
+def current_rollout_id() -> str:
+    """The id of the rollout a span emitted here joins: the enclosing ``with rollout(...)``'s, else this
+    thread's implicit rollout's (started now if none is open). Hand it to whoever sends the reward later
+    (``send_reward(rollout_id, value)`` from any process)."""
+    return active_rollout().rollout_id
 
 
 def _end_implicit_rollouts(idle_only: bool) -> None:

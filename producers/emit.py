@@ -29,7 +29,6 @@ from boltstream.producers import runtime
 from boltstream.producers.context import (
     active_rollout,
     current_parent,
-    end_implicit_rollout,
     new_id,
     now_us,
     reset_parent,
@@ -201,7 +200,10 @@ def emit_reward(
     attributes: Mapping[str, Any] | None = None,
     propagate: bool = True,
 ) -> EmittedSpan | str:
-    """Record a reward for the current rollout (a ``reward`` span); it ends an implicit rollout.
+    """Record a reward for the current rollout (a ``reward`` span); it never ends the rollout.
+
+    The rollout's last reward is its final reward, earlier ones are step rewards (credit assignment
+    places them among the LLM calls); ``name`` is a label only.
 
     A dict is a multi-dimensional reward (Agent Lightning 0.3): ``primary_key`` names the value
     used as the reward; every dimension is recorded as ``agentlightning.reward.<i>.name`` /
@@ -226,7 +228,6 @@ def emit_reward(
         if not propagate:
             return _emitted(new_id(), "reward", name, extra, value)
         event_id = emit_span("reward", name, attributes=extra, reward=value)
-        end_implicit_rollout()
         return _emitted(event_id, "reward", name, extra, value) if event_id else ""
     except Exception:
         return _fail(f"emit_reward({reward!r})")

@@ -4,18 +4,21 @@ A trajectory's LLM calls, in trajectory order (span ``sequence``), become one tr
 policies decide the ``return_value`` of call ``i`` of ``n``:
 
 ``final`` (default)
-    every call gets the trajectory's final reward ``R``.
+    every call gets the trajectory's final reward ``R``; step rewards are not used.
 ``discounted``
-    ``R * discount ** (n - 1 - i)``: the last call gets ``R``, each call before it one factor less.
+    the discounted return-to-go: ``R * discount ** (n - 1 - i)`` (the last call gets ``R``, each call
+    before it one factor less), plus each step reward that comes after call ``i``, discounted once per
+    call between call ``i`` and that reward (a step reward right after call ``i`` counts in full).
 ``per_step``
-    the undiscounted return-to-go: ``R`` plus every intermediate reward that comes *after* call ``i``.
-    An intermediate reward is credited to all the calls before it and to none after it. Intermediate
-    rewards are ``reward`` spans not named ``final`` (placed by their ``sequence``: after call ``i`` when
-    their sequence is greater) and ``Reward`` records with ``is_final=false`` (placed by time: after
-    call ``i`` when their ``timestamp_us`` is at or after the call's ``end_time_us``).
+    the undiscounted return-to-go: ``R`` plus every step reward that comes *after* call ``i`` (the
+    ``discounted`` rule with a discount of 1).
 
-The final reward ``R`` is the last final reward received in time: a ``Reward`` record with
-``is_final=true`` or a ``reward`` span named ``final`` (what the SDK's ``emit_reward(value)`` sends).
+A step reward is credited to the calls before it and to none after it. The join decides which reward
+is final (:meth:`boltstream.stream_processors.join_core.RolloutState.final_reward`: the last ``is_final``
+Reward record, else the rollout's last ``reward`` span); every other reward of the trajectory is a step
+reward. Reward spans are placed by their ``sequence`` (after call ``i`` when their sequence is greater),
+Reward records by time (after call ``i`` when their ``timestamp_us`` is at or after the call's
+``end_time_us``).
 
 All functions here are pure: same inputs, same floats.
 """
@@ -56,18 +59,25 @@ def assign_credit(
 ) -> list[float]:
     """The return of each call in ``calls`` (given in trajectory order), by ``policy``.
 
-    ``span_rewards`` are ``(sequence, value)`` of intermediate reward spans; ``record_rewards`` are
-    ``(timestamp_us, value)`` of intermediate Reward records. Only ``per_step`` reads them.
+    ``span_rewards`` are ``(sequence, value)`` of step reward spans; ``record_rewards`` are
+    ``(timestamp_us, value)`` of step Reward records. ``final`` ignores them.
     """
     check_policy(policy)
     count = len(calls)
     if policy == "final":
         return [final_reward] * count
-    if policy == "discounted":
-        return [final_reward * discount ** (count - 1 - index) for index in range(count)]
+    gamma = 1.0 if policy == "per_step" else discount
+    # For each step reward, which calls it comes after.
+    after = [[sequence > call.sequence for call in calls] for sequence, _ in span_rewards]
+    after += [[timestamp >= call.end_time_us for call in calls] for timestamp, _ in record_rewards]
+    values = [value for _, value in span_rewards] + [value for _, value in record_rewards]
+    between = [sum(flags) for flags in after]  # calls after call i and before the reward, once i is passed
     returns = []
-    for call in calls:
-        later = sum(value for sequence, value in span_rewards if sequence > call.sequence)
-        later += sum(value for timestamp, value in record_rewards if timestamp >= call.end_time_us)
-        returns.append(final_reward + later)
+    for index in range(count):
+        total = final_reward * gamma ** (count - 1 - index)
+        for reward, (flags, value) in enumerate(zip(after, values, strict=True)):
+            if flags[index]:
+                between[reward] -= 1
+                total += value * gamma ** between[reward]
+        returns.append(total)
     return returns

@@ -9,10 +9,21 @@ Time (all in microseconds of *event time*, carried by the records, so replays de
 
 * a span's time is its ``end_time_us``; a reward's is its ``timestamp_us``;
 * a rollout *ends* at the ``end_time_us`` of its ``rollout`` span (the SDK emits it when the rollout
-  context exits). Rewards with a time up to ``end + reward_timeout`` are in time; later ones are late;
-* deadlines: an ended rollout waits until ``end + reward_timeout`` for a final reward (then
-  ``timed_out``); a rollout that never ended, or rewards with no spans, wait until
-  ``last activity + reward_timeout`` (then ``no_reward`` / ``orphaned``);
+  context exits, or when an implicit rollout ends: idle, ``flush()``, process exit). Rewards with a time up
+  to ``end + reward_timeout`` (the rollout's *reward window*) are in time; later ones are late;
+* rewards (see :meth:`RolloutState.final_reward`): the final reward is the last ``Reward`` record sent with
+  ``is_final=true`` if there is one, else the last ``reward`` span (whatever its name); every other reward
+  is a step reward, which credit assignment places among the LLM calls. A ``Reward`` record with
+  ``is_final=false`` is never the final reward;
+* an ended rollout is *settled*, and closes ``complete`` at once, when its outcome is known (see
+  :meth:`JoinCore._settled_at`): at its end if it is an explicit rollout (not ``implicit=true``) that
+  recorded a reward span named ``final`` (``emit_reward(value)`` in a ``with rollout`` block), else at the
+  first ``is_final`` Reward record. Rewards timed after that moment are late. Otherwise it stays open for
+  its whole reward window, so every reward timed in it is joined;
+* deadlines: an ended rollout that is not settled closes at ``end + reward_timeout``: ``complete`` if it
+  has a final reward (its last reward span), else ``timed_out``; a rollout that never
+  ended, or rewards with no spans, wait until ``last activity + reward_timeout`` (then ``no_reward`` /
+  ``orphaned``);
 * an input of a rollout whose event time is past that rollout's deadline proves the deadline has
   passed: the rollout closes (as the timer would have) before the input is looked at, and the input
   is late. A reward proves it only for an ended rollout or one with no spans; for a rollout still
@@ -176,10 +187,13 @@ class PartitionClock:
 class HeldReward:
     event_id: str
     value: float
+    # A Reward record's flag. A reward span's name is "final" (emit_reward's default): inside an explicit
+    # rollout it settles the rollout at its end (any reward span may still turn out the last one).
     is_final: bool
     timestamp_us: int
     offset: int  # of the Reward record; -1 for a reward span
     raw: str  # base64 of the Reward record, dead-lettered as is if it turns out late; "" for a reward span
+    sequence: int = -1  # a reward span's place in its rollout; -1 for a Reward record (placed by time)
 
 
 @dataclass
@@ -234,12 +248,12 @@ class RolloutState:
     spans: list[tuple[int, str]] = field(default_factory=list)  # (sequence, event_id)
     llm_call_count: int = 0
     steps: list[LlmStep] = field(default_factory=list)
-    span_rewards: list[tuple[int, float]] = field(default_factory=list)  # (sequence, value) of reward spans
-    rewards: list[HeldReward] = field(default_factory=list)  # Reward records, arrival order
+    rewards: list[HeldReward] = field(default_factory=list)  # reward spans and Reward records, arrival order
     model_versions: list[str] = field(default_factory=list)
     start_time_us: int = 0
     end_time_us: int = 0  # of the rollout span once ended, else of the last span
     ended: bool = False
+    implicit: bool = False  # its rollout span says implicit=true: spans the SDK grouped, no ``with rollout``
     last_activity_us: int = 0
 
     def deadline_us(self, timeout_us: int) -> int:
@@ -247,8 +261,17 @@ class RolloutState:
 
     def due_status(self) -> str:
         if self.ended:
-            return "timed_out"
+            return "complete" if self.final_reward() is not None else "timed_out"
         return "no_reward" if self.spans else "orphaned"
+
+    def final_reward(self) -> HeldReward | None:
+        """The last Reward record sent with ``is_final``, else the last reward span (in its rollout's
+        order); None when there is neither (only ``is_final=false`` records, or no reward)."""
+        declared = [r for r in self.rewards if r.raw and r.is_final]
+        if declared:
+            return max(declared, key=lambda r: (r.timestamp_us, r.event_id))
+        spans = [r for r in self.rewards if not r.raw]
+        return max(spans, key=lambda r: (r.sequence, r.timestamp_us, r.event_id)) if spans else None
 
     def close(self, status: str, closed_at_us: int) -> None:
         """Become the closed marker: the payload goes, what recognises later inputs stays."""
@@ -278,12 +301,12 @@ class RolloutState:
             # "calls", not "steps" (their token arrays were packed differently): an older worker fails on it
             # loudly rather than misreading it.
             "calls": [step.to_json() for step in self.steps],
-            "span_rewards": self.span_rewards,
             "rewards": [list(vars(reward).values()) for reward in self.rewards],
             "versions": self.model_versions,
             "start": self.start_time_us,
             "end": self.end_time_us,
             "ended": self.ended,
+            "implicit": self.implicit,
             "active": self.last_activity_us,
         }
 
@@ -306,11 +329,12 @@ class RolloutState:
                 state.steps = [LlmStep.from_json(step) for step in data["calls"]]
             else:  # written by a worker before the "calls" key: upgraded in place
                 state.steps = [LlmStep.from_legacy_json(step) for step in data["steps"]]
-            state.span_rewards = [tuple(r) for r in data["span_rewards"]]
+            # Written before reward spans kept their sequence: those are placed by time (HeldReward.sequence).
             state.rewards = [HeldReward(*reward) for reward in data["rewards"]]
             state.model_versions = data["versions"]
             state.start_time_us, state.end_time_us = data["start"], data["end"]
             state.ended, state.last_activity_us = data["ended"], data["active"]
+            state.implicit = data.get("implicit", False)  # absent before implicit rollouts waited for rewards
             state.seen = {event_id for _, event_id in state.spans} | {r.event_id for r in state.rewards}
         return state
 
@@ -624,15 +648,16 @@ class JoinCore:
         if kind == "rollout":
             state.ended = True
             state.end_time_us = end
+            state.implicit = span["attributes"].get("implicit") in ("true", True)
         elif not state.ended:
             state.end_time_us = max(state.end_time_us, end)
         if kind == "reward":
-            # The SDK's emit_reward(value) sends a reward span named "final": the rollout's return.
-            # Reward spans with any other name are intermediate (per-step) rewards.
-            is_final = span["name"] == "final"
-            state.rewards.append(HeldReward(span["event_id"], span["reward"], is_final, end, -1, ""))
-            if not is_final:
-                state.span_rewards.append((span["sequence"], span["reward"]))
+            # Whatever its name, the rollout's last reward span is its final reward (see final_reward); the
+            # name "final" (emit_reward's default) also settles an explicit rollout at its end (_settled_at).
+            named_final = span["name"] == "final"
+            state.rewards.append(
+                HeldReward(span["event_id"], span["reward"], named_final, end, -1, "", span["sequence"])
+            )
         elif kind == "llm_call":
             state.llm_call_count += 1
             llm = span["llm"]
@@ -657,21 +682,41 @@ class JoinCore:
                 self.counts["untrainable_llm_calls"] += 1
 
     def _settle(self, state: RolloutState, now_us: int) -> None:
-        """Close an ended rollout as soon as its outcome is known: a final reward in time, or a late one."""
+        """Close an ended rollout as soon as its outcome is known: settled (see _settled_at), or a reward
+        timed past its reward window, which proves the window is over."""
         if state.status or not state.ended:
             return
         deadline = state.deadline_us(self.rules.reward_timeout_us)
-        late = [r for r in state.rewards if r.timestamp_us > deadline]
+        settled = self._settled_at(state, deadline)
+        # A settled rollout takes no Reward record timed after it settled; its own reward spans stay (a span
+        # past the deadline was refused as a late span before it got here).
+        records_until = deadline if settled is None else settled
+        late = [r for r in state.rewards if r.timestamp_us > (records_until if r.raw else deadline)]
         if late:
-            state.rewards = [r for r in state.rewards if r.timestamp_us <= deadline]
-        finals = [r for r in state.rewards if r.is_final]
-        if finals:
-            self._close(state, "complete", max(state.end_time_us, max(r.timestamp_us for r in finals)))
+            state.rewards = [r for r in state.rewards if r not in late]
+        if settled is not None:
+            self._close(state, "complete", settled)
         elif late:
-            self._close(state, "timed_out", deadline)
+            self._close(state, state.due_status(), deadline)
         for reward in late:
             if reward.raw:  # a late reward *span* was already dead-lettered as a late span
                 self._late_reward(state, reward, state.rollout_id.encode(), now_us)
+
+    @staticmethod
+    def _settled_at(state: RolloutState, deadline_us: int) -> int | None:
+        """When an ended rollout's outcome is known before its reward window is over, or None.
+
+        An explicit rollout that recorded a reward span named ``final`` (``emit_reward(value)``) is settled
+        at its end: the agent gave its reward inside the block, and its trajectory goes out at once (reward
+        spans with other names are step rewards, and leave the window open for a verifier's reward).
+        Otherwise the first ``is_final`` Reward record in the window settles it (at its time, or at the end
+        if it came earlier). Either way the moment is decided by event times alone, so the outcome does not
+        depend on which topic was read first.
+        """
+        if not state.implicit and any(not r.raw and r.is_final for r in state.rewards):
+            return state.end_time_us
+        declared = [r.timestamp_us for r in state.rewards if r.raw and r.is_final and r.timestamp_us <= deadline_us]
+        return max(state.end_time_us, min(declared)) if declared else None
 
     def _late_reward(self, state: RolloutState, reward: HeldReward, key: bytes | None, now_us: int) -> None:
         self.counts["late_rewards"] += 1
@@ -687,7 +732,7 @@ class JoinCore:
         # Event-time order, not arrival order: spans and rewards come from two topics whose interleaving
         # differs between runs; ordering by time makes replays and restarts agree.
         in_time = sorted(state.rewards, key=lambda r: (r.timestamp_us, r.event_id))
-        finals = [r.value for r in in_time if r.is_final]
+        final = state.final_reward() if status == "complete" else None
         sampled = keep_rollout(state.rollout_id, rules.sampling_rate)
         selected = self.select(state.agent_name)
         ordered = sorted(state.spans)
@@ -699,7 +744,7 @@ class JoinCore:
                 "task_id": state.task_id,
                 "agent_name": state.agent_name,
                 "status": status,
-                "final_reward": finals[-1] if status == "complete" else None,
+                "final_reward": None if final is None else final.value,
                 "rewards": [r.value for r in in_time],
                 "span_count": len(ordered),
                 "llm_call_count": state.llm_call_count,
@@ -714,23 +759,25 @@ class JoinCore:
             }
         )
         self.counts[f"trajectories_{status}"] += 1
-        if status == "complete" and sampled and selected:
-            self._emit_samples(state, traj_id, finals[-1], closed_at_us)
+        if final is not None and sampled and selected:
+            self._emit_samples(state, traj_id, final, closed_at_us)
         # Keep only the marker: the payload is no longer needed and the changelog stays small.
         state.close(status, closed_at_us)
         self._index(state.rollout_id, state)
         self.dirty[state.rollout_id] = state
 
-    def _emit_samples(self, state: RolloutState, traj_id: str, final_reward: float, created_at_us: int) -> None:
+    def _emit_samples(self, state: RolloutState, traj_id: str, final: HeldReward, created_at_us: int) -> None:
         rules = self.rules
         steps = sorted(state.steps, key=lambda s: (s.sequence, s.event_id))
+        step_rewards = [r for r in state.rewards if r is not final]
+        final_reward = final.value
         returns = assign_credit(
             rules.credit_policy,
             [CallPosition(s.sequence, s.end_time_us) for s in steps],
             final_reward,
             discount=rules.discount,
-            span_rewards=state.span_rewards,
-            record_rewards=[(r.timestamp_us, r.value) for r in state.rewards if not r.is_final and r.raw],
+            span_rewards=[(r.sequence, r.value) for r in step_rewards if r.sequence >= 0],
+            record_rewards=[(r.timestamp_us, r.value) for r in step_rewards if r.sequence < 0],
         )
         for index, (step, credit) in enumerate(zip(steps, returns, strict=True)):
             self.samples.append(

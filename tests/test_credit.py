@@ -36,3 +36,12 @@ def test_no_calls_no_returns() -> None:
 def test_unknown_policy_is_refused() -> None:
     with pytest.raises(ValueError, match="per_step"):
         assign_credit("montecarlo", CALLS, 1.0)
+
+
+def test_discounted_credits_step_rewards_discounted_once_per_call_between() -> None:
+    # A step reward span right after call 0 (sequence 2) counts in full for call 0; a step Reward record
+    # timed between calls 1 and 2 counts in full for call 1 and once discounted for call 0.
+    returns = assign_credit(
+        "discounted", CALLS, 1.0, discount=0.5, span_rewards=[(2, 0.4)], record_rewards=[(500, 0.2)]
+    )
+    assert returns == pytest.approx([0.25 + 0.4 + 0.2 * 0.5, 0.5 + 0.2, 1.0])

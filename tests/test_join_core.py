@@ -180,3 +180,102 @@ def test_tombstones_are_counted_and_ignored() -> None:
     trajectories, samples, dead_letters, writes = core.drain()
     assert core.counts["tombstones"] == 2 and (trajectories, samples, dead_letters, writes) == ([], [], [], [])
     assert dict(core.states) == {}
+
+
+# -- rollout boundaries: the last reward is final, and the reward window stays open ------------------------
+START = 1_000_000_000
+
+
+def spans_message(rollout: str, spans: list[dict]) -> bytes:
+    return codec("SpanBatch").encode({"rollout_id": rollout, "producer_id": "p", "sent_at_us": 0, "spans": spans})
+
+
+def reward_message(rollout: str, value: float, at_us: int, *, is_final: bool = True) -> bytes:
+    record = {"event_id": f"{rollout}-{at_us}", "rollout_id": rollout, "value": value, "timestamp_us": at_us}
+    return codec("Reward").encode(record | {"is_final": is_final, "source": "verifier", "attributes": {}})
+
+
+def episode(rollout: str, *, implicit: bool, rewards: list[tuple[str, float]]) -> list[dict]:
+    """LLM call, reward, LLM call, reward ... as the SDK sends them, then the rollout span (at START + 100)."""
+    spans, clock = [], START
+    for name, value in rewards:
+        spans.append(make_span(rollout, sequence=len(spans), start_time_us=clock, end_time_us=clock + 10))
+        spans.append(
+            make_span(
+                rollout,
+                kind="reward",
+                name=name,
+                reward=value,
+                sequence=len(spans),
+                start_time_us=clock + 10,
+                end_time_us=clock + 10,
+                llm=None,
+            )
+        )
+        clock += 20
+    attributes = {"implicit": "true"} if implicit else {}
+    end = make_span(
+        rollout, kind="rollout", sequence=len(spans), start_time_us=START, end_time_us=START + 100, llm=None
+    )
+    return [*spans, end | {"attributes": attributes}]
+
+
+def test_an_implicit_rollout_waits_for_its_reward_window_and_its_last_reward_is_final() -> None:
+    core = JoinCore(JoinRules(reward_timeout_us=30_000_000, grace_us=0, credit_policy="per_step"), {})
+    core.on_span_batch(
+        0, 0, b"r", spans_message("r", episode("r", implicit=True, rewards=[("final", 0.3), ("final", 1.0)])), 0
+    )
+    core.expire({0: START + 100 + 30_000_000})  # the window's last moment: still open
+    assert core.drain()[0] == []
+    core.expire({0: START + 100 + 30_000_001})
+    trajectories, samples, _, _ = core.drain()
+    assert [(t["status"], t["final_reward"], t["rewards"], t["closed_at_us"]) for t in trajectories] == [
+        ("complete", 1.0, [0.3, 1.0], START + 100 + 30_000_000)
+    ]
+    # The first call gets the final reward and the step reward after it; the second only the final one.
+    assert [s["return_value"] for s in sorted(samples, key=lambda s: s["step_index"])] == pytest.approx([1.3, 1.0])
+
+
+def test_a_reward_sent_within_the_window_of_an_implicit_rollout_is_its_final_reward() -> None:
+    """Before, emit_reward ended the implicit rollout and closed it: a verifier's reward 2 s later was late."""
+    for reward_first in (False, True):  # whichever topic the join reads first
+        core = JoinCore(JoinRules(reward_timeout_us=30_000_000, grace_us=0, credit_policy="per_step"), {})
+        spans = spans_message("r", episode("r", implicit=True, rewards=[("final", 0.3)]))
+        verifier = reward_message("r", 1.0, START + 100 + 2_000_000)
+        inputs = [(core.on_span_batch, spans), (core.on_reward, verifier)]
+        for handler, value in reversed(inputs) if reward_first else inputs:
+            handler(0, 0, b"r", value, 0)
+        trajectories, samples, dead_letters, _ = core.drain()
+        assert [(t["status"], t["final_reward"], t["rewards"]) for t in trajectories] == [("complete", 1.0, [0.3, 1.0])]
+        assert [s["return_value"] for s in samples] == pytest.approx([1.3]) and dead_letters == []
+
+
+def test_an_explicit_rollout_with_its_final_reward_inside_closes_at_its_end_whatever_is_read_first() -> None:
+    outcomes = []
+    for reward_first in (False, True):
+        core = JoinCore(JoinRules(reward_timeout_us=30_000_000, grace_us=0), {})
+        spans = spans_message("r", episode("r", implicit=False, rewards=[("final", 0.3), ("final", 1.0)]))
+        after_end = reward_message("r", 0.5, START + 100 + 2_000_000)  # came too late: the rollout settled at its end
+        inputs = [(core.on_span_batch, spans), (core.on_reward, after_end)]
+        for handler, value in reversed(inputs) if reward_first else inputs:
+            handler(0, 0, b"r", value, 0)
+        trajectories, _, dead_letters, _ = core.drain()
+        outcomes.append(
+            [(t["status"], t["final_reward"], t["rewards"], t["closed_at_us"]) for t in trajectories]
+            + [d["error_type"] for _, d in dead_letters]
+        )
+    assert outcomes == [[("complete", 1.0, [0.3, 1.0], START + 100), "late_reward"]] * 2
+
+
+def test_step_rewards_inside_an_explicit_rollout_leave_the_window_open_for_the_verifier() -> None:
+    core = JoinCore(JoinRules(reward_timeout_us=30_000_000, grace_us=0, credit_policy="per_step"), {})
+    spans = spans_message("r", episode("r", implicit=False, rewards=[("plan", 0.3)]))
+    core.on_span_batch(0, 0, b"r", spans, 0)
+    assert core.drain()[0] == []  # no final reward yet: waits
+    core.on_reward(0, 0, b"r", reward_message("r", 0.2, START + 1_000_000, is_final=False), 0)  # a step too
+    core.on_reward(0, 1, b"r", reward_message("r", 1.0, START + 100 + 2_000_000), 0)
+    trajectories, samples, _, _ = core.drain()
+    assert [(t["status"], t["final_reward"], t["rewards"]) for t in trajectories] == [
+        ("complete", 1.0, [0.3, 0.2, 1.0])
+    ]
+    assert [s["return_value"] for s in samples] == pytest.approx([1.5])

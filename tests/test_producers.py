@@ -148,19 +148,26 @@ def test_every_span_arrives_exactly_once_with_its_rollout_context(sdk: Settings)
     assert all(by_id[s["parent_id"]]["kind"] == "rollout" for s in async_tools)
 
 
-def test_spans_outside_a_rollout_form_implicit_rollouts_ended_by_a_reward(sdk: Settings) -> None:
+def test_spans_outside_a_rollout_form_implicit_rollouts_that_a_reward_does_not_end(sdk: Settings) -> None:
     first = agl.emit("tool_call", tool_name="search", args={"q": "x"})
-    agl.emit_reward(1.0)  # ends the implicit rollout
+    assert agl.current_rollout() is None and agl.current_rollout_id()  # an implicit rollout has an id too
+    rollout_id = agl.current_rollout_id()
+    agl.emit_reward(1.0)  # the seed documents' order: a reward, then a decision, one episode
     second = agl.emit_decision("retry")
-    assert agl.flush(10)  # ends the second implicit rollout too
-    spans = consume(sdk.kafka.bootstrap_servers, sdk.topics.spans, at_least(5))
+    assert agl.flush(10)  # ends the implicit rollout
+    third = agl.emit_message("next episode")
+    assert agl.current_rollout_id() != rollout_id
+    with agl.rollout(task_id="t") as run:
+        assert agl.current_rollout_id() == run.rollout_id  # the enclosing rollout's, when there is one
+    assert agl.flush(10)
+    spans = consume(sdk.kafka.bootstrap_servers, sdk.topics.spans, at_least(7))
     by_id = {s["event_id"]: s for s in spans}
-    assert by_id[first]["rollout_id"] != by_id[second]["rollout_id"]
-    roots = [s for s in spans if s["kind"] == "rollout"]
+    assert by_id[first]["rollout_id"] == by_id[second]["rollout_id"] == rollout_id != by_id[third]["rollout_id"]
+    roots = [s for s in spans if s["kind"] == "rollout" and s["rollout_id"] != run.rollout_id]
     assert len(roots) == 2 and all(r["attributes"]["implicit"] == "true" for r in roots)
     assert by_id[first]["name"] == "search" and by_id[first]["attributes"]["args.q"] == "x"
     reward = next(s for s in spans if s["kind"] == "reward")
-    assert reward["reward"] == 1.0 and reward["rollout_id"] == by_id[first]["rollout_id"]
+    assert reward["reward"] == 1.0 and reward["rollout_id"] == rollout_id
 
 
 def test_spans_being_encoded_are_not_settled(settings: Settings) -> None:

@@ -80,8 +80,8 @@ def high_watermarks(settings, topics: list[str]) -> dict[tuple[str, int], int]:
 
 def predicted_statuses(traffic: Traffic, timeout_s: float) -> dict[str, str]:
     """Each rollout's status under ``reward_timeout`` = ``timeout_s``, from the traffic's own records:
-    no spans → orphaned; no rollout span → no_reward; a final reward timed no later than end + timeout
-    → complete; else timed_out."""
+    no spans → orphaned; no rollout span → no_reward; a reward span (the last one is final, whatever its
+    name) or an ``is_final`` Reward record timed no later than end + timeout → complete; else timed_out."""
     batches, rewards = codec("SpanBatch"), codec("Reward")
     ends: dict[str, int] = {}
     finals: dict[str, list[int]] = defaultdict(list)
@@ -92,7 +92,7 @@ def predicted_statuses(traffic: Traffic, timeout_s: float) -> dict[str, str]:
                 with_spans.add(span["rollout_id"])
                 if span["kind"] == "rollout":
                     ends[span["rollout_id"]] = span["end_time_us"]
-                elif span["kind"] == "reward" and span["name"] == "final":
+                elif span["kind"] == "reward":
                     finals[span["rollout_id"]].append(span["end_time_us"])
         else:
             reward = rewards.decode(message.value)

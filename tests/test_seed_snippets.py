@@ -44,12 +44,12 @@ def test_seed_snippets_run_as_written(settings: Settings) -> None:
     ensure_topics(settings)
     output = run_example(settings)
     assert "17 * 23 = 391" in output and "delivered" in output.splitlines()[-1]
-    spans = consume(settings.kafka.bootstrap_servers, settings.topics.spans, at_least(12))
-    assert len(spans) == 12
+    spans = consume(settings.kafka.bootstrap_servers, settings.topics.spans, at_least(10))
+    assert len(spans) == 10
     per_rollout = Counter(s["rollout_id"] for s in spans)
-    assert len(per_rollout) == 3 and set(per_rollout.values()) == {4}  # one rollout per solve()
+    assert len(per_rollout) == 1  # a reward does not end the implicit rollout; the final flush does
     kinds = Counter(s["kind"] for s in spans)
-    assert kinds == {"decision": 3, "tool_call": 3, "reward": 3, "rollout": 3}
+    assert kinds == {"decision": 3, "tool_call": 3, "reward": 3, "rollout": 1}
     tool = min((s for s in spans if s["kind"] == "tool_call"), key=lambda s: s["start_time_us"])  # the first solve
     assert tool["name"] == "multiply" and tool["attributes"]["args.a"] == 17
     assert {s["reward"] for s in spans if s["kind"] == "reward"} == {1.0}
@@ -65,9 +65,9 @@ def test_seed_snippets_with_the_agent_lightning_tracer(vllm_server, settings: Se
         OPENAI_API_KEY=vllm_server.api_key,
         MODEL=vllm_server.served_model_name,
     )
-    spans = consume(settings.kafka.bootstrap_servers, settings.topics.spans, at_least(15))
+    spans = consume(settings.kafka.bootstrap_servers, settings.topics.spans, at_least(13))
     llm_calls = [s for s in spans if s["kind"] == "llm_call"]
     # The example samples (no temperature=0): the tiny random model may end before max_tokens=8.
     assert len(llm_calls) == 3 and all(1 <= s["llm"]["completion_tokens"] <= 8 for s in llm_calls)
     by_rollout = Counter(s["rollout_id"] for s in spans)
-    assert len(by_rollout) == 3 and set(by_rollout.values()) == {5}  # the LLM call joined its solve()'s rollout
+    assert by_rollout == {llm_calls[0]["rollout_id"]: 13}  # the LLM calls joined the one implicit rollout

@@ -28,7 +28,9 @@ SCENARIOS = {
     "sdk_reward": (10, "complete"),  # final reward as the SDK's in-rollout reward span
     "reward_first": (10, "complete"),  # the Reward record is produced before any span
     "duplicated": (10, "complete"),  # a span batch and the reward are sent twice
-    "late": (10, "timed_out"),  # the reward comes after end + reward_timeout
+    # The reward comes after end + reward_timeout / never: timed_out, unless the rollout recorded reward
+    # spans (its last one is then the final reward, and it closes at its end).
+    "late": (10, "timed_out"),
     "missing": (10, "timed_out"),
     "orphan": (10, "orphaned"),
     "no_end": (10, "no_reward"),
@@ -47,7 +49,7 @@ class Expected:
     rewards: list[float] = field(default_factory=list)
     span_event_ids: list[str] = field(default_factory=list)  # in sequence order
     calls: list[dict[str, Any]] = field(default_factory=list)  # llm_call spans: event_id, sequence, end, llm
-    step_rewards: list[tuple[int, float]] = field(default_factory=list)  # intermediate reward spans
+    step_rewards: list[tuple[int, float]] = field(default_factory=list)  # reward spans but the final one
     late_rewards: int = 0
 
 
@@ -94,9 +96,16 @@ def expected_returns(policy: str, expected: Expected, discount: float) -> list[f
     final, calls = expected.final_reward, expected.calls
     if policy == "final":
         return [final] * len(calls)
-    if policy == "discounted":
-        return [final * discount ** (len(calls) - 1 - i) for i in range(len(calls))]
-    return [final + sum(v for s, v in expected.step_rewards if s > call["sequence"]) for call in calls]
+    gamma = 1.0 if policy == "per_step" else discount
+    returns = []
+    for i, call in enumerate(calls):
+        later = 0.0
+        for sequence, value in expected.step_rewards:
+            if sequence > call["sequence"]:  # after call i: discounted once per call between them
+                calls_between = sum(1 for other in calls[i + 1 :] if other["sequence"] < sequence)
+                later += value * gamma**calls_between
+        returns.append(final * gamma ** (len(calls) - 1 - i) + later)
+    return returns
 
 
 def generate(
@@ -203,9 +212,8 @@ def generate(
             for s in spans
             if s["kind"] == "llm_call"
         ]
-        exp.step_rewards = [
-            (s["sequence"], s["reward"]) for s in spans if s["kind"] == "reward" and s["name"] != "final"
-        ]
+        reward_spans = [(s["sequence"], s["reward"]) for s in spans if s["kind"] == "reward"]
+        exp.step_rewards = list(reward_spans)
         timed_rewards = [(s["end_time_us"], s["event_id"], s["reward"]) for s in spans if s["kind"] == "reward"]
         position = 0
         while position < len(spans):
@@ -230,9 +238,13 @@ def generate(
         elif scenario == "late":
             messages.append(reward_message(rollout_id, reward, end + timeout_us + 500_000, reward_id, task, agent))
             exp.late_rewards = 1
+        if scenario in ("late", "missing") and reward_spans:
+            exp.status = "complete"  # an explicit rollout that recorded rewards: its last span's is final
         if exp.status == "complete":
-            exp.final_reward = reward
-            if scenario != "sdk_reward":
+            if scenario in ("sdk_reward", "late", "missing"):
+                exp.final_reward = exp.step_rewards.pop()[1]  # the last reward span
+            else:  # the Reward record, sent with is_final=true, is the final reward
+                exp.final_reward = reward
                 timed_rewards.append((reward_at, reward_id, reward))
         # The join lists in-time rewards in event-time order (ties by event id).
         exp.rewards = [value for _, _, value in sorted(timed_rewards)]

@@ -362,7 +362,8 @@ class ProducerConfig(_Checked):
     delivery_timeout: Seconds = 5.0
     #: Spans held in memory at most while the sender catches up; past it new spans are dropped and counted.
     max_pending_spans: Count = 1_000_000
-    #: An implicit rollout (spans emitted outside ``agl.rollout``) ends after this many idle seconds.
+    #: An implicit rollout (spans emitted outside ``agl.rollout``) ends after this many idle seconds (and on
+    #: ``flush()`` or at exit; never on a reward). Keep it below ``stream.reward_timeout``.
     implicit_rollout_idle: Seconds = 10.0
     #: Auto-tracing asks the server for the token ids of prompt and completion (vLLM's ``return_token_ids``),
     #: so each traced call can become a training sample; a server that rejects the parameter (a hosted API)
@@ -409,7 +410,8 @@ class ProxyConfig(_Checked):
 class StreamConfig(_Checked):
     """The stream processors (join, sampling, selection, credit assignment, archive)."""
 
-    #: How long a trajectory waits for its reward after it ended; then ``timed_out``, never trained on.
+    #: How long after a rollout's end its rewards are still joined (its reward window); with no final reward
+    #: by then it is ``timed_out``, never trained on. See docs/architecture.md, "When a trajectory closes".
     reward_timeout: Annotated[Seconds, Range(above=0)] = 30.0
     #: Which agents' calls become training samples: ``all``, or names / glob patterns.
     agent_selector: tuple[str, ...] = ("all",)
