@@ -48,7 +48,8 @@ class Pipeline:
 @pytest.fixture(scope="module")
 def pipeline(broker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
     """One join worker for the module's agents, and readers of what it emits."""
-    settings = join_settings(isolated_settings(broker, tmp_path_factory.mktemp("frameworks")), reward_timeout=30.0)
+    # The examples are implicit rollouts: each trajectory closes reward_timeout after its process exits.
+    settings = join_settings(isolated_settings(broker, tmp_path_factory.mktemp("frameworks")), reward_timeout=5.0)
     prepare(settings)
     join = JoinProcess(settings, name="join-frameworks")
     trajectories = Collector(settings, settings.topics.trajectories, "Trajectory", "trajectory_id")
