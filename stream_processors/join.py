@@ -21,7 +21,10 @@ clock cannot move stream time.
 
 Scaling: every worker is a member of the consumer group ``stream.join_group``; partitions of the
 input topics (``topics.partitions``) bound how many workers share the load; workers may join and leave
-while traffic flows (a partition's open rollouts move with it, through the changelog). Metrics for Prometheus
+while traffic flows (a partition's open rollouts move with it, through the changelog). After every
+(re)assignment the worker adopts the restored table and reads each input partition from its committed
+offset, strictly in offset order, committing nothing past the next offset to apply (see
+:func:`.faust_workarounds.bound_commits`). Metrics for Prometheus
 are served on ``http://127.0.0.1:<port>/metrics`` (``stream.join_metrics_port``; 0, the default, picks a
 free port); :func:`join_metrics_urls` finds the running workers' URLs and :func:`join_status` reads one.
 Faust's own pages on that port show live rollout state (``/table/rollouts`` ...) and the partition
@@ -113,6 +116,10 @@ class JoinWorker:
             broker_rebalance_timeout=max(10.0, session_timeout * 2),
             broker_max_poll_records=stream.batch_size,
             consumer_auto_offset_reset="earliest",
+            # Faust's check that a changelog partition's high watermark is not below the offset recovery last
+            # read crashed workers in rebalances on the embedded broker, which reports a high watermark below
+            # the end of the last record batch (faust_workarounds, 5.).
+            recovery_consistency_check=False,
             stream_buffer_maxsize=max(4096, stream.batch_size),
             producer_acks=-1,
             producer_linger=0.002,
