@@ -21,7 +21,10 @@ clock cannot move stream time.
 
 Scaling: every worker is a member of the consumer group ``stream.join_group``; partitions of the
 input topics (``topics.partitions``) bound how many workers share the load; workers may join and leave
-while traffic flows (a partition's open rollouts move with it, through the changelog). Metrics for Prometheus
+while traffic flows (a partition's open rollouts move with it, through the changelog). After every
+(re)assignment the worker adopts the restored table and reads each input partition from its committed
+offset, strictly in offset order, committing nothing past the next offset to apply (see
+:func:`.faust_workarounds.bound_commits`). Metrics for Prometheus
 are served on ``http://127.0.0.1:<port>/metrics`` (``stream.join_metrics_port``; 0, the default, picks a
 free port); :func:`join_metrics_urls` finds the running workers' URLs and :func:`join_status` reads one.
 Faust's own pages on that port show live rollout state (``/table/rollouts`` ...) and the partition
@@ -54,7 +57,7 @@ from boltstream.infra.common.ports import free_port
 from boltstream.schemas.codec import codec
 from boltstream.schemas.token_arrays import encode_training_sample
 from boltstream.stream_processors.faust_workarounds import (
-    committed_offset,
+    bound_commits,
     register_value_codec,
     shorten_fetch_wait,
     table_value,
@@ -113,6 +116,10 @@ class JoinWorker:
             broker_rebalance_timeout=max(10.0, session_timeout * 2),
             broker_max_poll_records=stream.batch_size,
             consumer_auto_offset_reset="earliest",
+            # Faust's check that a changelog partition's high watermark is not below the offset recovery last
+            # read crashed workers in rebalances on the embedded broker, which reports a high watermark below
+            # the end of the last record batch (faust_workarounds, 5.).
+            recovery_consistency_check=False,
             stream_buffer_maxsize=max(4096, stream.batch_size),
             producer_acks=-1,
             producer_linger=0.002,
@@ -134,16 +141,23 @@ class JoinWorker:
         self.table = self.app.Table(
             "rollouts", partitions=topics.partitions, key_type=str, value_type=table_value(STATE_CODEC), default=None
         )
+        self.table.on_recover(self._on_recovered)
         self._input_topics = topics.spans, topics.rewards  # in the order of the watermarks (rollouts.SPANS, REWARDS)
         self.inputs = self.app.topic(*self._input_topics, key_serializer="raw", value_serializer="raw")
         self.core = JoinCore(self.rules, self.table.data)
         self._changelog = self.table.changelog_topic.get_topic_name()
         self._codecs = {name: codec(name) for name in ("Trajectory", "DeadLetter")}
-        self._last_offset: dict[tuple[str, int], int] = {}  # (topic, partition) -> last offset processed
-        self._last_generation: dict[tuple[str, int], int | None] = {}  # consumer generation it was delivered in
+        # (topic, partition) -> the next offset to apply: inputs are applied strictly in offset order from the
+        # committed offset a (re)assignment starts at, and no offset past it is committed. Only partitions
+        # this worker owns (and has adopted the states of, see _on_recovered) have one.
+        self._next: dict[tuple[str, int], int] = {}
+        # (topic, partition) -> offset it is being read again from (a seek back is under way); records
+        # delivered past it meanwhile are ones already fetched, skipped.
+        self._reread_from: dict[tuple[str, int], int] = {}
+        # (topic, partition) -> offset read again once already that still did not come: the log has a hole
+        # there (a transaction marker, a record deleted by retention); the next record at or after it is taken.
+        self._holes: dict[tuple[str, int], int] = {}
         self._last_delivery: dict[tuple[str, int], float] = {}  # (topic, partition) -> wall time of its last input
-        self._gaps: dict[tuple[str, int], int] = {}  # (topic, partition) -> first offset Faust skipped
-        self._reread_from: dict[tuple[str, int], int] = {}  # (topic, partition) -> where it was last read again
         # (topic, partition) -> (first offset not processed, monotonic time the consumer was first seen past
         # it, None until then)
         self._fetched: dict[tuple[str, int], tuple[int, float | None]] = {}
@@ -151,6 +165,7 @@ class JoinWorker:
         self._lag: dict[tuple[str, int], int] = {}
         self._lock = asyncio.Lock()  # the agent and the timer both flush; one at a time
         self.app.agent(self.inputs, name="join")(self._join)
+        bound_commits(self.app, self._input_topics, lambda topic, partition: self._next.get((topic, partition)))
         self.app.timer(TICK_SECONDS, name="join-expire")(self._tick)
         self.registry = CollectorRegistry()
         self.registry.register(self)
@@ -166,12 +181,17 @@ class JoinWorker:
         spans_topic = self.settings.topics.spans
         batch_size, within = self.settings.stream.batch_size, self.settings.stream.join_batch_within
         on_spans, on_reward = self.core.on_span_batch, self.core.on_reward
-        last_offset, last_generation, last_delivery = self._last_offset, self._last_generation, self._last_delivery
+        next_offsets, last_delivery = self._next, self._last_delivery
         async for events in stream.take_events(batch_size, within=within):
             async with self._lock:
                 now_us = _now_us()
                 for event in events:
                     message = event.message
+                    key = message.topic, message.partition
+                    if next_offsets.get(key) != message.offset and not await self._in_order(key, message.offset):
+                        continue
+                    next_offsets[key] = message.offset + 1
+                    last_delivery[key] = now_us / 1e6
                     handler = on_spans if message.topic == spans_topic else on_reward
                     # Kafka timestamps are milliseconds (Faust hands them over as float seconds); none is -1.
                     broker_ms = round(message.timestamp * 1000) if message.timestamp else -1
@@ -189,13 +209,36 @@ class JoinWorker:
                     except Exception:
                         log.exception("join failed on %s[%d]@%d", message.topic, message.partition, message.offset)
                         self.core.counts["internal_errors"] += 1
-                    key = message.topic, message.partition
-                    previous = last_offset.get(key) if last_generation.get(key) == message.generation_id else None
-                    if previous is not None and message.offset > previous + 1:
-                        self._gaps.setdefault(key, previous + 1)
-                    last_offset[key], last_generation[key] = message.offset, message.generation_id
-                    last_delivery[key] = now_us / 1e6
                 await self._flush()
+
+    async def _in_order(self, key: tuple[str, int], offset: int) -> bool:
+        """Whether the input at ``offset`` is to be applied now, though it is not the next one expected.
+
+        Not if the partition is not this worker's (a delivery from before a rebalance) or the offset was
+        applied already (delivered again after a seek back). Past the next offset expected, records were
+        skipped: Faust hands on what its fetcher had buffered, also across a rebalance, and acknowledges
+        skipped offsets as a gap. Nothing past such a hole is applied (a rollout's later input applied first
+        would make its earlier one look like a redelivery); the partition is read again from the hole, once.
+        A hole still there after that (see _reread_lost_inputs) is one in the log: the next record is taken.
+        """
+        expected = self._next.get(key)
+        if expected is None or offset < expected:
+            return False
+        hole = self._holes.get(key)
+        if hole is not None and hole == expected:
+            del self._holes[key]
+            log.warning("join: %s[%d] has no records from offset %d to %d; going on", *key, expected, offset)
+            return True
+        if self._reread_from.get(key) != expected:
+            await self._read_again(key, expected)
+        return False
+
+    async def _read_again(self, key: tuple[str, int], offset: int) -> None:
+        log.warning("join: reading %s[%d] again from offset %d (skipped by the consumer)", *key, offset)
+        self._reread_from[key] = offset
+        self._fetched.pop(key, None)
+        self.core.counts["inputs_read_again"] += 1
+        await self.app.consumer.seek(faust.types.TP(*key), offset)
 
     async def _tick(self) -> None:
         if self.app.rebalancing:
@@ -221,14 +264,14 @@ class JoinWorker:
             await self._flush()
 
     async def _reread_lost_inputs(self, assigned: set[int]) -> None:
-        """Read again from the first input offset Faust fetched but never delivered to the agent.
+        """Read again from the next input offset expected if the consumer fetched it but it never came.
 
         Faust can lose fetched input records: records it skips while flow control is off are acknowledged
-        unprocessed (relatives: faust-streaming#216, #221). That shows here as a gap in a partition's
-        offsets, or as records the consumer fetched (its position is past them) that have not reached the
-        agent ``LOST_INPUT_SECONDS`` after they were fetched. Inputs are applied at most once per
-        rollout (by offset), so reading again is safe. Each position is read again once: a gap that stays
-        is a real hole in the log (compaction, transaction markers).
+        unprocessed (relatives: faust-streaming#216, #221). A hole followed by later records is caught as
+        they are delivered (see _in_order); this catches a hole at the end: records the consumer fetched (its
+        position is past them) that have not reached the agent ``LOST_INPUT_SECONDS`` after they were
+        fetched. A position already read again once that is still missing is a hole in the log: the
+        partition is read again from it, and the first record at or after it is taken.
 
         The wait counts from when the records were fetched, not from the partition's last delivery: a
         partition quiet for a while whose next record was fetched a moment ago is not missing anything
@@ -241,30 +284,25 @@ class JoinWorker:
                 key, tp = (topic, partition), faust.types.TP(topic, partition)
                 if tp not in assignment:
                     continue  # no longer ours (a rebalance began after this tick did)
-                start = self._gaps.pop(key, None)
+                try:
+                    start = await self._fetched_not_delivered(tp, now)
+                except Exception:
+                    if tp in consumer.assignment():
+                        raise
+                    continue  # taken away by a rebalance while we asked about it
                 if start is None:
-                    try:
-                        start = await self._fetched_not_delivered(tp, now)
-                    except Exception:
-                        if tp in consumer.assignment():
-                            raise
-                        continue  # taken away by a rebalance while we asked about it
-                if start is None or self._reread_from.get(key) == start:
-                    continue  # nothing missing, or read again already
-                log.warning("join: reading %s[%d] again from offset %d (fetched, never delivered)", *key, start)
-                self._reread_from[key] = start
-                self._fetched.pop(key, None)
-                self._last_offset[key], self._last_generation[key] = start - 1, self.app.consumer_generation_id
-                self.core.counts["inputs_read_again"] += 1
-                await consumer.seek(tp, start)
+                    continue
+                if self._reread_from.get(key) == start:
+                    self._holes[key] = start
+                await self._read_again(key, start)
 
     async def _fetched_not_delivered(self, tp: faust.types.TP, now: float) -> int | None:
-        """The first offset of ``tp`` not processed yet, if the consumer fetched it ``LOST_INPUT_SECONDS``
-        ago or longer and it has not reached the agent since; else None."""
+        """The next offset of ``tp`` expected, if the consumer fetched it ``LOST_INPUT_SECONDS`` ago or
+        longer and it has not reached the agent since; else None."""
         key, consumer = (tp.topic, tp.partition), self.app.consumer
-        done, highwater = self._done(*key), consumer.highwater(tp)
-        if highwater is None or done >= highwater:
-            self._fetched.pop(key, None)  # read to the end: nothing can be missing
+        done, highwater = self._next.get(key), consumer.highwater(tp)
+        if done is None or highwater is None or done >= highwater:
+            self._fetched.pop(key, None)  # not ours, or read to the end: nothing can be missing
             return None
         seen = self._fetched.get(key)
         if seen is None or seen[0] != done:
@@ -280,31 +318,42 @@ class JoinWorker:
             return None
         return done if now - fetched_at >= LOST_INPUT_SECONDS else None
 
-    def _done(self, topic: str, partition: int) -> int:
-        """The first offset of ``topic[partition]`` not processed yet: after the last one delivered in the
-        consumer's current generation, or the committed offset when nothing was delivered since the
-        partition became ours. (Not the fetch position: it runs ahead of processing.)"""
-        key = topic, partition
-        if key in self._last_offset and self._last_generation.get(key) == self.app.consumer_generation_id:
-            return self._last_offset[key] + 1
-        return committed_offset(self.app, topic, partition)
-
     def _assigned_partitions(self) -> set[int]:
+        """The input partitions this worker owns and has adopted the restored states of (see _on_recovered)."""
         spans = self.settings.topics.spans
-        assigned = {tp.partition for tp in self.app.consumer.assignment() if tp.topic == spans}
-        if assigned - self._assigned:
-            self.core.reindex(_now_us())  # states of the new partitions were restored from the changelog
-        for partition in assigned - self._assigned:
-            # Newly ours (start or rebalance): idle time counts from now, not from when this worker last
-            # owned the partition. (What it read then is told apart by the consumer generation, see _done:
-            # the agent may have read this generation's first batch before this tick noticed the change.)
-            for topic in self._input_topics:
-                self._gaps.pop((topic, partition), None)
-                self._reread_from.pop((topic, partition), None)
-                self._fetched.pop((topic, partition), None)
-                self._last_delivery[topic, partition] = time.time()
-        self._assigned = assigned
-        return assigned
+        return self._assigned & {tp.partition for tp in self.app.consumer.assignment() if tp.topic == spans}
+
+    async def _on_recovered(self) -> None:
+        """Adopt the table as the changelog recovery of a (re)assignment left it, before the first input of
+        the new generation: recovery replaces the state objects of every assigned partition, also of those
+        this worker kept, so the core's indexes are rebuilt from the table (indexes that still pointed at the
+        replaced objects closed a stale copy of a rollout while its inputs went to the live one), and states
+        of partitions now owned by another worker are dropped."""
+        consumer = self.app.consumer
+        async with self._lock:
+            inputs = [tp for tp in consumer.assignment() if tp.topic in self._input_topics]
+            assigned = {tp.partition for tp in inputs}
+            self.core.adopt(assigned, _now_us())
+            self._next.clear()
+            self._reread_from.clear()
+            self._holes.clear()
+            self._fetched.clear()
+            if inputs:
+                # Every input partition is read from its committed offset, and from nowhere else: Faust resumes
+                # the partitions before it seeks them, and hands on what its fetcher buffered meanwhile, from
+                # where the last generation left off (past records it dropped at the revocation).
+                committed = await consumer.seek_to_committed()
+                unset = [tp for tp in inputs if not committed.get(tp)]
+                earliest = await consumer.earliest_offsets(*unset) if unset else {}
+                for tp in inputs:
+                    start = committed.get(tp) or earliest.get(tp) or 0
+                    await consumer.seek(tp, start)
+                    self._next[tp.topic, tp.partition] = start
+            for partition in assigned - self._assigned:
+                # Newly ours: idle time counts from now, not from when this worker last owned the partition.
+                for topic in self._input_topics:
+                    self._last_delivery[topic, partition] = time.time()
+            self._assigned = assigned
 
     def _stream_time(self, partition: int) -> int:
         """Stream time of ``partition`` (see join_core): event time, wall clock only when idle."""
@@ -313,7 +362,7 @@ class JoinWorker:
         for index, topic in enumerate(self._input_topics):
             tp = faust.types.TP(topic, partition)
             highwater = self.app.consumer.highwater(tp)
-            done = self._done(topic, partition)
+            done = self._next.get((topic, partition), 0)
             if highwater is None or done < highwater:
                 lagging.append(watermarks[index])
             self._lag[topic, partition] = max(0, (highwater or 0) - done)

@@ -556,6 +556,20 @@ class JoinCore:
                     self.dirty.pop(key, None)
                     self.deleted[key] = partition
 
+    def adopt(self, partitions: set[int], now_us: int) -> None:
+        """Take the states as a (re)assignment left them: after a rebalance, ``states`` holds objects the
+        changelog recovery just created for ``partitions`` (replacing the ones the indexes point at, also
+        for partitions this worker kept) and whatever this worker created for partitions it no longer owns.
+        Those are dropped (their new owner restored them from the changelog; nothing is written for them:
+        a write from here would overwrite the owner's), with any writes still pending for them, and the
+        indexes are rebuilt from the states that remain."""
+        for key, state in list(self.states.items()):
+            if state.partition not in partitions:
+                del self.states[key]
+        self.dirty = {key: state for key, state in self.dirty.items() if state.partition in partitions}
+        self.deleted = {key: partition for key, partition in self.deleted.items() if partition in partitions}
+        self.reindex(now_us)
+
     def reindex(self, now_us: int = 0) -> None:
         """Rebuild the open / closed indexes from the states (after recovery or a rebalance), and close
         restored rollouts whose outcome is known (a crash may have come between their last input and the

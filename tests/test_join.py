@@ -19,9 +19,12 @@ from typing import Any
 import pytest
 
 from boltstream.infra.common.config import load_settings
+from boltstream.schemas.codec import codec
 from boltstream.stream_processors.join import join_metrics_urls, join_status
+from boltstream.stream_processors.join_core import trajectory_id
 from tests.join_harness import Collector, JoinProcess, copy_topics, join_settings, prepare, produce_live
-from tests.traffic import Traffic, generate, verify
+from tests.records import make_span
+from tests.traffic import Message, Traffic, generate, verify
 
 TIMEOUT = 2.0
 ROLLOUTS = 600
@@ -157,3 +160,84 @@ def test_quiet_partitions_are_not_read_again(broker, settings) -> None:
         trajectories.close()
     assert status["spans"] >= traffic.span_count
     assert (status["inputs_read_again"], status["internal_errors"]) == (0, 0), worker.log()
+
+
+def _wait_assigned(worker: JoinProcess, timeout: float = 90.0) -> dict[str, Any]:
+    """The worker's status once the group gave it partitions (it reports lag per partition it owns)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert worker.process.poll() is None, worker.log()
+        try:
+            status = join_status(worker.metrics_url)
+            if status["lag"]:
+                return status
+        except Exception:
+            pass  # not answering yet
+        time.sleep(0.2)
+    raise AssertionError(f"join worker got no partitions in {timeout} s: {worker.log()}")
+
+
+def _wait_for(worker: JoinProcess, counter: str, value: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while join_status(worker.metrics_url)[counter] < value:
+        assert time.monotonic() < deadline, worker.log()
+        time.sleep(0.2)
+
+
+def test_rollouts_open_across_a_rebalance_keep_every_span(broker, settings) -> None:
+    """A worker keeps some of its partitions when a second one joins; the changelog recovery of that
+    rebalance replaces the state objects of the kept partitions too. Rollouts open across it get more spans
+    afterwards and must close once, with all of them. (Before the worker re-indexed its states after every
+    recovery, its timer closed the stale pre-rebalance copy of each such rollout, without the later spans,
+    and the live copy never closed.)
+
+    Event times, not wall time, decide the closes here: the later spans are dated 1 s after the first ones,
+    and a burst of other rollouts dated past every deadline moves each partition's stream time there."""
+    timeout_s = 60.0  # far longer than the rebalance takes: nothing closes before the burst
+    settings = join_settings(settings, timeout_s)
+    spans_codec = codec("SpanBatch")
+    first_time = int(time.time() * 1e6)
+    rollouts = [str(uuid.uuid4()) for _ in range(24)]
+
+    def batch(rollout_id: str, event_time_us: int, sequences: range) -> Message:
+        spans = [
+            make_span(rollout_id, kind="tool_call", sequence=s, start_time_us=event_time_us, end_time_us=event_time_us)
+            for s in sequences
+        ]
+        value = spans_codec.encode({"rollout_id": rollout_id, "producer_id": "test:1", "sent_at_us": 0, "spans": spans})
+        return Message("spans", rollout_id.encode(), value, event_time_us)
+
+    before = [batch(r, first_time, range(0, 3)) for r in rollouts]
+    after = [batch(r, first_time + 1_000_000, range(3, 5)) for r in rollouts]
+    past_deadlines = first_time + int((1 + timeout_s + settings.stream.join_grace + 1) * 1e6)
+    # Enough rollouts that every partition gets one (keys land on partitions by hash).
+    burst = [batch(str(uuid.uuid4()), past_deadlines, range(1)) for _ in range(16 * settings.topics.partitions)]
+    prepare(settings)
+    first = JoinProcess(settings, name="join-first")
+    second = None
+    trajectories = Collector(settings, settings.topics.trajectories, "Trajectory", "trajectory_id")
+    try:
+        _wait_assigned(first)
+        produce_live(settings, before, slowdown=0)
+        _wait_for(first, "spans", 3 * len(rollouts))
+        second = JoinProcess(settings, name="join-second")
+        _wait_assigned(second)
+        produce_live(settings, after, slowdown=0)
+        produce_live(settings, burst, slowdown=0)
+        wanted = {trajectory_id(r) for r in rollouts}
+        deadline = time.monotonic() + 60
+        while not wanted <= set(trajectories.records) and time.monotonic() < deadline:
+            trajectories.poll()
+        trajectories.poll(1.0)  # a second version of any of them would show now
+        statuses = [join_status(first.metrics_url), join_status(second.metrics_url)]
+    finally:
+        for worker in filter(None, (first, second)):
+            worker.stop()
+        trajectories.close()
+    # The first worker kept partitions holding some of these rollouts (applied later spans of theirs).
+    assert statuses[0]["spans"] > 3 * len(rollouts), statuses
+    for rollout_id in rollouts:
+        versions = trajectories.versions.get(trajectory_id(rollout_id), [])
+        assert len(versions) == 1, (rollout_id, versions)
+        assert (versions[0]["status"], versions[0]["span_count"]) == ("no_reward", 5), versions[0]
+    assert all(status["internal_errors"] == 0 for status in statuses), statuses

@@ -279,3 +279,31 @@ def test_step_rewards_inside_an_explicit_rollout_leave_the_window_open_for_the_v
         ("complete", 1.0, [0.3, 0.2, 1.0])
     ]
     assert [s["return_value"] for s in samples] == pytest.approx([1.5])
+def test_adopting_restored_states_closes_the_live_copies_and_forgets_other_partitions() -> None:
+    """What a rebalance leaves: recovery put new state objects in the table (copies of the ones the core
+    indexed) and the worker lost partition 1. After adopt, later inputs and closes act on the objects in
+    the table, and nothing of partition 1 stays or is written."""
+    rules = JoinRules(reward_timeout_us=int(TIMEOUT * 1e6))
+    states: dict = {}
+    core = JoinCore(rules, states)
+    spans = codec("SpanBatch")
+    start = int(time.time() * 1e6)
+
+    def batch(rollout_id: str, sequence: int, at_us: int) -> bytes:
+        span = make_span(rollout_id, kind="tool_call", sequence=sequence, start_time_us=at_us, end_time_us=at_us)
+        return spans.encode({"rollout_id": rollout_id, "producer_id": "t:1", "sent_at_us": 0, "spans": [span]})
+
+    kept, lost = "rollout-kept", "rollout-lost"
+    core.on_span_batch(0, 0, kept.encode(), batch(kept, 0, start), start)
+    core.on_span_batch(1, 0, lost.encode(), batch(lost, 0, start), start)
+    core.drain()
+    states.update({key: loads_state(dumps_state(state)) for key, state in states.items()})  # recovery's copies
+    core.on_span_batch(1, 1, lost.encode(), batch(lost, 1, start), start)  # pending when partition 1 goes
+    core.adopt({0}, start)
+    assert {state.partition for state in states.values()} == {0}
+    later = start + 1_000_000
+    core.on_span_batch(0, 1, kept.encode(), batch(kept, 1, later), later)
+    core.expire({0: later + int(TIMEOUT * 1e6) + rules.grace_us + 1})
+    trajectories, _, _, writes = core.drain()
+    assert [(t["rollout_id"], t["status"], t["span_count"]) for t in trajectories] == [(kept, "no_reward", 2)]
+    assert {partition for _, partition, _ in writes} == {0}
