@@ -4,8 +4,9 @@
 and off; inside it ``await runner.step(task, resources=...)`` runs one rollout of a task at once
 (no queue), and ``await runner.iter()`` takes the rollouts an algorithm queued in the store
 (:meth:`~boltstream.agl.store.LightningStore.dequeue_rollout`) until ``max_rollouts`` ran or ``event``
-is set. Every rollout is a boltstream rollout (see :func:`boltstream.producers.litagent.execute_rollout_async`):
-its spans reach the broker and the archive, a returned number is its final reward.
+is set; after each, ``runner.tracer.get_last_trace()`` holds its spans. Every rollout is a boltstream
+rollout (see :func:`boltstream.producers.litagent.execute_rollout_async`): its spans reach the broker
+and the archive, a returned number is its final reward.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from contextlib import contextmanager
 from typing import Any, Generic, TypeVar
 
 from boltstream.producers import runtime
+from boltstream.producers.context import new_id
 from boltstream.producers.litagent import AttemptedRollout, LitAgent, execute_rollout_async
 from boltstream.producers.resources import NamedResources
 from boltstream.producers.tracers import AgentOpsTracer, Tracer
@@ -91,7 +93,9 @@ class LitAgentRunner(Generic[T]):
         """Run one rollout of ``input`` now and return its record (status, final reward)."""
         agent = self.get_agent()
         agent.on_rollout_start(input, self, self.tracer)
-        record = await execute_rollout_async(agent, input, resources, mode=mode)  # type: ignore[arg-type]
+        rollout_id = new_id()
+        with self.tracer.capturing(rollout_id):  # the tracer's get_last_trace returns this rollout's spans
+            record = await execute_rollout_async(agent, input, resources, mode=mode, rollout_id=rollout_id)  # type: ignore[arg-type]
         agent.on_rollout_end(input, record, self, self.tracer)
         return record
 
@@ -105,14 +109,15 @@ class LitAgentRunner(Generic[T]):
                 continue
             resources = (queued.metadata or {}).get("resources", {})
             agent.on_rollout_start(queued.input, self, self.tracer)
-            record = await execute_rollout_async(
-                agent,
-                queued.input,
-                resources,
-                mode=queued.mode,
-                rollout_id=queued.rollout_id,
-                resources_id=queued.resources_id,
-            )
+            with self.tracer.capturing(queued.rollout_id):
+                record = await execute_rollout_async(
+                    agent,
+                    queued.input,
+                    resources,
+                    mode=queued.mode,
+                    rollout_id=queued.rollout_id,
+                    resources_id=queued.resources_id,
+                )
             agent.on_rollout_end(queued.input, record, self, self.tracer)
             runtime.flush()  # the rollout is complete on the broker before its task is acknowledged
             await store.acknowledge(queued.rollout_id)
