@@ -154,8 +154,34 @@ def test_resources_serialise_without_secrets_and_come_back() -> None:
         resources_from_dict({"x": {"resource_type": "dataset"}})
     with pytest.raises(ValueError, match="engine must be one of"):
         agl.PromptTemplate(template="x", engine="mustache")
-    with pytest.raises(NotImplementedError, match="f-string"):
-        agl.PromptTemplate(template="{{ x }}", engine="jinja").format(x=1)
+
+
+
+def test_prompt_templates_render_with_their_engine() -> None:
+    jinja = agl.PromptTemplate(template="{% for r in rooms %}{{ r.name }}:{{ r.seats }} {% endfor %}", engine="jinja")
+    assert jinja.format(rooms=[{"name": "A", "seats": 4}, {"name": "B", "seats": 2}]) == "A:4 B:2 "
+    with pytest.raises(Exception, match="'question' is undefined"):  # a missing value is an error, as in f-strings
+        agl.PromptTemplate(template="Q: {{ question }}", engine="jinja").format()
+    sneaky = agl.PromptTemplate(template="{{ x.__class__.__mro__[1].__subclasses__() }}", engine="jinja")
+    with pytest.raises(Exception, match="unsafe"):  # sandboxed: a tuned template cannot reach Python internals
+        sneaky.format(x="")
+    assert agl.PromptTemplate(template="{q}?").format(q="why") == "why?"
+    with pytest.raises(ValueError, match="f-string templates"):
+        jinja.placeholders()
+
+
+def test_poml_templates_render_to_text() -> None:
+    pytest.importorskip("poml", reason="the [templates] extra is not installed here")
+    template = agl.PromptTemplate(template="<poml><p>Book a room for {{ people }} people.</p></poml>", engine="poml")
+    assert template.format(people=3) == "Book a room for 3 people."
+
+
+def test_a_missing_template_engine_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "poml", None)  # import poml raises ImportError
+    with pytest.raises(RuntimeError, match=r"needs the poml package: pip install 'boltstream\[templates\]'"):
+        agl.PromptTemplate(template="<poml><p>x</p></poml>", engine="poml").format()
 
 
 def test_agent_lightning_submodule_paths_import() -> None:
