@@ -328,14 +328,10 @@ def _record_result(result: Any) -> Any:
     return result
 
 
-def _prepare(
-    agent: LitAgent,
-    task: Any,
-    resources: NamedResources,
-    mode: RolloutMode | None,
-    rollout_id: str | None,
-    resources_id: str | None,
-) -> tuple[context.rollout, AttemptedRollout]:
+def rollout_attributes(
+    task: Any, mode: RolloutMode | None, resources: NamedResources | None, resources_id: str | None
+) -> dict[str, Any]:
+    """The attributes of a rollout's root span that say what it ran: its task, mode and resources."""
     from boltstream.producers.redaction import to_text
 
     # JSON even for a str task (to_text keeps strings as they are), so readers decode every input alike
@@ -346,6 +342,18 @@ def _prepare(
         attributes[RESOURCES_ATTRIBUTE] = to_text(_resources_to_dict(resources))
     if resources_id is not None:
         attributes[RESOURCES_ID_ATTRIBUTE] = resources_id
+    return attributes
+
+
+def _prepare(
+    agent: LitAgent,
+    task: Any,
+    resources: NamedResources,
+    mode: RolloutMode | None,
+    rollout_id: str | None,
+    resources_id: str | None,
+) -> tuple[context.rollout, AttemptedRollout]:
+    attributes = rollout_attributes(task, mode, resources, resources_id)
     run = context.rollout(task_id=task_id_of(task), agent_name=agent.name, rollout_id=rollout_id, attributes=attributes)
     record = AttemptedRollout(
         rollout_id=run.rollout_id,

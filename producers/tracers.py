@@ -132,6 +132,17 @@ class Tracer:
         #: Spans of the last trace beyond ``max_trace_spans`` (sent to the broker, not kept here).
         self.dropped_spans = 0
 
+    #: Attributes that belong to this process (the capture, the store, what was patched or installed):
+    #: a tracer sent to a runner process arrives without them and starts afresh there.
+    _process_local: tuple[str, ...] = ("_capture", "_capture_lock", "_store", "_last_trace", "_patched", "_processor")
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {key: value for key, value in self.__dict__.items() if key not in self._process_local}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        type(self).__init__(self)  # a fresh tracer of its class, then its settings
+        self.__dict__.update(state)
+
     def init(self, *args: Any, **kwargs: Any) -> None:
         """Process-wide setup (nothing to do: the SDK starts its producer on first use)."""
 

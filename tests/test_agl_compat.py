@@ -156,7 +156,6 @@ def test_resources_serialise_without_secrets_and_come_back() -> None:
         agl.PromptTemplate(template="x", engine="mustache")
 
 
-
 def test_prompt_templates_render_with_their_engine() -> None:
     jinja = agl.PromptTemplate(template="{% for r in rooms %}{{ r.name }}:{{ r.seats }} {% endfor %}", engine="jinja")
     assert jinja.format(rooms=[{"name": "A", "seats": 4}, {"name": "B", "seats": 2}]) == "A:4 B:2 "
@@ -465,3 +464,72 @@ def test_the_readme_table_answers_for_every_agent_lightning_name() -> None:
         assert verdict in ("supported", "differs", "not", "part"), (name, verdict)
         if verdict != "part":  # "part 2 of issue 13": the Trainer, documented and tested with it
             assert hasattr(agl, name) == (verdict != "not"), (name, verdict)
+
+
+def test_an_algorithm_runs_rollouts_outside_the_queue_through_the_store(stack: Settings) -> None:
+    """start_rollout / add_span / update_attempt / update_rollout / start_attempt, as custom runners and
+    tracers use them: the spans and the root span reach the archive; only running rollouts change."""
+
+    def span(rollout: agl.AttemptedRollout, name: str, kind: str, **fields: object) -> agl.Span:
+        now = 1_700_000_000.0
+        return agl.Span(**{  # type: ignore[arg-type]
+            "rollout_id": rollout.rollout_id, "attempt_id": rollout.attempt.attempt_id, "sequence_id": 0,
+            "span_id": "", "parent_id": None, "name": name, "kind": kind, "status": "ok", "attributes": {},
+            "start_time": now, "end_time": now + 0.5, **fields,
+        })  # fmt: skip
+
+    async def run() -> tuple[agl.AttemptedRollout, ...]:
+        store = agl.LightningStore(stack)
+        try:
+            update = await store.add_resources({"main_prompt": agl.PromptTemplate(template="Plan {goal}")})
+            ok = await store.start_rollout(input={"id": "w1", "goal": "x"}, mode="val", metadata={"agent_name": "w"})
+            assert ok.status == "preparing" and await store.get_rollout_by_id(ok.rollout_id) is ok
+            attempt_id = ok.attempt.attempt_id
+            body = {"agentlightning.message.body": "step 1", "tokens": 12}
+            message = await store.add_span(span(ok, "plan", "message", attributes=body))
+            assert ok.status == "running" and message.sequence_id == 0 and message.task_id == "w1"
+            await store.add_span(span(ok, "judge", "reward", reward=0.8))
+            assert await store.get_next_span_sequence_id(ok.rollout_id, attempt_id) == 2
+            assert (await store.update_attempt(ok.rollout_id, attempt_id, status="succeeded")).status == "succeeded"
+            with pytest.raises(ValueError, match="is not running in this store"):
+                await store.update_rollout(ok.rollout_id, status="running")
+            with pytest.raises(ValueError, match="is not running in this store"):
+                await store.add_span(span(ok, "late", "message"))
+
+            retried = await store.start_rollout(input="task two", mode="train")
+            with pytest.raises(ValueError, match="cannot be set"):
+                await store.update_rollout(retried.rollout_id, status="queuing")
+            with pytest.raises(ValueError, match="mode must be"):
+                await store.update_rollout(retried.rollout_id, mode="eval")
+            second = await store.start_attempt(retried.rollout_id, worker_id="w-2")
+            assert (retried.status, second.attempt.attempt_id, second.attempt.sequence_id) == ("failed", "attempt-1", 2)
+            with pytest.raises(ValueError, match="running attempt 'attempt-1', not 'attempt-0'"):
+                await store.update_attempt(retried.rollout_id, "attempt-0", status="succeeded")
+            await store.update_rollout(retried.rollout_id, status="failed")
+            left_open = await store.start_rollout(input="never ended")
+        finally:
+            await store.close()  # ends left_open as cancelled
+        assert left_open.status == "cancelled"
+        return ok, retried, left_open, update
+
+    ok, retried, left_open, update = asyncio.run(run())
+    reader = agl.LightningStore(stack)
+    try:
+        ids = [ok.rollout_id, retried.rollout_id, left_open.rollout_id]
+        done = {r.rollout_id: r for r in asyncio.run(reader.wait_for_rollouts(rollout_ids=ids, timeout=120))}
+        assert [done[i].status for i in ids] == ["succeeded", "failed", "failed"]
+        assert done[ok.rollout_id].final_reward == 0.8 and done[ok.rollout_id].resources_id == update.resources_id
+        assert done[ok.rollout_id].input == {"id": "w1", "goal": "x"} and done[ok.rollout_id].mode == "val"
+        spans = asyncio.run(reader.query_spans(ok.rollout_id))
+        assert [(s.kind, s.name) for s in spans] == [("message", "plan"), ("reward", "judge"), ("rollout", "w")]
+        assert spans[0].attributes["tokens"] == "12" and spans[0].end_time - spans[0].start_time == 0.5
+        assert spans[0].parent_id == spans[-1].span_id and spans[-1].attributes[RESOURCES_ATTRIBUTE]
+        attempts = asyncio.run(reader.query_attempts(retried.rollout_id))
+        assert [(a.attempt_id, a.status) for a in attempts] == [("attempt-0", "failed"), ("attempt-1", "failed")]
+        assert asyncio.run(reader.get_latest_attempt(retried.rollout_id)).attempt_id == "attempt-1"
+        roots = [s for s in asyncio.run(reader.query_spans(retried.rollout_id)) if s.kind == "rollout"]
+        assert [s.error for s in roots] == ["RuntimeError: superseded by a new attempt", "RuntimeError: failed"]
+        versions = asyncio.run(reader.query_resources())
+        assert [v.resources_id for v in versions] == [update.resources_id]
+    finally:
+        asyncio.run(reader.close())
