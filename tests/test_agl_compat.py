@@ -138,6 +138,53 @@ def test_operation_in_all_its_forms_and_the_reward_decorator() -> None:
         silent.set_output("not recorded")
 
 
+def test_a_tracer_keeps_the_spans_of_its_last_trace() -> None:
+    tracer = agl.DummyTracer()
+
+    async def traced() -> str:
+        async with tracer.trace_context("traced", rollout_id="r-last") as active:
+            assert active is tracer and agl.get_active_tracer() is tracer
+            agl.emit_message("thinking", {"step": 1})
+            with agl.rollout(task_id="other"):  # a rollout of its own inside: not part of this trace
+                agl.emit_reward(0.9)
+            marker = tracer.create_span("checkpoint", {"tokens": 3}, status="ERROR")
+            assert [s.name for s in tracer.get_last_trace()] == ["message", "checkpoint"]  # so far
+            agl.emit_reward(0.5)
+        return marker
+
+    marker = asyncio.run(traced())
+    assert agl.get_active_tracer() is None
+    trace = tracer.get_last_trace()
+    assert [(s.kind, s.name) for s in trace] == [
+        ("message", "message"),
+        ("custom", "checkpoint"),
+        ("reward", "final"),
+        ("rollout", "traced"),
+    ]
+    assert {s.rollout_id for s in trace} == {"r-last"} and trace[0].attributes["step"] == 1
+    assert trace[1].span_id == marker and (trace[1].status, trace[1].attributes["tokens"]) == ("error", 3)
+    assert agl.find_final_reward(trace) == 0.5 and trace[-1].end_time >= trace[0].start_time
+
+    bounded = agl.DummyTracer()
+    bounded.max_trace_spans = 3
+    with bounded.lifespan(), bounded.trace_context("many"):  # the sync form works too
+        for index in range(5):
+            agl.emit_message(f"m{index}")
+    kept = bounded.get_last_trace()
+    assert [s.attributes.get("agentlightning.message.body") for s in kept] == ["m3", "m4", None]
+    assert bounded.dropped_spans == 3 and kept[-1].kind == "rollout"
+
+    async def step() -> agl.Rollout:
+        runner = agl.LitAgentRunner(tracer=bounded)
+        with runner.run_context(agent=capital_quiz):
+            template = agl.PromptTemplate(template="Capital of {country}?")
+            return await runner.step({"id": "t", "country": "Japan", "expected": "Tokyo"}, resources={"p": template})
+
+    record = asyncio.run(step())  # a runner's rollout is its tracer's last trace
+    assert {s.rollout_id for s in bounded.get_last_trace()} == {record.rollout_id}
+    assert [s.kind for s in bounded.get_last_trace()] == ["reward", "reward", "rollout"]  # the newest 3 of 4
+
+
 def test_resources_serialise_without_secrets_and_come_back() -> None:
     resources = {
         "main_llm": agl.LLM(endpoint="http://x/v1", model="m", api_key="sk-secret", sampling_parameters={"t": 1}),
