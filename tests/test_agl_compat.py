@@ -232,6 +232,9 @@ def test_a_missing_template_engine_is_a_clear_error(monkeypatch: pytest.MonkeyPa
 
 def test_agent_lightning_submodule_paths_import() -> None:
     from boltstream.agl.adapter import TraceToMessages
+    from boltstream.agl.algorithm import Algorithm, algo
+    from boltstream.agl.algorithm.apo import APO
+    from boltstream.agl.algorithm.verl import VERL
     from boltstream.agl.litagent import LitAgent, rollout
     from boltstream.agl.reward import find_final_reward
     from boltstream.agl.runner import LitAgentRunner
@@ -246,6 +249,11 @@ def test_agent_lightning_submodule_paths_import() -> None:
     assert AgentOpsTracer is agl.AgentOpsTracer and OtelTracer is agl.OtelTracer and TraceToMessages
     assert Dataset and PromptTemplate is agl.PromptTemplate
     assert LightningSpanAttributes.MESSAGE_BODY.value == "agentlightning.message.body"
+    assert (Algorithm, algo, APO, VERL) == (agl.Algorithm, agl.algo, agl.APO, agl.VERL)
+    assert isinstance(APO[str](candidates=["{x}"], _poml_trace=True), agl.Algorithm)  # generic, as in 0.3
+    from boltstream.agl.trainer import Trainer  # loads the stack's code: only now
+
+    assert Trainer is agl.Trainer
 
 
 # -- against the broker and the archive --------------------------------------------------------------

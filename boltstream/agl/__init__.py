@@ -7,7 +7,8 @@ and algorithms use from it: the store API (:mod:`boltstream.agl.store`), ``LitAg
 Code written for Agent Lightning runs with its import changed: ``import agentlightning as agl``
 becomes ``from boltstream import agl``, and ``from agentlightning.X import ...`` becomes
 ``from boltstream.agl.X import ...`` (submodules ``types``, ``litagent``, ``reward``, ``emitter``,
-``runner``, ``store``, ``tracer``, ``tracer.agentops``, ``tracer.otel``, ``adapter``, ``semconv``, ``algorithm``).
+``runner``, ``store``, ``tracer``, ``tracer.agentops``, ``tracer.otel``, ``adapter``, ``semconv``, ``algorithm``,
+``algorithm.apo``, ``algorithm.verl``, ``trainer``).
 The README's "Agent Lightning compatibility" table lists every name of its 0.3 API.
 """
 

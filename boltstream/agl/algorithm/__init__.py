@@ -13,7 +13,8 @@ Two of Agent Lightning's algorithms are settings of boltstream's own pipeline in
 * :class:`APO` (prompt optimisation) holds its settings; ``Trainer`` runs boltstream's APO, which ranks
   candidate prompt templates by the rewards they earn (UCB) instead of writing new ones with an LLM.
 
-Neither runs on its own: their :meth:`run` says to pass them to ``Trainer``.
+Neither runs on its own: their :meth:`run` says to pass them to ``Trainer``. Submodules ``apo`` and ``verl``
+are Agent Lightning's import paths of the two.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ import inspect
 import logging
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 log = logging.getLogger("boltstream.agl.algorithm")
+
+T = TypeVar("T")
 
 
 class Algorithm:
@@ -272,7 +275,7 @@ def verl_trainer_settings(config: Mapping[str, Any]) -> tuple[dict[str, Any], di
     return trainer, fit, sorted(ignored)
 
 
-class APO(_PipelineAlgorithm):
+class APO(_PipelineAlgorithm, Generic[T]):
     """Automatic prompt optimisation, as boltstream does it: ``Trainer`` ranks the prompt template of the
     initial resources and ``candidates`` by the final rewards their rollouts earn (UCB1 with
     ``trainer.apo_exploration``, boltstream's APO ranker), dealing ``gradient_batch_size`` train tasks at a
@@ -299,6 +302,7 @@ class APO(_PipelineAlgorithm):
         rollout_batch_timeout: float = 3600.0,
         run_initial_validation: bool = True,
         exploration: float | None = None,
+        _poml_trace: bool = False,  # Agent Lightning's debugging switch for its POML prompts: none here
     ) -> None:
         if gradient_batch_size < 1 or val_batch_size < 1 or rollout_batch_timeout <= 0:
             raise ValueError("gradient_batch_size and val_batch_size must be at least 1, rollout_batch_timeout > 0")
