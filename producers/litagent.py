@@ -21,7 +21,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
 
@@ -429,17 +429,26 @@ async def execute_rollout_async(
     rollout_id: str | None = None,
     resources_id: str | None = None,
     raise_on_error: bool = False,
+    on_start: Callable[[AttemptedRollout], Awaitable[None]] | None = None,
+    on_end: Callable[[AttemptedRollout], Awaitable[None]] | None = None,
 ) -> AttemptedRollout:
-    """Run an agent (async, or sync on this loop's thread) on ``task`` as one rollout, like :func:`execute_rollout`."""
+    """Run an agent (async, or sync on this loop's thread) on ``task`` as one rollout, like :func:`execute_rollout`.
+
+    ``on_start`` / ``on_end`` (a runner's hooks) are awaited inside the rollout, just before the agent runs
+    and just after it returned (before its returned reward and its root span are recorded)."""
     resources = dict(resources or {})
     run, record = _prepare(agent, task, resources, mode, rollout_id, resources_id)
     result, error = None, None
     with context.attached(run):
         try:
+            if on_start is not None:
+                await on_start(record)
             if agent.is_async():
                 result = await _method(agent, mode, True)(task, resources, record)
             else:
                 result = _method(agent, mode, False)(task, resources, record)
+            if on_end is not None:
+                await on_end(record)
             _record_result(result)
         except Exception as exc:
             error = exc

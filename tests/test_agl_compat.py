@@ -185,6 +185,48 @@ def test_a_tracer_keeps_the_spans_of_its_last_trace() -> None:
     assert [s.kind for s in bounded.get_last_trace()] == ["reward", "reward", "rollout"]  # the newest 3 of 4
 
 
+def test_runner_hooks_see_the_rollout_and_its_trace(caplog: pytest.LogCaptureFixture) -> None:
+    calls: list[tuple] = []
+
+    class Recorder(agl.Hook):
+        async def on_rollout_start(self, *, agent, runner, rollout):
+            calls.append(("rollout_start", rollout.input["id"], agl.current_rollout()))
+
+        async def on_trace_start(self, *, agent, runner, tracer, rollout):
+            calls.append(("trace_start", rollout.status, agl.current_rollout().rollout_id == rollout.rollout_id))
+
+        async def on_trace_end(self, *, agent, runner, tracer, rollout):  # before the returned reward is recorded
+            calls.append(("trace_end", [(s.kind, s.name) for s in tracer.get_last_trace()]))
+
+        async def on_rollout_end(self, *, agent, runner, rollout, spans):
+            calls.append(("rollout_end", rollout.final_reward, [s.kind for s in spans]))
+
+    class Broken(agl.Hook):
+        async def on_trace_start(self, *, agent, runner, tracer, rollout):
+            raise RuntimeError("hook bug")
+
+    async def run() -> agl.Rollout:
+        runner = agl.LitAgentRunner(tracer=agl.DummyTracer())
+        with runner.run_context(agent=capital_quiz, hooks=[Broken(), Recorder()]):
+            template = agl.PromptTemplate(template="Capital of {country}?")
+            return await runner.step({"id": "h1", "country": "France", "expected": "Paris"}, resources={"p": template})
+
+    record = asyncio.run(run())
+    assert (record.status, record.final_reward) == ("succeeded", 1.0)
+    assert calls == [
+        ("rollout_start", "h1", None),
+        ("trace_start", "running", True),
+        ("trace_end", [("message", "message"), ("reward", "mentions_capital")]),
+        ("rollout_end", 1.0, ["message", "reward", "reward", "rollout"]),
+    ]
+    assert "Broken.on_trace_start raised" in caplog.text
+    with (
+        pytest.raises(TypeError, match=r"agl\.Hook instances"),
+        agl.LitAgentRunner().run_context(agent=capital_quiz, hooks=[object()]),
+    ):
+        pass
+
+
 def test_resources_serialise_without_secrets_and_come_back() -> None:
     resources = {
         "main_llm": agl.LLM(endpoint="http://x/v1", model="m", api_key="sk-secret", sampling_parameters={"t": 1}),

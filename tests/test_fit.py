@@ -110,7 +110,7 @@ def test_agent_lightning_trainer_arguments_map_to_the_pipeline_or_are_refused_cl
     assert Trainer(settings=settings, n_workers=3).n_runners == 3  # 0.3's deprecated name
     assert Trainer(settings=settings, strategy={"type": "cs", "n_runners": 4}).n_runners == 4
     assert Trainer(settings=settings, dev=False, daemon=False, store=None).n_runners == 1
-    for refused in ({"strategy": "shm"}, {"llm_proxy": object()}, {"port": 9999}, {"hooks": [object()]}):
+    for refused in ({"strategy": "shm"}, {"llm_proxy": object()}, {"port": 9999}):
         with pytest.raises(ValueError, match="cannot apply"):
             Trainer(settings=settings, **refused)
 
@@ -142,8 +142,10 @@ def test_agent_lightning_trainer_arguments_map_to_the_pipeline_or_are_refused_cl
     options = Trainer(settings=settings, runner=runner, store=agl.InMemoryLightningStore(settings)).runner_options
     assert (type(options.tracer), options.max_rollouts, options.poll_interval) == (agl.AgentOpsTracer, 5, 0.2)
     assert Trainer(settings=settings, tracer=agl.OtelTracer, max_tasks=7).runner_options.max_rollouts == 7
-    for wrong in ({"tracer": object()}, {"store": object()}, {"runner": object()}):
-        with pytest.raises(TypeError, match="takes a"):
+    hook = agl.Hook()
+    assert Trainer(settings=settings, hooks=hook).runner_options.hooks == (hook,)
+    for wrong in ({"tracer": object()}, {"store": object()}, {"runner": object()}, {"hooks": [object()]}):
+        with pytest.raises(TypeError, match=r"takes (a|agl)\b"):
             Trainer(settings=settings, **wrong)
     with pytest.raises(ValueError, match="non-empty train_dataset"):
         Trainer(settings=settings).fit(add_digits, [])

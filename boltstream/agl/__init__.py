@@ -16,7 +16,7 @@ import logging as _logging
 
 from boltstream.agl.adapter import TraceAdapter, TraceToMessages
 from boltstream.agl.algorithm import APO, VERL, Algorithm, Baseline, FastAlgorithm, algo
-from boltstream.agl.runner import LitAgentRunner
+from boltstream.agl.runner import Hook, LitAgentRunner
 from boltstream.agl.store import InMemoryLightningStore, LightningStore, LightningStoreClient
 from boltstream.agl.types import (
     AttemptStatus,
@@ -92,6 +92,7 @@ __all__ = [
     "DummyTracer",
     "EmittedSpan",
     "FastAlgorithm",
+    "Hook",
     "InMemoryLightningStore",
     "LightningStore",
     "LightningStoreClient",

@@ -42,7 +42,7 @@ A dataset is a sequence of tasks or the path of a JSONL file (one task a line). 
   agent no ``main_llm`` (an agent that calls no model, or calls its own endpoint).
 
 Every 0.3 constructor argument is accepted where it applies (table in the README); one that cannot apply
-(``llm_proxy``, ``port``, a shared-memory ``strategy``, ``hooks``) is a ValueError that says why.
+(``llm_proxy``, ``port``, a shared-memory ``strategy``) is a ValueError that says why.
 """
 
 from __future__ import annotations
@@ -121,6 +121,8 @@ class RunnerOptions:
     tracer: Any = None
     max_rollouts: int | None = None
     poll_interval: float = 1.0
+    #: Agent Lightning's runner hooks (agl.Hook instances, sent to each runner process).
+    hooks: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -143,7 +145,7 @@ class Trainer:
     the LLM; ``timeout`` bounds the stack's start and each wait; ``out`` is where the stack, logs and models go.
     Agent Lightning's arguments: ``algorithm`` (see the module), ``n_runners`` (``n_workers``),
     ``max_rollouts`` (``max_tasks``) per runner, ``tracer`` and ``runner`` (a ``LitAgentRunner``: its tracer,
-    ``max_rollouts`` and ``poll_interval``) for the runner processes, ``store`` (a ``LightningStore``: its
+    ``max_rollouts`` and ``poll_interval``) and ``hooks`` for the runner processes, ``store`` (a ``LightningStore``: its
     runner group and read timeouts, on the stack's broker and archive), ``adapter`` for the algorithm.
     """
 
@@ -175,13 +177,12 @@ class Trainer:
         out: str | Path | None = None,
         console: Any = None,
     ) -> None:
-        from boltstream.agl.runner import LitAgentRunner
+        from boltstream.agl.runner import Hook, LitAgentRunner
         from boltstream.producers.tracers import Tracer
 
         for name, value, why in (
             ("llm_proxy", llm_proxy, "the runners call boltstream's router, which attributes their requests itself"),
             ("port", port, "the runners reach the stack's broker, whose port the stack chooses"),
-            ("hooks", hooks, "runner hooks are not supported; use the agent's on_rollout_start / on_rollout_end"),
         ):
             if value is not None:
                 raise ValueError(f"Trainer({name}=...) cannot apply: {why}")
@@ -221,10 +222,14 @@ class Trainer:
         if tracer is not None and not isinstance(tracer, Tracer):
             raise TypeError(f"Trainer(tracer=...) takes a boltstream.agl Tracer, not {type(tracer).__name__}")
         max_rollouts = max_rollouts if max_rollouts is not None else max_tasks
+        hooks = (hooks,) if isinstance(hooks, Hook) else tuple(hooks or ())
+        if not all(isinstance(hook, Hook) for hook in hooks):
+            raise TypeError("Trainer(hooks=...) takes agl.Hook instances")
         self.runner_options = RunnerOptions(
             tracer=tracer if tracer is not None else getattr(runner, "tracer", None),
             max_rollouts=max_rollouts if max_rollouts is not None else getattr(runner, "max_rollouts", None),
             poll_interval=getattr(runner, "poll_interval", 1.0),
+            hooks=hooks,
         )
         #: The validation table of the last ``fit``: mean reward per model version, oldest first.
         self.validation: list[ValidationRow] = []
@@ -739,7 +744,7 @@ def run_runner(
         poll_interval=options.poll_interval,
     )
     try:
-        with runner.run_context(agent=agent, store=store, worker_id=worker_id):
+        with runner.run_context(agent=agent, store=store, hooks=options.hooks, worker_id=worker_id):
             return asyncio.run(runner.iter(event=stop))
     finally:
         asyncio.run(store.close())
