@@ -70,33 +70,40 @@ class _TraceContext:
     """What :meth:`Tracer.trace_context` returns: a ``with`` and an ``async with`` block (Agent Lightning's
     is async) that runs inside one rollout, makes the tracer the active one, and captures the trace."""
 
-    def __init__(self, tracer: Tracer, name: str | None, rollout_id: str | None, attempt_id: str | None) -> None:
+    def __init__(
+        self, tracer: Tracer, name: str | None, rollout_id: str | None, attempt_id: str | None, store: Any
+    ) -> None:
         self.tracer, self.name, self.rollout_id, self.attempt_id = tracer, name, rollout_id, attempt_id
-        self._run: context.rollout | None = None
+        self.store = store
+        self._block: Any = None
         self._previous: Tracer | None = None
 
     def __enter__(self) -> Tracer:
         enclosing = context.current_rollout()
-        if enclosing is None:
-            self._run = context.rollout(
+        running = getattr(self.store, "running_rollout", None)
+        started = running(self.rollout_id) if running is not None and self.rollout_id else None
+        if enclosing is not None:
+            rollout_id = enclosing.rollout_id
+        elif started is not None:  # a rollout its store started: its spans join it, the store ends it
+            self._block, rollout_id = context.attached(started), started.rollout_id
+        else:
+            self._block = context.rollout(
                 agent_name=self.name or "", rollout_id=self.rollout_id, attempt=self.attempt_id or 0
             )
-            rollout_id = self._run.rollout_id
-        else:
-            rollout_id = enclosing.rollout_id
+            rollout_id = self._block.rollout_id
         self.tracer._begin_capture(rollout_id)
         self._previous = get_active_tracer()
         set_active_tracer(self.tracer)
-        if self._run is not None:
-            self._run.__enter__()
+        if self._block is not None:
+            self._block.__enter__()
         return self.tracer
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         try:
-            if self._run is not None:
-                self._run.__exit__(exc_type, exc, tb)  # records the root span, which the trace keeps
+            if self._block is not None:
+                self._block.__exit__(exc_type, exc, tb)  # a rollout of its own records its root span here
         finally:
             self.tracer._end_capture()
             if self._previous is None:
@@ -187,8 +194,9 @@ class Tracer:
         attempt_id: str | None = None,
     ) -> _TraceContext:
         """A block (``with`` or ``async with``) whose spans belong to one rollout: the enclosing one if open,
+        else ``rollout_id`` if the store (``store``, else the one ``init_worker`` got) started it and it runs,
         else a new one (``rollout_id`` / ``attempt_id`` given are kept). Its spans are the last trace."""
-        return _TraceContext(self, name, rollout_id, attempt_id)
+        return _TraceContext(self, name, rollout_id, attempt_id, store if store is not None else self._store)
 
     def _trace_context_sync(self, name: str | None = None, **ids: Any) -> _TraceContext:
         """Agent Lightning's synchronous form of :meth:`trace_context` (the same block here)."""

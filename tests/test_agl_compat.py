@@ -586,7 +586,8 @@ def test_an_algorithm_runs_rollouts_outside_the_queue_through_the_store(stack: S
             message = await store.add_span(span(ok, "plan", "message", attributes=body))
             assert ok.status == "running" and message.sequence_id == 0 and message.task_id == "w1"
             await store.add_span(span(ok, "judge", "reward", reward=0.8))
-            assert await store.get_next_span_sequence_id(ok.rollout_id, attempt_id) == 2
+            await store.add_span(span(ok, "plan-check", "agentlightning.annotation"))
+            assert await store.get_next_span_sequence_id(ok.rollout_id, attempt_id) == 3
             assert (await store.update_attempt(ok.rollout_id, attempt_id, status="succeeded")).status == "succeeded"
             with pytest.raises(ValueError, match="is not running in this store"):
                 await store.update_rollout(ok.rollout_id, status="running")
@@ -604,21 +605,37 @@ def test_an_algorithm_runs_rollouts_outside_the_queue_through_the_store(stack: S
                 await store.update_attempt(retried.rollout_id, "attempt-0", status="succeeded")
             await store.update_rollout(retried.rollout_id, status="failed")
             left_open = await store.start_rollout(input="never ended")
+
+            traced = await store.start_rollout(input="traced")  # a tracer's context records into it
+            tracer = agl.DummyTracer()
+            with tracer.lifespan(store):
+                async with tracer.trace_context("t", rollout_id=traced.rollout_id, attempt_id="attempt-0"):
+                    agl.emit_reward(0.7)
+            assert [s.kind for s in tracer.get_last_trace()] == ["reward"]  # the store, not the tracer, ends it
+            await store.update_rollout(traced.rollout_id, status="succeeded")
         finally:
             await store.close()  # ends left_open as cancelled
         assert left_open.status == "cancelled"
-        return ok, retried, left_open, update
+        return ok, retried, left_open, update, traced
 
-    ok, retried, left_open, update = asyncio.run(run())
+    ok, retried, left_open, update, traced = asyncio.run(run())
     reader = agl.LightningStore(stack)
     try:
-        ids = [ok.rollout_id, retried.rollout_id, left_open.rollout_id]
+        ids = [ok.rollout_id, retried.rollout_id, left_open.rollout_id, traced.rollout_id]
         done = {r.rollout_id: r for r in asyncio.run(reader.wait_for_rollouts(rollout_ids=ids, timeout=120))}
-        assert [done[i].status for i in ids] == ["succeeded", "failed", "failed"]
+        assert [done[i].status for i in ids] == ["succeeded", "failed", "failed", "succeeded"]
+        assert done[traced.rollout_id].final_reward == 0.7
+        assert [s.kind for s in asyncio.run(reader.query_spans(traced.rollout_id))] == ["reward", "rollout"]
         assert done[ok.rollout_id].final_reward == 0.8 and done[ok.rollout_id].resources_id == update.resources_id
         assert done[ok.rollout_id].input == {"id": "w1", "goal": "x"} and done[ok.rollout_id].mode == "val"
         spans = asyncio.run(reader.query_spans(ok.rollout_id))
-        assert [(s.kind, s.name) for s in spans] == [("message", "plan"), ("reward", "judge"), ("rollout", "w")]
+        assert [(s.kind, s.name) for s in spans] == [
+            ("message", "plan"),
+            ("reward", "judge"),
+            ("custom", "plan-check"),
+            ("rollout", "w"),
+        ]
+        assert spans[2].attributes["kind"] == "agentlightning.annotation"
         assert spans[0].attributes["tokens"] == "12" and spans[0].end_time - spans[0].start_time == 0.5
         assert spans[0].parent_id == spans[-1].span_id and spans[-1].attributes[RESOURCES_ATTRIBUTE]
         attempts = asyncio.run(reader.query_attempts(retried.rollout_id))
@@ -626,6 +643,8 @@ def test_an_algorithm_runs_rollouts_outside_the_queue_through_the_store(stack: S
         assert asyncio.run(reader.get_latest_attempt(retried.rollout_id)).attempt_id == "attempt-1"
         roots = [s for s in asyncio.run(reader.query_spans(retried.rollout_id)) if s.kind == "rollout"]
         assert [s.error for s in roots] == ["RuntimeError: superseded by a new attempt", "RuntimeError: failed"]
+        latest = asyncio.run(reader.query_spans(retried.rollout_id, attempt_id="latest"))
+        assert [(s.attempt_id, s.kind) for s in latest] == [("attempt-1", "rollout")]
         versions = asyncio.run(reader.query_resources())
         assert [v.resources_id for v in versions] == [update.resources_id]
     finally:

@@ -432,6 +432,12 @@ class LightningStore:
             number = len(await self.query_attempts(rollout_id))
         return self._open_attempt(rollout_id, number, task, mode, resources_id, resources, metadata, worker_id).record
 
+    def running_rollout(self, rollout_id: str) -> context.rollout | None:
+        """The rollout context of ``rollout_id`` if this store started it and it runs (a tracer's
+        ``trace_context(rollout_id=...)`` records into it), else None."""
+        opened = self._open.get(rollout_id)
+        return opened.run if opened is not None else None
+
     def _started(self, rollout_id: str, attempt_id: str | None = None) -> _Open:
         opened = self._open.get(rollout_id)
         if opened is None:
@@ -449,6 +455,9 @@ class LightningStore:
         opened = self._started(span.rollout_id, span.attempt_id)
         run = opened.run
         kind = span.kind if span.kind in KINDS and span.kind != "rollout" else "custom"
+        attributes = dict(span.attributes)
+        if kind != span.kind:  # as emit_span keeps a kind outside the schema
+            attributes["kind"] = span.kind
         recorded = Span(
             rollout_id=run.rollout_id,
             attempt_id=run.attempt_id,
@@ -458,7 +467,7 @@ class LightningStore:
             name=span.name,
             kind=kind,
             status="error" if str(span.status).lower() == "error" else "ok",
-            attributes=dict(span.attributes),
+            attributes=attributes,
             start_time=span.start_time,
             end_time=span.end_time,
             reward=span.reward,
@@ -711,13 +720,17 @@ class LightningStore:
             await asyncio.sleep(max(0.0, pause))
 
     async def query_spans(self, rollout_id: str, attempt_id: str | None = None, *, wait: bool = True) -> list[Span]:
-        """The spans of a rollout in order. With ``wait`` (the default) a rollout not yet in the archive
-        is waited for (up to ``read_timeout`` s): its spans come whole once its root span is archived."""
+        """The spans of a rollout in order (of every attempt, of ``attempt_id``, or of the ``"latest"``). With
+        ``wait`` (the default) a rollout not yet in the archive is waited for (up to ``read_timeout`` s): its
+        spans come whole once its root span is archived."""
         if wait:
             await self.wait_for_rollouts(rollout_ids=[rollout_id], timeout=self.read_timeout)
         where = "rollout_id = {rollout_id:String}"
         parameters: dict[str, Any] = {"rollout_id": rollout_id}
-        if attempt_id not in (None, "latest"):
+        if attempt_id == "latest":
+            latest = await self.get_latest_attempt(rollout_id)
+            attempt_id = latest.attempt_id if latest is not None else None
+        if attempt_id is not None:
             where += " AND attempt_id = {attempt_id:String}"
             parameters["attempt_id"] = attempt_id
         rows = await self._query(f"SELECT {_SPAN_COLUMNS} FROM spans WHERE {where} ORDER BY sequence", parameters)
