@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +22,7 @@ from types import TracebackType
 from typing import Any
 
 from boltstream.producers import autotrace, context, pending_span, runtime
+from boltstream.producers.context import new_id
 from boltstream.producers.emit import EmittedSpan, _emitted, emit_span
 from boltstream.producers.pending_span import PendingSpan
 from boltstream.producers.span_views import Span
@@ -118,6 +120,47 @@ class _TraceContext:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.__exit__(exc_type, exc, tb)
+
+
+class _OperationRecording:
+    """What :meth:`Tracer.operation_context` yields (Agent Lightning's ``SpanRecordingContext``): the span's
+    attributes and status, recorded as one boltstream span when the block ends."""
+
+    def __init__(self, name: str, attributes: dict[str, Any] | None, start_time: float) -> None:
+        self.name, self.attributes, self.start_time = name, dict(attributes or {}), start_time
+        self.event_id = new_id()
+        self.status, self.error = "ok", None
+        self._recorded: EmittedSpan | None = None
+
+    def record_attributes(self, attributes: dict[str, Any]) -> None:
+        self.attributes.update(attributes)
+
+    def record_status(self, status_code: str, description: str | None = None) -> None:
+        """``"ERROR"`` makes the span an error (``description`` its message); ``"OK"`` / ``"UNSET"`` do not."""
+        failed = str(status_code).upper() == "ERROR"
+        self.status, self.error = ("error", description) if failed else ("ok", None)
+
+    def record_exception(self, exception: BaseException) -> None:
+        self.record_status("ERROR", f"{type(exception).__name__}: {exception}")
+        self.record_attributes({"exception.type": type(exception).__name__, "exception.message": str(exception)})
+
+    def get_recorded_span(self) -> EmittedSpan:
+        if self._recorded is None:
+            raise ValueError("the operation's span is recorded when its block ends")
+        return self._recorded
+
+    def _record(self, end_time: float) -> None:
+        emit_span(
+            "custom",
+            self.name,
+            attributes=self.attributes,
+            status=self.status,
+            error=self.error,
+            start_time_us=int(self.start_time * 1e6),
+            end_time_us=int(end_time * 1e6),
+            event_id=self.event_id,
+        )
+        self._recorded = _emitted(self.event_id, "custom", self.name, self.attributes, status=self.status)
 
 
 class Tracer:
@@ -259,6 +302,27 @@ class Tracer:
         attributes = dict(attributes or {})
         event_id = emit_span("custom", name, attributes=attributes, status=state, start_time_us=at, end_time_us=at)
         return _emitted(event_id, "custom", name, attributes, status=state)
+
+    @contextmanager
+    def operation_context(
+        self,
+        name: str,
+        attributes: dict[str, Any] | None = None,
+        start_time: float | None = None,
+        end_time: float | None = None,
+    ) -> Iterator[_OperationRecording]:
+        """Record the block as one span named ``name`` (spans inside it are its children); an exception
+        leaving it makes the span an error and goes on."""
+        recording = _OperationRecording(name, attributes, start_time or time.time())
+        token = context.set_parent(recording.event_id)
+        try:
+            yield recording
+        except Exception as exc:
+            recording.record_exception(exc)
+            raise
+        finally:
+            context.reset_parent(token)
+            recording._record(end_time or time.time())
 
     def get_langchain_handler(self, *args: Any, **kwargs: Any) -> None:
         """No LangChain callback handler: boltstream traces LangChain through its own integration."""

@@ -148,7 +148,12 @@ def test_a_tracer_keeps_the_spans_of_its_last_trace() -> None:
             with agl.rollout(task_id="other"):  # a rollout of its own inside: not part of this trace
                 agl.emit_reward(0.9)
             marker = tracer.create_span("checkpoint", {"tokens": 3}, status="ERROR")
-            assert [s.name for s in tracer.get_last_trace()] == ["message", "checkpoint"]  # so far
+            with pytest.raises(KeyError), tracer.operation_context("lookup", {"table": "rooms"}) as op:
+                op.record_attributes({"rows": 2})
+                agl.emit_object({"room": "A"})
+                raise KeyError("room B")
+            assert op.get_recorded_span().status == "error"
+            assert [s.name for s in tracer.get_last_trace()] == ["message", "checkpoint", "object", "lookup"]
             agl.emit_reward(0.5)
         return marker
 
@@ -158,12 +163,18 @@ def test_a_tracer_keeps_the_spans_of_its_last_trace() -> None:
     assert [(s.kind, s.name) for s in trace] == [
         ("message", "message"),
         ("custom", "checkpoint"),
+        ("object", "object"),
+        ("custom", "lookup"),
         ("reward", "final"),
         ("rollout", "traced"),
     ]
+    lookup = trace[3]
+    assert trace[2].parent_id == lookup.span_id and lookup.parent_id == trace[-1].span_id  # nested under it
+    assert (lookup.status, lookup.error, lookup.attributes["rows"]) == ("error", "KeyError: 'room B'", 2)
     assert {s.rollout_id for s in trace} == {"r-last"} and trace[0].attributes["step"] == 1
     assert trace[1].span_id == marker and (trace[1].status, trace[1].attributes["tokens"]) == ("error", 3)
     assert agl.find_final_reward(trace) == 0.5 and trace[-1].end_time >= trace[0].start_time
+    assert lookup.attributes["table"] == "rooms" and lookup.end_time >= lookup.start_time
 
     bounded = agl.DummyTracer()
     bounded.max_trace_spans = 3
