@@ -153,7 +153,7 @@ def test_a_tracer_keeps_the_spans_of_its_last_trace() -> None:
                 agl.emit_object({"room": "A"})
                 raise KeyError("room B")
             assert op.get_recorded_span().status == "error"
-            assert [s.name for s in tracer.get_last_trace()] == ["message", "checkpoint", "object", "lookup"]
+            assert [s.name for s in tracer.get_last_trace()] == ["message", "checkpoint", "dict", "lookup"]
             agl.emit_reward(0.5)
         return marker
 
@@ -163,7 +163,7 @@ def test_a_tracer_keeps_the_spans_of_its_last_trace() -> None:
     assert [(s.kind, s.name) for s in trace] == [
         ("message", "message"),
         ("custom", "checkpoint"),
-        ("object", "object"),
+        ("object", "dict"),
         ("custom", "lookup"),
         ("reward", "final"),
         ("rollout", "traced"),
