@@ -219,6 +219,21 @@ def test_fit_with_apo_ranks_the_candidate_templates_and_validates_the_best(setti
     assert seed_row.mean_reward == pytest.approx(expected_seed)
 
 
+def test_dev_without_a_model_runs_every_task_once_with_baseline(settings, tmp_path) -> None:
+    seed = "{question}?"
+    trainer = Trainer(
+        n_runners=1,
+        settings=settings,  # no trainer.model_path: nothing to serve, Agent Lightning's default Baseline runs
+        initial_resources={"prompt": agl.PromptTemplate(template=seed)},
+        out=tmp_path / "dev-baseline",
+        timeout=300,
+    )
+    trainer.dev(prompt_judge, QUESTIONS[:1], val_dataset=QUESTIONS[1:3])
+    (row,) = trainer.validation
+    expected = sum(judged(seed, q) for q in QUESTIONS[1:3]) / 2
+    assert (row.model_version, row.rollouts) == ("-", 2) and row.mean_reward == pytest.approx(expected)
+
+
 def test_dev_runs_the_baseline_algorithm(settings, tmp_path) -> None:
     baseline = agl.Baseline(polling_interval=0.5, max_queue_length=3, span_verbosity="key_values")
     seed = "Q: {question}"

@@ -59,7 +59,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from boltstream.agl.algorithm import APO, VERL, Algorithm, FastAlgorithm, run_algorithm, verl_trainer_settings
+from boltstream.agl.algorithm import (
+    APO,
+    VERL,
+    Algorithm,
+    Baseline,
+    FastAlgorithm,
+    run_algorithm,
+    verl_trainer_settings,
+)
 from boltstream.agl.store import RUNNER_GROUP, LightningStore
 from boltstream.infra.common.config import ConfigError, Settings, load_settings
 from boltstream.infra.demo.live import Watch
@@ -251,13 +259,16 @@ class Trainer:
 
     def dev(self, agent: Any, train_dataset: Any = None, *, val_dataset: Any = None) -> None:
         """Run every task once through runners, serving and the archive, without training (or, given a
-        ``FastAlgorithm`` such as ``Baseline``, run that algorithm, as Agent Lightning's ``dev`` does)."""
+        ``FastAlgorithm`` such as ``Baseline``, run that algorithm, as Agent Lightning's ``dev`` does; with no
+        ``trainer.model_path`` to serve, ``Baseline``: every task once with the initial resources)."""
         if self.algorithm is not None:
             if not isinstance(self.algorithm, FastAlgorithm):
                 raise TypeError(
                     f"Trainer.dev needs a FastAlgorithm (such as Baseline), not {type(self.algorithm).__name__}"
                 )
             return self._run_algorithm(agent, self.algorithm, train_dataset, val_dataset)
+        if not self.settings.trainer.model_path:  # no model to serve: Agent Lightning's default, Baseline
+            return self._run_algorithm(agent, Baseline(polling_interval=1.0), train_dataset, val_dataset)
         train, val = load_dataset(train_dataset), load_dataset(val_dataset)
         if not train and not val:
             raise ValueError("dev needs a non-empty train_dataset or val_dataset")
@@ -359,6 +370,10 @@ class Trainer:
                     algorithm.set_initial_resources(resources)
                     watchdog.check()
                     run_algorithm(algorithm, train, val)
+                    if isinstance(algorithm, Baseline):
+                        rewards = [r.final_reward or 0.0 for r in algorithm.finished if r.mode == "val"]
+                        self.validation = [ValidationRow("-", len(rewards), _mean(rewards))] if rewards else []
+                        _print_validation(console, self.validation, learn=False)
             finally:
                 asyncio.run(store.close())
 
