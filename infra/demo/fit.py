@@ -370,7 +370,7 @@ class Trainer:
                     algorithm.set_initial_resources(resources)
                     watchdog.check()
                     run_algorithm(algorithm, train, val)
-                    if isinstance(algorithm, Baseline):
+                    if isinstance(algorithm, Baseline) and val:
                         rewards = [r.final_reward or 0.0 for r in algorithm.finished if r.mode == "val"]
                         self.validation = [ValidationRow("-", len(rewards), _mean(rewards))] if rewards else []
                         _print_validation(console, self.validation, learn=False)
