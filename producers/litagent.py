@@ -21,7 +21,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
 
@@ -328,14 +328,10 @@ def _record_result(result: Any) -> Any:
     return result
 
 
-def _prepare(
-    agent: LitAgent,
-    task: Any,
-    resources: NamedResources,
-    mode: RolloutMode | None,
-    rollout_id: str | None,
-    resources_id: str | None,
-) -> tuple[context.rollout, AttemptedRollout]:
+def rollout_attributes(
+    task: Any, mode: RolloutMode | None, resources: NamedResources | None, resources_id: str | None
+) -> dict[str, Any]:
+    """The attributes of a rollout's root span that say what it ran: its task, mode and resources."""
     from boltstream.producers.redaction import to_text
 
     # JSON even for a str task (to_text keeps strings as they are), so readers decode every input alike
@@ -346,6 +342,18 @@ def _prepare(
         attributes[RESOURCES_ATTRIBUTE] = to_text(_resources_to_dict(resources))
     if resources_id is not None:
         attributes[RESOURCES_ID_ATTRIBUTE] = resources_id
+    return attributes
+
+
+def _prepare(
+    agent: LitAgent,
+    task: Any,
+    resources: NamedResources,
+    mode: RolloutMode | None,
+    rollout_id: str | None,
+    resources_id: str | None,
+) -> tuple[context.rollout, AttemptedRollout]:
+    attributes = rollout_attributes(task, mode, resources, resources_id)
     run = context.rollout(task_id=task_id_of(task), agent_name=agent.name, rollout_id=rollout_id, attributes=attributes)
     record = AttemptedRollout(
         rollout_id=run.rollout_id,
@@ -421,17 +429,26 @@ async def execute_rollout_async(
     rollout_id: str | None = None,
     resources_id: str | None = None,
     raise_on_error: bool = False,
+    on_start: Callable[[AttemptedRollout], Awaitable[None]] | None = None,
+    on_end: Callable[[AttemptedRollout], Awaitable[None]] | None = None,
 ) -> AttemptedRollout:
-    """Run an agent (async, or sync on this loop's thread) on ``task`` as one rollout, like :func:`execute_rollout`."""
+    """Run an agent (async, or sync on this loop's thread) on ``task`` as one rollout, like :func:`execute_rollout`.
+
+    ``on_start`` / ``on_end`` (a runner's hooks) are awaited inside the rollout, just before the agent runs
+    and just after it returned (before its returned reward and its root span are recorded)."""
     resources = dict(resources or {})
     run, record = _prepare(agent, task, resources, mode, rollout_id, resources_id)
     result, error = None, None
     with context.attached(run):
         try:
+            if on_start is not None:
+                await on_start(record)
             if agent.is_async():
                 result = await _method(agent, mode, True)(task, resources, record)
             else:
                 result = _method(agent, mode, False)(task, resources, record)
+            if on_end is not None:
+                await on_end(record)
             _record_result(result)
         except Exception as exc:
             error = exc

@@ -9,6 +9,7 @@ travels on the broker and lands in the archive.
 
 from __future__ import annotations
 
+import functools
 import string
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -53,7 +54,10 @@ class LLM(Resource):
 
 @dataclass(kw_only=True)
 class PromptTemplate(Resource):
-    """A prompt template the algorithm tunes; ``format(**values)`` fills an ``f-string`` one."""
+    """A prompt template the algorithm tunes; ``format(**values)`` fills it with its ``engine``:
+    ``f-string`` (``str.format``), ``jinja`` (jinja2, sandboxed: a template cannot reach Python internals;
+    a missing value is an error) or ``poml`` (Microsoft's POML, rendered to text; the ``[templates]``
+    extra installs both)."""
 
     resource_type: ClassVar[str] = "prompt_template"
     template: str
@@ -66,14 +70,16 @@ class PromptTemplate(Resource):
             raise ValueError(f"PromptTemplate engine must be one of {self.ENGINES}, not {self.engine!r}")
 
     def format(self, **values: Any) -> str:
-        if self.engine != "f-string":
-            raise NotImplementedError(
-                f"PromptTemplate.format fills f-string templates only; render a {self.engine!r} one with its engine"
-            )
+        if self.engine == "jinja":
+            return _jinja_template(self.template).render(**values)
+        if self.engine == "poml":
+            return _render_poml(self.template, values)
         return self.template.format(**values)
 
     def placeholders(self) -> list[str]:
         """The names an f-string template expects, in order of first use."""
+        if self.engine != "f-string":
+            raise ValueError(f"placeholders() reads f-string templates, not {self.engine!r} ones")
         names: list[str] = []
         for _, name, _, _ in string.Formatter().parse(self.template):
             if name is not None:
@@ -81,6 +87,32 @@ class PromptTemplate(Resource):
                 if root and root not in names:
                     names.append(root)
         return names
+
+
+def _missing_engine(engine: str, package: str) -> RuntimeError:
+    return RuntimeError(
+        f"PromptTemplate(engine={engine!r}) needs the {package} package: pip install 'boltstream[templates]'"
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _jinja_template(source: str) -> Any:
+    """The compiled template (cached: an agent formats the same few templates on every rollout)."""
+    try:
+        from jinja2 import StrictUndefined
+        from jinja2.sandbox import SandboxedEnvironment
+    except ImportError:
+        raise _missing_engine("jinja", "jinja2") from None
+    return SandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True).from_string(source)
+
+
+def _render_poml(source: str, values: dict[str, Any]) -> str:
+    try:
+        import poml
+    except ImportError:
+        raise _missing_engine("poml", "poml") from None
+    # chat=False with message_dict: the prompt as one text, what format() returns for every engine
+    return str(poml.poml(source, context=values, chat=False, format="message_dict"))
 
 
 #: Named resources an agent receives for a rollout: ``{"main_llm": LLM(...), ...}``.

@@ -28,6 +28,8 @@ _discarded = 0
 _unavailable_reason: str | None = None
 #: Called with ``idle_only``: True on every background cycle, False on flush and exit.
 _end_of_batch_hooks: list[Callable[[bool], None]] = []
+#: Called with every span this process records (a tracer's ``get_last_trace``); empty on the hot path.
+_observers: list[Callable[[PendingSpan], None]] = []
 
 
 def on_flush(hook: Callable[[bool], None]) -> None:
@@ -87,9 +89,24 @@ def producer() -> SpanProducer | None:
         return _producer
 
 
+def observe(observer: Callable[[PendingSpan], None]) -> None:
+    """Show ``observer`` every span recorded from now on (it must be quick and never raise)."""
+    _observers.append(observer)
+
+
+def unobserve(observer: Callable[[PendingSpan], None]) -> None:
+    """Stop showing spans to ``observer`` (no error if it was not observing)."""
+    with _lock:
+        if observer in _observers:
+            _observers.remove(observer)
+
+
 def record(span: PendingSpan) -> None:
     """Hand one span to the producer (the agent's hot path)."""
     global _discarded
+    if _observers:
+        for observer in tuple(_observers):
+            observer(span)
     running = _producer or producer()
     if running is None:
         _discarded += 1

@@ -56,6 +56,7 @@ def test_datasets_are_sequences_or_jsonl_files_of_json_objects(tmp_path) -> None
         load_dataset(path)
     with pytest.raises(TypeError, match="task 1 is a str"):
         load_dataset([{"a": 1}, "2+2"])
+    assert load_dataset([{"a": 1}, "2+2"], objects_only=False) == [{"a": 1}, "2+2"]  # an algorithm's tasks
 
 
 def test_agents_reach_runner_processes_by_reference_or_pickled() -> None:
@@ -81,17 +82,174 @@ class Echo(agl.LitAgent):
         return 1.0
 
 
-def test_agent_lightning_components_boltstream_replaces_are_refused_clearly(settings) -> None:
-    with pytest.raises(NotImplementedError, match=r"algorithm=.*continuous trainer"):
-        Trainer(n_runners=2, settings=settings, algorithm=object())
+#: A VERL config in the shape Agent Lightning's training examples pass (calc_x), shortened.
+VERL_CONFIG = {
+    "algorithm": {"adv_estimator": "grpo", "use_kl_in_reward": False},
+    "data": {"train_batch_size": 4, "max_prompt_length": 4096},
+    "actor_rollout_ref": {
+        "rollout": {"n": 6, "name": "vllm", "gpu_memory_utilization": 0.6},
+        "actor": {
+            "optim": {"lr": 1e-6},
+            "use_kl_loss": False,
+            "kl_loss_coef": 0.5,
+            "clip_ratio_low": 0.15,
+            "clip_ratio_high": 0.3,
+            "ppo_epochs": 2,
+        },
+    },
+    "trainer": {"n_gpus_per_node": 1, "total_epochs": 3, "save_freq": 64},
+}
+
+
+def test_agent_lightning_trainer_arguments_map_to_the_pipeline_or_are_refused_clearly(settings, caplog) -> None:
+    assert agl.Trainer is Trainer
+    with pytest.raises(TypeError, match=r"takes an agl\.Algorithm"):
+        Trainer(settings=settings, algorithm=object())
     with pytest.raises(ValueError, match="at least 1"):
         Trainer(n_runners=0, settings=settings)
-    assert agl.Trainer is Trainer
-    assert Trainer(settings=settings, dev=False, daemon=True, store=None).n_runners == 1  # defaults are fine
-    with pytest.raises(NotImplementedError, match="daemon"):
-        Trainer(settings=settings, daemon=False)
+    assert Trainer(settings=settings, n_workers=3).n_runners == 3  # 0.3's deprecated name
+    assert Trainer(settings=settings, strategy={"type": "cs", "n_runners": 4}).n_runners == 4
+    assert Trainer(settings=settings, dev=False, daemon=False, store=None).n_runners == 1
+    for refused in ({"strategy": "shm"}, {"llm_proxy": object()}, {"port": 9999}):
+        with pytest.raises(ValueError, match="cannot apply"):
+            Trainer(settings=settings, **refused)
+
+    trainer = Trainer(settings=settings, algorithm=agl.VERL(VERL_CONFIG), trainer_options={"group_size": 8})
+    assert trainer.algorithm is None and trainer.max_epochs == 3  # GRPO, the continuous trainer
+    assert trainer.trainer_options == {
+        "groups_per_step": 4,
+        "group_size": 8,  # trainer_options win over the VERL config
+        "clip_epsilon": 0.15,
+        "updates_per_batch": 2,
+        "kl_coef": 0.0,  # use_kl_loss is off
+        "checkpoint_interval": 64,
+    }
+    assert "actor_rollout_ref.actor.optim.lr" in caplog.text and "trainer.n_gpus_per_node" in caplog.text
+    with pytest.raises(ValueError, match="grpo only"):
+        Trainer(settings=settings, algorithm=agl.VERL({"algorithm": {"adv_estimator": "gae"}}))
+
+    seed = {"prompt": agl.PromptTemplate(template="{q}")}
+    with pytest.raises(ValueError, match="candidates"):
+        Trainer(settings=settings, algorithm=agl.APO(), initial_resources=seed)
+    with pytest.raises(ValueError, match="one PromptTemplate of initial_resources"):
+        Trainer(settings=settings, algorithm=agl.APO(candidates=["{q}!"]))
+    with pytest.raises(TypeError, match="FastAlgorithm"):
+        Trainer(settings=settings, algorithm=agl.APO(candidates=["{q}!"]), initial_resources=seed).dev(Echo(), ["x"])
+    with pytest.raises(ValueError, match="adapter"):
+        Trainer(settings=settings, adapter=agl.TraceToMessages())
+
+    runner = agl.LitAgentRunner(tracer=agl.AgentOpsTracer(), max_rollouts=5, poll_interval=0.2)
+    options = Trainer(settings=settings, runner=runner, store=agl.InMemoryLightningStore(settings)).runner_options
+    assert (type(options.tracer), options.max_rollouts, options.poll_interval) == (agl.AgentOpsTracer, 5, 0.2)
+    assert Trainer(settings=settings, tracer=agl.OtelTracer, max_tasks=7).runner_options.max_rollouts == 7
+    hook = agl.Hook()
+    assert Trainer(settings=settings, hooks=hook).runner_options.hooks == (hook,)
+    for wrong in ({"tracer": object()}, {"store": object()}, {"runner": object()}, {"hooks": [object()]}):
+        with pytest.raises(TypeError, match=r"takes (a|agl)\b"):
+            Trainer(settings=settings, **wrong)
     with pytest.raises(ValueError, match="non-empty train_dataset"):
         Trainer(settings=settings).fit(add_digits, [])
+
+
+@agl.rollout
+def prompt_judge(task: str, prompt_template: agl.PromptTemplate) -> float:
+    """An agent that calls no model: the reward is how much of the prompt is the task (shorter prompt, more)."""
+    return round(len(task) / len(prompt_template.format(question=task)), 3)
+
+
+QUESTIONS = ["Why is the sky blue?", "What is two plus two?", "Name a prime number.", "Where is Paris?"]
+
+
+def judged(template: str, question: str) -> float:
+    return round(len(question) / len(template.format(question=question)), 3)
+
+
+class BestOfTwo(agl.Algorithm):
+    """Our custom algorithm on the store API: run both prompts on every task, keep the better one."""
+
+    def __init__(self, prompts: list[str]) -> None:
+        self.prompts = prompts
+        self.scores: dict[str, list[float]] = {}
+
+    async def run(self, train_dataset=None, val_dataset=None) -> None:
+        store = self.get_store()
+        assert "main_llm" not in self.get_initial_resources()  # no model_path: no serving, no LLM resource
+        for prompt in self.prompts:
+            update = await store.add_resources({"prompt": agl.PromptTemplate(template=prompt)})
+            queued = await store.enqueue_many_rollouts(
+                [{"input": task, "mode": "train", "resources_id": update.resources_id} for task in train_dataset]
+            )
+            done = await store.wait_for_rollouts(rollout_ids=[r.rollout_id for r in queued], timeout=300)
+            assert len(done) == len(queued), "a rollout did not finish"
+            self.scores[prompt] = sorted(r.final_reward for r in done)
+        assert self.get_adapter().adapt(await store.query_spans(done[0].rollout_id)) is not None
+
+
+def test_fit_runs_a_custom_algorithm_on_the_store_with_runner_processes(settings, tmp_path) -> None:
+    prompts = ["You are a careful assistant. Question: {question}", "{question}"]
+    algorithm = BestOfTwo(prompts)
+    Trainer(n_runners=2, settings=settings, algorithm=algorithm, out=tmp_path / "custom", timeout=300).fit(
+        prompt_judge, QUESTIONS
+    )
+    for prompt in prompts:
+        assert algorithm.scores[prompt] == sorted(judged(prompt, q) for q in QUESTIONS)
+
+
+def test_fit_with_apo_ranks_the_candidate_templates_and_validates_the_best(settings, tmp_path) -> None:
+    seed = "Please think step by step and answer this question: {question}"
+    candidates = ["Answer: {question}", "{question}"]
+    apo = agl.APO(candidates=candidates, gradient_batch_size=2, val_batch_size=2, exploration=0.0)
+    trainer = Trainer(
+        n_runners=2,
+        settings=settings,
+        algorithm=apo,
+        initial_resources={"prompt": agl.PromptTemplate(template=seed)},
+        max_epochs=2,
+        out=tmp_path / "apo",
+        timeout=300,
+    )
+    trainer.fit(prompt_judge, QUESTIONS, val_dataset=QUESTIONS[:3])
+    assert trainer.best_prompt.template == "{question}"  # the shortest prompt earns the most
+    ranked = {row.template: row for row in trainer.templates}
+    assert ranked["{question}"].mean_reward == 1.0 and sum(row.rollouts for row in trainer.templates) == 8
+    assert [row.model_version.split()[0] for row in trainer.validation] == ["seed", "best"]
+    seed_row, best_row = trainer.validation
+    expected_seed = sum(judged(seed, q) for q in QUESTIONS[:2]) / 2  # val_batch_size=2 of the 3 val tasks
+    assert (seed_row.rollouts, best_row.rollouts, best_row.mean_reward) == (2, 2, 1.0)
+    assert seed_row.mean_reward == pytest.approx(expected_seed)
+
+
+def test_dev_without_a_model_runs_every_task_once_with_baseline(settings, tmp_path) -> None:
+    seed = "{question}?"
+    trainer = Trainer(
+        n_runners=1,
+        settings=settings,  # no trainer.model_path: nothing to serve, Agent Lightning's default Baseline runs
+        initial_resources={"prompt": agl.PromptTemplate(template=seed)},
+        out=tmp_path / "dev-baseline",
+        timeout=300,
+    )
+    trainer.dev(prompt_judge, QUESTIONS[:1], val_dataset=QUESTIONS[1:3])
+    (row,) = trainer.validation
+    expected = sum(judged(seed, q) for q in QUESTIONS[1:3]) / 2
+    assert (row.model_version, row.rollouts) == ("-", 2) and row.mean_reward == pytest.approx(expected)
+
+
+def test_dev_runs_the_baseline_algorithm(settings, tmp_path) -> None:
+    baseline = agl.Baseline(polling_interval=0.5, max_queue_length=3, span_verbosity="key_values")
+    seed = "Q: {question}"
+    Trainer(
+        n_runners=2,
+        settings=settings,
+        algorithm=baseline,
+        initial_resources={"prompt": agl.PromptTemplate(template=seed)},
+        out=tmp_path / "baseline",
+        timeout=300,
+    ).dev(prompt_judge, QUESTIONS[:3], val_dataset=QUESTIONS[3:])
+    assert [(r.input, r.mode, r.status) for r in baseline.finished] == [
+        *((q, "train", "succeeded") for q in QUESTIONS[:3]),
+        (QUESTIONS[3], "val", "succeeded"),
+    ]
+    assert [r.final_reward for r in baseline.finished] == [judged(seed, q) for q in QUESTIONS]
 
 
 @pytest.mark.slow

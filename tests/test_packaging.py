@@ -45,6 +45,7 @@ def test_the_wheel_installs_one_import_root(tmp_path: Path) -> None:
     assert "boltstream/producers/_bootstrap/sitecustomize.py" in names  # what `boltstream run` puts first
     assert "boltstream/schemas/avro/SpanBatch.v2.avsc" in names  # the package data came along
     assert "boltstream/agl/tracer/agentops.py" in names  # Agent Lightning's submodule paths
+    assert "boltstream/agl/algorithm/apo.py" in names
     assert any(name.startswith("boltstream/schemas/clickhouse/") for name in names)
     assert any(re.match(r"boltstream/producers/_secret_scan\..*\.so$", name) for name in names)  # the built pre-scan
     assert not any(name.startswith("boltstream/tests") for name in names)

@@ -7,15 +7,16 @@ and algorithms use from it: the store API (:mod:`boltstream.agl.store`), ``LitAg
 Code written for Agent Lightning runs with its import changed: ``import agentlightning as agl``
 becomes ``from boltstream import agl``, and ``from agentlightning.X import ...`` becomes
 ``from boltstream.agl.X import ...`` (submodules ``types``, ``litagent``, ``reward``, ``emitter``,
-``runner``, ``store``, ``tracer``, ``tracer.agentops``, ``tracer.otel``, ``adapter``, ``semconv``).
+``runner``, ``store``, ``tracer``, ``tracer.agentops``, ``tracer.otel``, ``adapter``, ``semconv``, ``algorithm``,
+``algorithm.apo``, ``algorithm.verl``, ``trainer``).
 The README's "Agent Lightning compatibility" table lists every name of its 0.3 API.
 """
 
-import importlib as _importlib
 import logging as _logging
 
 from boltstream.agl.adapter import TraceAdapter, TraceToMessages
-from boltstream.agl.runner import LitAgentRunner
+from boltstream.agl.algorithm import APO, VERL, Algorithm, Baseline, FastAlgorithm, algo
+from boltstream.agl.runner import Hook, LitAgentRunner
 from boltstream.agl.store import InMemoryLightningStore, LightningStore, LightningStoreClient
 from boltstream.agl.types import (
     AttemptStatus,
@@ -56,11 +57,13 @@ from boltstream.producers.tracers import (
 
 
 def __getattr__(name: str) -> object:
-    """``agl.Trainer``: Agent Lightning's trainer drives the whole stack (broker, archive, join, trainer,
-    serving), layers above this SDK, so it is imported by name on first use and agents that never train
-    do not load the stack's code (``boltstream.infra.demo.fit``)."""
+    """``agl.Trainer``, imported on first use: it drives the whole stack (broker, archive, join, trainer,
+    serving), layers above this SDK, and agents that never train must not load the stack's code. This is
+    the one import of a higher layer in the SDK, listed and tested in tests/test_layers.py."""
     if name == "Trainer":
-        return _importlib.import_module("boltstream.infra.demo.fit").Trainer
+        from boltstream.infra.demo.fit import Trainer
+
+        return Trainer
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -77,13 +80,19 @@ def setup_logging(level: int | str = "INFO", **_: object) -> None:
 
 __all__ = [
     *_sdk_names,
+    "APO",
+    "VERL",
     "AgentOpsTracer",
+    "Algorithm",
     "AttemptStatus",
     "AttributeValue",
     "Attributes",
+    "Baseline",
     "Dataset",
     "DummyTracer",
     "EmittedSpan",
+    "FastAlgorithm",
+    "Hook",
     "InMemoryLightningStore",
     "LightningStore",
     "LightningStoreClient",
@@ -101,6 +110,7 @@ __all__ = [
     "TraceAdapter",
     "TraceToMessages",
     "Tracer",
+    "algo",
     "clear_active_tracer",
     "find_final_reward",
     "find_reward_spans",

@@ -2,6 +2,7 @@
 
 from typing import Any, Literal, Protocol, SupportsIndex, TypeVar
 
+from boltstream.agl.runner import Hook
 from boltstream.producers.emit import EmittedSpan
 from boltstream.producers.litagent import (
     Attempt,
@@ -55,6 +56,7 @@ __all__ = [
     "AttributeValue",
     "Attributes",
     "Dataset",
+    "Hook",
     "NamedResources",
     "PromptTemplate",
     "ProxyLLM",

@@ -28,21 +28,47 @@ the tasks topic, serving and the archive are exercised, nothing is learned.
 
 A dataset is a sequence of tasks or the path of a JSONL file (one task a line). Tasks are JSON objects
 (dicts); the runners' agents receive them with ``task_id`` set to their group's id.
+
+``algorithm=`` chooses what learns, as Agent Lightning's does:
+
+* None, or ``agl.VERL(config)``: the continuous GRPO trainer above; a VERL config's keys that mean the same
+  thing set the trainer (:func:`boltstream.agl.algorithm.verl_trainer_settings`), the others are named in a
+  warning;
+* ``agl.APO(..., candidates=[...])``: boltstream's APO ranks the initial resources' prompt template and the
+  candidates by the rewards their rollouts earn (no join, no weight training), then validates the best;
+* any other ``agl.Algorithm`` (a subclass, an ``@agl.algo`` function, ``agl.Baseline``): it runs in this
+  process on the store of the stack (broker and archive) while the runners serve its queue, as Agent
+  Lightning's custom algorithms do. Without ``trainer.model_path`` these two start no serving and hand the
+  agent no ``main_llm`` (an agent that calls no model, or calls its own endpoint).
+
+Every 0.3 constructor argument is accepted where it applies (table in the README); one that cannot apply
+(``llm_proxy``, ``port``, a shared-memory ``strategy``) is a ValueError that says why.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import multiprocessing
 import pickle
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from boltstream.agl.algorithm import (
+    APO,
+    VERL,
+    Algorithm,
+    Baseline,
+    FastAlgorithm,
+    run_algorithm,
+    verl_trainer_settings,
+)
+from boltstream.agl.store import RUNNER_GROUP, LightningStore
 from boltstream.infra.common.config import ConfigError, Settings, load_settings
 from boltstream.infra.demo.live import Watch
 from boltstream.infra.demo.stack import demo_settings, demo_workers
@@ -53,8 +79,10 @@ STEPS_AHEAD = 2
 #: Name of the LLM resource the runners' agents get (Agent Lightning's examples call it ``main_llm``).
 LLM_RESOURCE = "main_llm"
 _VALIDATION_VIEW = "report_validation_reward_by_model_version"
-#: Agent Lightning's Trainer arguments whose default says "nothing special": accepted as they are.
-_AGL_DEFAULTS = {"dev": False, "daemon": True}
+#: Agent Lightning's execution strategies that mean what fit does: runners in processes of their own,
+#: talking to a server (here the broker).
+_PROCESS_STRATEGIES = ("cs", "client_server", "ClientServerExecutionStrategy")
+log = logging.getLogger("boltstream.fit")
 
 
 class FitError(RuntimeError):
@@ -70,8 +98,9 @@ class ValidationRow:
     mean_reward: float
 
 
-def load_dataset(dataset: Sequence[Mapping[str, Any]] | str | Path | None) -> list[dict[str, Any]]:
-    """The tasks of ``dataset``: a sequence of JSON objects, or a JSONL file of them (blank lines skipped)."""
+def load_dataset(dataset: Sequence[Any] | str | Path | None, *, objects_only: bool = True) -> list[Any]:
+    """The tasks of ``dataset``: a sequence, or a JSONL file (blank lines skipped). With ``objects_only``
+    (the GRPO trainer, which groups tasks by their ``task_id``) every task must be a JSON object (dict)."""
     if dataset is None:
         return []
     if isinstance(dataset, (str, Path)):
@@ -84,50 +113,90 @@ def load_dataset(dataset: Sequence[Mapping[str, Any]] | str | Path | None) -> li
                 except json.JSONDecodeError as exc:
                     raise ValueError(f"{path}:{number}: not a JSON task: {exc}") from None
     else:
-        tasks = list(dataset)
+        tasks = [dataset[index] for index in range(len(dataset))]
+    if not objects_only:
+        return tasks
     for index, task in enumerate(tasks):
         if not isinstance(task, Mapping):
             raise TypeError(f"task {index} is a {type(task).__name__}: tasks are JSON objects (dicts)")
     return [dict(task) for task in tasks]
 
 
+@dataclass(frozen=True)
+class RunnerOptions:
+    """How each runner process runs: Agent Lightning's ``tracer``, ``max_rollouts`` and a runner's poll interval."""
+
+    tracer: Any = None
+    max_rollouts: int | None = None
+    poll_interval: float = 1.0
+    #: Agent Lightning's runner hooks (agl.Hook instances, sent to each runner process).
+    hooks: tuple[Any, ...] = ()
+
+
+@dataclass(frozen=True)
+class TemplateRow:
+    """One prompt template APO ranked: how many train rollouts used it and their mean final reward."""
+
+    template_id: str
+    template: str
+    rollouts: int
+    mean_reward: float
+
+
 class Trainer:
     """Agent Lightning 0.3's ``Trainer`` on boltstream: ``fit`` and ``dev`` with ``n_runners`` runner processes.
 
-    ``settings`` (default: :func:`load_settings`) give the starting model (``trainer.model_path``, required)
-    and the GRPO shape (``trainer.group_size``, ``trainer.groups_per_step`` of the demo's tuning unless
-    ``trainer_options`` replace them). ``max_epochs`` passes over the train dataset; ``val_attempts``
-    rollouts per validation task and version; ``initial_resources`` go to the agent beside the LLM;
-    ``timeout`` bounds the stack's start and each wait; ``out`` is where the stack, logs and models go.
-    Agent Lightning's other components (``algorithm``, ``store``, ``runner``, ``strategy``, ...) are
-    boltstream's own here: passing one raises NotImplementedError.
+    ``settings`` (default: :func:`load_settings`) give the starting model (``trainer.model_path``, required
+    by GRPO) and the GRPO shape (``trainer.group_size``, ``trainer.groups_per_step`` of the demo's tuning
+    unless ``trainer_options`` or a VERL config replace them). ``max_epochs`` passes over the train dataset;
+    ``val_attempts`` rollouts per validation task and version; ``initial_resources`` go to the agent beside
+    the LLM; ``timeout`` bounds the stack's start and each wait; ``out`` is where the stack, logs and models go.
+    Agent Lightning's arguments: ``algorithm`` (see the module), ``n_runners`` (``n_workers``),
+    ``max_rollouts`` (``max_tasks``) per runner, ``tracer`` and ``runner`` (a ``LitAgentRunner``: its tracer,
+    ``max_rollouts`` and ``poll_interval``) and ``hooks`` for the runner processes, ``store`` (a ``LightningStore``: its
+    runner group and read timeouts, on the stack's broker and archive), ``adapter`` for the algorithm.
     """
 
     def __init__(
         self,
         *,
+        dev: bool = False,
         n_runners: int | None = None,
+        max_rollouts: int | None = None,
+        initial_resources: Mapping[str, Any] | None = None,
+        tracer: Any = None,
+        adapter: Any = None,
+        store: Any = None,
+        runner: Any = None,
+        strategy: Any = None,
+        port: int | None = None,
+        algorithm: Any = None,
+        llm_proxy: Any = None,
+        n_workers: int | None = None,
+        max_tasks: int | None = None,
+        daemon: bool = True,
+        triplet_exporter: Any = None,
+        hooks: Any = None,
         settings: Settings | None = None,
         max_epochs: int = 1,
         val_attempts: int = 1,
-        initial_resources: Mapping[str, Any] | None = None,
         trainer_options: Mapping[str, Any] | None = None,
         timeout: float = 600.0,
         out: str | Path | None = None,
         console: Any = None,
-        **components: Any,
     ) -> None:
-        given = sorted(
-            name for name, value in components.items() if value is not None and value != _AGL_DEFAULTS.get(name)
-        )
-        if given:
-            raise NotImplementedError(
-                f"Trainer({', '.join(given)}=...): boltstream's algorithm is its continuous trainer "
-                "(settings.trainer), its store the broker and the archive, its runners LitAgentRunner processes"
-            )
-        if (n_runners is not None and n_runners < 1) or max_epochs < 1 or val_attempts < 1:
-            raise ValueError("n_runners, max_epochs and val_attempts must be at least 1")
-        self.n_runners = n_runners or 1
+        from boltstream.agl.runner import Hook, LitAgentRunner
+        from boltstream.producers.tracers import Tracer
+
+        for name, value, why in (
+            ("llm_proxy", llm_proxy, "the runners call boltstream's router, which attributes their requests itself"),
+            ("port", port, "the runners reach the stack's broker, whose port the stack chooses"),
+        ):
+            if value is not None:
+                raise ValueError(f"Trainer({name}=...) cannot apply: {why}")
+        self.n_runners = _runners_wanted(n_runners, n_workers, strategy)
+        if max_epochs < 1 or val_attempts < 1:
+            raise ValueError("max_epochs and val_attempts must be at least 1")
         self.settings = settings or load_settings()
         self.max_epochs = max_epochs
         self.val_attempts = val_attempts
@@ -136,44 +205,101 @@ class Trainer:
         self.timeout = timeout
         self.out = Path(out) if out else None
         self.console = console
+        self.daemon = daemon  # accepted: runner processes always end with fit, daemons or not
+        self._dev = dev
+        self.algorithm = _algorithm_of(algorithm)
+        self.adapter = adapter if adapter is not None else triplet_exporter
+        if self.adapter is not None and not isinstance(self.algorithm, Algorithm):
+            raise ValueError("Trainer(adapter=...) applies to an algorithm run on the store; GRPO learns from the join")
+        if isinstance(self.algorithm, VERL):
+            trainer_fields, fit_arguments, ignored = verl_trainer_settings(self.algorithm.config)
+            self.trainer_options = {**trainer_fields, **self.trainer_options}
+            self.max_epochs = fit_arguments.get("max_epochs", self.max_epochs)
+            if ignored:
+                log.warning("VERL config keys with no counterpart in boltstream's GRPO trainer: %s", ", ".join(ignored))
+            self.algorithm = None
+        if isinstance(self.algorithm, APO):
+            _seed_template(self.algorithm, self.initial_resources)  # a missing seed fails here, not after the start
+        if store is not None and not isinstance(store, LightningStore):
+            raise TypeError(f"Trainer(store=...) takes a LightningStore, not {type(store).__name__}")
+        self.store = store
+        if runner is not None and not isinstance(runner, LitAgentRunner):
+            raise TypeError(f"Trainer(runner=...) takes a LitAgentRunner, not {type(runner).__name__}")
+        if isinstance(tracer, type):
+            tracer = tracer()
+        if tracer is not None and not isinstance(tracer, Tracer):
+            raise TypeError(f"Trainer(tracer=...) takes a boltstream.agl Tracer, not {type(tracer).__name__}")
+        max_rollouts = max_rollouts if max_rollouts is not None else max_tasks
+        hooks = (hooks,) if isinstance(hooks, Hook) else tuple(hooks or ())
+        if not all(isinstance(hook, Hook) for hook in hooks):
+            raise TypeError("Trainer(hooks=...) takes agl.Hook instances")
+        self.runner_options = RunnerOptions(
+            tracer=tracer if tracer is not None else getattr(runner, "tracer", None),
+            max_rollouts=max_rollouts if max_rollouts is not None else getattr(runner, "max_rollouts", None),
+            poll_interval=getattr(runner, "poll_interval", 1.0),
+            hooks=hooks,
+        )
         #: The validation table of the last ``fit``: mean reward per model version, oldest first.
         self.validation: list[ValidationRow] = []
+        #: APO: the templates ranked by the last ``fit``, best first, and the best one.
+        self.templates: list[TemplateRow] = []
+        self.best_prompt: Any = None
 
     # -- Agent Lightning's entry points ---------------------------------------------------------------
     def fit(self, agent: Any, train_dataset: Any = None, *, val_dataset: Any = None) -> None:
         """Train ``agent`` on ``train_dataset`` (``max_epochs`` passes), validating on ``val_dataset``."""
+        if self._dev:  # Agent Lightning's deprecated Trainer(dev=True)
+            return self.dev(agent, train_dataset, val_dataset=val_dataset)
+        if self.algorithm is not None:
+            return self._run_algorithm(agent, self.algorithm, train_dataset, val_dataset)
         train, val = load_dataset(train_dataset), load_dataset(val_dataset)
         if not train:
             raise ValueError("fit needs a non-empty train_dataset")
         self._run(agent, train, val, learn=True)
 
     def dev(self, agent: Any, train_dataset: Any = None, *, val_dataset: Any = None) -> None:
-        """Run every task once through runners, serving and the archive, without training."""
+        """Run every task once through runners, serving and the archive, without training (or, given a
+        ``FastAlgorithm`` such as ``Baseline``, run that algorithm, as Agent Lightning's ``dev`` does; with no
+        ``trainer.model_path`` to serve, ``Baseline``: every task once with the initial resources)."""
+        if self.algorithm is not None:
+            if not isinstance(self.algorithm, FastAlgorithm):
+                raise TypeError(
+                    f"Trainer.dev needs a FastAlgorithm (such as Baseline), not {type(self.algorithm).__name__}"
+                )
+            return self._run_algorithm(agent, self.algorithm, train_dataset, val_dataset)
+        if not self.settings.trainer.model_path:  # no model to serve: Agent Lightning's default, Baseline
+            return self._run_algorithm(agent, Baseline(polling_interval=1.0), train_dataset, val_dataset)
         train, val = load_dataset(train_dataset), load_dataset(val_dataset)
         if not train and not val:
             raise ValueError("dev needs a non-empty train_dataset or val_dataset")
         self._run(agent, train, val, learn=False)
 
     # -- the run ------------------------------------------------------------------------------------------
-    def _run(self, agent: Any, train: list[dict], val: list[dict], *, learn: bool) -> None:
+    @contextlib.contextmanager
+    def _stack(self, agent: Any, *, learn: bool, serve: bool, what: str) -> Iterator[tuple[Settings, list, Any]]:
+        """A private stack under ``out`` with ``n_runners`` runner processes taking its tasks; everything
+        started is stopped when the block ends (the stack last)."""
         from rich.console import Console
 
         console = self.console or Console()
         payload = agent_payload(agent)
         model_path = self.settings.trainer.model_path
-        if not model_path:
+        if (learn or serve) and not model_path:
             raise ConfigError("Trainer.fit needs trainer.model_path: the model the runners start from")
         out = (self.out or self.settings.home / "fit" / datetime.now(UTC).strftime("%Y%m%d-%H%M%S")).resolve()
         if (out / "home").exists():
             raise FitError(f"{out} already holds a run; give the Trainer a new out directory")
         out.mkdir(parents=True, exist_ok=True)
+        # without serving the model is never loaded: its path only fills the settings
         settings = demo_settings(self.settings, out, Path(model_path))
         settings = replace(settings, trainer=replace(settings.trainer, **self.trainer_options))
         workers = demo_workers(settings, proxy_port=0)
         del workers["proxy"]  # the runners call the router themselves, traced in their process
         if not learn:
             del workers["join"], workers["train"]
-        console.print(f"[bold]Trainer.{'fit' if learn else 'dev'}[/bold]: starting the stack under {out} ...")
+        if not serve:
+            del workers["serve"]
+        console.print(f"[bold]Trainer.{what}[/bold]: starting the stack under {out} ...")
         state = start_stack(settings, workers=workers, timeout=self.timeout)
         settings = replace(
             settings,
@@ -182,33 +308,234 @@ class Trainer:
         )
         with contextlib.ExitStack() as cleanup:  # unwinds in reverse: the stack stops last
             cleanup.callback(stop_stack, settings, 20.0)
-            stop = multiprocessing.get_context("spawn").Event()
+            context = multiprocessing.get_context("spawn")
+            stop = context.Event()
+            group = self.store.runner_group if self.store is not None else RUNNER_GROUP
             runners = [
-                multiprocessing.get_context("spawn").Process(
-                    target=_runner_process, args=(payload, settings, index, stop), name=f"runner-{index}"
+                context.Process(
+                    target=_runner_process,
+                    args=(payload, settings, index, stop, self.runner_options, group),
+                    name=f"runner-{index}",
                 )
                 for index in range(self.n_runners)
             ]
             for runner in runners:
                 runner.start()
             cleanup.callback(_stop_runners, runners, stop)
+            yield settings, runners, state
+
+    def _run(self, agent: Any, train: list[dict], val: list[dict], *, learn: bool) -> None:
+        from rich.console import Console
+
+        console = self.console or Console()
+        with self._stack(agent, learn=learn, serve=True, what="fit" if learn else "dev") as (settings, runners, state):
             run = _Run(settings, self, console, runners, state)
-            cleanup.callback(run.close)
-            run.deal(train, val, learn=learn)
-            self.validation = run.validation_table()
+            try:
+                run.deal(train, val, learn=learn)
+                self.validation = run.validation_table()
+            finally:
+                run.close()
         _print_validation(console, self.validation, learn)
+
+    def _run_algorithm(self, agent: Any, algorithm: Algorithm, train_dataset: Any, val_dataset: Any) -> None:
+        """Run ``algorithm`` in this process on the stack's store while the runners serve its queue."""
+        import asyncio
+
+        from rich.console import Console
+
+        from boltstream.producers.resources import LLM
+
+        console = self.console or Console()
+        train = load_dataset(train_dataset, objects_only=False)
+        val = load_dataset(val_dataset, objects_only=False)
+        serve = bool(self.settings.trainer.model_path)
+        with self._stack(agent, learn=False, serve=serve, what=type(algorithm).__name__) as (settings, runners, state):
+            if isinstance(algorithm, APO):  # boltstream's APO: the settings say so, for the stack's records
+                settings = replace(settings, trainer=replace(settings.trainer, algorithm="apo"))
+            store = self._store_for(settings)
+            resources = dict(self.initial_resources)
+            if serve:
+                router = f"http://127.0.0.1:{settings.serve.router_port}/v1"
+                resources.setdefault(LLM_RESOURCE, LLM(endpoint=router, model=settings.trainer.model_name))
+            watchdog = _Watchdog(state, runners)
+            try:
+                if isinstance(algorithm, APO):
+                    self._run_apo(algorithm, store, settings, resources, train, val, watchdog, console)
+                else:
+                    from boltstream.agl.adapter import TraceToMessages
+
+                    algorithm.set_trainer(self)
+                    algorithm.set_store(store)
+                    algorithm.set_adapter(self.adapter if self.adapter is not None else TraceToMessages())
+                    algorithm.set_initial_resources(resources)
+                    watchdog.check()
+                    run_algorithm(algorithm, train, val)
+                    if isinstance(algorithm, Baseline) and val:
+                        rewards = [r.final_reward or 0.0 for r in algorithm.finished if r.mode == "val"]
+                        self.validation = [ValidationRow("-", len(rewards), _mean(rewards))] if rewards else []
+                        _print_validation(console, self.validation, learn=False)
+            finally:
+                asyncio.run(store.close())
+
+    def _store_for(self, settings: Settings) -> LightningStore:
+        """The algorithm's store on the stack: the options of ``store=`` if one was given."""
+        if self.store is None:
+            return LightningStore(settings)
+        return LightningStore(
+            settings,
+            runner_group=self.store.runner_group,
+            read_timeout=self.store.read_timeout,
+            poll_interval=self.store.poll_interval,
+        )
+
+    def _run_apo(
+        self,
+        apo: APO,
+        store: LightningStore,
+        settings: Settings,
+        resources: dict[str, Any],
+        train: list[Any],
+        val: list[Any],
+        watchdog: _Watchdog,
+        console: Any,
+    ) -> None:
+        """boltstream's APO on the store: deal train tasks a batch at a time to the template ranked first
+        (UCB1 over the rewards so far), then validate the best template."""
+        import asyncio
+
+        from boltstream.producers.resources import PromptTemplate
+        from boltstream.trainer.apo import TemplateRanker, template_id
+
+        name, seed = _seed_template(apo, resources)
+        exploration = apo.exploration if apo.exploration is not None else settings.trainer.apo_exploration
+        ranker = TemplateRanker(exploration)
+        ranker.add_candidates(name, [seed.template, *apo.candidates])
+        if not train:
+            raise ValueError("APO needs a non-empty train_dataset: its rollouts rank the templates")
+
+        async def rewards(template: str, tasks: list[Any], mode: str) -> list[float]:
+            """Run ``tasks`` with ``template`` and return their final rewards (a failed or unrewarded one: 0)."""
+            version = {**resources, name: PromptTemplate(template=template, engine=seed.engine)}
+            resources_id = (await store.add_resources(version)).resources_id
+            queued = await store.enqueue_many_rollouts(
+                [{"input": task, "mode": mode, "resources_id": resources_id} for task in tasks]
+            )
+            ids = [rollout.rollout_id for rollout in queued]
+            deadline = time.monotonic() + apo.rollout_batch_timeout
+            done: list[Any] = []
+            while len(done) < len(ids):
+                watchdog.check()
+                if time.monotonic() > deadline:
+                    raise FitError(
+                        f"APO: {len(done)} of {len(ids)} rollouts finished in {apo.rollout_batch_timeout:.0f} s"
+                    )
+                done = await store.wait_for_rollouts(rollout_ids=ids, timeout=5.0)
+            return [rollout.final_reward or 0.0 for rollout in done]
+
+        async def optimise() -> list[ValidationRow]:
+            validation = []
+            checked = val[: apo.val_batch_size]
+            if checked and apo.run_initial_validation:
+                scores = await rewards(seed.template, checked, "val")
+                validation.append(ValidationRow(f"seed {template_id(seed.template)}", len(scores), _mean(scores)))
+            for _ in range(self.max_epochs):
+                for start in range(0, len(train), apo.gradient_batch_size):
+                    identifier, stats = ranker.winner(name)
+                    for reward in await rewards(
+                        stats.template, train[start : start + apo.gradient_batch_size], "train"
+                    ):
+                        ranker.record(name, identifier, reward)
+                    console.print(f"APO: template {identifier} now {stats.mean:.3f} over {stats.evaluations} rollouts")
+            ranked = sorted(ranker.agents[name].items(), key=lambda item: (-item[1].mean, -item[1].evaluations))
+            self.templates = [TemplateRow(i, t.template, t.evaluations, t.mean) for i, t in ranked if t.evaluations]
+            best = self.templates[0]
+            self.best_prompt = PromptTemplate(template=best.template, engine=seed.engine)
+            if checked:
+                scores = await rewards(best.template, checked, "val")
+                validation.append(ValidationRow(f"best {best.template_id}", len(scores), _mean(scores)))
+            return validation
+
+        self.validation = asyncio.run(optimise())
+        _print_templates(console, self.templates, self.validation)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def _runners_wanted(n_runners: int | None, n_workers: int | None, strategy: Any) -> int:
+    """How many runner processes: ``n_runners`` (or 0.3's deprecated ``n_workers``, or a process
+    strategy's ``n_runners``); a strategy that runs runners otherwise cannot apply."""
+    if strategy is not None:
+        kind = strategy.get("type") if isinstance(strategy, Mapping) else strategy
+        kind = kind if isinstance(kind, str) else type(strategy).__name__
+        if kind.rsplit(".", 1)[-1] not in _PROCESS_STRATEGIES:
+            raise ValueError(
+                f"Trainer(strategy={kind!r}) cannot apply: boltstream's runners are always processes taking "
+                "tasks from the broker (what Agent Lightning's client-server strategy does); set n_runners"
+            )
+        if isinstance(strategy, Mapping) and n_runners is None:
+            n_runners = strategy.get("n_runners")
+    wanted = n_runners if n_runners is not None else n_workers
+    if wanted is not None and wanted < 1:
+        raise ValueError("n_runners must be at least 1")
+    return wanted or 1
+
+
+def _algorithm_of(spec: Any) -> Algorithm | None:
+    """The algorithm of Agent Lightning's ``algorithm=``: an Algorithm, or its class (built without arguments)."""
+    if isinstance(spec, type) and issubclass(spec, Algorithm):
+        spec = spec()
+    if spec is not None and not isinstance(spec, Algorithm):
+        raise TypeError(
+            f"Trainer(algorithm=...) takes an agl.Algorithm (agl.VERL(config), agl.APO(...), agl.Baseline(), "
+            f"a subclass or an @agl.algo function), not {type(spec).__name__}"
+        )
+    return spec
+
+
+def _seed_template(apo: APO, resources: Mapping[str, Any]) -> tuple[str, Any]:
+    """The resource name and the PromptTemplate APO starts from: the one among the initial resources."""
+    from boltstream.producers.resources import PromptTemplate
+
+    templates = [(name, value) for name, value in resources.items() if isinstance(value, PromptTemplate)]
+    if len(templates) != 1:
+        raise ValueError(
+            f"APO tunes one PromptTemplate of initial_resources; they hold {len(templates)}: "
+            "give Trainer(initial_resources={'prompt': agl.PromptTemplate(...)})"
+        )
+    if not apo.candidates:
+        raise ValueError(
+            "boltstream's APO ranks candidate templates and does not write new ones with an LLM: "
+            "give agl.APO(..., candidates=['template', ...])"
+        )
+    return templates[0]
+
+
+class _Watchdog:
+    """Fails the run when a stack worker or every runner process has exited."""
+
+    def __init__(self, state: Any, runners: list) -> None:
+        self.state, self.runners = state, runners
+
+    def check(self) -> None:
+        dead = [name for name, alive in self.state.alive().items() if not alive]
+        if dead:
+            raise FitError(f"{', '.join(dead)} exited (see its log under {Path(self.state.home) / 'logs'})")
+        if not any(runner.is_alive() for runner in self.runners):
+            codes = [runner.exitcode for runner in self.runners]
+            raise FitError(f"every runner process exited (exit codes {codes})")
 
 
 class _Run:
     """One ``fit`` / ``dev``: deals tasks, follows the trainer and the versions served, validates each."""
 
     def __init__(self, settings: Settings, trainer: Trainer, console: Any, runners: list, state: Any) -> None:
-        from boltstream.agl.store import LightningStore
         from boltstream.producers.resources import LLM
         from boltstream.stream_processors.analytics import read_client
 
         self.settings, self.trainer, self.console, self.runners, self.state = settings, trainer, console, runners, state
-        self.store = LightningStore(settings)
+        self.store = trainer._store_for(settings)
         router = f"http://127.0.0.1:{settings.serve.router_port}/v1"
         self.resources = {
             **trainer.initial_resources,
@@ -325,12 +652,7 @@ class _Run:
         return [ValidationRow(str(version or "0"), int(n), float(mean)) for version, n, mean in rows]
 
     def _check_alive(self) -> None:
-        dead = [name for name, alive in self.state.alive().items() if not alive]
-        if dead:
-            raise FitError(f"{', '.join(dead)} exited (see its log under {Path(self.state.home) / 'logs'})")
-        if not any(runner.is_alive() for runner in self.runners):
-            codes = [runner.exitcode for runner in self.runners]
-            raise FitError(f"every runner process exited (exit codes {codes})")
+        _Watchdog(self.state, self.runners).check()
 
     def _progress(self, began: float, issued: int, total: int, step: int, steps: int, served: int) -> Any:
         from rich.table import Table
@@ -356,6 +678,23 @@ def _print_validation(console: Any, rows: list[ValidationRow], learn: bool) -> N
     for row in rows:
         table.add_row(f"v{row.model_version}", str(row.rollouts), f"{row.mean_reward:.3f}")
     console.print(table if rows else "[yellow]no validation rollout was archived[/yellow]")
+
+
+def _print_templates(console: Any, templates: list[TemplateRow], validation: list[ValidationRow]) -> None:
+    from rich.table import Table
+
+    table = Table(title="APO: prompt templates by mean train reward")
+    for column in ("template", "rollouts", "mean reward", "text"):
+        table.add_column(column, justify="left" if column in ("template", "text") else "right")
+    for row in templates:
+        table.add_row(row.template_id, str(row.rollouts), f"{row.mean_reward:.3f}", row.template[:60])
+    console.print(table)
+    checked = Table(title="APO: validation")
+    for column in ("template", "rollouts", "mean reward"):
+        checked.add_column(column, justify="left" if column == "template" else "right")
+    for row in validation:
+        checked.add_row(row.model_version, str(row.rollouts), f"{row.mean_reward:.3f}")
+    console.print(checked if validation else "[yellow]no val_dataset: nothing validated[/yellow]")
 
 
 # -- runners -----------------------------------------------------------------------------------------------
@@ -391,8 +730,16 @@ def _agent_of(payload: bytes) -> Any:
     return found
 
 
-def run_runner(agent: Any, settings: Settings, worker_id: int = 0, stop: Any = None) -> int:
-    """Take tasks from ``topics.rollout_tasks`` and run ``agent`` on them until ``stop`` is set; how many ran.
+def run_runner(
+    agent: Any,
+    settings: Settings,
+    worker_id: int = 0,
+    stop: Any = None,
+    options: RunnerOptions | None = None,
+    runner_group: str = RUNNER_GROUP,
+) -> int:
+    """Take tasks from ``topics.rollout_tasks`` and run ``agent`` on them until ``stop`` is set (or
+    ``options.max_rollouts`` ran); how many ran.
 
     What every runner process of ``fit`` runs; a machine joins a running ``fit`` by calling it with the
     same agent and settings that reach the fit's broker (and its router, for the LLM resource).
@@ -402,20 +749,27 @@ def run_runner(agent: Any, settings: Settings, worker_id: int = 0, stop: Any = N
     from boltstream import agl
     from boltstream.producers import autotrace
 
+    options = options or RunnerOptions()
     agl.configure(settings)
     autotrace.instrument(request_token_ids=True)  # the join trains on the calls' token ids and logprobs
-    store = agl.LightningStore(settings)
-    runner = agl.LitAgentRunner(tracer=agl.DummyTracer())
+    store = agl.LightningStore(settings, runner_group=runner_group)
+    runner = agl.LitAgentRunner(
+        tracer=options.tracer if options.tracer is not None else agl.DummyTracer(),
+        max_rollouts=options.max_rollouts,
+        poll_interval=options.poll_interval,
+    )
     try:
-        with runner.run_context(agent=agent, store=store, worker_id=worker_id):
+        with runner.run_context(agent=agent, store=store, hooks=options.hooks, worker_id=worker_id):
             return asyncio.run(runner.iter(event=stop))
     finally:
         asyncio.run(store.close())
         agl.shutdown(10.0)
 
 
-def _runner_process(payload: bytes, settings: Settings, worker_id: int, stop: Any) -> None:
-    run_runner(_agent_of(payload), settings, worker_id, stop)
+def _runner_process(
+    payload: bytes, settings: Settings, worker_id: int, stop: Any, options: RunnerOptions, runner_group: str
+) -> None:
+    run_runner(_agent_of(payload), settings, worker_id, stop, options, runner_group)
 
 
 def _stop_runners(runners: list, stop: Any, timeout: float = 30.0) -> None:
