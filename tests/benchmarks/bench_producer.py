@@ -33,6 +33,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -268,6 +269,86 @@ def test_spans_per_second_end_to_end(settings: Settings) -> None:
         f"encode + produce = {sdk_alone_rate / raw_rate:.2f}x raw produce (target 0.5)\n"
         f"  CPU-bound capacity on one free core: end to end {total / warm_end_to_end[1]:,.0f} spans/s, "
         f"encode + produce {total / alone[1]:,.0f} spans/s (wall-clock rates suffer from other processes' load)"
+    )
+
+
+def _framework_calls(count: int) -> list[tuple[dict, str]]:
+    """``count`` distinct tool calls shaped as frameworks hand them over: arguments parsed from the model's JSON
+    into a dict with numbers, booleans, a nested mapping and a list (flattened into Agent Lightning's
+    ``args.filters.sources.0`` layout, typed leaves), and a text result; about 1 KB per span."""
+    text = _prose(count * 8 + 1000, seed=11)
+    return [
+        (
+            {
+                "query": text[i * 8 : i * 8 + 300],
+                "top_k": i % 10,
+                "score_threshold": 0.25 + (i % 7) / 100,
+                "filters": {"recent": i % 2 == 0, "sources": ["web", "news", "papers"], "max_age_days": 30},
+                "page": {"offset": i % 50, "limit": 10},
+            },
+            text[i * 3 : i * 3 + 450],
+        )
+        for i in range(count)
+    ]
+
+
+#: Rounds of the framework-shaped vs all-string comparison; each runs both shapes, who goes first alternating.
+SHAPE_ROUNDS = 3
+#: Issue 12's target: framework-shaped spans cost at most this much more than all-string ones.
+SHAPE_TARGET = 1.3
+
+
+def test_framework_shaped_vs_all_string_spans(settings: Settings) -> None:
+    """SDK throughput (emit → acknowledged, warm client) on framework-shaped spans against all-string spans of
+    the same content: the same tool calls, their arguments handed over as the JSON text an agent may already
+    hold (not converted in the timed loop: the all-string case at its cheapest). Interleaved rounds; the
+    ratio of the best runs, and of CPU per span (all threads), the figure that load on a shared machine
+    disturbs least."""
+    rollouts, spans_per_rollout = 5_000, 10
+    total = rollouts * spans_per_rollout
+    shaped = _framework_calls(rollouts * (spans_per_rollout - 1))
+    as_text = [(to_text(args), result) for args, result in shaped]
+    assert 900 <= len(_one_span_batch(*shaped[0])) <= 1300, "a benchmark span should be about 1 KB"
+
+    def run(calls: list[tuple[Any, str]]) -> tuple[float, float]:
+        run_settings = with_producer(settings, span_buffer_size=2048)
+        ensure_topics(run_settings)
+        agl.configure(run_settings)
+        try:
+            agl.send_reward(WARM_UP, 0.0)
+            assert agl.flush(10)
+            started, cpu_started = time.perf_counter(), time.process_time()
+            calls_left = iter(calls)
+            for index in range(rollouts):
+                with agl.rollout(task_id=f"task-{index % 100}", agent_name="bench"):
+                    for _ in range(spans_per_rollout - 1):
+                        args, result = next(calls_left)
+                        agl.emit_tool_call("search", args, result)
+            assert agl.flush(120)
+            elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+            stats = agl.stats()
+        finally:
+            agl.shutdown(5)
+        assert stats["spans_delivered"] == total and stats["messages_spooled"] == 0
+        return elapsed, cpu
+
+    runs: dict[str, list[tuple[float, float]]] = {"framework": [], "string": []}
+    for round_number in range(SHAPE_ROUNDS):
+        order = [("framework", shaped), ("string", as_text)]
+        for name, calls in order if round_number % 2 == 0 else reversed(order):
+            runs[name].append(run(calls))
+    wall = {name: min(elapsed for elapsed, _ in results) for name, results in runs.items()}
+    cpu = {name: min(used for _, used in results) for name, results in runs.items()}
+    wall_ratio, cpu_ratio = wall["framework"] / wall["string"], cpu["framework"] / cpu["string"]
+    print(
+        f"\nframework-shaped vs all-string 1 KB tool_call spans ({total:,} spans a run, best of {SHAPE_ROUNDS} "
+        f"interleaved rounds, warm client)\n"
+        f"  framework-shaped (nested dict, numbers, booleans): {total / wall['framework']:,.0f} spans/s; "
+        f"CPU {cpu['framework'] / total * 1e6:.1f} µs/span\n"
+        f"  all-string (the arguments as JSON text):           {total / wall['string']:,.0f} spans/s; "
+        f"CPU {cpu['string'] / total * 1e6:.1f} µs/span\n"
+        f"  → framework-shaped costs {wall_ratio:.2f}× the all-string time, {cpu_ratio:.2f}× its CPU "
+        f"(target ≤ {SHAPE_TARGET}×)"
     )
 
 
