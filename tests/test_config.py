@@ -380,5 +380,5 @@ def test_lenient_loading_of_a_file_that_is_not_toml_keeps_the_environment(tmp_pa
 
 
 def test_overrides_from_code_stay_strict_when_loading_leniently(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="overrides: producer.linger"):
+    with pytest.raises(ConfigError, match=r"overrides: producer\.linger"):
         load_settings(environ={"BOLTSTREAM_HOME": str(tmp_path)}, on_invalid=print, producer={"linger": "soon"})
