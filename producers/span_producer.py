@@ -55,7 +55,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from boltstream.infra.common.config import Settings, fill_from_stack
 from boltstream.infra.common.contract import keep_rollout
 from boltstream.producers.pending_span import ATTRIBUTES, ERROR, LLM, REWARD, ROLLOUT_ID, SERVER_ID, PendingSpan
-from boltstream.producers.redaction import Redactor, is_wire_scalar
+from boltstream.producers.redaction import Redactor, strings_if_wire_scalars
 from boltstream.producers.retention import RETAINED, Retention
 from boltstream.producers.span_encoder import SpanBatchEncoder
 from boltstream.producers.spool import Segment, Spool, SpooledMessage, SpoolLocked
@@ -480,9 +480,10 @@ class SpanProducer:
         try:
             joined = "\x00".join(texts)
         except TypeError:  # a value that is not a string: numbers leave as they are, anything else is converted
-            if not all(map(is_wire_scalar, texts)):
+            strings = strings_if_wire_scalars(texts)
+            if strings is None:
                 return [self._clean(span) for span in spans]
-            texts = [text for text in texts if type(text) is str]
+            texts = strings
             joined = "\x00".join(texts)
         if (
             not all(redactor.plain_keys(keys) for keys in key_sets)
