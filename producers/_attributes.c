@@ -126,10 +126,11 @@ static int is_nested(PyObject *item) {
     return PyObject_IsTrue(item);
 }
 
-static int walk(PyObject *prefix, PyObject *value, Py_ssize_t depth, PyObject *flat);
+static int walk(PyObject *prefix, PyObject *value, Py_ssize_t depth, PyObject *flat, Py_ssize_t base);
 
 /* One (sub, item) of a container: 1 go on, 0 a bound was passed, -1 error. */
-static int leaf(PyObject *names, PyObject *prefix, PyObject *sub, PyObject *item, Py_ssize_t depth, PyObject *flat) {
+static int leaf(PyObject *names, PyObject *prefix, PyObject *sub, PyObject *item, Py_ssize_t depth, PyObject *flat,
+                Py_ssize_t base) {
     PyObject *name = name_of(names, prefix, sub);
     if (name == NULL) {
         return -1;
@@ -142,7 +143,7 @@ static int leaf(PyObject *names, PyObject *prefix, PyObject *sub, PyObject *item
         if (nested < 0) {
             result = -1;
         } else if (nested) {
-            result = walk(name, item, depth + 1, flat);
+            result = walk(name, item, depth + 1, flat, base);
         } else {
             PyObject *text = PyObject_CallOneArg(to_text, item);
             result = (text == NULL || PyList_Append(flat, name) < 0 || PyList_Append(flat, text) < 0) ? -1 : 1;
@@ -150,13 +151,13 @@ static int leaf(PyObject *names, PyObject *prefix, PyObject *sub, PyObject *item
         }
     }
     Py_DECREF(name);
-    if (result == 1 && PyList_GET_SIZE(flat) > max_items) {
+    if (result == 1 && PyList_GET_SIZE(flat) - base > max_items) {
         return 0;
     }
     return result;
 }
 
-static int walk(PyObject *prefix, PyObject *value, Py_ssize_t depth, PyObject *flat) {
+static int walk(PyObject *prefix, PyObject *value, Py_ssize_t depth, PyObject *flat, Py_ssize_t base) {
     if (depth >= max_depth) {
         return 0;
     }
@@ -180,7 +181,7 @@ static int walk(PyObject *prefix, PyObject *value, Py_ssize_t depth, PyObject *f
             }
             PyObject *item = PySequence_Fast_GET_ITEM(items, i);
             Py_INCREF(item);
-            result = leaf(names, prefix, index, item, depth, flat);
+            result = leaf(names, prefix, index, item, depth, flat, base);
             Py_DECREF(item);
             Py_DECREF(index);
         }
@@ -191,7 +192,7 @@ static int walk(PyObject *prefix, PyObject *value, Py_ssize_t depth, PyObject *f
         while (result == 1 && PyDict_Next(value, &at, &sub, &item)) {
             Py_INCREF(sub); /* a to_text call may change the dict: hold what is being read */
             Py_INCREF(item);
-            result = leaf(names, prefix, sub, item, depth, flat);
+            result = leaf(names, prefix, sub, item, depth, flat, base);
             Py_DECREF(item);
             Py_DECREF(sub);
         }
@@ -209,7 +210,7 @@ static int walk(PyObject *prefix, PyObject *value, Py_ssize_t depth, PyObject *f
                 PyErr_SetString(PyExc_TypeError, "items() must give (key, value) pairs");
                 result = -1;
             } else {
-                result = leaf(names, prefix, PyTuple_GET_ITEM(pair, 0), PyTuple_GET_ITEM(pair, 1), depth, flat);
+                result = leaf(names, prefix, PyTuple_GET_ITEM(pair, 0), PyTuple_GET_ITEM(pair, 1), depth, flat, base);
             }
             Py_DECREF(pair);
         }
@@ -231,7 +232,7 @@ static PyObject *flatten(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_RuntimeError, "_attributes.setup() was not called");
         return NULL;
     }
-    int result = walk(prefix, value, 0, flat);
+    int result = walk(prefix, value, 0, flat, PyList_GET_SIZE(flat)); /* bounds count from what is there */
     if (result < 0) {
         return NULL;
     }
@@ -425,7 +426,8 @@ static PyMethodDef methods[] = {
     {"setup", setup, METH_VARARGS,
      "setup(key_cache, to_text, Mapping, max_depth, max_keys, max_prefixes, max_subkeys): what flatten() uses."},
     {"flatten", flatten, METH_VARARGS,
-     "flatten(prefix, value, flat) -> bool: append value's leaves under prefix to flat; False past a bound."},
+     "flatten(prefix, value, flat) -> bool: append value's leaves under prefix to flat; False past a bound "
+     "(then what it appended is void)."},
     {NULL, NULL, 0, NULL},
 };
 

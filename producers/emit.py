@@ -35,7 +35,7 @@ from boltstream.producers.context import (
     reset_parent,
     set_parent,
 )
-from boltstream.producers.redaction import flat_attribute_items, to_text
+from boltstream.producers.redaction import append_flat_attribute, to_text
 
 log = logging.getLogger("boltstream.emit")
 
@@ -109,7 +109,7 @@ def _snapshot(attributes: Mapping[str, Any] | None) -> list[Any]:
                 flat.append(key)
                 flat.append(value)
             else:
-                flat += flat_attribute_items(key, value)
+                append_flat_attribute(flat, key, value)
     return flat
 
 

@@ -445,14 +445,25 @@ def flat_attribute_items(key: str, value: Any) -> list[Any]:
     large, kept whole as JSON text), anything else as JSON text (None as ``null``, an int beyond 64 bits as
     its digits). Runs on the agent's thread (the snapshot of a value it may change later): one loop over
     the leaves with exact type checks, no call per leaf."""
-    if is_wire_scalar(value):
-        return [key, value]
+    flat: list[Any] = []
+    append_flat_attribute(flat, key, value)
+    return flat
+
+
+def append_flat_attribute(flat: list[Any], key: str, value: Any) -> None:
+    """Append :func:`flat_attribute_items` of ``key`` and ``value`` to ``flat`` (no list of its own)."""
     kind = type(value)
+    if kind is str or kind is float or kind is bool or (kind is int and _LONG_MIN <= value <= _LONG_MAX):
+        flat.append(key)
+        flat.append(value)
+        return
     if (kind is dict or kind is list or kind is tuple or isinstance(value, Mapping)) and value:
-        flat: list[Any] = []
+        start = len(flat)
         if _flatten_leaves(key, value, flat):
-            return flat
-    return [key, to_text(value)]
+            return
+        del flat[start:]  # a bound was passed: the value goes whole, as JSON text
+    flat.append(key)
+    flat.append(to_text(value))
 
 
 #: The flattened keys made so far: for each prefix, its sub-keys' full names. Frameworks send the same shapes
@@ -462,8 +473,9 @@ _flat_keys: dict[str, dict[Any, str]] = {}
 _MAX_FLAT_PREFIXES, _MAX_FLAT_SUBKEYS = 4096, 256
 
 
-def _flatten(prefix: str, value: Any, depth: int, flat: list[Any]) -> bool:
-    """Append the leaves of ``value`` under ``prefix``; False when a bound is passed (``flat`` is then void)."""
+def _flatten(prefix: str, value: Any, depth: int, flat: list[Any], base: int) -> bool:
+    """Append the leaves of ``value`` under ``prefix`` to ``flat``, which held ``base`` items before; False when a
+    bound is passed (what was appended is then void)."""
     if depth >= MAX_FLATTEN_DEPTH:
         return False
     names = _flat_keys.get(prefix)
@@ -487,19 +499,19 @@ def _flatten(prefix: str, value: Any, depth: int, flat: list[Any]) -> bool:
             append(name)
             append(item)
         elif (kind is dict or kind is list or kind is tuple or isinstance(item, Mapping)) and item:
-            if not _flatten(name, item, depth + 1, flat):
+            if not _flatten(name, item, depth + 1, flat, base):
                 return False
         else:
             append(name)
             append(to_text(item))
-        if len(flat) > 2 * MAX_FLATTENED_KEYS:
+        if len(flat) - base > 2 * MAX_FLATTENED_KEYS:
             return False
     return True
 
 
 def flatten_in_python(prefix: str, value: Any, flat: list[Any]) -> bool:
     """:func:`_flatten` from the top: what ``_attributes.flatten`` (C) does when that extension is not built."""
-    return _flatten(prefix, value, 0, flat)
+    return _flatten(prefix, value, 0, flat, len(flat))
 
 
 def strings_if_wire_scalars_in_python(values: list[Any]) -> list[str] | None:

@@ -179,7 +179,7 @@ SHAPES: list[object] = [
 def test_the_c_flattening_is_the_python_one(value: object) -> None:
     c = c_attributes()
     for prefix in ("args", "args"):  # the second time from the key cache
-        from_c, from_python = [], []
+        from_c, from_python = ["an earlier key", "its value"], ["an earlier key", "its value"]  # bounds ignore them
         assert c.flatten(prefix, value, from_c) == redaction.flatten_in_python(prefix, value, from_python)
         # Types too (True is not 1); the same NaN object compares equal to itself in a list.
         assert [(type(x), x) for x in from_c] == [(type(x), x) for x in from_python]
@@ -198,3 +198,12 @@ def test_the_c_check_of_wire_scalars_is_the_python_one() -> None:
         [type("Text", (str,), {})("a subclass")],
     ):
         assert c.strings_if_wire_scalars(values) == redaction.strings_if_wire_scalars_in_python(values), values
+
+
+def test_a_spans_other_attributes_do_not_count_toward_a_values_flattening_bound() -> None:
+    flat = ["earlier", 1]
+    redaction.append_flat_attribute(flat, "big", list(range(MAX_FLATTENED_KEYS)))
+    last = MAX_FLATTENED_KEYS - 1
+    assert len(flat) == 2 + 2 * MAX_FLATTENED_KEYS and flat[-2:] == [f"big.{last}", last]
+    redaction.append_flat_attribute(flat, "bigger", list(range(MAX_FLATTENED_KEYS + 1)))  # past it: whole, as JSON
+    assert flat[-2] == "bigger" and flat[-1].startswith("[0,1,2") and len(flat) == 4 + 2 * MAX_FLATTENED_KEYS
