@@ -161,6 +161,7 @@ def emit_span(
         return event_id
     except Exception:
         _failures += 1
+        runtime.count_lost_span()
         log.exception("emit_span(%r, %r) failed; the span is lost", kind, name)
         return ""
 
@@ -168,6 +169,7 @@ def emit_span(
 def _fail(what: str) -> str:
     global _failures
     _failures += 1
+    runtime.count_lost_span()
     log.exception("%s failed; the span is lost", what)
     return ""
 

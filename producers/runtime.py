@@ -29,7 +29,8 @@ _lock = threading.RLock()
 _producer: SpanProducer | None = None
 _settings: Settings | None = None
 _discarded = 0
-_discarded_at_flush = 0  # _discarded at the previous flush()
+_failed_emits = 0  # emit calls that failed (each logged), their spans lost
+_lost_at_flush = 0  # _discarded + _failed_emits at the previous flush()
 _unavailable_reason: str | None = None
 #: Called with ``idle_only``: True on every background cycle, False on flush and exit.
 _end_of_batch_hooks: list[Callable[[bool], None]] = []
@@ -112,6 +113,13 @@ def record(span: PendingSpan) -> None:
     running.append(span)
 
 
+def count_lost_span() -> None:
+    """Count a span an emit call could not record (it logged why): ``stats()["failed_emits"]``, and the next
+    ``flush()`` returns False."""
+    global _failed_emits
+    _failed_emits += 1
+
+
 def send_reward_record(reward: dict[str, Any]) -> bool:
     """Queue a Reward record; False if no producer could start."""
     global _discarded
@@ -126,12 +134,12 @@ def send_reward_record(reward: dict[str, Any]) -> bool:
 def flush(timeout: float | None = None) -> bool:
     """End implicit rollouts, then wait until every span and reward so far is delivered: False on timeout,
     when anything was dropped or discarded since the previous flush, or while no broker is configured."""
-    global _discarded_at_flush
+    global _lost_at_flush
     _run_hooks(idle_only=False)
     running = _producer
     delivered = True if running is None else running.flush(timeout)
-    discarded, _discarded_at_flush = _discarded != _discarded_at_flush, _discarded
-    return delivered and not discarded
+    lost, _lost_at_flush = _discarded + _failed_emits != _lost_at_flush, _discarded + _failed_emits
+    return delivered and not lost
 
 
 def shutdown(timeout: float | None = None) -> bool:
@@ -149,9 +157,13 @@ def shutdown(timeout: float | None = None) -> bool:
 def stats() -> dict[str, Any]:
     """Counters of the running producer and its spool, what it holds in memory (``in_memory``: spans queued,
     messages in flight), whether it waits for a broker to be configured (``awaiting_broker``: spans go to the
-    spool), plus spans discarded for lack of a producer."""
+    spool), plus spans discarded for lack of a producer and emit calls that failed (``failed_emits``)."""
     running = _producer
-    result: dict[str, Any] = {"discarded_spans": _discarded, "unavailable_reason": _unavailable_reason}
+    result: dict[str, Any] = {
+        "discarded_spans": _discarded,
+        "failed_emits": _failed_emits,
+        "unavailable_reason": _unavailable_reason,
+    }
     if running is not None:
         result["awaiting_broker"] = running.awaiting_broker
         result.update(asdict(running.stats))

@@ -36,6 +36,7 @@ import contextlib
 import hashlib
 import itertools
 import logging
+import math
 import operator
 import os
 import re
@@ -52,7 +53,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
-from boltstream.infra.common.config import Settings, fill_from_stack
+from boltstream.infra.common.config import ConfigError, Settings, fill_from_stack
 from boltstream.infra.common.contract import keep_rollout
 from boltstream.producers.pending_span import ATTRIBUTES, ERROR, LLM, REWARD, ROLLOUT_ID, SERVER_ID, PendingSpan
 from boltstream.producers.redaction import Redactor, strings_if_wire_scalars
@@ -184,7 +185,16 @@ class SpanProducer:
         )
         self._next_broker_look = 0.0
         if settings.kafka.bootstrap_servers:
-            self._connect(settings)
+            try:
+                self._connect(settings)
+            except ConfigError as exc:  # e.g. SASL without a password: spool for a run whose settings work
+                self._next_broker_look = math.inf  # the stack's state file cannot mend these settings
+                log.warning(
+                    "boltstream: the broker settings cannot be used (%s): spans are kept on disk in %s, up to "
+                    "producer.spool_max_bytes, for a later run of this program whose settings work",
+                    exc,
+                    self._spool.directory,
+                )
         else:
             log.warning(
                 "boltstream: no broker is configured (kafka.bootstrap_servers is empty and no local stack runs: no "

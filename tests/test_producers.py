@@ -331,7 +331,8 @@ def test_bad_input_never_raises_into_the_agent(sdk: Settings) -> None:
     ok = agl.emit("my_custom_kind", payload=Unserialisable(), cycle=loop)
     nan = agl.emit_reward(math.nan)
     assert ok and nan
-    assert agl.flush(10)
+    assert agl.flush(10) is False  # delivered, but the two bad rewards were lost: flush() says so
+    assert agl.stats()["failed_emits"] == 2
     spans = consume(sdk.kafka.bootstrap_servers, sdk.topics.spans, at_least(3))
     by_id = {s["event_id"]: s for s in spans}
     assert by_id[ok]["kind"] == "custom" and by_id[ok]["attributes"]["kind"] == "my_custom_kind"

@@ -9,8 +9,11 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+
+import pytest
 
 from boltstream import agl
 from boltstream.infra.common.config import Settings
@@ -35,6 +38,15 @@ AGENT = textwrap.dedent(
         print(json.dumps({"flushed": agl.flush(60), "stats": agl.stats()}), flush=True)
     """
 )
+
+
+@pytest.fixture
+def sdk_settings(settings: Settings) -> Iterator[Settings]:
+    """The process-wide SDK producer on this test's topics; shut down afterwards."""
+    ensure_topics(settings)
+    agl.configure(settings)
+    yield settings
+    agl.shutdown(5)
 
 
 def agent_environment(settings: Settings, **extra: str) -> dict[str, str]:
@@ -178,3 +190,32 @@ def test_flush_is_prompt_without_a_broker(settings: Settings, tmp_path: Path) ->
         assert agl.stats()["spool_messages"] == 1
     finally:
         agl.shutdown(5)
+
+
+def test_broker_settings_that_cannot_be_used_spool_instead_of_discarding(settings: Settings, tmp_path: Path) -> None:
+    """A broker whose security settings are incomplete (SASL without a password): one warning naming the fields,
+    spans spooled for a later run whose settings work (the same program, as above), never discarded."""
+    environment = agent_environment(
+        settings,
+        BOLTSTREAM_KAFKA__BOOTSTRAP_SERVERS=settings.kafka.bootstrap_servers,
+        BOLTSTREAM_KAFKA__SECURITY_PROTOCOL="SASL_PLAINTEXT",
+    )
+    agent = start_agent(tmp_path, environment, "sasl-without-password", "exit")
+    out, stderr = agent.communicate(timeout=60)
+    assert agent.returncode == 0, stderr
+    first = report(out.splitlines()[0])
+    assert first["flushed"] is False and first["stats"]["awaiting_broker"] is True, first
+    assert first["stats"]["spans_spooled"] == 3 and first["stats"]["discarded_spans"] == 0, first
+    assert stderr.count("kafka.security_protocol SASL_PLAINTEXT needs kafka.sasl_username and a password") == 1
+
+
+def test_an_emit_that_fails_is_counted_and_flush_says_so(sdk_settings: Settings) -> None:
+    class Unreadable(dict):
+        def items(self):  # type: ignore[override]
+            raise RuntimeError("cannot be read")
+
+    with agl.rollout(task_id="lost"):
+        assert agl.emit_span("custom", "x", attributes=Unreadable(a=1)) == ""  # logged, never raised
+    assert agl.stats()["failed_emits"] == 1
+    assert agl.flush(10) is False
+    assert agl.flush(10) is True  # nothing lost since
