@@ -30,7 +30,7 @@ AGENT = textwrap.dedent(
     with agl.rollout(task_id=sys.argv[1], rollout_id=sys.argv[1]):
         agl.emit_tool_call("search", {"query": "weather", "top_k": 3, "filters": {"recent": True}}, "sunny")
         agl.emit_reward(1.0)
-    print(json.dumps({"flushed": agl.flush(5), "stats": agl.stats()}), flush=True)
+    print(json.dumps({"flushed": agl.flush(30), "stats": agl.stats()}), flush=True)  # prompt without a broker
     if sys.argv[2] == "wait-for-stack":  # stay until the stack's broker took everything
         deadline = time.monotonic() + 120
         while agl.stats()["awaiting_broker"] and time.monotonic() < deadline:
