@@ -166,7 +166,7 @@ def test_a_bounded_spool_counts_what_it_drops_and_flush_says_so(settings: Settin
         for index in range(40):
             with agl.rollout(task_id=f"t{index}"):
                 agl.emit_tool_call("read", {"path": f"/{index}"}, "x" * 8000)
-            agl.flush(5)  # one message per rollout
+            agl.flush(30)  # one message per rollout; returns as soon as it is spooled
         stats = agl.stats()
         assert stats["awaiting_broker"] is True and stats["discarded_spans"] == 0
         assert stats["spool_dropped_spans"] > 0 and stats["spool_bytes"] <= 64 * 1024, stats
