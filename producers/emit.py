@@ -34,7 +34,7 @@ from boltstream.producers.context import (
     reset_parent,
     set_parent,
 )
-from boltstream.producers.redaction import flat_attribute_items, to_text
+from boltstream.producers.redaction import append_flat_attribute, to_text
 
 log = logging.getLogger("boltstream.emit")
 
@@ -108,7 +108,7 @@ def _snapshot(attributes: Mapping[str, Any] | None) -> list[Any]:
                 flat.append(key)
                 flat.append(value)
             else:
-                flat += flat_attribute_items(key, value)
+                append_flat_attribute(flat, key, value)
     return flat
 
 
@@ -160,6 +160,7 @@ def emit_span(
         return event_id
     except Exception:
         _failures += 1
+        runtime.count_lost_span()
         log.exception("emit_span(%r, %r) failed; the span is lost", kind, name)
         return ""
 
@@ -167,6 +168,7 @@ def emit_span(
 def _fail(what: str) -> str:
     global _failures
     _failures += 1
+    runtime.count_lost_span()
     log.exception("%s failed; the span is lost", what)
     return ""
 

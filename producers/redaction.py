@@ -445,33 +445,93 @@ def flat_attribute_items(key: str, value: Any) -> list[Any]:
     large, kept whole as JSON text), anything else as JSON text (None as ``null``, an int beyond 64 bits as
     its digits). Runs on the agent's thread (the snapshot of a value it may change later): one loop over
     the leaves with exact type checks, no call per leaf."""
-    if is_wire_scalar(value):
-        return [key, value]
+    flat: list[Any] = []
+    append_flat_attribute(flat, key, value)
+    return flat
+
+
+def append_flat_attribute(flat: list[Any], key: str, value: Any) -> None:
+    """Append :func:`flat_attribute_items` of ``key`` and ``value`` to ``flat`` (no list of its own)."""
     kind = type(value)
+    if kind is str or kind is float or kind is bool or (kind is int and _LONG_MIN <= value <= _LONG_MAX):
+        flat.append(key)
+        flat.append(value)
+        return
     if (kind is dict or kind is list or kind is tuple or isinstance(value, Mapping)) and value:
-        flat: list[Any] = []
-        if _flatten(key, value, 0, flat):
-            return flat
-    return [key, to_text(value)]
+        start = len(flat)
+        if _flatten_leaves(key, value, flat):
+            return
+        del flat[start:]  # a bound was passed: the value goes whole, as JSON text
+    flat.append(key)
+    flat.append(to_text(value))
 
 
-def _flatten(prefix: str, value: Any, depth: int, flat: list[Any]) -> bool:
-    """Append the leaves of ``value`` under ``prefix``; False when a bound is passed (``flat`` is then void)."""
+#: The flattened keys made so far: for each prefix, its sub-keys' full names. Frameworks send the same shapes
+#: again and again: a lookup instead of a new string per leaf, and the same string object every time, whose
+#: hash the encoder's and the redactor's lookups then find computed. Bounded (cleared when full).
+_flat_keys: dict[str, dict[Any, str]] = {}
+_MAX_FLAT_PREFIXES, _MAX_FLAT_SUBKEYS = 4096, 256
+
+
+def _flatten(prefix: str, value: Any, depth: int, flat: list[Any], base: int) -> bool:
+    """Append the leaves of ``value`` under ``prefix`` to ``flat``, which held ``base`` items before; False when a
+    bound is passed (what was appended is then void)."""
     if depth >= MAX_FLATTEN_DEPTH:
         return False
+    names = _flat_keys.get(prefix)
+    if names is None:
+        if len(_flat_keys) >= _MAX_FLAT_PREFIXES:
+            _flat_keys.clear()
+        names = _flat_keys[prefix] = {}
+    append = flat.append  # two appends, not ``flat += (key, item)``: no tuple per leaf for the GC to count
     kind = type(value)
     for sub, item in enumerate(value) if kind is list or kind is tuple else value.items():
+        if type(sub) is str or type(sub) is int:  # not 1.0 nor True, which a dict finds as 1
+            name = names.get(sub)
+            if name is None:
+                if len(names) >= _MAX_FLAT_SUBKEYS:
+                    names.clear()
+                name = names[sub] = f"{prefix}.{sub}"
+        else:
+            name = f"{prefix}.{sub}"
         kind = type(item)
         if kind is str or kind is float or kind is bool or (kind is int and _LONG_MIN <= item <= _LONG_MAX):
-            flat += (f"{prefix}.{sub}", item)
+            append(name)
+            append(item)
         elif (kind is dict or kind is list or kind is tuple or isinstance(item, Mapping)) and item:
-            if not _flatten(f"{prefix}.{sub}", item, depth + 1, flat):
+            if not _flatten(name, item, depth + 1, flat, base):
                 return False
         else:
-            flat += (f"{prefix}.{sub}", to_text(item))
-        if len(flat) > 2 * MAX_FLATTENED_KEYS:
+            append(name)
+            append(to_text(item))
+        if len(flat) - base > 2 * MAX_FLATTENED_KEYS:
             return False
     return True
+
+
+def flatten_in_python(prefix: str, value: Any, flat: list[Any]) -> bool:
+    """:func:`_flatten` from the top: what ``_attributes.flatten`` (C) does when that extension is not built."""
+    return _flatten(prefix, value, 0, flat, len(flat))
+
+
+def strings_if_wire_scalars_in_python(values: list[Any]) -> list[str] | None:
+    """The strings among ``values`` if every value is a wire scalar (:func:`is_wire_scalar`), else None."""
+    if not all(map(is_wire_scalar, values)):
+        return None
+    return [value for value in values if type(value) is str]
+
+
+try:  # the same in C (producers/_attributes.c), ~10x faster; optional like _secret_scan
+    from boltstream.producers._attributes import flatten as _flatten_leaves
+    from boltstream.producers._attributes import setup as _setup_flatten
+    from boltstream.producers._attributes import strings_if_wire_scalars
+except ImportError:  # installed without a C compiler
+    _flatten_leaves = flatten_in_python
+    strings_if_wire_scalars = strings_if_wire_scalars_in_python
+else:
+    _setup_flatten(
+        _flat_keys, to_text, Mapping, MAX_FLATTEN_DEPTH, MAX_FLATTENED_KEYS, _MAX_FLAT_PREFIXES, _MAX_FLAT_SUBKEYS
+    )
 
 
 class Redactor:

@@ -1,8 +1,12 @@
 """The process-wide SpanProducer: created on first use from ``load_settings()``, flushed at interpreter exit.
 
-``configure()`` replaces it explicitly (tests, an agent with its own settings). When no broker is
-configured and no local stack runs, spans cannot go anywhere: the first emit logs why, later ones
-are counted in ``stats()["discarded_spans"]``; nothing ever raises into the agent.
+``configure()`` replaces it explicitly (tests, an agent with its own settings). Nothing here ever raises
+into the agent. A configuration value that cannot be used is a warning naming it, and its field keeps its
+default. When no broker is configured and no local stack runs, the producer keeps spans in its on-disk
+spool (bounded, drops counted) and sends them once a stack starts (see
+:class:`~boltstream.producers.span_producer.SpanProducer`). Only when no producer can start at all (e.g. a
+spool directory that cannot be written) are spans discarded: the first time is logged with the reason, all are
+counted in ``stats()["discarded_spans"]``, and ``flush()`` returns False.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
-from boltstream.infra.common.config import ConfigError, Settings, load_settings
+from boltstream.infra.common.config import Settings, load_settings
 from boltstream.producers.pending_span import PendingSpan
 from boltstream.producers.span_producer import DeliveryListener, SpanProducer
 
@@ -25,6 +29,8 @@ _lock = threading.RLock()
 _producer: SpanProducer | None = None
 _settings: Settings | None = None
 _discarded = 0
+_failed_emits = 0  # emit calls that failed (each logged), their spans lost
+_lost_at_flush = 0  # _discarded + _failed_emits at the previous flush()
 _unavailable_reason: str | None = None
 #: Called with ``idle_only``: True on every background cycle, False on flush and exit.
 _end_of_batch_hooks: list[Callable[[bool], None]] = []
@@ -40,20 +46,30 @@ def on_flush(hook: Callable[[bool], None]) -> None:
 def settings() -> Settings:
     """The settings in force: the configured ones, else ``load_settings()`` (loaded once).
 
-    A configuration that cannot be loaded is logged and replaced by the defaults (with no broker,
-    so spans are discarded and counted): an agent never fails because of the SDK's configuration.
+    A value of the config file or of a ``BOLTSTREAM_*`` variable that cannot be used is a warning naming
+    it, and its field keeps its default (:func:`config_warning`): an agent never fails because of the
+    SDK's configuration.
     """
-    global _settings, _unavailable_reason
+    global _settings
     if _settings is None:
         with _lock:
             if _settings is None:
                 try:
-                    _settings = load_settings()
-                except ConfigError as exc:
-                    _unavailable_reason = f"configuration error: {exc}"
-                    log.error("boltstream spans are discarded: %s", _unavailable_reason)
+                    _settings = load_settings(on_invalid=config_warning)
+                except Exception as exc:  # a failure no value explains (a bug): the defaults, said once
+                    config_warning(f"the configuration cannot be loaded ({type(exc).__name__}: {exc})")
                     _settings = Settings()
     return _settings
+
+
+_warned: set[str] = set()
+
+
+def config_warning(complaint: str) -> None:
+    """Warn (once per process) about a configuration value that is left out for its default."""
+    if complaint not in _warned:
+        _warned.add(complaint)
+        log.warning("boltstream: configuration ignored (the default is used instead): %s", complaint)
 
 
 def configure(
@@ -67,7 +83,7 @@ def configure(
     global _producer, _settings, _unavailable_reason
     with _lock:
         shutdown()
-        _settings = settings_ if settings_ is not None else load_settings(**overrides)
+        _settings = settings_ if settings_ is not None else load_settings(on_invalid=config_warning, **overrides)
         _producer = SpanProducer(_settings, on_delivery=on_delivery)
         _producer.on_tick(lambda: _run_hooks(idle_only=True))
         _unavailable_reason = None
@@ -114,6 +130,13 @@ def record(span: PendingSpan) -> None:
     running.append(span)
 
 
+def count_lost_span() -> None:
+    """Count a span an emit call could not record (it logged why): ``stats()["failed_emits"]``, and the next
+    ``flush()`` returns False."""
+    global _failed_emits
+    _failed_emits += 1
+
+
 def send_reward_record(reward: dict[str, Any]) -> bool:
     """Queue a Reward record; False if no producer could start."""
     global _discarded
@@ -126,10 +149,14 @@ def send_reward_record(reward: dict[str, Any]) -> bool:
 
 
 def flush(timeout: float | None = None) -> bool:
-    """End implicit rollouts, then wait until every span and reward so far is delivered (False on timeout)."""
+    """End implicit rollouts, then wait until every span and reward so far is delivered: False on timeout,
+    when anything was dropped or discarded since the previous flush, or while no broker is configured."""
+    global _lost_at_flush
     _run_hooks(idle_only=False)
     running = _producer
-    return True if running is None else running.flush(timeout)
+    delivered = True if running is None else running.flush(timeout)
+    lost, _lost_at_flush = _discarded + _failed_emits != _lost_at_flush, _discarded + _failed_emits
+    return delivered and not lost
 
 
 def shutdown(timeout: float | None = None) -> bool:
@@ -146,10 +173,16 @@ def shutdown(timeout: float | None = None) -> bool:
 
 def stats() -> dict[str, Any]:
     """Counters of the running producer and its spool, what it holds in memory (``in_memory``: spans queued,
-    messages in flight), plus spans discarded for lack of a producer."""
+    messages in flight), whether it waits for a broker to be configured (``awaiting_broker``: spans go to the
+    spool), plus spans discarded for lack of a producer and emit calls that failed (``failed_emits``)."""
     running = _producer
-    result: dict[str, Any] = {"discarded_spans": _discarded, "unavailable_reason": _unavailable_reason}
+    result: dict[str, Any] = {
+        "discarded_spans": _discarded,
+        "failed_emits": _failed_emits,
+        "unavailable_reason": _unavailable_reason,
+    }
     if running is not None:
+        result["awaiting_broker"] = running.awaiting_broker
         result.update(asdict(running.stats))
         result["in_memory"] = running.in_memory()
         result.update({f"spool_{k}": v for k, v in asdict(running.spool.stats).items()})
@@ -166,7 +199,16 @@ def _run_hooks(idle_only: bool) -> None:
 
 def _at_exit() -> None:
     running = _producer
-    if running is not None and not shutdown(running.settings.producer.flush_timeout):
+    if running is not None and running.awaiting_broker:
+        shutdown(running.settings.producer.flush_timeout)
+        if len(running.spool):
+            log.warning(
+                "boltstream: no broker was configured: %d message(s) of spans wait in %s for the next run of this "
+                "program that has one",
+                len(running.spool),
+                running.spool.directory,
+            )
+    elif running is not None and not shutdown(running.settings.producer.flush_timeout):
         log.warning(
             "boltstream: not every span was delivered before exit: what was dropped is counted in agl.stats() "
             "(dropped_*), the rest waits in %s",

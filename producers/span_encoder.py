@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import io
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import fastavro
 from fastavro.schema import parse_schema
@@ -80,6 +80,7 @@ _KIND_INDEX = {kind: _SMALL[index] for index, kind in enumerate((*_KINDS, "custo
 # An attribute value's union branch (0 string, 1 long, 2 double, 3 boolean) and, for a string, its length.
 _STRING_VALUE = [b"\x00" + length for length in _SMALL]
 _LONG_VALUE, _DOUBLE_VALUE = b"\x02", b"\x04"
+_SMALL_LONG = [_LONG_VALUE + varint for varint in _SMALL]  # a long attribute value below 16384, its branch first
 _BOOLEAN_VALUE = {True: b"\x06\x01", False: b"\x06\x00"}
 
 
@@ -95,6 +96,37 @@ def _typed_value(value: object) -> bytes:
     if kind is float:
         return _DOUBLE_VALUE + _double(value)
     raise ValueError(f"attribute value of type {kind.__name__}: not a string, int, float or bool")
+
+
+def _attributes_in_python(
+    span: PendingSpan, parts: list[bytes], labels: dict[str, bytes], label: Callable[[str], bytes]
+) -> None:
+    """Append the attributes of ``span`` (key, value, ... from ATTRIBUTES) as the map's count and entries: what
+    ``_attributes.encode_attributes`` does in C when it is not built."""
+    if (len(span) - ATTRIBUTES) % 2:
+        raise ValueError("an attribute key without its value")
+    parts.append(_long((len(span) - ATTRIBUTES) // 2))
+    attributes = iter(span[ATTRIBUTES:])
+    string_value, small_long = _STRING_VALUE, _SMALL_LONG
+    for key, value in zip(attributes, attributes, strict=True):  # one iterator twice: (key, value) pairs
+        kind = type(value)
+        if kind is str:
+            raw = value.encode("utf-8")
+            size = len(raw)
+            head = string_value[size] if size < 16384 else b"\x00" + zigzag_varint(size)
+            parts += (labels.get(key) or label(key), head, raw)
+        elif kind is int and 0 <= value < 16384:  # counts, sizes, indexes: one lookup
+            parts += (labels.get(key) or label(key), small_long[value])
+        elif kind is float:
+            parts += (labels.get(key) or label(key), _DOUBLE_VALUE, _double(value))
+        else:
+            parts += (labels.get(key) or label(key), _typed_value(value))
+
+
+try:  # the same in C (producers/_attributes.c); optional like the other extensions
+    from boltstream.producers._attributes import encode_attributes
+except ImportError:  # installed without a C compiler
+    encode_attributes = None
 
 
 class SpanBatchEncoder:
@@ -137,7 +169,7 @@ class SpanBatchEncoder:
         cache, the rollout's ids and the parent encoded once per batch); a string value is appended
         as its length and its UTF-8 bytes, not concatenated.
         """
-        labels, label, small, string_value = self._labels, self._label, _SMALL, _STRING_VALUE
+        labels, label, small = self._labels, self._label, _SMALL
         heads: dict[tuple, bytes] = {}
         parents: dict[str | None, bytes] = {None: _NULL}  # most spans of a batch share a parent
         for span in spans:
@@ -181,19 +213,10 @@ class SpanBatchEncoder:
                 _NULL if reward is None else _SOME + _double(reward),
             )
             if len(span) > ATTRIBUTES:  # the attributes: key, value, key, value, ...
-                if (len(span) - ATTRIBUTES) % 2:
-                    raise ValueError("an attribute key without its value")
-                parts.append(_long((len(span) - ATTRIBUTES) // 2))
-                attributes = iter(span[ATTRIBUTES:])
-                for key in attributes:
-                    value = next(attributes)
-                    if type(value) is str:
-                        raw = value.encode("utf-8")
-                        size = len(raw)
-                        head = string_value[size] if size < 16384 else b"\x00" + zigzag_varint(size)
-                        parts += (labels.get(key) or label(key), head, raw)
-                    else:
-                        parts += (labels.get(key) or label(key), _typed_value(value))
+                if encode_attributes is None:
+                    _attributes_in_python(span, parts, labels, label)
+                else:
+                    parts.append(encode_attributes(span, ATTRIBUTES, labels))
             parts.append(_NULL)
             if llm is None:
                 parts.append(_NULL)

@@ -20,7 +20,13 @@ Errors that leave the Kafka client's idempotence state unusable (``PRODUCER_FENC
 after a broker stall longer than ``delivery_timeout``: librdkafka then bumps the producer epoch, which a
 broker that does not support the bump fences for good) and fatal client errors replace the client; what
 it held is spooled and replayed by the new one. Every few seconds the producer also adopts the spools
-of ended processes of the same program (see :func:`_open_spool`). A message larger than
+of ended processes of the same program (see :func:`_open_spool`).
+
+With no broker configured (``kafka.bootstrap_servers`` empty and no local stack's ``<home>/stack.json``) the
+producer starts anyway, says so once, and spools every message (bounded by ``producer.spool_max_bytes``,
+drops counted); it looks for the state file every ``BROKER_LOOK_INTERVAL`` seconds, and once ``boltstream up``
+wrote one it connects and the spool drains. If the agent ends first, the next run of the same program that
+has a broker adopts the spool. A message larger than
 ``kafka.max_message_bytes`` is refused here (counted, logged once, dead-lettered without its value).
 """
 
@@ -30,6 +36,7 @@ import contextlib
 import hashlib
 import itertools
 import logging
+import math
 import operator
 import os
 import re
@@ -40,16 +47,16 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
-from boltstream.infra.common.config import Settings
+from boltstream.infra.common.config import ConfigError, Settings, fill_from_stack
 from boltstream.infra.common.contract import keep_rollout
 from boltstream.producers.pending_span import ATTRIBUTES, ERROR, LLM, REWARD, ROLLOUT_ID, SERVER_ID, PendingSpan
-from boltstream.producers.redaction import Redactor, is_wire_scalar
+from boltstream.producers.redaction import Redactor, strings_if_wire_scalars
 from boltstream.producers.retention import RETAINED, Retention
 from boltstream.producers.span_encoder import SpanBatchEncoder
 from boltstream.producers.spool import Segment, Spool, SpooledMessage, SpoolLocked
@@ -68,6 +75,8 @@ RECORD_OVERHEAD = 36
 RETRY_BACKOFF_MIN = 0.25
 #: Longest wait between two probes (or client replacements) while the broker is away.
 RETRY_BACKOFF_MAX = 5.0
+#: Seconds between two looks for a local stack's broker while none is configured (see _look_for_broker).
+BROKER_LOOK_INTERVAL = 2.0
 #: Seconds between two looks for spools left behind by ended processes of the same program.
 ADOPT_INTERVAL = 5.0
 #: Names of the spools of a program's other processes inside its spool directory (see _open_spool).
@@ -167,26 +176,36 @@ class SpanProducer:
         self._dead_letter_codec = codec("DeadLetter")
         self._max_message_bytes = settings.kafka.max_message_bytes
         self._oversize_logged = False
-        self._client_config = settings.kafka.client_config(
-            **{
-                "acks": "all",
-                "enable.idempotence": True,
-                "compression.type": config.compression,
-                "linger.ms": 5,
-                "message.timeout.ms": max(1000, int(config.delivery_timeout * 1000)),
-                "queue.buffering.max.kbytes": 256 * 1024,
-                "reconnect.backoff.max.ms": 1000,
-                "topic.metadata.refresh.fast.interval.ms": 100,
-                "client.id": "boltstream-sdk",
-                # A restarted broker must not get the topics made up by a producer's metadata request.
-                "allow.auto.create.topics": False,
-                "error_cb": self._on_client_error,
-                "logger": _ClientLog(logging.getLogger("boltstream.producer.librdkafka"), {}),
-            }
-        )
-        self._kafka = Producer(self._client_config)
         self._spool, self._spool_family = _open_spool(settings)
-        self._retention = Retention(settings, self._spool.directory / RETAINED)
+        self._kafka: Producer | None = None  # None until a broker is configured (see _look_for_broker)
+        self._client_config: dict[str, Any] = {}
+        # Until then a stand-in that retains nothing: nothing is acknowledged, nothing needs sending again.
+        self._retention = Retention(
+            replace(settings, producer=replace(config, retention=0.0)), self._spool.directory / RETAINED
+        )
+        self._next_broker_look = 0.0
+        if settings.kafka.bootstrap_servers:
+            try:
+                self._connect(settings)
+            except ConfigError as exc:  # e.g. SASL without a password: spool for a run whose settings work
+                self._next_broker_look = math.inf  # the stack's state file cannot mend these settings
+                log.warning(
+                    "boltstream: the broker settings cannot be used (%s): spans are kept on disk in %s, up to "
+                    "producer.spool_max_bytes, for a later run of this program whose settings work",
+                    exc,
+                    self._spool.directory,
+                )
+        else:
+            log.warning(
+                "boltstream: no broker is configured (kafka.bootstrap_servers is empty and no local stack runs: no "
+                "%s): spans are kept on disk in %s, up to producer.spool_max_bytes (%s bytes; beyond, the oldest "
+                "are dropped and counted in agl.stats()), and sent once `boltstream up` starts a stack (looked for "
+                "every %.0f s) or by a later run of this program that has a broker",
+                settings.state_file,
+                self._spool.directory,
+                f"{config.spool_max_bytes:,}",
+                BROKER_LOOK_INTERVAL,
+            )
         self._pending: deque[PendingSpan] = deque()
         self._rewards: deque[tuple[dict[str, Any], bool]] = deque()
         self._batch_size = config.span_buffer_size
@@ -240,7 +259,8 @@ class SpanProducer:
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything queued so far is acknowledged by Kafka; False if ``timeout`` ran out first,
-        or if anything was dropped since the previous flush (``stats`` and ``spool.stats`` say what and why).
+        if anything was dropped since the previous flush (``stats`` and ``spool.stats`` say what and why), or,
+        with no broker configured, as soon as everything queued is spooled (and the spool is not empty).
 
         Whatever is not delivered by then stays queued, or spooled on disk when the broker is down.
         """
@@ -258,7 +278,7 @@ class SpanProducer:
                     self._settled.wait(min(remaining, 0.05))
             dropped = self._drops()
             nothing_dropped, self._dropped_at_flush = dropped == self._dropped_at_flush, dropped
-            return nothing_dropped
+            return nothing_dropped and (self._kafka is not None or len(self._spool) == 0)
         finally:
             with self._settled:
                 self._flush_waiters -= 1
@@ -270,8 +290,9 @@ class SpanProducer:
         self._wakeup.set()
         self._thread.join(timeout=max(1.0, self.settings.producer.delivery_timeout))
         # What the client still holds is undeliverable now: purge it so its failure reports spool it.
-        self._kafka.purge()
-        self._kafka.poll(0)
+        if self._kafka is not None:
+            self._kafka.purge()
+            self._kafka.poll(0)
         self._retention.close()
         self._spool.close()
         return delivered
@@ -294,13 +315,14 @@ class SpanProducer:
         )
 
     def _is_settled(self) -> bool:
+        """Nothing in memory, and nothing spooled unless no broker is configured (then nothing can go)."""
         return (
             not self._pending
             and not self._rewards
             and not self._sending
             and self._in_flight == 0
             and self._replaying is None
-            and len(self._spool) == 0
+            and (len(self._spool) == 0 or self._kafka is None)
         )
 
     # -- the background thread ---------------------------------------------------------------
@@ -341,11 +363,19 @@ class SpanProducer:
         self._wakeup.clear()
 
     def _seconds_to_probe(self) -> float:
+        if self._kafka is None:  # nothing to probe: the next look for a broker
+            return max(0.0, min(self._next_broker_look - time.monotonic(), self._idle_tick))
         if self._healthy:
             return 0.0
         return max(0.0, min(self._next_probe - time.monotonic(), self._idle_tick))
 
     def _cycle(self) -> None:
+        if self._kafka is None:
+            if time.monotonic() >= self._next_broker_look:
+                self._look_for_broker(time.monotonic())
+            if self._kafka is None:
+                self._cycle_without_broker()
+                return
         replay = self._retention.replay_due()
         if replay is not None:  # a new broker incarnation: what the old one acknowledged goes again, oldest first
             for message in replay:
@@ -370,6 +400,20 @@ class SpanProducer:
             self._send_pending_rewards()
             self._poll(0)
             self._replay_spool()
+        finally:
+            self._sending = False
+        if self._flush_waiters:
+            with self._settled:
+                self._settled.notify_all()
+
+    def _cycle_without_broker(self) -> None:
+        """What a cycle does while no broker is configured: end idle implicit rollouts, spool what is queued."""
+        for callback in self._tick_callbacks:
+            callback()
+        self._sending = True  # see _cycle
+        try:
+            self._send_pending_spans()
+            self._send_pending_rewards()
         finally:
             self._sending = False
         if self._flush_waiters:
@@ -446,9 +490,10 @@ class SpanProducer:
         try:
             joined = "\x00".join(texts)
         except TypeError:  # a value that is not a string: numbers leave as they are, anything else is converted
-            if not all(map(is_wire_scalar, texts)):
+            strings = strings_if_wire_scalars(texts)
+            if strings is None:
                 return [self._clean(span) for span in spans]
-            texts = [text for text in texts if type(text) is str]
+            texts = strings
             joined = "\x00".join(texts)
         if (
             not all(redactor.plain_keys(keys) for keys in key_sets)
@@ -500,7 +545,7 @@ class SpanProducer:
             self._refuse_oversized(message)
             self._settle_replayed(message)
             return
-        broken = self._client_broken is not None or self._retention.holding
+        broken = self._kafka is None or self._client_broken is not None or self._retention.holding
         if broken or (not self._healthy and message.replay is None):
             self._retry_later(message)
             self._settle_replayed(message)
@@ -654,7 +699,8 @@ class SpanProducer:
 
     def _replay_spool(self) -> None:
         """Send the oldest spooled segment again, one at a time (as a probe while the broker is unhealthy)."""
-        busy = self._replaying is not None or self._client_broken is not None or self._retention.holding
+        busy = self._kafka is None or self._replaying is not None or self._client_broken is not None
+        busy = busy or self._retention.holding
         if busy or len(self._spool) == 0:
             return
         if not self._healthy and time.monotonic() < self._next_probe:
@@ -686,9 +732,60 @@ class SpanProducer:
         if (directory / RETAINED).is_dir():
             self._retention.adopt_from(directory / RETAINED)
 
+    # -- a broker configured late -----------------------------------------------------------
+    def _connect(self, settings: Settings) -> None:
+        """Start the Kafka client (and the retention watching its broker) for the broker of ``settings``."""
+        config = settings.producer
+        client_config = settings.kafka.client_config(
+            **{
+                "acks": "all",
+                "enable.idempotence": True,
+                "compression.type": config.compression,
+                "linger.ms": 5,
+                "message.timeout.ms": max(1000, int(config.delivery_timeout * 1000)),
+                "queue.buffering.max.kbytes": 256 * 1024,
+                "reconnect.backoff.max.ms": 1000,
+                "topic.metadata.refresh.fast.interval.ms": 100,
+                "client.id": "boltstream-sdk",
+                # A restarted broker must not get the topics made up by a producer's metadata request.
+                "allow.auto.create.topics": False,
+                "error_cb": self._on_client_error,
+                "logger": _ClientLog(logging.getLogger("boltstream.producer.librdkafka"), {}),
+            }
+        )
+        kafka = Producer(client_config)
+        self._retention = Retention(settings, self._spool.directory / RETAINED)
+        self.settings, self._client_config, self._kafka = settings, client_config, kafka
+
+    @property
+    def awaiting_broker(self) -> bool:
+        """True while no broker is configured: spans wait in the spool (see :meth:`_look_for_broker`)."""
+        return self._kafka is None
+
+    def _look_for_broker(self, now: float) -> None:
+        """Without a broker, look every ``BROKER_LOOK_INTERVAL`` seconds whether a local stack started (its state
+        file, ``<home>/stack.json``, names its broker); once one did, connect: the spool drains into it."""
+        self._next_broker_look = now + BROKER_LOOK_INTERVAL
+        found = fill_from_stack(self.settings)
+        if not found.kafka.bootstrap_servers:
+            return
+        try:
+            self._connect(found)
+        except Exception as exc:  # e.g. the stack's broker address is not usable: spooling goes on
+            log.error("boltstream: cannot use the broker of %s (%s); spans stay spooled", self.settings.state_file, exc)
+            return
+        self._healthy, self._backoff, self._next_probe, self._next_adoption = True, RETRY_BACKOFF_MIN, 0.0, 0.0
+        log.warning(
+            "boltstream: the local stack's broker %s is there now: sending the %d spooled messages",
+            found.kafka.bootstrap_servers,
+            len(self._spool),
+        )
+
     # -- client errors -----------------------------------------------------------------------
     def _poll(self, timeout: float) -> None:
         """Serve delivery reports; a fatal client error (raised here) gets the client replaced."""
+        if self._kafka is None:
+            return
         try:
             self._kafka.poll(timeout)
         except KafkaException as exc:

@@ -14,7 +14,7 @@ the program's own ``sitecustomize``, if it has one), so it traces even where the
 installed.
 
 Activation never imports ``openai``: it patches the client when the program imports it. It never raises
-into the program: a configuration that cannot be read is a warning, and the program runs untraced.
+into the program: a configuration value that cannot be used is a warning naming it, and its default counts.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from boltstream.infra.common.config import ENV_PREFIX, TRACER_ENV, ConfigError, Settings
+from boltstream.infra.common.config import ENV_PREFIX, TRACER_ENV, Settings
 from boltstream.producers.autotrace import instrument_when_imported
 
 #: The folder whose ``sitecustomize.py`` activates tracing in programs started by ``boltstream run``.
@@ -61,13 +61,9 @@ def activate() -> bool:
 def _wanted() -> bool:
     if os.environ.get(TRACER_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
         return True
-    from boltstream.infra.common.config import load_settings
+    from boltstream.producers import runtime
 
-    try:
-        return load_settings().auto_trace
-    except ConfigError as exc:
-        print(f"boltstream: auto-tracing is off, the configuration cannot be read: {exc}", file=sys.stderr)
-        return False
+    return runtime.settings().auto_trace  # a value that cannot be used is a warning, its default counts
 
 
 # -- boltstream run ------------------------------------------------------------------------------------

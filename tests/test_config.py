@@ -320,3 +320,65 @@ def test_a_config_file_that_is_not_toml_is_a_config_error_naming_it(tmp_path: Pa
     broken.write_text("auto_trace = [not toml\n")
     with pytest.raises(ConfigError, match=r"boltstream\.toml is not valid TOML: Invalid value"):
         load_settings(broken, environ={})
+
+
+def test_lenient_loading_leaves_out_only_the_values_that_cannot_be_used(tmp_path: Path) -> None:
+    """The SDK's way (``on_invalid``): each bad value of the file or the environment is reported, naming its
+    source and field, and its field keeps its default; every good value still counts."""
+    config = tmp_path / "boltstream.toml"
+    config.write_text(
+        "[producer]\nlinger = 'soon'\nspan_buffer_size = 100\n"
+        "[stream]\ncredit_assignment = 'sometimes'\nreward_timeout = '45s'\n"
+        "[kafka]\nsasl_password = 'hunter2'\n"
+        "[nonsense]\nx = 1\n"
+    )
+    environ = {
+        "BOLTSTREAM_HOME": str(tmp_path),
+        "BOLTSTREAM_CONFIG": str(config),
+        "BOLTSTREAM_PRODUCER__SPAN_SAMPLING_RATE": "lots",
+        "BOLTSTREAM_PRODUCER__MAX_PENDING_SPANS": "2000",
+        "BOLTSTREAM_STREAM__DISCOUNT": "2",
+        "AGENT_LIGHTNING_TRACER": "maybe",
+    }
+    complaints: list[str] = []
+    settings = load_settings(environ=environ, on_invalid=complaints.append)
+    defaults = load_settings(environ={"BOLTSTREAM_HOME": str(tmp_path)})
+    assert settings.producer.span_buffer_size == 100 and settings.stream.reward_timeout == 45.0
+    assert settings.producer.max_pending_spans == 2000
+    assert settings.producer.linger == defaults.producer.linger
+    assert settings.stream.credit_assignment == defaults.stream.credit_assignment
+    assert settings.producer.span_sampling_rate == defaults.producer.span_sampling_rate
+    assert settings.stream.discount == defaults.stream.discount
+    assert settings.kafka.sasl_password == "" and settings.auto_trace is False
+    named = [
+        f"{config}: producer.linger: 'soon'",
+        f"{config}: stream.credit_assignment: 'sometimes'",
+        f"{config}: kafka.sasl_password is a secret",
+        f"{config}: unknown parameter(s) ['nonsense']",
+        "environment: producer.span_sampling_rate: 'lots'",
+        "environment: stream.discount: 2.0 is not in [0, 1]",
+        "AGENT_LIGHTNING_TRACER: auto_trace: 'maybe'",
+    ]
+    assert len(complaints) == len(named), complaints
+    for start in named:
+        assert any(complaint.startswith(start) for complaint in complaints), (start, complaints)
+    with pytest.raises(ConfigError, match="sasl_password is a secret"):  # without on_invalid, as before: refused
+        load_settings(environ=environ)
+
+
+def test_lenient_loading_of_a_file_that_is_not_toml_keeps_the_environment(tmp_path: Path) -> None:
+    config = tmp_path / "boltstream.toml"
+    config.write_text("auto_trace = true\n[not toml\n")
+    environ = {"BOLTSTREAM_HOME": str(tmp_path), "BOLTSTREAM_CONFIG": str(config), "BOLTSTREAM_PRODUCER__LINGER": "1s"}
+    complaints: list[str] = []
+    settings = load_settings(environ=environ, on_invalid=complaints.append)
+    assert settings.auto_trace is False and settings.producer.linger == 1.0
+    assert len(complaints) == 1 and complaints[0].startswith(f"{config} is not valid TOML"), complaints
+    missing = {**environ, "BOLTSTREAM_CONFIG": str(tmp_path / "absent.toml")}
+    assert load_settings(environ=missing, on_invalid=complaints.append).producer.linger == 1.0
+    assert "absent.toml does not exist" in complaints[-1]
+
+
+def test_overrides_from_code_stay_strict_when_loading_leniently(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"overrides: producer\.linger"):
+        load_settings(environ={"BOLTSTREAM_HOME": str(tmp_path)}, on_invalid=print, producer={"linger": "soon"})

@@ -48,6 +48,7 @@ def test_the_wheel_installs_one_import_root(tmp_path: Path) -> None:
     assert "boltstream/agl/algorithm/apo.py" in names
     assert any(name.startswith("boltstream/schemas/clickhouse/") for name in names)
     assert any(re.match(r"boltstream/producers/_secret_scan\..*\.so$", name) for name in names)  # the built pre-scan
+    assert any(re.match(r"boltstream/producers/_attributes\..*\.so$", name) for name in names)  # attribute values in C
     assert not any(name.startswith("boltstream/tests") for name in names)
 
 

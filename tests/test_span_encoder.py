@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import random
+import shutil
+from types import ModuleType
 
 import pytest
 
 from boltstream.producers import pending_span as layout
+from boltstream.producers import span_encoder
 from boltstream.producers.span_encoder import VERSION, SpanBatchEncoder
 from boltstream.schemas.codec import CodecError, codec, shipped_schemas
 from tests.records import make_llm
@@ -90,6 +94,26 @@ def test_pending_span_fields_are_the_span_records_in_schema_order() -> None:
     assert len(fields) == layout.ATTRIBUTES
 
 
+def c_attributes() -> ModuleType:
+    """The C extension of attribute values. It is optional only where nothing can compile it: with a compiler
+    here, a missing build is a broken install and fails the test instead of skipping it."""
+    try:
+        from boltstream.producers import _attributes
+    except ImportError:
+        if shutil.which(os.environ.get("CC", "cc")):
+            pytest.fail("producers/_attributes.c is not built although this machine has a C compiler: reinstall")
+        pytest.skip("no C compiler on this machine, so the optional C extension is not built")
+    return _attributes
+
+
+@pytest.fixture(params=["c", "python"])
+def attribute_encoding(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The encoder writing attributes with the C extension, then with its Python loop."""
+    encode = c_attributes().encode_attributes if request.param == "c" else None
+    monkeypatch.setattr(span_encoder, "encode_attributes", encode)
+
+
+@pytest.mark.usefixtures("attribute_encoding")
 def test_writes_the_generic_codecs_bytes() -> None:
     assert shipped_schemas()["SpanBatch"][-1].version == 3, "a new SpanBatch version: re-check the encoder"
     rng = random.Random(7)
@@ -108,6 +132,7 @@ def test_writes_the_generic_codecs_bytes() -> None:
         assert encoder.encode(f"rollout-{case}", "host:1:abc", 1_795_000_000_000_000 + case, spans) == expected
 
 
+@pytest.mark.usefixtures("attribute_encoding")
 def test_bad_values_raise_codec_error() -> None:
     span = pending_span(random.Random(1), ("r", "a", "t", "n"), 0)
 
@@ -120,6 +145,8 @@ def test_bad_values_raise_codec_error() -> None:
         (*span, "a key without its value"),
         (*span, "beyond 64 bits", 2**63),  # the producer's cleaning turns these into strings first
         (*span, "not a wire scalar", None),
+        (*span, 7, "a key that is not a string"),
+        (*span, "a lone surrogate", "\ud800"),
     ):
         with pytest.raises(CodecError):
             SpanBatchEncoder().encode("r", "p", 0, [bad])

@@ -3,6 +3,7 @@ column that sums without a cast; nested values are flattened into dotted keys; o
 
 from __future__ import annotations
 
+import collections
 import io
 import math
 import uuid
@@ -13,6 +14,7 @@ from confluent_kafka import Producer
 
 from boltstream import agl
 from boltstream.infra.common.config import Settings
+from boltstream.producers import redaction
 from boltstream.producers.redaction import (
     MAX_FLATTEN_DEPTH,
     MAX_FLATTENED_KEYS,
@@ -24,6 +26,7 @@ from boltstream.schemas.codec import codec, latest, shipped_schemas
 from tests.producer_helpers import at_least, consume
 from tests.records import make_span
 from tests.test_archive import wait_for
+from tests.test_span_encoder import c_attributes
 
 
 def pairs(key: str, value: object) -> list[tuple[str, object]]:
@@ -152,3 +155,55 @@ def test_numbers_emitted_by_an_agent_sum_in_clickhouse_without_a_cast(settings: 
     ).result_rows == [("0.4", False)]
     texts = reader.query("SELECT attributes['temperature'] FROM spans WHERE name = 'call'").result_rows
     assert sorted(text for (text,) in texts) == ["0.2", "0.5", "0.9"]
+
+
+#: Values of every kind the flattening meets: scalars at the 64-bit edges, empty and non-empty containers, keys
+#: of other types (1.0 and True, which a dict finds as 1), Mappings that are not dicts, values only JSON can hold.
+SHAPES: list[object] = [
+    {"query": "weather", "top_k": 3, "score": 0.25, "filters": {"recent": True, "sources": ["web", "news"]}},
+    {"a": 1, "b": [1, 2.5, True, None, "x", {"c": {}}], "d": {"e": {"f": 2**70}}, "g": (), "h": []},
+    {"edge": [2**63 - 1, -(2**63), 2**63, -(2**63) - 1, math.nan, -math.inf, "ünïcødé"]},
+    collections.OrderedDict(x=1, y=collections.OrderedDict(z=[1])),
+    collections.UserDict({"u": [1, {"v": "w"}]}),
+    {1.0: "a float key", (1, 2): "a tuple key", None: "a None key", 3: "an int key"},
+    {True: "a bool key"},
+    [[[[[[[[[[1]]]]]]]]]],  # deeper than MAX_FLATTEN_DEPTH
+    list(range(MAX_FLATTENED_KEYS + 1)),  # more leaves than MAX_FLATTENED_KEYS
+    list(range(MAX_FLATTENED_KEYS)),
+    {"set": {1}, "bytes": b"raw", "counter": collections.Counter("aab"), "object": object()},
+    ("a", ("b", ("c",))),
+]
+
+
+@pytest.mark.parametrize("value", SHAPES, ids=range(len(SHAPES)))
+def test_the_c_flattening_is_the_python_one(value: object) -> None:
+    c = c_attributes()
+    for prefix in ("args", "args"):  # the second time from the key cache
+        from_c, from_python = ["an earlier key", "its value"], ["an earlier key", "its value"]  # bounds ignore them
+        assert c.flatten(prefix, value, from_c) == redaction.flatten_in_python(prefix, value, from_python)
+        # Types too (True is not 1); the same NaN object compares equal to itself in a list.
+        assert [(type(x), x) for x in from_c] == [(type(x), x) for x in from_python]
+
+
+def test_the_c_check_of_wire_scalars_is_the_python_one() -> None:
+    c = c_attributes()
+    for values in (
+        [],
+        ["a", "b"],
+        ["a", 1, 2.5, True, "b"],
+        ["a", 2**63],
+        ["a", None],
+        [1, -(2**63)],
+        ["a", b"b"],
+        [type("Text", (str,), {})("a subclass")],
+    ):
+        assert c.strings_if_wire_scalars(values) == redaction.strings_if_wire_scalars_in_python(values), values
+
+
+def test_a_spans_other_attributes_do_not_count_toward_a_values_flattening_bound() -> None:
+    flat = ["earlier", 1]
+    redaction.append_flat_attribute(flat, "big", list(range(MAX_FLATTENED_KEYS)))
+    last = MAX_FLATTENED_KEYS - 1
+    assert len(flat) == 2 + 2 * MAX_FLATTENED_KEYS and flat[-2:] == [f"big.{last}", last]
+    redaction.append_flat_attribute(flat, "bigger", list(range(MAX_FLATTENED_KEYS + 1)))  # past it: whole, as JSON
+    assert flat[-2] == "bigger" and flat[-1].startswith("[0,1,2") and len(flat) == 4 + 2 * MAX_FLATTENED_KEYS

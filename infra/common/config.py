@@ -765,28 +765,61 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         raise ConfigError(f"{where}: {value!r} is not {expected}") from None
 
 
-def _apply(obj: Any, values: dict[str, Any], where: str = "") -> Any:
-    """``obj`` with ``values`` (a table per section) coerced into its fields; ``where`` prefixes the names."""
+#: Told each value that cannot be used (its message names the source and the field) when loading goes on
+#: without it; see :func:`load_settings`.
+Complaints = Callable[[str], None]
+
+
+def _apply(obj: Any, values: dict[str, Any], where: str = "", on_invalid: Complaints | None = None) -> Any:
+    """``obj`` with ``values`` (a table per section) coerced into its fields; ``where`` prefixes the names.
+
+    A value that cannot be used raises ConfigError, or with ``on_invalid`` is reported to it and left out,
+    so that its field keeps what it had (other fields still change)."""
     hints = _hints(type(obj))
     known = {f.name for f in fields(obj)}
     unknown = set(values) - known
     if unknown:
         names = sorted(where + name for name in unknown)
-        raise ConfigError(f"unknown parameter(s) {names}; known: {sorted(known)}")
+        _refuse(f"unknown parameter(s) {names}; known: {sorted(known)}", on_invalid)
     changes = {}
     for name, value in values.items():
+        if name not in known:
+            continue
         current = getattr(obj, name)
-        if is_dataclass(current):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{where}{name}: expected a table")
-            changes[name] = _apply(current, value, f"{where}{name}.")
-        else:
-            changes[name] = _coerce(value, hints[name], f"{where}{name}")
-    return replace(obj, **changes)
+        try:
+            if is_dataclass(current):
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{where}{name}: expected a table")
+                changes[name] = _apply(current, value, f"{where}{name}.", on_invalid)
+            else:
+                changes[name] = _coerce(value, hints[name], f"{where}{name}")
+        except ConfigError as exc:
+            _refuse(str(exc), on_invalid)
+    try:
+        return replace(obj, **changes)
+    except ConfigError:  # a value outside its field's choices or range, or at odds with another field
+        if on_invalid is None:
+            raise
+    for name, change in changes.items():  # one at a time: only the values the section refuses are left out
+        try:
+            obj = replace(obj, **{name: change})
+        except ConfigError as exc:
+            on_invalid(str(exc))
+    return obj
 
 
-def _apply_source(settings: Settings, values: dict[str, Any], source: str) -> Settings:
+def _refuse(complaint: str, on_invalid: Complaints | None) -> None:
+    if on_invalid is None:
+        raise ConfigError(complaint)
+    on_invalid(complaint)
+
+
+def _apply_source(
+    settings: Settings, values: dict[str, Any], source: str, on_invalid: Complaints | None = None
+) -> Settings:
     """``settings`` with the values of one source; an error names the source before the field."""
+    if on_invalid is not None:
+        return _apply(settings, values, on_invalid=lambda complaint: on_invalid(f"{source}: {complaint}"))
     try:
         return _apply(settings, values)
     except ConfigError as exc:
@@ -827,24 +860,29 @@ def secret_environment(settings: Settings) -> dict[str, str]:
     }
 
 
-def _refuse_secrets(values: dict[str, Any], source: str) -> None:
-    """Refuse a config file that holds a secret: files get copied, committed and read by others."""
+def _refuse_secrets(values: dict[str, Any], source: str, on_invalid: Complaints | None = None) -> None:
+    """Refuse a config file that holds a secret: files get copied, committed and read by others. With
+    ``on_invalid``, the secret is reported to it and left out of ``values`` instead."""
     for section, name in secret_fields():
         table = values.get(section)
         if isinstance(table, dict) and name in table:
-            raise ConfigError(
+            _refuse(
                 f"{source}: {section}.{name} is a secret, not for a config file: set "
-                f"{ENV_PREFIX}{section.upper()}__{name.upper()} or {section}.{name}_file"
+                f"{ENV_PREFIX}{section.upper()}__{name.upper()} or {section}.{name}_file",
+                on_invalid,
             )
+            del table[name]
 
 
-def _fill_from_stack(settings: Settings) -> Settings:
+def fill_from_stack(settings: Settings) -> Settings:
     """Point empty broker / read URLs at the running local stack, if its state file exists."""
     if settings.kafka.bootstrap_servers and settings.clickhouse.read_url:
         return settings
     try:
         state = json.loads(settings.state_file.read_text())
     except (OSError, ValueError):
+        return settings
+    if not isinstance(state, dict):
         return settings
     kafka, clickhouse = settings.kafka, settings.clickhouse
     if not kafka.bootstrap_servers and state.get("bootstrap_servers"):
@@ -857,28 +895,45 @@ def _fill_from_stack(settings: Settings) -> Settings:
 def load_settings(
     path: str | Path | None = None,
     environ: typing.Mapping[str, str] | None = None,
+    *,
+    on_invalid: Complaints | None = None,
     **overrides: Any,
 ) -> Settings:
-    """Defaults, then the TOML file, then ``BOLTSTREAM_*`` env vars, then ``overrides`` (same shape)."""
+    """Defaults, then the TOML file, then ``BOLTSTREAM_*`` env vars, then ``overrides`` (same shape).
+
+    A value that cannot be used raises ConfigError. With ``on_invalid`` (the agent-side SDK, which must
+    never fail an agent) each such value of the file or the environment is reported to it instead,
+    naming the source and the field, and its field keeps its default; a file that is not TOML at all
+    is reported and left out whole. ``overrides`` come from code and are always checked strictly.
+    """
     environ = os.environ if environ is None else environ
     settings = Settings(home=Path(environ.get("BOLTSTREAM_HOME") or default_home()))
     config_path = Path(path or environ.get("BOLTSTREAM_CONFIG") or "boltstream.toml")
-    if config_path.exists():
-        try:
-            with config_path.open("rb") as handle:
-                values = tomllib.load(handle)
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{config_path} is not valid TOML: {exc}") from None
-        _refuse_secrets(values, str(config_path))
-        settings = _apply_source(settings, values, str(config_path))
-    elif path or environ.get("BOLTSTREAM_CONFIG"):
-        raise ConfigError(f"config file {config_path} does not exist")
-    settings = _apply_source(settings, _env_values(environ), "environment")
+    values = _read_config_file(config_path, bool(path or environ.get("BOLTSTREAM_CONFIG")), on_invalid)
+    if values is not None:
+        _refuse_secrets(values, str(config_path), on_invalid)
+        settings = _apply_source(settings, values, str(config_path), on_invalid)
+    settings = _apply_source(settings, _env_values(environ), "environment", on_invalid)
     if environ.get(TRACER_ENV):
-        settings = _apply_source(settings, {"auto_trace": environ[TRACER_ENV]}, TRACER_ENV)
+        settings = _apply_source(settings, {"auto_trace": environ[TRACER_ENV]}, TRACER_ENV, on_invalid)
     if overrides:
         settings = _apply_source(settings, overrides, "overrides")
-    return _fill_from_stack(settings)
+    return fill_from_stack(settings)
+
+
+def _read_config_file(config_path: Path, named: bool, on_invalid: Complaints | None) -> dict[str, Any] | None:
+    """The tables of the config file, None when there is none (or, with ``on_invalid``, none that can be read)."""
+    try:
+        with config_path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        if named:
+            _refuse(f"config file {config_path} does not exist", on_invalid)
+    except tomllib.TOMLDecodeError as exc:
+        _refuse(f"{config_path} is not valid TOML: {exc}", on_invalid)
+    except OSError as exc:
+        _refuse(f"config file {config_path} cannot be read: {exc.strerror}", on_invalid)
+    return None
 
 
 def with_values(settings: Settings, values: dict[str, Any], source: str) -> Settings:
