@@ -182,7 +182,8 @@ def _chat(
     options = {"tools": tools, **(_json_field(call, "chat_template_kwargs") or {})}
     prompt_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **options)
     prompt = tokenizer.encode(prompt_text, add_special_tokens=False)
-    stopped = call.get("finish_reason") in ("stop", "tool_calls")
+    # Chat completions say stop / tool_calls / length; the Responses API completed / max_output_tokens.
+    stopped = call.get("finish_reason") in ("stop", "tool_calls", "completed")
     end = _eos(tokenizer) if stopped else []
     tool_calls = _json_field(call, "tool_calls", [])
     content = call.get("completion", "")
