@@ -337,3 +337,25 @@ def test_retokenized_ids_are_the_ones_vllm_returns_for_the_same_request(
         assert trained["completion_token_ids"] == completion, (name, finish, sample["call_text"])
         finishes.add(finish)
     assert {"stop", "length"} <= finishes  # both endings were rebuilt
+
+
+def test_an_archive_made_before_training_sample_v2_gains_its_columns(tmp_path) -> None:
+    import clickhouse_connect
+
+    from boltstream.stream_processors.archive import ddl_statements
+
+    client = clickhouse_connect.get_client(dsn=f"chdb://{tmp_path}")
+    statements = ddl_statements()
+    for statement in statements:
+        client.command(statement)
+    client.command("DROP VIEW samples_ingest_mv")  # the tables and their view as the DDL before v2 made them
+    for table in ("samples_store", "samples_ingest"):
+        client.command(f"ALTER TABLE {table} DROP COLUMN call_text, DROP COLUMN token_source")
+    client.command("CREATE MATERIALIZED VIEW samples_ingest_mv TO samples_store AS SELECT * FROM samples_ingest")
+    client.command("INSERT INTO samples_ingest (sample_id, created_at_us) VALUES ('old', 0)")
+    for statement in statements:  # the archive's start on the upgraded code
+        client.command(statement)
+    columns = "sample_id, created_at_us, token_source, call_text"
+    client.command(f"INSERT INTO samples_ingest ({columns}) VALUES ('new', 0, 'retokenized', '{{}}')")
+    rows = client.query("SELECT sample_id, token_source, call_text FROM samples ORDER BY sample_id").result_rows
+    assert rows == [("new", "retokenized", "{}"), ("old", "server", "")]
