@@ -100,6 +100,12 @@ def test_retokenization_rebuilds_what_the_template_renders_and_refuses_what_it_c
     )
     assert completions["prompt_token_ids"] == tokenizer.encode("17 * 23 =")
     assert completions["completion_token_ids"] == [*tokenizer.encode(" 391", add_special_tokens=False), 2]
+    as_ids = retokenize(
+        sample(endpoint="completions", prompt="[5, 6, 7]", completion="x", finish_reason="length"), tokenizer
+    )
+    assert as_ids["prompt_token_ids"] == [5, 6, 7]  # a prompt given as token ids is used as it is
+    with pytest.raises(RetokenizeError, match="several prompts"):
+        retokenize(sample(endpoint="completions", prompt='["a", "b"]', completion="x"), tokenizer)
     parts = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
     joined = retokenize(
         sample(endpoint="chat.completions", prompt=json.dumps(parts), completion="c", finish_reason="stop"), tokenizer

@@ -10,7 +10,7 @@ tool_choice, chat_template_kwargs, tool_calls). :func:`retokenize` fills in the 
   (what vLLM does: the template places them). Messages are normalized as vLLM normalizes them: a content
   given as a list of text parts is the parts joined by newlines; tool call arguments are parsed from JSON.
 * prompt, completions: the prompt text encoded with the tokenizer's special tokens (BOS ...), as vLLM's
-  completions endpoint does.
+  completions endpoint does; a prompt given as token ids is those ids.
 * prompt, Responses API: ``instructions`` becomes a system message and ``input`` messages (a string is
   one user message; ``function_call`` / ``function_call_output`` items are an assistant tool call and its
   tool message); function tools are given to the template in chat form. Then as chat completions.
@@ -79,9 +79,27 @@ def _eos(tokenizer: Any) -> list[int]:
 
 
 def _completions(call: dict[str, Any], tokenizer: Any) -> tuple[list[int], list[int]]:
-    prompt = tokenizer.encode(call["prompt"], add_special_tokens=True)
+    prompt = _token_list(call["prompt"])
+    if prompt is None:
+        prompt = tokenizer.encode(call["prompt"], add_special_tokens=True)
     completion = tokenizer.encode(call["completion"], add_special_tokens=False)
     return prompt, completion + (_eos(tokenizer) if call.get("finish_reason") == "stop" else [])
+
+
+def _token_list(prompt: str) -> list[int] | None:
+    """The token ids of a completions prompt given as ids (recorded as their JSON list), else None. A batch
+    of prompts cannot be rebuilt: only the first one's answer was recorded."""
+    if not prompt.startswith("["):
+        return None
+    try:
+        value = json.loads(prompt)
+    except ValueError:
+        return None
+    if isinstance(value, list) and value and all(type(item) is int for item in value):
+        return value
+    if isinstance(value, list) and value and all(isinstance(item, (str, list)) for item in value):
+        raise RetokenizeError("a completions call with several prompts: not retokenized")
+    return None
 
 
 def _text_of(content: Any) -> Any:
