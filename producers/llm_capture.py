@@ -13,7 +13,12 @@ import re
 import time
 from typing import Any
 
-from boltstream.infra.common.contract import MODEL_VERSION_HEADER, SERVER_ID_HEADER
+from boltstream.infra.common.contract import (
+    MODEL_VERSION_HEADER,
+    RETOKENIZATION_ATTRIBUTES,
+    SERVER_ID_HEADER,
+    TOOL_CALLS_ATTRIBUTE,
+)
 from boltstream.producers.context import now_us
 from boltstream.producers.emit import emit_span
 from boltstream.producers.redaction import to_text, url_without_credentials
@@ -176,8 +181,16 @@ class LlmCapture:
         try:
             latency_ms = (time.perf_counter() - self.started) * 1000
             completion = "".join(self.text)
+            attributes: dict[str, Any] = {"stream": bool(self.body.get("stream")), "server.url": self.server}
             if self.tool_calls:
-                completion += to_text([self.tool_calls[i] for i in sorted(self.tool_calls)])
+                tool_calls = to_text([self.tool_calls[i] for i in sorted(self.tool_calls)])
+                completion += tool_calls
+                attributes[TOOL_CALLS_ATTRIBUTE] = tool_calls
+            # What the chat template renders beside the messages: a call that comes without token ids is
+            # tokenized from them by the trainer.
+            for name, key in RETOKENIZATION_ATTRIBUTES.items():
+                if name != TOOL_CALLS_ATTRIBUTE and self.body.get(key) is not None:
+                    attributes[name] = to_text(self.body[key])
             if self.endpoint == "chat.completions":
                 prompt = to_text(self.body.get("messages", []))
             elif self.endpoint == "completions":
@@ -187,7 +200,7 @@ class LlmCapture:
             emit_span(
                 "llm_call",
                 self.endpoint,
-                attributes={"stream": bool(self.body.get("stream")), "server.url": self.server},
+                attributes=attributes,
                 status="ok" if error is None else "error",
                 error=error if error is None or isinstance(error, str) else f"{type(error).__name__}: {error}",
                 start_time_us=self.start_us,

@@ -33,7 +33,7 @@ from fastavro.schema import parse_schema
 from boltstream.schemas.codec import SINGLE_OBJECT_MAGIC, CodecError, codec, latest, shipped_schemas, zigzag_varint
 
 SPAN_BATCH_VERSION = 3  # the writer version read here without the general codec
-TRAINING_SAMPLE_VERSION = 1  # the version encode_training_sample writes
+TRAINING_SAMPLE_VERSION = 2  # the version encode_training_sample writes
 
 
 def _span_kinds() -> tuple[str, ...]:
@@ -493,7 +493,7 @@ def _string(text: str) -> bytes:
 
 
 def encode_training_sample(sample: dict[str, Any]) -> bytes:
-    """A framed TrainingSample (v1) from a dict whose three arrays are :class:`AvroArray`.
+    """A framed TrainingSample (v2) from a dict whose three arrays are :class:`AvroArray`.
 
     Byte for byte ``codec("TrainingSample").encode`` of the same dict with the arrays as lists. Raises
     :class:`CodecError` if a field is missing or of the wrong type.
@@ -519,6 +519,8 @@ def encode_training_sample(sample: dict[str, Any]) -> bytes:
                 _double.pack(sample["final_reward"]),
                 _string(sample["credit_policy"]),
                 _long(sample["created_at_us"]),
+                _string(sample["token_source"]),
+                _string(sample["call_text"]),
             )
         )
     except (KeyError, TypeError, AttributeError, struct.error) as exc:

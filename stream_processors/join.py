@@ -424,6 +424,8 @@ class JoinWorker:
             "spans": "Spans applied (valid, including duplicates)",
             "rewards": "Rewards applied (valid, including duplicates and late ones)",
             "samples": "Training samples emitted",
+            "llm_calls_to_retokenize": "LLM calls that came without token ids, kept with their text for the trainer",
+            "untrainable_llm_calls": "LLM calls with neither token ids nor an answer (failed): no training sample",
             "duplicates": "Inputs ignored as duplicates (same event_id)",
             "late_rewards": "Rewards that arrived after their trajectory closed; archived, never applied",
             "late_spans": "Spans that arrived after their trajectory closed; dead-lettered",

@@ -66,7 +66,7 @@ from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from boltstream.infra.common.contract import keep_rollout
+from boltstream.infra.common.contract import RETOKENIZATION_ATTRIBUTES, TOOL_CALLS_ATTRIBUTE, keep_rollout
 from boltstream.schemas.codec import CodecError, codec
 from boltstream.schemas.dead_letters import dead_letter
 from boltstream.schemas.token_arrays import AvroArray, read_span_batch
@@ -120,6 +120,20 @@ def _unpack_legacy(text: str, typecode: str) -> list[Any]:
     if not _LITTLE_ENDIAN:
         packed.byteswap()
     return packed.tolist()
+
+
+def retokenization_text(span: dict[str, Any]) -> str:
+    """TrainingSample ``call_text`` of an llm_call span that came without token ids: its endpoint (the span's
+    name), prompt, completion, finish reason and the template's other inputs, as JSON."""
+    llm, attributes = span["llm"], span["attributes"]
+    call = {
+        "endpoint": span["name"],
+        "prompt": llm["prompt_text"],
+        "completion": llm["completion_text"],
+        "finish_reason": llm["finish_reason"],
+    }
+    call.update((key, attributes[name]) for name, key in RETOKENIZATION_ATTRIBUTES.items() if name in attributes)
+    return json.dumps(call, separators=(",", ":"), ensure_ascii=False)
 
 
 class AgentSelector:
@@ -207,18 +221,26 @@ class LlmStep:
     prompt_token_ids: AvroArray
     completion_token_ids: AvroArray
     completion_logprobs: AvroArray
+    # A call the server returned no token ids for: what the trainer builds them from (TrainingSample.call_text).
+    call_text: str = ""
 
     def to_json(self) -> list[Any]:
         arrays = (self.prompt_token_ids, self.completion_token_ids, self.completion_logprobs)
-        return [self.sequence, self.event_id, self.end_time_us, self.model, self.model_version] + [
+        encoded = [self.sequence, self.event_id, self.end_time_us, self.model, self.model_version] + [
             _b64(array.encoded) for array in arrays
         ]
+        return [*encoded, self.call_text] if self.call_text else encoded
 
     @classmethod
     def from_json(cls, data: list[Any]) -> LlmStep:
-        *fields, prompt, completion, logprobs = data
+        # Eight items, or nine with the call text (states written before it have eight).
+        *fields, prompt, completion, logprobs = data[:8]
         arrays = (AvroArray.from_encoded(base64.b64decode(text)) for text in (prompt, completion, logprobs))
-        return cls(*fields, *arrays)
+        return cls(*fields, *arrays, *data[8:])
+
+    @property
+    def token_source(self) -> str:
+        return "retokenized" if self.call_text else "server"
 
     @classmethod
     def from_legacy_json(cls, data: list[Any]) -> LlmStep:
@@ -680,20 +702,27 @@ class JoinCore:
             if llm["model_version"] not in state.model_versions:
                 state.model_versions.append(llm["model_version"])
             if llm["completion_token_ids"].count:
-                state.steps.append(
-                    LlmStep(
-                        span["sequence"],
-                        span["event_id"],
-                        end,
-                        llm["model"],
-                        llm["model_version"],
-                        llm["prompt_token_ids"],
-                        llm["completion_token_ids"],
-                        llm["completion_logprobs"],
-                    )
-                )
+                call_text = ""
+            elif span["status"] == "ok" and (llm["completion_text"] or span["attributes"].get(TOOL_CALLS_ATTRIBUTE)):
+                # No token ids from the server: the trainer builds them from the text with its tokenizer.
+                call_text = retokenization_text(span)
+                self.counts["llm_calls_to_retokenize"] += 1
             else:
                 self.counts["untrainable_llm_calls"] += 1
+                return
+            state.steps.append(
+                LlmStep(
+                    span["sequence"],
+                    span["event_id"],
+                    end,
+                    llm["model"],
+                    llm["model_version"],
+                    llm["prompt_token_ids"],
+                    llm["completion_token_ids"],
+                    llm["completion_logprobs"],
+                    call_text,
+                )
+            )
 
     def _settle(self, state: RolloutState, now_us: int) -> None:
         """Close an ended rollout as soon as its outcome is known: settled (see _settled_at), or a reward
@@ -813,6 +842,8 @@ class JoinCore:
                     "final_reward": final_reward,
                     "credit_policy": rules.credit_policy,
                     "created_at_us": created_at_us,
+                    "token_source": step.token_source,
+                    "call_text": step.call_text,
                 }
             )
         self.counts["samples"] += len(steps)

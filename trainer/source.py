@@ -2,7 +2,9 @@
 
 Samples of one task (the Kafka key) are grouped until a group holds ``group_size`` samples; a batch is
 ``groups_per_step`` complete groups. Bad records (undecodable bytes, token ids outside the vocabulary,
-logprobs that do not match the completion) go to the dead-letter topic with the reason. A sample whose
+logprobs that do not match the completion, a call whose token ids cannot be rebuilt) go to the dead-letter
+topic with the reason. A sample the server returned no token ids for (``token_source`` ``retokenized``) gets
+them from the policy's tokenizer here (:mod:`boltstream.trainer.retokenize`), counted in ``retokenized``. A sample whose
 ``model_version`` is more than ``max_staleness`` versions behind the trainer's policy is dropped and
 counted, both when it arrives and while it waits in a group (the version moves on while it waits).
 
@@ -28,6 +30,7 @@ from boltstream.infra.common.config import Settings
 from boltstream.schemas.codec import CodecError, codec
 from boltstream.schemas.dead_letters import dead_letter_of
 from boltstream.trainer.policy import validate_sample
+from boltstream.trainer.retokenize import RETOKENIZED, RetokenizeError, retokenize
 
 _VERSION = re.compile(r"(\d+)$")
 
@@ -63,6 +66,7 @@ class Counters:
     dropped_stale: int = 0
     rejected: int = 0
     dead_lettered: int = 0
+    retokenized: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dict(vars(self))
@@ -121,12 +125,14 @@ class SampleSource:
         group_size: int,
         groups_per_step: int,
         worker: str = "trainer",
+        tokenizer: Any = None,
     ) -> None:
         self.settings = settings
         self.topic = settings.topics.samples
         self.vocab_size = vocab_size
         self.admit = admit
         self.worker = worker
+        self.tokenizer = tokenizer  # the policy's: builds the token ids of calls that came without them
         self.batcher = Batcher(group_size, groups_per_step, settings.trainer.max_staleness)
         self.counters = Counters()
         self.positions: dict[int, int] = {}
@@ -162,7 +168,7 @@ class SampleSource:
         if state:
             self.counters = Counters(**state.get("counters", {}))
             for partition, offset, value, version in state.get("held", []):
-                held = Held(partition, offset, value, codec("TrainingSample").decode(value), version)
+                held = Held(partition, offset, value, self._decode(value), version)
                 self.batcher.add(held)
 
     def state(self) -> dict[str, Any]:
@@ -204,14 +210,19 @@ class SampleSource:
         self.positions[partition] = offset + 1
         self.counters.consumed += 1
         try:
-            sample = codec("TrainingSample").decode(value)
+            sample = self._decode(value)
             reason = validate_sample(sample, self.vocab_size)
             version = sample_version(sample["model_version"])
+        except RetokenizeError as exc:
+            self._dead_letter(message, f"cannot rebuild the token ids: {exc}", "Untokenizable")
+            return
         except (CodecError, ValueError) as exc:
             reason, sample, version = str(exc), None, 0
         if reason is not None:
             self._dead_letter(message, reason, "CodecError" if sample is None else "InvalidSample")
             return
+        if sample["token_source"] == RETOKENIZED:
+            self.counters.retokenized += 1
         rejection = self.admit(sample)
         if rejection is not None:
             self.counters.rejected += 1
@@ -219,6 +230,20 @@ class SampleSource:
             self.counters.dropped_stale += 1
         else:
             self.batcher.add(Held(partition, offset, value, sample, version))
+
+    def _decode(self, value: bytes) -> dict[str, Any]:
+        """A TrainingSample from its bytes, with token ids built by the policy's tokenizer if it came without."""
+        sample = codec("TrainingSample").decode(value)
+        if sample["token_source"] != RETOKENIZED:
+            return sample
+        if self.tokenizer is None:
+            raise RetokenizeError("this sample source was given no tokenizer")
+        try:
+            return retokenize(sample, self.tokenizer)
+        except RetokenizeError:
+            raise
+        except Exception as exc:  # the tokenizer's chat template raises what its author wrote
+            raise RetokenizeError(f"the chat template failed: {type(exc).__name__}: {exc}") from exc
 
     def _dead_letter(self, message, reason: str, error_type: str) -> None:
         self.counters.dead_lettered += 1

@@ -32,6 +32,19 @@ REPLAY_HEADER = "boltstream-replay"
 #: Kafka header on replayed messages: the original message time
 SOURCE_TIME_HEADER = "boltstream-replay-source-time-us"
 
+#: Attributes of an ``llm_call`` span (JSON text, present only when the call had them) that a chat template
+#: renders beside the messages: the request's tools, tool_choice and chat_template_kwargs, and the tool calls
+#: the model made. With them, a call the server returned no token ids for can be tokenized as the server
+#: would have (TrainingSample ``call_text``: these under the names given here).
+RETOKENIZATION_ATTRIBUTES = {
+    "llm.request.tools": "tools",
+    "llm.request.tool_choice": "tool_choice",
+    "llm.request.chat_template_kwargs": "chat_template_kwargs",
+    "llm.response.tool_calls": "tool_calls",
+}
+#: The attribute above holding the tool calls of the answer.
+TOOL_CALLS_ATTRIBUTE = "llm.response.tool_calls"
+
 #: The OpenAI-compatible paths the capture proxy and the router forward, as OpenAI clients call them (under
 #: ``/v1``, or at the root of a base URL without it). Every other path of an inference server is a control
 #: path (vLLM's ``/pause``, ``/collective_rpc``, ``/v1/load_lora_adapter`` ...): they refuse it with a 404.

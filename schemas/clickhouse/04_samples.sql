@@ -20,6 +20,8 @@ CREATE TABLE IF NOT EXISTS samples_store
     final_reward Float64,
     credit_policy LowCardinality(String),
     created_at_us Int64,
+    token_source LowCardinality(String) DEFAULT 'server',
+    call_text String CODEC(ZSTD(3)),
     archived_at DateTime64(6) DEFAULT now64(6),
     INDEX task_id_bloom task_id TYPE bloom_filter GRANULARITY 4,
     CONSTRAINT sample_id_present CHECK sample_id != ''
@@ -47,9 +49,18 @@ CREATE TABLE IF NOT EXISTS samples_ingest
     return_value Float64,
     final_reward Float64,
     credit_policy String,
-    created_at_us Int64
+    created_at_us Int64,
+    token_source String,
+    call_text String
 )
 ENGINE = Null;
+
+-- An archive created before TrainingSample v2 gains its two columns (no-ops on a new one); the view below
+-- selects * and so carries them.
+ALTER TABLE samples_store ADD COLUMN IF NOT EXISTS token_source LowCardinality(String) DEFAULT 'server' AFTER created_at_us;
+ALTER TABLE samples_store ADD COLUMN IF NOT EXISTS call_text String CODEC(ZSTD(3)) AFTER token_source;
+ALTER TABLE samples_ingest ADD COLUMN IF NOT EXISTS token_source String;
+ALTER TABLE samples_ingest ADD COLUMN IF NOT EXISTS call_text String;
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS samples_ingest_mv TO samples_store AS
 SELECT * FROM samples_ingest;
