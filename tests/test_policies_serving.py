@@ -134,7 +134,7 @@ class Fleet:
         response = self.client.post(
             "/v1/completions", json=body, headers={ROLLOUT_ID_HEADER: rollout_id, AGENT_HEADER: agent}
         )
-        response.raise_for_status()
+        assert response.status_code == 200, f"{policy} call failed: HTTP {response.status_code} {response.text[:1000]}"
         version = int(response.headers[MODEL_VERSION_HEADER])
         # vLLM names its base model by its first served name, whichever alias was asked for.
         expected = "tiny" if version == 0 else served_name(policy, version)
