@@ -119,7 +119,7 @@ def test_a_sample_written_before_policies_reads_as_tagged_with_none():
 
 def without_policies(statement: str) -> str | None:
     """A statement of the DDL as it was before policies: without the column, and without the migration."""
-    if "ALTER TABLE" in statement and "policies" in statement:
+    if ("ALTER TABLE" in statement and "policies" in statement) or "report_reward_by_policy_version" in statement:
         return None
     return "\n".join(line for line in statement.splitlines() if not line.strip().startswith("policies "))
 
@@ -178,6 +178,18 @@ def test_each_policy_reads_only_the_samples_of_its_agents_and_the_archive_agrees
         time.sleep(0.5)
     assert {sample_id: (agent, list(tags)) for sample_id, agent, tags in rows} == {
         s["sample_id"]: (s["agent_name"], EXPECTED_TAGS[s["agent_name"]]) for s in on_topic
+    }
+
+    report = client.query("SELECT policy, sum(rollouts) FROM report_reward_by_policy_version GROUP BY policy")
+    # A rollout counts once for each version its samples used.
+    rollouts = {
+        agent: len({(s["rollout_id"], s["model_version"]) for s in on_topic if s["agent_name"] == agent})
+        for agent in EXPECTED_TAGS
+    }
+    assert dict(report.result_rows) == {
+        "math": rollouts["math-agent"],
+        "code": rollouts["code-agent"],
+        "both": rollouts["math-agent"] + rollouts["code-agent"],
     }
 
     for policy in POLICIES:
