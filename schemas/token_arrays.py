@@ -23,7 +23,7 @@ from __future__ import annotations
 import io
 import math
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from functools import cache
 from typing import Any, NamedTuple
 
@@ -33,7 +33,7 @@ from fastavro.schema import parse_schema
 from boltstream.schemas.codec import SINGLE_OBJECT_MAGIC, CodecError, codec, latest, shipped_schemas, zigzag_varint
 
 SPAN_BATCH_VERSION = 3  # the writer version read here without the general codec
-TRAINING_SAMPLE_VERSION = 1  # the version encode_training_sample writes
+TRAINING_SAMPLE_VERSION = 2  # the version encode_training_sample writes
 
 
 def _span_kinds() -> tuple[str, ...]:
@@ -492,8 +492,14 @@ def _string(text: str) -> bytes:
     return _long(len(raw)) + raw
 
 
+def _strings(items: Sequence[str]) -> bytes:
+    """An Avro array of strings: one block of all the items, then the empty block that ends it."""
+    return (_long(len(items)) + b"".join(_string(item) for item in items) if items else b"") + b"\x00"
+
+
 def encode_training_sample(sample: dict[str, Any]) -> bytes:
-    """A framed TrainingSample (v1) from a dict whose three arrays are :class:`AvroArray`.
+    """A framed TrainingSample (v2) from a dict whose three arrays are :class:`AvroArray`; ``policies``
+    left out is the schema's default, none.
 
     Byte for byte ``codec("TrainingSample").encode`` of the same dict with the arrays as lists. Raises
     :class:`CodecError` if a field is missing or of the wrong type.
@@ -519,6 +525,7 @@ def encode_training_sample(sample: dict[str, Any]) -> bytes:
                 _double.pack(sample["final_reward"]),
                 _string(sample["credit_policy"]),
                 _long(sample["created_at_us"]),
+                _strings(sample.get("policies", ())),
             )
         )
     except (KeyError, TypeError, AttributeError, struct.error) as exc:

@@ -6,6 +6,11 @@ logprobs that do not match the completion) go to the dead-letter topic with the 
 ``model_version`` is more than ``max_staleness`` versions behind the trainer's policy is dropped and
 counted, both when it arrives and while it waits in a group (the version moves on while it waits).
 
+Policies: every policy's trainer reads the whole samples topic in its own consumer group
+(``boltstream-trainer-<policy>``) and keeps only the samples the join tagged with its policy; the others
+are counted as ``not_selected``, so a sample never trains a policy it was not selected for. A sample the join
+tagged with no policy (written before policies existed) trains only a setup that configures none.
+
 Offsets: the source reads its partitions by assignment (one trainer job owns the whole topic) and
 never auto-commits. Its :meth:`SampleSource.state` is the next offset of every partition plus every
 sample it holds but has not yet handed out; the trainer stores that state in its checkpoint and commits
@@ -63,6 +68,7 @@ class Counters:
     dropped_stale: int = 0
     rejected: int = 0
     dead_lettered: int = 0
+    not_selected: int = 0  # samples of other policies' agents
 
     def as_dict(self) -> dict[str, int]:
         return dict(vars(self))
@@ -128,6 +134,8 @@ class SampleSource:
         self.admit = admit
         self.worker = worker
         self.batcher = Batcher(group_size, groups_per_step, settings.trainer.max_staleness)
+        self.policy = settings.trainer.model_name
+        self.policies_configured = bool(settings.policies)
         self.counters = Counters()
         self.positions: dict[int, int] = {}
         self.consumer = Consumer(
@@ -212,6 +220,9 @@ class SampleSource:
         if reason is not None:
             self._dead_letter(message, reason, "CodecError" if sample is None else "InvalidSample")
             return
+        if not self.selected(sample):
+            self.counters.not_selected += 1
+            return
         rejection = self.admit(sample)
         if rejection is not None:
             self.counters.rejected += 1
@@ -219,6 +230,12 @@ class SampleSource:
             self.counters.dropped_stale += 1
         else:
             self.batcher.add(Held(partition, offset, value, sample, version))
+
+    def selected(self, sample: dict[str, Any]) -> bool:
+        """Whether the join selected ``sample`` for this trainer's policy."""
+        if sample["policies"]:
+            return self.policy in sample["policies"]
+        return not self.policies_configured
 
     def _dead_letter(self, message, reason: str, error_type: str) -> None:
         self.counters.dead_lettered += 1

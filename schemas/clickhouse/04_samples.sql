@@ -20,6 +20,7 @@ CREATE TABLE IF NOT EXISTS samples_store
     final_reward Float64,
     credit_policy LowCardinality(String),
     created_at_us Int64,
+    policies Array(LowCardinality(String)),
     archived_at DateTime64(6) DEFAULT now64(6),
     INDEX task_id_bloom task_id TYPE bloom_filter GRANULARITY 4,
     CONSTRAINT sample_id_present CHECK sample_id != ''
@@ -47,9 +48,16 @@ CREATE TABLE IF NOT EXISTS samples_ingest
     return_value Float64,
     final_reward Float64,
     credit_policy String,
-    created_at_us Int64
+    created_at_us Int64,
+    policies Array(String)
 )
 ENGINE = Null;
+
+-- An archive made before policies existed gets the column (its old rows: none). The materialized view's
+-- SELECT * passes it on: ClickHouse reads the ingest table's columns at insert time.
+ALTER TABLE samples_store ADD COLUMN IF NOT EXISTS policies Array(LowCardinality(String)) AFTER created_at_us;
+
+ALTER TABLE samples_ingest ADD COLUMN IF NOT EXISTS policies Array(String);
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS samples_ingest_mv TO samples_store AS
 SELECT * FROM samples_ingest;
