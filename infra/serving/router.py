@@ -58,7 +58,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from boltstream.infra.common.config import Settings
+from boltstream.infra.common.config import Settings, resolved_policies
 from boltstream.infra.common.contract import (
     AGENT_HEADER,
     INFERENCE_PATHS,
@@ -81,6 +81,15 @@ _HOP_HEADERS = frozenset(
 _NOT_FORWARDED = _HOP_HEADERS | {"authorization"}
 #: What the router forwards: the inference paths vLLM serves (it has no root-level ones).
 _FORWARDED_PATHS = frozenset(path for path in INFERENCE_PATHS if path.startswith("/v1/"))
+
+
+def served_policies(settings: Settings) -> list[tuple[str, tuple[str, ...]]]:
+    """(name, agent selector) of every policy the router and the canary serve, in configuration order. One
+    policy when none is configured: ``trainer.model_name`` for every agent (``stream.agent_selector`` picks
+    the agents that train it, not the ones it serves)."""
+    if not settings.policies:
+        return [(settings.trainer.model_name, ("all",))]
+    return [(policy.name, policy.agent_selector) for policy in resolved_policies(settings)]
 
 
 class NoRoute(LookupError):
@@ -424,8 +433,8 @@ class RouterProcess:
     """The router and its Kafka follower running in background threads of this process (``serve`` and tests).
 
     ``upstream_key`` is the API key of the replicas (``VllmServer.api_key``). ``policies``: (name, agent
-    selector) of each policy, in the order the selectors are tried; default: ``trainer.model_name`` for
-    every agent. ``table`` is the first policy's routing table, ``tables`` all of them by name."""
+    selector) of each policy, in the order the selectors are tried; default :func:`served_policies`.
+    ``table`` is the first policy's routing table, ``tables`` all of them by name."""
 
     def __init__(
         self,
@@ -440,8 +449,7 @@ class RouterProcess:
         self.settings = settings
         share = settings.serve.canary_share
         tables = [
-            RoutingTable(name, replicas, share, selector)
-            for name, selector in policies or [(settings.trainer.model_name, ("all",))]
+            RoutingTable(name, replicas, share, selector) for name, selector in policies or served_policies(settings)
         ]
         self.router = Router(tables, upstream_key=upstream_key)
         self.tables = self.router.tables
