@@ -66,6 +66,8 @@ def regressed_adapter(source: Path, target: Path, *, noise: float = NOISE, seed:
     import torch
     from safetensors.torch import load_file, save_file
 
+    if not (source / "adapter_model.safetensors").is_file():
+        raise RegressionError(f"{source} holds no adapter_model.safetensors: not a LoRA adapter")
     shutil.copytree(source, target)
     weights_file = target / "adapter_model.safetensors"
     weights = load_file(weights_file)
