@@ -156,7 +156,7 @@ def canary_outcome(client: Any, model: str, version: int) -> dict[str, Any]:
         " AND length(arrayDistinct(model_versions)) = 1",
         parameters={"start": start["timestamp_us"], "end": end["timestamp_us"]},
     ).result_rows
-    answered = sum(list(versions) == [str(version)] for (versions,) in rows)
+    answered = sum(set(versions) == {str(version)} for (versions,) in rows)
     share = start["canary_share"]
     outcome.update(
         rollouts=len(rows),
