@@ -355,3 +355,37 @@ def test_regressed_version_of_one_policy_stays_at_the_canary_share_and_is_rolled
     ]
     [rollback] = [row for row in rows if row[1] == "rollback"]
     assert rollback[4] == pytest.approx(0.3) and rollback[5] == pytest.approx(0.6)
+
+
+@pytest.mark.slow
+def test_a_sidecar_started_during_a_canary_loads_both_of_its_versions(
+    settings: Settings, vllm_server, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    ensure_topics(settings)
+    policy = replace(settings, trainer=replace(settings.trainer, model_name="policy-b"))
+    store = ArtifactStore(settings.artifact_store_url)
+    for version in (11, 12, 13):
+        adapter = lora_artifact(store, tiny_model_dir, tmp_path, f"restart-{version}", seed=version, scale=0.1)
+        publish_update(policy, adapter, version=version)
+    producer = Producer(settings.kafka.client_config(**{"acks": "all"}))
+    # 12 was rolled back, 13 runs as the canary against 11.
+    for record in (decision("start", 12, 11, "policy-b"), decision("rollback", 12, 11, "policy-b")):
+        producer.produce(
+            settings.topics.canary_decisions, key=b"policy-b", value=codec("CanaryDecision").encode(record)
+        )
+    producer.produce(
+        settings.topics.canary_decisions,
+        key=b"policy-b",
+        value=codec("CanaryDecision").encode(decision("start", 13, 11, "policy-b")),
+    )
+    assert producer.flush(10) == 0
+    sync = WeightSync(settings, vllm_server, server_id="restarted", serving_dir=tmp_path / "serving", model="policy-b")
+    try:
+        assert sync.catch_up()["version"] == 13
+        assert sync.adapters == {11: "policy-b-v11", 13: "policy-b-v13"}
+        assert {"policy-b-v11", "policy-b-v13"} <= set(vllm_server.models())
+        assert "policy-b-v12" not in vllm_server.models()
+    finally:
+        sync.close()
+        for name in ("policy-b-v11", "policy-b-v13"):
+            vllm_server.unload_lora_adapter(name)

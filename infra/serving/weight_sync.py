@@ -27,8 +27,9 @@ An update is considered only when it carries the trainer's signature under the m
    back when vLLM fails half-way).
 
 A LoRA replica follows the policy's ``canary-decisions`` too and unloads the adapters they retire (a
-rolled-back candidate; the former stable version once a candidate is promoted), keeping what the router
-sends traffic to: the stable version and the candidate. Versions no decision concluded stay loaded.
+rolled-back candidate; the former stable version once a candidate is promoted) a few seconds after the
+decision, keeping what the router sends traffic to: the stable version and the candidate. Versions no
+decision concluded stay loaded. A sidecar starting while a canary runs loads both of its versions.
 
 A refused update (unsigned, wrongly signed, or its artifact outside the store or not the signed bytes) is
 reported the same way, ``failed`` with the reason, logged and counted in :attr:`WeightSync.refusals`.
@@ -128,9 +129,8 @@ class WeightSync:
         #: The policy this sidecar loads versions of (the ``model`` of its ModelUpdates); one sidecar per
         #: policy a replica serves.
         self.model = model or settings.trainer.model_name
-        # The policy's canary as canary-decisions tell it: the adapters it still needs (stable, candidate).
+        # The policy's stable version as canary-decisions tell it.
         self._stable = 0
-        self._canary: int | None = None
         # Rolled back, or replaced as stable by a promotion: version -> when (monotonic seconds).
         self._retired: dict[int, float] = {}
         # Unloaded adapters whose files stay a while: version -> when unloaded.
@@ -219,15 +219,14 @@ class WeightSync:
     def _on_decision(self, decision: dict[str, Any]) -> None:
         """Follow the policy's canary: which versions the router still sends traffic to."""
         action, candidate = decision["action"], decision["candidate_version"]
-        if action == "start":
-            self._stable, self._canary = decision["stable_version"], candidate
-        elif action == "promote":
+        if action == "promote":
             self._promoted = max(self._promoted, candidate)
             self._retired.setdefault(decision["stable_version"], time.monotonic())
-            self._stable, self._canary = candidate, None
-        else:  # rollback
-            self._retired.setdefault(candidate, time.monotonic())
-            self._stable, self._canary = decision["stable_version"], None
+            self._stable = candidate
+        else:
+            if action == "rollback":
+                self._retired.setdefault(candidate, time.monotonic())
+            self._stable = decision["stable_version"]
         self._retired.pop(self._stable, None)  # a version promoted again after all
 
     def catch_up(self, timeout: float = 30.0) -> dict[str, Any] | None:
