@@ -169,14 +169,15 @@ def canary_outcome(client: Any, model: str, version: int) -> dict[str, Any]:
 
 
 def describe(outcome: dict[str, Any]) -> list[str]:
-    """The outcome in a few sentences, for the console and the report."""
+    """The outcome (with the ``parent_version`` the injected version was copied from) in a few sentences, for
+    the console and the report."""
     version, start, end = outcome["version"], outcome["start"], outcome["end"]
     if start is None:
         return [f"injected version {version}: no replica served it, so its canary never started"]
     if end is None:
         return [f"injected version {version}: its canary started but reached no decision before the run ended"]
     lines = [
-        f"injected version {version} (a noisy copy of version {end['stable_version']}): canary for "
+        f"injected version {version} (a noisy copy of version {outcome['parent_version']}): canary for "
         f"{outcome['seconds']:.1f} s, answered {outcome['answered']} of {outcome['rollouts']} rollouts "
         f"({(outcome['share'] or 0) * 100:.1f} %; canary share {start['canary_share'] * 100:.0f} %, "
         f"bound {(outcome['share_bound'] or 0) * 100:.1f} %)",
