@@ -90,6 +90,7 @@ def test_policies_on_different_base_models_are_routed_to_their_own_replicas() ->
     b.on_served_version({**served("small", 5, fmt="full"), "model": "policy-b", "served_name": "policy-b"})
     assert {r.server_id for r in b.served()[5]} == {"small"}
     assert set(b.state()["replicas"]) == {"small", "large"} and set(a.state()["replicas"]) == {"small"}
+    assert a.state()["agent_selector"] == ["adder*"]
 
 
 def test_each_policy_canary_weighs_only_its_own_agents(settings: Settings) -> None:

@@ -225,11 +225,12 @@ def run_demo(
 
 
 def _no_canary_running(watch: Watch) -> bool:
-    """Whether a version was promoted and no canary has started since: an injected version then runs its canary
-    against a stable one without cutting a trainer version's canary short."""
+    """Whether a version was promoted and every version published since was decided on: an injected version then
+    runs its canary against a stable one, neither cutting a trainer version's canary short nor (until the
+    trainer's next version) cut short by one."""
     promoted = watch.latest("promoted")
     concluded = max(promoted or 0, watch.latest("rolled back") or 0)
-    return promoted is not None and (watch.latest("canary") or 0) <= concluded
+    return promoted is not None and (watch.latest("published") or 0) <= concluded
 
 
 def _check_alive(state) -> None:

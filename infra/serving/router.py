@@ -219,6 +219,7 @@ class RoutingTable:
             }
             return {
                 "model": self.model,
+                "agent_selector": list(self.agent_selector),
                 "stable": self.stable,
                 "canary": self.canary,
                 "canary_share": self.canary_share,
