@@ -232,8 +232,10 @@ def serve_command(args: argparse.Namespace, settings: Settings) -> int:
         serving_dir / "current",
         port=serve.vllm_port,
         # The base model answers to the name of every policy served here: each asks for its version 0 so.
-        served_model_name=names[0],
-        served_aliases=names[1:],
+        # vLLM names it in its answers by the first name: with several policies, the base's own
+        # (trainer.model_name), so an answer of one policy's version 0 does not carry another policy's name.
+        served_model_name=names[0] if len(names) == 1 else settings.trainer.model_name,
+        served_aliases=names,
         enable_lora=lora,
         max_lora_rank=args.max_lora_rank,
         max_loras=args.max_loras or max(2, 2 * len(names)),
