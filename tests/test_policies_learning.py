@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
+from collections import Counter
 
 import pytest
 from confluent_kafka import Producer
@@ -69,8 +70,10 @@ def test_two_policies_learn_from_their_own_agents_only(settings, archive, tmp_pa
         model_path=str(tmp_path / "warm"),
         group_size=8,
         groups_per_step=8,
-        publish_interval=10,
-        weight_sync_threshold=0.5,  # ten steps move the policy by up to ~0.4 nats/token (measured): publish them
+        # From a low start a policy moves fast (measured: KL 0.96 nats/token to the base model after ten steps of
+        # the adder, 0.27 of the multiplier): candidates every five steps, published unless they went wild.
+        publish_interval=5,
+        weight_sync_threshold=0.3,
     )
     settings = dataclasses.replace(join_settings(settings, 5.0), trainer=trainer_config, policies=policies)
     prepare(settings)
@@ -138,13 +141,13 @@ def test_two_policies_learn_from_their_own_agents_only(settings, archive, tmp_pa
         if count >= sum(len(ids) for ids in trained.values()):
             break
         time.sleep(0.5)
+    archived = {
+        sample_id: (agent, tuple(tags))
+        for sample_id, agent, tags in client.query("SELECT sample_id, agent_name, policies FROM samples").result_rows
+    }
     for name, ids in trained.items():
-        rows = client.query(
-            "SELECT agent_name, policies, count() FROM samples WHERE sample_id IN {ids:Array(String)}"
-            " GROUP BY agent_name, policies",
-            parameters={"ids": ids},
-        ).result_rows
-        assert rows == [(name, [name], len(ids))], (name, rows)
+        assert Counter(archived.get(sample_id) for sample_id in ids) == {(name, (name,)): len(ids)}, name
+    assert not set(trained["adder"]) & set(trained["multiplier"])
 
     for name in GROUPS:
         assert after[name] - before[name] >= MARGIN, f"{name}: mean reward {before[name]:.3f} -> {after[name]:.3f}"
