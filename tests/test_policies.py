@@ -10,8 +10,9 @@ from collections import Counter
 from dataclasses import replace
 
 import fastavro
+import pytest
 
-from boltstream.infra.common.config import ClickHouseConfig, PolicyConfig, load_settings
+from boltstream.infra.common.config import ClickHouseConfig, ConfigError, PolicyConfig, load_settings
 from boltstream.schemas.codec import SINGLE_OBJECT_MAGIC, codec, shipped_schemas
 from boltstream.schemas.token_arrays import AvroArray, encode_training_sample
 from boltstream.stream_processors.archive import Archiver, Table, connect, ddl_statements
@@ -208,3 +209,39 @@ def test_each_policy_reads_only_the_samples_of_its_agents_and_the_archive_agrees
         assert read == own, policy.name
         assert source.counters.not_selected == expected - len(own), policy.name
         source.close()
+
+
+# -- boltstream train --policy, and the demo's trainers ---------------------------------------------------
+
+
+def test_train_takes_the_only_policy_or_the_one_named(tmp_path):
+    plain = load_settings(environ={"BOLTSTREAM_HOME": str(tmp_path)})
+    assert policy_settings(plain, None) == plain  # a setup without policies trains as before
+    configured = replace(plain, policies=POLICIES)
+    assert policy_settings(configured, "code").trainer.model_name == "code"
+    with pytest.raises(ConfigError, match=r"3 policies are configured \(math, code, both\): name one with --policy"):
+        policy_settings(configured, None)
+    with pytest.raises(ConfigError, match="no policy named 'tiny'"):
+        policy_settings(configured, "tiny")
+
+
+def test_the_demo_of_two_policies_trains_two_lora_adapters_each_on_its_agent_group(tmp_path):
+    from boltstream.infra.demo.stack import DEMO_POLICIES, LORA_RANK, demo_settings, demo_workers
+
+    base = load_settings(environ={"BOLTSTREAM_HOME": str(tmp_path)})
+    for run in ("one", "two"):
+        (tmp_path / run).mkdir()
+    one = demo_settings(base, tmp_path / "one", tmp_path / "model", DEMO_POLICIES[1])
+    assert one.policies == ()
+    assert demo_workers(one, 1)["train"].argv[-3:] == ("train", "--policy", "tiny")
+
+    two = demo_settings(base, tmp_path / "two", tmp_path / "model", DEMO_POLICIES[2])
+    assert [(p.name, p.agent_selector) for p in two.policies] == [
+        ("adder", ("adder",)),
+        ("multiplier", ("multiplier",)),
+    ]
+    assert {two.for_policy(name).trainer.lora_rank for name in ("adder", "multiplier")} == {LORA_RANK}
+    workers = demo_workers(two, 1)
+    assert "train" not in workers
+    assert workers["train-adder"].argv[-3:] == ("train", "--policy", "adder")
+    assert workers["train-multiplier"].argv[-3:] == ("train", "--policy", "multiplier")
