@@ -81,7 +81,11 @@ def allowed(annotation: Any) -> str:
     config = _config()
     base, metadata = _split(annotation)
     if typing.get_origin(base) is Literal:
-        return "one of " + ", ".join(f"`{choice}`" for choice in typing.get_args(base))
+        return "one of " + ", ".join(f"`{choice}`" if choice else '`""`' for choice in typing.get_args(base))
+    if base == tuple[config.PolicyConfig, ...]:
+        return "array of tables (`[[policies]]`, below)"
+    if base == dict[str, Any]:
+        return "table of `[trainer]` parameters"
     if config.Duration in metadata:
         kind = "seconds"
     else:
@@ -138,7 +142,8 @@ def undocumented() -> list[str]:
     """Parameters without a ``#:`` doc comment in config.py."""
     config = _config()
     missing = []
-    for cls, prefix in [(config.Settings, ""), *((section, f"{name}.") for name, section in sections())]:
+    tables = [(config.Settings, ""), *((section, f"{name}.") for name, section in sections())]
+    for cls, prefix in [*tables, (config.PolicyConfig, "policies.")]:
         comments = doc_comments(cls)
         hints = typing.get_type_hints(cls, include_extras=True)
         missing += [
@@ -166,6 +171,8 @@ def render() -> str:
     for name, cls in sections():
         summary = _markdown((cls.__doc__ or "").strip().splitlines()[0])
         parts += ["", f"#### `[{name}]`: {summary}", "", *header, *_rows(cls, f"{name}.")]
+    summary = _markdown(config.PolicyConfig.__doc__.strip().splitlines()[0])
+    parts += ["", f"#### `[[policies]]`: {summary}", "", *header, *_rows(config.PolicyConfig, "policies.")]
     return "\n".join([*parts, "", END])
 
 

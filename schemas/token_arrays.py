@@ -23,7 +23,7 @@ from __future__ import annotations
 import io
 import math
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from functools import cache
 from typing import Any, NamedTuple
 
@@ -492,8 +492,14 @@ def _string(text: str) -> bytes:
     return _long(len(raw)) + raw
 
 
+def _strings(items: Sequence[str]) -> bytes:
+    """An Avro array of strings: one block of all the items, then the empty block that ends it."""
+    return (_long(len(items)) + b"".join(_string(item) for item in items) if items else b"") + b"\x00"
+
+
 def encode_training_sample(sample: dict[str, Any]) -> bytes:
-    """A framed TrainingSample (v2) from a dict whose three arrays are :class:`AvroArray`.
+    """A framed TrainingSample (v2) from a dict whose three arrays are :class:`AvroArray`; ``policies``
+    left out is the schema's default, none.
 
     Byte for byte ``codec("TrainingSample").encode`` of the same dict with the arrays as lists. Raises
     :class:`CodecError` if a field is missing or of the wrong type.
@@ -521,6 +527,7 @@ def encode_training_sample(sample: dict[str, Any]) -> bytes:
                 _long(sample["created_at_us"]),
                 _string(sample["token_source"]),
                 _string(sample["call_text"]),
+                _strings(sample.get("policies", ())),
             )
         )
     except (KeyError, TypeError, AttributeError, struct.error) as exc:

@@ -66,6 +66,7 @@ from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from boltstream.infra.common.config import resolved_policies
 from boltstream.infra.common.contract import RETOKENIZATION_ATTRIBUTES, TOOL_CALLS_ATTRIBUTE, keep_rollout
 from boltstream.schemas.codec import CodecError, codec
 from boltstream.schemas.dead_letters import dead_letter
@@ -159,6 +160,9 @@ class JoinRules:
     discount: float = 0.9
     sampling_rate: float = 1.0
     agent_selector: tuple[str, ...] = ("all",)
+    #: (name, agent_selector) of each policy: a sample is tagged with every policy whose selector matches its
+    #: agent, and made only when one does. None configured = ``agent_selector`` decides, and tags nothing.
+    policies: tuple[tuple[str, tuple[str, ...]], ...] = ()
     spans_topic: str = "spans"
     rewards_topic: str = "rewards"
     worker: str = "boltstream-join"
@@ -180,6 +184,7 @@ class JoinRules:
             discount=stream.discount,
             sampling_rate=settings.producer.span_sampling_rate,
             agent_selector=stream.agent_selector,
+            policies=tuple((policy.name, policy.agent_selector) for policy in resolved_policies(settings)),
             spans_topic=settings.topics.spans,
             rewards_topic=settings.topics.rewards,
             worker=stream.join_group,
@@ -406,6 +411,7 @@ class JoinCore:
         self.rules = rules
         self.states = states
         self.select = AgentSelector(rules.agent_selector)
+        self.policy_selectors = [(name, AgentSelector(patterns)) for name, patterns in rules.policies]
         self.trajectories: list[dict[str, Any]] = []
         self.samples: list[
             dict[str, Any]
@@ -777,7 +783,8 @@ class JoinCore:
         in_time = sorted(state.rewards, key=lambda r: (r.timestamp_us, r.event_id))
         final = state.final_reward() if status == "complete" else None
         sampled = keep_rollout(state.rollout_id, rules.sampling_rate)
-        selected = self.select(state.agent_name)
+        policies = self.policies_of(state.agent_name)
+        selected = bool(policies) if self.policy_selectors else self.select(state.agent_name)
         ordered = sorted(state.spans)
         self.trajectories.append(
             {
@@ -803,13 +810,19 @@ class JoinCore:
         )
         self.counts[f"trajectories_{status}"] += 1
         if final is not None and sampled and selected:
-            self._emit_samples(state, traj_id, final, closed_at_us)
+            self._emit_samples(state, traj_id, final, closed_at_us, policies)
         # Keep only the marker: the payload is no longer needed and the changelog stays small.
         state.close(status, closed_at_us)
         self._index(state.rollout_id, state)
         self.dirty[state.rollout_id] = state
 
-    def _emit_samples(self, state: RolloutState, traj_id: str, final: HeldReward, created_at_us: int) -> None:
+    def policies_of(self, agent_name: str) -> list[str]:
+        """The policies whose selector matches ``agent_name``, in configuration order."""
+        return [name for name, select in self.policy_selectors if select(agent_name)]
+
+    def _emit_samples(
+        self, state: RolloutState, traj_id: str, final: HeldReward, created_at_us: int, policies: list[str]
+    ) -> None:
         rules = self.rules
         steps = sorted(state.steps, key=lambda s: (s.sequence, s.event_id))
         step_rewards = [r for r in state.rewards if r is not final]
@@ -844,6 +857,7 @@ class JoinCore:
                     "created_at_us": created_at_us,
                     "token_source": step.token_source,
                     "call_text": step.call_text,
+                    "policies": policies,
                 }
             )
         self.counts["samples"] += len(steps)

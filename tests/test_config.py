@@ -12,10 +12,13 @@ from boltstream.infra.common.config import (
     ClickHouseConfig,
     ConfigError,
     KafkaConfig,
+    PolicyConfig,
     ProducerConfig,
+    Settings,
     TrainerConfig,
     load_settings,
     parse_duration,
+    resolved_policies,
     secret_environment,
     secret_fields,
     settings_toml,
@@ -382,3 +385,104 @@ def test_lenient_loading_of_a_file_that_is_not_toml_keeps_the_environment(tmp_pa
 def test_overrides_from_code_stay_strict_when_loading_leniently(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"overrides: producer\.linger"):
         load_settings(environ={"BOLTSTREAM_HOME": str(tmp_path)}, on_invalid=print, producer={"linger": "soon"})
+
+
+# -- several policies ---------------------------------------------------------------------------
+
+TWO_POLICIES = """
+[trainer]
+lora_rank = 8
+max_staleness = 4
+
+[[policies]]
+name = "adder"
+agent_selector = ["add-*"]
+[policies.trainer]
+max_staleness = 1
+checkpoint_dir = "/ckpt/adder"
+
+[[policies]]
+name = "multiplier"
+agent_selector = ["mul-*", "times"]
+algorithm = "sft"
+"""
+
+
+def test_no_policy_configured_is_one_policy_from_the_trainer_and_stream_sections(tmp_path):
+    settings = load_settings(
+        environ={"BOLTSTREAM_HOME": str(tmp_path)},
+        trainer={"model_name": "m", "algorithm": "sft"},
+        stream={"agent_selector": "x-*"},
+    )
+    assert settings.policies == ()
+    assert resolved_policies(settings) == (PolicyConfig("m", ("x-*",), "sft"),)
+    assert settings.for_policy("m") == settings  # the existing single-policy setup runs as before
+
+
+def test_policies_from_the_file_each_with_its_own_trainer_and_selector(tmp_path):
+    config = tmp_path / "boltstream.toml"
+    config.write_text(TWO_POLICIES)
+    settings = load_settings(config, environ={"BOLTSTREAM_HOME": str(tmp_path)})
+    assert [policy.name for policy in resolved_policies(settings)] == ["adder", "multiplier"]
+    adder, multiplier = settings.for_policy("adder"), settings.for_policy("multiplier")
+    assert adder.trainer.model_name == "adder" and multiplier.trainer.model_name == "multiplier"
+    assert adder.stream.agent_selector == ("add-*",)
+    assert multiplier.stream.agent_selector == ("mul-*", "times")
+    assert (adder.trainer.max_staleness, multiplier.trainer.max_staleness) == (1, 4)  # override, else [trainer]
+    assert adder.trainer.checkpoint_dir == "/ckpt/adder"
+    assert (adder.trainer.lora_rank, multiplier.trainer.lora_rank) == (8, 8)
+    assert (adder.trainer.algorithm, multiplier.trainer.algorithm) == ("grpo", "sft")
+    assert adder.kafka == settings.kafka and adder.topics == settings.topics  # the rest is shared
+    with pytest.raises(ConfigError, match=r"no policy named 'tiny'; the policies are \['adder', 'multiplier'\]"):
+        settings.for_policy("tiny")
+
+
+def test_policies_from_the_environment_as_json_with_values_converted(tmp_path):
+    policies = [{"name": "a", "agent_selector": "a-*,b", "trainer": {"max_staleness": "2", "lora_rank": 4}}]
+    settings = load_settings(environ={"BOLTSTREAM_HOME": str(tmp_path), "BOLTSTREAM_POLICIES": json.dumps(policies)})
+    (policy,) = settings.policies
+    assert policy.agent_selector == ("a-*", "b")
+    assert policy.trainer == {"max_staleness": 2, "lora_rank": 4}  # "2" from the environment is the integer 2
+
+
+def test_policies_survive_settings_toml(tmp_path):
+    config = tmp_path / "boltstream.toml"
+    config.write_text(TWO_POLICIES)
+    settings = load_settings(config, environ={"BOLTSTREAM_HOME": str(tmp_path)})
+    written = tmp_path / "written.toml"
+    written.write_text(settings_toml(settings))
+    assert load_settings(written, environ={"BOLTSTREAM_HOME": str(tmp_path)}) == settings
+    assert "[[policies]]" in written.read_text()
+
+
+@pytest.mark.parametrize(
+    ("policies", "message"),
+    [
+        ([{"name": "a"}, {"name": "a"}], "policies: the name(s) ['a'] are used by more than one policy"),
+        ([{"name": "a", "trainer": {"lora_rnak": 4}}], "unknown parameter(s) ['policies[a].trainer.lora_rnak']"),
+        ([{"name": "a", "trainer": {"max_staleness": -1}}], "policies[a].trainer.max_staleness: -1 is not at least 0"),
+        ([{"name": "a", "trainer": {"lora_rank": "big"}}], "policies[a].trainer.lora_rank: 'big' is not an integer"),
+        (
+            [{"name": "a", "trainer": {"model_name": "b"}}],
+            "policies[a].trainer.model_name: a policy sets it as policies.name",
+        ),
+        ([{"name": "a", "algorithm": "ppo"}], "policies[a].algorithm: 'ppo' is not one of grpo, sft, apo"),
+        ([{"name": "a", "agent_selector": []}], "policies[a].agent_selector: () is not a non-empty list"),
+        ([{"name": "a/b"}], "policies: name 'a/b' is not a policy name"),
+        ([{"agent_selector": ["x"]}], "policies: name '' is not a policy name"),
+        ([{"name": "a", "selector": ["x"]}], "policies[0]: unknown parameter(s) ['selector']"),
+        ({"name": "a"}, "is not an array of [[policies]] tables"),
+    ],
+)
+def test_a_bad_policy_is_refused_naming_it(tmp_path, policies, message):
+    with pytest.raises(ConfigError) as raised:
+        load_settings(environ={"BOLTSTREAM_HOME": str(tmp_path), "BOLTSTREAM_POLICIES": json.dumps(policies)})
+    assert str(raised.value).startswith("environment: ")
+    assert message in str(raised.value)
+
+
+def test_settings_built_in_code_check_their_policies_too():
+    with pytest.raises(ConfigError, match="used by more than one policy"):
+        Settings(policies=(PolicyConfig("a"), PolicyConfig("a")))
+    with pytest.raises(ConfigError, match=r"policies\[a\]\.trainer\.group_size: 0 is not at least 1"):
+        PolicyConfig("a", trainer={"group_size": 0})

@@ -279,6 +279,8 @@ def test_step_rewards_inside_an_explicit_rollout_leave_the_window_open_for_the_v
         ("complete", 1.0, [0.3, 0.2, 1.0])
     ]
     assert [s["return_value"] for s in samples] == pytest.approx([1.5])
+
+
 def test_adopting_restored_states_closes_the_live_copies_and_forgets_other_partitions() -> None:
     """What a rebalance leaves: recovery put new state objects in the table (copies of the ones the core
     indexed) and the worker lost partition 1. After adopt, later inputs and closes act on the objects in

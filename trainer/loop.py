@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from confluent_kafka import KafkaException
 
-from boltstream.infra.common.config import ConfigError, Settings
+from boltstream.infra.common.config import ConfigError, Settings, resolved_policies
 from boltstream.trainer.artifacts import export_policy
 from boltstream.trainer.checkpoint import Checkpointer, Ledger, restore_rng, rng_state
 from boltstream.trainer.engine import build_engine, init_distributed, load_deepspeed_config, with_batch_sizes
@@ -338,10 +338,24 @@ def train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--idle-timeout", type=float, help="stop when no batch completed for this many seconds")
     parser.add_argument("--duration", type=float, help="stop after this many seconds")
     parser.add_argument("--deepspeed-config", help="DeepSpeed JSON config (default: trainer.deepspeed_config)")
+    parser.add_argument("--policy", help="the policy ([[policies]] name) to train; needed when several are configured")
+
+
+def policy_settings(settings: Settings, name: str | None) -> Settings:
+    """``settings`` as the policy ``name`` trains with; no name = the only policy, refused when there are several."""
+    if name is None:
+        policies = [policy.name for policy in resolved_policies(settings)]
+        if len(policies) > 1:
+            raise ConfigError(
+                f"{len(policies)} policies are configured ({', '.join(policies)}): name one with --policy"
+            )
+        name = policies[0]
+    return settings.for_policy(name)
 
 
 def train_command(args: argparse.Namespace, settings: Settings) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    settings = policy_settings(settings, args.policy)
     if settings.trainer.algorithm == "apo":
         from boltstream.trainer.apo import run_apo
 
@@ -373,7 +387,8 @@ def print_start(trainer: Trainer, args: argparse.Namespace) -> None:
     else:
         where = "starting at step 0"
     print(
-        f"boltstream train: {trainer.algorithm.name} on {trainer.model_path} ({trainer.format} weights), {where}; "
+        f"boltstream train: policy {trainer.settings.trainer.model_name}: {trainer.algorithm.name} on "
+        f"{trainer.model_path} ({trainer.format} weights), {where}; "
         f"samples from {topics.samples}, versions to {topics.model_updates}"
     )
     print(f"  checkpoints, ledger and holds in {trainer.directory}; artifacts in {trainer.publisher.store.root}")
@@ -384,7 +399,12 @@ def print_start(trainer: Trainer, args: argparse.Namespace) -> None:
 
 
 #: The source's counters of samples read but not trained on, and how the summary names them.
-NOT_TRAINED = {"dropped_stale": "too stale", "rejected": "not admitted", "dead_lettered": "dead-lettered"}
+NOT_TRAINED = {
+    "dropped_stale": "too stale",
+    "rejected": "not admitted",
+    "dead_lettered": "dead-lettered",
+    "not_selected": "of other policies",
+}
 
 
 def print_summary(trainer: Trainer, run: Run) -> None:

@@ -28,12 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, KafkaError, Producer
 
 from boltstream.infra.common.config import Settings
 from boltstream.infra.common.signing import SignatureError, SigningKey, load_signing_key
-from boltstream.infra.common.topics import TopicError, read_records
-from boltstream.schemas.codec import codec
+from boltstream.infra.common.topics import TopicError, partitions_of, read_records, reader_config
+from boltstream.schemas.codec import CodecError, codec
 from boltstream.trainer.artifacts import Artifact, ArtifactError, ArtifactStore, verify
 
 log = logging.getLogger("boltstream.trainer")
@@ -137,6 +137,16 @@ class Publisher:
         self.holds = self.work_dir / "holds.jsonl"
         self.serving = latest_update(settings, self.signing_key)
         self.serving_dir = self._serving_dir()
+        # Versions of this model announced by another publisher under the same key while this one runs (a
+        # second trainer, the demo's injected regression): the next version is numbered past them, so no
+        # two announcements share a number. Read without waiting, from what the client fetched meanwhile.
+        self.announced_elsewhere = 0
+        self._updates = Consumer(reader_config(settings, "publisher"))
+        try:
+            self._updates.assign(partitions_of(self._updates, settings.topics.model_updates))
+        except TopicError:  # no topic yet: latest_update found nothing either; nobody else announced
+            self._updates.close()
+            self._updates = None
         self._probe_cache: dict[str, Any] = {}
         self._serving_model_cache: dict[str, Any] = {}
 
@@ -144,6 +154,26 @@ class Publisher:
     def version(self) -> int:
         """The newest published version (0 = the base model, never published)."""
         return self.serving["version"] if self.serving else 0
+
+    def next_version(self) -> int:
+        """The number of the next version: past this publisher's own and any other announced since it started."""
+        while self._updates is not None:
+            messages = self._updates.consume(num_messages=500, timeout=0)
+            if not messages:
+                break
+            for message in messages:
+                if message.error() is not None:
+                    if message.error().code() != KafkaError._PARTITION_EOF:
+                        log.warning("model-updates: %s", message.error())
+                    continue
+                try:
+                    update = codec("ModelUpdate").decode(message.value() or b"")
+                    if update["model"] == self.settings.trainer.model_name:
+                        self.signing_key.verify(update)
+                        self.announced_elsewhere = max(self.announced_elsewhere, update["version"])
+                except (CodecError, SignatureError):  # not an announcement a replica would load
+                    continue
+        return max(self.version, self.announced_elsewhere) + 1
 
     def _serving_dir(self) -> Path:
         if self.serving is None:
@@ -190,7 +220,7 @@ class Publisher:
                 f"policy_stability_score {score:.4f} (KL {kl:.4f} nats/token) < weight_sync_threshold {self.threshold}"
             )
             return self._hold(step, score, reason, timings)
-        version = self.version + 1
+        version = self.next_version()
         upload_started = time.perf_counter()
         try:
             artifact = self.store.put(candidate_dir, f"v{version:06d}-{uuid.uuid4().hex[:8]}", self.fmt)

@@ -8,6 +8,11 @@ them from the policy's tokenizer here (:mod:`boltstream.trainer.retokenize`), co
 ``model_version`` is more than ``max_staleness`` versions behind the trainer's policy is dropped and
 counted, both when it arrives and while it waits in a group (the version moves on while it waits).
 
+Policies: every policy's trainer reads the whole samples topic in its own consumer group
+(``boltstream-trainer-<policy>``) and keeps only the samples the join tagged with its policy; the others
+are counted as ``not_selected``, so a sample never trains a policy it was not selected for. A sample the join
+tagged with no policy (written before policies existed) trains only a setup that configures none.
+
 Offsets: the source reads its partitions by assignment (one trainer job owns the whole topic) and
 never auto-commits. Its :meth:`SampleSource.state` is the next offset of every partition plus every
 sample it holds but has not yet handed out; the trainer stores that state in its checkpoint and commits
@@ -67,6 +72,7 @@ class Counters:
     rejected: int = 0
     dead_lettered: int = 0
     retokenized: int = 0
+    not_selected: int = 0  # samples of other policies' agents
 
     def as_dict(self) -> dict[str, int]:
         return dict(vars(self))
@@ -134,6 +140,8 @@ class SampleSource:
         self.worker = worker
         self.tokenizer = tokenizer  # the policy's: builds the token ids of calls that came without them
         self.batcher = Batcher(group_size, groups_per_step, settings.trainer.max_staleness)
+        self.policy = settings.trainer.model_name
+        self.policies_configured = bool(settings.policies)
         self.counters = Counters()
         self.positions: dict[int, int] = {}
         self.consumer = Consumer(
@@ -210,7 +218,11 @@ class SampleSource:
         self.positions[partition] = offset + 1
         self.counters.consumed += 1
         try:
-            sample = self._decode(value)
+            sample = codec("TrainingSample").decode(value)
+            if not self.selected(sample):  # before retokenizing: another policy's tokenizer may differ
+                self.counters.not_selected += 1
+                return
+            sample = self._with_token_ids(sample)
             reason = validate_sample(sample, self.vocab_size)
             version = sample_version(sample["model_version"])
         except RetokenizeError as exc:
@@ -233,7 +245,9 @@ class SampleSource:
 
     def _decode(self, value: bytes) -> dict[str, Any]:
         """A TrainingSample from its bytes, with token ids built by the policy's tokenizer if it came without."""
-        sample = codec("TrainingSample").decode(value)
+        return self._with_token_ids(codec("TrainingSample").decode(value))
+
+    def _with_token_ids(self, sample: dict[str, Any]) -> dict[str, Any]:
         if sample["token_source"] != RETOKENIZED:
             return sample
         if self.tokenizer is None:
@@ -244,6 +258,12 @@ class SampleSource:
             raise
         except Exception as exc:  # the tokenizer's chat template raises what its author wrote
             raise RetokenizeError(f"the chat template failed: {type(exc).__name__}: {exc}") from exc
+
+    def selected(self, sample: dict[str, Any]) -> bool:
+        """Whether the join selected ``sample`` for this trainer's policy."""
+        if sample["policies"]:
+            return self.policy in sample["policies"]
+        return not self.policies_configured
 
     def _dead_letter(self, message, reason: str, error_type: str) -> None:
         self.counters.dead_lettered += 1

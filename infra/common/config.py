@@ -168,7 +168,8 @@ class TopicConfig(_Checked):
     model_updates: str = "boltstream.model-updates.v1"
     #: PromptUpdate records (APO's best template per agent), keyed by agent name; compacted.
     prompt_updates: str = "boltstream.prompt-updates.v1"
-    #: ServedVersion records (what each vLLM replica serves), keyed by server id; compacted.
+    #: ServedVersion records (what each vLLM replica serves of each policy), keyed by ``<server id>/<policy>``;
+    #: compacted.
     served_versions: str = "boltstream.served-versions.v1"
     #: Canary decisions (start, promote, rollback of a candidate version), keyed by model; every one is kept.
     canary_decisions: str = "boltstream.canary-decisions.v1"
@@ -645,6 +646,56 @@ class StackConfig(_Checked):
     healthy_after: Seconds = 60.0
 
 
+#: What a policy's name may hold: it names the policy's consumer group, checkpoint directory, served model.
+_POLICY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+#: Trainer fields a policy sets by its own fields, not by its ``trainer`` table.
+_POLICY_OWN_FIELDS = {"model_name": "name", "algorithm": "algorithm"}
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """One policy trained side by side with others: a ``[[policies]]`` table of the config file."""
+
+    #: The policy's name: the key of its versions on ``model-updates``, the model name agents call, and
+    #: part of its trainer's consumer group and checkpoint directory. Letters, digits, ``.``, ``_``, ``-``.
+    name: str = ""
+    #: Which agents' calls train this policy: ``all``, or names / glob patterns (as ``stream.agent_selector``).
+    agent_selector: tuple[str, ...] = ("all",)
+    #: Training algorithm of this policy; empty = ``trainer.algorithm``.
+    algorithm: Literal["", "grpo", "sft", "apo"] = ""
+    #: ``[trainer]`` parameters this policy sets otherwise (``model_path``, ``lora_rank``, ``max_staleness``,
+    #: ``checkpoint_dir`` ...), over the ``[trainer]`` section; the rest come from that section.
+    trainer: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not _POLICY_NAME.match(self.name):
+            raise ConfigError(
+                f"policies: name {self.name!r} is not a policy name (1 to 64 letters, digits, '.', '_', '-', "
+                "starting with a letter or digit)"
+            )
+        where = f"policies[{self.name}]"
+        if isinstance(self.agent_selector, str) or not self.agent_selector:
+            raise ConfigError(f"{where}.agent_selector: {self.agent_selector!r} is not a non-empty list of strings")
+        if self.algorithm not in typing.get_args(_hints(PolicyConfig)["algorithm"]):
+            raise ConfigError(f"{where}.algorithm: {self.algorithm!r} is not one of grpo, sft, apo (or empty)")
+        if not isinstance(self.trainer, dict):
+            raise ConfigError(f"{where}.trainer: expected a table of [trainer] parameters")
+        for own, instead in _POLICY_OWN_FIELDS.items():
+            if own in self.trainer:
+                raise ConfigError(f"{where}.trainer.{own}: a policy sets it as policies.{instead}")
+        try:
+            trainer = _apply(TrainerConfig(), self.trainer, f"{where}.trainer.")
+        except ConfigError as exc:  # a range or choice refused by TrainerConfig names "trainer.<field>"
+            message = str(exc)
+            raise ConfigError(f"{where}.{message}" if message.startswith("trainer.") else message) from None
+        # The overrides kept in their fields' types ("3" from the environment becomes 3).
+        object.__setattr__(self, "trainer", {name: getattr(trainer, name) for name in self.trainer})
+
+    def trainer_section(self, base: TrainerConfig) -> TrainerConfig:
+        """``base`` (the ``[trainer]`` section) with this policy's overrides, name and algorithm."""
+        return replace(base, **self.trainer, model_name=self.name, algorithm=self.algorithm or base.algorithm)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Every boltstream parameter. Build with :func:`load_settings`."""
@@ -663,6 +714,30 @@ class Settings:
     stack: StackConfig = field(default_factory=StackConfig)
     #: ``AGENT_LIGHTNING_TRACER=1`` turns on auto-tracing of OpenAI-compatible calls, no code change.
     auto_trace: bool = False
+    #: Policies trained side by side, each on its own agents (``[[policies]]`` tables in the file; a JSON
+    #: array of them in ``BOLTSTREAM_POLICIES``); none = one policy, ``trainer.model_name``, trained on
+    #: ``stream.agent_selector`` with the ``[trainer]`` section.
+    policies: tuple[PolicyConfig, ...] = ()
+
+    def __post_init__(self) -> None:
+        names = [policy.name for policy in self.policies]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ConfigError(f"policies: the name(s) {repeated} are used by more than one policy")
+
+    def for_policy(self, name: str) -> Settings:
+        """These settings as the policy ``name`` runs with: its trainer section (``[trainer]`` with the
+        policy's overrides, ``model_name`` = its name) and its ``stream.agent_selector``, so code written for
+        one policy runs per policy unchanged."""
+        policies = {policy.name: policy for policy in resolved_policies(self)}
+        if name not in policies:
+            raise ConfigError(f"no policy named {name!r}; the policies are {sorted(policies)}")
+        policy = policies[name]
+        return replace(
+            self,
+            trainer=policy.trainer_section(self.trainer),
+            stream=replace(self.stream, agent_selector=policy.agent_selector),
+        )
 
     @property
     def state_file(self) -> Path:
@@ -679,6 +754,15 @@ class Settings:
     @property
     def signing_key_path(self) -> Path:
         return Path(self.trainer.signing_key_file or self.home / DEFAULT_SIGNING_KEY_FILE).expanduser()
+
+
+def resolved_policies(settings: Settings) -> tuple[PolicyConfig, ...]:
+    """The policies ``settings`` train, never none: ``settings.policies``, else the one policy of a setup that
+    names none (``trainer.model_name`` on ``stream.agent_selector`` with the ``[trainer]`` section)."""
+    if settings.policies:
+        return settings.policies
+    trainer = settings.trainer
+    return (PolicyConfig(trainer.model_name, settings.stream.agent_selector, trainer.algorithm),)
 
 
 # -- checking and loading ----------------------------------------------------------------------
@@ -754,9 +838,42 @@ _CONVERSIONS: dict[Any, tuple[Callable[[Any], Any], str]] = {
 }
 
 
+def _to_policies(value: Any) -> tuple[PolicyConfig, ...]:
+    """``[[policies]]`` tables (or a JSON array of them, from the environment) as PolicyConfigs."""
+    tables = json.loads(value) if isinstance(value, str) else value
+    if not isinstance(tables, list | tuple):
+        raise ValueError(value)
+    policies = []
+    for index, table in enumerate(tables):
+        if isinstance(table, PolicyConfig):
+            policies.append(table)
+            continue
+        if not isinstance(table, dict):
+            raise ValueError(table)
+        known = {f.name for f in fields(PolicyConfig)}
+        if set(table) - known:
+            raise ConfigError(
+                f"policies[{index}]: unknown parameter(s) {sorted(set(table) - known)}; known: {sorted(known)}"
+            )
+        values = dict(table)
+        if "agent_selector" in values:
+            values["agent_selector"] = _to_tuple(values["agent_selector"])
+        if "trainer" in values:
+            values["trainer"] = _to_dict(values["trainer"])
+        policies.append(PolicyConfig(**values))
+    return tuple(policies)
+
+
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
     """Turn a TOML/env value into the annotated type, or raise ConfigError naming ``where``."""
     base, metadata = _split(annotation)
+    if base == tuple[PolicyConfig, ...]:
+        try:
+            return _to_policies(value)
+        except (TypeError, ValueError) as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(f"{where}: {value!r} is not an array of [[policies]] tables") from None
     kind = Duration if Duration in metadata else typing.get_origin(base) or base
     convert, expected = _CONVERSIONS[kind]
     try:

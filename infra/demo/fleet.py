@@ -1,10 +1,12 @@
 """The demo's fleet of agents: threads that solve the arithmetic task through the capture proxy and send rewards.
 
-The agents solve the built-in verifiable task: single-digit addition checked with a calculator tool
-(:mod:`boltstream.infra.demo.arithmetic`). Each rollout asks the model through the capture proxy with the
-``openai`` client, ends its rollout there, and a verifier sends the reward with :func:`agl.send_reward`
-(the calculator's result in its attributes). Everything else flows through Kafka: spans -> join -> samples
--> trainer -> model-updates -> sidecar -> vLLM serves the new version -> the agents' next calls use it.
+The agents solve the built-in verifiable task: single-digit addition (or, for the second policy of
+``demo --policies 2``, multiplication) checked with a calculator tool (:mod:`boltstream.infra.demo.arithmetic`).
+One :class:`Agents` is one agent group: its agents carry one agent name and call one policy. Each rollout
+asks the model through the capture proxy with the ``openai`` client, ends its rollout there, and a verifier
+sends the reward with :func:`agl.send_reward` (the calculator's result in its attributes). Everything else
+flows through Kafka: spans -> join -> samples -> trainer -> model-updates -> sidecar -> vLLM serves the new
+version -> the agents' next calls use it.
 
 The agents solve tasks in GRPO groups (``trainer.group_size`` rollouts share a task id) and stay at most
 :data:`GROUPS_AHEAD` training steps ahead of the trainer, so what they sample is recent policy, not a
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 
 from boltstream.infra.common.config import Settings
 from boltstream.infra.common.contract import AGENT_HEADER, ROLLOUT_ID_HEADER, TASK_HEADER
+from boltstream.infra.demo.arithmetic import OPERATIONS, answer
 
 #: The problems the demo's agents solve: a+b for digits 0..3 (16 problems, as in the trainer's learning test).
 LARGEST_DIGIT = 3
@@ -43,10 +46,23 @@ class FleetCounters:
 
 
 class Agents:
-    """``count`` agent threads solving tasks that a dispatcher hands out in GRPO groups."""
+    """``count`` agent threads named ``agent_name`` solving ``a<op>b`` tasks that a dispatcher hands out in GRPO
+    groups, calling the policy ``settings.trainer.model_name`` (the settings of that policy: ``for_policy``)."""
 
-    def __init__(self, settings: Settings, proxy_url: str, count: int, seed: int, trainer_step) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        proxy_url: str,
+        count: int,
+        seed: int,
+        trainer_step,
+        *,
+        agent_name: str = AGENT_NAME,
+        op: str = "+",
+    ) -> None:
         self.settings = settings
+        self.agent_name = agent_name
+        self.op = op
         self.proxy_url = proxy_url
         self.count = count
         self.rng = random.Random(seed)
@@ -84,7 +100,7 @@ class Agents:
             if not deck:  # every problem once per round, so any stretch of the run sees a fair mix
                 deck = self.rng.sample(problems, len(problems))
             a, b = deck.pop()
-            task_id = f"add-{a}-{b}-{self.counters.groups_issued}"
+            task_id = f"{OPERATIONS[self.op][1]}-{a}-{b}-{self.counters.groups_issued}"
             for _ in range(config.group_size):
                 self.tasks.put((task_id, a, b))
             with self.counters.lock:
@@ -107,25 +123,25 @@ class Agents:
                 return
             task_id, a, b = task
             rollout_id = agl.new_id()
-            headers = {ROLLOUT_ID_HEADER: rollout_id, TASK_HEADER: task_id, AGENT_HEADER: AGENT_NAME}
+            headers = {ROLLOUT_ID_HEADER: rollout_id, TASK_HEADER: task_id, AGENT_HEADER: self.agent_name}
             try:
-                answer = client.chat.completions.create(
+                completion = client.chat.completions.create(
                     model=self.settings.trainer.model_name,
-                    messages=[{"role": "user", "content": f"{a}+{b}="}],
+                    messages=[{"role": "user", "content": f"{a}{self.op}{b}="}],
                     max_tokens=4,
                     temperature=1.0,
                     extra_headers=headers,
                 )
-                text = (answer.choices[0].message.content or "").strip()
+                text = (completion.choices[0].message.content or "").strip()
                 control.post(f"/boltstream/rollouts/{rollout_id}/end").raise_for_status()
-                expected = calculator(a, b)
+                expected = calculator(a, b, self.op)
                 reward = 1.0 if text == str(expected) else 0.0
                 agl.send_reward(
                     rollout_id,
                     reward,
                     source="verifier",
                     task_id=task_id,
-                    agent_name=AGENT_NAME,
+                    agent_name=self.agent_name,
                     attributes={"tool": "calculator", "expected": str(expected), "answer": text},
                 )
                 with self.counters.lock:
@@ -137,6 +153,6 @@ class Agents:
                     self.counters.last_error = f"{type(exc).__name__}: {exc}"[:200]
 
 
-def calculator(a: int, b: int) -> int:
+def calculator(a: int, b: int, op: str = "+") -> int:
     """The agents' tool: what the verifier checks the model's answer against."""
-    return a + b
+    return answer((a, b), op)

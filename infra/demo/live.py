@@ -17,10 +17,13 @@ from boltstream.infra.demo.fleet import Agents
 
 
 class Watch:
-    """Follows model-updates, served-versions and canary-decisions, the trainer's ledger and the join."""
+    """Follows model-updates, served-versions and canary-decisions, the trainer's ledger and the join, of the
+    policy ``settings.trainer.model_name`` (``settings`` of one policy: ``for_policy``)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        # Of several policies, only this one's records; a single one takes every record, as before policies.
+        self.policy = settings.trainer.model_name if settings.policies else None
         self.timeline: list[dict[str, Any]] = []
         self.lock = threading.Lock()
         self.stop = threading.Event()
@@ -93,7 +96,8 @@ class Watch:
                     record = records[message.topic()].decode(message.value())
                 except CodecError:
                     continue  # the workers dead-letter bad records; the view just skips them
-                self._note(message.topic(), record)
+                if self.policy is None or record["model"] == self.policy:
+                    self._note(message.topic(), record)
         finally:
             consumer.close()
 
@@ -115,10 +119,16 @@ class Watch:
 
 
 def progress_table(
-    watch: Watch, agents: Agents, rewards: dict[str, tuple[int, float]], started: float, duration: float
+    watch: Watch,
+    agents: Agents,
+    rewards: dict[str, tuple[int, float]],
+    started: float,
+    duration: float,
+    policy: str = "",
 ):
     """The live view's table: join throughput, trajectories, the fleet's rollouts and errors, trainer step,
-    versions published and served, and the reward, recent and per version (``rewards``, from the archive)."""
+    versions published and served, and the reward, recent and per version (``rewards``, from the archive);
+    ``policy`` names the policy (and agent group) it shows, when there are several."""
     from rich.table import Table
 
     counters = agents.counters
@@ -128,8 +138,11 @@ def progress_table(
     with counters.lock:
         recent = list(counters.recent)
         rollouts, errors, last_error = counters.rollouts, counters.errors, counters.last_error
+    of_policy = f" — policy {policy} (agents {agents.agent_name})" if policy else ""
     table = Table(
-        title=f"boltstream demo — {elapsed:5.0f} s of {duration:.0f} s", title_justify="left", show_header=False
+        title=f"boltstream demo — {elapsed:5.0f} s of {duration:.0f} s{of_policy}",
+        title_justify="left",
+        show_header=False,
     )
     table.add_column(style="bold")
     table.add_column()
@@ -158,7 +171,16 @@ def _version_key(item: tuple[str, Any]) -> int:
     return int(item[0]) if item[0].isdigit() else 0
 
 
-def reward_per_version(client: Any) -> dict[str, tuple[int, float]]:
-    """Mean final reward per model version from the archive (the report view of the foundation issue)."""
-    rows = client.query("SELECT model_version, rewards, mean_reward FROM report_reward_by_model_version").result_rows
+def reward_per_version(client: Any, policy: str = "") -> dict[str, tuple[int, float]]:
+    """Mean final reward per model version from the archive (the report view of the foundation issue); of one
+    ``policy``'s rollouts when there are several (``report_reward_by_policy_version``)."""
+    if policy:
+        rows = client.query(
+            "SELECT model_version, rollouts, mean_reward FROM report_reward_by_policy_version"
+            " WHERE policy = {policy:String}",
+            parameters={"policy": policy},
+        ).result_rows
+    else:
+        query = "SELECT model_version, rewards, mean_reward FROM report_reward_by_model_version"
+        rows = client.query(query).result_rows
     return {str(version or 0): (int(n), float(mean)) for version, n, mean in rows}

@@ -85,23 +85,62 @@ def load(client: Any, began: float) -> dict[str, Any]:
     }
 
 
+def _rise(first: Window, last: Window) -> tuple[float, str]:
+    """The rise of the mean reward from the first window to the last, and the sentence that says so."""
+    if first.mean is None or last.mean is None:
+        return 0.0, "not enough rewarded trajectories in the first or last window to measure a rise"
+    rise = last.mean - first.mean
+    return rise, (
+        f"mean reward {first.mean:.3f} (first {first.end - first.start:.0f} s, n={first.count}) -> "
+        f"{last.mean:.3f} (last {last.end - last.start:.0f} s, n={last.count}): {rise:+.3f}"
+    )
+
+
+def policy_summaries(client: Any, policies: dict[str, str], began: float, duration: float) -> dict[str, Any]:
+    """Per policy (``policies``: name -> the agent group it learns from): the reward windows and rise of its
+    agents' trajectories, and its mean reward per version (``report_reward_by_policy_version``)."""
+    summaries = {}
+    for name, agent in policies.items():
+        rows = client.query(
+            "SELECT (start_time_us - {origin:Int64}) / 1e6, final_reward FROM trajectories"
+            " WHERE status = 'complete' AND final_reward IS NOT NULL AND agent_name = {agent:String}",
+            parameters={"origin": int(began * 1e6), "agent": agent},
+        ).result_rows
+        first, last = reward_windows([(t, float(r)) for t, r in rows], duration)
+        rise, headline = _rise(first, last)
+        versions = client.query(
+            "SELECT model_version, rollouts, mean_reward FROM report_reward_by_policy_version"
+            " WHERE policy = {policy:String}",
+            parameters={"policy": name},
+        ).result_rows
+        summaries[name] = {
+            "agent": agent,
+            "first": first.__dict__,
+            "last": last.__dict__,
+            "rise": rise,
+            "headline": f"{name}: {headline}",
+            "versions": [(str(version), int(count), float(mean)) for version, count, mean in versions],
+        }
+    return summaries
+
+
 def write_report(
-    client: Any, out: Path, *, timeline: list[dict[str, Any]], began: float, ended: float
+    client: Any,
+    out: Path,
+    *,
+    timeline: list[dict[str, Any]],
+    began: float,
+    ended: float,
+    policies: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Write ``out/report.png`` and ``out/report.html``; the summary (windows, rise, counts, paths)."""
+    """Write ``out/report.png`` and ``out/report.html``; the summary (windows, rise, counts, paths). With
+    ``policies`` (name -> agent group, when there are several) it also has each policy's rise and reward per
+    version, under ``policies``."""
     data = load(client, began)
     duration = ended - began
     points = [(t, float(r)) for t, r, _ in data["trajectories"]]
     first, last = reward_windows(points, duration)
-    if first.mean is None or last.mean is None:
-        rise = 0.0
-        headline = "not enough rewarded trajectories in the first or last window to measure a rise"
-    else:
-        rise = last.mean - first.mean
-        headline = (
-            f"mean reward {first.mean:.3f} (first {first.end - first.start:.0f} s, n={first.count}) -> "
-            f"{last.mean:.3f} (last {last.end - last.start:.0f} s, n={last.count}): {rise:+.3f}"
-        )
+    rise, headline = _rise(first, last)
     events = [{**e, "time": e["time"] - began} for e in timeline if e["event"] in ("published", "served", "failed")]
     events += [
         {
@@ -125,6 +164,7 @@ def write_report(
         "versions": _per_version(data["trajectories"]),
         "png": str(png),
         "html": str(out / "report.html"),
+        "policies": policy_summaries(client, policies, began, duration) if policies else {},
     }
     (out / "report.html").write_text(_html(summary, events, png))
     return summary
@@ -337,6 +377,18 @@ def _html(summary: dict[str, Any], events: list[dict[str, Any]], png: Path) -> s
         for e in sorted(events, key=lambda e: e["time"])
     )
     statuses = ", ".join(f"{k} {v:,}" for k, v in summary["trajectories"].items())
+    policies = "".join(f"<p><b>{html.escape(policy['headline'])}</b></p>" for policy in summary["policies"].values())
+    if summary["policies"]:
+        rows = "".join(
+            f"<tr><td>{html.escape(name)}</td><td>{html.escape(policy['agent'])}</td><td>v{html.escape(version)}</td>"
+            f"<td>{count:,}</td><td>{mean:.3f}</td></tr>"
+            for name, policy in summary["policies"].items()
+            for version, count, mean in policy["versions"]
+        )
+        policies += (
+            "<h2>mean reward per version per policy</h2><table><tr><th>policy</th><th>agents</th><th>version</th>"
+            f"<th>rollouts</th><th>mean reward</th></tr>{rows}</table>"
+        )
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>boltstream demo report</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1250px}} table{{border-collapse:collapse}}
@@ -344,6 +396,7 @@ td,th{{border-bottom:1px solid #ddd;padding:3px 10px;text-align:left}} img{{max-
 <body><h1>boltstream demo</h1>
 <p><b>{html.escape(summary["headline"])}</b></p>
 <p>trajectories: {statuses}; spans archived: {summary["spans"]:,}; training samples: {summary["samples"]:,}</p>
+{policies}
 <img src="data:image/png;base64,{image}" alt="demo report">
 <h2>mean reward per model version</h2><table><tr><th>version</th><th>trajectories</th><th>mean reward</th></tr>
 {versions}</table>

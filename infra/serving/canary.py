@@ -1,6 +1,10 @@
 """Canary analysis of new model versions: per-version reward and policy_stability_score, and the decisions.
 
-It owns the ``canary-decisions`` topic. A version that a replica starts serving (``served-versions``)
+It owns the ``canary-decisions`` topic. Each policy (a ``model`` of ``model-updates``; ``trainer.model_name``
+when there is one) has its own canary, decided on its own evidence: the trajectories and samples of the
+agents its ``agent_selector`` matches, the agents whose calls the router sends to it.
+
+A version that a replica starts serving (``served-versions``)
 and that is newer than the stable one becomes the *candidate*: a ``start`` decision, which the router
 follows by sending ``serve.canary_share`` of the traffic to it. From then on the analyzer gathers, for
 the candidate and the stable version, over the same period:
@@ -45,7 +49,9 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from boltstream.infra.common.config import Settings
 from boltstream.infra.common.contract import PIN_VERSION_HEADER
 from boltstream.infra.common.topics import partitions_of, read_records, read_to_end, reader_config
+from boltstream.infra.serving.router import served_policies
 from boltstream.schemas.codec import CodecError, codec
+from boltstream.stream_processors.join_core import AgentSelector
 
 log = logging.getLogger("boltstream.canary")
 
@@ -128,8 +134,18 @@ class StableScorer:
 class CanaryAnalyzer:
     """The decision logic, fed decoded records; returns the decisions to publish. No Kafka here."""
 
-    def __init__(self, settings: Settings, scorer: StableScorer | None) -> None:
-        self.model = settings.trainer.model_name
+    def __init__(
+        self,
+        settings: Settings,
+        scorer: StableScorer | None,
+        *,
+        model: str = "",
+        agent_selector: tuple[str, ...] = ("all",),
+    ) -> None:
+        self.model = model or settings.trainer.model_name
+        # Trajectories and samples carry the agent, not the policy: the router sends an agent's calls to
+        # the first policy selecting it, so its rewards are evidence about that policy's versions only.
+        self.selects = AgentSelector(agent_selector)
         self.serve = settings.serve
         self.scorer = scorer
         self.stable = 0
@@ -175,6 +191,8 @@ class CanaryAnalyzer:
         canary = self.canary
         if canary is None or record["status"] != "complete" or record["final_reward"] is None:
             return []
+        if not self.selects(record["agent_name"]):
+            return []
         if record["closed_at_us"] < canary.started_us or record["trajectory_id"] in canary.trajectories:
             return []
         versions = {version_number(tag) for tag in record["model_versions"]}
@@ -187,6 +205,8 @@ class CanaryAnalyzer:
     def on_sample(self, record: dict[str, Any]) -> list[dict[str, Any]]:
         canary = self.canary
         if canary is None or version_number(record["model_version"]) != canary.candidate:
+            return []
+        if not self.selects(record["agent_name"]):
             return []
         if record["created_at_us"] < canary.started_us or record["sample_id"] in canary.samples:
             return []
@@ -272,18 +292,26 @@ class CanaryAnalyzer:
 
 
 class CanaryWorker:
-    """Runs a CanaryAnalyzer on Kafka: replays decisions, follows served versions, trajectories and samples."""
+    """Runs a CanaryAnalyzer per policy on Kafka: replays decisions, follows served versions, trajectories and
+    samples. ``policies``: (name, agent selector) of each; default
+    :func:`~boltstream.infra.serving.router.served_policies`. ``analyzer`` is the first policy's, ``analyzers``
+    all of them by name."""
 
-    def __init__(self, settings: Settings, router_url: str = "") -> None:
+    def __init__(
+        self, settings: Settings, router_url: str = "", policies: list[tuple[str, tuple[str, ...]]] | None = None
+    ) -> None:
         self.settings = settings
         topics = settings.topics
         url = router_url or settings.serve.router_url or f"http://127.0.0.1:{settings.serve.router_port}"
-        self.scorer = StableScorer(url, settings.trainer.model_name)
-        self.analyzer = CanaryAnalyzer(settings, self.scorer)
+        self.analyzers = {
+            name: CanaryAnalyzer(settings, StableScorer(url, name), model=name, agent_selector=selector)
+            for name, selector in policies or served_policies(settings)
+        }
+        self.analyzer = next(iter(self.analyzers.values()))
         self.handlers = {
-            topics.served_versions: ("ServedVersion", self.analyzer.on_served_version),
-            topics.trajectories: ("Trajectory", self.analyzer.on_trajectory),
-            topics.samples: ("TrainingSample", self.analyzer.on_sample),
+            topics.served_versions: ("ServedVersion", "on_served_version"),
+            topics.trajectories: ("Trajectory", "on_trajectory"),
+            topics.samples: ("TrainingSample", "on_sample"),
         }
         self.consumer = Consumer(reader_config(settings, "canary"))
         self.producer = Producer(settings.kafka.client_config(**{"acks": "all", "enable.idempotence": True}))
@@ -310,7 +338,8 @@ class CanaryWorker:
             except CodecError as exc:  # the archive dead-letters these; here they are only skipped
                 log.warning("%s offset %s skipped: %s", topic, message.offset(), exc)
                 continue
-            self.analyzer.on_decision(decision)
+            for analyzer in self.analyzers.values():
+                analyzer.on_decision(decision)
 
     def poll(self, timeout: float = 0.5) -> list[dict[str, Any]]:
         """Process what arrived within ``timeout``; the decisions published."""
@@ -319,19 +348,26 @@ class CanaryWorker:
         for message in [first, *self.consumer.consume(num_messages=500, timeout=0)] if first else []:
             if message.error() is not None:
                 continue
-            record_type, handle = self.handlers[message.topic()]
+            record_type, handler = self.handlers[message.topic()]
             try:
                 record = codec(record_type).decode(message.value() or b"")
             except CodecError as exc:  # the archive dead-letters these; here they are only skipped
                 log.warning("%s offset %s skipped: %s", message.topic(), message.offset(), exc)
                 continue
-            for decision in handle(record):
-                self._publish(decision)
-                decisions.append(decision)
+            for analyzer in self.analyzers.values():
+                for decision in getattr(analyzer, handler)(record):
+                    self._publish(decision)
+                    decisions.append(decision)
         return decisions
 
     def _publish(self, decision: dict[str, Any]) -> None:
-        log.info("%s version %s: %s", decision["action"], decision["candidate_version"], decision["reason"])
+        log.info(
+            "%s %s version %s: %s",
+            decision["action"],
+            decision["model"],
+            decision["candidate_version"],
+            decision["reason"],
+        )
         errors: list[str] = []
         self.producer.produce(
             self.settings.topics.canary_decisions,
@@ -352,13 +388,16 @@ class CanaryWorker:
 
     def close(self) -> None:
         self.consumer.close()
-        self.scorer.close()
+        for analyzer in self.analyzers.values():
+            if analyzer.scorer is not None:
+                analyzer.scorer.close()
 
 
-def canary_state(settings: Settings) -> dict[str, Any]:
-    """The stable version and running canary of ``trainer.model_name``, from the decisions topic (for status)."""
+def canary_state(settings: Settings, model: str = "") -> dict[str, Any]:
+    """The stable version and running canary of policy ``model`` (default ``trainer.model_name``), from the
+    decisions topic (for status)."""
     decisions = read_records(settings, settings.topics.canary_decisions, "CanaryDecision", idle_timeout=5.0)
-    analyzer = CanaryAnalyzer(settings, scorer=None)
+    analyzer = CanaryAnalyzer(settings, scorer=None, model=model)
     for decision in decisions:
         analyzer.on_decision(decision)
     mine = [d for d in decisions if d["model"] == analyzer.model]

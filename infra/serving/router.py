@@ -1,10 +1,20 @@
-"""The serving router: one OpenAI-compatible endpoint in front of the vLLM replicas and weight versions of a model.
+"""The serving router: one OpenAI-compatible endpoint in front of the vLLM replicas and the weight versions of
+every policy they serve.
 
-It owns the traffic split of a canary. Agents call the router with ``model=<model name>``;
-for each request it picks a weight version — the canary with probability ``serve.canary_share`` while a
-canary runs, else the stable version — then a replica serving that version, rewrites ``model`` to the
-name that version is served under (``tiny`` for a replica's full weights, ``tiny-v3`` for a LoRA
-adapter) and streams the upstream answer back unchanged, with two headers added:
+It owns the traffic split of each policy's canary. A request belongs to one policy (a ``model`` of
+``model-updates``; ``trainer.model_name`` when there is one), the first that applies of:
+
+1. ``model=<policy>-v<N>``: that policy, version N pinned;
+2. the ``X-Boltstream-Agent-Name`` header (the capture proxy forwards the one its clients send): the first
+   policy whose ``agent_selector`` matches the agent, so each agent group's calls go to its own policy,
+   whatever model name the agent was configured with;
+3. ``model=<policy>``, or no ``model`` when there is one policy: that policy.
+
+Anything else is answered 404. For each request it then picks a weight version of that policy — the canary
+with probability ``serve.canary_share`` while a canary runs, else the stable version — then a replica
+serving that version, rewrites ``model`` to the name that version is served under (``tiny`` for a
+replica's full weights, ``tiny-v3`` for a LoRA adapter) and streams the upstream answer back unchanged,
+with two headers added:
 
 * ``X-Boltstream-Model-Version``: the version that produced the answer (the auto-tracer and the capture
   proxy put it into the ``llm_call`` span's ``model_version``, so samples carry it);
@@ -25,7 +35,12 @@ replica's URL and versions, nothing of any rollout.
 What is served where comes from Kafka and the replicas themselves: ``served-versions`` (what each
 replica's weight_sync sidecar loaded) and ``/v1/models`` of each replica (which LoRA adapters are
 loaded); which versions are stable and canary comes from ``canary-decisions``. Without any decision for
-the model, every request goes to the newest version a replica serves.
+a policy, its requests go to the newest version a replica serves.
+
+Policies on different base models live on different replicas: a replica serves a policy when its
+``/v1/models`` lists the policy's name or one of its versions (the base model answers to the name of each
+policy built on it), or when it reported serving it on ``served-versions``; a replica the router knows
+nothing of yet is assumed to serve every policy's base.
 """
 
 from __future__ import annotations
@@ -43,8 +58,9 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from boltstream.infra.common.config import Settings
+from boltstream.infra.common.config import Settings, resolved_policies
 from boltstream.infra.common.contract import (
+    AGENT_HEADER,
     INFERENCE_PATHS,
     MODEL_VERSION_HEADER,
     PIN_VERSION_HEADER,
@@ -53,6 +69,7 @@ from boltstream.infra.common.contract import (
 )
 from boltstream.infra.serving.weight_sync import parse_served_name
 from boltstream.schemas.codec import CodecError, codec
+from boltstream.stream_processors.join_core import AgentSelector
 
 log = logging.getLogger("boltstream.router")
 
@@ -64,6 +81,15 @@ _HOP_HEADERS = frozenset(
 _NOT_FORWARDED = _HOP_HEADERS | {"authorization"}
 #: What the router forwards: the inference paths vLLM serves (it has no root-level ones).
 _FORWARDED_PATHS = frozenset(path for path in INFERENCE_PATHS if path.startswith("/v1/"))
+
+
+def served_policies(settings: Settings) -> list[tuple[str, tuple[str, ...]]]:
+    """(name, agent selector) of every policy the router and the canary serve, in configuration order. One
+    policy when none is configured: ``trainer.model_name`` for every agent (``stream.agent_selector`` picks
+    the agents that train it, not the ones it serves)."""
+    if not settings.policies:
+        return [(settings.trainer.model_name, ("all",))]
+    return [(policy.name, policy.agent_selector) for policy in resolved_policies(settings)]
 
 
 class NoRoute(LookupError):
@@ -85,9 +111,17 @@ def bucket(rollout_id: str) -> float:
 
 
 class RoutingTable:
-    """Which versions each replica serves, and which ones the canary of ``model`` wants. Thread-safe."""
+    """Which versions of policy ``model`` each replica serves, and which ones its canary wants. Thread-safe.
 
-    def __init__(self, model: str, replicas: Mapping[str, str], canary_share: float) -> None:
+    ``agent_selector`` names the agents whose calls belong to the policy (``all``: every agent)."""
+
+    def __init__(
+        self,
+        model: str,
+        replicas: Mapping[str, str],
+        canary_share: float,
+        agent_selector: tuple[str, ...] = ("all",),
+    ) -> None:
         if not replicas:
             raise ValueError("the router needs at least one replica (server_id=url)")
         if not 0.0 <= canary_share <= 1.0:
@@ -95,12 +129,16 @@ class RoutingTable:
         self.model = model
         self.replicas = {server_id: url.rstrip("/") for server_id, url in replicas.items()}
         self.canary_share = canary_share
+        self.agent_selector = tuple(agent_selector)
+        self.selects = AgentSelector(agent_selector)
         self.stable: int | None = None  # None: no decision yet, follow the newest version served
         self.canary: int | None = None
         # Per replica: the version of its base weights (from served-versions; 0 until a full load)
         # and the LoRA versions it has loaded (from its /v1/models).
         self._base: dict[str, tuple[int, str]] = {s: (0, model) for s in self.replicas}
         self._adapters: dict[str, dict[int, str]] = {s: {} for s in self.replicas}
+        # Per replica: whether it serves this policy at all (None: not known yet, assumed to).
+        self._serves: dict[str, bool | None] = dict.fromkeys(self.replicas)
         self._lock = threading.Lock()
 
     # -- what the replicas serve --------------------------------------------------------------------
@@ -110,20 +148,20 @@ class RoutingTable:
             return
         if record["status"] == "serving":
             with self._lock:
+                self._serves[record["server_id"]] = True
                 if record["format"] == "full":
                     self._base[record["server_id"]] = (record["version"], record["served_name"] or self.model)
                 elif record["version"]:  # version 0 of a LoRA replica is its base, already known
                     self._adapters[record["server_id"]][record["version"]] = record["served_name"]
 
     def on_models(self, server_id: str, names: list[str]) -> None:
-        """The names a replica's ``/v1/models`` lists: its loaded adapters are exactly these."""
-        adapters = {}
-        for name in names:
-            version = parse_served_name(name, self.model)
-            if version:
-                adapters[version] = name
+        """The names a replica's ``/v1/models`` lists: it serves the policy if one of them is the policy's, and
+        its loaded adapters of the policy are exactly these."""
+        versions = {name: parse_served_name(name, self.model) for name in names}
+        adapters = {version: name for name, version in versions.items() if version}
         with self._lock:
             self._adapters[server_id] = adapters
+            self._serves[server_id] = any(version is not None for version in versions.values())
 
     def on_decision(self, record: dict[str, Any]) -> None:
         if record["model"] != self.model:
@@ -141,6 +179,8 @@ class RoutingTable:
         routes: dict[int, list[Route]] = {}
         with self._lock:
             for server_id, url in self.replicas.items():
+                if self._serves[server_id] is False:
+                    continue
                 version, name = self._base[server_id]
                 routes.setdefault(version, []).append(Route(version, server_id, url, name))
                 for version, name in self._adapters[server_id].items():
@@ -152,6 +192,8 @@ class RoutingTable:
     def choose(self, rollout_id: str | None = None, pinned: int | None = None) -> Route:
         """The route of one request (see the module docstring for the rule)."""
         served = self.served()
+        if not served:
+            raise NoRoute(f"no replica serves {self.model}")
         if pinned is not None:
             if pinned not in served:
                 raise NoRoute(f"version {pinned} of {self.model} is not served; served: {sorted(served)}")
@@ -173,9 +215,11 @@ class RoutingTable:
             replicas = {
                 s: {"url": url, "base_version": self._base[s][0], "lora_versions": sorted(self._adapters[s])}
                 for s, url in self.replicas.items()
+                if self._serves[s] is not False
             }
             return {
                 "model": self.model,
+                "agent_selector": list(self.agent_selector),
                 "stable": self.stable,
                 "canary": self.canary,
                 "canary_share": self.canary_share,
@@ -184,13 +228,14 @@ class RoutingTable:
 
 
 class Follower:
-    """Feeds a RoutingTable from ``served-versions`` and ``canary-decisions`` (read from the beginning)."""
+    """Feeds RoutingTables (one per policy) from ``served-versions`` and ``canary-decisions`` (read from the
+    beginning)."""
 
-    def __init__(self, settings: Settings, table: RoutingTable) -> None:
-        self.table = table
+    def __init__(self, settings: Settings, tables: list[RoutingTable]) -> None:
+        self.tables = tables
         self.topics = {
-            settings.topics.served_versions: ("ServedVersion", table.on_served_version),
-            settings.topics.canary_decisions: ("CanaryDecision", table.on_decision),
+            settings.topics.served_versions: ("ServedVersion", "on_served_version"),
+            settings.topics.canary_decisions: ("CanaryDecision", "on_decision"),
         }
         self.consumer = Consumer(
             settings.kafka.consumer_config(
@@ -211,12 +256,14 @@ class Follower:
         for message in [first, *self.consumer.consume(num_messages=500, timeout=0)] if first else []:
             if message.error() is not None:
                 continue
-            record_type, apply = self.topics[message.topic()]
+            record_type, handler = self.topics[message.topic()]
             try:
-                apply(codec(record_type).decode(message.value() or b""))
+                record = codec(record_type).decode(message.value() or b"")
             except CodecError as exc:  # the archive dead-letters these; the router only skips them
                 log.warning("%s offset %s skipped: %s", message.topic(), message.offset(), exc)
                 continue
+            for table in self.tables:  # each table keeps what is about its own policy
+                getattr(table, handler)(record)
             applied += 1
         return applied
 
@@ -229,11 +276,17 @@ class Follower:
 
 
 class Router:
-    """The HTTP side: an aiohttp app forwarding inference calls to the route the table chooses, with
-    ``upstream_key`` (the replicas' API key) as their ``Authorization``."""
+    """The HTTP side: an aiohttp app forwarding inference calls to the route their policy's table chooses,
+    with ``upstream_key`` (the replicas' API key) as their ``Authorization``. ``tables``: one per policy, in
+    the order their agent selectors are tried."""
 
-    def __init__(self, table: RoutingTable, *, upstream_key: str, models_interval: float = 2.0) -> None:
-        self.table = table
+    def __init__(self, tables: list[RoutingTable], *, upstream_key: str, models_interval: float = 2.0) -> None:
+        if not tables:
+            raise ValueError("the router needs at least one policy")
+        self.tables = {table.model: table for table in tables}
+        if len(self.tables) != len(tables):
+            raise ValueError(f"two policies of one name among {[t.model for t in tables]}")
+        self.replicas = {server_id: url for table in tables for server_id, url in table.replicas.items()}
         self._upstream_auth = {"Authorization": f"Bearer {upstream_key}"}
         self.models_interval = models_interval
         self.requests = 0
@@ -266,11 +319,13 @@ class Router:
     async def _watch_models(self) -> None:
         """Keep each replica's loaded adapters current from its ``/v1/models``."""
         while True:
-            for server_id, url in self.table.replicas.items():
+            for server_id, url in self.replicas.items():
                 try:
                     async with self._session.get(f"{url}/v1/models", headers=self._upstream_auth) as response:
                         names = [m["id"] for m in (await response.json())["data"]]
-                    self.table.on_models(server_id, names)
+                    for table in self.tables.values():
+                        if server_id in table.replicas:
+                            table.on_models(server_id, names)
                 except Exception as exc:  # a replica that is down or restarting: keep what we knew
                     log.debug("models of %s unavailable: %s", server_id, exc)
             await asyncio.sleep(self.models_interval)
@@ -278,7 +333,9 @@ class Router:
     async def _canary(self, request):
         from aiohttp import web
 
-        return web.json_response(self.table.state())
+        states = [table.state() for table in self.tables.values()]
+        # One policy: its state as it always was; several: one entry per policy.
+        return web.json_response(states[0] if len(states) == 1 else {"policies": states})
 
     async def _health(self, request):
         from aiohttp import web
@@ -330,19 +387,40 @@ class Router:
             await response.write_eof()
         return response
 
+    def policy_of(self, requested: str | None, agent: str | None) -> tuple[RoutingTable, int | None]:
+        """The policy of a request for ``model=requested`` from ``agent``, and the version its name pins
+        (see the module docstring for the rule); raises NoRoute when no policy applies."""
+        if requested and requested not in self.tables:
+            for table in self.tables.values():
+                version = parse_served_name(requested, table.model)
+                if version is not None:
+                    return table, version
+        if agent:
+            for table in self.tables.values():
+                if table.selects(agent):
+                    return table, None
+        if requested in self.tables:
+            return self.tables[requested], None
+        if not requested and len(self.tables) == 1:
+            return next(iter(self.tables.values())), None
+        names = sorted(self.tables)
+        raise NoRoute(
+            f"model {requested!r} is not served here and no policy selects agent {agent!r}; use one of {names}"
+        )
+
     def _route(self, request, payload: Any) -> Route:
+        requested = payload.get("model") if isinstance(payload, dict) else None
+        table, version = self.policy_of(
+            requested if isinstance(requested, str) else None, request.headers.get(AGENT_HEADER)
+        )
         pinned = request.headers.get(PIN_VERSION_HEADER)
         if pinned is not None:
             if not pinned.strip().isdigit():
                 raise ValueError(f"{PIN_VERSION_HEADER} must be a version number, not {pinned!r}")
-            return self.table.choose(pinned=int(pinned))
-        requested = payload.get("model") if isinstance(payload, dict) else None
-        if requested and requested != self.table.model:
-            version = parse_served_name(requested, self.table.model)
-            if version is None:
-                raise NoRoute(f"model {requested!r} is not served here; use {self.table.model!r}")
-            return self.table.choose(pinned=version)
-        return self.table.choose(rollout_id=request.headers.get(ROLLOUT_ID_HEADER))
+            version = int(pinned)
+        if version is not None:
+            return table.choose(pinned=version)
+        return table.choose(rollout_id=request.headers.get(ROLLOUT_ID_HEADER))
 
 
 def _error(status: int, message: str):
@@ -355,7 +433,9 @@ def _error(status: int, message: str):
 class RouterProcess:
     """The router and its Kafka follower running in background threads of this process (``serve`` and tests).
 
-    ``upstream_key`` is the API key of the replicas (``VllmServer.api_key``)."""
+    ``upstream_key`` is the API key of the replicas (``VllmServer.api_key``). ``policies``: (name, agent
+    selector) of each policy, in the order the selectors are tried; default :func:`served_policies`.
+    ``table`` is the first policy's routing table, ``tables`` all of them by name."""
 
     def __init__(
         self,
@@ -365,11 +445,17 @@ class RouterProcess:
         upstream_key: str,
         host: str = "127.0.0.1",
         port: int = 0,
+        policies: list[tuple[str, tuple[str, ...]]] | None = None,
     ):
         self.settings = settings
-        self.table = RoutingTable(settings.trainer.model_name, replicas, settings.serve.canary_share)
-        self.router = Router(self.table, upstream_key=upstream_key)
-        self.follower = Follower(settings, self.table)
+        share = settings.serve.canary_share
+        tables = [
+            RoutingTable(name, replicas, share, selector) for name, selector in policies or served_policies(settings)
+        ]
+        self.router = Router(tables, upstream_key=upstream_key)
+        self.tables = self.router.tables
+        self.table = tables[0]
+        self.follower = Follower(settings, tables)
         self.host, self.port = host, port
         self._stop = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -408,12 +494,14 @@ class RouterProcess:
             raise RuntimeError(f"router did not start listening within {timeout}s")
         return self
 
-    def wait_for(self, predicate, timeout: float = 10.0) -> None:
-        """Block until ``predicate(table)`` holds (the follower and /v1/models caught up), or raise."""
+    def wait_for(self, predicate, timeout: float = 10.0, *, policy: str | None = None) -> None:
+        """Block until ``predicate(table)`` holds for ``policy``'s table (default: the first policy's): the
+        follower and /v1/models caught up. Raises TimeoutError."""
+        table = self.tables[policy] if policy else self.table
         deadline = time.monotonic() + timeout
-        while not predicate(self.table):
+        while not predicate(table):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"routing table did not reach the expected state: {self.table.state()}")
+                raise TimeoutError(f"routing table did not reach the expected state: {table.state()}")
             time.sleep(0.05)
 
     def stop(self) -> None:

