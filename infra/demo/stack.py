@@ -161,6 +161,8 @@ def demo_workers(settings: Settings, proxy_port: int) -> dict[str, Worker]:
         "serve": Worker(argv=(*python, "serve"), ready_url=f"{router}/health"),
         "proxy": Worker(
             argv=(*python, "proxy", "--upstream", router, "--port", str(proxy_port), "--rollout-idle", "60"),
-            ready_url=f"http://127.0.0.1:{proxy_port}/v1/models",
+            # The router's /health through the proxy: its /v1/models answers a known model or agent only, once
+            # several policies are routed by agent.
+            ready_url=f"http://127.0.0.1:{proxy_port}/health",
         ),
     }
