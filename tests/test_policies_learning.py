@@ -171,7 +171,7 @@ def test_the_demo_of_two_policies_serves_each_group_its_own_and_both_learn(setti
     archive = clickhouse_connect.get_client(dsn=f"chdb://{tmp_path / 'home' / 'clickhouse'}", database="boltstream")
     try:
         answered = archive.query(
-            "SELECT agent_name, groupUniqArray(llm_model) FROM spans WHERE kind = 'llm_call' GROUP BY agent_name"
+            "SELECT DISTINCT agent_name, llm_model, llm_model_version FROM spans WHERE kind = 'llm_call'"
         ).result_rows
         archived = {
             sample_id: (agent, tuple(tags))
@@ -181,11 +181,11 @@ def test_the_demo_of_two_policies_serves_each_group_its_own_and_both_learn(setti
         }
     finally:
         archive.close()
-    # The router sent each group to its own policy: its base (the policy's name) or its adapters (<name>-v<N>).
-    assert {agent: {model.split("-v")[0] for model in models} for agent, models in answered} == {
-        "adder": {"adder"},
-        "multiplier": {"multiplier"},
-    }
+    # The router sent each group to its own policy: its adapters (<name>-v<N>), or version 0, the base model the
+    # policies share (served under the first policy's name, the others' names its aliases).
+    adapters = [(agent, model, version) for agent, model, version in answered if version not in ("", "0")]
+    assert {agent for agent, _, _ in adapters} == {"adder", "multiplier"}, answered
+    assert all(model == f"{agent}-v{version}" for agent, model, version in adapters), answered
     for name in ("adder", "multiplier"):
         trained = Ledger(tmp_path / "home" / "checkpoints" / name / "ledger.jsonl").trained_ids()
         assert trained, f"{name} trained nothing"

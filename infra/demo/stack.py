@@ -161,6 +161,9 @@ def demo_workers(settings: Settings, proxy_port: int) -> dict[str, Worker]:
         "serve": Worker(argv=(*python, "serve"), ready_url=f"{router}/health"),
         "proxy": Worker(
             argv=(*python, "proxy", "--upstream", router, "--port", str(proxy_port), "--rollout-idle", "60"),
-            ready_url=f"http://127.0.0.1:{proxy_port}/v1/models",
+            # With several policies routed by agent, the router answers /v1/models (the one path of the proxy to
+            # ask) only for a known model or agent: the proxy is then up when it is alive, serve ready behind it.
+            ready_url="" if settings.policies else f"http://127.0.0.1:{proxy_port}/v1/models",
+            settle=3.0,
         ),
     }
