@@ -736,7 +736,7 @@ class SpanProducer:
     def _connect(self, settings: Settings) -> None:
         """Start the Kafka client (and the retention watching its broker) for the broker of ``settings``."""
         config = settings.producer
-        client_config = settings.kafka.client_config(
+        self._client_config = settings.kafka.client_config(
             **{
                 "acks": "all",
                 "enable.idempotence": True,
@@ -753,9 +753,9 @@ class SpanProducer:
                 "logger": _ClientLog(logging.getLogger("boltstream.producer.librdkafka"), {}),
             }
         )
-        kafka = Producer(client_config)
+        kafka = Producer(self._client_config)
         self._retention = Retention(settings, self._spool.directory / RETAINED)
-        self.settings, self._client_config, self._kafka = settings, client_config, kafka
+        self.settings, self._kafka = settings, kafka
 
     @property
     def awaiting_broker(self) -> bool:

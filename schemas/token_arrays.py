@@ -498,8 +498,8 @@ def _strings(items: Sequence[str]) -> bytes:
 
 
 def encode_training_sample(sample: dict[str, Any]) -> bytes:
-    """A framed TrainingSample (v2) from a dict whose three arrays are :class:`AvroArray`; ``policies``
-    left out is the schema's default, none.
+    """A framed TrainingSample (v2) from a dict whose three arrays are :class:`AvroArray`; ``token_source``,
+    ``call_text`` and ``policies`` left out are the schema's defaults (server ids, no text, no policy).
 
     Byte for byte ``codec("TrainingSample").encode`` of the same dict with the arrays as lists. Raises
     :class:`CodecError` if a field is missing or of the wrong type.
@@ -525,8 +525,8 @@ def encode_training_sample(sample: dict[str, Any]) -> bytes:
                 _double.pack(sample["final_reward"]),
                 _string(sample["credit_policy"]),
                 _long(sample["created_at_us"]),
-                _string(sample["token_source"]),
-                _string(sample["call_text"]),
+                _string(sample.get("token_source", "server")),
+                _string(sample.get("call_text", "")),
                 _strings(sample.get("policies", ())),
             )
         )
