@@ -270,7 +270,6 @@ def test_prompt_templates_render_with_their_engine() -> None:
 
 
 def test_poml_templates_render_to_text() -> None:
-    pytest.importorskip("poml", reason="the [templates] extra is not installed here")
     template = agl.PromptTemplate(template="<poml><p>Book a room for {{ people }} people.</p></poml>", engine="poml")
     assert template.format(people=3) == "Book a room for 3 people."
 
