@@ -161,11 +161,39 @@ def test_analyzer_starts_supersedes_and_attributes_rewards(settings: Settings) -
     assert analyzer.canary.rewards == {1: [0.9], 0: [0.4]}
     # Enough trajectories but no scored token: no decision yet (stability is unknown).
     assert analyzer.on_trajectory(trajectory(["1"], 0.9)) == [] and analyzer.on_trajectory(trajectory(["0"], 0.4)) == []
-    superseded, started = analyzer.on_served_version(served("a", 2))
+    # A newer version waits for the canary's decision, until the canary has run canary_max_wait undecided.
+    assert analyzer.on_served_version(served("a", 2)) == [] and analyzer.waiting == 2
+    assert analyzer.on_served_version(served("a", 3)) == [] and analyzer.waiting == 3  # the newest waits
+    analyzer.serve = replace(analyzer.serve, canary_max_wait=0.0)
+    superseded, started = analyzer.on_tick()
     assert (superseded["action"], superseded["candidate_version"]) == ("rollback", 1)
-    assert "superseded by version 2" in superseded["reason"] and superseded["candidate_reward"] == pytest.approx(0.9)
-    assert (started["action"], started["candidate_version"], started["stable_version"]) == ("start", 2, 0)
+    assert "superseded by version 3" in superseded["reason"] and superseded["candidate_reward"] == pytest.approx(0.9)
+    assert (started["action"], started["candidate_version"], started["stable_version"]) == ("start", 3, 0)
     assert analyzer.on_served_version(served("a", 1)) == []  # concluded versions never come back
+    assert analyzer.on_served_version(served("a", 2)) == [] and analyzer.canary.candidate == 3  # nor older ones
+
+
+def test_a_version_served_during_a_canary_starts_when_the_canary_is_decided(settings: Settings) -> None:
+    settings = replace(settings, serve=replace(settings.serve, canary_window=1, stability_tokens=1))
+    analyzer = CanaryAnalyzer(settings, scorer=None)
+    analyzer.on_served_version(served("a", 1))
+    assert analyzer.on_served_version(served("a", 2)) == [] and analyzer.on_tick() == []
+    analyzer.canary.tokens = 1  # one scored token with no drift: stable enough
+    analyzer.on_trajectory(trajectory(["1"], 0.2))
+    rollback, start = analyzer.on_trajectory(trajectory(["0"], 0.9))  # the candidate is worse: rolled back
+    assert (rollback["action"], rollback["candidate_version"]) == ("rollback", 1)
+    assert (start["action"], start["candidate_version"], start["stable_version"]) == ("start", 2, 0)
+    assert analyzer.waiting is None
+
+
+def test_a_full_weights_canary_replaced_on_its_replica_is_superseded_at_once(settings: Settings) -> None:
+    analyzer = CanaryAnalyzer(settings, scorer=None)
+    analyzer.on_served_version(served("stable", 0, fmt="full"))
+    [start] = analyzer.on_served_version(served("canary", 1, fmt="full"))
+    assert start["action"] == "start"
+    superseded, started = analyzer.on_served_version(served("canary", 2, fmt="full"))
+    assert (superseded["action"], superseded["candidate_version"]) == ("rollback", 1)
+    assert "no replica serves it any more" in superseded["reason"] and started["candidate_version"] == 2
 
 
 def test_analyzer_promotes_at_once_when_full_weights_replaced_the_stable_version_everywhere(

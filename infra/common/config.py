@@ -602,6 +602,9 @@ class ServeConfig(_Checked):
     #: Sampled tokens of the candidate scored against the stable version before a decision
     #: (policy_stability_score = exp(-KL) over them).
     stability_tokens: Count = 200
+    #: Seconds a newer version waits for a running canary's decision; a canary still undecided then is
+    #: rolled back and the newest waiting version starts (0 = a newer version supersedes the canary at once).
+    canary_max_wait: Annotated[float, Range(at_least=0)] = 300.0
     #: Replica id of this server in ServedVersion records; empty = ``<hostname>-<vLLM port>``.
     server_id: str = ""
     #: Where the sidecar keeps fetched versions and the ``current`` link vLLM loads from;

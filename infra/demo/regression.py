@@ -43,8 +43,8 @@ class RegressionError(RuntimeError):
 def regression_settings(settings: Settings) -> Settings:
     """The demo's ``settings`` in LoRA mode, with a canary quick enough to keep up with the trainer: a quarter
     of the traffic to each candidate, a decision after 16 rewarded trajectories per side and 64 scored tokens,
-    and a version every 6 trainer steps instead of 3 (a newer version supersedes a canary still running, so
-    the injected version needs a gap of some seconds between two of the trainer's to be judged on evidence).
+    and a version every 6 trainer steps instead of 3 (a newer version waits for the running canary's
+    decision, so fewer versions wait and fewer are skipped).
     Promotion needs a policy_stability_score above 0.3 against the stable version (a trainer version may move
     the policy by up to ~0.5 nats/token, see ``weight_sync_threshold`` in the demo) and a mean reward at most
     0.1 below the stable one's."""

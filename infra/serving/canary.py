@@ -21,8 +21,12 @@ the candidate and the stable version, over the same period:
 Once the candidate has ``serve.canary_window`` rewarded trajectories, the stable version as many, and
 ``serve.stability_tokens`` scored tokens, the candidate is **promoted** if its score exceeds
 ``serve.promotion_stability`` and its reward is not below the stable one by more than
-``serve.reward_margin``; otherwise it is **rolled back**. A newer version served before the window is
-complete supersedes the candidate (rolled back, reason given). When every replica replaced the stable
+``serve.reward_margin``; otherwise it is **rolled back**. A newer version served while a canary runs waits
+for its decision, then starts as the next candidate (only the newest waiting version does: the ones between
+are never canaried). A canary still undecided ``serve.canary_max_wait`` seconds after its start is superseded
+by the newest waiting version (rolled back, reason given): a canary that cannot gather its evidence does not
+hold the next versions back for ever. So is one that no replica serves any more (a full-weights canary
+replica loads every new version). When every replica replaced the stable
 version with full weights there is nothing to compare against: the candidate is promoted at once, and
 the reason says so. Each decision is a ``CanaryDecision`` on Kafka (the archive stores it in
 ClickHouse).
@@ -151,6 +155,8 @@ class CanaryAnalyzer:
         self.stable = 0
         self.canary: Canary | None = None
         self.concluded: set[int] = set()
+        #: The newest version served while the canary ran, waiting for its decision.
+        self.waiting: int | None = None
         #: What each replica serves: (format, version of its base weights).
         self.replicas: dict[str, tuple[str, int]] = {}
 
@@ -181,11 +187,36 @@ class CanaryAnalyzer:
             self.replicas[record["server_id"]] = ("lora", 0)  # its base stays, beside the adapters
         decisions = []
         newer = version > self.stable and version not in self.concluded
-        if newer and (self.canary is None or version > self.canary.candidate):
-            if self.canary is not None:
-                decisions.append(self._decide("rollback", f"superseded by version {version} before its window closed"))
+        if newer and self.canary is None:
             decisions.append(self._start(version))
+        elif newer and version > self.canary.candidate:
+            self.waiting = max(self.waiting or 0, version)
+            decisions += self.on_tick()
         return decisions + self._moot()
+
+    def on_tick(self) -> list[dict[str, Any]]:
+        """Supersede a canary while a newer version waits, when it ran ``serve.canary_max_wait`` seconds
+        undecided or no replica serves it any more."""
+        canary, waiting = self.canary, self.waiting
+        if canary is None or waiting is None:
+            return []
+        replaced = self.replicas and not any(
+            fmt == "lora" or version == canary.candidate for fmt, version in self.replicas.values()
+        )
+        if replaced:  # full weights: every replica that served the candidate loaded the newer version
+            reason = f"no replica serves it any more: superseded by version {waiting}"
+        elif now_us() - canary.started_us >= self.serve.canary_max_wait * 1e6:
+            reason = f"undecided after {self.serve.canary_max_wait:g} s: superseded by version {waiting}"
+        else:
+            return []
+        return [self._decide("rollback", reason), *self._next()]
+
+    def _next(self) -> list[dict[str, Any]]:
+        """Start the version that waited for the concluded canary, if it is still newer than the stable one."""
+        waiting, self.waiting = self.waiting, None
+        if waiting is None or waiting <= self.stable or waiting in self.concluded:
+            return []
+        return [self._start(waiting)]
 
     def on_trajectory(self, record: dict[str, Any]) -> list[dict[str, Any]]:
         canary = self.canary
@@ -244,7 +275,7 @@ class CanaryAnalyzer:
             f"({'within' if reward_ok else 'worse than'} margin {self.serve.reward_margin}) "
             f"over {counts[0]} / {counts[1]} trajectories"
         )
-        return [self._decide("promote" if stable_enough and reward_ok else "rollback", comparison)]
+        return [self._decide("promote" if stable_enough and reward_ok else "rollback", comparison), *self._next()]
 
     def _moot(self) -> list[dict[str, Any]]:
         """Promote at once when no replica serves the stable version any more (full weights everywhere)."""
@@ -252,7 +283,8 @@ class CanaryAnalyzer:
         if canary is None or not self.replicas:
             return []
         if all(fmt == "full" and version != canary.stable for fmt, version in self.replicas.values()):
-            return [self._decide("promote", f"every replica replaced version {canary.stable}: nothing to compare")]
+            moot = f"every replica replaced version {canary.stable}: nothing to compare"
+            return [self._decide("promote", moot), *self._next()]
         return []
 
     def _start(self, version: int) -> dict[str, Any]:
@@ -358,6 +390,10 @@ class CanaryWorker:
                 for decision in getattr(analyzer, handler)(record):
                     self._publish(decision)
                     decisions.append(decision)
+        for analyzer in self.analyzers.values():
+            for decision in analyzer.on_tick():
+                self._publish(decision)
+                decisions.append(decision)
         return decisions
 
     def _publish(self, decision: dict[str, Any]) -> None:
