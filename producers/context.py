@@ -6,8 +6,10 @@ gets the rollout's ids, a ``sequence`` number, and the enclosing span as ``paren
 root span, or the ``traced`` block around it). Leaving the block emits the root span, of kind
 ``rollout``: its arrival tells the stream processors the trajectory is complete.
 
-Spans emitted outside any rollout go to an *implicit rollout*, one per thread, which ends (and
-emits its root span, with attribute ``implicit=true``) after ``producer.implicit_rollout_idle``
+Spans emitted outside any rollout go to the process's *implicit rollout*, shared by all its threads
+and asyncio tasks (a framework that calls the model in worker threads, as CrewAI does, gives one
+episode, whose reward the main thread emits). It ends (and emits its root span, with attribute
+``implicit=true``) after ``producer.implicit_rollout_idle``
 seconds without a span, when ``producers.flush()`` runs, or when the interpreter exits; the next span
 starts a new one. A reward never ends it: ``emit_reward(score)`` then ``emit_decision()`` is one
 episode, and of several rewards the last is the final one (the join decides, see
@@ -194,52 +196,53 @@ def reset_parent(token: Token) -> None:
 
 
 # -- implicit rollouts -------------------------------------------------------------------------
-_implicit = threading.local()
+_implicit: rollout | None = None
 _implicit_lock = threading.Lock()
-_implicit_by_thread: dict[int, rollout] = {}
 _PROGRAM = Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else "python"
 
 
 def active_rollout() -> rollout:
-    """The rollout a span emitted here belongs to: the enclosing one, else this thread's implicit one."""
+    """The rollout a span emitted here belongs to: the enclosing one, else the process's implicit one."""
+    global _implicit
     explicit = _current_rollout.get()
     if explicit is not None:
         return explicit
-    implicit = getattr(_implicit, "rollout", None)
+    implicit = _implicit
     if implicit is None or implicit.ended:
-        implicit = rollout(agent_name=_PROGRAM, attributes={"implicit": "true"})
-        implicit.implicit = True
-        _implicit.rollout = implicit
         with _implicit_lock:
-            _implicit_by_thread[threading.get_ident()] = implicit
+            if _implicit is None or _implicit.ended:
+                _implicit = rollout(agent_name=_PROGRAM, attributes={"implicit": "true"})
+                _implicit.implicit = True
+            implicit = _implicit
     return implicit
 
 
 def current_rollout_id() -> str:
-    """The id of the rollout a span emitted here joins: the enclosing ``with rollout(...)``'s, else this
-    thread's implicit rollout's (started now if none is open). Hand it to whoever sends the reward later
+    """The id of the rollout a span emitted here joins: the enclosing ``with rollout(...)``'s, else the
+    process's implicit rollout's (started now if none is open). Hand it to whoever sends the reward later
     (``send_reward(rollout_id, value)`` from any process)."""
     return active_rollout().rollout_id
 
 
 def _end_implicit_rollouts(idle_only: bool) -> None:
-    """End every implicit rollout (flush, exit), or only those idle for ``implicit_rollout_idle``."""
+    """End the implicit rollout (flush, exit), or only when idle for ``implicit_rollout_idle``."""
+    global _implicit
     idle_us = runtime.settings().producer.implicit_rollout_idle * 1e6
-    now = now_us()
     with _implicit_lock:
-        for thread_id, implicit in list(_implicit_by_thread.items()):
-            if implicit.ended:
-                del _implicit_by_thread[thread_id]
-            elif not idle_only or now - implicit.last_span_us > idle_us:
-                implicit.end()
-                del _implicit_by_thread[thread_id]
+        implicit = _implicit
+        if implicit is None:
+            return
+        if not implicit.ended and (not idle_only or now_us() - implicit.last_span_us > idle_us):
+            implicit.end()
+        if implicit.ended:
+            _implicit = None
 
 
 def _forget_implicit_rollouts() -> None:
-    """A forked child starts its own implicit rollouts instead of continuing its parent's."""
-    global _implicit
-    _implicit = threading.local()
-    _implicit_by_thread.clear()
+    """A forked child starts its own implicit rollout instead of continuing its parent's."""
+    global _implicit, _implicit_lock
+    _implicit = None
+    _implicit_lock = threading.Lock()  # the parent's may have been held by a thread the child does not have
 
 
 runtime.on_flush(_end_implicit_rollouts)

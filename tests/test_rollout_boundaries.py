@@ -196,3 +196,35 @@ def test_the_readme_reward_examples_give_the_trajectories_they_promise(broker, s
     )
     assert outcome == [("", "complete", 1.0, [0.3, 1.0]), ("t-17", "complete", 1.0, [0.2, 1.0])], worker.log()
     assert status["late_rewards"] == 0
+
+
+# A framework that calls the model in worker threads (a pool, asyncio.to_thread) while the main thread
+# emits the reward, as CrewAI does: no thread opened a rollout.
+THREADED_AGENT = """
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from boltstream import agl
+from tests.records import make_llm
+
+def call_model() -> None:
+    agl.emit_span("llm_call", "chat", llm=make_llm(8, 4))
+
+with ThreadPoolExecutor(2) as pool:
+    list(pool.map(lambda _: call_model(), range(2)))
+thread = threading.Thread(target=call_model)
+thread.start()
+thread.join()
+asyncio.run(asyncio.to_thread(call_model))
+agl.emit_reward(1.0)
+print(agl.current_rollout_id())
+"""
+
+
+def test_worker_threads_and_the_main_thread_share_the_implicit_rollout(broker, settings: Settings) -> None:
+    prepare(settings)
+    (rollout_id,) = run_python(settings, THREADED_AGENT)
+    spans = consume(settings.kafka.bootstrap_servers, settings.topics.spans, lambda found: len(found) >= 6, timeout=30)
+    assert sorted(s["kind"] for s in spans) == ["llm_call"] * 4 + ["reward", "rollout"]
+    assert {s["rollout_id"] for s in spans} == {rollout_id}, "a thread's calls went to a rollout of their own"
+    assert len({s["sequence"] for s in spans}) == 6

@@ -9,10 +9,9 @@ CrewAI's OpenAI provider always sends ``tool_choice="auto"`` (it cannot name a t
 tool is called is the model's choice: an untrained model answers with text, a trained one calls it.
 ``max_iter`` bounds the agent's loop.
 
-The one change beyond ``emit_reward``: ``with agl.rollout(...)`` around the crew. CrewAI makes its model
-calls in a worker thread (``asyncio.to_thread``), and a rollout that nobody opened is one per thread,
-so without it the calls and the reward would land in two rollouts. An opened rollout is a context
-variable, which CrewAI's threads inherit: the calls and the reward form one trajectory.
+Its model calls run in a worker thread; the reward is emitted in the main thread. Both go to the
+process's one implicit rollout, so the crew's calls and the reward form one trajectory, which ends when
+the program exits.
 """
 
 import os
@@ -42,9 +41,8 @@ forecaster = Agent(
 task = Task(description="The weather in Paris?", expected_output="One line.", agent=forecaster)
 
 if __name__ == "__main__":
-    with agl.rollout(task_id="weather-paris"):
-        answer = str(Crew(agents=[forecaster], tasks=[task]).kickoff())
-        reward = 1.0 if "18" in answer else 0.0
-        agl.emit_reward(reward)
+    answer = str(Crew(agents=[forecaster], tasks=[task]).kickoff())
+    reward = 1.0 if "18" in answer else 0.0
+    agl.emit_reward(reward)
     print(f"answer={answer!r}")
     print(f"reward={reward}")
