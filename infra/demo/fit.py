@@ -34,8 +34,10 @@ A dataset is a sequence of tasks or the path of a JSONL file (one task a line). 
 * None, or ``agl.VERL(config)``: the continuous GRPO trainer above; a VERL config's keys that mean the same
   thing set the trainer (:func:`boltstream.agl.algorithm.verl_trainer_settings`), the others are named in a
   warning;
-* ``agl.APO(..., candidates=[...])``: boltstream's APO ranks the initial resources' prompt template and the
-  candidates by the rewards their rollouts earn (no join, no weight training), then validates the best;
+* ``agl.APO(async_openai_client, ...)``: Agent Lightning's APO, a beam search whose new prompt templates an
+  LLM writes from critiques of their rollouts (:mod:`boltstream.agl.algorithm.textual_gradient`), scored by
+  the runners' rollouts (no join, no weight training); ``agl.APO(candidates=[...])`` without a client:
+  boltstream's ranker orders the initial template and the candidates by their rewards, then validates the best;
 * any other ``agl.Algorithm`` (a subclass, an ``@agl.algo`` function, ``agl.Baseline``): it runs in this
   process on the store of the stack (broker and archive) while the runners serve its queue, as Agent
   Lightning's custom algorithms do. Without ``trainer.model_path`` these two start no serving and hand the
@@ -53,6 +55,7 @@ import logging
 import multiprocessing
 import pickle
 import time
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -407,14 +410,11 @@ class Trainer:
         from boltstream.trainer.apo import TemplateRanker, template_id
 
         name, seed = _seed_template(apo, resources)
-        exploration = apo.exploration if apo.exploration is not None else settings.trainer.apo_exploration
-        ranker = TemplateRanker(exploration)
-        ranker.add_candidates(name, [seed.template, *apo.candidates])
         if not train:
             raise ValueError("APO needs a non-empty train_dataset: its rollouts rank the templates")
 
-        async def rewards(template: str, tasks: list[Any], mode: str) -> list[float]:
-            """Run ``tasks`` with ``template`` and return their final rewards (a failed or unrewarded one: 0)."""
+        async def finished(template: str, tasks: list[Any], mode: str) -> list[Any]:
+            """Run ``tasks`` with ``template``; the finished rollouts."""
             version = {**resources, name: PromptTemplate(template=template, engine=seed.engine)}
             resources_id = (await store.add_resources(version)).resources_id
             queued = await store.enqueue_many_rollouts(
@@ -430,7 +430,18 @@ class Trainer:
                         f"APO: {len(done)} of {len(ids)} rollouts finished in {apo.rollout_batch_timeout:.0f} s"
                     )
                 done = await store.wait_for_rollouts(rollout_ids=ids, timeout=5.0)
-            return [rollout.final_reward or 0.0 for rollout in done]
+            return done
+
+        async def rewards(template: str, tasks: list[Any], mode: str) -> list[float]:
+            """Run ``tasks`` with ``template`` and return their final rewards (a failed or unrewarded one: 0)."""
+            return [rollout.final_reward or 0.0 for rollout in await finished(template, tasks, mode)]
+
+        if apo.writes_prompts:
+            self._write_prompts(apo, seed, train, val, finished, store, console)
+            return
+        exploration = apo.exploration if apo.exploration is not None else settings.trainer.apo_exploration
+        ranker = TemplateRanker(exploration)
+        ranker.add_candidates(name, [seed.template, *apo.candidates])
 
         async def optimise() -> list[ValidationRow]:
             validation = []
@@ -449,7 +460,7 @@ class Trainer:
             ranked = sorted(ranker.agents[name].items(), key=lambda item: (-item[1].mean, -item[1].evaluations))
             self.templates = [TemplateRow(i, t.template, t.evaluations, t.mean) for i, t in ranked if t.evaluations]
             best = self.templates[0]
-            self.best_prompt = PromptTemplate(template=best.template, engine=seed.engine)
+            self.best_prompt = apo.best_prompt = PromptTemplate(template=best.template, engine=seed.engine)
             if checked:
                 scores = await rewards(best.template, checked, "val")
                 validation.append(ValidationRow(f"best {best.template_id}", len(scores), _mean(scores)))
@@ -457,6 +468,73 @@ class Trainer:
 
         self.validation = asyncio.run(optimise())
         _print_templates(console, self.templates, self.validation)
+
+    def _write_prompts(
+        self,
+        apo: APO,
+        seed: Any,
+        train: list[Any],
+        val: list[Any],
+        finished: Any,
+        store: LightningStore,
+        console: Any,
+    ) -> None:
+        """Agent Lightning's APO: the textual-gradient beam search, its rollouts run by the runners."""
+        import asyncio
+
+        from boltstream.agl.algorithm.textual_gradient import Rollout, TextualGradientSearch
+        from boltstream.producers.resources import PromptTemplate
+        from boltstream.trainer.apo import template_id
+
+        async def evaluate(template: PromptTemplate, tasks: list[Any], mode: str) -> list[Rollout]:
+            done = await finished(template.template, tasks, mode)
+            rollouts = []
+            for rollout in done:
+                calls: tuple[tuple[str, str], ...] = ()
+                if mode == "train":  # the critique reads the model calls; scoring needs the rewards only
+                    spans = await store.query_spans(rollout.rollout_id)
+                    calls = tuple(
+                        (span.llm.get("prompt_text", ""), span.llm.get("completion_text", ""))
+                        for span in spans
+                        if span.kind == "llm_call"
+                    )
+                rollouts.append(Rollout(rollout.input, calls, rollout.final_reward or 0.0))
+            return rollouts
+
+        search = TextualGradientSearch(
+            apo.async_openai_client,
+            evaluate,
+            gradient_model=apo.gradient_model,
+            apply_edit_model=apo.apply_edit_model,
+            diversity_temperature=apo.diversity_temperature,
+            gradient_batch_size=apo.gradient_batch_size,
+            val_batch_size=apo.val_batch_size,
+            beam_width=apo.beam_width,
+            branch_factor=apo.branch_factor,
+            beam_rounds=apo.beam_rounds,
+            run_initial_validation=apo.run_initial_validation,
+            report=console.print,
+        )
+        result = asyncio.run(search.run(seed, apo.candidates, train, val))
+        apo.search = result
+        best = result.best
+        self.best_prompt = apo.best_prompt = best.template
+        batch = min(apo.val_batch_size, len(val or train))  # the rollouts behind each score
+        self.validation = [
+            ValidationRow(f"round {s.round} {template_id(s.template.template)}", batch, s.score) for s in result.scored
+        ]
+        by_template: dict[str, list[float]] = {}
+        for scored in result.scored:
+            by_template.setdefault(scored.template.template, []).append(scored.score)
+        self.templates = sorted(
+            (TemplateRow(template_id(t), t, batch * len(scores), _mean(scores)) for t, scores in by_template.items()),
+            key=lambda row: -row.mean_reward,
+        )
+        _print_templates(console, self.templates, self.validation)
+        if result.discarded:
+            console.print(f"APO: {len(result.discarded)} of the rewrites discarded:")
+            for reason, count in Counter(reason[:120] for reason in result.discarded).most_common():
+                console.print(f"  {count} x {reason}", markup=False, highlight=False)
 
 
 def _mean(values: list[float]) -> float:
@@ -504,10 +582,10 @@ def _seed_template(apo: APO, resources: Mapping[str, Any]) -> tuple[str, Any]:
             f"APO tunes one PromptTemplate of initial_resources; they hold {len(templates)}: "
             "give Trainer(initial_resources={'prompt': agl.PromptTemplate(...)})"
         )
-    if not apo.candidates:
+    if not apo.writes_prompts and not apo.candidates:
         raise ValueError(
-            "boltstream's APO ranks candidate templates and does not write new ones with an LLM: "
-            "give agl.APO(..., candidates=['template', ...])"
+            "APO needs an LLM to write new templates, agl.APO(openai.AsyncOpenAI(...)), or templates to rank, "
+            "agl.APO(candidates=['template', ...])"
         )
     return templates[0]
 
@@ -683,7 +761,7 @@ def _print_validation(console: Any, rows: list[ValidationRow], learn: bool) -> N
 def _print_templates(console: Any, templates: list[TemplateRow], validation: list[ValidationRow]) -> None:
     from rich.table import Table
 
-    table = Table(title="APO: prompt templates by mean train reward")
+    table = Table(title="APO: prompt templates by mean reward")
     for column in ("template", "rollouts", "mean reward", "text"):
         table.add_column(column, justify="left" if column in ("template", "text") else "right")
     for row in templates:

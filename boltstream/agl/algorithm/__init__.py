@@ -10,8 +10,9 @@ Two of Agent Lightning's algorithms are settings of boltstream's own pipeline in
 
 * :class:`VERL` (its PPO/GRPO trainer on VERL) holds a VERL config; ``Trainer`` maps the keys that mean the
   same thing to boltstream's continuous GRPO trainer (:func:`verl_trainer_settings`);
-* :class:`APO` (prompt optimisation) holds its settings; ``Trainer`` runs boltstream's APO, which ranks
-  candidate prompt templates by the rewards they earn (UCB) instead of writing new ones with an LLM.
+* :class:`APO` (prompt optimisation) holds its settings; ``Trainer`` runs it on the store: with an OpenAI
+  client, a beam search whose new templates an LLM writes from critiques of their rollouts (as Agent
+  Lightning's); with candidate templates only, boltstream's ranker (UCB over their rewards).
 
 Neither runs on its own: their :meth:`run` says to pass them to ``Trainer``. Submodules ``apo`` and ``verl``
 are Agent Lightning's import paths of the two.
@@ -276,14 +277,17 @@ def verl_trainer_settings(config: Mapping[str, Any]) -> tuple[dict[str, Any], di
 
 
 class APO(_PipelineAlgorithm, Generic[T]):
-    """Automatic prompt optimisation, as boltstream does it: ``Trainer`` ranks the prompt template of the
-    initial resources and ``candidates`` by the final rewards their rollouts earn (UCB1 with
-    ``trainer.apo_exploration``, boltstream's APO ranker), dealing ``gradient_batch_size`` train tasks at a
-    time to the template ranked first, then validates the best one on up to ``val_batch_size`` val tasks.
+    """Automatic prompt optimisation of the one PromptTemplate among ``Trainer``'s initial resources.
 
-    Agent Lightning's APO writes new templates with an LLM (``async_openai_client``, ``gradient_model``,
-    ``apply_edit_model``, ``beam_width``, ``branch_factor``, ``beam_rounds``, ``diversity_temperature``);
-    boltstream's does not: those are accepted and unused (a warning says so), and ``candidates`` are required.
+    Given ``async_openai_client`` (an ``openai.AsyncOpenAI`` on any OpenAI-compatible endpoint), as Agent
+    Lightning's APO: a beam search in which ``gradient_model`` critiques a template from the rollouts it
+    earned and ``apply_edit_model`` rewrites it (:mod:`boltstream.agl.algorithm.textual_gradient`, which
+    documents the rounds); ``candidates`` join the first beam. Without a client, boltstream's ranker:
+    ``Trainer`` ranks the seed template and the ``candidates`` (required then) by the final rewards their
+    rollouts earn (UCB1 with ``exploration``, default ``trainer.apo_exploration``), dealing
+    ``gradient_batch_size`` train tasks at a time to the template ranked first, then validates the best one
+    on up to ``val_batch_size`` val tasks. Either way ``Trainer.fit`` runs it and :meth:`get_best_prompt`
+    gives the result.
     """
 
     def __init__(
@@ -304,8 +308,12 @@ class APO(_PipelineAlgorithm, Generic[T]):
         exploration: float | None = None,
         _poml_trace: bool = False,  # Agent Lightning's debugging switch for its POML prompts: none here
     ) -> None:
-        if gradient_batch_size < 1 or val_batch_size < 1 or rollout_batch_timeout <= 0:
-            raise ValueError("gradient_batch_size and val_batch_size must be at least 1, rollout_batch_timeout > 0")
+        counts = (gradient_batch_size, val_batch_size, beam_width, branch_factor, beam_rounds)
+        if min(counts) < 1 or rollout_batch_timeout <= 0:
+            raise ValueError(
+                "gradient_batch_size, val_batch_size, beam_width, branch_factor and beam_rounds must be at least "
+                "1, rollout_batch_timeout > 0"
+            )
         if isinstance(candidates, str) or not all(isinstance(c, str) for c in candidates):
             raise TypeError("APO candidates are a list of template strings")
         self.async_openai_client = async_openai_client
@@ -316,14 +324,22 @@ class APO(_PipelineAlgorithm, Generic[T]):
         self.beam_width, self.branch_factor, self.beam_rounds = beam_width, branch_factor, beam_rounds
         self.rollout_batch_timeout = rollout_batch_timeout
         self.run_initial_validation = run_initial_validation
-        #: UCB exploration weight; None: ``trainer.apo_exploration`` of the settings.
+        #: UCB exploration weight of the ranker; None: ``trainer.apo_exploration`` of the settings.
         self.exploration = exploration
-        if async_openai_client is not None:
-            log.warning(
-                "APO: boltstream ranks the candidate templates it is given and does not write new ones, so "
-                "async_openai_client, gradient_model, apply_edit_model, beam_width, branch_factor and "
-                "beam_rounds are not used"
-            )
+        #: The best template of the last fit (a PromptTemplate), and every template it scored.
+        self.best_prompt: Any = None
+        self.search: Any = None
+
+    @property
+    def writes_prompts(self) -> bool:
+        """Whether this APO writes new templates with an LLM (it has a client) or ranks the candidates."""
+        return self.async_openai_client is not None
+
+    def get_best_prompt(self) -> Any:
+        """The best PromptTemplate the last ``Trainer.fit`` found."""
+        if self.best_prompt is None:
+            raise ValueError("APO has no best prompt yet: run it with agl.Trainer(algorithm=apo).fit(...)")
+        return self.best_prompt
 
 
 def run_algorithm(algorithm: Algorithm, train: Sequence[Any] | None, val: Sequence[Any] | None) -> None:
