@@ -146,7 +146,8 @@ def run_traced(
             sample = retokenize(sample, pipeline.tokenizer)
             assert len(sample["prompt_token_ids"]) == span["llm"]["prompt_tokens"]  # the server's prompt exactly
             # The completion is the canonical tokenization of the text the server returned: as many tokens as
-            # it counted, or fewer where the untrained model sampled a split its tokenizer would not make.
+            # it counted, or fewer where the untrained model sampled tokens its text does not show (special
+            # tokens the server's detokenizer skipped) or a split its tokenizer would not make.
             assert 0 < len(sample["completion_token_ids"]) <= span["llm"]["completion_tokens"]
             continue
         assert sample["token_source"] == "server"

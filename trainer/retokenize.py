@@ -21,9 +21,10 @@ tool_choice, chat_template_kwargs, tool_calls). :func:`retokenize` fills in the 
   vLLM generate the arguments as bare JSON: those are the completion.
 * completion, completions: the text encoded without special tokens, plus the end token if it stopped.
 
-The completion is the canonical tokenization of the text the server returned. A model may sample a split
-of that text its tokenizer would not make (likelier the less trained it is; a completion cut at the length
-limit may also end inside a character): its rebuilt ids then differ from the sampled ones, usually fewer.
+The completion is the canonical tokenization of the text the server returned. A model may sample tokens
+that text does not show (special tokens the server's detokenizer skipped) or a split of it its tokenizer
+would not make (likelier the less trained it is): its rebuilt ids then differ from the sampled ones,
+usually fewer.
 
 No behaviour logprobs come with such a call: the trainer computes them (``behaviour_logprobs_computed``).
 What cannot be rebuilt raises :class:`RetokenizeError` with the reason (the trainer dead-letters the

@@ -18,7 +18,7 @@ batch of tasks in, the finished rollouts with their spans out). One search:
 A rewrite that is empty, does not parse for the template's engine, or asks for a value the parent did not
 (an f-string or jinja placeholder the agent does not fill) is discarded with a warning and counted in
 ``SearchResult.discarded``, as is a critique or rewrite the LLM failed to give: no rollout runs a template
-that cannot render.
+that cannot render. So is a rewrite that repeats a template the round scores already.
 """
 
 from __future__ import annotations
@@ -184,7 +184,8 @@ class TextualGradientSearch:
             raise ValueError("APO needs a non-empty train_dataset: the critiques read its rollouts")
         result = SearchResult()
         grad, check = _Batches(train), _Batches(val or train)  # no val set: train tasks score the beam
-        beam = [seed, *(PromptTemplate(template=c, engine=seed.engine) for c in candidates)]
+        texts = dict.fromkeys([seed.template, *candidates])  # in order, each once
+        beam = [PromptTemplate(template=text, engine=seed.engine) for text in texts]
         if self.run_initial_validation:
             result.scored.append(Scored(seed, await self._score(seed, check.take(self.val_batch_size)), None, 0))
             self.report(f"APO: seed template scores {result.scored[-1].score:.3f}")
@@ -192,10 +193,14 @@ class TextualGradientSearch:
             ranked = self._ranked(result, beam)
             parents = [ranked[i % len(ranked)] for i in range(self.beam_width)]
             children: list[tuple[PromptTemplate, PromptTemplate]] = []
+            known = {template.template for template in beam}
             for parent in parents:
                 for _ in range(self.branch_factor):
                     child = await self._rewrite(parent, grad.take(self.gradient_batch_size), result)
-                    if child is not None:
+                    if child is not None and child.template in known:
+                        self._discard(result, "the rewrite repeats a template this round scores already")
+                    elif child is not None:
+                        known.add(child.template)
                         children.append((parent, child))
             pool = [(None, template) for template in beam] + children
             batch = check.take(self.val_batch_size)
@@ -205,7 +210,7 @@ class TextualGradientSearch:
                 result.scored.append(Scored(template, score, self._index(result, parent), number))
                 round_scores.append((score, template))
             round_scores.sort(key=lambda item: -item[0])
-            beam = _distinct([template for _, template in round_scores])[: self.beam_width]
+            beam = [template for _, template in round_scores][: self.beam_width]
             self.report(
                 f"APO round {number}/{self.beam_rounds}: {len(children)} new templates; beam scores "
                 + ", ".join(f"{score:.3f}" for score, _ in round_scores[: self.beam_width])
@@ -265,16 +270,6 @@ class TextualGradientSearch:
             if result.scored[index].template.template == parent.template:
                 return index
         return None
-
-
-def _distinct(templates: list[PromptTemplate]) -> list[PromptTemplate]:
-    seen: set[str] = set()
-    unique = []
-    for template in templates:
-        if template.template not in seen:
-            seen.add(template.template)
-            unique.append(template)
-    return unique
 
 
 __all__ = ["Rollout", "Scored", "SearchResult", "TextualGradientSearch", "rewrite_problem", "rewritten"]
