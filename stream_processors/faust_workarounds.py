@@ -22,9 +22,10 @@ one works around, and the test that shows it. Nothing else in boltstream touches
 4. Reading inputs again (``JoinWorker._read_again``, public ``consumer.seek``, ``seek_to_committed`` and
    ``position``) — from the committed offsets at every (re)assignment, and from a hole in the offsets
    delivered. Counted in ``boltstream_join_inputs_read_again`` (not the seeks of an assignment), which
-   must stay 0 where nothing is lost: ``tests/test_join.py::test_quiet_partitions_are_not_read_again``
-   (the demo's sparse traffic) and the fault suite ``tests/faults/test_join_faults.py`` (SIGKILL,
-   1 -> 2 -> 3 -> 1 workers).
+   stays 0 in a steady run (``tests/test_join.py::test_quiet_partitions_are_not_read_again``, the demo's
+   sparse traffic) and at most one per membership change in the fault suite
+   ``tests/faults/test_join_faults.py`` (SIGKILL, 1 -> 2 -> 3 -> 1 workers), with identical output: right
+   after a rebalance Faust may still hand on a record past one it dropped (once in about 40 runs).
 5. Changelog writes sent straight to the producer, the partition clocks alone and last
    (``JoinWorker._flush``) — Faust's ``send_soon`` buffer publishes one record per await (the worker's
    bottleneck), and its recovery stops at the high watermark, which the embedded broker reports as the
