@@ -35,7 +35,9 @@ class FaultRow:
     def check(self) -> None:
         assert self.lost == 0, f"{self.scenario}: {self.lost} of {self.acknowledged} acknowledged {self.unit} lost"
         assert self.duplicated == 0, f"{self.scenario}: {self.duplicated} duplicated {self.unit} in the views"
-        assert self.trajectories_identical is not False, f"{self.scenario}: trajectories differ from an undisturbed run"
+        assert self.trajectories_identical is not False, (
+            f"{self.scenario}: trajectories differ from an undisturbed run ({self.note})"
+        )
 
 
 _rows: list[FaultRow] = []
