@@ -501,20 +501,7 @@ class Trainer:
                 rollouts.append(Rollout(rollout.input, calls, rollout.final_reward or 0.0))
             return rollouts
 
-        search = TextualGradientSearch(
-            apo.async_openai_client,
-            evaluate,
-            gradient_model=apo.gradient_model,
-            apply_edit_model=apo.apply_edit_model,
-            diversity_temperature=apo.diversity_temperature,
-            gradient_batch_size=apo.gradient_batch_size,
-            val_batch_size=apo.val_batch_size,
-            beam_width=apo.beam_width,
-            branch_factor=apo.branch_factor,
-            beam_rounds=apo.beam_rounds,
-            run_initial_validation=apo.run_initial_validation,
-            report=console.print,
-        )
+        search = TextualGradientSearch(apo, evaluate, report=console.print)
         result = asyncio.run(search.run(seed, apo.candidates, train, val))
         apo.search = result
         best = result.best

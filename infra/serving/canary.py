@@ -209,14 +209,7 @@ class CanaryAnalyzer:
             reason = f"undecided after {self.serve.canary_max_wait:g} s: superseded by version {waiting}"
         else:
             return []
-        return [self._decide("rollback", reason), *self._next()]
-
-    def _next(self) -> list[dict[str, Any]]:
-        """Start the version that waited for the concluded canary, if it is still newer than the stable one."""
-        waiting, self.waiting = self.waiting, None
-        if waiting is None or waiting <= self.stable or waiting in self.concluded:
-            return []
-        return [self._start(waiting)]
+        return self._conclude("rollback", reason)
 
     def on_trajectory(self, record: dict[str, Any]) -> list[dict[str, Any]]:
         canary = self.canary
@@ -275,7 +268,7 @@ class CanaryAnalyzer:
             f"({'within' if reward_ok else 'worse than'} margin {self.serve.reward_margin}) "
             f"over {counts[0]} / {counts[1]} trajectories"
         )
-        return [self._decide("promote" if stable_enough and reward_ok else "rollback", comparison), *self._next()]
+        return self._conclude("promote" if stable_enough and reward_ok else "rollback", comparison)
 
     def _moot(self) -> list[dict[str, Any]]:
         """Promote at once when no replica serves the stable version any more (full weights everywhere)."""
@@ -284,7 +277,7 @@ class CanaryAnalyzer:
             return []
         if all(fmt == "full" and version != canary.stable for fmt, version in self.replicas.values()):
             moot = f"every replica replaced version {canary.stable}: nothing to compare"
-            return [self._decide("promote", moot), *self._next()]
+            return self._conclude("promote", moot)
         return []
 
     def _start(self, version: int) -> dict[str, Any]:
@@ -292,12 +285,17 @@ class CanaryAnalyzer:
         self.on_decision(decision)
         return decision
 
-    def _decide(self, action: str, reason: str) -> dict[str, Any]:
+    def _conclude(self, action: str, reason: str) -> list[dict[str, Any]]:
+        """Promote or roll back the candidate; then the version that waited for it starts, if it is still
+        newer than the stable one."""
         canary = self.canary
         assert canary is not None
         decision = self._record(action, canary.candidate, canary.stable, reason, canary)
         self.on_decision(decision)
-        return decision
+        waiting, self.waiting = self.waiting, None
+        if waiting is None or waiting <= self.stable or waiting in self.concluded:
+            return [decision]
+        return [decision, self._start(waiting)]
 
     def _record(
         self, action: str, candidate: int, stable: int, reason: str, canary: Canary | None = None
@@ -387,13 +385,11 @@ class CanaryWorker:
                 log.warning("%s offset %s skipped: %s", message.topic(), message.offset(), exc)
                 continue
             for analyzer in self.analyzers.values():
-                for decision in getattr(analyzer, handler)(record):
-                    self._publish(decision)
-                    decisions.append(decision)
+                decisions += getattr(analyzer, handler)(record)
         for analyzer in self.analyzers.values():
-            for decision in analyzer.on_tick():
-                self._publish(decision)
-                decisions.append(decision)
+            decisions += analyzer.on_tick()
+        for decision in decisions:
+            self._publish(decision)
         return decisions
 
     def _publish(self, decision: dict[str, Any]) -> None:

@@ -27,9 +27,12 @@ import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from boltstream.producers.resources import PromptTemplate
+
+if TYPE_CHECKING:
+    from boltstream.agl.algorithm import APO
 
 log = logging.getLogger("boltstream.agl.algorithm.apo")
 
@@ -152,68 +155,60 @@ def _rendered(rollout: Rollout, room: int) -> str:
 
 
 class TextualGradientSearch:
-    """One beam search; ``client`` is an ``openai.AsyncOpenAI`` (any OpenAI-compatible endpoint)."""
+    """One beam search with the settings of ``apo`` (an :class:`~boltstream.agl.algorithm.APO` given an
+    ``openai.AsyncOpenAI`` client, any OpenAI-compatible endpoint)."""
 
-    def __init__(
-        self,
-        client: Any,
-        evaluate: Evaluate,
-        *,
-        gradient_model: str,
-        apply_edit_model: str,
-        diversity_temperature: float,
-        gradient_batch_size: int,
-        val_batch_size: int,
-        beam_width: int,
-        branch_factor: int,
-        beam_rounds: int,
-        run_initial_validation: bool,
-        report: Callable[[str], None] = log.info,
-    ) -> None:
-        self.client, self.evaluate, self.report = client, evaluate, report
-        self.gradient_model, self.apply_edit_model = gradient_model, apply_edit_model
-        self.diversity_temperature = diversity_temperature
-        self.gradient_batch_size, self.val_batch_size = gradient_batch_size, val_batch_size
-        self.beam_width, self.branch_factor, self.beam_rounds = beam_width, branch_factor, beam_rounds
-        self.run_initial_validation = run_initial_validation
+    def __init__(self, apo: APO, evaluate: Evaluate, *, report: Callable[[str], None] = log.info) -> None:
+        self.apo, self.evaluate, self.report = apo, evaluate, report
 
     async def run(
         self, seed: PromptTemplate, candidates: Sequence[str], train: Sequence[Any], val: Sequence[Any]
     ) -> SearchResult:
-        if not train:
-            raise ValueError("APO needs a non-empty train_dataset: the critiques read its rollouts")
-        result = SearchResult()
+        """The search from ``seed`` and ``candidates``; ``train`` must not be empty: the critiques read it."""
+        apo, result = self.apo, SearchResult()
         grad, check = _Batches(train), _Batches(val or train)  # no val set: train tasks score the beam
         texts = dict.fromkeys([seed.template, *candidates])  # in order, each once
         beam = [PromptTemplate(template=text, engine=seed.engine) for text in texts]
-        if self.run_initial_validation:
-            result.scored.append(Scored(seed, await self._score(seed, check.take(self.val_batch_size)), None, 0))
+        latest: dict[str, int] = {}  # template text -> index in result.scored of its latest score
+
+        def record(template: PromptTemplate, score: float, parent: PromptTemplate | None, number: int) -> None:
+            origin = None if parent is None else latest.get(parent.template)
+            latest[template.template] = len(result.scored)
+            result.scored.append(Scored(template, score, origin, number))
+
+        def standing(template: PromptTemplate) -> float:
+            """Sort key: the template's latest score, best first; an unscored one last."""
+            index = latest.get(template.template)
+            return float("inf") if index is None else -result.scored[index].score
+
+        if apo.run_initial_validation:
+            record(seed, await self._score(seed, check.take(apo.val_batch_size)), None, 0)
             self.report(f"APO: seed template scores {result.scored[-1].score:.3f}")
-        for number in range(1, self.beam_rounds + 1):
-            ranked = self._ranked(result, beam)
-            parents = [ranked[i % len(ranked)] for i in range(self.beam_width)]
+        for number in range(1, apo.beam_rounds + 1):
+            ranked = sorted(beam, key=standing)
+            parents = [ranked[i % len(ranked)] for i in range(apo.beam_width)]
             children: list[tuple[PromptTemplate, PromptTemplate]] = []
             known = {template.template for template in beam}
             for parent in parents:
-                for _ in range(self.branch_factor):
-                    child = await self._rewrite(parent, grad.take(self.gradient_batch_size), result)
+                for _ in range(apo.branch_factor):
+                    child = await self._rewrite(parent, grad.take(apo.gradient_batch_size), result)
                     if child is not None and child.template in known:
                         self._discard(result, "the rewrite repeats a template this round scores already")
                     elif child is not None:
                         known.add(child.template)
                         children.append((parent, child))
             pool = [(None, template) for template in beam] + children
-            batch = check.take(self.val_batch_size)
+            batch = check.take(apo.val_batch_size)
             round_scores: list[tuple[float, PromptTemplate]] = []
             for parent, template in pool:
                 score = await self._score(template, batch)
-                result.scored.append(Scored(template, score, self._index(result, parent), number))
+                record(template, score, parent, number)
                 round_scores.append((score, template))
             round_scores.sort(key=lambda item: -item[0])
-            beam = [template for _, template in round_scores][: self.beam_width]
+            beam = [template for _, template in round_scores][: apo.beam_width]
             self.report(
-                f"APO round {number}/{self.beam_rounds}: {len(children)} new templates; beam scores "
-                + ", ".join(f"{score:.3f}" for score, _ in round_scores[: self.beam_width])
+                f"APO round {number}/{apo.beam_rounds}: {len(children)} new templates; beam scores "
+                + ", ".join(f"{score:.3f}" for score, _ in round_scores[: apo.beam_width])
             )
         return result
 
@@ -228,14 +223,14 @@ class TextualGradientSearch:
         experiences = "\n\n".join(_rendered(r, room) for r in rollouts)
         try:
             critique = await self._ask(
-                self.gradient_model,
+                self.apo.gradient_model,
                 f"{CRITIQUE_INSTRUCTIONS}\n\nTemplate:\n{parent.template}\n\nRollouts:\n{experiences}",
                 temperature=None,
             )
             answer = await self._ask(
-                self.apply_edit_model,
+                self.apo.apply_edit_model,
                 f"{EDIT_INSTRUCTIONS}\n\nTemplate:\n{parent.template}\n\nCritique:\n{critique}",
-                temperature=self.diversity_temperature,
+                temperature=self.apo.diversity_temperature,
             )
         except Exception as exc:  # any failure of the endpoint: this branch is lost, the search goes on
             return self._discard(result, f"the LLM gave no critique or rewrite: {type(exc).__name__}: {exc}")
@@ -245,7 +240,7 @@ class TextualGradientSearch:
 
     async def _ask(self, model: str, prompt: str, *, temperature: float | None) -> str:
         options = {} if temperature is None else {"temperature": temperature}
-        response = await self.client.chat.completions.create(
+        response = await self.apo.async_openai_client.chat.completions.create(
             model=model, messages=[{"role": "user", "content": prompt}], **options
         )
         return response.choices[0].message.content or ""
@@ -253,22 +248,6 @@ class TextualGradientSearch:
     def _discard(self, result: SearchResult, reason: str) -> None:
         log.warning("APO: a new template was discarded: %s", reason)
         result.discarded.append(reason)
-        return None
-
-    # -- bookkeeping --------------------------------------------------------------------------------
-    @staticmethod
-    def _ranked(result: SearchResult, beam: list[PromptTemplate]) -> list[PromptTemplate]:
-        """The beam best first, by the latest score of each template (an unscored one last)."""
-        latest = {s.template.template: s.score for s in result.scored}
-        return sorted(beam, key=lambda t: -latest.get(t.template, float("-inf")))
-
-    @staticmethod
-    def _index(result: SearchResult, parent: PromptTemplate | None) -> int | None:
-        if parent is None:
-            return None
-        for index in range(len(result.scored) - 1, -1, -1):
-            if result.scored[index].template.template == parent.template:
-                return index
         return None
 
 
