@@ -13,6 +13,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from boltstream.infra.common.config import Settings, load_settings
 from boltstream.infra.common.topics import STACK_READY_TOPIC, ensure_topics, mark_ready, read_to_end, reader_config
+from boltstream.infra.stack import snapshot
 from boltstream.infra.stack.broker import EmbeddedBroker
 from boltstream.infra.stack.snapshot import SnapshotError, map_offset, read_manifest, restore_snapshot, take_snapshot
 
@@ -149,3 +150,36 @@ def test_a_snapshot_ends_while_producers_keep_appending(brokers, tmp_path: Path)
         appender.join()
         producer.flush(10)
     assert summary.records >= len(before)
+    snapshotted = {record[3] for record in records_of(tmp_path / "snapshot", source.topics.spans)}
+    assert before <= snapshotted, f"{len(before - snapshotted)} records acknowledged before the snapshot are not in it"
+
+
+def test_a_partitions_last_batch_is_snapshotted_whole_when_the_read_splits_it(
+    brokers, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The broker's high watermark is the first offset of a partition's last record batch + 1; the rest of that
+    batch comes to the reader in the same fetch, but a read call of READ_BATCH messages can end inside it."""
+    source, _ = (on(broker, tmp_path) for broker in brokers)
+    ensure_topics(source)
+    spans = source.topics.spans
+    producer = Producer(source.kafka.client_config(**{"linger.ms": 500}))
+    for batch in range(5):  # five record batches of 11 records each, in partition 0
+        for n in range(11):
+            producer.produce(spans, b"%d" % (batch * 11 + n), b"k", partition=0)
+        assert producer.flush(15) == 0
+    watermarks = Consumer(reader_config(source, "test"))
+    assert watermarks.get_watermark_offsets(TopicPartition(spans, 0), timeout=10)[1] == 45  # 44 starts the last batch
+    watermarks.close()
+    monkeypatch.setattr(snapshot, "READ_BATCH", 7)  # calls end at offsets 6, 13, ... 48: inside the last batch
+
+    summary = take_snapshot(source, tmp_path / "snapshot")
+
+    assert summary.records == 55
+    assert [record[0] for record in records_of(tmp_path / "snapshot", spans)] == list(range(55))
+
+
+def records_of(directory: Path, topic: str) -> list[tuple]:
+    """The records a snapshot holds of ``topic``, partition by partition."""
+    manifest = read_manifest(directory)
+    files = [name for where, name in manifest["files"].items() if where.rpartition("|")[0] == topic]
+    return [record for name in files for record in snapshot._decode_all((directory / name).read_bytes())]

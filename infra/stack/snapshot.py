@@ -42,6 +42,8 @@ SNAPSHOT_VERSION = 1
 _ENTRY = struct.Struct(">qqi")
 _LENGTH = struct.Struct(">i")
 _SHORT = struct.Struct(">H")
+#: Messages asked of the client per call while reading the broker.
+READ_BATCH = 5000
 #: Offsets, keys, values, headers and timestamps of one partition's records, in order.
 Record = tuple[int, int, bytes | None, bytes | None, list[tuple[str, bytes | None]]]
 
@@ -163,9 +165,11 @@ def _read_all(settings: Settings, topics: dict[str, int], idle_timeout: float) -
     """Every record of ``topics``, partition by partition in order, each partition up to its end.
 
     A partition ends at its end-of-partition event, or, while producers keep appending (no such event
-    comes then: the broker's high watermark trails the records it holds by up to a batch), once the read
-    reaches what the partition held when the snapshot began (its high watermark then: the first record of
-    its last batch, read together with the rest of that batch).
+    comes then), once the read has passed what the partition held when the snapshot began. The embedded
+    broker's high watermark then is the first offset of the partition's last record batch + 1, so reaching
+    it is not the end: the rest of that batch came in the same fetch, but a call that fills
+    :data:`READ_BATCH` may hand out only part of it. The partition ends at the first call after its
+    watermark that leaves the client's queue empty (fewer messages than asked for).
     """
     from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
@@ -177,9 +181,10 @@ def _read_all(settings: Settings, topics: dict[str, int], idle_timeout: float) -
     marks = {where: consumer.get_watermark_offsets(TopicPartition(*where), timeout=15)[1] for where in unfinished}
     consumer.assign([TopicPartition(topic, partition, OFFSET_BEGINNING) for topic, partition in unfinished])
     answered = time.monotonic()
+    passed_mark: set[tuple[str, int]] = set()  # read to the watermark; ends once the client's queue is empty
     try:
         while unfinished:
-            batch = consumer.consume(num_messages=5000, timeout=0.2)
+            batch = consumer.consume(num_messages=READ_BATCH, timeout=0.2)
             if batch:
                 answered = time.monotonic()
             elif time.monotonic() - answered > idle_timeout:
@@ -195,11 +200,13 @@ def _read_all(settings: Settings, topics: dict[str, int], idle_timeout: float) -
                     headers = [(name, value) for name, value in (message.headers() or [])]
                     yield *where, (message.offset(), timestamp, message.key(), message.value(), headers)
                     if marks[where] > 0 and message.offset() >= marks[where] - 1:
-                        reached.add(where)
+                        passed_mark.add(where)
                 elif error.code() == KafkaError._PARTITION_EOF:
                     reached.add(where)
                 elif error.fatal():
                     raise SnapshotError(f"reading {message.topic()}: {error.str()}")
+            if len(batch) < READ_BATCH:
+                reached |= passed_mark & unfinished
             if reached:
                 unfinished -= reached
                 consumer.incremental_unassign([TopicPartition(*where) for where in reached])
