@@ -58,6 +58,7 @@ from boltstream.schemas.codec import codec
 from boltstream.schemas.token_arrays import encode_training_sample
 from boltstream.stream_processors.faust_workarounds import (
     bound_commits,
+    committed_offset,
     register_value_codec,
     shorten_fetch_wait,
     table_value,
@@ -220,10 +221,25 @@ class JoinWorker:
         skipped offsets as a gap. Nothing past such a hole is applied (a rollout's later input applied first
         would make its earlier one look like a redelivery); the partition is read again from the hole, once.
         A hole still there after that (see _reread_lost_inputs) is one in the log: the next record is taken.
+        Records past the expected offset are no hole when the group has committed up to them since this
+        assignment read its committed offsets: Faust seeks to the committed offsets again after the
+        assignment (:func:`.faust_workarounds.committed_offset`), and a commit of the last generation may
+        land in between. Every input before a committed offset was applied and its state written, so the
+        partition goes on from there. While the group rebalances, records past a hole are skipped and not
+        read again: Faust drops fetched records when a rebalance begins, and the assignment that ends it
+        starts every partition at its committed offset.
         """
         expected = self._next.get(key)
         if expected is None or offset < expected:
             return False
+        committed = committed_offset(self.app, *key)
+        if committed is not None and expected < committed <= offset:
+            log.info("join: %s[%d] goes on from offset %d, committed since the assignment began", *key, committed)
+            self._next[key] = expected = committed
+            if offset == expected:
+                return True
+        if self.app.rebalancing:
+            return False  # the assignment that ends the rebalance seeks every partition anew (_on_recovered)
         hole = self._holes.get(key)
         if hole is not None and hole == expected:
             del self._holes[key]
@@ -238,7 +254,8 @@ class JoinWorker:
         self._reread_from[key] = offset
         self._fetched.pop(key, None)
         self.core.counts["inputs_read_again"] += 1
-        await self.app.consumer.seek(faust.types.TP(*key), offset)
+        # seek_wait: in the consumer's thread (see _on_recovered)
+        await self.app.consumer.seek_wait({faust.types.TP(*key): offset})
 
     async def _tick(self) -> None:
         if self.app.rebalancing:
@@ -345,9 +362,12 @@ class JoinWorker:
                 committed = await consumer.seek_to_committed()
                 unset = [tp for tp in inputs if not committed.get(tp)]
                 earliest = await consumer.earliest_offsets(*unset) if unset else {}
-                for tp in inputs:
-                    start = committed.get(tp) or earliest.get(tp) or 0
-                    await consumer.seek(tp, start)
+                starts = {tp: committed.get(tp) or earliest.get(tp) or 0 for tp in inputs}
+                # seek_wait, not seek: Faust's seek changes the aiokafka consumer from this thread while the
+                # consumer's own thread fetches (a KeyError in aiokafka's fetcher crashed a worker in a scaling
+                # run); seek_wait runs in the consumer's thread.
+                await consumer.seek_wait(starts)
+                for tp, start in starts.items():
                     self._next[tp.topic, tp.partition] = start
             for partition in assigned - self._assigned:
                 # Newly ours: idle time counts from now, not from when this worker last owned the partition.

@@ -218,9 +218,9 @@ def check_and_record(
     membership_changes: int = 0,
 ) -> None:
     """The scenario's row from measured numbers; fails on a loss, a duplicate, a difference, an internal error,
-    or inputs read again more than once per membership change (right after a rebalance Faust may still hand
-    on a record past one it dropped: the join reads the partition again from the gap, and the output stays
-    identical; seen once in about 40 runs, under two test suites at once on 2 cores)."""
+    or inputs read again (the join's safety net for records Faust dropped) more than once per input partition
+    and membership change: right after an assignment Faust may still hand on records past ones it dropped
+    (about 1 in 10 runs, output identical; faust_workarounds, 4.)."""
     identical = result.comparable(exclude) == undisturbed.comparable(exclude)
     accounted = result.acknowledged_spans & result.accounted_spans()
     read_again = sum(status["inputs_read_again"] for status in result.statuses)
@@ -236,7 +236,7 @@ def check_and_record(
         note="; ".join(filter(None, [note, *notes])),
     )
     record_fault(row)
-    assert read_again <= membership_changes and errors == 0, result.statuses
+    assert read_again <= membership_changes * 2 * PARTITIONS and errors == 0, result.statuses
 
 
 def inject(traffic: Traffic, extra: list[Message]) -> list[Message]:
