@@ -28,13 +28,13 @@ one works around, and the test that shows it. Nothing else in boltstream touches
    (``tests/test_join.py::test_quiet_partitions_are_not_read_again``, the demo's sparse traffic). Right
    after an assignment Faust still hands on records past ones it dropped, in about 1 of 10 live
    SIGKILL / 1 -> 2 -> 3 -> 1 runs of ``tests/faults/test_join_faults.py`` (up to one per input partition,
-   output identical); the cause inside Faust is not found. Two causes of such holes are handled without
-   reading again: :func:`committed_offset` reads Faust's ``Consumer._committed_offset``, because after the
-   join's seek at an assignment Faust seeks to the committed offsets again (``perform_seek``) and a commit
-   of the last generation that lands in between moves it past the join's start; the join goes on from
-   there (``tests/test_join.py::test_inputs_committed_after_an_assignment_read_its_offsets_are_not_read_again``);
-   and records past a hole while the group rebalances are skipped, as the assignment that ends the
-   rebalance starts every partition at its committed offset.
+   output identical). The cause inside Faust is not established: logging showed its ``getmany`` dropping
+   fetched records of partitions paused at that moment (the consumer's position past them), around
+   rebalances. One cause of such holes is handled without reading again: :func:`committed_offset` reads
+   Faust's ``Consumer._committed_offset``, because after the join's seek at an assignment Faust seeks to
+   the committed offsets again (``perform_seek``) and a commit of the last generation that lands in
+   between moves it past the join's start; the join goes on from there
+   (``tests/test_join.py::test_inputs_committed_after_an_assignment_read_its_offsets_are_not_read_again``).
 5. Changelog writes sent straight to the producer, the partition clocks alone and last
    (``JoinWorker._flush``) — Faust's ``send_soon`` buffer publishes one record per await (the worker's
    bottleneck), and its recovery stops at the high watermark, which the embedded broker reports as the

@@ -225,9 +225,7 @@ class JoinWorker:
         assignment read its committed offsets: Faust seeks to the committed offsets again after the
         assignment (:func:`.faust_workarounds.committed_offset`), and a commit of the last generation may
         land in between. Every input before a committed offset was applied and its state written, so the
-        partition goes on from there. While the group rebalances, records past a hole are skipped and not
-        read again: Faust drops fetched records when a rebalance begins, and the assignment that ends it
-        starts every partition at its committed offset.
+        partition goes on from there.
         """
         expected = self._next.get(key)
         if expected is None or offset < expected:
@@ -238,8 +236,6 @@ class JoinWorker:
             self._next[key] = expected = committed
             if offset == expected:
                 return True
-        if self.app.rebalancing:
-            return False  # the assignment that ends the rebalance seeks every partition anew (_on_recovered)
         hole = self._holes.get(key)
         if hole is not None and hole == expected:
             del self._holes[key]
