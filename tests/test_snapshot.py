@@ -15,7 +15,14 @@ from boltstream.infra.common.config import Settings, load_settings
 from boltstream.infra.common.topics import STACK_READY_TOPIC, ensure_topics, mark_ready, read_to_end, reader_config
 from boltstream.infra.stack import snapshot
 from boltstream.infra.stack.broker import EmbeddedBroker
-from boltstream.infra.stack.snapshot import SnapshotError, map_offset, read_manifest, restore_snapshot, take_snapshot
+from boltstream.infra.stack.snapshot import (
+    SnapshotError,
+    map_offset,
+    read_manifest,
+    restore_snapshot,
+    snapshot_records,
+    take_snapshot,
+)
 
 GROUP = "snapshot-test-group"
 
@@ -180,6 +187,5 @@ def test_a_partitions_last_batch_is_snapshotted_whole_when_the_read_splits_it(
 
 def records_of(directory: Path, topic: str) -> list[tuple]:
     """The records a snapshot holds of ``topic``, partition by partition."""
-    manifest = read_manifest(directory)
-    files = [name for where, name in manifest["files"].items() if where.rpartition("|")[0] == topic]
-    return [record for name in files for record in snapshot._decode_all((directory / name).read_bytes())]
+    partitions = snapshot_records(directory, read_manifest(directory), [topic])
+    return [record for where in sorted(partitions) for record in partitions[where]]

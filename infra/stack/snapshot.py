@@ -27,7 +27,7 @@ import os
 import shutil
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -269,6 +269,21 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
+def snapshot_records(
+    directory: Path, manifest: dict[str, Any], topics: Collection[str]
+) -> dict[tuple[str, int], list[Record]]:
+    """The records the snapshot in ``directory`` (its ``manifest``, :func:`read_manifest`) holds of ``topics``,
+    by (topic, partition), each partition's in order; partitions without records are left out."""
+    partitions: dict[tuple[str, int], list[Record]] = {}
+    for where, name in manifest["files"].items():
+        topic, partition = where.rsplit("|", 1)
+        if topic in topics:
+            records = list(_decode_all((directory / name).read_bytes()))
+            if records:
+                partitions[topic, int(partition)] = records
+    return partitions
+
+
 def restore_snapshot(settings: Settings, directory: Path, *, only_compacted: bool = False) -> SnapshotSummary:
     """Put the snapshot in ``directory`` back on the (new, empty) broker of ``settings``.
 
@@ -320,14 +335,7 @@ def restore_snapshot(settings: Settings, directory: Path, *, only_compacted: boo
                 if "already exists" not in str(exc).lower():
                     raise SnapshotError(f"cannot create topic {name}: {exc}") from None
     summary = SnapshotSummary(topics=len(topics))
-    partitions: dict[tuple[str, int], list[Record]] = {}
-    for where, name in manifest["files"].items():
-        topic, partition = where.rsplit("|", 1)
-        if topic in topics:
-            records = list(_decode_all((directory / name).read_bytes()))
-            if records:
-                partitions[topic, int(partition)] = records
-    moves = _produce(settings, partitions)
+    moves = _produce(settings, snapshot_records(directory, manifest, topics))
     for (topic, partition), (old, new) in moves.items():
         summary.records += len(old)
         if old != new:
