@@ -25,16 +25,14 @@ one works around, and the test that shows it. Nothing else in boltstream touches
    loop's thread while the consumer's thread fetches (a ``KeyError`` in aiokafka's fetcher crashed a
    worker in a 1 -> 2 -> 3 -> 1 run); ``seek_wait`` runs in the consumer's thread. Counted in
    ``boltstream_join_inputs_read_again`` (not the seeks of an assignment), which stays 0 in a steady run
-   (``tests/test_join.py::test_quiet_partitions_are_not_read_again``, the demo's sparse traffic). Right
-   after an assignment Faust still hands on records past ones it dropped, in about 1 of 10 live
-   SIGKILL / 1 -> 2 -> 3 -> 1 runs of ``tests/faults/test_join_faults.py`` (up to one per input partition,
-   output identical). The cause inside Faust is not established: logging showed its ``getmany`` dropping
-   fetched records of partitions paused at that moment (the consumer's position past them), around
-   rebalances. One cause of such holes is handled without reading again: :func:`committed_offset` reads
-   Faust's ``Consumer._committed_offset``, because after the join's seek at an assignment Faust seeks to
-   the committed offsets again (``perform_seek``) and a commit of the last generation that lands in
-   between moves it past the join's start; the join goes on from there
+   (``tests/test_join.py::test_quiet_partitions_are_not_read_again``, the demo's sparse traffic) and in
+   every fault scenario (``tests/faults/test_join_faults.py``) now that the two causes of holes below are
+   handled. One is handled without reading again: :func:`committed_offset` reads Faust's
+   ``Consumer._committed_offset``, because after the join's seek at an assignment Faust seeks to the committed
+   offsets again (``perform_seek``) and a commit of the last generation that lands in between moves it past
+   the join's start; the join goes on from there
    (``tests/test_join.py::test_inputs_committed_after_an_assignment_read_its_offsets_are_not_read_again``).
+   The other is 6.
 5. Changelog writes sent straight to the producer, the partition clocks alone and last
    (``JoinWorker._flush``) — Faust's ``send_soon`` buffer publishes one record per await (the worker's
    bottleneck), and its recovery stops at the high watermark, which the embedded broker reports as the
@@ -43,6 +41,16 @@ one works around, and the test that shows it. Nothing else in boltstream touches
    The same quirk fails Faust's ``recovery_consistency_check`` (the offset recovery last read is above the
    high watermark reported later): it crashed workers in live 1 -> 2 -> 3 -> 1 fault runs, so the join
    turns it off.
+6. :func:`keep_inputs_on_resume` — Faust's flow control empties every stream's input queue whenever it is
+   resumed, also when it was not suspended. At the end of an assignment's changelog recovery, Faust resumes
+   the input partitions and seeks them to the committed offsets (the fetcher keeps running, so records
+   arrive meanwhile), and only then resumes the flow control, which was resumed already for the recovery:
+   the records queued in between were dropped, though Faust had read past them. The join read them again
+   (in 1 to 3 of 5 live 1 -> 2 -> 3 -> 1 runs, up to one hole per input partition). A resume now empties the
+   input queues only if the flow was suspended (they then hold records of the last generation); the
+   changelog queue is emptied as before. Shown by
+   ``tests/test_join.py::test_resuming_a_running_flow_keeps_the_queued_inputs`` and by the fault scenarios,
+   which allow no input read again.
 """
 
 from __future__ import annotations
@@ -94,6 +102,20 @@ def committed_offset(app: faust.App, topic: str, partition: int) -> int | None:
     (4.). Faust keeps it after its own seek to the committed offsets, which follows the join's at every
     assignment."""
     return app.consumer._committed_offset.get(faust.types.TP(topic, partition))
+
+
+def keep_inputs_on_resume(app: faust.App) -> None:
+    """Resume the app's flow control without emptying its input queues unless it was suspended (6.)."""
+    flow_control = app.flow_control
+    resume = flow_control.resume
+
+    def resume_keeping_inputs() -> None:
+        if flow_control.is_active():
+            app.tables.changelog_queue.clear()  # what Faust's resume empties of it, as before
+            return
+        resume()
+
+    flow_control.resume = resume_keeping_inputs
 
 
 def bound_commits(app: faust.App, topics: Collection[str], bound: Callable[[str, int], int | None]) -> None:

@@ -59,6 +59,7 @@ from boltstream.schemas.token_arrays import encode_training_sample
 from boltstream.stream_processors.faust_workarounds import (
     bound_commits,
     committed_offset,
+    keep_inputs_on_resume,
     register_value_codec,
     shorten_fetch_wait,
     table_value,
@@ -167,6 +168,7 @@ class JoinWorker:
         self._lock = asyncio.Lock()  # the agent and the timer both flush; one at a time
         self.app.agent(self.inputs, name="join")(self._join)
         bound_commits(self.app, self._input_topics, lambda topic, partition: self._next.get((topic, partition)))
+        keep_inputs_on_resume(self.app)
         self.app.timer(TICK_SECONDS, name="join-expire")(self._tick)
         self.registry = CollectorRegistry()
         self.registry.register(self)

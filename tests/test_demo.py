@@ -47,6 +47,8 @@ def test_a_short_demo_raises_the_mean_reward_and_writes_the_report(settings, tmp
     assert summary["rise"] >= MARGIN, summary["headline"]
     assert max(summary["versions"]) >= 2, f"versions answered: {summary['versions']}"
     assert summary["samples"] > 0
+    join = summary["join"]
+    assert (join.get("inputs_read_again"), join.get("internal_errors")) == (0, 0), join
 
 
 def test_a_directory_that_holds_a_run_is_refused_before_anything_starts(settings, tmp_path):

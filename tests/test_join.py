@@ -246,6 +246,28 @@ def test_rollouts_open_across_a_rebalance_keep_every_span(broker, settings) -> N
     assert all(status["internal_errors"] == 0 for status in statuses), statuses
 
 
+def test_resuming_a_running_flow_keeps_the_queued_inputs(settings) -> None:
+    """At the end of an assignment's recovery Faust resumes its flow control a second time, while records the
+    fetcher handed on since the input partitions were resumed wait in the stream's queue; Faust's resume
+    emptied that queue, and the join had to read those records again (in 1 to 3 of 5 live 1 -> 2 -> 3 -> 1
+    fault runs). Only a resume after a suspension (a revocation) empties it: it then holds records of the last
+    generation. The changelog queue is emptied at every resume, as Faust does."""
+    worker = JoinWorker(settings, metrics_port=free_port())
+    flow_control = worker.app.flow_control
+    inputs = worker.inputs.clone(is_iterator=True).queue  # made as Faust makes the queue of the agent's stream
+    changelog = worker.app.tables.changelog_queue
+    flow_control.resume()  # the recovery of an assignment begins (the flow is created suspended)
+    inputs.put_nowait("an input of this generation")
+    changelog.put_nowait("a changelog record past the recovery")
+
+    flow_control.resume()  # the recovery is complete
+
+    assert (inputs.qsize(), changelog.qsize()) == (1, 0)
+    flow_control.suspend()  # a revocation
+    flow_control.resume()  # the next assignment's recovery begins
+    assert inputs.qsize() == 0
+
+
 def test_inputs_committed_after_an_assignment_read_its_offsets_are_not_read_again(settings) -> None:
     """An assignment starts each partition at the committed offset it reads; Faust then seeks to the committed
     offsets once more, and a commit of the last generation can land in between (in about 1 of 8 live

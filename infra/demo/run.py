@@ -149,6 +149,8 @@ def run_demo(
     ``inject_regression`` (one policy only): LoRA mode, and a deliberately worse version published once 40 %
     of the run is over and no canary runs (:mod:`boltstream.infra.demo.regression`); the summary's
     ``regression`` says what its canary did.
+    The summary's ``join`` holds the join worker's counters at the end (as :func:`.join_status` reads them:
+    ``inputs_read_again``, ``internal_errors`` ...).
 
     Raises :class:`DemoError` when the loop did not close (no sample trained, no version served) for any of
     the ``policies`` (a count: :data:`DEMO_POLICIES`). Everything started here is stopped before it returns or
@@ -225,6 +227,7 @@ def run_demo(
         ended = time.time()
         agl.flush(30.0)
         _settle(client, sum(run.fleet.counters.rollouts for run in runs), console)
+        runs[0].watch.refresh_join()
         for run in runs:
             run.watch.close()
             run.check(several)
@@ -234,6 +237,7 @@ def run_demo(
         )
         policies_of = {run.group.name: run.group.agent for run in runs} if several else None
         summary = write_report(client, out, timeline=timeline, began=began, ended=ended, policies=policies_of)
+        summary["join"] = runs[0].watch.join  # the join worker's counters at the end (boltstream status shows them)
         if inject_regression:
             if injected is None:
                 raise DemoError("no trainer version was published in time to inject a regression after it")
